@@ -1,0 +1,124 @@
+"""UNITER configuration: the BERT-style JSON fields of the original ``config/uniter-*.json`` files."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Union
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+IMG_DIM = 2048
+IMG_POS_DIM = 7
+IMG_LABEL_DIM = 1601
+BUCKET_SIZE = 8192
+
+ATTENTION_BACKENDS = ("eager", "sdpa")
+
+
+@dataclasses.dataclass
+class UniterConfig:
+    """Hyper-parameters of a UNITER encoder, field for field those of the original config JSON.
+
+    ``attention_backend`` is ours (not in the original files): ``"eager"`` is the reference math of the original
+    code, ``"sdpa"`` runs ``torch.nn.functional.scaled_dot_product_attention``. It is not written to JSON files
+    that are meant to be read by the original code (see :meth:`to_dict`).
+    """
+
+    vocab_size: int = 28996
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    img_dim: int = IMG_DIM
+    attention_backend: str = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if self.hidden_act != "gelu":
+            raise ValueError(
+                f"hidden_act: only 'gelu' (the erf form UNITER uses) is supported, got {self.hidden_act!r}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value}")
+
+    @property
+    def head_dim(self) -> int:
+        """Size of one attention head, hidden_size / num_attention_heads."""
+        return self.hidden_size // self.num_attention_heads
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def base(cls, **overrides: Any) -> UniterConfig:
+        """UNITER-base (``config/uniter-base.json``): 12 layers, H=768, 12 heads."""
+        return cls(**overrides)
+
+    @classmethod
+    def large(cls, **overrides: Any) -> UniterConfig:
+        """UNITER-large (``config/uniter-large.json``): 24 layers, H=1024, 16 heads."""
+        fields = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> UniterConfig:
+        """A 2-layer, H=64 model for CPU demos and tests (vocab sized for the bundled corpus by default)."""
+        fields = dict(
+            vocab_size=1000,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> UniterConfig:
+        """The preset called ``name`` (``"base"``, ``"large"`` or ``"tiny"``), with field overrides."""
+        presets = {"base": cls.base, "large": cls.large, "tiny": cls.tiny}
+        if name not in presets:
+            raise ValueError(f"unknown config preset {name!r}; expected one of {sorted(presets)}")
+        return presets[name](**overrides)
+
+    # ------------------------------------------------------------------ JSON
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> UniterConfig:
+        """Build from a dict of config fields; keys the original files carry but we do not use are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in fields.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: PathLike) -> UniterConfig:
+        """Read a config JSON: the original ``uniter-base.json`` as is, or one written by :meth:`to_json_file`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict (the original config fields plus ours)."""
+        return dataclasses.asdict(self)
+
+    def to_json_file(self, path: PathLike) -> None:
+        """Write the config as indented JSON (atomically: a temp file, then rename)."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)

@@ -1,0 +1,126 @@
+"""Post-LN BERT encoder and pooler, with the original HuggingFace/UNITER submodule names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.model.attention import padded_attention
+
+
+class BertSelfAttention(nn.Module):
+    """query/key/value projections and the attention core selected by ``config.attention_backend``."""
+
+    def __init__(self, config: UniterConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.backend = config.attention_backend
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        """hidden_states: [B, L, H]; additive_mask: [B, 1, 1, L]. Returns the context [B, L, H]."""
+        query = self._split_heads(self.query(hidden_states))
+        key = self._split_heads(self.key(hidden_states))
+        value = self._split_heads(self.value(hidden_states))
+        dropout_p = self.dropout_p if self.training else 0.0
+        context = padded_attention(self.backend)(query, key, value, additive_mask, dropout_p)
+        batch, _, length, _ = context.shape
+        return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
+
+
+class BertSelfOutput(nn.Module):
+    """dense -> dropout -> LayerNorm(x + residual)."""
+
+    def __init__(self, config: UniterConfig, in_features: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(in_features, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """hidden_states: [..., in_features]; residual: [..., H]. Returns [..., H]."""
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + residual)
+
+
+class BertAttention(nn.Module):
+    """Self-attention block: ``attention.self`` and ``attention.output``."""
+
+    def __init__(self, config: UniterConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H]."""
+        return self.output(self.self(hidden_states, additive_mask), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    """dense (H -> I) followed by the exact (erf) GELU."""
+
+    def __init__(self, config: UniterConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., I]."""
+        return F.gelu(self.dense(hidden_states))
+
+
+class BertLayer(nn.Module):
+    """One post-LN transformer layer."""
+
+    def __init__(self, config: UniterConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertSelfOutput(config, config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, L, H]."""
+        attention_output = self.attention(hidden_states, additive_mask)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class UniterEncoder(nn.Module):
+    """A stack of ``num_hidden_layers`` BertLayers under ``encoder.layer.{k}``."""
+
+    def __init__(self, config: UniterConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self, hidden_states: torch.Tensor, additive_mask: torch.Tensor, output_all_encoded_layers: bool = True
+    ) -> list[torch.Tensor]:
+        """hidden_states [B, L, H] -> every layer's output (or only the last one in a 1-element list)."""
+        all_layers = []
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, additive_mask)
+            if output_all_encoded_layers:
+                all_layers.append(hidden_states)
+        if not output_all_encoded_layers:
+            all_layers.append(hidden_states)
+        return all_layers
+
+
+class BertPooler(nn.Module):
+    """dense + tanh on the first ([CLS]) position."""
+
+    def __init__(self, config: UniterConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, L, H] -> [B, H]."""
+        return self.activation(self.dense(hidden_states[:, 0]))

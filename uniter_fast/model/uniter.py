@@ -1,0 +1,188 @@
+"""``UniterModel``: the UNITER encoder with the original forward signature and parameter names."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from uniter_fast.config import PathLike, UniterConfig
+from uniter_fast.model.embeddings import UniterImageEmbeddings, UniterTextEmbeddings
+from uniter_fast.model.encoder import BertPooler, UniterEncoder
+from uniter_fast.model.inputs import check_forward_inputs
+
+
+def init_uniter_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
+    """The original ``init_weights``: Linear/Embedding weights ~ N(0, 0.02), Linear biases 0, LayerNorm 1 and 0."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=initializer_range)
+    elif isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] 1/0 mask -> the original additive mask (1 - m) * -10000, shaped [B, 1, 1, L], in ``dtype``."""
+    extended = attention_mask[:, None, None, :].to(dtype=dtype)
+    return (1.0 - extended) * -10000.0
+
+
+class UniterModel(nn.Module):
+    """UNITER encoder: text embedder, image embedder, post-LN BERT encoder and pooler.
+
+    A drop-in for the original ``model.model.UniterModel``: same submodule names (``state_dict`` keys as the
+    original's, so ``load_state_dict(original_state_dict)`` works), same forward signature and outputs.
+    """
+
+    def __init__(self, config: UniterConfig, img_dim: Optional[int] = None) -> None:
+        super().__init__()
+        if img_dim is not None and img_dim != config.img_dim:
+            config = UniterConfig.from_dict({**config.to_dict(), "img_dim": img_dim})
+        self.config = config
+        self.embeddings = UniterTextEmbeddings(config)
+        self.img_embeddings = UniterImageEmbeddings(config)
+        self.encoder = UniterEncoder(config)
+        self.pooler = BertPooler(config)
+        self.check_inputs = True  # value checks (NaN features, gather_index range) synchronise with the GPU
+        self.apply(lambda m: init_uniter_weights(m, config.initializer_range))
+
+    # ------------------------------------------------------------------ backend switch
+    def set_attention_backend(self, backend: str) -> None:
+        """Select the attention core of every layer: ``"eager"`` (reference math) or ``"sdpa"``."""
+        self.config.attention_backend = backend
+        self.config.__post_init__()
+        for layer in self.encoder.layer:
+            layer.attention.self.backend = backend
+
+    # ------------------------------------------------------------------ embeddings
+    def _compute_txt_embeddings(
+        self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], txt_type_ids: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None]
+        return self.embeddings(input_ids, position_ids, txt_type_ids)
+
+    def _compute_img_embeddings(
+        self,
+        img_feat: torch.Tensor,
+        img_pos_feat: torch.Tensor,
+        img_masks: Optional[torch.Tensor],
+        img_type_ids: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        if img_type_ids is None:
+            img_type_ids = torch.ones(img_feat.shape[:-1], dtype=torch.long, device=img_feat.device)
+        type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)
+        dtype = self.img_embeddings.img_linear.weight.dtype
+        return self.img_embeddings(img_feat.to(dtype), img_pos_feat.to(dtype), type_embeddings, img_masks)
+
+    def embed(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        img_feat: Optional[torch.Tensor],
+        img_pos_feat: Optional[torch.Tensor],
+        gather_index: Optional[torch.Tensor],
+        img_masks: Optional[torch.Tensor] = None,
+        txt_type_ids: Optional[torch.Tensor] = None,
+        img_type_ids: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The joint input sequence [B, L, H]: text, then each row's regions right after its own text."""
+        if input_ids is None:
+            return self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids)
+        txt_emb = self._compute_txt_embeddings(input_ids, position_ids, txt_type_ids)
+        if img_feat is None:
+            return txt_emb
+        img_emb = self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids)
+        index = gather_index.unsqueeze(-1).expand(-1, -1, self.config.hidden_size)
+        return torch.gather(torch.cat([txt_emb, img_emb], dim=1), dim=1, index=index)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: Optional[torch.Tensor],
+        position_ids: Optional[torch.Tensor],
+        img_feat: Optional[torch.Tensor],
+        img_pos_feat: Optional[torch.Tensor],
+        attention_mask: torch.Tensor,
+        gather_index: Optional[torch.Tensor] = None,
+        img_masks: Optional[torch.Tensor] = None,
+        output_all_encoded_layers: bool = True,
+        txt_type_ids: Optional[torch.Tensor] = None,
+        img_type_ids: Optional[torch.Tensor] = None,
+    ) -> Union[list[torch.Tensor], torch.Tensor]:
+        """The original forward.
+
+        Args:
+            input_ids: [B, Lt] int64 WordPiece ids ([CLS] ... [SEP], padded with 0), or None for image-only.
+            position_ids: [1 or B, Lt] int64 (None: arange).
+            img_feat: [B, Nb, 2048] float region features (zero-padded), or None for text-only.
+            img_pos_feat: [B, Nb, 7] float boxes [x1, y1, x2, y2, w, h, w*h].
+            attention_mask: [B, L] 1 for the first t_i + n_i positions of row i, else 0.
+            gather_index: [B, L] int64 joint-order index into cat(text, regions) (see ``uniter_fast.model.layout``).
+            img_masks: [B, Nb] bool, regions masked for MRM (their features already zeroed by the collate).
+            output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
+            txt_type_ids / img_type_ids: [B, Lt] / [B, Nb] int64 type ids (defaults 0 / 1).
+
+        Returns:
+            list of [B, L, H] tensors (one per layer), or the last one when ``output_all_encoded_layers`` is False.
+        """
+        check_forward_inputs(
+            input_ids,
+            position_ids,
+            img_feat,
+            img_pos_feat,
+            attention_mask,
+            gather_index,
+            img_masks,
+            self.config.img_dim,
+            self.check_inputs,
+        )
+        dtype = self.embeddings.word_embeddings.weight.dtype
+        additive_mask = additive_attention_mask(attention_mask, dtype)
+        embedding_output = self.embed(
+            input_ids, position_ids, img_feat, img_pos_feat, gather_index, img_masks, txt_type_ids, img_type_ids
+        )
+        encoded_layers = self.encoder(embedding_output, additive_mask, output_all_encoded_layers)
+        if not output_all_encoded_layers:
+            return encoded_layers[-1]
+        return encoded_layers
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: PathLike,
+        config: Optional[Union[UniterConfig, str, PathLike]] = None,
+        dtype: Optional[torch.dtype] = None,
+        strict: bool = True,
+        **config_overrides: Any,
+    ) -> UniterModel:
+        """Load a model from a directory written by :meth:`save_pretrained` or from an original UNITER ``.pt`` file.
+
+        Args:
+            path: a directory holding ``config.json`` + ``model.safetensors``, or an original checkpoint file
+                (``uniter-base.pt``: ``uniter.``-prefixed keys, fp16, pretraining heads included; a bare
+                UniterModel ``state_dict`` works too).
+            config: for ``.pt`` files, a ``UniterConfig``, a preset name or a config JSON path; by default the sizes
+                are read off the weights (heads = hidden_size / 64, as in every released UNITER).
+            dtype: parameter dtype (default float32); fp16 checkpoint tensors are cast to it.
+            strict: when False, encoder keys missing from the file keep their random init (logged), as when
+                starting from a BERT checkpoint that has no image embedder. Unknown keys are always an error.
+            config_overrides: config fields to override (e.g. ``attention_backend="eager"``, dropout probs).
+        """
+        from uniter_fast.model.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, config, dtype, strict, config_overrides)
+
+    def save_pretrained(self, directory: PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (fp32 or the model's dtype) to ``directory``, atomically."""
+        from uniter_fast.model.checkpoint import save_pretrained
+
+        save_pretrained(self, os.fspath(directory))
+
+
+Model = UniterModel
