@@ -1,4 +1,9 @@
-"""Post-LN BERT encoder and pooler, with the original HuggingFace/UNITER submodule names."""
+"""Post-LN BERT encoder and pooler, with the original HuggingFace/UNITER submodule names.
+
+Every layer has two entry points sharing the same parameters: ``forward`` on the padded layout [B, L, H] with the
+original additive mask, and ``forward_packed`` on the packed layout [T, H] (valid tokens only, sequences delimited
+by a :class:`~uniter_fast.model.attention.VarlenBatch`).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.model.attention import padded_attention
+from uniter_fast.model.attention import VARLEN_ATTENTION, VarlenBatch, padded_attention
 
 
 class BertSelfAttention(nn.Module):
@@ -37,6 +42,17 @@ class BertSelfAttention(nn.Module):
         batch, _, length, _ = context.shape
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 
+    def forward_packed(self, hidden_states: torch.Tensor, batch: VarlenBatch) -> torch.Tensor:
+        """hidden_states: [T, H] packed tokens. Returns the context [T, H], attention run by ``batch.backend``."""
+        total = hidden_states.size(0)
+        query, key, value = (
+            proj(hidden_states).view(total, self.num_heads, self.head_dim)
+            for proj in (self.query, self.key, self.value)
+        )
+        dropout_p = self.dropout_p if self.training else 0.0
+        context = VARLEN_ATTENTION[batch.backend](query, key, value, batch, dropout_p)
+        return context.reshape(total, self.num_heads * self.head_dim)
+
 
 class BertSelfOutput(nn.Module):
     """dense -> dropout -> LayerNorm(x + residual)."""
@@ -63,6 +79,10 @@ class BertAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, additive_mask: torch.Tensor) -> torch.Tensor:
         """[B, L, H] -> [B, L, H]."""
         return self.output(self.self(hidden_states, additive_mask), hidden_states)
+
+    def forward_packed(self, hidden_states: torch.Tensor, batch: VarlenBatch) -> torch.Tensor:
+        """[T, H] -> [T, H] on the packed layout."""
+        return self.output(self.self.forward_packed(hidden_states, batch), hidden_states)
 
 
 class BertIntermediate(nn.Module):
@@ -91,6 +111,11 @@ class BertLayer(nn.Module):
         attention_output = self.attention(hidden_states, additive_mask)
         return self.output(self.intermediate(attention_output), attention_output)
 
+    def forward_packed(self, hidden_states: torch.Tensor, batch: VarlenBatch) -> torch.Tensor:
+        """[T, H] -> [T, H] on the packed layout."""
+        attention_output = self.attention.forward_packed(hidden_states, batch)
+        return self.output(self.intermediate(attention_output), attention_output)
+
 
 class UniterEncoder(nn.Module):
     """A stack of ``num_hidden_layers`` BertLayers under ``encoder.layer.{k}``."""
@@ -106,6 +131,19 @@ class UniterEncoder(nn.Module):
         all_layers = []
         for layer in self.layer:
             hidden_states = layer(hidden_states, additive_mask)
+            if output_all_encoded_layers:
+                all_layers.append(hidden_states)
+        if not output_all_encoded_layers:
+            all_layers.append(hidden_states)
+        return all_layers
+
+    def forward_packed(
+        self, hidden_states: torch.Tensor, batch: VarlenBatch, output_all_encoded_layers: bool = False
+    ) -> list[torch.Tensor]:
+        """Packed hidden_states [T, H] -> every layer's output [T, H] (or only the last one in a 1-element list)."""
+        all_layers = []
+        for layer in self.layer:
+            hidden_states = layer.forward_packed(hidden_states, batch)
             if output_all_encoded_layers:
                 all_layers.append(hidden_states)
         if not output_all_encoded_layers:

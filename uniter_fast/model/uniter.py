@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from uniter_fast.config import PathLike, UniterConfig
+from uniter_fast.model.attention import check_varlen_backend, resolve_varlen_backend
 from uniter_fast.model.embeddings import UniterImageEmbeddings, UniterTextEmbeddings
 from uniter_fast.model.encoder import BertPooler, UniterEncoder
 from uniter_fast.model.inputs import check_forward_inputs
+from uniter_fast.model.packed import packed_forward
 
 
 def init_uniter_weights(module: nn.Module, initializer_range: float = 0.02) -> None:
@@ -36,7 +38,10 @@ class UniterModel(nn.Module):
 
     A drop-in for the original ``model.model.UniterModel``: same submodule names (``state_dict`` keys as the
     original's, so ``load_state_dict(original_state_dict)`` works), same forward signature and outputs.
+    :meth:`forward_packed` runs the same weights on the packed (unpadded) layout.
     """
+
+    packed_attention_backend: str = "auto"  # see set_packed_attention_backend
 
     def __init__(self, config: UniterConfig, img_dim: Optional[int] = None) -> None:
         super().__init__()
@@ -147,6 +152,41 @@ class UniterModel(nn.Module):
             input_ids, position_ids, img_feat, img_pos_feat, gather_index, img_masks, txt_type_ids, img_type_ids
         )
         encoded_layers = self.encoder(embedding_output, additive_mask, output_all_encoded_layers)
+        if not output_all_encoded_layers:
+            return encoded_layers[-1]
+        return encoded_layers
+
+    # ------------------------------------------------------------------ packed (unpadded) path
+    def set_packed_attention_backend(self, backend: str) -> None:
+        """Attention backend of :meth:`forward_packed`: ``"auto"`` (default: chosen per device, dtype and dropout,
+        and logged) or one of ``uniter_fast.model.attention.VARLEN_ATTENTION`` (``"eager"``, ``"sdpa_loop"``,
+        ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_attn"``)."""
+        check_varlen_backend(backend)
+        self.packed_attention_backend = backend
+
+    def forward_packed(
+        self, packed: dict[str, Any], output_all_encoded_layers: bool = False
+    ) -> Union[list[torch.Tensor], torch.Tensor]:
+        """The encoder on the packed layout: only valid tokens are embedded and run through every layer.
+
+        Args:
+            packed: the ``packed`` dict of a collate (contract 2; ``uniter_fast.model.packed.pack_batch`` builds it
+                from a padded batch): ``txt_ids``/``txt_position_ids``/``txt_index`` [St], ``img_feat`` [Sn, 2048],
+                ``img_pos_feat`` [Sn, 7], ``img_index`` [Sn], ``cu_seqlens`` [B+1] int32, ``max_seqlen`` int and,
+                for MRM, ``img_masks`` [Sn] bool.
+            output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
+
+        Returns:
+            [T, H] hidden states of the valid tokens (T = St + Sn), example i at cu_seqlens[i] .. cu_seqlens[i+1]-1,
+            text first then regions; heads read ``out[packed["mlm_index"]]``, ``out[packed["cls_index"]]`` etc.
+        """
+        device = packed["cu_seqlens"].device
+        dtype = self.embeddings.word_embeddings.weight.dtype
+        if torch.is_autocast_enabled(device.type):  # attention then sees q/k/v in the autocast dtype
+            dtype = torch.get_autocast_dtype(device.type)
+        dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
+        backend = resolve_varlen_backend(self.packed_attention_backend, device, dtype, dropout_p)
+        encoded_layers = packed_forward(self, packed, backend, output_all_encoded_layers)
         if not output_all_encoded_layers:
             return encoded_layers[-1]
         return encoded_layers

@@ -1,0 +1,213 @@
+"""Encoder throughput: the original padded forward vs the packed (unpadded) path, on UNITER-shaped random batches.
+
+Lengths follow the pretraining corpora of the spec (§3.1-3.2): text 10-60 tokens including [CLS]/[SEP]
+(max_txt_len 60), regions 10-100 (conf_th 0.2 clamped to [min_bb, max_bb]); both drawn uniformly. Throughput counts
+valid tokens only (sum of t_i + n_i), for both paths, so the ratio is the useful speedup. FLOPs are counted on valid
+tokens (matmuls only, 2 per multiply-add; training = 3x forward), which gives the MFU on GPUs whose peak we know, and
+the padded FLOPs give the speedup that skipping padding can buy at most.
+
+    python bench/encoder_bench.py                       # CPU: base and large, fp32, batch 16
+    python bench/encoder_bench.py --device cuda         # GPU: bf16, batch 80 (the original 10240-token budget)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+from typing import Any, Callable, Optional
+
+import torch
+from harness import device_name, peak_memory, plot_grouped_bars, print_table, time_fn, write_json
+from tqdm import tqdm
+
+from uniter_fast import Model, UniterConfig
+from uniter_fast.config import IMG_DIM, IMG_POS_DIM
+from uniter_fast.model.attention import resolve_varlen_backend
+from uniter_fast.model.layout import joint_layout
+from uniter_fast.model.packed import pack_batch
+
+TXT_RANGE = (10, 60)
+IMG_RANGE = (10, 100)
+# Dense bf16/fp16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def random_batch(size: int, vocab: int, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
+    """A padded UNITER batch (contract 1 keys) with uniformly drawn text/region lengths."""
+    txt_lens = torch.randint(TXT_RANGE[0], TXT_RANGE[1] + 1, (size,), generator=generator)
+    num_bbs = torch.randint(IMG_RANGE[0], IMG_RANGE[1] + 1, (size,), generator=generator)
+    max_txt, max_img = int(txt_lens.max()), int(num_bbs.max())
+    txt_valid = torch.arange(max_txt)[None] < txt_lens[:, None]
+    img_valid = torch.arange(max_img)[None] < num_bbs[:, None]
+    attn_masks, gather_index = joint_layout(txt_lens, num_bbs)
+    batch = {
+        "input_ids": torch.randint(1, vocab, (size, max_txt), generator=generator) * txt_valid,
+        "position_ids": torch.arange(max_txt)[None],
+        "img_feat": torch.randn(size, max_img, IMG_DIM, generator=generator) * img_valid[..., None],
+        "img_pos_feat": torch.rand(size, max_img, IMG_POS_DIM, generator=generator) * img_valid[..., None],
+        "attn_masks": attn_masks,
+        "gather_index": gather_index,
+        "txt_lens": txt_lens,
+        "num_bbs": num_bbs,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def encoder_flops(config: UniterConfig, num_regions: int, seq_lens: torch.Tensor) -> float:
+    """Forward matmul FLOPs: the image/box embedders on ``num_regions`` regions, 4 H x H + 2 H x I per token per
+    layer, and QK^T + PV (4 L^2 H per layer) per sequence. ``seq_lens`` [B] are the attended lengths."""
+    hidden, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    embed = 2.0 * num_regions * (config.img_dim + IMG_POS_DIM) * hidden
+    per_token = 2.0 * (4 * hidden * hidden + 2 * hidden * inter) * layers
+    attention = 4.0 * hidden * layers * float((seq_lens.double() ** 2).sum())
+    return embed + per_token * float(seq_lens.sum()) + attention
+
+
+def run_padded(model: Model, batch: dict[str, Any]) -> torch.Tensor:
+    return model(
+        batch["input_ids"],
+        batch["position_ids"],
+        batch["img_feat"],
+        batch["img_pos_feat"],
+        batch["attn_masks"],
+        batch["gather_index"],
+        output_all_encoded_layers=False,
+    )
+
+
+def step_fn(forward: Callable[[], torch.Tensor], train: bool) -> Callable[[], None]:
+    """Forward only (no_grad), or forward + backward of a sum over the output."""
+
+    def step() -> None:
+        if train:
+            forward().float().sum().backward()
+        else:
+            with torch.no_grad():
+                forward()
+
+    return step
+
+
+def bench_config(
+    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+) -> list[dict[str, Any]]:
+    """Rows (padded, packed) x (forward, train) for one model preset."""
+    config = UniterConfig.preset(name)
+    model = Model(config).to(device=device, dtype=dtype)
+    model.check_inputs = False
+    batch = random_batch(args.batch_size, config.vocab_size, generator, device)
+    packed = pack_batch(batch)
+    # Features in the model dtype, as a bf16 data pipeline would deliver them.
+    for data in (batch, packed):
+        data["img_feat"], data["img_pos_feat"] = data["img_feat"].to(dtype), data["img_pos_feat"].to(dtype)
+    txt_lens, num_bbs = batch["txt_lens"].cpu(), batch["num_bbs"].cpu()
+    valid_tokens = int((txt_lens + num_bbs).sum())
+    padded_len = batch["attn_masks"].size(1)
+    useful = encoder_flops(config, int(num_bbs.sum()), txt_lens + num_bbs)
+    padded_cost = encoder_flops(
+        config, args.batch_size * batch["img_feat"].size(1), torch.full_like(txt_lens, padded_len)
+    )
+    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in device_name(device)), None)
+    paths: dict[str, Callable[[], torch.Tensor]] = {
+        "padded": lambda: run_padded(model, batch),
+        "packed": lambda: model.forward_packed(packed),
+    }
+    rows = []
+    for mode in args.modes:
+        model.train(mode == "train")  # training: dropout on, as in pretraining
+        dropout = config.attention_probs_dropout_prob if mode == "train" else 0.0
+        packed_backend = resolve_varlen_backend(model.packed_attention_backend, device, dtype, dropout)
+        steps = {path: step_fn(forward, mode == "train") for path, forward in paths.items()}
+        times = interleaved_medians(steps, device, args.warmup, args.repeats)
+        for path, seconds in times.items():
+            flops = useful * (3.0 if mode == "train" else 1.0)
+            rows.append(
+                {
+                    "model": name,
+                    "mode": mode,
+                    "path": path,
+                    "attention": config.attention_backend if path == "padded" else packed_backend,
+                    "batch": args.batch_size,
+                    "valid_tokens": valid_tokens,
+                    "padded_tokens": args.batch_size * padded_len,
+                    "ms": seconds * 1e3,
+                    "tokens_per_s": valid_tokens / seconds,
+                    "tflops": flops / seconds / 1e12,
+                    "mfu": flops / seconds / peak if peak else None,
+                    "peak_mem_mb": _mb(peak_memory(steps[path], device)),
+                    "speedup": times["padded"] / seconds,
+                    "max_speedup": padded_cost / useful,
+                }
+            )
+            model.zero_grad(set_to_none=True)
+    return rows
+
+
+def interleaved_medians(
+    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
+) -> dict[str, float]:
+    """Median seconds of each step, the steps run in turn (A B A B ...) so that load changes on a shared machine
+    hit every path alike; ``warmup`` rounds are discarded."""
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(warmup + repeats):
+        for name, step in steps.items():
+            seconds = time_fn(step, device, warmup=0, repeats=1)
+            if round_ >= warmup:
+                samples[name].append(seconds)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _mb(value: Optional[int]) -> Optional[float]:
+    return None if value is None else value / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 CPU, bf16 GPU")
+    parser.add_argument("--configs", nargs="+", default=["base", "large"], choices=["tiny", "base", "large"])
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: 16 CPU, 80 GPU)")
+    parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    args.batch_size = args.batch_size or (80 if gpu else 16)
+    args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
+    args.repeats = args.repeats or (20 if gpu else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    rows = []
+    for name in tqdm(args.configs, desc="configs"):
+        rows.extend(bench_config(name, args, device, dtype, generator))
+    print(f"\nencoder throughput on {device_name(device)}, {dtype}, batch {args.batch_size}, load {os.getloadavg()[0]}")
+    columns = ["model", "mode", "path", "attention", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
+    print_table(rows, columns + ["tflops", "mfu", "peak_mem_mb", "speedup", "max_speedup"])
+    meta = {
+        "dtype": str(dtype),
+        "batch_size": args.batch_size,
+        "txt_range": TXT_RANGE,
+        "img_range": IMG_RANGE,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "flops": "matmul FLOPs on valid tokens; train = 3x forward",
+    }
+    print(write_json("encoder_bench", device, rows, meta))
+    groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
+    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("padded", "packed")}
+    title = "UNITER encoder: padded vs packed"
+    print(plot_grouped_bars("encoder_bench", device, groups, series, "valid tokens / s", title))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""img_db: the original region-feature database (uniter.md §3.2).
+
+LMDB directory ``feat_th{conf_th}_max{max_bb}_min{min_bb}[_compressed]`` (or ``feat_numbb{num_bb}``) under an image
+dir; key = image file name, value = msgpack(msgpack_numpy) dict of fp16 arrays ``features`` [n, 2048], ``norm_bb``
+[n, 6], ``conf`` [n], ``soft_labels`` [n, 1601] (or ``np.savez_compressed`` bytes for the compressed variant);
+``__keys__`` holds a JSON list of names; the side file ``nbb_th{conf_th}_max{max_bb}_min{min_bb}.json`` maps
+name -> number of boxes used.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from typing import Any, Optional
+
+import msgpack
+import msgpack_numpy
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
+from uniter_fast.data.files import read_json, write_json_atomic
+from uniter_fast.data.lmdb_env import DataError, LazyReader, Writer
+
+FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}
+
+
+def compute_num_bb(conf: np.ndarray, conf_th: float, min_bb: int, max_bb: int, num_bb: int = 36) -> int:
+    """Boxes used for one image: clamp(#(conf > conf_th), min_bb, max_bb), or ``num_bb`` when conf_th == -1."""
+    if conf_th == -1:
+        return num_bb
+    return int(min(max_bb, max(min_bb, int((np.asarray(conf) > conf_th).sum()))))
+
+
+def db_name(conf_th: float, max_bb: int, min_bb: int, num_bb: int, compress: bool) -> str:
+    """The LMDB sub-directory name the original code uses for these settings."""
+    name = f"feat_numbb{num_bb}" if conf_th == -1 else f"feat_th{conf_th}_max{max_bb}_min{min_bb}"
+    return name + "_compressed" if compress else name
+
+
+def nbb_name(conf_th: float, max_bb: int, min_bb: int) -> str:
+    """The side-file name holding name -> nbb."""
+    return f"nbb_th{conf_th}_max{max_bb}_min{min_bb}.json"
+
+
+def encode_img_record(dump: dict[str, np.ndarray], compress: bool) -> bytes:
+    """The stored bytes of one image: msgpack_numpy dict, or ``np.savez_compressed`` bytes when ``compress``."""
+    if compress:
+        with io.BytesIO() as buf:
+            np.savez_compressed(buf, **dump)
+            return buf.getvalue()
+    return msgpack.packb(dump, default=msgpack_numpy.encode, use_bin_type=True)
+
+
+def decode_img_record(raw: bytes, compress: bool) -> dict[str, np.ndarray]:
+    """Inverse of :func:`encode_img_record`."""
+    if compress:
+        with io.BytesIO(raw) as buf, np.load(buf, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    return msgpack.unpackb(raw, object_hook=msgpack_numpy.decode, raw=False)
+
+
+def validate_dump(name: str, dump: dict[str, Any], need_soft_labels: bool = True) -> int:
+    """Check one image's arrays; returns the number of boxes n, or raises DataError naming the image."""
+    if not isinstance(dump, dict) or "features" not in dump or "norm_bb" not in dump:
+        raise DataError(f"image {name!r}: record lacks 'features' or 'norm_bb'")
+    keys = ("features", "norm_bb", "soft_labels") if need_soft_labels else ("features", "norm_bb")
+    n = None
+    for key in keys:
+        arr = dump.get(key)
+        if arr is None:
+            raise DataError(f"image {name!r}: record lacks {key!r}")
+        if arr.ndim != 2 or arr.shape[1] != FIELDS[key]:
+            raise DataError(f"image {name!r}: {key} must have shape [n, {FIELDS[key]}], got {tuple(arr.shape)}")
+        if n is not None and arr.shape[0] != n:
+            raise DataError(f"image {name!r}: {key} has {arr.shape[0]} rows, features has {n}")
+        n = arr.shape[0]
+    if n == 0:
+        raise DataError(f"image {name!r}: zero boxes")
+    return int(n)
+
+
+class DetectFeatLmdb:
+    """Reader of an img_db, as the original ``DetectFeatLmdb`` (``path`` is the image dir holding the LMDB).
+
+    ``db[name]`` -> (img_feat [nbb, 2048] float32, img_pos_feat [nbb, 7] float32), 7-d box = norm_bb + w*h.
+    ``get_dump(name)`` -> dict of float32 arrays cut to nbb rows (includes ``soft_labels`` [nbb, 1601]).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        conf_th: float = 0.2,
+        max_bb: int = 100,
+        min_bb: int = 10,
+        num_bb: int = 36,
+        compress: bool = False,
+    ) -> None:
+        if min_bb < 1 or max_bb < min_bb:
+            raise ValueError(f"need 1 <= min_bb <= max_bb, got min_bb={min_bb}, max_bb={max_bb}")
+        self.path = path
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
+        self.compress = compress
+        name = db_name(conf_th, max_bb, min_bb, num_bb, compress)
+        nbb_path = os.path.join(path, nbb_name(conf_th, max_bb, min_bb))
+        self.name2nbb: Optional[dict[str, int]] = None
+        if conf_th != -1 and os.path.exists(nbb_path):
+            self.name2nbb = read_json(nbb_path)
+        elif conf_th != -1:
+            name = "all_compressed" if compress else "all"
+        self.db = LazyReader(os.path.join(path, name))
+        if self.name2nbb is None:
+            self.name2nbb = self._compute_nbb()
+
+    def _keys(self) -> list[str]:
+        raw = self.db.get("__keys__")
+        if raw is None:
+            raise DataError(f"img_db {self.db.path!r} has no '__keys__' record")
+        return json.loads(raw)
+
+    def _compute_nbb(self) -> dict[str, int]:
+        if self.conf_th == -1:
+            return {k: self.num_bb for k in self._keys()}
+        name2nbb = {}
+        for fname in tqdm(self._keys(), desc="counting boxes", leave=False):
+            conf = self._load(fname)["conf"]
+            name2nbb[fname] = compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb)
+        return name2nbb
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.name2nbb
+
+    def _load(self, name: str) -> dict[str, np.ndarray]:
+        raw = self.db.get(name)
+        if raw is None:
+            raise DataError(f"img_db {self.path!r}: image {name!r} is not in the database")
+        try:
+            return decode_img_record(raw, self.compress)
+        except Exception as exc:
+            raise DataError(f"img_db {self.path!r}: image {name!r} is corrupted ({exc})") from exc
+
+    def get_dump(self, name: str, soft_labels: bool = True) -> dict[str, np.ndarray]:
+        """float32 arrays of ``name`` cut to its nbb rows; DataError naming the image if it is missing or bad."""
+        dump = self._load(name)
+        validate_dump(name, dump, need_soft_labels=soft_labels)
+        nbb = self.name2nbb.get(name)
+        if nbb is None:
+            raise DataError(f"img_db {self.path!r}: image {name!r} has no entry in the nbb file")
+        keys = FIELDS if soft_labels else ("features", "norm_bb")
+        return {k: dump[k][:nbb].astype(np.float32) for k in keys}
+
+    def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        dump = self.get_dump(name, soft_labels=False)
+        return torch.from_numpy(dump["features"]), box_7d(torch.from_numpy(dump["norm_bb"]))
+
+
+def box_7d(norm_bb: torch.Tensor) -> torch.Tensor:
+    """[n, 6] (x1, y1, x2, y2, w, h) -> [n, 7] with w*h appended, same dtype."""
+    return torch.cat([norm_bb, norm_bb[:, 4:5] * norm_bb[:, 5:6]], dim=-1)
+
+
+class ImgDbWriter:
+    """Writes an img_db as ``scripts/convert_imgdir.py`` does: arrays stored fp16 and cut to nbb rows.
+
+    ``add(name, features, norm_bb, conf, soft_labels)`` validates and stores one image; bad images (wrong shapes,
+    zero boxes, non-finite values) are skipped with a warning and counted in ``skipped``. Use as a context manager.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        conf_th: float = 0.2,
+        max_bb: int = 100,
+        min_bb: int = 10,
+        num_bb: int = 36,
+        compress: bool = False,
+    ) -> None:
+        self.path = path
+        self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
+        self.compress = compress
+        self._writer = Writer(os.path.join(path, db_name(conf_th, max_bb, min_bb, num_bb, compress)))
+        self.name2nbb: dict[str, int] = {}
+        self.skipped: dict[str, int] = {"bad_shape": 0, "non_finite": 0, "duplicate": 0}
+
+    def add(
+        self, name: str, features: np.ndarray, norm_bb: np.ndarray, conf: np.ndarray, soft_labels: np.ndarray
+    ) -> bool:
+        """Store one image (features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601]; any float dtype).
+
+        Returns False, with a warning and a count, when the image is skipped.
+        """
+        dump = {"features": features, "norm_bb": norm_bb, "soft_labels": soft_labels}
+        dump = {k: np.asarray(v) for k, v in dump.items()}
+        conf = np.asarray(conf).reshape(-1)
+        if name in self.name2nbb:
+            self.skipped["duplicate"] += 1
+            warnings.warn(f"img_db writer: duplicate image {name!r} skipped", stacklevel=2)
+            return False
+        try:
+            n = validate_dump(name, dump)
+            if conf.shape[0] != n:
+                raise DataError(f"image {name!r}: conf has {conf.shape[0]} values, features has {n} rows")
+        except DataError as exc:
+            self.skipped["bad_shape"] += 1
+            warnings.warn(f"img_db writer: skipped ({exc})", stacklevel=2)
+            return False
+        if not all(np.isfinite(a).all() for a in (*dump.values(), conf)):
+            self.skipped["non_finite"] += 1
+            warnings.warn(f"img_db writer: image {name!r} has NaN/inf values, skipped", stacklevel=2)
+            return False
+        nbb = min(n, compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb, self.num_bb))
+        dump["conf"] = conf
+        stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
+        self._writer.put(name, encode_img_record(stored, self.compress))
+        self.name2nbb[name] = nbb
+        return True
+
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        """Write ``__keys__``, commit, and write the nbb side file."""
+        if exc is None:
+            self._writer.put("__keys__", json.dumps(list(self.name2nbb)).encode("utf-8"))
+        self._writer.__exit__(type(exc) if exc else None, exc, None)
+        if exc is None and self.conf_th != -1:
+            write_json_atomic(os.path.join(self.path, nbb_name(self.conf_th, self.max_bb, self.min_bb)), self.name2nbb)
+
+    def __enter__(self) -> ImgDbWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)

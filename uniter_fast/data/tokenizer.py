@@ -1,0 +1,68 @@
+"""WordPiece tokenisation through the ``tokenizers`` package, as the original ``prepro.py`` (uniter.md §3.1).
+
+Text is split on whitespace (and punctuation, as BERT's basic tokenizer) and each word is wordpiece-tokenized; no
+lower-casing (bert-base-cased). ``meta.json`` fields (CLS/SEP/MASK/UNK ids and ``v_range``) come from the vocab.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+from tokenizers import BertWordPieceTokenizer
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class WordPiece:
+    """A cased WordPiece tokenizer over the vocab file ``vocab_path`` (one token a line, id = line number)."""
+
+    def __init__(self, vocab_path: str) -> None:
+        if not os.path.exists(vocab_path):
+            raise FileNotFoundError(f"vocab file {vocab_path!r} does not exist")
+        self.vocab_path = vocab_path
+        self._tok = BertWordPieceTokenizer(vocab_path, lowercase=False, strip_accents=False, clean_text=True)
+        self.vocab = self._tok.get_vocab()
+        missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
+        if missing:
+            raise ValueError(f"vocab {vocab_path!r} lacks the special tokens {missing}")
+
+    def encode(self, text: str) -> list[int]:
+        """Wordpiece ids of ``text`` without [CLS]/[SEP] (empty for empty text)."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """:meth:`encode` over many texts (parallel inside ``tokenizers``)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """The ``meta.json`` of a txt_db built with this vocab.
+
+        ``v_range`` = [id('!'), len(vocab)) as the original (the random-token range of MLM), or from the first id after
+        the special tokens when '!' is absent.
+        """
+        first = self.vocab.get("!", max(self.vocab[t] for t in SPECIAL_TOKENS) + 1)
+        return {
+            "bert": name,
+            "toker": name,
+            "UNK": self.vocab["[UNK]"],
+            "CLS": self.vocab["[CLS]"],
+            "SEP": self.vocab["[SEP]"],
+            "MASK": self.vocab["[MASK]"],
+            "v_range": [first, len(self.vocab)],
+        }
+
+
+def train_vocab(texts: Iterable[str], out_path: str, vocab_size: int) -> int:
+    """Train a cased WordPiece vocab on ``texts`` and write it to ``out_path`` ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
+    [MASK]=4 first). Returns the vocab size actually written."""
+    tok = BertWordPieceTokenizer(lowercase=False, strip_accents=False, clean_text=True)
+    tok.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False
+    )
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(token + "\n" for token, _ in vocab)
+    os.replace(tmp, out_path)
+    return len(vocab)

@@ -1,0 +1,128 @@
+"""txt_db: the original text database (uniter.md §3.1).
+
+An LMDB directory whose values are lz4-frame-compressed msgpack dicts (``input_ids`` without [CLS]/[SEP],
+``img_fname``, ...), with side files ``meta.json``, ``id2len.json``, ``txt2img.json`` and ``img2txts.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import lz4.frame
+import msgpack
+import torch
+
+from uniter_fast.data.files import read_json, write_json_atomic
+from uniter_fast.data.lmdb_env import DataError, LazyReader, Writer
+
+
+def encode_txt_record(record: dict[str, Any]) -> bytes:
+    """The stored bytes of one txt_db record: lz4.frame(msgpack(record))."""
+    return lz4.frame.compress(msgpack.packb(record, use_bin_type=True))
+
+
+def decode_txt_record(raw: bytes) -> dict[str, Any]:
+    """Inverse of :func:`encode_txt_record`."""
+    return msgpack.unpackb(lz4.frame.decompress(raw), raw=False)
+
+
+class TxtTokLmdb:
+    """Reader of a txt_db, as the original ``TxtTokLmdb``.
+
+    Examples longer than ``max_txt_len`` wordpieces are dropped (not truncated); ``max_txt_len=-1`` keeps all.
+    ``db[id]`` gives the stored dict; ``combine_inputs(ids)`` adds [CLS]/[SEP] and returns an int64 tensor [t].
+    """
+
+    def __init__(self, path: str, max_txt_len: int = 60) -> None:
+        if not isinstance(max_txt_len, int) or (max_txt_len < 1 and max_txt_len != -1):
+            raise ValueError(f"max_txt_len must be a positive int or -1, got {max_txt_len!r}")
+        self.path = path
+        id2len: dict[str, int] = read_json(os.path.join(path, "id2len.json"))
+        self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
+        self.db = LazyReader(path)
+        meta = read_json(os.path.join(path, "meta.json"))
+        self.meta = meta
+        self.cls_: int = meta["CLS"]
+        self.sep: int = meta["SEP"]
+        self.mask: int = meta["MASK"]
+        self.unk: int = meta["UNK"]
+        self.v_range: tuple[int, int] = tuple(meta["v_range"])
+
+    def __getitem__(self, id_: str) -> dict[str, Any]:
+        raw = self.db.get(id_)
+        if raw is None:
+            raise DataError(f"txt_db {self.path!r}: text id {id_!r} is not in the database")
+        try:
+            record = decode_txt_record(raw)
+        except Exception as exc:
+            raise DataError(f"txt_db {self.path!r}: record {id_!r} is corrupted ({exc})") from exc
+        if not isinstance(record, dict) or "input_ids" not in record or "img_fname" not in record:
+            raise DataError(f"txt_db {self.path!r}: record {id_!r} lacks 'input_ids' or 'img_fname'")
+        if len(record["input_ids"]) == 0:
+            raise DataError(f"txt_db {self.path!r}: record {id_!r} has an empty caption (no wordpieces)")
+        return record
+
+    def combine_inputs(self, inputs: list[int]) -> torch.Tensor:
+        """[CLS] + inputs + [SEP] as an int64 tensor [len(inputs) + 2]."""
+        return torch.tensor([self.cls_, *inputs, self.sep], dtype=torch.int64)
+
+    @property
+    def txt2img(self) -> dict[str, str]:
+        """Text id -> image key."""
+        return read_json(os.path.join(self.path, "txt2img.json"))
+
+    @property
+    def img2txts(self) -> dict[str, list[str]]:
+        """Image key -> text ids."""
+        return read_json(os.path.join(self.path, "img2txts.json"))
+
+
+class TxtDbWriter:
+    """Writes a txt_db in the original layout; side files are written (atomically) on close.
+
+    ``add(id_, input_ids, img_fname, **extra)`` stores one record; empty ``input_ids`` is skipped with a count in
+    ``skipped`` (the caller reports it). Use as a context manager.
+    """
+
+    def __init__(self, path: str, meta: dict[str, Any]) -> None:
+        for key in ("CLS", "SEP", "MASK", "UNK", "v_range"):
+            if key not in meta:
+                raise ValueError(f"meta must contain {key!r}, got keys {sorted(meta)}")
+        self.path = path
+        self.meta = meta
+        self._writer = Writer(path)
+        self.id2len: dict[str, int] = {}
+        self.txt2img: dict[str, str] = {}
+        self.img2txts: dict[str, list[str]] = {}
+        self.skipped: dict[str, int] = {"empty_caption": 0, "duplicate_id": 0}
+
+    def add(self, id_: str, input_ids: list[int], img_fname: str, **extra: Any) -> bool:
+        """Store one caption; returns False (and counts it) when it is skipped."""
+        if id_ in self.id2len:
+            self.skipped["duplicate_id"] += 1
+            return False
+        if len(input_ids) == 0:
+            self.skipped["empty_caption"] += 1
+            return False
+        record = {"input_ids": [int(i) for i in input_ids], "img_fname": img_fname, **extra}
+        self._writer.put(id_, encode_txt_record(record))
+        self.id2len[id_] = len(input_ids)
+        self.txt2img[id_] = img_fname
+        self.img2txts.setdefault(img_fname, []).append(id_)
+        return True
+
+    def close(self, exc: Optional[BaseException] = None) -> None:
+        """Commit the LMDB and write the side files."""
+        self._writer.__exit__(type(exc) if exc else None, exc, None)
+        if exc is None:
+            write_json_atomic(os.path.join(self.path, "meta.json"), self.meta)
+            write_json_atomic(os.path.join(self.path, "id2len.json"), self.id2len)
+            write_json_atomic(os.path.join(self.path, "txt2img.json"), self.txt2img)
+            write_json_atomic(os.path.join(self.path, "img2txts.json"), self.img2txts)
+
+    def __enter__(self) -> TxtDbWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(exc)

@@ -1,0 +1,146 @@
+"""Masked-position pretraining losses of UNITER: MLM, MRFR, MRC and MRC-kl (spec §2.1-2.3, 2.6).
+
+Each function takes the masked rows AFTER the head's small transform (Linear → GELU → LayerNorm, which stays in
+PyTorch: it is a fraction of the cost and autograd handles it well) and applies the final projection + loss.
+
+What the fast backends fuse, and why: the final projection (H → V=28996 for MLM, 1601 for MRC/MRC-kl, 2048 for
+MRFR) and its loss are computed chunk of rows by chunk of rows, and the gradients w.r.t. ``hidden``, ``weight`` and
+``bias`` are produced in the same pass (Liger-Kernel's fused-linear-cross-entropy design). The full [M, C] logits,
+their log-softmax and their gradient never exist at once, which for MLM (M up to 8000 rows × 28996 classes) is
+gigabytes; backward only scales the stored gradients by the incoming gradient and the mean's 1/N. Per chunk the
+GEMMs run in cuBLAS/MKL and the row-wise loss + gradient (online softmax, KL, squared error) runs as one kernel that
+overwrites the logits buffer with d (row loss) / d logits:
+
+- ``backend="triton"``: the row kernels of :mod:`uniter_fast.kernels.fused_linear_losses` (on CPU tensors they run in
+  the Triton interpreter, ``TRITON_INTERPRET=1``; that is for tests, not speed);
+- ``backend="chunked"``: the same chunk loop with the row work in PyTorch (the CPU fast path);
+- ``backend="fast"``: the fused path for the tensors' device, Triton on CUDA (raises ``ImportError`` without
+  Triton), chunked on CPU;
+- ``backend="auto"`` (default): Triton on CUDA tensors when Triton imports, else chunked;
+- ``backend="reference"``: plain PyTorch, the oracle (:mod:`uniter_fast.losses.reference`).
+
+All four return a 0-dim float32 tensor. Zero masked rows give 0.0 with zero (finite) gradients. Targets
+(``labels``, ``targets``, ``soft_labels``) get no gradient on the fused paths.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from uniter_fast.losses import reference
+from uniter_fast.losses.checks import (
+    check_backend,
+    check_labels,
+    check_projection,
+    check_targets,
+)
+
+__all__ = ["mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend", "triton_available"]
+
+
+def triton_available() -> bool:
+    """True when the Triton row kernels import (Triton installed; on CPU they need ``TRITON_INTERPRET=1``)."""
+    try:
+        import uniter_fast.kernels.fused_linear_losses  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete path ("reference", "chunked" or "triton") that ``backend`` selects for tensors on ``device``."""
+    check_backend(backend)
+    if backend in ("reference", "chunked", "triton"):
+        return backend
+    if device.type == "cuda":
+        if backend == "fast" and not triton_available():
+            raise ImportError("backend='fast' on CUDA needs triton (pip install triton); use backend='auto'")
+        return "triton" if triton_available() else "chunked"
+    return "chunked"
+
+
+def _fused(
+    kind: str,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    path: str,
+    transposed: bool = False,
+) -> torch.Tensor:
+    """Run the fused chunk loop with the row op ``kind`` ("ce", "kl", "mse") of ``path``; 0-dim float32.
+
+    The projection runs in hidden's dtype, or in the autocast dtype inside ``torch.autocast`` (as ``F.linear``
+    would); the casts sit outside the autograd Function so gradients come back in each input's own dtype.
+    """
+    from uniter_fast.losses.fused_linear import fused_linear_loss
+
+    if path == "triton":
+        from uniter_fast.losses.triton_ops import ROW_OPS
+    else:
+        from uniter_fast.losses.chunked import ROW_OPS
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    hidden, weight, bias = (t.to(dtype) for t in (hidden, weight, bias))
+    return fused_linear_loss(hidden, weight, bias, target, ROW_OPS[kind], transposed)
+
+
+def mlm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """MLM: mean CE over the M masked tokens of ``hidden [M,H] @ weight[V,H]ᵀ + bias [V]`` vs ``labels`` [M] int64.
+
+    ``weight`` is the tied word-embedding matrix. Returns a 0-dim float32 tensor.
+    """
+    classes = check_projection(hidden, weight, bias, transposed=False)
+    check_labels(labels, hidden.shape[0], classes, hidden.device)
+    path = resolve_backend(backend, hidden.device)
+    if path == "reference" or hidden.shape[0] == 0:
+        return reference.mlm_loss(hidden, weight, bias, labels)
+    return _fused("ce", hidden, weight, bias, labels, path)
+
+
+def mrfr_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """MRFR: mean over M×2048 of squared error of ``hidden [M,H] @ weight [H,2048] + bias [2048]`` vs ``targets``.
+
+    ``weight`` is ``img_linear.weight`` (used transposed, as the original's tied regression head); ``targets`` is
+    [M, 2048] float. Returns a 0-dim float32 tensor.
+    """
+    classes = check_projection(hidden, weight, bias, transposed=True)
+    check_targets("targets", targets, hidden.shape[0], classes, hidden.device)
+    path = resolve_backend(backend, hidden.device)
+    if path == "reference" or hidden.shape[0] == 0:
+        return reference.mrfr_loss(hidden, weight, bias, targets)
+    return _fused("mse", hidden, weight, bias, targets, path, transposed=True)
+
+
+def mrc_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, soft_labels: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """MRC: mean CE of ``hidden [M,H] @ weight [1601,H]ᵀ + bias`` vs ``argmax(soft_labels[:, 1:]) + 1``.
+
+    ``soft_labels`` is [M, 1601] float (detector class probabilities). Returns a 0-dim float32 tensor.
+    """
+    classes = check_projection(hidden, weight, bias, transposed=False)
+    check_targets("soft_labels", soft_labels, hidden.shape[0], classes, hidden.device)
+    path = resolve_backend(backend, hidden.device)
+    if path == "reference" or hidden.shape[0] == 0:
+        return reference.mrc_loss(hidden, weight, bias, soft_labels)
+    return _fused("ce", hidden, weight, bias, reference.mrc_targets(soft_labels), path)
+
+
+def mrc_kl_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, soft_labels: torch.Tensor, *, backend: str = "auto"
+) -> torch.Tensor:
+    """MRC-kl: mean over M×1601 of ``kl_div(log_softmax(hidden @ weightᵀ + bias), soft_labels)``.
+
+    hidden [M,H], weight [1601,H], bias [1601], soft_labels [M,1601] float. Returns a 0-dim float32 tensor.
+    """
+    classes = check_projection(hidden, weight, bias, transposed=False)
+    check_targets("soft_labels", soft_labels, hidden.shape[0], classes, hidden.device)
+    path = resolve_backend(backend, hidden.device)
+    if path == "reference" or hidden.shape[0] == 0:
+        return reference.mrc_kl_loss(hidden, weight, bias, soft_labels)
+    return _fused("kl", hidden, weight, bias, soft_labels, path)

@@ -1,0 +1,159 @@
+"""The chunk loop shared by the fused backends: final projection + row loss + all gradients in one forward pass.
+
+For each chunk of rows: ``logits = x @ Wᵀ + b`` (GEMM in the input dtype), then a row op turns the chunk's logits
+into per-row losses and overwrites them with d (row loss) / d logits, and three more GEMM-shaped updates give
+grad_x[chunk], grad_W += ... and grad_b += ... of the summed loss. Backward only multiplies the stored gradients by
+the incoming gradient times the mean's 1/N (applied here rather than to the logits' gradient, where float16 would
+underflow: KL gradients are ~1/C per entry, and 1/(M·C) of that is below float16's range). Peak extra memory is one
+chunk of logits plus the gradient buffers, never the full [M, C] logits (Liger-Kernel's fused linear cross-entropy;
+kernels-notes §4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+#: fn(logits [R,C] in the input dtype, target chunk) -> (per-row loss [R] float32, d row loss / d logits [R,C] in
+#: the input dtype); the gradient may overwrite (alias) ``logits``.
+RowFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+#: The most chunks a call is split into, and the fewest logits a chunk holds per device type: 4M on GPUs (16 MB in
+#: float32), 16M on CPUs, whose GEMMs lose efficiency below a few hundred rows.
+CHUNKS = 8
+CHUNK_ELEMENTS = {"cuda": 1 << 22, "cpu": 1 << 24}
+
+
+@dataclass(frozen=True)
+class RowOp:
+    """A row-wise loss: ``fn`` computes loss and gradient; ``per_element`` means the mean is over M×C, not M."""
+
+    name: str
+    fn: RowFn
+    per_element: bool
+
+    def scale(self, rows: int, classes: int) -> float:
+        """The mean's normaliser 1/N for ``rows`` rows of ``classes`` columns."""
+        return 1.0 / (rows * classes if self.per_element else rows)
+
+
+def chunk_rows(rows: int, classes: int, device: torch.device) -> int:
+    """Rows per chunk on ``device``: at most :data:`CHUNKS` chunks, each with at least :data:`CHUNK_ELEMENTS` logits.
+
+    Few large chunks keep the GEMMs efficient and the per-chunk grad_W update (a read + write of [C, H] in float32)
+    rare. MLM's chunks hold 1/CHUNKS of the full [M, C] logits (or the floor, at small M); the small heads (MRC,
+    MRC-kl, MRFR: C ≤ 2048) run as one chunk up to 2048 rows on GPUs and 8192 rows on CPUs.
+    """
+    least = CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    return max(1, math.ceil(rows / CHUNKS), least // classes)
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Autograd wrapper; gradients are computed in forward and scaled in backward (one backward per forward)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        target: torch.Tensor,
+        op: RowOp,
+        transposed: bool,
+        chunk: Optional[int],
+    ) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):  # the caller settled the dtypes
+            total, grads = _forward_chunks(hidden, weight, bias, target, op, transposed, chunk, ctx.needs_input_grad)
+        ctx.grads = grads
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
+        ctx.scale = op.scale(hidden.shape[0], bias.shape[0])
+        return total * ctx.scale
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("the fused loss's gradients were already used: backward runs once per forward")
+        grads, ctx.grads = ctx.grads, None
+        factor = grad_out * ctx.scale
+        out = tuple(None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes))
+        return (*out, None, None, None, None)
+
+
+def _forward_chunks(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    op: RowOp,
+    transposed: bool,
+    chunk: Optional[int],
+    needs_grad: tuple[bool, ...],
+) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
+    """The chunk loop over the summed loss: (sum, 0-dim float32; (grad_x, grad_w, grad_b) of the sum).
+
+    grad_w and grad_b are float32 accumulators; each gradient is None where ``needs_grad`` says it is not needed.
+    """
+    rows, classes = hidden.shape[0], bias.shape[0]
+    w_ch = weight.t() if transposed else weight  # [C, H] view
+    hidden = hidden.contiguous()
+    grad_x = torch.empty_like(hidden) if needs_grad[0] else None
+    grad_w = grad_b = None
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    step = chunk or chunk_rows(rows, classes, hidden.device)
+    for start in range(0, rows, step):
+        x = hidden[start : start + step]
+        logits = torch.addmm(bias, x, w_ch.t())
+        row_loss, grad = op.fn(logits, target[start : start + step])
+        total += row_loss.sum()
+        if grad_x is not None:
+            torch.mm(grad, w_ch, out=grad_x[start : start + step])
+        if needs_grad[1]:
+            grad_w = _accumulate(grad_w, x.t(), grad) if transposed else _accumulate(grad_w, grad.t(), x)
+        if needs_grad[2]:
+            grad_b = _accumulate(grad_b, grad.t(), None)
+    return total, (grad_x, grad_w, grad_b)
+
+
+def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    """acc + a @ b (or + a.sum(1) when ``b`` is None) in float32; the first chunk (``acc`` None) starts it.
+
+    Float32 products accumulate in place (``addmm_``); lower precisions go through a chunk-sized product.
+    """
+    if acc is None:
+        return (a @ b if b is not None else a.sum(1, dtype=torch.float32)).float()
+    if b is None:
+        acc += a.sum(1, dtype=torch.float32)
+    elif a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    else:
+        acc += a @ b
+    return acc
+
+
+def fused_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    op: RowOp,
+    transposed: bool = False,
+    *,
+    chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """Mean loss of ``op`` over ``hidden [M,H] @ weight[C,H]ᵀ + bias [C]`` (``weight`` [H,C] if ``transposed``).
+
+    ``target`` is [M] int64 labels or [M, C] float targets, as ``op`` expects; hidden, weight and bias share a
+    dtype. ``chunk`` overrides the rows per chunk (default :func:`chunk_rows`). Returns a 0-dim float32 tensor whose
+    backward gives grads for hidden, weight and bias.
+    """
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
+    if not torch.is_grad_enabled():  # evaluation: loss only, no gradient work
+        with torch.autocast(hidden.device.type, enabled=False):
+            total = _forward_chunks(hidden, weight, bias, target, op, transposed, chunk, (False, False, False))[0]
+        return total * op.scale(hidden.shape[0], bias.shape[0])
+    return _FusedLinearLoss.apply(hidden, weight, bias, target, op, transposed, chunk)

@@ -1,0 +1,135 @@
+"""Training and validation data of a training config, built from ``uniter_fast.data``.
+
+Each ``{task}_{dataset}`` gets a task dataset over the dataset's txt_db / img_db pairs (several pairs are
+concatenated, as the original ``ConcatDatasetWithLens``), batched by token budget; training mixes them with the
+resumable ``MetaLoader``. The token budget is checked against the longest possible example before training.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from uniter_fast.data import (
+    DetectFeatLmdb,
+    ItmDataset,
+    MetaLoader,
+    MlmDataset,
+    MrcDataset,
+    MrfrDataset,
+    TaskLoader,
+    TokenBucketSampler,
+    TxtTokLmdb,
+)
+from uniter_fast.pretraining.config import DatasetSpec, TrainingConfig
+from uniter_fast.pretraining.model import task_kind
+
+SIZE_MULTIPLE = 8
+
+
+class ConcatTaskDataset(torch.utils.data.Dataset):
+    """Several task datasets of one kind as one: concatenated ``lens``, ``set_epoch`` forwarded, the first's collate."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        self.parts = parts
+        self.task = parts[0].task
+        self.offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+
+    @property
+    def lens(self) -> np.ndarray:
+        """int64 [N] token counts of all parts."""
+        return np.concatenate([p.lens for p in self.parts])
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``epoch`` to every part."""
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part][index - self.offsets[part]]
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The collate of the parts' task."""
+        return self.parts[0].collate(items)
+
+
+class DataBuilder:
+    """Opens each database once and builds task datasets and loaders for rank ``rank`` of ``world``."""
+
+    def __init__(self, cfg: TrainingConfig, rank: int, world: int, num_workers: int) -> None:
+        self.cfg, self.rank, self.world, self.num_workers = cfg, rank, world, num_workers
+        self._txt: dict[str, TxtTokLmdb] = {}
+        self._img: dict[str, DetectFeatLmdb] = {}
+
+    def _dbs(self, txt_path: str, img_path: str) -> tuple[TxtTokLmdb, DetectFeatLmdb]:
+        cfg = self.cfg
+        if txt_path not in self._txt:
+            self._txt[txt_path] = TxtTokLmdb(txt_path, cfg.max_txt_len)
+        if img_path not in self._img:
+            self._img[img_path] = DetectFeatLmdb(img_path, cfg.conf_th, cfg.max_bb, cfg.min_bb, cfg.num_bb)
+        return self._txt[txt_path], self._img[img_path]
+
+    def vocab_size(self) -> int:
+        """The largest vocabulary size (``v_range`` end) of the text dbs opened so far."""
+        return max(int(db.v_range[1]) for db in self._txt.values())
+
+    def _one(self, task: str, txt: TxtTokLmdb, img: DetectFeatLmdb) -> Any:
+        cfg, kind = self.cfg, task_kind(task)
+        if kind == "mlm":
+            return MlmDataset(txt, img, seed=cfg.seed)
+        if kind == "mrfr":
+            return MrfrDataset(txt, img, cfg.mrm_prob, seed=cfg.seed)
+        if kind in ("mrc", "mrckl"):
+            return MrcDataset(txt, img, cfg.mrm_prob, seed=cfg.seed, task=kind)
+        return ItmDataset(txt, img, cfg.itm_neg_prob, seed=cfg.seed, rank=self.rank, world=self.world)
+
+    def dataset(self, spec: DatasetSpec, task: str, budget: int, budget_name: str) -> ConcatTaskDataset:
+        """The task dataset of ``spec``; ``ValueError`` if ``budget`` cannot hold one batch of its longest example."""
+        parts = [self._one(task, *self._dbs(t, i)) for t, i in zip(spec.db, spec.img)]
+        longest = max(int(p.txt_lens.max()) + max(p.img_db.name2nbb[f] for f in p.img_fnames) for p in parts)
+        if budget < SIZE_MULTIPLE * longest:
+            raise ValueError(
+                f"{budget_name}={budget} tokens is too small for dataset {spec.name!r} ({task}): its longest example "
+                f"has up to {longest} tokens (text + regions) and a batch holds at least {SIZE_MULTIPLE} examples; "
+                f"use >= {SIZE_MULTIPLE * longest}"
+            )
+        return ConcatTaskDataset(parts)
+
+    def train_stream(self, grad_accum_steps: int) -> MetaLoader:
+        """The task mixer over every training task (mix ratios of the config)."""
+        cfg = self.cfg
+        loaders, ratios = {}, {}
+        for spec in cfg.train_datasets:
+            for task, name, ratio in zip(spec.tasks, spec.task_names(), spec.mix_ratio):
+                data = self.dataset(spec, task, cfg.train_batch_size, "train_batch_size")
+                loaders[name] = TaskLoader(
+                    data, cfg.train_batch_size, cfg.seed, self.rank, self.world, self.num_workers, droplast=True
+                )
+                ratios[name] = ratio
+        return MetaLoader(loaders, ratios, grad_accum_steps, seed=cfg.seed)
+
+    def val_datasets(self) -> dict[str, ConcatTaskDataset]:
+        """Validation task datasets by task name."""
+        cfg = self.cfg
+        return {
+            name: self.dataset(spec, task, cfg.val_batch_size, "val_batch_size")
+            for spec in cfg.val_datasets
+            for task, name in zip(spec.tasks, spec.task_names())
+        }
+
+    def val_batches(self, dataset: ConcatTaskDataset) -> Iterator[dict[str, Any]]:
+        """One pass over this rank's shard of ``dataset`` (epoch 0, nothing dropped)."""
+        dataset.set_epoch(0)
+        sampler = TokenBucketSampler(
+            dataset.lens, batch_size=self.cfg.val_batch_size, seed=self.cfg.seed, rank=self.rank, world=self.world
+        )
+        yield from torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler.batches(0), collate_fn=dataset.collate, num_workers=self.num_workers
+        )

@@ -1,0 +1,224 @@
+"""``UniterForPretraining``: the UNITER encoder plus the MLM, MRFR, MRC(-kl) and ITM(+WRA) heads (spec §2).
+
+Every head runs on the rows its task needs (masked tokens, masked regions, [CLS]) and hands them to the loss
+functions of ``uniter_fast.losses`` (final projection + loss, ``backend`` switch) and to ``uniter_fast.ot`` (IPOT).
+``fast=False`` is the reference path: the padded encoder forward and the ``"reference"`` backends. ``fast=True``
+runs the packed encoder (``Model.forward_packed``) when the model has it and the ``"auto"`` backends.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniter_fast.config import IMG_LABEL_DIM, UniterConfig
+from uniter_fast.model import Model
+from uniter_fast.model.uniter import init_uniter_weights
+from uniter_fast.pretraining.heads import BertOnlyMLMHead, RegionClassification, RegionFeatureRegression
+
+TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+
+
+def task_kind(task: str) -> str:
+    """The objective of a task name: ``"mlm_coco"`` -> ``"mlm"``; one of :data:`TASKS`, else ``ValueError``."""
+    if not isinstance(task, str):
+        raise TypeError(f"task must be a str such as 'mlm' or 'itm_coco', got {type(task).__name__}")
+    kind = task.split("_", 1)[0]
+    if kind not in TASKS:
+        raise ValueError(f"unknown task {task!r}: its prefix must be one of {list(TASKS)}")
+    return kind
+
+
+def _require(batch: dict, keys: tuple[str, ...], task: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"batch for task {task!r} lacks the keys {missing}")
+
+
+class UniterForPretraining(nn.Module):
+    """UNITER with its pretraining heads; ``state_dict`` keys are the original ones (``uniter.*``, ``cls.*``,
+    ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``; the tied tensors appear under both names)."""
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        img_label_dim: int = IMG_LABEL_DIM,
+        fast: bool = False,
+        itm_ot_lambda: float = 0.1,
+        ot_settings: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.uniter = Model(config)
+        self.cls = BertOnlyMLMHead(config, self.uniter.embeddings.word_embeddings.weight)
+        self.feat_regress = RegionFeatureRegression(config, self.uniter.img_embeddings.img_linear.weight)
+        self.region_classifier = RegionClassification(config, img_label_dim)
+        self.itm_output = nn.Linear(config.hidden_size, 2)
+        for head in (self.cls, self.feat_regress, self.region_classifier, self.itm_output):
+            head.apply(lambda m: init_uniter_weights(m, config.initializer_range))
+        self.fast = fast
+        self.itm_ot_lambda = itm_ot_lambda
+        self.ot_settings = {"beta": 0.5, "iteration": 50, "k": 1, **(ot_settings or {})}
+
+    # ------------------------------------------------------------------ weights
+    def tie_weights(self) -> None:
+        """Make the MLM decoder and the MRFR output share the encoder's Parameters again (after a load that replaced
+        them, e.g. ``load_state_dict(assign=True)`` or a ZeRO-3 re-partition)."""
+        self.cls.predictions.decoder.weight = self.uniter.embeddings.word_embeddings.weight
+        self.feat_regress.weight = self.uniter.img_embeddings.img_linear.weight
+
+    @property
+    def backend(self) -> str:
+        """The loss / OT backend this mode uses: ``"auto"`` when fast, else ``"reference"``."""
+        return "auto" if self.fast else "reference"
+
+    # ------------------------------------------------------------------ encoder
+    def _uses_packed(self, batch: dict) -> bool:
+        return self.fast and "packed" in batch and hasattr(self.uniter, "forward_packed")
+
+    def _encode(self, batch: dict, img_masks: Optional[torch.Tensor]) -> torch.Tensor:
+        """Last-layer output: [T, H] (packed) or [B, L, H] (padded)."""
+        if self._uses_packed(batch):
+            return self.uniter.forward_packed(batch["packed"])
+        return self.uniter(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["img_feat"],
+            batch["img_pos_feat"],
+            batch["attn_masks"],
+            batch["gather_index"],
+            img_masks=img_masks,
+            output_all_encoded_layers=False,
+        )
+
+    def _masked_text_rows(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MLM rows [M, H] and labels [M] (masked text tokens, row-major)."""
+        if sequence_output.dim() == 2:
+            packed = batch["packed"]
+            return sequence_output[packed["mlm_index"]], packed["mlm_labels"]
+        labels = batch["txt_labels"]
+        mask = labels != -1
+        return sequence_output[:, : labels.size(1)][mask], labels[mask]
+
+    def _masked_region_rows(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
+        """MRM rows [M, H] in the order of ``feat_targets`` / ``label_targets``."""
+        if sequence_output.dim() == 2:
+            return sequence_output[batch["packed"]["mrm_index"]]
+        return sequence_output[batch["img_mask_tgt"]]
+
+    def _pooled(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
+        """Pooled [CLS] output [B, H]."""
+        if sequence_output.dim() == 2:
+            return self.uniter.pooler(sequence_output[batch["packed"]["cls_index"]].unsqueeze(1))
+        return self.uniter.pooler(sequence_output)
+
+    def _ot_embeddings(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text [B, Lt, H] and image [B, Nb, H] parts of the output, zero at pads (text includes [CLS]/[SEP])."""
+        ot = batch["ot_inputs"]
+        txt_pad, img_pad = ot["txt_pad"], ot["img_pad"]
+        batch_size, txt_len = txt_pad.shape
+        img_len = img_pad.size(1)
+        hidden = sequence_output.size(-1)
+        if sequence_output.dim() == 2:
+            packed = batch["packed"]
+            txt_emb = sequence_output.new_zeros(batch_size, txt_len, hidden)
+            img_emb = sequence_output.new_zeros(batch_size, img_len, hidden)
+            txt_emb = txt_emb.index_put((~txt_pad).nonzero(as_tuple=True), sequence_output[packed["txt_index"]])
+            img_emb = img_emb.index_put((~img_pad).nonzero(as_tuple=True), sequence_output[packed["img_index"]])
+            return txt_emb, img_emb
+        max_len = max(int(ot["scatter_max"]) + 1, txt_len + img_len)
+        index = ot["ot_scatter"].unsqueeze(-1).expand_as(sequence_output)
+        ctx = sequence_output.new_zeros(batch_size, max_len, hidden).scatter(1, index, sequence_output)
+        return ctx[:, :txt_len], ctx[:, txt_len : txt_len + img_len]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch: dict, task: str, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """Run the encoder and the head of ``task`` on a collated batch (the padded keys of the data package, plus
+        ``batch["packed"]`` for the fast path).
+
+        Returns with ``compute_loss``: ``{"loss": 0-dim, ...}`` (the loss to back-propagate; ITM also gives
+        ``itm_loss`` and ``ot_loss``). Without: the head outputs for validation, ``mlm``: ``scores`` [M, V] +
+        ``labels`` [M]; ``mrfr``: ``prediction`` [M, 2048] + ``targets``; ``mrc``/``mrckl``: ``scores`` [M, 1601] +
+        ``soft_labels``; ``itm``: ``scores`` [B, 2] + ``targets`` [B] (+ ``ot_dist`` [B] when λ > 0).
+        """
+        kind = task_kind(task)
+        if kind == "mlm":
+            return self.forward_mlm(batch, compute_loss)
+        if kind == "mrfr":
+            return self.forward_mrfr(batch, compute_loss)
+        if kind in ("mrc", "mrckl"):
+            return self.forward_mrc(batch, kind, compute_loss)
+        return self.forward_itm(batch, compute_loss)
+
+    def forward_mlm(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """Masked language modelling: CE over the vocabulary, mean over masked tokens."""
+        from uniter_fast import losses
+
+        _require(batch, ("txt_labels",), "mlm")
+        rows, labels = self._masked_text_rows(batch, self._encode(batch, None))
+        predictions = self.cls.predictions
+        hidden = predictions.transform(rows)
+        if not compute_loss:
+            return {"scores": predictions.decoder(hidden) + predictions.bias, "labels": labels}
+        loss = losses.mlm_loss(hidden, predictions.decoder.weight, predictions.bias, labels, backend=self.backend)
+        return {"loss": loss}
+
+    def forward_mrfr(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """Masked region feature regression: MSE against the unmasked features, mean over M x 2048."""
+        from uniter_fast import losses
+
+        _require(batch, ("img_masks", "img_mask_tgt", "feat_targets"), "mrfr")
+        rows = self._masked_region_rows(batch, self._encode(batch, batch["img_masks"]))
+        head = self.feat_regress
+        hidden = head.net(rows)
+        targets = batch["feat_targets"]
+        if not compute_loss:
+            return {"prediction": F.linear(hidden, head.weight.t(), head.bias), "targets": targets}
+        return {"loss": losses.mrfr_loss(hidden, head.weight, head.bias, targets, backend=self.backend)}
+
+    def forward_mrc(self, batch: dict, kind: str, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """Masked region classification: hard-label CE (``mrc``) or KL(soft || pred) (``mrckl``)."""
+        from uniter_fast import losses
+
+        _require(batch, ("img_masks", "img_mask_tgt", "label_targets"), kind)
+        rows = self._masked_region_rows(batch, self._encode(batch, batch["img_masks"]))
+        head = self.region_classifier
+        hidden = head.transform(rows)
+        soft_labels = batch["label_targets"]
+        if not compute_loss:
+            return {"scores": head.output(hidden), "soft_labels": soft_labels}
+        loss_fn = losses.mrc_kl_loss if kind == "mrckl" else losses.mrc_loss
+        return {"loss": loss_fn(hidden, head.output.weight, head.output.bias, soft_labels, backend=self.backend)}
+
+    def forward_itm(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """Image-text matching: 2-way CE on the pooled output, plus ``itm_ot_lambda`` x the WRA (OT) loss."""
+        _require(batch, ("targets",), "itm")
+        sequence_output = self._encode(batch, None)
+        scores = self.itm_output(self._pooled(batch, sequence_output))
+        targets = batch["targets"]
+        out: dict[str, torch.Tensor] = {}
+        if self.itm_ot_lambda > 0:
+            _require(batch, ("ot_inputs",), "itm")
+            out["ot_dist"] = self.ot_distance(batch, sequence_output)
+        if not compute_loss:
+            return {"scores": scores, "targets": targets, **out}
+        itm_loss = F.cross_entropy(scores.float(), targets)
+        if self.itm_ot_lambda <= 0:
+            return {"loss": itm_loss, "itm_loss": itm_loss.detach()}
+        ot_dist = out["ot_dist"]
+        ot_loss = (ot_dist[targets == 1].sum() - ot_dist[targets == 0].sum()) / ot_dist.size(0)
+        loss = itm_loss + self.itm_ot_lambda * ot_loss
+        return {"loss": loss, "itm_loss": itm_loss.detach(), "ot_loss": ot_loss.detach()}
+
+    def ot_distance(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
+        """The WRA distance per pair [B] (fp32), through ``uniter_fast.ot.optimal_transport_dist``."""
+        from uniter_fast.ot import optimal_transport_dist
+
+        txt_emb, img_emb = self._ot_embeddings(batch, sequence_output)
+        ot = batch["ot_inputs"]
+        return optimal_transport_dist(
+            txt_emb.float(), img_emb.float(), ot["txt_pad"], ot["img_pad"], **self.ot_settings, backend=self.backend
+        )

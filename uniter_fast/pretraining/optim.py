@@ -1,0 +1,61 @@
+"""Optimizer parameter groups and the learning-rate schedule of the original ``pretrain.py`` (spec §3.6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight")
+LR_FLOOR = 1e-8
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups with the original name test: parameters whose name contains ``bias``, ``LayerNorm.bias`` or
+    ``LayerNorm.weight`` get no decay, all others ``weight_decay``.
+
+    The original quirk is kept on purpose: ``img_layer_norm.weight``, ``pos_layer_norm.weight``,
+    ``feat_regress.net.2.weight`` and ``region_classifier.net.2.weight`` are LayerNorm weights whose names lack
+    "LayerNorm", so they are decayed. Tied parameters appear once (``named_parameters`` de-duplicates them).
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if not any(nd in n for nd in NO_DECAY)]
+    no_decay = [p for n, p in named if any(nd in n for nd in NO_DECAY)]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup_steps: int, num_train_steps: int) -> float:
+    """``warmup_linear`` of the original: step / warmup during warm-up, then (total - step) / (total - warmup)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    if num_train_steps <= warmup_steps:
+        return 1.0
+    return max(0.0, (num_train_steps - step) / (num_train_steps - warmup_steps))
+
+
+def lr_at(step: int, learning_rate: float, warmup_steps: int, num_train_steps: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based, as ``get_lr_sched``), floored at 1e-8."""
+    lr = learning_rate * lr_factor(step, warmup_steps, num_train_steps)
+    return lr if lr > 0 else LR_FLOOR
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, learning_rate: float, warmup_steps: int, num_train_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` whose k-th ``optimizer.step()`` (k = 1, 2, ...) runs at ``lr_at(k, ...)``.
+
+    Every group's initial lr must be ``learning_rate``. The scheduler is stepped after each optimizer step (DeepSpeed
+    does so), so its epoch counter e maps to step e + 1.
+    """
+    if learning_rate <= 0:
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps < 0 or num_train_steps <= 0:
+        raise ValueError(f"need warmup_steps >= 0 and num_train_steps > 0, got {warmup_steps} and {num_train_steps}")
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda e: lr_at(e + 1, learning_rate, warmup_steps, num_train_steps) / learning_rate
+    )

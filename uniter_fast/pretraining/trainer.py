@@ -1,0 +1,243 @@
+"""The pretraining loop: one task per optimizer step, gradient accumulation, validation, logging, checkpoints.
+
+Resume is exact: the DeepSpeed checkpoint holds the weights, optimizer and LR-scheduler state; its client state
+holds the step and the data loader's state; each rank's RNG states sit beside it in ``rng_rank{r}.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from uniter_fast.pretraining.checkpoint import export_pretrained, load_consolidated_zero
+from uniter_fast.pretraining.config import TrainingConfig
+from uniter_fast.pretraining.validate import validate
+
+logger = logging.getLogger(__name__)
+
+CKPT_SUBDIR = "ckpt"
+EXPORT_SUBDIR = "pretrained"
+STEP_LOG = "train_steps.jsonl"
+
+
+class TaskStream(Protocol):
+    """What the loop needs from the data side: an endless stream of (task name, batch), the same task for each
+    whole accumulation cycle on every rank, with a resumable state."""
+
+    def __iter__(self) -> Any: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a (nested) batch to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """A plain text table with aligned columns."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), line, *(fmt.format(*map(str, r)) for r in rows)])
+
+
+class Trainer:
+    """Runs ``engine`` (a DeepSpeed engine around a UniterForPretraining) on ``stream`` for the configured steps."""
+
+    def __init__(
+        self,
+        engine: Any,
+        cfg: TrainingConfig,
+        stream: TaskStream,
+        val_loaders: Callable[[], dict[str, Iterable[dict]]],
+        output_dir: str,
+        writer: Optional[Any] = None,
+    ) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        self.stream = stream
+        self.val_loaders = val_loaders
+        self.output_dir = output_dir
+        self.ckpt_dir = os.path.join(output_dir, CKPT_SUBDIR)
+        self.writer = writer
+        self.step = 0
+        self.rank = _rank()
+        self.recent: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> str:
+        """``engine.save_checkpoint`` (all ranks) with the step, the stream state and each rank's RNG states."""
+        tag = f"step{self.step}"
+        client = {"step": self.step, "stream": self.stream.state_dict()}
+        self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client)
+        rng_path = os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt")
+        tmp = rng_path + ".tmp"
+        torch.save(rng_state(), tmp)
+        os.replace(tmp, rng_path)
+        _barrier()
+        return tag
+
+    def resume(self) -> None:
+        """Load the latest checkpoint of ``output_dir`` and continue from its step."""
+        if not os.path.isfile(os.path.join(self.ckpt_dir, "latest")):
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir} (no 'latest' file)")
+        path, client = self.engine.load_checkpoint(self.ckpt_dir)
+        if path is None:
+            raise RuntimeError(f"--resume: DeepSpeed could not load the checkpoint in {self.ckpt_dir}")
+        self.step = int(client["step"])
+        self.stream.load_state_dict(client["stream"])
+        rng_path = os.path.join(self.ckpt_dir, f"step{self.step}", f"rng_rank{self.rank}.pt")
+        set_rng_state(torch.load(rng_path, weights_only=False))
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ logging
+    def _log_step(self, task: str, losses: dict[str, float], lr: float) -> None:
+        if self.rank != 0:
+            return
+        record = {"step": self.step, "task": task, "lr": lr, **losses}
+        with open(os.path.join(self.output_dir, STEP_LOG), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in losses.items():
+                self.writer.add_scalar(f"train/{task}/{key}", value, self.step)
+            self.writer.add_scalar("train/lr", lr, self.step)
+
+    def _log_validation(self, results: dict[str, dict[str, float]]) -> None:
+        if self.rank != 0:
+            return
+        summary = ", ".join(f"{t}: " + " ".join(f"{k}={v:.4f}" for k, v in m.items()) for t, m in results.items())
+        logger.info("step %d validation: %s", self.step, summary)
+        if self.writer is not None:
+            for task, metrics in results.items():
+                for key, value in metrics.items():
+                    if math.isfinite(value):
+                        self.writer.add_scalar(f"val/{task}/{key}", value, self.step)
+
+    def run_validation(self) -> dict[str, dict[str, float]]:
+        """Validate every task on this rank's shard of the validation sets (reduced over ranks)."""
+        with torch.random.fork_rng(devices=[]):
+            results = validate(self.engine, self.val_loaders(), lambda b: to_device(b, self.engine.device))
+        self._log_validation(results)
+        return results
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, micro_batches: list[tuple[str, dict]]) -> tuple[str, dict[str, float]]:
+        """One optimizer step over the micro-batches of one accumulation cycle (all of one task); gradients are
+        summed over the micro-batches as in the original. Returns (task, mean of each loss term)."""
+        task = micro_batches[0][0]
+        sums: dict[str, float] = defaultdict(float)
+        for name, batch in micro_batches:
+            if name != task:
+                raise RuntimeError(f"one task per optimizer step: got {name!r} within a {task!r} cycle")
+            out = self.engine(to_device(batch, self.engine.device), task)
+            self.engine.backward(out["loss"], scale_wrt_gas=False)
+            self.engine.step()
+            for key, value in out.items():
+                sums[key] += float(value.detach())
+        losses = {k: v / len(micro_batches) for k, v in sums.items()}
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"step {self.step + 1}, task {task}: non-finite loss {losses}")
+        return task, losses
+
+    def train(self, stop_after: Optional[int] = None) -> dict[str, dict[str, float]]:
+        """Train to ``num_train_steps`` (validating and saving on schedule), save, validate, export; returns the final
+        validation metrics. ``stop_after`` ends the run early at that step (checkpoint saved, no export), as an
+        interruption would, without changing the LR schedule."""
+        cfg = self.cfg
+        last = cfg.num_train_steps if stop_after is None else min(stop_after, cfg.num_train_steps)
+        accum = self.engine.gradient_accumulation_steps()
+        stream = iter(self.stream)
+        bar = tqdm(total=last, initial=self.step, desc="pretrain", disable=self.rank != 0, dynamic_ncols=True)
+        while self.step < last:
+            lr = self.engine.get_lr()[0]
+            with torch.random.fork_rng(devices=[]):  # data loading must not move the RNG that dropout uses
+                micro_batches = [next(stream) for _ in range(accum)]
+            task, losses = self.train_step(micro_batches)
+            self.step += 1
+            self.recent[task] = (self.recent[task] + [losses["loss"]])[-20:]
+            self._log_step(task, losses, lr)
+            bar.update(1)
+            bar.set_postfix({t: f"{np.mean(v):.3f}" for t, v in sorted(self.recent.items())}, refresh=False)
+            if self.step % cfg.valid_steps == 0 and self.step < last:
+                self.run_validation()
+            if self.step % cfg.save_steps == 0 and self.step < last:
+                self.save()
+        bar.close()
+        tag = self.save()
+        results = self.run_validation()
+        if self.step == cfg.num_train_steps:
+            self.export(tag)
+        return results
+
+    def export(self, tag: str) -> None:
+        """Consolidated fp32 weights of checkpoint ``tag`` into ``output_dir/pretrained`` (rank 0)."""
+        if self.rank == 0:
+            module = self.engine.module
+            if self.engine.zero_optimization_stage() > 0:
+                fresh = type(module)(module.config, img_label_dim=module.region_classifier.output.out_features)
+                load_consolidated_zero(fresh, self.ckpt_dir, tag)
+                module = fresh
+            export_pretrained(module, os.path.join(self.output_dir, EXPORT_SUBDIR))
+        _barrier()
+
+    def summary(self, results: dict[str, dict[str, float]]) -> str:
+        """The final metrics table: per task, the mean training loss of its last steps and the validation metrics."""
+        keys = sorted({k for m in results.values() for k in m})
+        rows = []
+        for task in sorted(set(results) | set(self.recent)):
+            train = f"{np.mean(self.recent[task]):.4f}" if self.recent.get(task) else "-"
+            val = results.get(task, {})
+            rows.append([task, train, *(f"{val[k]:.4f}" if k in val else "-" for k in keys)])
+        return format_table(rows, ["task", "train loss", *(f"val {k}" for k in keys)])
