@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import sys
 from typing import Callable
 
 import torch
-from harness import device_name, plot_grouped_bars, print_table, synchronize, time_fn, write_json
+from harness import device_name, plot_grouped_bars, print_table, time_fn, write_json
 from tqdm import tqdm
 
 from uniter_fast.ot import available_backends, cost_matrix_cosine
@@ -61,6 +62,18 @@ def floor_seconds(batch: int, m: int, n: int, iteration: int, peaks: dict[str, f
     bytes_moved = 2 * entries * 4 + batch * (4 + 16)
     flops = entries * (FLOPS_PER_ENTRY_ITER * iteration + 2)
     return peaks["launch_s"] + max(bytes_moved / peaks["bandwidth"], flops / peaks["flops"])
+
+
+def time_interleaved(calls: dict[str, Callable], device: torch.device, repeats: int) -> dict[str, float]:
+    """Median seconds per call after warm-up (``time_fn``, one repeat at a time), the backends taking turns in each
+    round so that a load change on a shared machine hits all of them alike."""
+    for call in calls.values():
+        time_fn(call, device, warmup=2, repeats=1)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            samples[name].append(time_fn(call, device, warmup=0, repeats=1))
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def backends_to_time(device: torch.device, compile_reference: bool) -> dict[str, Callable]:
@@ -116,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iteration", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the reference")
+    parser.add_argument(
+        "--goal-only", action="store_true", help="only B=256, 60x100; writes bench/results/ipot_goal_<device>.*"
+    )
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -123,15 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     peaks = measure_peaks(device)
     runners = backends_to_time(device, not args.no_compile)
     rows = []
-    shapes = SWEEP + [GOAL]
+    shapes = [GOAL] if args.goal_only else SWEEP + [GOAL]
+    result_name = "ipot_goal" if args.goal_only else "ipot"
     for batch, m, n in tqdm(shapes, desc="shapes", file=sys.stderr):
         problem = make_problem(batch, m, n, device)
         floor = floor_seconds(batch, m, n, args.iteration, peaks)
-        times = {}
-        for name, runner in runners.items():
-            call = functools.partial(runner, *problem, 0.5, args.iteration, 1)
-            times[name] = time_fn(call, device, warmup=2, repeats=args.repeats)
-            synchronize(device)
+        calls = {name: functools.partial(runner, *problem, 0.5, args.iteration, 1) for name, runner in runners.items()}
+        times = time_interleaved(calls, device, args.repeats)
         for name, seconds in times.items():
             rows.append(
                 {
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ITM step (UNITER-base, B=128, 62+100): {meta['itm']}")
     for line in meta["goals"]:
         print(line)
-    path = write_json("ipot", device, rows, meta)
+    path = write_json(result_name, device, rows, meta)
     labels = [f"B{b} {m}x{n}" for b, m, n in shapes]
     series = {
         name: [
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name in runners
     }
-    png = plot_grouped_bars("ipot", device, labels, series, "ms (median)", f"IPOT, {args.iteration} iterations")
+    png = plot_grouped_bars(result_name, device, labels, series, "ms (median)", f"IPOT, {args.iteration} iterations")
     print(f"wrote {os.path.relpath(path)} and {os.path.relpath(png)}")
     return 0
 

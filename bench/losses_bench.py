@@ -2,12 +2,13 @@
 
 Times forward + backward (gradients for hidden, weight and bias) and measures peak memory at UNITER shapes
 (M masked rows, H = 768 / 1024; V = 28996, 2048, 1601), prints a table and writes
-bench/results/losses_<device>.json and .png. On CUDA the fast backend is Triton and peak memory comes from the
-CUDA allocator; on CPU it is the chunked PyTorch path and peak memory is the process's resident high-water mark
-over the call (VmHWM after resetting it, with glibc's malloc returning large blocks to the OS).
+bench/results/losses_<device>.json, losses_<device>.png (time) and losses_memory_<device>.png. On CUDA the fast
+backend is Triton and peak memory comes from the CUDA allocator; on CPU it is the chunked PyTorch path and peak
+memory is the process's resident high-water mark over the call (VmHWM after resetting it, with glibc's malloc
+returning large blocks to the OS).
 
-    python bench/losses_bench.py                       # all shapes, fp32 on CPU, bf16 + fp32 on CUDA
-    python bench/losses_bench.py --rows 1000 --hidden 768 --losses mlm --repeats 3
+    python bench/losses_bench.py      # M 1000/4000/8000 x H 768/1024; bf16 + fp32 on CUDA, fp32 on CPU
+    python bench/losses_bench.py --rows 1000 4000 --hidden 768 --repeats 2 --rounds 2   # a shorter CPU run
 """
 
 from __future__ import annotations
@@ -171,6 +172,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             title="fused masked-position losses vs reference",
         ),
     )
+    if all(r["fast_peak_mb"] is not None for r in rows):
+        peaks = {f"{b} peak MiB": [r[f"{b}_peak_mb"] for r in rows] for b in ("reference", "fast")}
+        title = "peak memory of the fused losses vs reference"
+        print("plot:", plot_grouped_bars(f"{args.name}_memory", device, labels, peaks, "peak memory (MiB)", title))
 
 
 if __name__ == "__main__":

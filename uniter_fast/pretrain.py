@@ -34,7 +34,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     parser.add_argument("--stop_after", type=int, default=None, help="stop (with a checkpoint) after this step")
     parser.add_argument("--reference", action="store_true", help="reference path (padded encoder, reference losses)")
-    parser.add_argument("--num_workers", type=int, default=1, help="data loader worker processes per task")
+    parser.add_argument(
+        "--num_workers", type=int, default=None, help="data loader processes per task (default: 0 on CPU, 2 on GPU)"
+    )
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -62,6 +64,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         cfg.fast = False
     setup_environment()
     ds_config = load_ds_config(args.ds_config, cfg)
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)  # CPU ranks: more threads oversubscribe the cores (10x slower on a shared machine)
+    num_workers = args.num_workers if args.num_workers is not None else (2 if torch.cuda.is_available() else 0)
 
     import deepspeed
 
@@ -73,7 +78,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     from uniter_fast.pretraining.data import DataBuilder
 
-    data = DataBuilder(cfg, rank, world, args.num_workers)
+    data = DataBuilder(cfg, rank, world, num_workers)
     stream = data.train_stream(ds_config["gradient_accumulation_steps"])
     val_sets = data.val_datasets()
 

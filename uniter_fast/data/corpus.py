@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from uniter_fast.data.img_db import ImgDbWriter
-from uniter_fast.data.tokenizer import WordPiece, train_vocab
+from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import World
 
@@ -61,7 +61,6 @@ def build_corpus(
     n_train_images: int = 1500,
     n_val_images: int = 150,
     captions_per_image: int = 2,
-    vocab_size: int = 600,
 ) -> CorpusPaths:
     """Generate the synthetic world into ``out_dir`` (must not exist): vocab.txt, txt_train/, txt_val/, img/.
 
@@ -80,7 +79,7 @@ def build_corpus(
 
     vocab = os.path.join(out_dir, "vocab.txt")
     texts = (c for i in range(n_train_images) for c in world.captions(layout_rng(0, i), captions_per_image))
-    train_vocab(texts, vocab, vocab_size)
+    build_vocab(texts, vocab)
     toker = WordPiece(vocab)
     with ImgDbWriter(os.path.join(out_dir, "img")) as img_w:
         for split_id, (split, count) in enumerate(splits.items()):

@@ -222,7 +222,7 @@ class ImgDbWriter:
         """Write ``__keys__``, commit, and write the nbb side file."""
         if exc is None:
             self._writer.put("__keys__", json.dumps(list(self.name2nbb)).encode("utf-8"))
-        self._writer.__exit__(type(exc) if exc else None, exc, None)
+        self._writer.close(commit=exc is None)
         if exc is None and self.conf_th != -1:
             write_json_atomic(os.path.join(self.path, nbb_name(self.conf_th, self.max_bb, self.min_bb)), self.name2nbb)
 

@@ -62,7 +62,7 @@ class LazyReader:
 class Writer:
     """Write-once LMDB with a commit every ``commit_every`` puts (1000, as the original ``TxtLmdb``).
 
-    Use as a context manager; the last transaction is committed on a clean exit and aborted on an exception.
+    ``close(commit)`` commits or aborts the last transaction.
     """
 
     def __init__(self, path: str, commit_every: int = 1000) -> None:
@@ -81,11 +81,9 @@ class Writer:
             self.txn.commit()
             self.txn = self.env.begin(write=True)
 
-    def __enter__(self) -> Writer:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+    def close(self, commit: bool = True) -> None:
+        """Commit (or abort) the open transaction and close the environment."""
+        if commit:
             self.txn.commit()
         else:
             self.txn.abort()

@@ -7,9 +7,11 @@ lower-casing (bert-base-cased). ``meta.json`` fields (CLS/SEP/MASK/UNK ids and `
 from __future__ import annotations
 
 import os
+from collections import Counter
 from typing import Any, Iterable
 
 from tokenizers import BertWordPieceTokenizer
+from tokenizers.pre_tokenizers import BertPreTokenizer
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -53,16 +55,22 @@ class WordPiece:
         }
 
 
-def train_vocab(texts: Iterable[str], out_path: str, vocab_size: int) -> int:
-    """Train a cased WordPiece vocab on ``texts`` and write it to ``out_path`` ([PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3,
-    [MASK]=4 first). Returns the vocab size actually written."""
-    tok = BertWordPieceTokenizer(lowercase=False, strip_accents=False, clean_text=True)
-    tok.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=1, special_tokens=SPECIAL_TOKENS, show_progress=False
-    )
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+def build_vocab(texts: Iterable[str], out_path: str) -> int:
+    """Write a deterministic cased WordPiece vocab for ``texts`` to ``out_path``; returns its size.
+
+    Words come from the BERT pre-tokenizer of ``tokenizers``. The vocab holds the special tokens ([PAD]=0, [UNK]=1,
+    [CLS]=2, [SEP]=3, [MASK]=4), '!', every character and its '##' continuation (so no word is [UNK]) and every
+    whole word, except plurals whose singular is a word: those become 'stem ##s', as BERT's own vocab does.
+    (``tokenizers``' WordPiece trainer breaks ties differently from run to run, so it is not used here.)
+    """
+    pre = BertPreTokenizer()
+    counts: Counter[str] = Counter(w for text in texts for w, _ in pre.pre_tokenize_str(text))
+    words = {w for w in counts if not (w.endswith("s") and w[:-1] in counts)}
+    chars = sorted({c for w in counts for c in w} | {"s"})
+    ordered = sorted(words - set(chars), key=lambda w: (-counts[w], w))
+    vocab = [*SPECIAL_TOKENS, "!", *[c for c in chars if c != "!"], *[f"##{c}" for c in chars], *ordered]
     tmp = out_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(token + "\n" for token, _ in vocab)
+        f.writelines(token + "\n" for token in vocab)
     os.replace(tmp, out_path)
     return len(vocab)

@@ -114,7 +114,7 @@ class TxtDbWriter:
 
     def close(self, exc: Optional[BaseException] = None) -> None:
         """Commit the LMDB and write the side files."""
-        self._writer.__exit__(type(exc) if exc else None, exc, None)
+        self._writer.close(commit=exc is None)
         if exc is None:
             write_json_atomic(os.path.join(self.path, "meta.json"), self.meta)
             write_json_atomic(os.path.join(self.path, "id2len.json"), self.id2len)

@@ -124,7 +124,7 @@ class World:
         no_color = np.zeros(IMG_DIM, np.float32)
         color = np.stack([self.color_proto[r.color] if r.color >= 0 else no_color for r in regions])
         noise = rng.standard_normal((n, IMG_DIM), dtype=np.float32)
-        scene_ctx = 0.5 * self.scene_proto[list(SCENES).index(scene)]
+        scene_ctx = 1.0 * self.scene_proto[list(SCENES).index(scene)]
         features = np.maximum(base + 0.7 * color + scene_ctx + 0.6 * noise, 0.0)
         boxes = np.array([r.box for r in regions], dtype=np.float64) / np.array([w_img, h_img, w_img, h_img])
         norm_bb = np.concatenate([boxes, boxes[:, 2:3] - boxes[:, 0:1], boxes[:, 3:4] - boxes[:, 1:2]], axis=1)
@@ -173,7 +173,7 @@ def _captions(rng: np.random.Generator, scene: str, instances: list[tuple[str, i
         others = [inst for inst in instances if inst[0] != c1]
         c2, k2, b2 = others[rng.integers(len(others))]
         if template == 0:
-            out.append(f"a {COLORS[k1]} {c1} is {_relation(b1, b2)} a {COLORS[k2]} {c2} .")
+            out.append(f"in the {scene} a {COLORS[k1]} {c1} is {_relation(b1, b2)} a {COLORS[k2]} {c2} .")
         elif template == 1:
             out.append(f"a {COLORS[k1]} {c1} and a {COLORS[k2]} {c2} in the {scene} .")
         elif template == 2:
@@ -181,5 +181,5 @@ def _captions(rng: np.random.Generator, scene: str, instances: list[tuple[str, i
             noun = c1 if n1 == 1 else plural(c1)
             out.append(f"{NUMBERS[n1]} {COLORS[k1]} {noun} near the {c2} in this {scene} .")
         else:
-            out.append(f"there is a {c2} {_relation(b2, b1)} the {COLORS[k1]} {c1} .")
+            out.append(f"there is a {c2} {_relation(b2, b1)} the {COLORS[k1]} {c1} in this {scene} .")
     return out
