@@ -4,7 +4,9 @@
 
 Each measurement pulls ``--batches`` token-bucket batches from an endless TaskLoader (LMDB read, fp16 -> fp32,
 masking, padded + packed collate); the median over ``--repeats`` after one warm-up is reported. The floor column is
-the bytes each pair moves: stored bytes read from LMDB and float32 bytes of the padded batch handed to the model.
+the bytes each pair moves: stored bytes read from LMDB and float32 bytes of the batch (padded + packed) handed to
+the model. The reference (0 workers) loads in the main process with one torch thread, as each worker does (torch
+sets 1 thread in DataLoader workers; several threads on tiny copies only add contention).
 Writes bench/results/data_bench_<device>.json and .png.
 """
 
@@ -52,6 +54,9 @@ def batch_bytes(batch: dict) -> int:
 
 def measure(dataset, workers: int, budget: int, n_batches: int, repeats: int) -> dict:
     """pairs/s of ``n_batches`` batches from a TaskLoader with ``workers`` processes (median of ``repeats``)."""
+    threads = torch.get_num_threads()
+    if workers == 0:
+        torch.set_num_threads(1)
     loader = TaskLoader(dataset, budget, seed=0, num_workers=workers, droplast=True)
     it = iter(loader)
     sizes: list[int] = []
@@ -62,7 +67,10 @@ def measure(dataset, workers: int, budget: int, n_batches: int, repeats: int) ->
             sizes.append(batch["input_ids"].size(0))
             nbytes.append(batch_bytes(batch))
 
-    seconds = time_fn(pull, torch.device("cpu"), warmup=1, repeats=repeats)
+    try:
+        seconds = time_fn(pull, torch.device("cpu"), warmup=1, repeats=repeats)
+    finally:
+        torch.set_num_threads(threads)
     pairs = float(np.median(sizes)) * n_batches
     return {
         "pairs_per_batch": float(np.median(sizes)),
@@ -103,7 +111,8 @@ def main() -> None:
             }
         )
     columns = list(rows[0])
-    print(f"device: {device_name(cpu)} ({os.cpu_count()} logical CPUs); corpus {paths.root}")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"device: {device_name(cpu)} ({os.cpu_count()} logical CPUs, load average {load}); corpus {paths.root}")
     print_table(rows, columns)
     meta = {
         "argv": sys.argv[1:],
@@ -112,6 +121,7 @@ def main() -> None:
         "batches_per_repeat": args.batches,
         "repeats": args.repeats,
         "cpu_count": os.cpu_count(),
+        "load_average_1min": load,
         "corpus": paths.root,
     }
     print("wrote", write_json("data_bench", cpu, rows, meta))

@@ -182,11 +182,9 @@ def main() -> None:
     args.repeats = args.repeats or (20 if gpu else 5)
     if args.threads:
         torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(args.seed)
-
     rows = []
-    for name in tqdm(args.configs, desc="configs"):
-        rows.extend(bench_config(name, args, device, dtype, generator))
+    for name in tqdm(args.configs, desc="configs"):  # the same lengths for every config
+        rows.extend(bench_config(name, args, device, dtype, torch.Generator().manual_seed(args.seed)))
     print(f"\nencoder throughput on {device_name(device)}, {dtype}, batch {args.batch_size}, load {os.getloadavg()[0]}")
     columns = ["model", "mode", "path", "attention", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
     print_table(rows, columns + ["tflops", "mfu", "peak_mem_mb", "speedup", "max_speedup"])

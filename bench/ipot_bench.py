@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iteration", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="do not time torch.compile of the reference")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and C++ kernel) CPU threads")
     parser.add_argument(
         "--goal-only", action="store_true", help="only B=256, 60x100; writes bench/results/ipot_goal_<device>.*"
     )
@@ -136,11 +137,15 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    load_before = os.getloadavg()[0]  # CPU timings on a shared machine are only as good as its load
     peaks = measure_peaks(device)
     runners = backends_to_time(device, not args.no_compile)
     rows = []
     shapes = [GOAL] if args.goal_only else SWEEP + [GOAL]
     result_name = "ipot_goal" if args.goal_only else "ipot"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        result_name += f"_{args.threads}threads"
     for batch, m, n in tqdm(shapes, desc="shapes", file=sys.stderr):
         problem = make_problem(batch, m, n, device)
         floor = floor_seconds(batch, m, n, args.iteration, peaks)
@@ -160,9 +165,16 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     print(f"device: {device_name(device)}; iterations {args.iteration}; peaks {peaks}")
+    print(f"1-min load average before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
     print_table(rows, ["B", "text", "regions", "backend", "ms", "x_eager", "floor_ms", "x_floor"])
 
-    meta = {"iteration": args.iteration, "repeats": args.repeats, "peaks": peaks, "goals": goal_lines(rows, device)}
+    meta = {
+        "iteration": args.iteration,
+        "repeats": args.repeats,
+        "peaks": peaks,
+        "goals": goal_lines(rows, device),
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
+    }
     if device.type == "cuda":
         meta["itm"] = itm_ot_share(device)
         print(f"ITM step (UNITER-base, B=128, 62+100): {meta['itm']}")

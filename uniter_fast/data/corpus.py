@@ -20,7 +20,7 @@ from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import World
 
-CORPUS_VERSION = "synth-v1"
+CORPUS_VERSION = "synth-v2"
 DEFAULT_SEED = 1234
 
 

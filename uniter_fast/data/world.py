@@ -3,9 +3,9 @@
 Each image is a scene holding a few coloured objects (one class may appear up to 3 times), stuff regions (sky,
 floor, ...) and low-confidence clutter proposals. Every region gets a detector-like record: a 2048-d feature drawn
 around its class (and colour) prototype plus a scene context term (RoI features see their surroundings), a
-normalised box, a confidence and a 1601-way soft label concentrated on
-its class. Captions come from a small grammar that names the objects, their colours, counts and spatial relations,
-so text and regions are tied together and MLM, MRC-kl and ITM are learnable.
+normalised box, a confidence and a 1601-way soft label concentrated on its class. Captions come from a small grammar
+that names the scene, the objects, their colours, counts and spatial relations, so text and regions are tied
+together and MLM, MRC-kl and ITM are learnable.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ SCENES = {
 }
 PLURALS = {"man": "men", "woman": "women", "bus": "buses", "knife": "knives", "bench": "benches", "sky": "skies"}
 NUMBERS = {1: "one", 2: "two", 3: "three"}
+ON_SCENES = {"street", "beach"}
 N_CLUTTER = 64
 
 
@@ -163,7 +164,13 @@ def _relation(a: tuple, b: tuple) -> str:
     return "above" if dy < 0 else "below"
 
 
+def _a(word: str) -> str:
+    """'a' or 'an' before ``word``."""
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
+
+
 def _captions(rng: np.random.Generator, scene: str, instances: list[tuple[str, int, tuple]], k: int) -> list[str]:
+    prep = "on" if scene in ON_SCENES else "in"
     counts: dict[str, int] = {}
     for cls, _, _ in instances:
         counts[cls] = counts.get(cls, 0) + 1
@@ -173,13 +180,13 @@ def _captions(rng: np.random.Generator, scene: str, instances: list[tuple[str, i
         others = [inst for inst in instances if inst[0] != c1]
         c2, k2, b2 = others[rng.integers(len(others))]
         if template == 0:
-            out.append(f"in the {scene} a {COLORS[k1]} {c1} is {_relation(b1, b2)} a {COLORS[k2]} {c2} .")
+            out.append(f"{prep} the {scene} {_a(COLORS[k1])} {c1} is {_relation(b1, b2)} {_a(COLORS[k2])} {c2} .")
         elif template == 1:
-            out.append(f"a {COLORS[k1]} {c1} and a {COLORS[k2]} {c2} in the {scene} .")
+            out.append(f"{_a(COLORS[k1])} {c1} and {_a(COLORS[k2])} {c2} {prep} the {scene} .")
         elif template == 2:
             n1 = counts[c1]
             noun = c1 if n1 == 1 else plural(c1)
-            out.append(f"{NUMBERS[n1]} {COLORS[k1]} {noun} near the {c2} in this {scene} .")
+            out.append(f"{NUMBERS[n1]} {COLORS[k1]} {noun} near the {c2} {prep} this {scene} .")
         else:
-            out.append(f"there is a {c2} {_relation(b2, b1)} the {COLORS[k1]} {c1} in this {scene} .")
+            out.append(f"there is {_a(c2)} {_relation(b2, b1)} the {COLORS[k1]} {c1} {prep} this {scene} .")
     return out

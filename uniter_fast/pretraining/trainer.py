@@ -120,12 +120,12 @@ class Trainer:
     def save(self) -> str:
         """``engine.save_checkpoint`` (all ranks) with the step, the stream state and each rank's RNG states."""
         tag = f"step{self.step}"
+        os.makedirs(os.path.join(self.ckpt_dir, tag), exist_ok=True)
+        rng_path = os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt")
+        torch.save(rng_state(), rng_path + ".tmp")
+        os.replace(rng_path + ".tmp", rng_path)  # before save_checkpoint, which writes 'latest' last
         client = {"step": self.step, "stream": self.stream.state_dict()}
         self.engine.save_checkpoint(self.ckpt_dir, tag=tag, client_state=client)
-        rng_path = os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt")
-        tmp = rng_path + ".tmp"
-        torch.save(rng_state(), tmp)
-        os.replace(tmp, rng_path)
         _barrier()
         return tag
 
