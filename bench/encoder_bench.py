@@ -204,7 +204,7 @@ def main() -> None:
     groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("padded", "packed")}
     title = "UNITER encoder: padded vs packed"
-    print(plot_grouped_bars("encoder_bench", device, groups, series, "valid tokens / s", title))
+    print(plot_grouped_bars("encoder_bench", device, groups, series, "valid tokens / s", title, log_scale=False))
 
 
 if __name__ == "__main__":

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # CPU timings on a shared machine are only as good as its load
     peaks = measure_peaks(device)
     runners = backends_to_time(device, not args.no_compile)
@@ -144,7 +146,6 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [GOAL] if args.goal_only else SWEEP + [GOAL]
     result_name = "ipot_goal" if args.goal_only else "ipot"
     if args.threads is not None:
-        torch.set_num_threads(args.threads)
         result_name += f"_{args.threads}threads"
     for batch, m, n in tqdm(shapes, desc="shapes", file=sys.stderr):
         problem = make_problem(batch, m, n, device)

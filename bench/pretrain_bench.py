@@ -194,7 +194,7 @@ def main() -> None:
     groups = [r["task"] for r in rows if r["path"] == "reference"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("reference", "fast")}
     title = f"UNITER-{args.config} pretraining step: reference vs fast"
-    print(plot_grouped_bars("pretrain_bench", device, groups, series, "valid tokens / s", title))
+    print(plot_grouped_bars("pretrain_bench", device, groups, series, "valid tokens / s", title, log_scale=False))
 
 
 def _mb(value: Optional[int]) -> Optional[float]:

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb, build_corpus, corpus
 from uniter_fast.data.world import COLORS, World
@@ -86,3 +87,124 @@ def test_default_corpus_cache_and_race(tmp_path, monkeypatch):
     n_calls = len(calls)
     assert corpus.default_corpus() == results[0] and len(calls) == n_calls  # cached: no rebuild
     assert len(TxtTokLmdb(results[0].txt_db).id2len) == 16
+
+
+def _unigram_accuracy(train_labels: torch.Tensor, val_labels: torch.Tensor) -> float:
+    return float((val_labels == torch.mode(train_labels).values).float().mean())
+
+
+def _box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of boxes a [M, 4] against b [M, N, 4] -> [M, N]."""
+    lt = torch.maximum(a[:, None, :2], b[..., :2])
+    rb = torch.minimum(a[:, None, 2:4], b[..., 2:4])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2] - x[..., 0]) * (x[..., 3] - x[..., 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b) - inter + 1e-6)
+
+
+def _mrc_context(batch: dict) -> torch.Tensor:
+    """For each masked region: the IoU-weighted mean feature of the unmasked regions of its image [M, 2048]."""
+    rows, cols = batch["img_masks"].nonzero(as_tuple=True)
+    boxes = batch["img_pos_feat"][..., :4]
+    valid = (torch.arange(boxes.size(1)) < batch["num_bbs"][:, None]) & ~batch["img_masks"]
+    weights = _box_iou(boxes[rows, cols], boxes[rows]) * valid[rows]
+    return (weights[..., None] * batch["img_feat"][rows]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1e-6)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny CPU work runs fastest on one intra-op thread (several threads mostly wait on each other)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_bundled_corpus_is_learnable(one_thread):
+    """MLM by a tiny UNITER beats the most-frequent-token baseline; the MRC-kl target of a masked region is
+    recoverable from its overlapping neighbours better than by the label prior; ITM is learnable by a bag probe."""
+    from uniter_fast import Model, UniterConfig
+    from uniter_fast.data import ItmDataset, MlmDataset, MrcDataset, TaskLoader, default_corpus
+
+    torch.manual_seed(0)
+    paths = default_corpus()
+    txt, val_txt, img = TxtTokLmdb(paths.txt_db), TxtTokLmdb(paths.txt_db_val), DetectFeatLmdb(paths.img_db)
+
+    def full(ds):
+        return ds.collate([ds[i] for i in range(len(ds))])
+
+    # MLM with the real tiny model
+    cfg = UniterConfig.tiny(vocab_size=paths.vocab_size)
+    model, head = Model(cfg), torch.nn.Linear(cfg.hidden_size, paths.vocab_size)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
+    stream, seen = iter(TaskLoader(MlmDataset(txt, img), 1024, num_workers=0)), []
+    for _ in range(250):
+        b = next(stream)
+        out = model(
+            b["input_ids"],
+            b["position_ids"],
+            b["img_feat"],
+            b["img_pos_feat"],
+            b["attn_masks"],
+            b["gather_index"],
+            output_all_encoded_layers=False,
+        )[:, : b["input_ids"].size(1)]
+        sel = b["txt_labels"] != -1
+        loss = torch.nn.functional.cross_entropy(head(out[sel]), b["txt_labels"][sel])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen.append(b["txt_labels"][sel])
+    model.eval()
+    vb = full(MlmDataset(val_txt, img))
+    with torch.no_grad():
+        out = model(
+            vb["input_ids"],
+            vb["position_ids"],
+            vb["img_feat"],
+            vb["img_pos_feat"],
+            vb["attn_masks"],
+            vb["gather_index"],
+            output_all_encoded_layers=False,
+        )[:, : vb["input_ids"].size(1)]
+    sel = vb["txt_labels"] != -1
+    acc = float((head(out[sel]).argmax(-1) == vb["txt_labels"][sel]).float().mean())
+    assert acc > _unigram_accuracy(torch.cat(seen), vb["txt_labels"][sel]) + 0.15
+
+    # MRC-kl: masked-region soft label from its context
+    train_b, val_b = full(MrcDataset(txt, img)), full(MrcDataset(val_txt, img))
+    probe = torch.nn.Linear(2048, 1601)
+    opt = torch.optim.AdamW(probe.parameters(), lr=3e-3)
+    x, y = _mrc_context(train_b), train_b["label_targets"]
+    for _ in range(300):
+        loss = torch.nn.functional.kl_div(torch.log_softmax(probe(x), -1), y, reduction="none").mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vy = val_b["label_targets"]
+    with torch.no_grad():
+        kl = torch.nn.functional.kl_div(torch.log_softmax(probe(_mrc_context(val_b)), -1), vy, reduction="none")
+    prior = torch.nn.functional.kl_div(y.mean(0, keepdim=True).log().expand_as(vy), vy, reduction="none")
+    assert float(kl.mean()) < 0.7 * float(prior.mean())
+
+    # ITM: bag of wordpieces x bag of regions
+    emb, proj = torch.nn.EmbeddingBag(paths.vocab_size, 64), torch.nn.Linear(2048, 64)
+    mlp = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 2))
+    opt = torch.optim.AdamW([*emb.parameters(), *proj.parameters(), *mlp.parameters()], lr=3e-3)
+
+    def logits(b):
+        n = b["num_bbs"][:, None, None].float()
+        t = emb(b["input_ids"])  # mean over the padded ids; pads (id 0) add one shared vector
+        return mlp(torch.cat([t, proj(b["img_feat"]).sum(1) / n], -1))
+
+    stream = iter(TaskLoader(ItmDataset(txt, img), 2048, num_workers=0))
+    for _ in range(400):
+        b = next(stream)
+        loss = torch.nn.functional.cross_entropy(logits(b), b["targets"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vb = full(ItmDataset(val_txt, img))
+    with torch.no_grad():
+        assert float((logits(vb).argmax(-1) == vb["targets"]).float().mean()) > 0.65

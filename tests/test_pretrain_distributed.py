@@ -54,22 +54,46 @@ def test_two_ranks_every_task(tmp_path, name, stage) -> None:
     assert os.path.isfile(os.path.join(str(tmp_path), "out", "pretrained", "model.safetensors"))
 
 
-def test_short_run_learns(tmp_path) -> None:
-    steps = 2400
+def _final_row(stdout: str, task: str) -> dict[str, float]:
+    """The row of ``task`` in the final metrics table, by column name."""
+    lines = stdout.splitlines()
+    header_at = next(i for i, line in enumerate(lines) if line.startswith("task "))
+    header = lines[header_at].replace("train loss", "train_loss").replace("val ", "val_").split()
+    row = next(line for line in lines[header_at:] if line.startswith(task)).split()
+    return {k: float(v) for k, v in zip(header[1:], row[1:]) if v != "-"}
 
+
+def test_mixed_run_lowers_mlm_mrfr_mrckl_losses(tmp_path) -> None:
     def edit(cfg: dict) -> None:
-        cfg.update(num_train_steps=steps, warmup_steps=100, learning_rate=1e-3, valid_steps=10**6, seed=7)
+        cfg.update(num_train_steps=600, warmup_steps=60, learning_rate=1e-3, seed=7)
         for spec in cfg["train_datasets"] + cfg["val_datasets"]:
             spec["tasks"] = ["itm", "mlm", "mrfr", "mrckl"]
-        cfg["train_datasets"][0]["mix_ratio"] = [4, 2, 1, 1]
+        cfg["train_datasets"][0]["mix_ratio"] = [2, 2, 1, 1]
 
-    cfg_path, ds_path = write_configs(str(tmp_path), steps=steps, edit=edit)
-    proc = run(launcher("python"), cfg_path, ds_path, timeout=1500)
+    cfg_path, ds_path = write_configs(str(tmp_path), steps=600, edit=edit)
+    proc = run(launcher("python"), cfg_path, ds_path)
     records = step_log(cfg_path)
-    for task in ("itm", "mlm", "mrfr", "mrckl"):
-        losses = [r["itm_loss" if task == "itm" else "loss"] for r in records if r["task"].startswith(task)]
-        first, last = np.mean(losses[:20]), np.mean(losses[-50:])
-        assert last < 0.9 * first, (task, first, last)
-    row = next(line for line in proc.stdout.splitlines() if line.startswith("itm_synth"))
-    itm_acc = float(row.split()[2])
-    assert itm_acc > 0.6, row
+    for task in ("mlm", "mrfr", "mrckl"):
+        losses = [r["loss"] for r in records if r["task"].startswith(task)]
+        first, last = np.mean(losses[:10]), np.mean(losses[-20:])
+        assert last < 0.85 * first, (task, first, last)
+        assert _final_row(proc.stdout, f"{task}_synth")["val_loss"] < 0.85 * first  # held-out data too
+
+
+def test_itm_run_learns_matching_and_alignment(tmp_path) -> None:
+    """ITM + WRA alone: on the bundled corpus the tiny model leaves its chance plateau after a few hundred ITM steps
+    (alongside MLM/MRM it stays there for thousands of steps, so this runs ITM alone)."""
+
+    def edit(cfg: dict) -> None:
+        cfg.update(num_train_steps=1500, warmup_steps=100, learning_rate=1e-3, seed=11)
+        for spec in cfg["train_datasets"] + cfg["val_datasets"]:
+            spec["tasks"] = ["itm"]
+        cfg["train_datasets"][0]["mix_ratio"] = [1]
+
+    cfg_path, ds_path = write_configs(str(tmp_path), steps=1500, edit=edit)
+    proc = run(launcher("python"), cfg_path, ds_path, timeout=1200)
+    itm = [r["itm_loss"] for r in step_log(cfg_path)]
+    assert np.mean(itm[-100:]) < 0.8 * np.mean(itm[:50]), (np.mean(itm[:50]), np.mean(itm[-100:]))
+    final = _final_row(proc.stdout, "itm_synth")
+    assert final["val_acc"] > 0.6, final
+    assert final["val_ot_pos"] < final["val_ot_neg"], final
