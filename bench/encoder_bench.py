@@ -18,7 +18,17 @@ import statistics
 from typing import Any, Callable, Optional
 
 import torch
-from harness import device_name, peak_memory, plot_grouped_bars, print_table, time_fn, write_json
+from harness import (
+    IMG_RANGE,
+    TXT_RANGE,
+    device_name,
+    peak_memory,
+    plot_grouped_bars,
+    print_table,
+    run_meta,
+    time_fn,
+    write_json,
+)
 from tqdm import tqdm
 
 from uniter_fast import Model, UniterConfig
@@ -27,8 +37,6 @@ from uniter_fast.model.attention import resolve_varlen_backend
 from uniter_fast.model.layout import joint_layout
 from uniter_fast.model.packed import pack_batch
 
-TXT_RANGE = (10, 60)
-IMG_RANGE = (10, 100)
 # Dense bf16/fp16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
@@ -62,18 +70,6 @@ def encoder_flops(config: UniterConfig, num_regions: int, seq_lens: torch.Tensor
     per_token = 2.0 * (4 * hidden * hidden + 2 * hidden * inter) * layers
     attention = 4.0 * hidden * layers * float((seq_lens.double() ** 2).sum())
     return embed + per_token * float(seq_lens.sum()) + attention
-
-
-def run_padded(model: Model, batch: dict[str, Any]) -> torch.Tensor:
-    return model(
-        batch["input_ids"],
-        batch["position_ids"],
-        batch["img_feat"],
-        batch["img_pos_feat"],
-        batch["attn_masks"],
-        batch["gather_index"],
-        output_all_encoded_layers=False,
-    )
 
 
 def step_fn(forward: Callable[[], torch.Tensor], train: bool) -> Callable[[], None]:
@@ -110,7 +106,7 @@ def bench_config(
     )
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in device_name(device)), None)
     paths: dict[str, Callable[[], torch.Tensor]] = {
-        "padded": lambda: run_padded(model, batch),
+        "padded": lambda: model.forward_batch(batch),
         "packed": lambda: model.forward_packed(packed),
     }
     rows = []
@@ -188,18 +184,7 @@ def main() -> None:
     print(f"\nencoder throughput on {device_name(device)}, {dtype}, batch {args.batch_size}, load {os.getloadavg()[0]}")
     columns = ["model", "mode", "path", "attention", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
     print_table(rows, columns + ["tflops", "mfu", "peak_mem_mb", "speedup", "max_speedup"])
-    meta = {
-        "dtype": str(dtype),
-        "batch_size": args.batch_size,
-        "txt_range": TXT_RANGE,
-        "img_range": IMG_RANGE,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "threads": torch.get_num_threads(),
-        "load_average_1min_at_end": os.getloadavg()[0],
-        "flops": "matmul FLOPs on valid tokens; train = 3x forward",
-    }
+    meta = run_meta(args, dtype, flops="matmul FLOPs on valid tokens; train = 3x forward")
     print(write_json("encoder_bench", device, rows, meta))
     groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("padded", "packed")}

@@ -15,6 +15,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# UNITER-shaped lengths (spec §3.2-3.3): text 10-60 tokens incl. [CLS]/[SEP], 10-100 regions per image.
+TXT_RANGE = (10, 60)
+IMG_RANGE = (10, 100)
 
 
 def device_name(device: torch.device) -> str:
@@ -70,6 +73,24 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def run_meta(args: Any, dtype: torch.dtype, **extra: Any) -> dict[str, Any]:
+    """The settings every encoder/step benchmark records: dtype, batch size, length ranges, warm-up, repeats, seed,
+    threads and the 1-minute load average at the end, plus ``extra``."""
+    meta = {
+        "dtype": str(dtype),
+        "batch_size": args.batch_size,
+        "txt_range": TXT_RANGE,
+        "img_range": IMG_RANGE,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "threads": torch.get_num_threads(),
+        "load_average_1min_at_end": os.getloadavg()[0],
+    }
+    meta.update(extra)
+    return meta
 
 
 def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -20,7 +20,17 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from harness import device_name, peak_memory, plot_grouped_bars, print_table, time_fn, write_json
+from harness import (
+    IMG_RANGE,
+    TXT_RANGE,
+    device_name,
+    peak_memory,
+    plot_grouped_bars,
+    print_table,
+    run_meta,
+    time_fn,
+    write_json,
+)
 from tqdm import tqdm
 
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM, IMG_POS_DIM, UniterConfig
@@ -29,8 +39,6 @@ from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.pretraining.optim import param_groups
 
 TASKS = ("mlm", "mrfr", "mrckl", "itm")
-TXT_RANGE = (10, 60)
-IMG_RANGE = (10, 100)
 MASK_PROB = 0.15
 
 
@@ -177,19 +185,7 @@ def main() -> None:
 
     print(f"\npretraining step, {args.config}, on {device_name(device)}, {dtype}, load {os.getloadavg()[0]}")
     print_table(rows, ["task", "path", "valid_tokens", "padded_tokens", "ms", "tokens_per_s", "peak_mem_mb", "speedup"])
-    meta = {
-        "config": args.config,
-        "dtype": str(dtype),
-        "batch_size": args.batch_size,
-        "txt_range": TXT_RANGE,
-        "img_range": IMG_RANGE,
-        "warmup": args.warmup,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "threads": torch.get_num_threads(),
-        "load_average_1min_at_end": os.getloadavg()[0],
-        "step": "zero_grad + forward + backward + AdamW step",
-    }
+    meta = run_meta(args, dtype, config=args.config, step="zero_grad + forward + backward + AdamW step")
     print(write_json("pretrain_bench", device, rows, meta))
     groups = [r["task"] for r in rows if r["path"] == "reference"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("reference", "fast")}

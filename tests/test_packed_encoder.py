@@ -50,16 +50,7 @@ def padded_batch(txt_lens: list[int], num_bbs: list[int], vocab: int, img_dim: i
 
 
 def padded_forward(model: Model, batch: dict[str, Any], all_layers: bool = False) -> Any:
-    return model(
-        batch["input_ids"],
-        batch["position_ids"],
-        batch["img_feat"],
-        batch["img_pos_feat"],
-        batch["attn_masks"],
-        batch["gather_index"],
-        img_masks=batch["img_masks"],
-        output_all_encoded_layers=all_layers,
-    )
+    return model.forward_batch(batch, img_masks=batch["img_masks"], output_all_encoded_layers=all_layers)
 
 
 def small_model(dtype: torch.dtype = torch.float32, dropout: float = 0.0, **overrides: Any) -> Model:

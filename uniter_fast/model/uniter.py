@@ -164,6 +164,26 @@ class UniterModel(nn.Module):
         check_varlen_backend(backend)
         self.packed_attention_backend = backend
 
+    def forward_batch(
+        self,
+        batch: dict[str, Any],
+        img_masks: Optional[torch.Tensor] = None,
+        output_all_encoded_layers: bool = False,
+    ) -> Union[list[torch.Tensor], torch.Tensor]:
+        """The padded forward on a collated batch dict (keys ``input_ids``, ``position_ids``, ``img_feat``,
+        ``img_pos_feat``, ``attn_masks``, ``gather_index``, as the data collates produce). Returns [B, L, H] (last
+        layer) or every layer's output."""
+        return self(
+            batch["input_ids"],
+            batch["position_ids"],
+            batch["img_feat"],
+            batch["img_pos_feat"],
+            batch["attn_masks"],
+            batch["gather_index"],
+            img_masks=img_masks,
+            output_all_encoded_layers=output_all_encoded_layers,
+        )
+
     def forward_packed(
         self, packed: dict[str, Any], output_all_encoded_layers: bool = False
     ) -> Union[list[torch.Tensor], torch.Tensor]:

@@ -83,16 +83,7 @@ class UniterForPretraining(nn.Module):
         """Last-layer output: [T, H] (packed) or [B, L, H] (padded)."""
         if self._uses_packed(batch):
             return self.uniter.forward_packed(batch["packed"])
-        return self.uniter(
-            batch["input_ids"],
-            batch["position_ids"],
-            batch["img_feat"],
-            batch["img_pos_feat"],
-            batch["attn_masks"],
-            batch["gather_index"],
-            img_masks=img_masks,
-            output_all_encoded_layers=False,
-        )
+        return self.uniter.forward_batch(batch, img_masks=img_masks)
 
     def _masked_text_rows(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM rows [M, H] and labels [M] (masked text tokens, row-major)."""
