@@ -17,14 +17,17 @@ from uniter_fast.data.padding import gather_index, joint_masks, ot_inputs, pad_1
 MRM_TASKS = ("mrfr", "mrc", "mrckl")
 
 
-def _base(items: list[dict[str, Any]]) -> dict[str, Any]:
+def joint_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The padded joint layout (interface 1) of ``items``: input_ids [B, Lt] (pad 0), position_ids [1, Lt], img_feat
+    [B, Nb, 2048] / img_pos_feat [B, Nb, 7] (pad 0), attn_masks and gather_index [B, L], txt_lens / num_bbs [B];
+    plus txt_type_ids [B, Lt] / img_type_ids [B, Nb] (pad 0) when the items carry them (NLVR2, VCR)."""
     if not items:
         raise ValueError("collate got an empty list of items")
     input_ids = pad_1d([it["input_ids"] for it in items], 0)
     txt_lens = torch.tensor([it["input_ids"].numel() for it in items], dtype=torch.int64)
     num_bbs = torch.tensor([it["img_feat"].size(0) for it in items], dtype=torch.int64)
     attn_masks = joint_masks(txt_lens, num_bbs)
-    return {
+    batch = {
         "input_ids": input_ids,
         "position_ids": torch.arange(input_ids.size(1), dtype=torch.int64)[None, :],
         "img_feat": pad_2d([it["img_feat"] for it in items]),
@@ -34,6 +37,10 @@ def _base(items: list[dict[str, Any]]) -> dict[str, Any]:
         "txt_lens": txt_lens,
         "num_bbs": num_bbs,
     }
+    for key in ("txt_type_ids", "img_type_ids"):
+        if items[0].get(key) is not None:
+            batch[key] = pad_1d([it[key] for it in items], 0)
+    return batch
 
 
 def _finish(batch: dict[str, Any], task: str) -> dict[str, Any]:
@@ -44,7 +51,7 @@ def _finish(batch: dict[str, Any], task: str) -> dict[str, Any]:
 
 def mlm_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """MLM batch: interface-1 keys + ``txt_labels`` int64 [B, Lt] (-1 = not masked / pad)."""
-    batch = _base(items)
+    batch = joint_batch(items)
     batch["txt_labels"] = pad_1d([it["txt_labels"] for it in items], -1)
     return _finish(batch, "mlm")
 
@@ -54,7 +61,7 @@ def mrm_collate(items: list[dict[str, Any]], task: str) -> dict[str, Any]:
     [M, 2048] and label_targets float32 [M, 1601] taken before the masked features are zeroed."""
     if task not in MRM_TASKS:
         raise ValueError(f"task must be one of {MRM_TASKS}, got {task!r}")
-    batch = _base(items)
+    batch = joint_batch(items)
     img_masks = pad_1d([it["img_mask"] for it in items], False)
     soft = pad_2d([it["soft_labels"] for it in items])
     batch["feat_targets"] = batch["img_feat"][img_masks]
@@ -80,7 +87,7 @@ def mrc_collate(items: list[dict[str, Any]], task: str = "mrckl") -> dict[str, A
 
 def itm_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """ITM batch: + ``targets`` int64 [B] (1 = match) and ``ot_inputs`` (see :func:`padding.ot_inputs`)."""
-    batch = _base(items)
+    batch = joint_batch(items)
     batch["targets"] = torch.tensor([int(it["target"]) for it in items], dtype=torch.int64)
     batch["ot_inputs"] = ot_inputs(
         batch["txt_lens"],

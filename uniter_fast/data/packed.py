@@ -13,7 +13,8 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
 
     Returns txt_ids / txt_position_ids / txt_index int64 [Σt], img_feat float32 [Σn, 2048], img_pos_feat [Σn, 7],
     img_index int64 [Σn], img_masks bool [Σn] (MRM only), cu_seqlens int32 [B+1], max_seqlen int, cls_index [B],
-    and mlm_index / mlm_labels [M] (MLM) or mrm_index [M] (MRM), in the row-major order of the padded masks.
+    and mlm_index / mlm_labels [M] (MLM) or mrm_index [M] (MRM), in the row-major order of the padded masks;
+    txt_type_ids [Σt] / img_type_ids [Σn] when the batch has them (NLVR2, VCR).
     """
     txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
     max_txt, max_bb = batch["input_ids"].size(1), batch["img_feat"].size(1)
@@ -44,6 +45,9 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
         selected = batch["txt_labels"] != -1
         packed["mlm_index"] = txt_pos[selected]
         packed["mlm_labels"] = batch["txt_labels"][selected]
+    for key, valid in (("txt_type_ids", txt_valid), ("img_type_ids", img_valid)):
+        if batch.get(key) is not None:
+            packed[key] = batch[key][valid]
     return packed
 
 

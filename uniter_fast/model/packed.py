@@ -32,13 +32,15 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
     Args:
         batch: ``input_ids`` [B, Lt] int64, ``position_ids`` [1 or B, Lt] int64, ``img_feat`` [B, Nb, 2048] float,
             ``img_pos_feat`` [B, Nb, 7] float, ``txt_lens`` [B] and ``num_bbs`` [B] int64; optional ``img_masks``
-            [B, Nb] bool (MRM) and ``txt_labels`` [B, Lt] int64 (MLM, -1 where not masked).
+            [B, Nb] bool (MRM), ``txt_labels`` [B, Lt] int64 (MLM, -1 where not masked), ``txt_type_ids`` [B, Lt]
+            and ``img_type_ids`` [B, Nb] int64 (NLVR2 / VCR type embeddings).
 
     Returns:
         dict with ``txt_ids`` [St], ``txt_position_ids`` [St], ``img_feat`` [Sn, 2048], ``img_pos_feat`` [Sn, 7],
         ``txt_index`` [St] / ``img_index`` [Sn] (packed positions), ``cu_seqlens`` [B+1] int32, ``max_seqlen`` int,
         ``cls_index`` [B]; plus ``img_masks`` [Sn] bool and ``mrm_index`` [M] with MRM inputs, ``mlm_index`` [M] and
-        ``mlm_labels`` [M] with MLM labels. St = sum t_i, Sn = sum n_i; index tensors are int64.
+        ``mlm_labels`` [M] with MLM labels, ``txt_type_ids`` [St] / ``img_type_ids`` [Sn] when given. St = sum t_i,
+        Sn = sum n_i; index tensors are int64.
     """
     for key in ("input_ids", "position_ids", "img_feat", "img_pos_feat", "txt_lens", "num_bbs"):
         if key not in batch:
@@ -89,6 +91,9 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
         selected = (batch["txt_labels"] != -1) & txt_valid
         packed["mlm_index"] = txt_position[selected]
         packed["mlm_labels"] = batch["txt_labels"][selected]
+    for key, valid in (("txt_type_ids", txt_valid), ("img_type_ids", img_valid)):
+        if batch.get(key) is not None:
+            packed[key] = batch[key][valid]
     return packed
 
 
@@ -136,9 +141,12 @@ def check_packed(packed: dict[str, Any], img_dim: int, check_values: bool) -> No
 
 def packed_embeddings(model: torch.nn.Module, packed: dict[str, Any]) -> torch.Tensor:
     """Embeddings of the valid tokens only: [T, H] in the parameter dtype, text and regions at their packed
-    positions (``txt_index`` / ``img_index``). ``model`` is a :class:`~uniter_fast.model.uniter.UniterModel`."""
-    txt_emb = model.embeddings(packed["txt_ids"], packed["txt_position_ids"])
-    img_emb = model._compute_img_embeddings(packed["img_feat"], packed["img_pos_feat"], packed.get("img_masks"), None)
+    positions (``txt_index`` / ``img_index``), with the type ids of ``txt_type_ids`` / ``img_type_ids`` when given
+    (defaults 0 / 1). ``model`` is a :class:`~uniter_fast.model.uniter.UniterModel`."""
+    txt_emb = model.embeddings(packed["txt_ids"], packed["txt_position_ids"], packed.get("txt_type_ids"))
+    img_emb = model._compute_img_embeddings(
+        packed["img_feat"], packed["img_pos_feat"], packed.get("img_masks"), packed.get("img_type_ids")
+    )
     positions = torch.cat([packed["txt_index"], packed["img_index"]])
     order = torch.empty_like(positions).scatter_(0, positions, torch.arange(positions.numel(), device=positions.device))
     return torch.cat([txt_emb, img_emb.to(txt_emb.dtype)]).index_select(0, order)

@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniter_fast.config import IMG_LABEL_DIM, UniterConfig
-from uniter_fast.model import Model
-from uniter_fast.model.uniter import init_uniter_weights
+from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.heads import BertOnlyMLMHead, RegionClassification, RegionFeatureRegression
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -38,7 +37,7 @@ def _require(batch: dict, keys: tuple[str, ...], task: str) -> None:
         raise ValueError(f"batch for task {task!r} lacks the keys {missing}")
 
 
-class UniterForPretraining(nn.Module):
+class UniterForPretraining(UniterPreTrainedModel):
     """UNITER with its pretraining heads; ``state_dict`` keys are the original ones (``uniter.*``, ``cls.*``,
     ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``; the tied tensors appear under both names)."""
 
@@ -50,16 +49,12 @@ class UniterForPretraining(nn.Module):
         itm_ot_lambda: float = 0.1,
         ot_settings: Optional[dict[str, Any]] = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.uniter = Model(config)
+        super().__init__(config, fast)
         self.cls = BertOnlyMLMHead(config, self.uniter.embeddings.word_embeddings.weight)
         self.feat_regress = RegionFeatureRegression(config, self.uniter.img_embeddings.img_linear.weight)
         self.region_classifier = RegionClassification(config, img_label_dim)
         self.itm_output = nn.Linear(config.hidden_size, 2)
-        for head in (self.cls, self.feat_regress, self.region_classifier, self.itm_output):
-            head.apply(lambda m: init_uniter_weights(m, config.initializer_range))
-        self.fast = fast
+        self.init_head_weights(self.cls, self.feat_regress, self.region_classifier, self.itm_output)
         self.itm_ot_lambda = itm_ot_lambda
         self.ot_settings = {"beta": 0.5, "iteration": 50, "k": 1, **(ot_settings or {})}
 
@@ -75,16 +70,7 @@ class UniterForPretraining(nn.Module):
         """The loss / OT backend this mode uses: ``"auto"`` when fast, else ``"reference"``."""
         return "auto" if self.fast else "reference"
 
-    # ------------------------------------------------------------------ encoder
-    def _uses_packed(self, batch: dict) -> bool:
-        return self.fast and "packed" in batch and hasattr(self.uniter, "forward_packed")
-
-    def _encode(self, batch: dict, img_masks: Optional[torch.Tensor]) -> torch.Tensor:
-        """Last-layer output: [T, H] (packed) or [B, L, H] (padded)."""
-        if self._uses_packed(batch):
-            return self.uniter.forward_packed(batch["packed"])
-        return self.uniter.forward_batch(batch, img_masks=img_masks)
-
+    # ------------------------------------------------------------------ readouts (encoder choice: base class)
     def _masked_text_rows(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM rows [M, H] and labels [M] (masked text tokens, row-major)."""
         if sequence_output.dim() == 2:
@@ -99,12 +85,6 @@ class UniterForPretraining(nn.Module):
         if sequence_output.dim() == 2:
             return sequence_output[batch["packed"]["mrm_index"]]
         return sequence_output[batch["img_mask_tgt"]]
-
-    def _pooled(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
-        """Pooled [CLS] output [B, H]."""
-        if sequence_output.dim() == 2:
-            return self.uniter.pooler(sequence_output[batch["packed"]["cls_index"]].unsqueeze(1))
-        return self.uniter.pooler(sequence_output)
 
     def _ot_embeddings(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text [B, Lt, H] and image [B, Nb, H] parts of the output, zero at pads (text includes [CLS]/[SEP])."""
