@@ -246,15 +246,15 @@ def _build(task, annotations, features, gt_features, ans2label_path, base, toker
     keys, gt_keys = set(), set()
     for where, raw in records:
         img = field(raw, "images", list, where) if task == "nlvr2" else [field(raw, "image", str, where)]
-        keys.update(str(x) for x in img)
+        keys.update(image_key(str(x)) for x in img)
         if task == "vcr":
-            gt_keys.add(str(raw.get("gt_image", img[0])))
+            gt_keys.add(image_key(str(raw.get("gt_image", img[0]))))
     with img_w:
-        _write_npz_dir(features, img_w, {k: image_key(k) for k in keys})
+        _write_npz_dir(features, img_w, {k: k for k in keys})
     gt_names: set[str] = set()
     if gt_w is not None:
         with gt_w:
-            gt_names = set(_write_npz_dir(gt_features, gt_w, {k: image_key(k) for k in gt_keys}))
+            gt_names = set(_write_npz_dir(gt_features, gt_w, {k: k for k in gt_keys}))
     ans2label = None
     if task == "vqa":
         ans2label = (

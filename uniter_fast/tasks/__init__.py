@@ -3,6 +3,7 @@ names that ``finetune.py --task`` and ``evaluate.py --task`` take to their :clas
 
 from __future__ import annotations
 
+from uniter_fast.tasks.nlvr2 import Nlvr2Task
 from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.ve import VeTask
 from uniter_fast.tasks.vqa import VqaTask
@@ -10,6 +11,7 @@ from uniter_fast.tasks.vqa import VqaTask
 TASKS: dict[str, Task] = {
     "vqa": VqaTask(),
     "ve": VeTask(),
+    "nlvr2": Nlvr2Task(),
 }
 
 

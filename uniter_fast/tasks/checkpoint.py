@@ -113,7 +113,14 @@ def load_task_model(
     model = task.build_model(model_config, options, fast)
     if finetuned:
         load_strict(model, state, checkpoint)
-        task.prepare_model(model, options)  # no-op when the tables already have the task's size
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        task.prepare_model(model, options)  # a fine-tuned model's tables already have the task's sizes
+        grown = sorted(k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape))
+        if grown:
+            raise ValueError(
+                f"{checkpoint}: a fine-tuned {task.name} checkpoint must hold the task's embedding "
+                f"tables, but {grown} have the pretrained sizes {[shapes[k] for k in grown]}"
+            )
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
     load_encoder(model, state, checkpoint)
