@@ -4,6 +4,7 @@ names that ``finetune.py --task`` and ``evaluate.py --task`` take to their :clas
 from __future__ import annotations
 
 from uniter_fast.tasks.nlvr2 import Nlvr2Task
+from uniter_fast.tasks.re import ReTask
 from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.ve import VeTask
 from uniter_fast.tasks.vqa import VqaTask
@@ -12,6 +13,7 @@ TASKS: dict[str, Task] = {
     "vqa": VqaTask(),
     "ve": VeTask(),
     "nlvr2": Nlvr2Task(),
+    "re": ReTask(),
 }
 
 

@@ -93,6 +93,7 @@ def load_task_model(
     """The task model initialised from ``checkpoint`` (None: fresh, from ``config``), and the options completed by
     the checkpoint (head-fixed options win over ``options``, with a warning when they differ)."""
     overrides = dict(config_overrides or {})
+    options = {**task.options, **options}  # the task's defaults for options not given
     if checkpoint is None:
         base = resolve_model_config(config)
         model = task.build_model(UniterConfig.from_dict({**base.to_dict(), **overrides}), options, fast)
