@@ -6,6 +6,8 @@ from __future__ import annotations
 from uniter_fast.tasks.nlvr2 import Nlvr2Task
 from uniter_fast.tasks.re import ReTask
 from uniter_fast.tasks.spec import Task
+from uniter_fast.tasks.vcr import VcrTask
+from uniter_fast.tasks.vcr_pretrain import VcrPretrainTask
 from uniter_fast.tasks.ve import VeTask
 from uniter_fast.tasks.vqa import VqaTask
 
@@ -14,6 +16,8 @@ TASKS: dict[str, Task] = {
     "ve": VeTask(),
     "nlvr2": Nlvr2Task(),
     "re": ReTask(),
+    "vcr": VcrTask(),
+    "vcr_pretrain": VcrPretrainTask(),
 }
 
 
