@@ -4,6 +4,7 @@ layout and errors, accuracy / consistency on hand-computed cases, and learning o
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ from tests.tasks_helpers import (
     tiny_config,
 )
 from tests.test_tasks_vqa import _npz_dir, _vocab
-from uniter_fast.data import TxtTokLmdb
+from uniter_fast.data import TxtDbWriter, TxtTokLmdb
 from uniter_fast.data.build import main as build_main
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.tasks import get_task
@@ -234,7 +235,7 @@ def test_dataset_layout_and_an_example_without_two_images(tmp_path) -> None:
         {"identifier": "dev-0-1-0", "images": ["c", "a.npz"], "sentence": "what cup", "label": "False"},
     ]
     ann = tmp_path / "nlvr2.jsonl"
-    ann.write_text("\n".join(__import__("json").dumps(x) for x in lines))
+    ann.write_text("\n".join(json.dumps(x) for x in lines))
     args = [
         "--task",
         "nlvr2",
@@ -258,8 +259,13 @@ def test_dataset_layout_and_an_example_without_two_images(tmp_path) -> None:
     n0, n1 = img.name2nbb["a.npz"], img.name2nbb["b.npz"]
     assert item["img_type_ids"].tolist() == [1] * n0 + [2] * n1 and item["img_feat"].shape == (n0 + n1, 2048)
     assert triplet.lens[0] * 1 + txt.id2len["dev-0-0-0"] == paired.lens[0]
+    meta = json.load(open(tmp_path / "db" / "txt" / "meta.json"))
+    with TxtDbWriter(str(tmp_path / "bad"), meta) as writer:  # a db from elsewhere, with a one-image example
+        writer.add("dev-9-0-0", [5, 6], ["a.npz"], target=1)
+    with pytest.raises(DataError, match=r"bad.*NLVR2 example 'dev-9-0-0' needs two images in 'img_fname'"):
+        Nlvr2Dataset(TxtTokLmdb(str(tmp_path / "bad")), img, paired=True)
     lines[0]["images"] = ["a"]
-    ann.write_text("\n".join(__import__("json").dumps(x) for x in lines))
+    ann.write_text("\n".join(json.dumps(x) for x in lines))
     with pytest.raises(DataError, match=r"nlvr2.jsonl line 1: field 'images' must hold exactly two image names"):
         build_main([*args, "--out", str(tmp_path / "db2")])
 
@@ -275,7 +281,7 @@ def test_learns_a_subset_of_the_bundled_set() -> None:
     torch.manual_seed(0)
     net = MODELS["paired-attn"](tiny_config())
     get_task("nlvr2").prepare_model(net, {})
-    losses = learn_subset(net, dataset, examples=48, steps=200)
+    losses = learn_subset(net, dataset, examples=48, steps=200, batch=8)
     batch = dataset.collate([dataset[i] for i in range(48)])
     with torch.no_grad():
         accuracy = float((net(batch, compute_loss=False)["scores"].argmax(1) == batch["targets"]).float().mean())

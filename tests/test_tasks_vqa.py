@@ -268,3 +268,11 @@ def test_bundled_questions_need_the_image() -> None:
     ambiguous = {q.split()[0] + " " + q.split()[1] for q, a in answers.items() if len(a) > 1}
     assert ambiguous == kinds
     assert os.path.isfile(os.path.join(resolve_bundled("bundled:vqa/txt_train"), "ans2label.json"))
+
+
+def test_a_head_with_the_wrong_number_of_answers_is_refused(tmp_path) -> None:
+    state = model(num_answers=11).state_dict()
+    torch.save(state, tmp_path / "vqa11.pt")
+    options = {"ans2label_table": {"yes": 0, "no": 1, "two": 2, "red": 3}, "num_answers": 4}
+    with pytest.raises(ValueError, match="the model has 11 answers but ans2label has 4"):
+        load_task_model(get_task("vqa"), str(tmp_path / "vqa11.pt"), options)

@@ -226,7 +226,19 @@ def build_task_dbs(
     return report
 
 
-def _build(task, annotations, features, gt_features, ans2label_path, base, toker, name, tmp, box_settings) -> dict:
+def _build(
+    task: str,
+    annotations: str,
+    features: str,
+    gt_features: Optional[str],
+    ans2label_path: Optional[str],
+    base: int,
+    toker: WordPiece,
+    name: str,
+    tmp: str,
+    box_settings: tuple[float, int, int, int],
+) -> dict[str, Any]:
+    """The body of :func:`build_task_dbs`, writing into ``tmp``."""
     img_w = ImgDbWriter(os.path.join(tmp, "img"), *box_settings)
     gt_w = ImgDbWriter(os.path.join(tmp, "img_gt"), conf_th=-1, num_bb=100) if gt_features else None
     if task == "re":

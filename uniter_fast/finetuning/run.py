@@ -25,7 +25,7 @@ def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def check_vocab(dbs: DbCache, model: Any) -> None:
     """``ValueError`` when a text db's vocabulary is larger than the model's word table."""
-    used = max(int(db.v_range[1]) for db in dbs._txt.values())
+    used = max(int(db.v_range[1]) for db in dbs.opened_txt_dbs())
     if used > model.config.vocab_size:
         raise ValueError(f"model vocab_size {model.config.vocab_size} is smaller than the text dbs' vocabulary {used}")
 

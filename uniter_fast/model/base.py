@@ -10,6 +10,7 @@ VCR do (written once here; the original repeats them in five classes).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -24,6 +25,7 @@ class UniterPreTrainedModel(nn.Module):
 
     def __init__(self, config: UniterConfig, fast: bool = False) -> None:
         super().__init__()
+        config = dataclasses.replace(config)  # a copy: growing the tables updates it, not the caller's
         self.config = config
         self.uniter = Model(config)
         self.fast = fast

@@ -45,6 +45,10 @@ class DbCache:
                 self._img[key] = DetectFeatLmdb(path, s.conf_th, s.max_bb, s.min_bb, s.num_bb)
         return self._img[key]
 
+    def opened_txt_dbs(self) -> list[TxtTokLmdb]:
+        """Every txt_db opened so far."""
+        return list(self._txt.values())
+
     def txt(self, cls: type, path: str, training: bool, **kwargs: Any) -> TxtTokLmdb:
         """A ``cls`` (TxtTokLmdb or a task subclass) over ``path``: the ``max_txt_len`` filter for training, none for
         evaluation (as the original scripts)."""
