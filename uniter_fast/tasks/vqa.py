@@ -126,6 +126,11 @@ def soft_score(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def read_ans2label(txt_path: str) -> dict[str, int]:
     """The answer vocabulary stored with a VQA/VE txt_db; labels must be 0..N-1."""
     path = os.path.join(txt_path, ANS2LABEL)
+    if not os.path.isfile(path):
+        raise DataError(
+            f"{path} is missing: give the answer vocabulary with the 'ans2label' option (a JSON path; the original "
+            "keeps it in utils/ans2label.json), or build the db with python -m uniter_fast.data.build --task vqa"
+        )
     ans2label = read_json(path)
     if sorted(ans2label.values()) != list(range(len(ans2label))):
         raise DataError(f"{path}: labels must be 0..{len(ans2label) - 1}, each once")

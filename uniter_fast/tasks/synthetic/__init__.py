@@ -30,7 +30,7 @@ from uniter_fast.tasks.synthetic.text import extend_vocab, texts_of
 from uniter_fast.tasks.synthetic.vcr import vcr_annotations
 from uniter_fast.tasks.synthetic.vqa_ve import VQA_ANSWERS, ve_annotations, vqa_annotations
 
-TASK_SETS_VERSION = "tasks-v1"
+TASK_SETS_VERSION = "tasks-v2"
 IMAGES = {"train": 1200, "val": 150, "test": 150}
 PER_IMAGE = {"train": 3, "val": 2, "test": 2}
 NLVR2_SENTENCES = {"train": 1500, "val": 150, "test": 150}
@@ -43,6 +43,8 @@ def _annotations(scenes: list[Scene], seed: int) -> dict[str, dict[str, object]]
     out: dict[str, dict[str, object]] = {t: {} for t in ("vqa", "ve", "nlvr2", "re", "vcr")}
     for n, split in enumerate(IMAGES):
         part = [s for s in scenes if s.split == split]
+        if not part:
+            continue
 
         def rng(task: int, split_id: int = n) -> np.random.Generator:
             return np.random.default_rng([seed, 200 + task, split_id])

@@ -4,10 +4,11 @@ VQA asks about colours, counts, presence, spatial relations and the place; the q
 only the image holds the answer (text alone gives at best the answer type's most common answer). Counts get VQA-like
 soft scores: the true count 1.0, its neighbours 0.3 (annotators who miscounted).
 
-VE hypotheses are true or false statements about the image (a coloured object, a count, a relation). Entailment:
-a true statement. Contradiction: a false one (a wrong colour, count or relation, or an absent object). Neutral: a
-true statement with an added clause the image cannot settle ("and it is new"). Half of the contradictions carry such
-a clause too, so the clause alone does not give the label (text-only accuracy is at most 2/3).
+VE hypotheses are true or false statements about the image (a coloured object, a count, a relation, the place).
+Entailment: a true statement. Contradiction: a false one (a wrong colour, count, relation or place, or an absent
+object). Neutral: a true statement with an added clause the image cannot settle ("and it is new"). Half of the
+contradictions carry such a clause too, so the clause alone does not give the label (text-only accuracy is at most
+about 2/3: entailment without a clause, neutral with one).
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ def vqa_annotations(scenes: list[Scene], rng: np.random.Generator, per_image: in
 
 def _statement(rng: np.random.Generator, scene: Scene, true: bool) -> tuple[str, str]:
     """(statement without its final " .", subject pronoun) that is true / false of ``scene``."""
-    kind = int(rng.integers(3))
+    kind = int(rng.integers(4))
+    if kind == 3:
+        place = scene.scene if true else _pick(rng, sorted(set(SCENES) - {scene.scene}))
+        return f"this is {_a(place)} {place}", "it"
     if kind == 0:
         obj = _pick(rng, scene.objects)
         if true:
