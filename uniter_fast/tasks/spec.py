@@ -33,6 +33,10 @@ class Task:
     """Names of the per-batch sums of :meth:`eval_batch`, reduced over ranks in this order."""
     headline = ""
     """The metric the final table leads with."""
+    grows_loaded_heads = False
+    """True when a checkpoint with the head keys may still have the pretrained table sizes and is grown after the
+    strict load (the VCR second stage starts from pretraining exports, heads included); otherwise such a
+    checkpoint must already hold the task's tables."""
 
     # ------------------------------------------------------------------ options and model
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class VcrPretrainTask(Task):
 
     name = "vcr_pretrain"
     heads = ("cls", "feat_regress", "region_classifier", "itm_output")
+    grows_loaded_heads = True  # uniter-base.pt / a pretraining export: every key loads, then the tables grow
     options = {"tasks": ["mlm", "mrfr", "mrckl"], "mix_ratio": [2, 1, 1], "mrm_prob": MASK_PROB}
 
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:

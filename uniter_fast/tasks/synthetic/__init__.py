@@ -30,7 +30,7 @@ from uniter_fast.tasks.synthetic.text import extend_vocab, texts_of
 from uniter_fast.tasks.synthetic.vcr import vcr_annotations
 from uniter_fast.tasks.synthetic.vqa_ve import VQA_ANSWERS, ve_annotations, vqa_annotations
 
-TASK_SETS_VERSION = "tasks-v2"
+TASK_SETS_VERSION = "tasks-v3"
 IMAGES = {"train": 1200, "val": 150, "test": 150}
 PER_IMAGE = {"train": 3, "val": 2, "test": 2}
 NLVR2_SENTENCES = {"train": 1500, "val": 150, "test": 150}
