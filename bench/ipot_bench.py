@@ -88,7 +88,13 @@ def backends_to_time(device: torch.device, compile_reference: bool) -> dict[str,
 
 
 def itm_ot_share(
-    device: torch.device, preset: str = "base", batch: int = 128, m: int = 62, n: int = 100
+    device: torch.device,
+    preset: str = "base",
+    batch: int = 128,
+    m: int = 62,
+    n: int = 100,
+    warmup: int = 3,
+    repeats: int = 10,
 ) -> dict[str, float]:
     """Seconds of an ITM step (UNITER forward + backward, bf16 autocast) with and without OT, and OT's share."""
     from uniter_fast import Model, UniterConfig
@@ -118,8 +124,8 @@ def itm_ot_share(
             loss = loss + 0.1 * (dist[targets == 1].sum() - dist[targets == 0].sum()) / batch
         loss.backward()
 
-    with_ot = time_fn(lambda: step(True), device, warmup=3, repeats=10)
-    without = time_fn(lambda: step(False), device, warmup=3, repeats=10)
+    with_ot = time_fn(lambda: step(True), device, warmup=warmup, repeats=repeats)
+    without = time_fn(lambda: step(False), device, warmup=warmup, repeats=repeats)
     return {"step_with_ot_s": with_ot, "step_without_ot_s": without, "ot_share": (with_ot - without) / with_ot}
 
 
