@@ -237,22 +237,16 @@ def deepspeed_run(device: torch.device, quick: bool, out: str) -> tuple[list[dic
         losses.append(entry["loss"])
     rows = [{"task": task, **metrics} for task, metrics in results.items()]
     finite = all(math.isfinite(e["loss"]) for e in log)
-    mlm = next((v for t, v in curves.items() if t.startswith("mlm")), None)
-    fell = (
-        mlm is not None and len(mlm[1]) >= 4 and _mean(mlm[1][-len(mlm[1]) // 4 :]) < _mean(mlm[1][: len(mlm[1]) // 4])
-    )
+    mlm_losses = next((v[1] for t, v in curves.items() if t.startswith("mlm")), [])
+    quarter = len(mlm_losses) // 4
+    fell = quarter > 0 and _mean(mlm_losses[-quarter:]) < _mean(mlm_losses[:quarter])
     import deepspeed
 
     figure = f"{len(log)} steps in {seconds:.0f} s (DeepSpeed {deepspeed.__version__}), finite losses: {finite}"
-    figure += f", MLM loss fell: {fell}"
-    goals = [
-        _goal(
-            "DeepSpeed ZeRO-2 bf16 run of the bundled default",
-            "finishes, losses finite, MLM falls",
-            figure,
-            finite and fell,
-        )
-    ]
+    target = "finishes, losses finite" + ("" if quick else ", MLM falls")
+    if not quick:  # a dry run is too short to see a trend
+        figure += f", MLM loss fell: {fell}"
+    goals = [_goal("DeepSpeed ZeRO-2 bf16 run of the bundled default", target, figure, finite and (fell or quick))]
     goals[0]["kind"] = "correctness"
     title = f"deepspeed uniter_fast/pretrain.py --ds_config ds.json --num_train_steps {steps} on {device}"
     plot_curves(curves, os.path.join(out, "deepspeed.png"), title)
