@@ -263,13 +263,16 @@ def perturbed(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Mo
     return model
 
 
+HALF_ONLY = ("sdpa_nested", "torch_varlen", "flash_torch", "flash_attn")
+
+
 def varlen_backends(device: torch.device, dtype: torch.dtype) -> tuple[list[str], list[str]]:
     """(backends to compare on ``device`` at ``dtype``, reasons for those left out)."""
     names, missing = [], []
     for name in VARLEN_ATTENTION:
         if name in CUDA_ONLY_BACKENDS and device.type != "cuda":
             continue
-        if device.type == "cuda" and dtype == torch.float32 and name in ("sdpa_nested", "torch_varlen", "flash_attn"):
+        if device.type == "cuda" and dtype == torch.float32 and name in HALF_ONLY:
             continue  # half-precision kernels only (the selector never picks them for fp32)
         if name == "flash_attn" and not flash_attn_available():
             missing.append("flash_attn: the flash-attn package is not installed")
@@ -343,6 +346,78 @@ def check_encoder(device: torch.device, quick: bool) -> list[Check]:
     return rows
 
 
+def check_attention_dropout(device: torch.device, quick: bool) -> list[Check]:
+    """Attention dropout on every varlen backend that has it (fp32 on CPU, bf16 on CUDA), against the eager math.
+
+    With one-hot values (v[t, h] = e_position, head dim ≥ the longest sequence) the forward output *is* the dropped-
+    out attention matrix A of each sequence, so the backward can be checked exactly against that same draw:
+    grad_v must equal Aᵀ·grad_out (the backward regenerated the forward's mask). Also: the mean of many draws
+    approaches the dropout-free output (no worse than twice the eager path's deviation for as many draws), and two
+    draws differ.
+    """
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype_name = "bf16" if dtype == torch.bfloat16 else "fp32"
+    lengths, heads, dim, draws = ([9, 16, 3, 5], 2, 16, 50) if quick else ([37, 64, 5, 20], 2, 64, 400)
+    p = 0.1
+    generator = torch.Generator().manual_seed(6)
+    total = sum(lengths)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths).cumsum(0)
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    one_hot = torch.zeros(total, heads, dim)
+    one_hot[torch.arange(total), :, positions] = 1.0
+    q, k = (torch.randn(total, heads, dim, generator=generator).to(device, dtype) for _ in range(2))
+    v = one_hot.to(device, dtype)
+    upstream = torch.randn(total, heads, dim, generator=generator).to(device, dtype)
+    names, _ = varlen_backends(device, dtype)
+    names = [n for n in names if n != "torch_varlen"]  # no dropout there (it refuses)
+    from uniter_fast.model.attention import VarlenBatch
+
+    def batch_for(name: str) -> VarlenBatch:
+        return VarlenBatch(cu.to(device), max(lengths), name)
+
+    clean = VARLEN_ATTENTION["eager"](q.float(), k.float(), v.float(), batch_for("eager"), 0.0)
+    mean_eager = torch.stack([VARLEN_ATTENTION["eager"](q, k, v, batch_for("eager"), p).float() for _ in range(draws)])
+    eager_deviation = rel_err(mean_eager.mean(0), clean)
+    rows = []
+    case = f"lengths {lengths} p={p}"
+    for name in names:
+        fn, batch = VARLEN_ATTENTION[name], batch_for(name)
+        v_leaf = v.clone().requires_grad_(True)
+        out = fn(q, k, v_leaf, batch, p)
+        out.backward(upstream)
+        grad_expected = torch.zeros(total, heads, dim, device=device)
+        for start, n in zip(cu[:-1].tolist(), lengths):
+            attn = out[start : start + n, :, :n].float().transpose(0, 1)  # [heads, n(query), n(key)]
+            grad = upstream[start : start + n].float().transpose(0, 1)  # [heads, n, dim]
+            grad_expected[start : start + n] = (attn.transpose(1, 2) @ grad).transpose(0, 1)
+        rows.append(
+            compare(
+                "attention_dropout",
+                case,
+                dtype_name,
+                f"{name}: grad v vs this draw",
+                v_leaf.grad,
+                grad_expected,
+                FP32_GRAD_TOL if dtype == torch.float32 else 3 * LOW_PRECISION_TOL,  # a wrong mask: ~sqrt(2p) = 45%
+            )
+        )
+        mean = torch.stack([fn(q, k, v, batch, p).float() for _ in range(draws)]).mean(0)
+        deviation = rel_err(mean, clean)
+        tol = 2 * eager_deviation + (1e-3 if dtype == torch.float32 else 1e-2)
+        note = f"eager over {draws} draws: {eager_deviation:.2e}"
+        rows.append(
+            Check(
+                "attention_dropout", case, dtype_name, f"{name}: mean of draws", deviation, tol, deviation <= tol, note
+            )
+        )
+        differ = not torch.equal(fn(q, k, v, batch, p), fn(q, k, v, batch, p))
+        rows.append(
+            Check("attention_dropout", case, dtype_name, f"{name}: draws differ", 0.0 if differ else 1.0, 0.0, differ)
+        )
+    return rows
+
+
 def cast_features(batch: dict[str, Any], model: torch.nn.Module) -> dict[str, Any]:
     """``batch`` with its float features in the model's parameter dtype (as a bf16 data pipeline delivers them)."""
     dtype = next(model.parameters()).dtype
@@ -402,5 +477,6 @@ CHECKS: dict[str, Callable[[torch.device, bool], list[Check]]] = {
     "ot_backends": check_ot_backends,
     "losses": check_losses,
     "encoder": check_encoder,
+    "attention_dropout": check_attention_dropout,
     "steps": check_steps,
 }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from batches import random_batch
@@ -64,10 +64,13 @@ def bench_config(
     device: torch.device,
     dtype: torch.dtype,
     generator: torch.Generator,
+    packed_backends: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
     """Rows (padded, packed) x ``modes`` ("forward", "train") for the model preset ``name`` on one random batch of
     ``batch_size`` UNITER-shaped examples: median time, valid tokens/s, TFLOP/s, MFU (on GPUs of known peak), peak
-    memory, the packed path's speedup and the bound that skipping padding allows."""
+    memory, the packed path's speedup and the bound that skipping padding allows. ``packed`` uses the backend that
+    ``"auto"`` selects; each of ``packed_backends`` adds a row ``packed:<backend>`` with that backend forced (skipped
+    in training when the backend has no dropout)."""
     config = UniterConfig.preset(name)
     model = Model(config).to(device=device, dtype=dtype)
     model.check_inputs = False
@@ -91,7 +94,12 @@ def bench_config(
         model.train(mode == "train")  # training: dropout on, as in pretraining
         dropout = config.attention_probs_dropout_prob if mode == "train" else 0.0
         packed_backend = resolve_varlen_backend(model.packed_attention_backend, device, dtype, dropout)
-        steps = {path: step_fn(forward, mode == "train") for path, forward in paths.items()}
+        forced = {
+            f"packed:{b}": forced_backend(model, packed, b)
+            for b in packed_backends
+            if dropout == 0 or b not in NO_DROPOUT
+        }
+        steps = {path: step_fn(forward, mode == "train") for path, forward in {**paths, **forced}.items()}
         times = interleaved_medians(steps, device, warmup, repeats)
         for path, seconds in times.items():
             flops = useful * (3.0 if mode == "train" else 1.0)
@@ -100,7 +108,7 @@ def bench_config(
                     "model": name,
                     "mode": mode,
                     "path": path,
-                    "attention": config.attention_backend if path == "padded" else packed_backend,
+                    "attention": {"padded": config.attention_backend, "packed": packed_backend}.get(path, path[7:]),
                     "batch": batch_size,
                     "valid_tokens": valid_tokens,
                     "padded_tokens": batch_size * padded_len,
@@ -115,6 +123,23 @@ def bench_config(
             )
             model.zero_grad(set_to_none=True)
     return rows
+
+
+NO_DROPOUT = ("torch_varlen",)
+
+
+def forced_backend(model: Model, packed: dict[str, Any], backend: str) -> Callable[[], torch.Tensor]:
+    """The packed forward with the attention ``backend`` forced for this call (the model's own choice restored)."""
+
+    def forward() -> torch.Tensor:
+        chosen = model.packed_attention_backend
+        model.set_packed_attention_backend(backend)
+        try:
+            return model.forward_packed(packed)
+        finally:
+            model.set_packed_attention_backend(chosen)
+
+    return forward
 
 
 def interleaved_medians(

@@ -126,20 +126,35 @@ def losses_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict
         cases += [(task, 4000, 1024, "bfloat16") for task in ("mlm", "mrckl")]
         cases += [(task, 4000, 768, "float32") for task in ("mlm", "mrckl")]
         timing = types.SimpleNamespace(warmup=3, repeats=10, rounds=1)
+    from uniter_fast.losses import fused_linear
+
+    default_floor = fused_linear.CHUNK_ELEMENTS[device.type]
+    sweep = [] if quick else [(m, floor) for m in (1000, 4000, 8000) for floor in (1 << 22, 1 << 25)]
     rows = []
-    for task, m, h, dtype in cases:
-        rows.append(measure(task, m, h, getattr(torch, dtype), device, timing))
+    for (task, m, h, dtype), floor in [(c, default_floor) for c in cases] + [
+        (("mlm", m, 768, "bfloat16"), f) for m, f in sweep
+    ]:
+        fused_linear.CHUNK_ELEMENTS[device.type] = floor  # the chunk-size sweep: the fewest logits per chunk
+        try:
+            rows.append({**measure(task, m, h, getattr(torch, dtype), device, timing), "chunk_elements": floor})
+        finally:
+            fused_linear.CHUNK_ELEMENTS[device.type] = default_floor
         r = rows[-1]
-        print(f"{task} M{m} H{h} {dtype}: speedup {r['speedup']:.2f}x, memory ratio {r.get('mem_ratio')}", flush=True)
+        print(
+            f"{task} M{m} H{h} {dtype} chunk floor {floor}: speedup {r['speedup']:.2f}x, memory ratio "
+            f"{r.get('mem_ratio')}",
+            flush=True,
+        )
     goals = []
     mlm = [r for r in rows if r["loss"] == "mlm" and r["dtype"] == ("float32" if quick else "bfloat16")]
+    mlm = [r for r in mlm if r["chunk_elements"] == default_floor]
     for r in mlm:
         ratio = r.get("mem_ratio")
         figure = f"{r['speedup']:.2f}x time, " + ("peak memory n/a on CPU" if ratio is None else f"{ratio:.3f}x memory")
         met = r["speedup"] >= 1.0 and ratio is not None and ratio <= 0.25
         target = "<= 0.25x peak memory, >= 1x speed"
         goals.append(_goal(f"fused MLM loss M={r['M']} H={r['H']} {r['dtype']}", target, figure, met))
-    labels = [f"{r['loss']} M{r['M']} H{r['H']} {r['dtype']}" for r in rows]
+    labels = [f"{r['loss']} M{r['M']} H{r['H']} {r['dtype']} c{r['chunk_elements'] >> 20}M" for r in rows]
     times = {"reference ms": [r["reference_ms"] for r in rows], "fast ms": [r["fast_ms"] for r in rows]}
     plot_grouped_bars(
         "losses", device, labels, times, "forward+backward ms", "fused losses vs reference", directory=out
@@ -165,7 +180,8 @@ def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
     rows = []
     for name in configs:
         generator = torch.Generator().manual_seed(0)
-        for r in bench_config(name, batch, ["forward", "train"], warmup, repeats, device, dtype, generator):
+        forced = ["eager", "sdpa_loop"] if quick else ["flash_torch", "sdpa_padded", "sdpa_nested", "torch_varlen"]
+        for r in bench_config(name, batch, ["forward", "train"], warmup, repeats, device, dtype, generator, forced):
             r["mfu_measured_peak"] = r["tflops"] * 1e12 / measured_peak
             rows.append(r)
             print(f"{name} {r['mode']} {r['path']}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']}", flush=True)
@@ -180,10 +196,17 @@ def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
         )
     for r in rows:
         if r["path"] == "packed":
-            figure = f"{r['speedup']:.2f}x (padding bound {r['max_speedup']:.2f}x)"
+            figure = f"{r['speedup']:.2f}x with {r['attention']} (padding bound {r['max_speedup']:.2f}x)"
             goals.append(_goal(f"packed vs padded, {r['model']} {r['mode']}", "report", figure, True))
     groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
-    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("padded", "packed")}
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    series = {
+        p: [
+            next((r["tokens_per_s"] for r in rows if (f"{r['model']}/{r['mode']}", r["path"]) == (g, p)), 0.0)
+            for g in groups
+        ]
+        for p in paths
+    }
     title = "UNITER encoder: padded vs packed"
     plot_grouped_bars("encoder", device, groups, series, "valid tokens / s", title, log_scale=False, directory=out)
     return rows, goals

@@ -160,7 +160,7 @@ class UniterModel(nn.Module):
     def set_packed_attention_backend(self, backend: str) -> None:
         """Attention backend of :meth:`forward_packed`: ``"auto"`` (default: chosen per device, dtype and dropout,
         and logged) or one of ``uniter_fast.model.attention.VARLEN_ATTENTION`` (``"eager"``, ``"sdpa_loop"``,
-        ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_attn"``)."""
+        ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_torch"``, ``"flash_attn"``)."""
         check_varlen_backend(backend)
         self.packed_attention_backend = backend
 
