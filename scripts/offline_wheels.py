@@ -11,8 +11,8 @@ also work); packages named there are not downloaded. PyTorch, Triton, the NVIDIA
 requirements are never downloaded (the node has them: they come with its CUDA PyTorch). DeepSpeed is published only as
 a source release, so its wheel is built here (pure Python; its CUDA ops are compiled at run time on the node, and the
 project's DeepSpeed configs use ``torch_adam``, which needs none). The build requirements of uniter_fast itself
-(setuptools, wheel, pybind11) are included, so the C++ extension builds on the node in pip's isolated build
-environment. The script prints the folder's size: the device tool that carries it to a node takes at most 64 MiB.
+(setuptools, wheel, pybind11, with what they need) are included, so the C++ extension builds on the node in pip's
+isolated build environment. The script prints the folder's size (keep it small: it travels with the repository).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from typing import Optional
 
@@ -136,13 +138,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         target += ["--platform", platform]
     # Dependencies resolve against the target; with --have, what the node has is then pruned (pip download cannot
     # know the node's installed set), keeping each remaining project once.
+    # pip's isolated build environment sees only the wheel folder, so the build requirements come with all they
+    # need, whatever the node has.
+    with tempfile.TemporaryDirectory() as build_dir:
+        pip("download", "--dest", build_dir, *target, *BUILD_REQUIREMENTS)
+        build_projects = {canonical(name.split("-", 1)[0]) for name in os.listdir(build_dir)}
+        for name in os.listdir(build_dir):
+            shutil.move(os.path.join(build_dir, name), os.path.join(args.dest, name))
     pip("download", "--dest", args.dest, *target, *wanted)
-    pip("download", "--dest", args.dest, *target, "--no-deps", *BUILD_REQUIREMENTS)
     removed = []
     for name in sorted(os.listdir(args.dest)):
         project = canonical(name.split("-", 1)[0])
-        keep_build = project in {requirement_name(r) for r in BUILD_REQUIREMENTS}
-        if project in skip and not keep_build:
+        if project in skip and project not in build_projects:
             os.remove(os.path.join(args.dest, name))
             removed.append(name)
     total = 0
