@@ -43,7 +43,6 @@ class ProposalGenerator(nn.Module):
         super().__init__()
         self.config = config
         self.rpn_head = RPNHead()
-        self.register_buffer("cell_anchors", caffe_anchors(), persistent=False)
 
     def forward(
         self, fmap: torch.Tensor, image_size: tuple[int, int], scales: Sequence[float], ops: str = "torch"
@@ -69,7 +68,8 @@ class ProposalGenerator(nn.Module):
         a = two_a // 2
         fg = torch.softmax(logits.view(b, 2, a, hf, wf), dim=1)[:, 1].permute(0, 2, 3, 1).reshape(b, -1)
         deltas = deltas.view(b, a, 4, hf, wf).permute(0, 3, 4, 1, 2).reshape(b, -1, 4)
-        anchors = shifted_anchors(self.cell_anchors, hf, wf, FEAT_STRIDE)
+        # made here in float32: a module buffer would follow .to(bfloat16), and bf16 cannot hold 375 or 359
+        anchors = shifted_anchors(caffe_anchors().to(logits.device), hf, wf, FEAT_STRIDE)
         boxes = clip_boxes(decode_boxes(anchors[None], deltas), *image_size)
         min_size = torch.tensor(scales, dtype=torch.float32, device=boxes.device)[:, None] * cfg.rpn_min_size
         valid = large_enough(boxes, min_size)

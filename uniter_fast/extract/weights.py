@@ -145,7 +145,7 @@ def load_detector(
     layout: str = "auto",
     allow_pickle: bool = False,
 ) -> Detector:
-    """A :class:`Detector` (fp32, CPU, eval) holding ``weights`` (a file path or a state dict) in any layout.
+    """A :class:`Detector` (fp32, CPU, eval, no gradients) holding ``weights`` (a path or a state dict), any layout.
 
     ``config``: the test-time settings; its ``blocks``/``attributes`` are replaced by what the weights hold.
     """
@@ -161,4 +161,4 @@ def load_detector(
         raise ValueError(f"{source} ({layout} layout) does not fit the BUTD detector:\n  " + "\n  ".join(problems))
     detector.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     logger.info("loaded %s (%s layout, blocks %s, attributes %s)", source, layout, config.blocks, config.attributes)
-    return detector.eval()
+    return detector.requires_grad_(False).eval()
