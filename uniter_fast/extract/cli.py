@@ -53,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--overwrite", action="store_true", help="redo images whose npz exists")
     ap.add_argument("--allow-pickle", action="store_true", help="load pickled checkpoints (.pkl): trusted files only")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the DeepSpeed launcher
     return ap
 
 
@@ -74,7 +75,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         args.images,
         args.weights,
         args.out,
-        device=args.device or default_device(),
+        device=args.device or default_device(args.local_rank),
         dtype=args.dtype,
         config=config,
         batch_size=args.batch_size,

@@ -52,9 +52,10 @@ def rank_and_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def default_device() -> str:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``."""
-    return f"cuda:{rank_and_world()[2]}" if torch.cuda.is_available() else "cpu"
+def default_device(local_rank: Optional[int] = None) -> str:
+    """``cuda:<local_rank>`` (default: the LOCAL_RANK variable) when CUDA is available, else ``cpu``."""
+    local_rank = rank_and_world()[2] if local_rank is None else local_rank
+    return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
 
 
 def _failed_file(out: str, rank: int, world: int) -> str:
