@@ -33,6 +33,7 @@ from harness import device_name, plot_grouped_bars, print_table, synchronize, ti
 from uniter_fast.extract import Detector, DetectorConfig, Extractor, RawDetections, load_bgr, random_state_dict
 from uniter_fast.extract.agreement import agreement
 from uniter_fast.extract.config import IMG_FEAT_DIM, NUM_CLASSES
+from uniter_fast.extract.preprocess import resize_scale, resized_size
 from uniter_fast.extract.select import finalize, npz_record
 
 CONFIG = DetectorConfig()
@@ -183,28 +184,33 @@ def gpu_check(
     chunk: int = 1024,
     seed: int = 0,
     weights: Optional[dict] = None,
+    config: DetectorConfig = CONFIG,
+    matmul_size: int = 8192,
 ) -> dict[str, Any]:
     """Throughput, floor and agreement of the extractor on ``device`` with random R-101 weights (see module doc).
 
-    Returns {"rows": [{path, dtype, batch, images_per_s, floor_images_per_s, ...}], "agreement": {...}, "meta"}.
+    Returns {"device", "rows": [{path, dtype, batch, images_per_s, floor_images_per_s, ...}], "agreement", "meta"}.
+    ``weights``/``config`` replace the random ResNet-101 and Caffe's settings (e.g. for a quick smoke run).
     """
     dev = torch.device(device)
-    weights = weights if weights is not None else random_state_dict("milvlg", CONFIG, seed)
+    weights = weights if weights is not None else random_state_dict("milvlg", config, seed)
     images = sample_images(num_images, seed)
     height, width = images[0].shape[:2]
-    flops = detector_flops(CONFIG, 600, round(width * 600 / height), CONFIG.rpn_post_nms_top_n)
+    scale = resize_scale(height, width, config.test_scale, config.max_size)
+    flops = detector_flops(Extractor(weights, "cpu", config=config).config, *resized_size(height, width, scale),
+                           config.rpn_post_nms_top_n)  # fmt: skip
     per_image = flops["trunk_rpn"] + flops["roi_head"]
-    cpu_ref = Extractor(weights, "cpu", torch.float32, CONFIG, fast=False).detect(images[:1])
+    cpu_ref = Extractor(weights, "cpu", torch.float32, config, fast=False).detect(images[:1])
     rows, checks, fp32_dets = [], {}, None
     for dtype in dtypes:
-        extractor = Extractor(weights, dev, dtype, CONFIG, fast=True, chunk=chunk)
+        extractor = Extractor(weights, dev, dtype, config, fast=True, chunk=chunk)
         dets = extractor.detect(images[:4])
         if dtype == "fp32":
             fp32_dets = dets
-            checks["cpu_vs_device_fp32"] = agreement(cpu_ref, dets[:1], CONFIG)
+            checks["cpu_vs_device_fp32"] = agreement(cpu_ref, dets[:1], config)
         elif fp32_dets is not None:
-            checks[f"{dtype}_vs_fp32"] = agreement(fp32_dets, dets, CONFIG)
-        rate = matmul_rate(dev, extractor.dtype, 8192)
+            checks[f"{dtype}_vs_fp32"] = agreement(fp32_dets, dets, config)
+        rate = matmul_rate(dev, extractor.dtype, matmul_size)
         for batch in batch_sizes:
             ips = throughput(extractor, images, batch, warmup, repeats)
             rows.append(
@@ -221,7 +227,7 @@ def gpu_check(
         del extractor
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    reference = Extractor(weights, dev, torch.float32, CONFIG, fast=False, chunk=chunk)
+    reference = Extractor(weights, dev, torch.float32, config, fast=False, chunk=chunk)
     batch = max(b for b in batch_sizes if b <= 8) if any(b <= 8 for b in batch_sizes) else batch_sizes[0]
     rows.append(
         {

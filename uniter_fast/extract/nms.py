@@ -54,9 +54,9 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool [..., N] -> int64 [..., ceil(N / 32)], bit j of word w = mask[..., 32 w + j]."""
     n = mask.shape[-1]
     words = (n + WORD_BITS - 1) // WORD_BITS
-    padded = torch.nn.functional.pad(mask, (0, words * WORD_BITS - n)).view(*mask.shape[:-1], words, WORD_BITS)
+    bits = torch.nn.functional.pad(mask.to(torch.int64), (0, words * WORD_BITS - n))
     shifts = torch.arange(WORD_BITS, device=mask.device, dtype=torch.int64)
-    return (padded.to(torch.int64) << shifts).sum(-1)
+    return (bits.view(*mask.shape[:-1], words, WORD_BITS) << shifts).sum(-1)
 
 
 def max_confidence(boxes: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor, thresh: float) -> torch.Tensor:
