@@ -65,8 +65,26 @@ def test_ranks_share_a_folder(tmp_path, monkeypatch) -> None:
         written[rank] = summary.written
         assert summary.images == (2 if rank == 0 else 1)
     assert written == {0: 2, 1: 1}
+    assert not os.path.exists(os.path.join(out, "failed.rank0.txt"))
     assert sorted(os.listdir(out)) == ["im0.npz", "im1.npz", "im2.npz"]
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "1")
     again = extract_folder(str(images), str(weights), out, config=TINY, num_workers=0, progress=False)
     assert again.skipped == 3 and again.written == 0
+
+
+def test_degenerate_images_fail_by_name_and_the_run_goes_on(tmp_path) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.fromarray(synthetic_image(20, 3, 3)).save(images / "dot.png")  # every proposal below 16 x scale
+    Image.fromarray(synthetic_image(21, 1, 500)).save(images / "line.png")  # resizes to 0 rows
+    Image.fromarray(synthetic_image(22, 70, 90)).save(images / "fine.png")
+    weights = tmp_path / "w.pth"
+    torch.save(tiny_weights(), weights)
+    with pytest.warns(UserWarning, match="skipped"):
+        summary = extract_folder(str(images), str(weights), str(tmp_path / "out"), config=TINY, num_workers=0,
+                                 batch_size=3, progress=False)  # fmt: skip
+    assert summary.written == 1 and sorted(os.listdir(tmp_path / "out")) == ["failed.txt", "fine.npz"]
+    reasons = dict(summary.failed)
+    assert "no region proposal survived" in reasons[str(images / "dot.png")]
+    assert "resizes to 0 x 214" in reasons[str(images / "line.png")]

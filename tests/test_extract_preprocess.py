@@ -54,3 +54,5 @@ def test_mean_subtracted_in_float64_then_rounded() -> None:
 def test_bad_shape_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
         image_blob(torch.zeros(4, 4, dtype=torch.uint8), 1.0)
+    with pytest.raises(ValueError, match="1 x 500 pixels resizes to 0 x 214"):
+        image_blob(torch.zeros(1, 500, 3, dtype=torch.uint8), resize_scale(1, 500, 128, 214))

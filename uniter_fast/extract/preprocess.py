@@ -37,6 +37,8 @@ def image_blob(image: torch.Tensor, scale: float, dtype: torch.dtype = torch.flo
     means = torch.tensor(PIXEL_MEANS_BGR, dtype=torch.float64, device=image.device)
     x = (image.double() - means).float().permute(2, 0, 1)[None]
     size = resized_size(height, width, scale)
+    if min(size) < 1:
+        raise ValueError(f"image of {height} x {width} pixels resizes to {size[0]} x {size[1]} (scale {scale:.4g})")
     if size != (height, width):
         x = torch.ops.aten.upsample_bilinear2d(x, list(size), False, scale, scale)
     return x[0].to(dtype)

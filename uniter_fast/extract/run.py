@@ -13,6 +13,7 @@ import dataclasses
 import os
 import time
 import warnings
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Union
 
@@ -26,6 +27,7 @@ from uniter_fast.extract.weights import WeightsSource
 from uniter_fast.extract.writer import npz_path, remove_stale_temps, write_npz
 
 WRITER_THREADS = 4
+MAX_PENDING_WRITES = 64  # records (~0.7 MB each) queued for the writer threads before the loop waits
 
 
 @dataclasses.dataclass
@@ -129,7 +131,8 @@ def _run(
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images
     )
-    pending: list[Future] = []
+    pending: deque[Future] = deque()
+    written = 0
     with ThreadPoolExecutor(WRITER_THREADS) as pool, tqdm(total=len(paths), unit="img", disable=not progress) as bar:
         for batch in loader:
             good = []
@@ -139,9 +142,17 @@ def _run(
                 else:
                     _fail(failed, paths[index], error)
             for index, record in _extract_batch(extractor, paths, good, attributes, failed):
+                if record["features"].shape[0] == 0:
+                    _fail(failed, paths[index], "no region proposal survived the size filter (image too small?)")
+                    continue
                 pending.append(pool.submit(write_npz, out, names[index], record, rank))
+            while len(pending) > MAX_PENDING_WRITES:  # back-pressure: records wait in memory until written
+                pending.popleft().result()
+                written += 1
             bar.update(len(batch))
-        written = sum(1 for future in pending if future.result())
+        for future in pending:
+            future.result()
+            written += 1
     return written
 
 
