@@ -3,11 +3,11 @@
 The detector is the full ResNet-101 with random weights in the MILVLG layout (the real loader reads them), at
 Caffe's settings (600/1000 resize, 6000 -> 300 proposals, 14x14 RoIs through res5, 1,600-class max-confidence loop).
 
-CPU (default; under 3 minutes on 2 cores): one bundled photo (grace_hopper.jpg, resized to 600 x 703): trunk + RPN
-timed on the whole image, the RoI head on a chunk of ``--rois`` RoIs and scaled to 300, the max-confidence loop and
-box selection on 300 RoIs; images/s = 1 / the sum. Both wall time and process CPU time are recorded (the machine may
-be shared). The floor is the image's FLOPs over this machine's measured fp32 matmul rate. ``--full`` adds a measured
-end-to-end run on the bundled photos.
+CPU (default; under 3 minutes on 2 idle cores): one bundled photo (grace_hopper.jpg, 600 x 512 resized to 703 x 600):
+trunk + RPN timed on the whole image, the RoI head on a chunk of ``--rois`` RoIs and scaled to 300, the max-confidence
+loop and box selection on 300 RoIs; images/s = 1 / the sum. Both wall time and process CPU time are recorded (the
+machine may be shared). The floor is the image's FLOPs over this machine's measured fp32 matmul rate. ``--full`` adds a
+measured end-to-end run on the bundled photos.
 
 GPU (``--device cuda``): :func:`gpu_check`, also callable from a GPU suite: end-to-end images/s at batch 1/8/32 in
 fp32 and bf16 on the fast path and fp32 on the reference path, the floor at the measured matmul rate, CPU (fp32,
