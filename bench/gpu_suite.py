@@ -16,6 +16,7 @@ rest still runs; a part that times out keeps what it finished):
     encoder      padded vs packed encoder, base and large: valid tokens/s and MFU
     pretrain     one optimizer step per task, reference path vs fast path: tokens/s
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
+    extract      the BUTD region-feature extractor: images/s against its floor, CPU vs device agreement
 
 Each part writes <part>.json (rows, goals, environment) and <part>.png to DIR (default bench/results/gpu_suite_<device>
 for a real run, a temporary folder for --quick). The last lines printed are one table with each goal, the target, the
@@ -46,6 +47,7 @@ CAPS = {
     "encoder": (90, 25),
     "pretrain": (90, 30),
     "deepspeed": (150, 75),
+    "extract": (90, 40),
 }
 PARTS = tuple(CAPS)
 
@@ -298,6 +300,14 @@ def part_deepspeed(device: Any, quick: bool, out: str, save: Callable[..., None]
     save(rows=rows, goals=goals)
 
 
+def part_extract(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
+    """The BUTD extractor: throughput and agreement (random ResNet-101 weights)."""
+    from speed import extract_speed
+
+    rows, goals, meta = extract_speed(device, quick, out)
+    save(rows=rows, goals=goals, meta=meta)
+
+
 PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "correctness": part_correctness,
     "syncs": part_syncs,
@@ -306,6 +316,7 @@ PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "encoder": part_encoder,
     "pretrain": part_pretrain,
     "deepspeed": part_deepspeed,
+    "extract": part_extract,
 }
 
 

@@ -278,3 +278,41 @@ def deepspeed_run(device: torch.device, quick: bool, out: str) -> tuple[list[dic
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------------------- extract
+def extract_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The BUTD extractor (random ResNet-101 weights, Caffe settings; the TINY detector when quick): images/s at
+    batch 1 and 8 in fp32 and bf16 against the floor (FLOPs / measured matrix rate), CPU-vs-device agreement and the
+    bf16 drift (extract_bench.gpu_check)."""
+    from extract_bench import gpu_check
+
+    from uniter_fast.extract import random_state_dict
+    from uniter_fast.extract.config import TINY
+
+    if quick:
+        tiny = {"weights": random_state_dict("milvlg", TINY, 0), "config": TINY, "matmul_size": 256, "chunk": 8}
+        result = gpu_check(str(device), batch_sizes=(1, 2), dtypes=("fp32",), num_images=2, warmup=0, repeats=1, **tiny)
+    else:
+        result = gpu_check(str(device), batch_sizes=(1, 8), num_images=16, warmup=1, repeats=2)
+    rows = result["rows"]
+    same = result["agreement"].get("cpu_vs_device_fp32", {})
+    figure = ", ".join(f"{k} {v:.4g}" for k, v in same.items() if isinstance(v, (int, float)))
+    goals = [
+        {
+            "goal": "extractor: CPU vs device detections (fp32)",
+            "target": "roi_match > 0.9, feature_cosine_min > 0.999",
+            "figure": figure or "not measured",
+            "met": same.get("roi_match", 0) > 0.9 and same.get("feature_cosine_min", 0) > 0.999,
+            "kind": "correctness",
+        }
+    ]
+    for r in rows:
+        if r["path"] == "fast":
+            floor = r["floor_images_per_s"]
+            figure = f"{r['images_per_s']:.2f} images/s ({r['images_per_s'] / floor:.0%} of the floor {floor:.1f})"
+            goals.append(_goal(f"extractor {r['dtype']} batch {r['batch']}", "report", figure, True))
+    labels = [f"{r['path']} {r['dtype']} b{r['batch']}" for r in rows]
+    series = {"images/s": [r["images_per_s"] for r in rows]}
+    plot_grouped_bars("extract", device, labels, series, "images / s", "BUTD extractor", log_scale=False, directory=out)
+    return rows, goals, {"agreement": result["agreement"], **result["meta"]}
