@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,6 +89,10 @@ def run_parts(args: argparse.Namespace) -> int:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if args.device == "cpu":
         env["TRITON_INTERPRET"] = "1"  # read when kernels are decorated: set before the child imports them
+    if args.device == "cpu" and quick:
+        # The dry run's models are tiny: one thread is as fast, and on a busy 2-core machine two OpenMP threads per
+        # process made small ops 8x slower (spinning threads competing with other processes).
+        env.setdefault("OMP_NUM_THREADS", "1")
     statuses = []
     for part in args.parts:
         remaining = budget - (time.monotonic() - start)
@@ -96,10 +101,7 @@ def run_parts(args: argparse.Namespace) -> int:
         cmd = [sys.executable, os.path.abspath(__file__), "--part", part, "--out", args.out, "--device", args.device]
         cmd += ["--quick"] if quick else []
         began = time.monotonic()
-        try:
-            code: Optional[int] = subprocess.run(cmd, env=env, timeout=cap, cwd=ROOT).returncode
-        except subprocess.TimeoutExpired:
-            code = None
+        code = run_capped(cmd, env, cap)
         seconds = time.monotonic() - began
         result = read_result(args.out, part)
         if code is None:
@@ -115,6 +117,23 @@ def run_parts(args: argparse.Namespace) -> int:
     summary = summarise(args.out, statuses, time.monotonic() - start)
     print_summary(summary)
     return 0 if summary["ok"] else 1
+
+
+def run_capped(cmd: list[str], env: dict[str, str], cap: float) -> Optional[int]:
+    """Run ``cmd`` for at most ``cap`` seconds; its exit code, or None when it ran out of time. A child out of time
+    gets SIGTERM first (it exits through its ``finally`` blocks, so e.g. a half-done JIT build releases its lock
+    file, which a SIGKILL would leave behind for every later build to wait on), SIGKILL 20 s later."""
+    child = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    try:
+        return child.wait(timeout=cap)
+    except subprocess.TimeoutExpired:
+        child.terminate()
+        try:
+            child.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        return None
 
 
 def read_result(out: str, part: str) -> Optional[dict[str, Any]]:
@@ -181,6 +200,7 @@ def run_child(args: argparse.Namespace) -> int:
     import torch
     from harness import environment
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # out of time: unwind (finally blocks run), then exit
     device = torch.device(args.device)
     torch.manual_seed(0)
     result: dict[str, Any] = {"part": args.part, "status": "running", "environment": environment(device)}

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -57,3 +58,19 @@ def test_low_precision_rows_are_held_to_the_reference_at_that_precision() -> Non
     assert compare_low_precision("c", "case", "bf16", "q", reference_bf16, expected, reference_bf16).passed
     noisy = expected + 0.05 * expected.norm() / expected.numel() ** 0.5 * torch.randn_like(expected)
     assert not compare_low_precision("c", "case", "bf16", "q", noisy, expected, reference_bf16).passed
+
+
+def test_a_part_out_of_time_unwinds_before_it_is_killed(tmp_path) -> None:
+    """A timed-out part gets SIGTERM and runs its finally blocks (a JIT build releases its lock file) before exit."""
+    from gpu_suite import run_capped
+
+    marker = tmp_path / "released"
+    script = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))\n"
+        "try:\n    time.sleep(60)\n"
+        f"finally:\n    open({str(marker)!r}, 'w').write('lock released')\n"
+    )
+    began = time.monotonic()
+    assert run_capped([sys.executable, "-c", script], dict(os.environ), cap=2) is None
+    assert marker.read_text() == "lock released" and time.monotonic() - began < 30
