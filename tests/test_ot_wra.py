@@ -232,6 +232,7 @@ def test_cpp_writes_every_output_element(dtype: torch.dtype) -> None:
 
 def test_triton_writes_every_output_element() -> None:
     _skip_unavailable("triton")
+    from uniter_fast.kernels import ipot
     from uniter_fast.kernels import wra as kernel
 
     prob = random_problem(2, 7, 10, hidden=40)
@@ -240,11 +241,17 @@ def test_triton_writes_every_output_element() -> None:
     txt, img = prob.txt_emb.to(dev), prob.img_emb.to(dev)
     lens = (prob.txt_lens.to(dev), prob.img_lens.to(dev))
     nan = float("nan")
-    out = tuple(torch.full(s, nan, device=dev) for s in ((b,), (b, m, n), (b, m, 2), (b, n, 2)))
-    kernel.wra_forward_triton(txt, img, *lens, 0.5, 20, 1, COSINE_EPS, True, out=out)
+    plan = ipot._empty_aligned((b, m, n), torch.float32, dev).fill_(nan)
+    out = (
+        torch.full((b,), nan, device=dev),
+        plan,
+        torch.full((b, m, 2), nan, device=dev),
+        torch.full((b, n, 2), nan, device=dev),
+    )
+    _, saved = kernel.wra_forward_triton(txt, img, *lens, 0.5, 20, 1, COSINE_EPS, True, out=out)
     grads = (torch.full((b, m, d), nan, device=dev), torch.full((b, n, d), nan, device=dev))
     weights = torch.tensor([0.7, -1.3], device=dev)
-    kernel.wra_backward_triton(txt, img, *lens, out[1:], weights, out=grads)
+    kernel.wra_backward_triton(txt, img, *lens, saved, weights, out=grads)
     dist, plan, txt_stats, img_stats = (t.cpu() for t in out)
     grad_txt, grad_img = (t.cpu() for t in grads)
     for t in (dist, plan, txt_stats, img_stats, grad_txt, grad_img):
@@ -410,16 +417,21 @@ def test_model_ot_distance_uses_collate_lengths(fast: bool, monkeypatch: pytest.
 
 def test_aot_specs_cover_dispatcher_configs() -> None:
     pytest.importorskip("triton")
-    from uniter_fast.kernels import ipot, wra
+    from uniter_fast.kernels import wra
 
     specs = {s.name: s for s in wra.aot_specs()}
     for m, n in ((1, 1), (60, 100), (62, 36), (128, 128), (33, 65)):
-        block_m, block_n = ipot.block_sizes(m, n)
-        for kind in ("fwd", "bwd"):
-            for dtype in ("fp32", "bf16", "fp16"):
-                spec = specs[f"wra_{kind}_{dtype}_{block_m}x{block_n}"]
-                assert spec.num_warps == ipot.num_warps_for(block_m, block_n)
-                assert spec.constexprs == {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": wra.BLOCK_D}
+        forward, backward, options = wra._configs(m, n)
+        tile = f"{forward['BLOCK_M']}x{forward['BLOCK_N']}"
+        for dtype in ("fp32", "bf16", "fp16"):
+            for kind, constexprs in (("fwd", forward), ("bwd", backward)):
+                spec = specs[f"wra_{kind}_{dtype}_{tile}"]
+                assert spec.constexprs == constexprs
+                assert (spec.num_warps, spec.num_stages, spec.maxnreg) == (
+                    options["num_warps"],
+                    options["num_stages"],
+                    options["maxnreg"],
+                )
 
 
 def test_aot_compile_main_configs_without_spills() -> None:

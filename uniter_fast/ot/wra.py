@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 COSINE_EPS = 1e-5
 """The L2-normalisation eps of UNITER's ``cost_matrix_cosine``."""
@@ -27,7 +28,7 @@ COSINE_EPS = 1e-5
 class WraRunner(NamedTuple):
     """A fused backend: ``forward(txt, img, txt_lens, img_lens, beta, iteration, k, eps, save) -> (dist, saved)``
     and ``backward(txt, img, txt_lens, img_lens, saved, grad_dist) -> (grad_txt, grad_img)``; ``saved`` is None or
-    (plan [B, M, N], txt_stats [B, M, 2], img_stats [B, N, 2]) fp32, the stats being (a, c) per row."""
+    the backend's tuple of fp32 tensors (the plan and per-row factors; see each backend)."""
 
     forward: Callable[..., Any]
     backward: Callable[..., Any]
@@ -45,6 +46,17 @@ def _numpy(x: torch.Tensor) -> Any:
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     """``x`` itself when its last dimension is contiguous (any batch/row strides), else a contiguous copy."""
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+
+
+def _triton_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its rows suit the Triton kernels (16-byte aligned, width and strides divisible by 4), else a
+    copy zero-padded to a width divisible by 4 (zeros change no dot product or norm; autograd drops their gradient)."""
+    from uniter_fast.kernels.wra import rows_aligned
+
+    if rows_aligned(x):
+        return x
+    pad = -x.shape[-1] % 4
+    return F.pad(x, (0, pad)) if pad else x.clone(memory_format=torch.contiguous_format)
 
 
 def _cpp_forward(
@@ -182,7 +194,8 @@ def fused_wra_distance(
     """
     if txt_emb.dtype != img_emb.dtype:
         txt_emb, img_emb = txt_emb.float(), img_emb.float()
-    txt_emb, img_emb = _unit_last_stride(txt_emb), _unit_last_stride(img_emb)
+    prepare = _triton_rows if backend == "triton" else _unit_last_stride
+    txt_emb, img_emb = prepare(txt_emb), prepare(img_emb)
     device = txt_emb.device
     txt_lens = txt_lens.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
     img_lens = img_lens.to(device=device, dtype=torch.int64, non_blocking=True).contiguous()
