@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__) || defined(__F16C__)
+#if defined(__FMA__) || defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -62,10 +62,15 @@ struct Float32 {
 struct BFloat16 {
   using Storage = uint16_t;
   static f32x8 load8(const uint16_t* p) {
+#if defined(__AVX2__)
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+#else
     u16x8 h;
     std::memcpy(&h, p, sizeof(h));
     const u32x8 bits = __builtin_convertvector(h, u32x8) << 16;
     return (f32x8)bits;
+#endif
   }
   static void store8(uint16_t* p, f32x8 v) {
     const u32x8 bits = (u32x8)v;
