@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__) || defined(__F16C__) || defined(__AVX2__)
+#if defined(__SSE__)
 #include <immintrin.h>
 #endif
 
@@ -34,6 +34,51 @@ inline float fma(float a, float b, float c) {
   return __builtin_fmaf(a, b, c);
 #else
   return a * b + c;
+#endif
+}
+
+// Stores 8 lanes at a 32-byte aligned address bypassing the caches (no read for ownership of the line) where the
+// target has AVX; the caller ends with store_fence() before the data is read by another thread.
+inline void stream8(float* p, f32x8 v) {
+#if defined(__AVX__)
+  _mm256_stream_ps(p, (__m256)v);
+#else
+  std::memcpy(p, &v, sizeof(v));
+#endif
+}
+
+inline void store_fence() {
+#if defined(__SSE__)
+  _mm_sfence();
+#endif
+}
+
+// Transposes the 8 x 8 block held in r[0..7] (row i in r[i]) in place.
+inline void transpose8(f32x8 (&r)[8]) {
+#if defined(__AVX__)
+  const __m256 t0 = _mm256_unpacklo_ps((__m256)r[0], (__m256)r[1]), t1 = _mm256_unpackhi_ps((__m256)r[0], (__m256)r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps((__m256)r[2], (__m256)r[3]), t3 = _mm256_unpackhi_ps((__m256)r[2], (__m256)r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps((__m256)r[4], (__m256)r[5]), t5 = _mm256_unpackhi_ps((__m256)r[4], (__m256)r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps((__m256)r[6], (__m256)r[7]), t7 = _mm256_unpackhi_ps((__m256)r[6], (__m256)r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = (f32x8)_mm256_permute2f128_ps(u0, u4, 0x20);
+  r[1] = (f32x8)_mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = (f32x8)_mm256_permute2f128_ps(u2, u6, 0x20);
+  r[3] = (f32x8)_mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = (f32x8)_mm256_permute2f128_ps(u0, u4, 0x31);
+  r[5] = (f32x8)_mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = (f32x8)_mm256_permute2f128_ps(u2, u6, 0x31);
+  r[7] = (f32x8)_mm256_permute2f128_ps(u3, u7, 0x31);
+#else
+  for (int i = 0; i < 8; ++i)
+    for (int j = i + 1; j < 8; ++j) {
+      const float v = r[i][j];
+      r[i][j] = r[j][i];
+      r[j][i] = v;
+    }
 #endif
 }
 

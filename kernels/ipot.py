@@ -151,8 +151,8 @@ def ipot_triton(
     num_warps = num_warps_for(block_m, block_n)
     _ipot_kernel[(b,)](
         cost,
-        txt_lens.to(device=cost.device, dtype=torch.int64).contiguous(),
-        img_lens.to(device=cost.device, dtype=torch.int64).contiguous(),
+        txt_lens.to(device=cost.device, dtype=torch.int64, non_blocking=True).contiguous(),
+        img_lens.to(device=cost.device, dtype=torch.int64, non_blocking=True).contiguous(),
         plan,
         dist,
         m,

@@ -9,8 +9,8 @@ mv × nv (pads are a suffix), a = 1 / max(|x|, eps) and a' = 1 / max(|y|, eps):
     ∂dist/∂x_i = −(Σ_j a_i T_ij a'_j y_j − c_i x_i),  c_i = a_i [|x_i| ≥ eps] ρ_i / |x_i|,  ρ_i = Σ_j T_ij (1 − C_ij)
 
 (and symmetrically for y), which is autograd's gradient of ``F.normalize`` + matmul + masked fill + Σ C ⊙ T. The forward
-reads the embeddings once and saves only the plan [B, M, N] and the row stats (a, c) for the backward, which reads
-them once more and writes the gradients once. Embeddings may be fp32, bf16 or fp16 (fp32 arithmetic); the distance is
+reads the embeddings once and saves only the plan [B, M, N] and two factors per row (the Triton backend the cost too)
+for the backward, which reads the embeddings once more and writes the gradients once. Embeddings may be fp32, bf16 or fp16 (fp32 arithmetic); the distance is
 fp32 and the gradients come back in the embeddings' dtype.
 """
 
