@@ -8,10 +8,10 @@ mv × nv (pads are a suffix), a = 1 / max(|x|, eps) and a' = 1 / max(|y|, eps):
     C = 1 − diag(a) X Yᵀ diag(a'),  T = IPOT(C) (detached),  dist = Σ C ⊙ T
     ∂dist/∂x_i = −(Σ_j a_i T_ij a'_j y_j − c_i x_i),  c_i = a_i [|x_i| ≥ eps] ρ_i / |x_i|,  ρ_i = Σ_j T_ij (1 − C_ij)
 
-(and symmetrically for y), which is autograd's gradient of ``F.normalize`` + matmul + masked fill + Σ C ⊙ T. The forward
-reads the embeddings once and saves only the plan [B, M, N] and two factors per row (the Triton backend the cost too)
-for the backward, which reads the embeddings once more and writes the gradients once. Embeddings may be fp32, bf16 or fp16 (fp32 arithmetic); the distance is
-fp32 and the gradients come back in the embeddings' dtype.
+(and symmetrically for y), which is autograd's gradient of ``F.normalize`` + matmul + masked fill + Σ C ⊙ T. The
+forward reads the embeddings once and saves only the plan [B, M, N] and two factors per row (the Triton backend the
+cost too) for the backward, which reads the embeddings once more and writes the gradients once. Embeddings may be
+fp32, bf16 or fp16 (fp32 arithmetic); the distance is fp32 and the gradients come back in the embeddings' dtype.
 """
 
 from __future__ import annotations
