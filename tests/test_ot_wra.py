@@ -16,7 +16,7 @@ import torch
 from ot_helpers import random_problem, rel_err
 
 import uniter_fast.ot.api as ot_api
-from uniter_fast.ot import optimal_transport_dist
+from uniter_fast.ot import ipot, optimal_transport_dist
 from uniter_fast.ot.reference import original_optimal_transport_dist
 from uniter_fast.ot.wra import COSINE_EPS
 
@@ -300,6 +300,18 @@ def test_given_lengths_skip_the_pad_derivation(monkeypatch: pytest.MonkeyPatch) 
         img_lens=prob.img_lens.to(torch.int32),
     )
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+def test_ipot_accepts_lengths(backend: str) -> None:
+    _skip_unavailable("triton" if backend == "triton" else "cpp")
+    device = _device(backend)
+    prob = random_problem(3, 9, 14)
+    pads = (prob.txt_pad.to(device), prob.img_pad.to(device))
+    cost = prob.cost.to(device)
+    derived = ipot(cost, *pads, iteration=10, backend=backend)
+    given = ipot(cost, *pads, iteration=10, backend=backend, txt_lens=prob.txt_lens, img_lens=prob.img_lens)
+    assert torch.equal(derived, given)
 
 
 def _lengths_call(**overrides):
