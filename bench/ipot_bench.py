@@ -335,9 +335,11 @@ def goal_lines(ipot_rows: list[dict], wra_rows: list[dict], peaks: dict[str, flo
             f"WRA goal {name} forward >= 10x the original: {fwd['x_original']:.1f}x "
             f"({fwd['ms']:.2f} ms vs {wra[('forward', 'original')]['ms']:.1f} ms)"
         )
+        read_ms = fwd["B"] * (fwd["text"] + fwd["regions"]) * fwd["dim"] * 4 / peaks["read_bandwidth"] * 1e3
         lines.append(
-            f"WRA goal {name} forward within 2x of the floor (embeddings read once at {read_gbs:.1f} GB/s): "
-            f"{fwd['x_floor']:.2f}x of {fwd['floor_ms']:.2f} ms"
+            f"WRA goal {name} forward within 2x of the floor of reading the embeddings once ({read_ms:.2f} ms at "
+            f"{read_gbs:.1f} GB/s): {fwd['ms'] / read_ms:.2f}x (roofline floor incl. flops: {fwd['x_floor']:.2f}x of "
+            f"{fwd['floor_ms']:.2f} ms)"
         )
         lines.append(
             f"WRA goal {name} forward+backward >= 5x the reference path: {both['x_reference']:.1f}x "
