@@ -28,13 +28,16 @@ import triton.language as tl
 from uniter_fast.kernels.aot import AotSpec
 from uniter_fast.kernels.ipot import (
     MAX_BLOCK,
-    MIN_BLOCK,
     _empty_aligned,
     block_sizes,
     ipot_plan,
     maxnreg_for,
     num_warps_for,
 )
+
+MIN_TILE = 64
+"""Smallest tile side: UNITER pairs have 10-62 text tokens and 10-100 regions, so a batch's widths almost never fit
+32, and fewer tile shapes keep the ahead-of-time compile (CI) short."""
 
 BLOCK_D = 128
 """Embedding columns per step of the backward (its [rows, BLOCK_D] gradient accumulators)."""
@@ -237,7 +240,7 @@ def _configs(m: int, n: int) -> tuple[dict, dict, dict]:
     """(forward constexprs, backward constexprs, launch options) for pairs of at most m × n: the IPOT kernel's tiles
     and warps; phase 1 of the forward in row blocks and the backward in column chunks of about 16 accumulator
     elements per thread."""
-    block_m, block_n = block_sizes(m, n)
+    block_m, block_n = (max(MIN_TILE, side) for side in block_sizes(m, n))
     num_warps = num_warps_for(block_m, block_n)
     threads = 32 * num_warps
     forward = {"BLOCK_M": block_m, "BLOCK_N": block_n, "ROWS": max(1, min(block_m, 8 * threads // block_n))}
@@ -403,9 +406,9 @@ def wra_backward_triton(
 
 
 def aot_specs() -> list[AotSpec]:
-    """Every launch configuration the WRA dispatchers use: block sizes 32..128 per side × embedding dtype, forward
-    and backward."""
-    blocks = [MIN_BLOCK << i for i in range((MAX_BLOCK // MIN_BLOCK).bit_length())]
+    """Every launch configuration the WRA dispatchers use: tile sides 64 and 128 × embedding dtype, forward and
+    backward."""
+    blocks = [MIN_TILE << i for i in range((MAX_BLOCK // MIN_TILE).bit_length())]
     strides = ("stride_txt_b", "stride_txt_m", "stride_img_b", "stride_img_n", "stride_cost_b", "stride_cost_m")
     forward_sizes = {name: "i32" for name in ("M", "N", "D", *strides, "stride_plan_b", "stride_plan_m")}
     backward_sizes = {name: "i32" for name in ("M", "N", "D4", *strides)}
