@@ -205,11 +205,21 @@ class UniterForPretraining(nn.Module):
         return {"loss": loss, "itm_loss": itm_loss.detach(), "ot_loss": ot_loss.detach()}
 
     def ot_distance(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
-        """The WRA distance per pair [B] (fp32), through ``uniter_fast.ot.optimal_transport_dist``."""
+        """The WRA distance per pair [B] (fp32), through ``uniter_fast.ot.optimal_transport_dist``: the embeddings
+        in their own dtype (the OT maths is fp32 inside, as the original's), and the valid lengths
+        ``ot_inputs["txt_lens"]``/``["img_lens"]`` when the collate provides them (then nothing is derived from the
+        pads, which would cost device syncs)."""
         from uniter_fast.ot import optimal_transport_dist
 
         txt_emb, img_emb = self._ot_embeddings(batch, sequence_output)
         ot = batch["ot_inputs"]
         return optimal_transport_dist(
-            txt_emb.float(), img_emb.float(), ot["txt_pad"], ot["img_pad"], **self.ot_settings, backend=self.backend
+            txt_emb,
+            img_emb,
+            ot["txt_pad"],
+            ot["img_pad"],
+            **self.ot_settings,
+            backend=self.backend,
+            txt_lens=ot.get("txt_lens"),
+            img_lens=ot.get("img_lens"),
         )
