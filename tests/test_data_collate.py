@@ -221,6 +221,35 @@ def test_fast_collate_equals_reference(corpus, task, layout):
             assert "label_targets" not in fast
         elif task in ("mrc", "mrckl"):
             assert fast["label_targets"].shape == (fast["feat_targets"].shape[0], 1601)
+        # the stored features as they are (fp16): the same values, half the bytes; everything else unchanged
+        half = ds.batch(indices, position, layout=layout, feat_dtype=torch.float16)
+        feat = half["packed"]["img_feat"] if layout == "packed" else half["img_feat"]
+        assert feat.dtype == torch.float16
+        if layout == "packed":
+            half["packed"]["img_feat"] = feat.float()
+        else:
+            half["img_feat"] = feat.float()
+        _assert_same(half, ref, task)
+
+
+@pytest.mark.parametrize("task", ["mrfr", "itm"])
+def test_fp16_features_give_the_same_training_step(corpus, task):
+    """The fast model path casts the fp16 features itself: loss and gradients are bit-identical to fp32 features."""
+    from uniter_fast.config import UniterConfig
+    from uniter_fast.pretraining.model import UniterForPretraining
+
+    cls, kwargs = TASK_DATASETS[task]
+    ds = cls(*corpus, seed=3, **kwargs)
+    indices = list(range(0, 30, 3))
+    model = UniterForPretraining(UniterConfig.tiny(vocab_size=ds.token_ids.v_range[1]), fast=True).train()
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)  # same dropout masks
+        model.zero_grad()
+        loss = model(ds.batch(indices, 0, feat_dtype=dtype), task)["loss"]
+        loss.backward()
+        results.append((loss.detach(), model.uniter.img_embeddings.img_linear.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
 def test_records_read_only_the_fields_the_task_uses(corpus):
@@ -284,6 +313,8 @@ def test_bad_task_and_layout(corpus):
     ds = MlmDataset(*corpus)
     with pytest.raises(ValueError, match="layout must be one of"):
         ds.batch([0], 0, layout="ragged")
+    with pytest.raises(ValueError, match="feat_dtype must be one of"):
+        ds.batch([0], 0, feat_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="task must be one of"):
         collate("vqa", [ds[0]], None, ds.token_ids)
 

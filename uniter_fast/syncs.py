@@ -151,9 +151,10 @@ def count_step_syncs(
 
     The model is the tiny config (its sizes do not change the count) on ``device`` in ``dtype`` (default fp32; pass
     bf16 to count the production GPU path), ``fast`` picks the fast (packed batch) or the reference (padded batch)
-    path; the batch is the first one of the bundled corpus's ``task`` loader (``batch_tokens`` per batch), moved to
-    the device. One uncounted step runs first (first-call set-up). Returns (count, what was counted). The trainer's
-    loss logging and the optimizer step are not included (docs/pretraining.md, "Host syncs").
+    path; the batch is the first one of the bundled corpus's ``task`` loader (``batch_tokens`` per batch, built as
+    training builds it), moved to the device. One uncounted step runs first (first-call set-up). Returns (count,
+    what was counted). The trainer's loss logging and the optimizer step are not included (docs/pretraining.md,
+    "Host syncs").
     """
     from uniter_fast.config import UniterConfig
     from uniter_fast.data import (
@@ -177,7 +178,10 @@ def count_step_syncs(
     datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
     dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
     indices = TokenBucketSampler(dataset.lens, batch_size=batch_tokens).batches(0)[0]
-    cpu_batch = next(iter(batch_loader(dataset, [indices], layout="packed" if fast else "padded")))
+    feat_dtype = torch.float16 if fast else torch.float32  # as uniter_fast.pretraining.data builds them
+    cpu_batch = next(
+        iter(batch_loader(dataset, [indices], layout="packed" if fast else "padded", feat_dtype=feat_dtype))
+    )
     config = UniterConfig.tiny(vocab_size=paths.vocab_size)
     model = UniterForPretraining(config, fast=fast).to(device=device, dtype=dtype or torch.float32).train()
 

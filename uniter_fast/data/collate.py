@@ -21,18 +21,21 @@ import torch
 
 from uniter_fast.data.img_db import box_7d
 from uniter_fast.data.lmdb_env import DataError
-from uniter_fast.data.records import Draws, PairRecord, check_task
+from uniter_fast.data.records import MRM_TASKS, Draws, PairRecord, check_task
 from uniter_fast.data.txt_db import TokenIds
 from uniter_fast.layout import joint_layout, ot_split, packed_positions, pad_masks, padded_slots
 
 LAYOUTS = ("packed", "padded")
-MRM_TASKS = ("mrfr", "mrc", "mrckl")
+FEAT_DTYPES = (torch.float32, torch.float16)
 
 
-def check_layout(layout: str) -> None:
-    """Raise ``ValueError`` unless ``layout`` is one of :data:`LAYOUTS`."""
+def check_layout(layout: str, feat_dtype: torch.dtype = torch.float32) -> None:
+    """Raise ``ValueError`` unless ``layout`` is one of :data:`LAYOUTS` and ``feat_dtype`` one of
+    :data:`FEAT_DTYPES` (the stored fp16 features, exactly, in float32 or as stored)."""
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if feat_dtype not in FEAT_DTYPES:
+        raise ValueError(f"feat_dtype must be one of {FEAT_DTYPES} (exact for fp16 features), got {feat_dtype}")
 
 
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -44,12 +47,16 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
-def _fill_rows(
-    arrays: list[np.ndarray], starts: np.ndarray, rows: int, zero_rows: Optional[np.ndarray] = None
+def fill_rows(
+    arrays: list[np.ndarray],
+    starts: np.ndarray,
+    rows: int,
+    zero_rows: Optional[np.ndarray] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """float32 [rows, width] with array i in rows starts[i] .. starts[i] + n_i - 1, converted by torch in one pass
+    """``dtype`` [rows, width] with array i in rows starts[i] .. starts[i] + n_i - 1, converted by torch in one pass
     (no numpy astype), and ``zero_rows`` set to 0."""
-    out = empty((rows, arrays[0].shape[1]), torch.float32)
+    out = empty((rows, arrays[0].shape[1]), dtype)
     with warnings.catch_warnings():  # read-only LMDB views: torch warns that it could write to them; it only reads
         warnings.simplefilter("ignore", UserWarning)
         for array, start in zip(arrays, starts.tolist()):
@@ -95,11 +102,21 @@ def _text(task: str, records: list[PairRecord], draws: Draws, tokens: TokenIds) 
 
 
 def collate(
-    task: str, records: list[PairRecord], draws: Draws, tokens: TokenIds, layout: str = "packed"
+    task: str,
+    records: list[PairRecord],
+    draws: Draws,
+    tokens: TokenIds,
+    layout: str = "packed",
+    feat_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """The batch of ``task`` in ``layout`` from ``records`` (batch order) and their ``draws`` (see module doc)."""
+    """The batch of ``task`` in ``layout`` from ``records`` (batch order) and their ``draws`` (see module doc).
+
+    ``feat_dtype`` is the dtype of the region features ``img_feat`` (float32, or float16: the stored values as they
+    are, half the bytes to build and to copy to the device, which casts them to its own dtype exactly);
+    ``feat_targets``, ``label_targets`` and the boxes are float32 either way.
+    """
     check_task(task)
-    check_layout(layout)
+    check_layout(layout, feat_dtype)
     if not records:
         raise ValueError("collate got an empty list of records")
     text = _text(task, records, draws, tokens)
@@ -116,17 +133,17 @@ def collate(
         pad_rows = np.ones(rows, dtype=bool)
         pad_rows[region_rows] = False
         pad_rows = np.flatnonzero(pad_rows)
-    feat = _fill_rows([r.features for r in records], starts, rows, pad_rows)
-    boxes = box_7d(_fill_rows([r.norm_bb for r in records], starts, rows, pad_rows))
+    feat = fill_rows([r.features for r in records], starts, rows, pad_rows, feat_dtype)
+    boxes = box_7d(fill_rows([r.norm_bb for r in records], starts, rows, pad_rows))
     batch: dict[str, Any] = {"task": task, "txt_lens": txt_lens, "num_bbs": num_bbs}
     if task in MRM_TASKS:
         masked = torch.from_numpy(region_rows[draws.regions])
-        batch["feat_targets"] = feat.index_select(0, masked)
+        batch["feat_targets"] = feat.index_select(0, masked).float()
         feat.index_fill_(0, masked, 0.0)
         if task != "mrfr":
             chosen = [r.soft_labels[m] for r, m in zip(records, np.split(draws.regions, np.cumsum(counts)[:-1]))]
             sizes = np.array([c.shape[0] for c in chosen], dtype=np.int64)
-            batch["label_targets"] = _fill_rows(chosen, np.cumsum(sizes) - sizes, int(sizes.sum()))
+            batch["label_targets"] = fill_rows(chosen, np.cumsum(sizes) - sizes, int(sizes.sum()))
     if task == "itm":
         batch["targets"] = torch.tensor([r.target for r in records], dtype=torch.int64)
     if layout == "packed":

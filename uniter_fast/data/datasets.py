@@ -47,11 +47,19 @@ class TaskBatches:
         rng = batch_generator(self.seed, self.epoch, rank, position)
         return records, draw(self.task, records, rng, self.token_ids, self.mask_prob)
 
-    def batch(self, indices: list[int], position: int, rank: int = 0, layout: str = "packed") -> dict[str, Any]:
+    def batch(
+        self,
+        indices: list[int],
+        position: int,
+        rank: int = 0,
+        layout: str = "packed",
+        feat_dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Any]:
         """Batch ``position`` of the current epoch (``indices`` in batch order) in ``layout`` ("packed" for the fast
-        model path, "padded" for the reference one); see :func:`uniter_fast.data.collate.collate`."""
+        model path, "padded" for the reference one), region features in ``feat_dtype``; see
+        :func:`uniter_fast.data.collate.collate`."""
         records, draws = self._records_and_draws(indices, position, rank)
-        return collate(self.task, records, draws, self.token_ids, layout)
+        return collate(self.task, records, draws, self.token_ids, layout, feat_dtype)
 
     def reference_batch(self, indices: list[int], position: int, rank: int = 0) -> dict[str, Any]:
         """The same batch (same draws) through the reference path: padded keys and ``packed``."""

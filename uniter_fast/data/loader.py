@@ -21,14 +21,14 @@ from uniter_fast.data.sampler import TokenBucketSampler
 class EpochBatches(torch.utils.data.Dataset):
     """The batches of one epoch as a map-style dataset: item ``p`` is batch ``p``, built by ``dataset.batch``."""
 
-    def __init__(self, dataset: Any, batches: list[list[int]], rank: int, layout: str) -> None:
-        self.dataset, self.batches, self.rank, self.layout = dataset, batches, rank, layout
+    def __init__(self, dataset: Any, batches: list[list[int]], rank: int, layout: str, feat_dtype: torch.dtype) -> None:
+        self.dataset, self.batches, self.rank, self.layout, self.feat_dtype = dataset, batches, rank, layout, feat_dtype
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, position: int) -> dict[str, Any]:
-        return self.dataset.batch(self.batches[position], position, self.rank, self.layout)
+        return self.dataset.batch(self.batches[position], position, self.rank, self.layout, self.feat_dtype)
 
 
 def _whole_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -44,14 +44,16 @@ def batch_loader(
     num_workers: int = 0,
     pin_memory: Optional[bool] = None,
     prefetch_factor: int = 2,
+    feat_dtype: torch.dtype = torch.float32,
 ) -> torch.utils.data.DataLoader:
     """A ``DataLoader`` over ``batches[start:]`` of ``dataset``'s current epoch (``set_epoch`` first), built in
-    ``num_workers`` processes; ``pin_memory`` defaults to "CUDA is available"."""
-    check_layout(layout)
+    ``num_workers`` processes in ``layout`` with region features in ``feat_dtype``; ``pin_memory`` defaults to "CUDA
+    is available"."""
+    check_layout(layout, feat_dtype)
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
     return torch.utils.data.DataLoader(
-        EpochBatches(dataset, batches, rank, layout),
+        EpochBatches(dataset, batches, rank, layout, feat_dtype),
         batch_size=None,
         sampler=range(start, len(batches)),
         collate_fn=_whole_batch,
@@ -63,7 +65,7 @@ def batch_loader(
 
 class TaskLoader:
     """Endless batches of one task dataset, epoch after epoch, in ``layout`` ("packed": the fast model path;
-    "padded": the reference path).
+    "padded": the reference path), region features in ``feat_dtype`` (float32, or float16 as stored).
 
     ``batch_size`` is the per-rank token budget; ``num_workers`` DataLoader processes build batches in parallel;
     ``pin_memory`` (default: CUDA available) hands them over in pinned memory.
@@ -83,13 +85,14 @@ class TaskLoader:
         pin_memory: Optional[bool] = None,
         prefetch_factor: int = 2,
         layout: str = "packed",
+        feat_dtype: torch.dtype = torch.float32,
     ) -> None:
         if not hasattr(dataset, "batch"):
             raise TypeError(f"dataset must have a batch method (a task dataset), got {type(dataset).__name__}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        check_layout(layout)
-        self.dataset, self.rank, self.layout = dataset, rank, layout
+        check_layout(layout, feat_dtype)
+        self.dataset, self.rank, self.layout, self.feat_dtype = dataset, rank, layout, feat_dtype
         self.sampler = TokenBucketSampler(
             dataset.lens, bucket_size, batch_size, droplast, size_multiple, seed=seed, rank=rank, world=world
         )
@@ -119,6 +122,7 @@ class TaskLoader:
                 self.num_workers,
                 self.pin_memory,
                 self.prefetch_factor,
+                self.feat_dtype,
             )
             for batch in loader:
                 self.position += 1

@@ -15,6 +15,7 @@ from uniter_fast.data.masking import mask_regions, mask_words
 from uniter_fast.data.txt_db import TokenIds
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+MRM_TASKS = ("mrfr", "mrc", "mrckl")
 
 
 def check_task(task: str) -> None:

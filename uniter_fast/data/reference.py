@@ -19,11 +19,9 @@ import torch
 
 from uniter_fast.data.img_db import box_7d
 from uniter_fast.data.padding import pad_1d, pad_2d
-from uniter_fast.data.records import Draws, PairRecord, check_task
+from uniter_fast.data.records import MRM_TASKS, Draws, PairRecord, check_task
 from uniter_fast.data.txt_db import TokenIds
 from uniter_fast.layout import joint_layout, ot_split, pack_batch, padded_slots
-
-MRM_TASKS = ("mrfr", "mrc", "mrckl")
 
 
 def reference_items(task: str, records: list[PairRecord], draws: Draws, tokens: TokenIds) -> list[dict[str, Any]]:

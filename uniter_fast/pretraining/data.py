@@ -2,8 +2,9 @@
 
 Each ``{task}_{dataset}`` gets a task dataset over the dataset's txt_db / img_db pairs (several pairs are
 concatenated, as the original ``ConcatDatasetWithLens``), batched by token budget; training mixes them with the
-resumable ``MetaLoader``. Batches come in the layout the model reads: packed for the fast path (``cfg.fast``),
-padded for the reference path. The token budget is checked against the longest possible example before training.
+resumable ``MetaLoader``. Batches come in the layout the model reads: packed with the region features as stored
+(fp16) for the fast path (``cfg.fast``), padded and float32 for the reference path. The token budget is checked
+against the longest possible example before training.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class DataBuilder:
 
     def __init__(self, cfg: TrainingConfig, rank: int, world: int, num_workers: int) -> None:
         self.cfg, self.rank, self.world, self.num_workers = cfg, rank, world, num_workers
+        # fast path: packed layout, region features as stored (fp16; the model casts them exactly); reference: as the
+        # original, padded and float32
         self.layout = "packed" if cfg.fast else "padded"
+        self.feat_dtype = torch.float16 if cfg.fast else torch.float32
         self._txt: dict[str, TxtTokLmdb] = {}
         self._img: dict[str, DetectFeatLmdb] = {}
 
@@ -129,6 +133,7 @@ class DataBuilder:
                     self.num_workers,
                     droplast=True,
                     layout=self.layout,
+                    feat_dtype=self.feat_dtype,
                 )
                 ratios[name] = ratio
         return MetaLoader(loaders, ratios, grad_accum_steps, seed=cfg.seed)
@@ -149,5 +154,10 @@ class DataBuilder:
             dataset.lens, batch_size=self.cfg.val_batch_size, seed=self.cfg.seed, rank=self.rank, world=self.world
         )
         yield from batch_loader(
-            dataset, sampler.batches(0), rank=self.rank, layout=self.layout, num_workers=self.num_workers
+            dataset,
+            sampler.batches(0),
+            rank=self.rank,
+            layout=self.layout,
+            num_workers=self.num_workers,
+            feat_dtype=self.feat_dtype,
         )
