@@ -17,19 +17,24 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
-Lengths = Union[torch.Tensor, Sequence[int]]
+Lengths = Union[torch.Tensor, np.ndarray, Sequence[int]]
 
 
-def _lengths(name: str, value: Lengths, size: Optional[int] = None) -> torch.Tensor:
-    lengths = torch.as_tensor(value)
-    if lengths.dim() != 1 or lengths.dtype.is_floating_point or (size is not None and lengths.numel() != size):
+def _lengths(name: str, value: Lengths, size: Optional[int] = None) -> np.ndarray:
+    """``value`` as an int64 numpy array [B] (read on the host), or ``ValueError`` naming it."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim != 1 or array.dtype.kind not in "iu" or (size is not None and array.size != size):
         shape = "[B]" if size is None else f"[{size}]"
-        raise ValueError(
-            f"{name} must be an integer tensor of shape {shape}, got {tuple(lengths.shape)} {lengths.dtype}"
-        )
-    return lengths.long()
+        raise ValueError(f"{name} must be an integer tensor of shape {shape}, got {array.shape} {array.dtype}")
+    return array.astype(np.int64, copy=False)
+
+
+def _segment_arange(lengths: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    offsets = np.cumsum(lengths) - lengths  # first flat slot of each segment
+    return np.arange(int(lengths.sum())) + np.repeat(starts - offsets, lengths)
 
 
 # ---------------------------------------------------------------------------------------------------- contract 1
@@ -52,7 +57,7 @@ def joint_layout(
         positions t_i .. t_i+n_i-1 pointing at Lt .. Lt+n_i-1), where L = max(t_i + n_i).
     """
     txt_lens = _lengths("txt_lens", txt_lens)
-    num_bbs = _lengths("num_bbs", num_bbs, txt_lens.numel())
+    num_bbs = _lengths("num_bbs", num_bbs, txt_lens.size)
     longest_txt, longest_img = int(txt_lens.max()), int(num_bbs.max())
     lt = longest_txt if max_txt_len is None else max_txt_len
     nb = longest_img if max_bbs is None else max_bbs
@@ -60,21 +65,20 @@ def joint_layout(
         raise ValueError(
             f"max_txt_len={lt} / max_bbs={nb} are smaller than the longest row (t={longest_txt}, n={longest_img})"
         )
-    total = txt_lens + num_bbs
-    length = int(total.max())
-    positions = torch.arange(length).expand(len(txt_lens), length)
-    attn_masks = (positions < total[:, None]).long()
-    is_img = (positions >= txt_lens[:, None]) & (positions < total[:, None])
-    gather_index = torch.where(is_img, positions - txt_lens[:, None] + lt, positions)
-    return attn_masks, gather_index
+    total = (txt_lens + num_bbs)[:, None]
+    positions = np.arange(int(total.max()))[None, :]
+    attn_masks = (positions < total).astype(np.int64)
+    is_img = (positions >= txt_lens[:, None]) & (positions < total)
+    gather_index = np.where(is_img, positions - txt_lens[:, None] + lt, positions)
+    return torch.from_numpy(attn_masks), torch.from_numpy(gather_index)
 
 
 def pad_masks(txt_lens: Lengths, num_bbs: Lengths, max_txt_len: int, max_bbs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """txt_pad bool [B, Lt] (True at positions >= t_i) and img_pad bool [B, Nb] (True at positions >= n_i)."""
     txt_lens, num_bbs = _lengths("txt_lens", txt_lens), _lengths("num_bbs", num_bbs)
-    txt_pad = torch.arange(max_txt_len)[None, :] >= txt_lens[:, None]
-    img_pad = torch.arange(max_bbs)[None, :] >= num_bbs[:, None]
-    return txt_pad, img_pad
+    txt_pad = np.arange(max_txt_len)[None, :] >= txt_lens[:, None]
+    img_pad = np.arange(max_bbs)[None, :] >= num_bbs[:, None]
+    return torch.from_numpy(txt_pad), torch.from_numpy(img_pad)
 
 
 def ot_split(txt_lens: Lengths, num_bbs: Lengths, max_txt_len: int, max_bbs: int, joint_len: int) -> dict[str, Any]:
@@ -85,16 +89,16 @@ def ot_split(txt_lens: Lengths, num_bbs: Lengths, max_txt_len: int, max_bbs: int
     tokens incl. [CLS]/[SEP], valid regions), so that OT need not derive lengths from the pad masks.
     """
     txt_lens, num_bbs = _lengths("txt_lens", txt_lens), _lengths("num_bbs", num_bbs)
-    pos = torch.arange(joint_len)[None, :]
-    scatter = torch.where(pos < txt_lens[:, None], pos, max_txt_len + pos - txt_lens[:, None])
+    pos = np.arange(joint_len)[None, :]
+    scatter = np.where(pos < txt_lens[:, None], pos, max_txt_len + pos - txt_lens[:, None])
     txt_pad, img_pad = pad_masks(txt_lens, num_bbs, max_txt_len, max_bbs)
     return {
-        "ot_scatter": scatter,
+        "ot_scatter": torch.from_numpy(scatter),
         "scatter_max": int(scatter.max()),
         "txt_pad": txt_pad,
         "img_pad": img_pad,
-        "txt_lens": txt_lens.clone(),
-        "img_lens": num_bbs.clone(),
+        "txt_lens": torch.from_numpy(txt_lens.copy()),
+        "img_lens": torch.from_numpy(num_bbs.copy()),
     }
 
 
@@ -111,32 +115,30 @@ def packed_positions(txt_lens: Lengths, num_bbs: Lengths) -> dict[str, Any]:
         ``img_index`` int64 [Σn] (the same for regions).
     """
     txt_lens = _lengths("txt_lens", txt_lens)
-    num_bbs = _lengths("num_bbs", num_bbs, txt_lens.numel())
+    num_bbs = _lengths("num_bbs", num_bbs, txt_lens.size)
     lengths = txt_lens + num_bbs
-    cu_seqlens = torch.zeros(lengths.numel() + 1, dtype=torch.int64)
-    torch.cumsum(lengths, 0, out=cu_seqlens[1:])
+    cu_seqlens = np.zeros(lengths.size + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cu_seqlens[1:])
     starts = cu_seqlens[:-1]
     return {
-        "cu_seqlens": cu_seqlens.to(torch.int32),
+        "cu_seqlens": torch.from_numpy(cu_seqlens.astype(np.int32)),
         "max_seqlen": int(lengths.max()),
-        "cls_index": starts.clone(),
-        "txt_index": segment_arange(txt_lens, starts),
-        "img_index": segment_arange(num_bbs, starts + txt_lens),
+        "cls_index": torch.from_numpy(starts.copy()),
+        "txt_index": torch.from_numpy(_segment_arange(txt_lens, starts)),
+        "img_index": torch.from_numpy(_segment_arange(num_bbs, starts + txt_lens)),
     }
 
 
-def segment_arange(lengths: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+def segment_arange(lengths: Lengths, starts: Lengths) -> torch.Tensor:
     """int64 [Σ lengths]: starts[i], starts[i]+1, ..., starts[i]+lengths[i]-1 for every i, in order."""
-    total = int(lengths.sum())
-    offsets = torch.cumsum(lengths, 0) - lengths  # first flat slot of each segment
-    shift = torch.repeat_interleave(starts - offsets, lengths, output_size=total)
-    return torch.arange(total) + shift
+    lengths = _lengths("lengths", lengths)
+    return torch.from_numpy(_segment_arange(lengths, _lengths("starts", starts, lengths.size)))
 
 
-def padded_slots(lengths: torch.Tensor, width: int) -> torch.Tensor:
+def padded_slots(lengths: Lengths, width: int) -> torch.Tensor:
     """int64 [Σ lengths]: the flat slot i * width + j of element j of row i in a [B, width] padded grid."""
-    rows = torch.arange(lengths.numel()) * width
-    return segment_arange(lengths, rows)
+    lengths = _lengths("lengths", lengths)
+    return torch.from_numpy(_segment_arange(lengths, np.arange(lengths.size) * width))
 
 
 def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
@@ -165,8 +167,8 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
         )
     size, max_txt = input_ids.shape
     max_img = img_feat.size(1)
-    txt_lens = _lengths("txt_lens", torch.as_tensor(batch["txt_lens"]).cpu(), size)
-    num_bbs = _lengths("num_bbs", torch.as_tensor(batch["num_bbs"]).cpu(), size)
+    txt_lens = _lengths("txt_lens", batch["txt_lens"], size)
+    num_bbs = _lengths("num_bbs", batch["num_bbs"], size)
     if int(txt_lens.min()) < 1 or int(txt_lens.max()) > max_txt or int(num_bbs.min()) < 0 or num_bbs.max() > max_img:
         raise ValueError(
             f"txt_lens must lie in [1, Lt={max_txt}] and num_bbs in [0, Nb={max_img}], got txt_lens "

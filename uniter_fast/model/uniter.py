@@ -127,7 +127,7 @@ class UniterModel(nn.Module):
             img_feat: [B, Nb, 2048] float region features (zero-padded), or None for text-only.
             img_pos_feat: [B, Nb, 7] float boxes [x1, y1, x2, y2, w, h, w*h].
             attention_mask: [B, L] 1 for the first t_i + n_i positions of row i, else 0.
-            gather_index: [B, L] int64 joint-order index into cat(text, regions) (see ``uniter_fast.model.layout``).
+            gather_index: [B, L] int64 joint-order index into cat(text, regions) (see ``uniter_fast.layout``).
             img_masks: [B, Nb] bool, regions masked for MRM (their features already zeroed by the collate).
             output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
             txt_type_ids / img_type_ids: [B, Lt] / [B, Nb] int64 type ids (defaults 0 / 1).
