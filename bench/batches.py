@@ -16,8 +16,8 @@ from harness import IMG_RANGE, TXT_RANGE
 
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM, IMG_POS_DIM
 from uniter_fast.data import move_to_device
-from uniter_fast.data.collate import itm_collate, mlm_collate, mrm_collate
-from uniter_fast.model.layout import joint_layout
+from uniter_fast.data.reference import itm_collate, mlm_collate, mrm_collate
+from uniter_fast.layout import joint_layout
 
 MASK_PROB = 0.15
 MASK_ID = 103
@@ -95,7 +95,8 @@ def random_items(
 
 
 def collate(task: str, items: list[dict[str, Any]]) -> dict[str, Any]:
-    """The real collate of ``task`` (padded keys + ``packed``)."""
+    """The reference collate of ``task`` (uniter_fast.data.reference): both layouts, the padded keys and
+    ``packed``, so one batch feeds the reference and the fast path alike."""
     if task == "mlm":
         return mlm_collate(items)
     if task == "itm":

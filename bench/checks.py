@@ -22,8 +22,8 @@ import torch
 from batches import random_batch, task_batch
 
 from uniter_fast import Model, UniterConfig
+from uniter_fast.layout import pack_batch
 from uniter_fast.model.attention import CUDA_ONLY_BACKENDS, VARLEN_ATTENTION, flash_attn_available
-from uniter_fast.model.packed import pack_batch
 from uniter_fast.ot import available_backends, cost_matrix_cosine, optimal_transport_dist
 from uniter_fast.ot.backends import run_reference
 from uniter_fast.pretraining.model import UniterForPretraining

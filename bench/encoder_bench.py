@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 from uniter_fast import Model, UniterConfig
 from uniter_fast.config import IMG_POS_DIM
+from uniter_fast.layout import pack_batch
 from uniter_fast.model.attention import resolve_varlen_backend
-from uniter_fast.model.packed import pack_batch
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}

@@ -67,11 +67,13 @@ class VarlenBatch:
         cu_seqlens: [B+1] int32 cumulative sequence lengths (cu_seqlens[0] = 0, cu_seqlens[-1] = T).
         max_seqlen: the longest sequence, a Python int.
         backend: the attention backend every layer uses (a key of ``VARLEN_ATTENTION``).
+        total: T, the number of packed tokens, when the caller knows it (saves reading cu_seqlens on the host).
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     backend: str = "eager"
+    total: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.cu_seqlens.dim() != 1 or self.cu_seqlens.numel() < 2 or self.cu_seqlens.dtype != torch.int32:
@@ -100,7 +102,7 @@ class VarlenBatch:
     @functools.cached_property
     def token_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Two [T] int64 tensors: the sequence of each packed token and its position within that sequence."""
-        total = self.boundaries[-1]
+        total = self.boundaries[-1] if self.total is None else self.total
         starts = self.cu_seqlens[:-1].long()
         seq = torch.repeat_interleave(
             torch.arange(self.batch_size, device=starts.device), self.lengths, output_size=total
