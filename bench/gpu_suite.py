@@ -42,13 +42,13 @@ ROOT = os.path.dirname(HERE)
 #: part -> (time cap in seconds on CUDA, cap with --quick on a CPU)
 CAPS = {
     "correctness": (240, 75),
-    "syncs": (60, 20),
-    "ipot": (90, 30),
-    "losses": (90, 20),
+    "syncs": (60, 25),
     "encoder": (90, 25),
     "pretrain": (90, 30),
+    "ipot": (100, 40),
+    "losses": (90, 20),
     "deepspeed": (150, 75),
-    "extract": (90, 40),
+    "extract": (90, 45),
 }
 PARTS = tuple(CAPS)
 

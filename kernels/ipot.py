@@ -95,14 +95,22 @@ def block_sizes(m: int, n: int) -> tuple[int, int]:
     return max(MIN_BLOCK, triton.next_power_of_2(m)), max(MIN_BLOCK, triton.next_power_of_2(n))
 
 
+#: Launch shape of the IPOT and WRA programs: tile elements per thread (sets the warps) and programs meant to share
+#: an SM (sets the register cap). bench/gpu_suite.py's ipot part sweeps both on the GPU.
+ELEMENTS_PER_THREAD = 16
+PROGRAMS_PER_SM = 1
+
+
 def num_warps_for(block_m: int, block_n: int) -> int:
-    """Warps per program: 16 tile elements per thread (16 warps for 64×128, 32 for 128×128), at least 4."""
-    return max(4, min(32, block_m * block_n // 512))
+    """Warps per program: ``ELEMENTS_PER_THREAD`` tile elements per thread (16: 16 warps for 64×128, 32 for
+    128×128), between 4 and 32."""
+    return max(4, min(32, block_m * block_n // (32 * ELEMENTS_PER_THREAD)))
 
 
 def maxnreg_for(num_warps: int) -> int:
-    """The register cap that lets one program use the whole register file (ptxas otherwise aims for 2 per SM)."""
-    return min(255, 65536 // (32 * num_warps))
+    """The register cap that lets ``PROGRAMS_PER_SM`` programs share the register file (1: one program may use all of
+    it; ptxas otherwise aims for 2 per SM)."""
+    return min(255, 65536 // (32 * num_warps * PROGRAMS_PER_SM))
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:

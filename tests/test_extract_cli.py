@@ -123,7 +123,7 @@ def test_photos_extract_build_and_forward(tmp_path, weights_file) -> None:
             assert nbb == min(100, max(10, int((npz["conf"] > 0.2).sum())))
             assert np.array_equal(img_db.get_dump(name + ".npz")["features"], npz["features"][:nbb].astype(np.float32))
     dataset = MrcDataset(TxtTokLmdb(str(tmp_path / "db" / "txt")), img_db, seed=0)
-    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+    batch = dataset.batch(list(range(len(dataset))), position=0, layout="padded")
     model = Model(UniterConfig.tiny(vocab_size=32)).eval()
     with torch.no_grad():
         out = model.forward_batch(batch, img_masks=batch["img_masks"])
