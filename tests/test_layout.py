@@ -132,6 +132,18 @@ def test_pack_batch_layout(txt_lens: list[int], num_bbs: list[int]) -> None:
     assert [p.numel() for p in pieces] == [t + n for t, n in zip(txt_lens, num_bbs)]
 
 
+def test_pack_batch_type_ids() -> None:
+    """NLVR2 / VCR type ids follow their tokens / regions into the packed layout; padding is dropped."""
+    batch = padded_batch([3, 5], [4, 2], vocab=100)
+    gen = torch.Generator().manual_seed(3)
+    batch["txt_type_ids"] = torch.randint(0, 4, batch["input_ids"].shape, generator=gen)
+    batch["img_type_ids"] = torch.randint(1, 3, batch["img_feat"].shape[:2], generator=gen)
+    packed = pack_batch(batch)
+    assert packed["txt_type_ids"].tolist() == batch["txt_type_ids"][0, :3].tolist() + batch["txt_type_ids"][1].tolist()
+    assert packed["img_type_ids"].tolist() == batch["img_type_ids"][0].tolist() + batch["img_type_ids"][1, :2].tolist()
+    assert "txt_type_ids" not in pack_batch({k: v for k, v in batch.items() if not k.endswith("type_ids")})
+
+
 def test_pack_batch_ignores_padding_labels_and_masks() -> None:
     """Labels / masks set on padded slots (a sloppy batch) are not packed: only valid slots are read."""
     batch = padded_batch([4, 2], [3, 1], vocab=50)

@@ -147,13 +147,15 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
     Args:
         batch: ``input_ids`` [B, Lt] int64, ``position_ids`` [1 or B, Lt] int64, ``img_feat`` [B, Nb, 2048] float,
             ``img_pos_feat`` [B, Nb, 7] float, ``txt_lens`` [B] and ``num_bbs`` [B] int64; optional ``img_masks``
-            [B, Nb] bool (MRM) and ``txt_labels`` [B, Lt] int64 (MLM, -1 where not masked).
+            [B, Nb] bool (MRM), ``txt_labels`` [B, Lt] int64 (MLM, -1 where not masked), ``txt_type_ids`` [B, Lt]
+            and ``img_type_ids`` [B, Nb] int64 (NLVR2 / VCR type embeddings).
 
     Returns:
         dict with ``txt_ids`` [St], ``txt_position_ids`` [St], ``img_feat`` [Sn, 2048], ``img_pos_feat`` [Sn, 7],
         the positions of :func:`packed_positions` (``txt_index`` [St], ``img_index`` [Sn], ``cu_seqlens`` [B+1]
         int32, ``max_seqlen`` int, ``cls_index`` [B]); plus ``img_masks`` [Sn] bool and ``mrm_index`` [M] with MRM
-        inputs, ``mlm_index`` [M] and ``mlm_labels`` [M] with MLM labels. St = Σ t_i, Sn = Σ n_i; indices int64.
+        inputs, ``mlm_index`` [M] and ``mlm_labels`` [M] with MLM labels, ``txt_type_ids`` [St] / ``img_type_ids``
+        [Sn] when given. St = Σ t_i, Sn = Σ n_i; indices int64.
         The lengths are read on the host (one copy from a GPU batch).
     """
     for key in ("input_ids", "position_ids", "img_feat", "img_pos_feat", "txt_lens", "num_bbs"):
@@ -194,6 +196,9 @@ def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
         selected = labels != -1
         packed["mlm_index"] = packed["txt_index"][selected]
         packed["mlm_labels"] = labels[selected]
+    for key, slot in (("txt_type_ids", txt_slot), ("img_type_ids", img_slot)):
+        if batch.get(key) is not None:
+            packed[key] = batch[key].reshape(-1)[slot]
     return packed
 
 

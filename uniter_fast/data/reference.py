@@ -53,7 +53,10 @@ def reference_items(task: str, records: list[PairRecord], draws: Draws, tokens: 
     return items
 
 
-def _base(items: list[dict[str, Any]]) -> dict[str, Any]:
+def joint_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The padded joint layout (contract 1) of ``items``: input_ids [B, Lt] (pad 0), position_ids [1, Lt], img_feat
+    [B, Nb, 2048] / img_pos_feat [B, Nb, 7] (pad 0), attn_masks and gather_index [B, L], txt_lens / num_bbs [B];
+    plus txt_type_ids [B, Lt] / img_type_ids [B, Nb] (pad 0) when the items carry them (NLVR2, VCR)."""
     if not items:
         raise ValueError("collate got an empty list of items")
     input_ids = pad_1d([it["input_ids"] for it in items], 0)
@@ -61,7 +64,7 @@ def _base(items: list[dict[str, Any]]) -> dict[str, Any]:
     num_bbs = torch.tensor([it["img_feat"].size(0) for it in items], dtype=torch.int64)
     img_feat = pad_2d([it["img_feat"] for it in items])
     attn_masks, gather_index = joint_layout(txt_lens, num_bbs, input_ids.size(1), img_feat.size(1))
-    return {
+    batch = {
         "input_ids": input_ids,
         "position_ids": torch.arange(input_ids.size(1), dtype=torch.int64)[None, :],
         "img_feat": img_feat,
@@ -71,6 +74,10 @@ def _base(items: list[dict[str, Any]]) -> dict[str, Any]:
         "txt_lens": txt_lens,
         "num_bbs": num_bbs,
     }
+    for key in ("txt_type_ids", "img_type_ids"):
+        if items[0].get(key) is not None:
+            batch[key] = pad_1d([it[key] for it in items], 0)
+    return batch
 
 
 def _finish(batch: dict[str, Any], task: str) -> dict[str, Any]:
@@ -81,7 +88,7 @@ def _finish(batch: dict[str, Any], task: str) -> dict[str, Any]:
 
 def mlm_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """MLM batch: interface-1 keys + ``txt_labels`` int64 [B, Lt] (-1 = not masked / pad)."""
-    batch = _base(items)
+    batch = joint_batch(items)
     batch["txt_labels"] = pad_1d([it["txt_labels"] for it in items], -1)
     return _finish(batch, "mlm")
 
@@ -92,7 +99,7 @@ def mrm_collate(items: list[dict[str, Any]], task: str) -> dict[str, Any]:
     features are zeroed."""
     if task not in MRM_TASKS:
         raise ValueError(f"task must be one of {MRM_TASKS}, got {task!r}")
-    batch = _base(items)
+    batch = joint_batch(items)
     img_masks = pad_1d([it["img_mask"] for it in items], False)
     batch["feat_targets"] = batch["img_feat"][img_masks]
     if all("soft_labels" in it for it in items):
@@ -109,7 +116,7 @@ def mrm_collate(items: list[dict[str, Any]], task: str) -> dict[str, Any]:
 def itm_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     """ITM batch: + ``targets`` int64 [B] (1 = match) and ``ot_inputs`` (:func:`layout.ot_split`); ``packed`` also
     holds ``txt_slot`` / ``img_slot``, the padded [B, Lt] / [B, Nb] slot of each packed text token / region."""
-    batch = _base(items)
+    batch = joint_batch(items)
     batch["targets"] = torch.tensor([int(it["target"]) for it in items], dtype=torch.int64)
     txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
     max_txt, max_bb = batch["input_ids"].size(1), batch["img_feat"].size(1)

@@ -7,7 +7,7 @@ An LMDB directory whose values are lz4-frame-compressed msgpack dicts (``input_i
 from __future__ import annotations
 
 import os
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import lz4.frame
 import msgpack
@@ -108,8 +108,9 @@ class TxtDbWriter:
         self.img2txts: dict[str, list[str]] = {}
         self.skipped: dict[str, int] = {"empty_caption": 0, "duplicate_id": 0}
 
-    def add(self, id_: str, input_ids: list[int], img_fname: str, **extra: Any) -> bool:
-        """Store one caption; returns False (and counts it) when it is skipped."""
+    def add(self, id_: str, input_ids: list[int], img_fname: Union[str, list[str]], **extra: Any) -> bool:
+        """Store one text; returns False (and counts it) when it is skipped. ``img_fname`` is one image key, or a list
+        of them for texts about several images (NLVR2's pair, VCR's GT-box and detected-box images)."""
         if id_ in self.id2len:
             self.skipped["duplicate_id"] += 1
             return False
@@ -120,7 +121,8 @@ class TxtDbWriter:
         self._writer.put(id_, encode_txt_record(record))
         self.id2len[id_] = len(input_ids)
         self.txt2img[id_] = img_fname
-        self.img2txts.setdefault(img_fname, []).append(id_)
+        for name in [img_fname] if isinstance(img_fname, str) else img_fname:
+            self.img2txts.setdefault(name, []).append(id_)
         return True
 
     def close(self, exc: Optional[BaseException] = None) -> None:

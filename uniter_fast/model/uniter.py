@@ -171,8 +171,9 @@ class UniterModel(nn.Module):
         output_all_encoded_layers: bool = False,
     ) -> Union[list[torch.Tensor], torch.Tensor]:
         """The padded forward on a collated batch dict (keys ``input_ids``, ``position_ids``, ``img_feat``,
-        ``img_pos_feat``, ``attn_masks``, ``gather_index``, as the data collates produce). Returns [B, L, H] (last
-        layer) or every layer's output."""
+        ``img_pos_feat``, ``attn_masks``, ``gather_index``, as the data collates produce; optional ``txt_type_ids``
+        [B, Lt] and ``img_type_ids`` [B, Nb] for NLVR2 / VCR). Returns [B, L, H] (last layer) or every layer's
+        output."""
         return self(
             batch["input_ids"],
             batch["position_ids"],
@@ -182,6 +183,8 @@ class UniterModel(nn.Module):
             batch["gather_index"],
             img_masks=img_masks,
             output_all_encoded_layers=output_all_encoded_layers,
+            txt_type_ids=batch.get("txt_type_ids"),
+            img_type_ids=batch.get("img_type_ids"),
         )
 
     def forward_packed(
@@ -193,7 +196,7 @@ class UniterModel(nn.Module):
             packed: the ``packed`` dict of a collate (contract 2; ``uniter_fast.layout.pack_batch`` builds it from a
                 padded batch): ``txt_ids``/``txt_position_ids``/``txt_index`` [St], ``img_feat`` [Sn, 2048],
                 ``img_pos_feat`` [Sn, 7], ``img_index`` [Sn], ``cu_seqlens`` [B+1] int32, ``max_seqlen`` int and,
-                for MRM, ``img_masks`` [Sn] bool.
+                for MRM, ``img_masks`` [Sn] bool; optional ``txt_type_ids`` [St] / ``img_type_ids`` [Sn].
             output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
             check_values: also check ``cu_seqlens`` / ``max_seqlen`` against the token counts, which synchronises
                 with the GPU (default: ``self.check_inputs``); shapes and keys are always checked.

@@ -96,14 +96,22 @@ def _fit_precision(ds: dict[str, Any], source: str) -> None:
         ds["bf16"]["enabled"] = False
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainingConfig, ds_config: dict[str, Any]) -> Any:
-    """``deepspeed.initialize`` with the original's no-decay parameter groups and LR schedule. Returns the engine."""
+def build_engine(
+    model: torch.nn.Module,
+    cfg: TrainingConfig,
+    ds_config: dict[str, Any],
+    lr_mul: float = 1.0,
+    head_names: tuple[str, ...] = (),
+) -> Any:
+    """``deepspeed.initialize`` with the original's no-decay parameter groups and LR schedule (``cfg`` needs
+    ``learning_rate``, ``warmup_steps`` and ``num_train_steps``); ``lr_mul`` / ``head_names`` give task heads their
+    own learning-rate multiplier (see :func:`param_groups`). Returns the engine."""
     import deepspeed
 
     weight_decay = float(ds_config["optimizer"]["params"].get("weight_decay", 0.0))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, weight_decay),
+        model_parameters=param_groups(model, weight_decay, lr_mul, head_names),
         config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps),
     )

@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniter_fast.config import IMG_LABEL_DIM, UniterConfig
-from uniter_fast.model import Model
-from uniter_fast.model.uniter import init_uniter_weights
+from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.heads import BertOnlyMLMHead, RegionClassification, RegionFeatureRegression
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -44,7 +43,7 @@ def _require(batch: dict, keys: tuple[str, ...], task: str, packed_keys: tuple[s
         raise ValueError(f"batch for task {task!r} lacks the keys {missing}")
 
 
-class UniterForPretraining(nn.Module):
+class UniterForPretraining(UniterPreTrainedModel):
     """UNITER with its pretraining heads; ``state_dict`` keys are the original ones (``uniter.*``, ``cls.*``,
     ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``; the tied tensors appear under both names)."""
 
@@ -57,17 +56,12 @@ class UniterForPretraining(nn.Module):
         ot_settings: Optional[dict[str, Any]] = None,
         check_values: Optional[bool] = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.uniter = Model(config)
+        super().__init__(config, fast, check_values)
         self.cls = BertOnlyMLMHead(config, self.uniter.embeddings.word_embeddings.weight)
         self.feat_regress = RegionFeatureRegression(config, self.uniter.img_embeddings.img_linear.weight)
         self.region_classifier = RegionClassification(config, img_label_dim)
         self.itm_output = nn.Linear(config.hidden_size, 2)
-        for head in (self.cls, self.feat_regress, self.region_classifier, self.itm_output):
-            head.apply(lambda m: init_uniter_weights(m, config.initializer_range))
-        self.fast = fast
-        self.check_values = check_values
+        self.init_head_weights(self.cls, self.feat_regress, self.region_classifier, self.itm_output)
         self.itm_ot_lambda = itm_ot_lambda
         self.ot_settings = {"beta": 0.5, "iteration": 50, "k": 1, **(ot_settings or {})}
 
@@ -83,21 +77,7 @@ class UniterForPretraining(nn.Module):
         """The loss / OT backend this mode uses: ``"auto"`` when fast, else ``"reference"``."""
         return "auto" if self.fast else "reference"
 
-    @property
-    def value_checks(self) -> bool:
-        """Whether the fast path checks values that live on the device (``check_values``; default: not ``fast``)."""
-        return (not self.fast) if self.check_values is None else self.check_values
-
-    # ------------------------------------------------------------------ encoder
-    def _uses_packed(self, batch: dict) -> bool:
-        return self.fast and "packed" in batch
-
-    def _encode(self, batch: dict, img_masks: Optional[torch.Tensor]) -> torch.Tensor:
-        """Last-layer output: [T, H] (packed) or [B, L, H] (padded)."""
-        if self._uses_packed(batch):
-            return self.uniter.forward_packed(batch["packed"], check_values=self.value_checks)
-        return self.uniter.forward_batch(batch, img_masks=img_masks)
-
+    # ------------------------------------------------------------------ readouts (encoder choice: base class)
     def _masked_text_rows(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MLM rows [M, H] and labels [M] (masked text tokens, row-major)."""
         if sequence_output.dim() == 2:
@@ -120,12 +100,6 @@ class UniterForPretraining(nn.Module):
             return self._masked_region_rows(batch, self._encode(batch, None))
         _require(batch, ("img_masks", "img_mask_tgt", target_key), task)
         return self._masked_region_rows(batch, self._encode(batch, batch["img_masks"]))
-
-    def _pooled(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
-        """Pooled [CLS] output [B, H]."""
-        if sequence_output.dim() == 2:
-            return self.uniter.pooler(sequence_output[batch["packed"]["cls_index"]].unsqueeze(1))
-        return self.uniter.pooler(sequence_output)
 
     def _ot_embeddings(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text [B, Lt, H] and image [B, Nb, H] parts of the output, zero at pads (text includes [CLS]/[SEP]).

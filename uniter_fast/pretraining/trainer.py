@@ -96,6 +96,8 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 class Trainer:
     """Runs ``engine`` (a DeepSpeed engine around a UniterForPretraining) on ``stream`` for the configured steps."""
 
+    progress_name = "pretrain"  # the progress bar's label
+
     def __init__(
         self,
         engine: Any,
@@ -199,7 +201,7 @@ class Trainer:
         last = cfg.num_train_steps if stop_after is None else min(stop_after, cfg.num_train_steps)
         accum = self.engine.gradient_accumulation_steps()
         stream = iter(self.stream)
-        bar = tqdm(total=last, initial=self.step, desc="pretrain", disable=self.rank != 0, dynamic_ncols=True)
+        bar = tqdm(total=last, initial=self.step, desc=self.progress_name, disable=self.rank != 0, dynamic_ncols=True)
         while self.step < last:
             lr = self.engine.get_lr()[0]
             with torch.random.fork_rng(devices=[]):  # data loading must not move the RNG that dropout uses

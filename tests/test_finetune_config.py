@@ -1,0 +1,112 @@
+"""Fine-tuning configs: every shipped config parses (paths swapped for temporary dirs) with the original's values,
+and a bad config is an error naming the field before anything is built."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import pytest
+
+from tests.pretrain_runs import REPO
+from uniter_fast.finetuning.config import finetune_ds_config, parse_finetune_config
+
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "finetune-*.json")))
+DB_KEYS = (
+    "train_txt_dbs",
+    "train_img_dbs",
+    "train_txt_db",
+    "train_img_db",
+    "val_txt_db",
+    "val_img_db",
+    "test_txt_db",
+    "test_img_db",
+)
+
+
+def with_tmp_paths(raw: dict, tmp_path) -> dict:
+    """``raw`` with every database path replaced by an existing temporary dir (VCR's 'gt;det' pairs kept as
+    pairs) and no checkpoint."""
+    (tmp_path / "db").mkdir(exist_ok=True)
+    (tmp_path / "img_gt").mkdir(exist_ok=True)
+
+    def swap(path: str) -> str:
+        return f"{tmp_path / 'img_gt'};{tmp_path / 'db'}" if ";" in path else str(tmp_path / "db")
+
+    out = dict(raw, checkpoint=None)
+    for key in DB_KEYS:
+        if key in out:
+            out[key] = [swap(p) for p in out[key]] if isinstance(out[key], list) else swap(out[key])
+    return out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_shipped_configs_parse(path: str, tmp_path) -> None:
+    with open(path, encoding="utf-8") as f:
+        raw = json.load(f)
+    cfg = parse_finetune_config(with_tmp_paths(raw, tmp_path), where=path)
+    assert cfg.task == raw["task"] and cfg.num_train_steps == raw["num_train_steps"]
+    assert cfg.save_steps == cfg.valid_steps and cfg.eval_sets()["val"]
+
+
+def test_original_values_of_the_base_configs(tmp_path) -> None:
+    def load(name: str):
+        with open(os.path.join(REPO, "configs", name), encoding="utf-8") as f:
+            return parse_finetune_config(with_tmp_paths(json.load(f), tmp_path))
+
+    vqa = load("finetune-vqa-base.json")
+    assert (vqa.learning_rate, vqa.lr_mul, vqa.num_train_steps, vqa.warmup_steps) == (8e-5, 10.0, 6000, 600)
+    assert (vqa.train_batch_size, vqa.gradient_accumulation_steps, vqa.grad_norm) == (5120, 5, 2.0)
+    nlvr2 = load("finetune-nlvr2-base.json")
+    assert nlvr2.options == {"model": "paired-attn", "use_img_type": True} and nlvr2.learning_rate == 3e-5
+    refcoco = load("finetune-refcoco-base.json")
+    assert refcoco.options["mlp"] == 1 and (refcoco.train_batch_size, refcoco.conf_th) == (128, -1)
+    assert load("finetune-refcoco+-base.json").options["mlp"] == 2
+    vcr = load("finetune-vcr-base.json")
+    assert (vcr.learning_rate, vcr.max_txt_len, vcr.checkpoint_from) == (6e-5, 220, "vcr_pretrain")
+    stage1 = load("finetune-vcr-pretrain-base.json")
+    assert stage1.options["mix_ratio"] == [2, 1, 1] and stage1.grad_norm == -1
+    ds = finetune_ds_config({"gradient_clipping": 5.0, "optimizer": {"type": "AdamW", "params": {}}}, stage1)
+    assert ds["gradient_clipping"] == 0.0 and ds["gradient_accumulation_steps"] == 4
+    assert ds["optimizer"]["params"] == {"weight_decay": 0.01, "betas": [0.9, 0.98]}
+
+
+def base(tmp_path, **changes) -> dict:
+    raw = {
+        "task": "vqa",
+        "output_dir": "out",
+        "train_txt_db": "db",
+        "train_img_db": "db",
+        "val_txt_db": "db",
+        "val_img_db": "db",
+    }
+    (tmp_path / "db").mkdir(exist_ok=True)
+    raw.update(changes)
+    return {k: v for k, v in raw.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        ({"task": "vqa2"}, ValueError, r"'task' must be one of .*got 'vqa2'"),
+        ({"learning_rat": 1e-4}, ValueError, r"unknown keys \['learning_rat'\] \(neither fine-tuning keys nor"),
+        ({"mlp": 2}, ValueError, r"unknown keys \['mlp'\].*task 'vqa'"),
+        ({"val_img_db": None}, ValueError, r"missing keys \['val_img_db'\]"),
+        ({"val_txt_db": "nowhere"}, FileNotFoundError, r"val_txt_db: database directory .*nowhere.* does not exist"),
+        ({"test_txt_db": "db"}, ValueError, r"give both test_txt_db and test_img_db"),
+        ({"learning_rate": 0}, ValueError, r"learning_rate must be a number > 0, got 0"),
+        ({"checkpoint": "missing.pt"}, FileNotFoundError, r"checkpoint .*missing.pt.* does not exist"),
+        (
+            {"task": "nlvr2", "model": "pair"},
+            ValueError,
+            r"'model' must be one of \('paired', 'triplet', 'paired-attn'\)",
+        ),
+        ({"task": "re", "train_loss": "hinge"}, ValueError, r"train_loss must be 'cls' or 'rank'"),
+        ({"task": "vcr_pretrain", "tasks": ["mlm", "itm"]}, ValueError, r"'tasks' must be distinct names from"),
+        ({"train_txt_dbs": ["db"]}, ValueError, r"give 'train_txt_db' or 'train_txt_dbs', not both"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path, changes, error, match) -> None:
+    with pytest.raises(error, match=match):
+        parse_finetune_config(base(tmp_path, **changes), base_dir=str(tmp_path))

@@ -1,0 +1,107 @@
+"""The referring-expression txt_db (the original ``data/re.py`` ``ReTxtTokLmdb``): a txt_db of one record per
+sentence plus the COCO-refer side files.
+
+Records (key = sent_id): ``input_ids``, ``img_fname``, ``sent_id``, ``sent``, ``ref_id``, ``ann_id``, ``image_id``,
+``bbox`` (the referent's [x, y, w, h] in pixels). Side files beside ``meta.json`` / ``id2len.json``:
+
+* ``refs.json``: ``[{ref_id, sent_ids, ann_id, image_id, split}]``
+* ``annotations.json``: ``[{id, area, bbox, image_id, category_id}]``
+* ``categories.json``: ``[{id, name, supercategory}]``
+* ``images.json``: ``[{id, file_name, ann_ids, height, width}]`` (``ann_ids`` in the row order of the image's
+  GT-box features, so a referent's index among them is the training target)
+
+Image keys follow the original's COCO naming: ``visual_grounding_coco_gt_{image_id:012}.npz`` in the GT-box img_db
+and ``visual_grounding_det_coco_{image_id:012}.npz`` in the detected-box one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from uniter_fast.data.files import read_json, write_json_atomic
+from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.txt_db import TxtTokLmdb
+
+RE_SIDE_FILES = ("refs", "annotations", "categories", "images")
+REF_FIELDS = {
+    "refs": ("ref_id", "sent_ids", "ann_id", "image_id"),
+    "annotations": ("id", "bbox", "image_id", "category_id"),
+    "categories": ("id", "name"),
+    "images": ("id", "ann_ids", "height", "width"),
+}
+
+
+def gt_image_name(image_id: int) -> str:
+    """Key of an image in the GT-box img_db (the original's COCO naming)."""
+    return f"visual_grounding_coco_gt_{int(image_id):012}.npz"
+
+
+def det_image_name(image_id: int) -> str:
+    """Key of an image in the detected-box img_db."""
+    return f"visual_grounding_det_coco_{int(image_id):012}.npz"
+
+
+def check_side_file(path: str, name: str, rows: Any) -> None:
+    """Raise ``DataError`` naming ``path`` and the field unless ``rows`` is a list of dicts with ``name``'s fields."""
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of {name} records, got {type(rows).__name__}")
+    for i, row in enumerate(rows):
+        missing = [f for f in REF_FIELDS[name] if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise DataError(f"{path}: record {i} lacks the fields {missing} (a {name} record needs {REF_FIELDS[name]})")
+
+
+def write_re_side_files(path: str, side: dict[str, list[dict[str, Any]]]) -> None:
+    """Write ``refs.json``, ``annotations.json``, ``categories.json`` and ``images.json`` into the txt_db ``path``."""
+    for name in RE_SIDE_FILES:
+        check_side_file(name, name, side[name])
+        write_json_atomic(os.path.join(path, f"{name}.json"), side[name])
+
+
+class ReTxtTokLmdb(TxtTokLmdb):
+    """A referring-expression txt_db: ``Refs`` / ``Anns`` / ``Cats`` / ``Images`` by id, and ``sent_ids()`` in the
+    order of ``refs.json`` (the original iterates refs, then each ref's sentences, dropping those above
+    ``max_txt_len``)."""
+
+    def __init__(self, path: str, max_txt_len: int = 60) -> None:
+        super().__init__(path, max_txt_len)
+        side = {}
+        for name in RE_SIDE_FILES:
+            file = os.path.join(path, f"{name}.json")
+            side[name] = read_json(file)
+            check_side_file(file, name, side[name])
+        self.ref_ids = [ref["ref_id"] for ref in side["refs"]]
+        self.Refs = {ref["ref_id"]: ref for ref in side["refs"]}
+        self.Anns = {ann["id"]: ann for ann in side["annotations"]}
+        self.Cats = {cat["id"]: cat["name"] for cat in side["categories"]}
+        self.Images = {img["id"]: img for img in side["images"]}
+
+    def sent_ids(self, ref_order: list[int] | None = None) -> list[str]:
+        """Sentence ids (str) of the refs in ``ref_order`` (default: file order), those kept by ``max_txt_len``."""
+        out = []
+        for ref_id in self.ref_ids if ref_order is None else ref_order:
+            out += [str(s) for s in self.Refs[ref_id]["sent_ids"] if str(s) in self.id2len]
+        return out
+
+    def shuffled_sent_ids(self, rng: np.random.Generator) -> list[str]:
+        """As the original ``shuffle``: the refs in a random order, each ref's sentences kept together."""
+        order = [self.ref_ids[i] for i in rng.permutation(len(self.ref_ids))]
+        return self.sent_ids(order)
+
+    def target_index(self, record: dict[str, Any]) -> int:
+        """Index of the record's referent ``ann_id`` among its image's ``ann_ids`` (the GT-box row)."""
+        image = self.Images.get(record["image_id"])
+        if image is None:
+            raise DataError(
+                f"txt_db {self.path!r}: sentence {record.get('sent_id')!r} names image_id "
+                f"{record['image_id']!r}, which images.json lacks"
+            )
+        if record["ann_id"] not in image["ann_ids"]:
+            raise DataError(
+                f"txt_db {self.path!r}: sentence {record.get('sent_id')!r}: ann_id {record['ann_id']} is "
+                f"not among the ann_ids of image {record['image_id']} in images.json"
+            )
+        return image["ann_ids"].index(record["ann_id"])

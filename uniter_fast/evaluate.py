@@ -1,0 +1,138 @@
+"""Evaluate a fine-tuned UNITER on a task's databases and write predictions in the original's format:
+``python -m uniter_fast.evaluate --task vqa --checkpoint output/finetune-vqa-tiny/finetuned``.
+
+The checkpoint is a ``finetune.py`` export directory or a file saved by the original ``train_<task>.py``
+(``model_step_N.pt``; options such as the NLVR2 variant are read off its keys). By default the evaluation splits of
+``configs/finetune-<task>-tiny.json`` are used (the bundled set's val / test); ``--txt_db`` / ``--img_db`` evaluate
+any database instead, ``--config`` takes the splits and box settings of another fine-tuning config. Prints a table
+of the task's metrics; predictions go to ``--output_dir`` (default: ``results_eval/`` beside the checkpoint).
+Runs on one process, or on several under ``torchrun`` (each rank a shard, metrics and predictions gathered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from typing import Any, Optional
+
+logger = logging.getLogger("uniter_fast.evaluate")
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="finetune.py export dir or original model_step_N.pt")
+    parser.add_argument("--task", default=None, help="vqa, ve, nlvr2, re or vcr (default: the export's task.json)")
+    parser.add_argument("--config", default=None, help="fine-tuning config whose eval splits and settings to use")
+    parser.add_argument("--txt_db", default=None, help="evaluate this txt_db (with --img_db) instead of the config's")
+    parser.add_argument("--img_db", default=None, help="img_db of --txt_db (VCR: 'gt_dir;det_dir')")
+    parser.add_argument("--split", default="eval", help="name of the --txt_db split in the table and files")
+    parser.add_argument(
+        "--model_config",
+        default=None,
+        help="model config (preset tiny/base/large or JSON, as the original's --model_config); default: the one "
+        "saved with the checkpoint, else read off the weights",
+    )
+    parser.add_argument("--batch_size", type=int, default=None, help="override val_batch_size (tokens; RE: examples)")
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=JSON",
+        help="a task option for original checkpoints, e.g. --option mlp=2 (repeatable)",
+    )
+    parser.add_argument("--output_dir", default=None, help="where predictions go (default: beside the checkpoint)")
+    parser.add_argument("--reference", action="store_true", help="reference path (padded encoder)")
+    return parser.parse_args(argv)
+
+
+def _task_name(args: argparse.Namespace) -> str:
+    if args.task:
+        return args.task
+    meta = os.path.join(args.checkpoint, "task.json")
+    if os.path.isfile(meta):
+        with open(meta, encoding="utf-8") as f:
+            return json.load(f)["task"]
+    raise ValueError(f"--task is needed: {args.checkpoint!r} has no task.json (an original checkpoint?)")
+
+
+def _options(values: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--option must be KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        import torch
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    """Evaluate; returns {split: {metric: value}}."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from uniter_fast.finetune import default_config
+    from uniter_fast.finetuning.config import load_finetune_config
+    from uniter_fast.finetuning.trainer import format_table
+    from uniter_fast.pretraining.trainer import to_device
+    from uniter_fast.tasks import get_task
+    from uniter_fast.tasks.checkpoint import load_task_model
+    from uniter_fast.tasks.data import DbCache, eval_batches
+    from uniter_fast.tasks.evaluation import evaluate
+    from uniter_fast.tasks.synthetic import resolve_bundled
+
+    task = get_task(_task_name(args))
+    cfg = load_finetune_config(args.config or default_config(task.name))
+    if args.txt_db:
+        if not args.img_db:
+            raise ValueError("--txt_db needs --img_db")
+        splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
+    else:
+        splits = cfg.eval_sets()
+    rank, world = _distributed()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
+    dbs = DbCache(cfg)
+    options = {**task.check_options(_options(args.option), "--option")}
+    options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
+    model, options = load_task_model(task, args.checkpoint, options, args.model_config, fast=not args.reference)
+    model.to(device)
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
+    batch_size = args.batch_size or cfg.val_batch_size
+    results = {}
+    for split, (txt_path, img_path) in splits.items():
+        dataset = task.eval_dataset(dbs, txt_path, img_path, options, split)
+        batches = eval_batches(dataset, batch_size, rank, world, by_examples=task.by_examples)
+        metrics, predictions = evaluate(task, model, batches, options, lambda b: to_device(b, device), desc=split)
+        results[split] = metrics
+        if rank == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            files = task.write_predictions(predictions, out_dir, f"{split}_results")
+            logger.info("%s: %d predictions written to %s", split, len(predictions), files)
+    if rank == 0:
+        keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k != task.headline, k))
+        rows = [[split, *(f"{m[k]:.4f}" for k in keys)] for split, m in results.items()]
+        print(f"\n{task.name} evaluation of {args.checkpoint}:")
+        print(format_table(rows, ["split", *keys]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

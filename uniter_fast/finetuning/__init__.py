@@ -1,0 +1,1 @@
+"""Downstream fine-tuning: the config of ``finetune.py``, its data, trainer and run (see ``docs/finetune.md``)."""

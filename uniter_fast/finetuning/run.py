@@ -1,0 +1,79 @@
+"""Build the model, data, engine and trainer of a fine-tuning config and run it (after the process group exists)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from uniter_fast.finetuning.config import FinetuneConfig
+from uniter_fast.finetuning.data import eval_datasets, train_stream
+from uniter_fast.finetuning.trainer import FinetuneTrainer
+from uniter_fast.pretraining.engine import build_engine
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.data import DbCache
+
+logger = logging.getLogger(__name__)
+
+
+def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
+    """Model config overrides: ``dropout`` for every dropout of the encoder (the original's ``set_dropout``) and the
+    config's ``model_overrides``."""
+    return {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, **cfg.model_overrides}
+
+
+def check_vocab(dbs: DbCache, model: Any) -> None:
+    """``ValueError`` when a text db's vocabulary is larger than the model's word table."""
+    used = max(int(db.v_range[1]) for db in dbs.opened_txt_dbs())
+    if used > model.config.vocab_size:
+        raise ValueError(f"model vocab_size {model.config.vocab_size} is smaller than the text dbs' vocabulary {used}")
+
+
+def run(
+    cfg: FinetuneConfig,
+    ds_config: dict[str, Any],
+    rank: int,
+    world: int,
+    num_workers: int,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+) -> tuple[dict[str, dict[str, float]], str]:
+    """Fine-tune as ``cfg`` says; returns (final metrics by split, the summary table text)."""
+    if cfg.task == "vcr_pretrain":
+        from uniter_fast.finetuning.vcr_pretrain import run_vcr_pretraining
+
+        return run_vcr_pretraining(cfg, ds_config, rank, world, num_workers, resume, stop_after, dropout_overrides(cfg))
+    task = get_task(cfg.task)
+    dbs = DbCache(cfg)
+    txt_paths = list(cfg.train_txt_dbs) + [txt for txt, _ in cfg.eval_sets().values()]
+    options = {**cfg.options, **task.data_options(dbs, txt_paths, cfg.options)}
+    model, options = load_task_model(
+        task, cfg.checkpoint, options, cfg.model_config, cfg.fast, config_overrides=dropout_overrides(cfg)
+    )
+    stream = train_stream(task, cfg, dbs, options, rank, world, num_workers, ds_config["gradient_accumulation_steps"])
+    eval_sets = eval_datasets(task, cfg, dbs, options)
+    check_vocab(dbs, model)
+
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    writer = None
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+    lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
+    engine = build_engine(model, cfg, ds_config, lr_mul=lr_mul, head_names=heads)
+    trainer = FinetuneTrainer(engine, cfg, stream, task, options, eval_sets, cfg.output_dir, writer, world)
+    if resume:
+        trainer.resume()
+    results = trainer.train(stop_after)
+    lines = [
+        f"\nfinal {task.name} metrics after {trainer.step} steps ({world} rank(s), ZeRO-"
+        f"{engine.zero_optimization_stage()}):",
+        trainer.summary(results),
+    ]
+    if trainer.step == cfg.num_train_steps:
+        lines.append(f"fine-tuned weights: {os.path.join(cfg.output_dir, 'finetuned')}")
+    if writer is not None:
+        writer.close()
+    return results, "\n".join(lines)

@@ -1,0 +1,112 @@
+"""``UniterPreTrainedModel``: the base of every model that puts heads on a UNITER encoder (pretraining and tasks).
+
+As the original ``model/model.py`` base of the same name, it holds the encoder under ``uniter`` (so ``state_dict``
+keys are ``uniter.*`` plus the heads' original names) and the weight init of the heads. It also chooses, in one
+place for every head, between the packed encoder (``fast``: valid tokens only, ``Model.forward_packed``) and the
+padded one (the reference), and reads rows back out of either layout: the pooled [CLS], the padded joint sequence,
+each example's regions. ``init_type_embedding`` / ``init_word_embedding`` grow the embedding tables as NLVR2 and
+VCR do (written once here; the original repeats them in five classes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.model.uniter import Model, init_uniter_weights
+
+
+class UniterPreTrainedModel(nn.Module):
+    """A UNITER encoder (``self.uniter``) with heads added by subclasses; ``fast`` selects the packed encoder."""
+
+    def __init__(self, config: UniterConfig, fast: bool = False, check_values: Optional[bool] = None) -> None:
+        super().__init__()
+        config = dataclasses.replace(config)  # a copy: growing the tables updates it, not the caller's
+        self.config = config
+        self.uniter = Model(config)
+        self.fast = fast
+        self.check_values = check_values
+
+    def init_head_weights(self, *heads: nn.Module) -> None:
+        """The original ``init_weights`` on the head modules (Linear/Embedding N(0, 0.02), biases 0, LN 1/0)."""
+        for head in heads:
+            head.apply(lambda m: init_uniter_weights(m, self.config.initializer_range))
+
+    @property
+    def value_checks(self) -> bool:
+        """Whether the fast path checks values that live on the device (``check_values``; default: not ``fast``)."""
+        return (not self.fast) if self.check_values is None else self.check_values
+
+    # ------------------------------------------------------------------ encoder and readouts
+    def _uses_packed(self, batch: dict) -> bool:
+        return self.fast and "packed" in batch
+
+    def _encode(self, batch: dict, img_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Last-layer output: [T, H] (packed, when ``fast`` and the batch has ``packed``) or [B, L, H] (padded)."""
+        if self._uses_packed(batch):
+            return self.uniter.forward_packed(batch["packed"], check_values=self.value_checks)
+        return self.uniter.forward_batch(batch, img_masks=img_masks)
+
+    def _pooled(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
+        """Pooled [CLS] output [B, H] of either layout."""
+        if sequence_output.dim() == 2:
+            return self.uniter.pooler(sequence_output[batch["packed"]["cls_index"]].unsqueeze(1))
+        return self.uniter.pooler(sequence_output)
+
+    def _padded_sequence(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
+        """The joint sequence [B, L, H] (L = attn_masks width); a packed output is scattered back, zeros at pads.
+
+        The packed tokens are exactly the valid joint positions in row-major order, so no index is needed beyond
+        ``attn_masks``."""
+        if sequence_output.dim() == 3:
+            return sequence_output
+        valid = batch["attn_masks"].bool()
+        padded = sequence_output.new_zeros(*valid.shape, sequence_output.size(-1))
+        return padded.index_put((valid.nonzero(as_tuple=True)), sequence_output)
+
+    def _region_hidden(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
+        """Each example's region outputs [B, Nb, H] (row i at positions t_i .. t_i+n_i-1 of its joint sequence),
+        zero-padded to Nb = max n_i as the original ``_get_image_hidden``."""
+        txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
+        max_bb = batch["img_feat"].size(1)
+        valid = torch.arange(max_bb, device=num_bbs.device)[None, :] < num_bbs[:, None]
+        hidden = sequence_output.size(-1)
+        out = sequence_output.new_zeros(valid.size(0), max_bb, hidden)
+        rows, cols = valid.nonzero(as_tuple=True)
+        if sequence_output.dim() == 2:
+            return out.index_put((rows, cols), sequence_output[batch["packed"]["img_index"]])
+        return out.index_put((rows, cols), sequence_output[rows, txt_lens[rows] + cols])
+
+    # ------------------------------------------------------------------ growing the embedding tables
+    def init_type_embedding(self, sources: Sequence[int]) -> None:
+        """Replace the token-type table by one of ``len(sources)`` rows, row r a copy of old row ``sources[r]``.
+
+        NLVR2: ``(0, 1, 1)`` (the second image's type starts as the image type); VCR: ``(0, 1, 0, 0)`` (answer and
+        rationale types start as the text type). ``config.type_vocab_size`` follows the new size."""
+        old = self.uniter.embeddings.token_type_embeddings
+        if any(not 0 <= s < old.num_embeddings for s in sources):
+            raise ValueError(f"sources must index the {old.num_embeddings} existing type rows, got {list(sources)}")
+        new = nn.Embedding(len(sources), old.embedding_dim).to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(old.weight[list(sources)])
+        self.uniter.embeddings.token_type_embeddings = new
+        self.uniter.config.type_vocab_size = len(sources)
+
+    def init_word_embedding(self, num_special_tokens: int) -> None:
+        """Append ``num_special_tokens`` rows (N(0, 0.02)) to the word table, as VCR's person tags; old rows kept.
+
+        ``config.vocab_size`` follows. Unlike the original (which loses it), the new table keeps padding_idx 0."""
+        if num_special_tokens < 1:
+            raise ValueError(f"num_special_tokens must be >= 1, got {num_special_tokens}")
+        old = self.uniter.embeddings.word_embeddings
+        new = nn.Embedding(old.num_embeddings + num_special_tokens, old.embedding_dim, padding_idx=0)
+        new = new.to(old.weight.device, old.weight.dtype)
+        with torch.no_grad():
+            new.weight.normal_(0.0, self.config.initializer_range)
+            new.weight[: old.num_embeddings].copy_(old.weight)
+        self.uniter.embeddings.word_embeddings = new
+        self.uniter.config.vocab_size = new.num_embeddings

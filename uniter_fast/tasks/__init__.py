@@ -1,0 +1,31 @@
+"""Downstream tasks: each module holds a task's model (original head names), data and metric; ``TASKS`` maps the
+names that ``finetune.py --task`` and ``evaluate.py --task`` take to their :class:`~uniter_fast.tasks.spec.Task`."""
+
+from __future__ import annotations
+
+from uniter_fast.tasks.nlvr2 import Nlvr2Task
+from uniter_fast.tasks.re import ReTask
+from uniter_fast.tasks.spec import Task
+from uniter_fast.tasks.vcr import VcrTask
+from uniter_fast.tasks.vcr_pretrain import VcrPretrainTask
+from uniter_fast.tasks.ve import VeTask
+from uniter_fast.tasks.vqa import VqaTask
+
+TASKS: dict[str, Task] = {
+    "vqa": VqaTask(),
+    "ve": VeTask(),
+    "nlvr2": Nlvr2Task(),
+    "re": ReTask(),
+    "vcr": VcrTask(),
+    "vcr_pretrain": VcrPretrainTask(),
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; ``ValueError`` listing the known ones otherwise."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "get_task"]

@@ -1,0 +1,228 @@
+"""Referring expressions (the original ``model/re.py``, ``data/re.py``, ``train_re.py``, ``inf_re.py``).
+
+Model: ``re_output`` scores every region output (Linear(H, 1), or with ``mlp`` 2 Linear, GELU, LayerNorm, Linear);
+non-regions (padding) get -1e4. Losses: ``cls``, cross-entropy over the regions; ``rank``, max(0, margin +
+sigmoid(s_neg) - sigmoid(s_pos)) with one negative per expression, the highest-scoring other region with
+probability ``hard_ratio`` else a uniform other region. Both are summed over the batch (``train_re.py``:
+``loss.sum()``), and batches count expressions (``train_batch_size`` 128), not tokens.
+
+Data: ``ReTxtTokLmdb`` (one record per sentence, the COCO-refer side files) with GT-box features for training (the
+target is the referent's row among the image's ``ann_ids``) and GT- or detected-box features for evaluation. An
+img_db directory whose name contains "gt" is a GT-box db (as the original's ``"coco_gt" in img_path``). Metric:
+accuracy, the share of expressions whose top region's box has IoU > 0.5 with the referent's box (``computeIoU``
+with its inclusive-pixel convention). Predictions: ``results.json`` {"acc", "predictions": [{sent_id, pred_box,
+tgt_box}]} as ``inf_re.py`` (boxes [x, y, w, h] in pixels).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data import DetectFeatLmdb
+from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.re_db import ReTxtTokLmdb, det_image_name, gt_image_name
+from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
+from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+
+NOT_A_REGION = -1e4
+
+
+class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
+    """UNITER + ``re_output`` on each region output; ``loss`` "cls" or "rank"."""
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        loss: str = "cls",
+        margin: float = 0.2,
+        hard_ratio: float = 0.3,
+        mlp: int = 1,
+        fast: bool = False,
+    ) -> None:
+        super().__init__(config, fast)
+        hidden = config.hidden_size
+        if mlp == 1:
+            self.re_output = nn.Linear(hidden, 1)
+        elif mlp == 2:
+            self.re_output = nn.Sequential(
+                nn.Linear(hidden, hidden),
+                nn.GELU(),
+                nn.LayerNorm(hidden, eps=config.layer_norm_eps),
+                nn.Linear(hidden, 1),
+            )
+        else:
+            raise ValueError(f"mlp must be 1 or 2 (layers of re_output), got {mlp!r}")
+        if loss not in ("cls", "rank"):
+            raise ValueError(f"loss must be 'cls' or 'rank', got {loss!r}")
+        self.loss, self.margin, self.hard_ratio = loss, margin, hard_ratio
+        self.init_head_weights(self.re_output)
+
+    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """``{"loss": 0-dim}`` (summed over expressions) or ``{"scores": [B, Nb]}`` (-1e4 at non-regions)."""
+        regions = self._region_hidden(batch, self._encode(batch))
+        scores = self.re_output(regions).squeeze(2).masked_fill(batch["obj_masks"], NOT_A_REGION)
+        if not compute_loss:
+            return {"scores": scores}
+        require(batch, ("targets",), "re")
+        targets = batch["targets"]
+        if self.loss == "cls":
+            return {"loss": F.cross_entropy(scores.float(), targets, reduction="sum")}
+        negatives = self.sample_negatives(scores.detach(), targets, batch["num_bbs"])
+        positive = torch.sigmoid(scores.gather(1, targets[:, None]).squeeze(1).float())
+        negative = torch.sigmoid(scores.gather(1, negatives[:, None]).squeeze(1).float())
+        return {"loss": torch.clamp(self.margin + negative - positive, min=0).sum()}
+
+    def sample_negatives(self, scores: torch.Tensor, targets: torch.Tensor, num_bbs: torch.Tensor) -> torch.Tensor:
+        """[B] one region != target per row: with ``hard_ratio`` the best-scoring other region, else a uniform
+        other region of the row's ``num_bbs`` (the original's ``sample_neg_ix``, drawn from torch's generator)."""
+        if int(num_bbs.min()) < 2:
+            raise ValueError(f"the rank loss needs >= 2 regions per image, got num_bbs {num_bbs.tolist()}")
+        others = scores.float().scatter(1, targets[:, None], float("-inf"))
+        hardest = others.argmax(dim=1)
+        uniform = (torch.rand(targets.shape, device=scores.device) * (num_bbs - 1)).long()
+        uniform = uniform + (uniform >= targets).long()  # skip the target: uniform over the other regions
+        hard = torch.rand(targets.shape, device=scores.device) < self.hard_ratio
+        return torch.where(hard, hardest, uniform)
+
+
+def is_gt_db(path: str) -> bool:
+    """A GT-box img_db (named like the original's ``re_coco_gt``): "gt" in the directory name."""
+    return "gt" in os.path.basename(os.path.normpath(path))
+
+
+class ReDataset(TaskDataset):
+    """Expressions with their image's regions. Training: GT boxes, ``target`` = the referent's row. Evaluation
+    (``eval``): GT or detected boxes, with the boxes in pixels [x, y, w, h] (``obj_boxes``) and the referent's
+    (``tgt_box``). ``lens`` are all 1: batches count expressions."""
+
+    task = "re"
+
+    def __init__(self, txt_db: ReTxtTokLmdb, img_db: DetectFeatLmdb, gt: bool, eval: bool = False, seed: int = 0):
+        ids = txt_db.sent_ids()
+        name = gt_image_name if gt else det_image_name
+        missing = [i for i in ids if name(txt_db[i]["image_id"]) not in img_db] if ids else []
+        if missing:
+            raise DataError(
+                f"txt_db {txt_db.path!r}: sentence {missing[0]!r} names image "
+                f"{name(txt_db[missing[0]]['image_id'])!r}, which img_db {img_db.path!r} lacks"
+            )
+        super().__init__(txt_db, ids, np.ones(len(ids), dtype=np.int64), seed)
+        self.img_db, self.gt, self.eval, self.image_name = img_db, gt, eval, name
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        id_ = self.ids[index]
+        record = self.record(index)
+        feat, pos = image_inputs(self.img_db, self.image_name(record["image_id"]), f"sentence {id_!r}")
+        image = self.txt_db.Images[record["image_id"]]
+        if self.gt and feat.size(0) != len(image["ann_ids"]):
+            raise DataError(
+                f"img_db {self.img_db.path!r}: image {record['image_id']} has {feat.size(0)} GT boxes "
+                f"but {len(image['ann_ids'])} ann_ids in images.json (use the GT-box features)"
+            )
+        item = row(self.txt_db.combine_inputs(record["input_ids"]), feat, pos)
+        item["sent_id"] = id_
+        if self.eval:
+            size = torch.tensor([image["width"], image["height"]], dtype=torch.float64)
+            item["obj_boxes"] = torch.cat([pos[:, 0:2] * size, pos[:, 4:6] * size], dim=1).numpy()
+            item["tgt_box"] = np.asarray(record["bbox"], dtype=np.float64)
+        else:
+            item["target"] = self.txt_db.target_index(record)
+        return item
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Joint layout + ``obj_masks`` bool [B, Nb] (True at padding), ``targets`` int64 [B] (training) or
+        ``obj_boxes`` / ``tgt_box`` (evaluation), ``sent_ids``."""
+        batch = collate_rows(items, self.task)
+        batch["obj_masks"] = torch.arange(batch["img_feat"].size(1))[None, :] >= batch["num_bbs"][:, None]
+        if "target" in items[0]:
+            batch["targets"] = torch.tensor([it["target"] for it in items], dtype=torch.long)
+        else:
+            batch["obj_boxes"] = [it["obj_boxes"] for it in items]
+            batch["tgt_box"] = [it["tgt_box"] for it in items]
+        batch["sent_ids"] = [it["sent_id"] for it in items]
+        return batch
+
+
+def compute_iou(box1: np.ndarray, box2: np.ndarray) -> float:
+    """IoU of two [x, y, w, h] boxes with the original's inclusive-pixel intersection (x2 = x + w - 1) and the
+    plain areas w * h in the union."""
+    inter_x1, inter_y1 = max(box1[0], box2[0]), max(box1[1], box2[1])
+    inter_x2 = min(box1[0] + box1[2] - 1, box2[0] + box2[2] - 1)
+    inter_y2 = min(box1[1] + box1[3] - 1, box2[1] + box2[3] - 1)
+    inter = (inter_x2 - inter_x1 + 1) * (inter_y2 - inter_y1 + 1) if inter_x1 < inter_x2 and inter_y1 < inter_y2 else 0
+    return float(inter) / (box1[2] * box1[3] + box2[2] * box2[3] - inter)
+
+
+class ReTask(Task):
+    """Referring expressions: ``train_loss`` (cls / rank), ``margin``, ``hard_ratio``, ``mlp``."""
+
+    name = "re"
+    heads = ("re_output",)
+    options = {"train_loss": "cls", "margin": 0.2, "hard_ratio": 0.3, "mlp": 1}
+    head_lr_mul = True
+    by_examples = True
+    sums = ("correct", "count")
+    headline = "acc"
+
+    def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        out = super().check_options(options, where)
+        if out["train_loss"] not in ("cls", "rank") or out["mlp"] not in (1, 2):
+            raise ValueError(
+                f"{where}: train_loss must be 'cls' or 'rank' and mlp 1 or 2, got "
+                f"{out['train_loss']!r} and {out['mlp']!r}"
+            )
+        return out
+
+    def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if "re_output.weight" in state:
+            return {"mlp": 1}
+        return {"mlp": 2} if "re_output.0.weight" in state else {}
+
+    def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
+        return UniterForReferringExpressionComprehension(
+            config, options["train_loss"], options["margin"], options["hard_ratio"], options["mlp"], fast
+        )
+
+    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+        if not is_gt_db(img_path):
+            raise ValueError(f"RE trains on GT-box features (an img_db named like '*gt*'), got {img_path!r}")
+        return ReDataset(dbs.txt(ReTxtTokLmdb, txt_path, True), dbs.img(img_path, gt=True), gt=True, seed=seed)
+
+    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+        gt = is_gt_db(img_path)
+        return ReDataset(dbs.txt(ReTxtTokLmdb, txt_path, False), dbs.img(img_path, gt=gt), gt=gt, eval=True)
+
+    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+        best = scores_of(model, batch).argmax(dim=1).tolist()
+        preds = []
+        for ix, boxes, target, sent_id in zip(best, batch["obj_boxes"], batch["tgt_box"], batch["sent_ids"]):
+            pred = boxes[ix]
+            preds.append(
+                {
+                    "sent_id": int(sent_id) if sent_id.isdigit() else sent_id,
+                    "pred_box": pred.tolist(),
+                    "tgt_box": target.tolist(),
+                    "correct": compute_iou(pred, target) > 0.5,
+                }
+            )
+        return {"correct": float(sum(p["correct"] for p in preds)), "count": float(len(preds))}, preds
+
+    def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
+        return {"acc": ratio(sums["correct"], sums["count"])}
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        path = os.path.join(directory, f"{stem}.json")
+        acc = ratio(sum(p["correct"] for p in predictions), len(predictions))
+        records = [{k: v for k, v in p.items() if k != "correct"} for p in predictions]
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"acc": acc, "predictions": records}, f)
+        return [path]

@@ -1,0 +1,110 @@
+"""``Task``: everything ``finetune.py`` and ``evaluate.py`` need to know about one downstream task.
+
+A task module (``vqa.py``, ``nlvr2.py``, ...) defines its model (original head names), datasets and collates, and a
+``Task`` subclass that ties them to the loop: how to build and prepare the model, which datasets to train and
+evaluate on, what one evaluation batch adds to the metric, and how predictions are written (in the original's
+output format). ``uniter_fast.tasks.TASKS`` maps names to instances; adding a task is one new module and one entry.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks.data import DbCache, TaskDataset
+
+
+class Task:
+    """Base of the task definitions; subclasses set the class attributes and implement the methods."""
+
+    name = ""
+    heads: tuple[str, ...] = ()
+    """Head module names (the original's, e.g. ``vqa_output``): ``state_dict`` prefixes of the task model."""
+    options: dict[str, Any] = {}
+    """Task-specific config keys (the original's names) and their defaults."""
+    head_lr_mul = False
+    """True when the original script gives the head its own param groups with ``lr_mul`` (VQA, RE, VCR)."""
+    by_examples = False
+    """True when ``train_batch_size`` / ``val_batch_size`` count examples (RE) instead of tokens."""
+    sums: tuple[str, ...] = ()
+    """Names of the per-batch sums of :meth:`eval_batch`, reduced over ranks in this order."""
+    headline = ""
+    """The metric the final table leads with."""
+    grows_loaded_heads = False
+    """True when a checkpoint with the head keys may still have the pretrained table sizes and is grown after the
+    strict load (the VCR second stage starts from pretraining exports, heads included); otherwise such a
+    checkpoint must already hold the task's tables."""
+
+    # ------------------------------------------------------------------ options and model
+    def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        """``options`` completed with the defaults and checked; ``ValueError`` naming ``where`` and the key."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {unknown} (neither fine-tuning keys nor options of task {self.name!r}, whose "
+                f"options are {sorted(self.options)})"
+            )
+        return {**self.options, **options}
+
+    def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Options that a checkpoint's head keys and shapes fix (e.g. the NLVR2 variant); default none."""
+        return {}
+
+    def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
+        """A freshly initialised task model."""
+        raise NotImplementedError
+
+    def prepare_model(self, model: UniterPreTrainedModel, options: dict[str, Any]) -> None:
+        """Grow the embedding tables the task needs (after a pretrained checkpoint is loaded); default nothing."""
+
+    def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        """Options read off the task's databases (e.g. the answer vocabulary); default none."""
+        return {}
+
+    # ------------------------------------------------------------------ data
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
+        """The training dataset(s) of one (txt_db, img_db) pair (VCR gives a Q->A and a QA->R dataset)."""
+        raise NotImplementedError
+
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str
+    ) -> TaskDataset:
+        """An evaluation dataset (every example, in order) of ``split`` (a name such as "val", "test")."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ evaluation
+    def eval_batch(
+        self, model: Any, batch: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, float], list[Any]]:
+        """(sums of :attr:`sums`, prediction records) of one batch; ``model`` is the task model or its engine."""
+        raise NotImplementedError
+
+    def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
+        """Metrics from the summed quantities and every rank's predictions."""
+        raise NotImplementedError
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        """Write ``predictions`` in the original's output format under ``directory``; returns the files."""
+        raise NotImplementedError
+
+
+def scores_of(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """The model's ``compute_loss=False`` scores, in fp32."""
+    return model(batch, None, compute_loss=False)["scores"].float()
+
+
+def ratio(num: float, den: float) -> float:
+    """num / den, NaN when nothing was counted."""
+    return num / den if den > 0 else float("nan")
+
+
+def require(batch: dict[str, Any], keys: tuple[str, ...], task: str, where: Optional[str] = None) -> None:
+    """``ValueError`` naming the missing batch keys."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"batch for task {task!r} lacks the keys {missing}" + (f" ({where})" if where else ""))

@@ -1,0 +1,267 @@
+"""VCR (the original ``model/vcr.py``, ``data/vcr.py``, ``train_vcr.py``, ``inf_vcr.py``): multiple-choice Q->A and
+QA->R over GT + detected regions, with object tags in the text.
+
+Model: ``vcr_output`` = Linear(H, 2H), ReLU, LayerNorm(2H), Linear(2H, 2) on the pooled [CLS] of each (question,
+choice) sequence; loss cross-entropy over the two classes (1 = right choice), mean over sequences; a choice's score
+is its class-1 logit. The type table grows to 4 rows (0 question, 1 region, 2 answer, 3 rationale; rows 2 and 3 start
+as copies of the text row) and the word table by 81 tag rows (``init_word_embedding``); a VCR second-stage
+checkpoint (``finetune.py --task vcr_pretrain``) already has both.
+
+Sequences: Q->A ``[CLS] q [SEP] a_i [SEP]`` (types 0, 0.., 2..); QA->R ``[CLS] q [SEP] a* [SEP] r_i [SEP]`` (types
+0, 0.., 2.., 3..) with the right answer a*; regions: the GT boxes, then the detected ones. Training uses a Q->A and a
+QA->R dataset per txt_db (four sequences per example). Evaluation: split "val" scores 4 answers + the 4 rationales of
+the right answer; split "test" scores 4 answers + 16 rationales (every answer's), as ``VcrEvalDataset("test")``.
+Metrics: Q->A, QA->R and Q->AR accuracy (both right) and the two losses. Predictions: ``results.json`` {annot_id:
+scores}; with 20 scores also ``results.csv`` in the leaderboard layout of ``inf_vcr.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data import DetectFeatLmdb
+from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
+from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
+from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+
+TYPE_ROWS = (0, 1, 0, 0)  # init_type_embedding: answer and rationale types start as the text type
+QUESTION, ANSWER, RATIONALE = 0, 2, 3
+
+
+class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
+    """UNITER + ``vcr_output`` (keys ``vcr_output.0`` Linear, ``.2`` LayerNorm, ``.3`` Linear)."""
+
+    def __init__(self, config: UniterConfig, fast: bool = False) -> None:
+        super().__init__(config, fast)
+        hidden = config.hidden_size
+        self.vcr_output = nn.Sequential(
+            nn.Linear(hidden, hidden * 2),
+            nn.ReLU(),
+            nn.LayerNorm(hidden * 2, eps=config.layer_norm_eps),
+            nn.Linear(hidden * 2, 2),
+        )
+        self.init_head_weights(self.vcr_output)
+
+    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """``{"loss": 0-dim}`` (CE mean over sequences) or ``{"scores": [N, 1]}`` (class-1 logits, as the
+        original's ``rank_scores[:, 1:]``)."""
+        rank_scores = self.vcr_output(self._pooled(batch, self._encode(batch)))
+        if not compute_loss:
+            return {"scores": rank_scores[:, 1:]}
+        require(batch, ("targets",), "vcr")
+        return {"loss": F.cross_entropy(rank_scores.float(), batch["targets"])}
+
+
+def prepare_vcr_tables(model: UniterPreTrainedModel, special_token_base: int) -> None:
+    """Grow a pretrained model's tables for VCR: 4 type rows and ``special_token_base`` + 81 words. Tables that
+    already have those sizes (a VCR checkpoint) are kept; any other size is an error naming both."""
+    rows = model.uniter.embeddings.token_type_embeddings.num_embeddings
+    if rows == 2:
+        model.init_type_embedding(TYPE_ROWS)
+    elif rows != len(TYPE_ROWS):
+        raise ValueError(f"a VCR model has 2 (pretrained) or 4 type rows, this one has {rows}")
+    words = model.uniter.embeddings.word_embeddings.num_embeddings
+    if words == special_token_base:
+        model.init_word_embedding(NUM_SPECIAL_TOKENS)
+    elif words != special_token_base + NUM_SPECIAL_TOKENS:
+        raise ValueError(
+            f"the VCR db's object tags start at id {special_token_base} (meta.json special_token_base), so the model "
+            f"needs {special_token_base} words before the {NUM_SPECIAL_TOKENS} tags are added; it has {words}. "
+            f"Rebuild the db with --special_token_base {words}, or use a model of that vocabulary"
+        )
+
+
+def special_token_base(dbs: DbCache, txt_paths: list[str]) -> int:
+    """The id of object tag 0 shared by the VCR txt_dbs (``meta.json``); ``DataError`` when they disagree."""
+    bases = {dbs.txt(VcrTxtTokLmdb, p, False).special_token_base for p in txt_paths}
+    if len(bases) != 1:
+        raise DataError(f"the VCR dbs {txt_paths} disagree on meta.json special_token_base: {sorted(bases)}")
+    return bases.pop()
+
+
+class VcrDataset(TaskDataset):
+    """VCR examples of one txt_db read as ``task`` "qa" / "qar" (training) or for evaluation (``eval_mode`` "val" /
+    "test"). Every item holds the sequences of its choices; ``lens`` = text + GT boxes + detected boxes."""
+
+    task = "vcr"
+
+    def __init__(
+        self,
+        txt_db: VcrTxtTokLmdb,
+        img_db_gt: DetectFeatLmdb,
+        img_db: DetectFeatLmdb,
+        eval_mode: str = "",
+        seed: int = 0,
+    ) -> None:
+        if eval_mode not in ("", "val", "test") or (not eval_mode and txt_db.task == "qa,qar"):
+            raise ValueError(
+                f"training reads a VCR db as 'qa' or 'qar', evaluation as 'qa,qar' with eval_mode "
+                f"'val' / 'test'; got task {txt_db.task!r}, eval_mode {eval_mode!r}"
+            )
+        ids = list(txt_db.id2len)
+        fnames = txt_db.txt2img
+        check_images_exist(txt_db, ids, [fnames[i] for i in ids], [img_db_gt, img_db])
+        lens = [txt_db.id2len[i] + img_db_gt.name2nbb[fnames[i][0]] + img_db.name2nbb[fnames[i][1]] for i in ids]
+        super().__init__(txt_db, ids, np.array(lens), seed)
+        self.img_db_gt, self.img_db, self.eval_mode = img_db_gt, img_db, eval_mode
+
+    def images(self, id_: str, record: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """GT-box then detected-box features [n, 2048] and boxes [n, 7]."""
+        gt = image_inputs(self.img_db_gt, record["img_fname"][0], f"VCR example {id_!r}")
+        det = image_inputs(self.img_db, record["img_fname"][1], f"VCR example {id_!r}")
+        return torch.cat([gt[0], det[0]]), torch.cat([gt[1], det[1]])
+
+    def sequence(self, question: list[int], answer: list[int], rationale: list[int] | None = None) -> tuple:
+        """(input_ids, txt_type_ids) int64 of [CLS] q [SEP] a [SEP] (r [SEP])."""
+        db = self.txt_db
+        ids = [db.cls_, *question, db.sep, *answer, db.sep]
+        types = [QUESTION] * (len(question) + 1) + [ANSWER] * (len(answer) + 2)
+        if rationale is not None:
+            ids += [*rationale, db.sep]
+            types += [RATIONALE] * (len(rationale) + 1)
+            types[len(question) + len(answer) + 2] = RATIONALE  # the [SEP] after the answer opens the rationale
+        return torch.tensor(ids), torch.tensor(types)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        id_ = self.ids[index]
+        record = self.record(index)
+        feat, pos = self.images(id_, record)
+        q, answers, rationales = record["input_ids"], record["input_ids_as"], record["input_ids_rs"]
+        if self.eval_mode:
+            texts = [self.sequence(q, a) for a in answers]
+            if self.eval_mode == "val":
+                texts += [self.sequence(q, answers[self._label(id_, record, "qa_target")], r) for r in rationales]
+            else:
+                texts += [self.sequence(q, a, r) for a in answers for r in rationales]
+            rows = [row(ids, feat, pos, txt_type_ids=types) for ids, types in texts]
+            return {"rows": rows, "qid": id_, "qa": record["qa_target"], "qar": record["qar_target"]}
+        if self.txt_db.task == "qa":
+            texts, label = [self.sequence(q, a) for a in answers], self._label(id_, record, "qa_target")
+        else:
+            answer = answers[self._label(id_, record, "qa_target")]
+            texts, label = [self.sequence(q, answer, r) for r in rationales], self._label(id_, record, "qar_target")
+        rows = [row(ids, feat, pos, txt_type_ids=types) for ids, types in texts]
+        return {"rows": rows, "targets": [int(i == label) for i in range(len(rows))]}
+
+    def _label(self, id_: str, record: dict[str, Any], field: str) -> int:
+        label = record[field]
+        if not 0 <= label < 4:
+            raise DataError(
+                f"txt_db {self.txt_db.path!r} record {id_!r}: '{field}' must be in [0, 4) here, got {label}"
+            )
+        return label
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Joint layout of every choice's sequence (example-major) with ``txt_type_ids``; ``targets`` int64 [N]
+        (training) or ``qa_targets`` / ``qar_targets`` [B] and ``qids`` (evaluation)."""
+        batch = collate_rows([r for it in items for r in it["rows"]], self.task)
+        if "targets" in items[0]:
+            batch["targets"] = torch.tensor([t for it in items for t in it["targets"]], dtype=torch.long)
+        else:
+            batch["qa_targets"] = torch.tensor([it["qa"] for it in items], dtype=torch.long)
+            batch["qar_targets"] = torch.tensor([it["qar"] for it in items], dtype=torch.long)
+            batch["qids"] = [it["qid"] for it in items]
+        return batch
+
+
+def vcr_scores(scores: torch.Tensor, qa_targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q->A scores [B, 4], QA->R scores [B, 4]) from per-question scores [B, 8] or [B, 20] (then the right
+    answer's four rationales, columns 4 + 4 * answer + i, as the original)."""
+    qa = scores[:, :4]
+    if scores.size(1) > 8:
+        index = 4 + 4 * qa_targets[:, None] + torch.arange(4, device=scores.device)[None, :]
+        return qa, scores.gather(1, index)
+    return qa, scores[:, 4:]
+
+
+class VcrTask(Task):
+    """VCR fine-tuning (Q->A and QA->R)."""
+
+    name = "vcr"
+    heads = ("vcr_output",)
+    head_lr_mul = True
+    sums = ("loss_qa", "loss_qar", "correct_qa", "correct_qar", "correct", "count")
+    headline = "acc_qa"
+
+    def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        return {"special_token_base": special_token_base(dbs, txt_paths)}
+
+    def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
+        return UniterForVisualCommonsenseReasoning(config, fast)
+
+    def prepare_model(self, model: UniterPreTrainedModel, options: dict[str, Any]) -> None:
+        prepare_vcr_tables(model, options["special_token_base"])
+
+    def _dbs(self, dbs: DbCache, img_path: str) -> tuple[DetectFeatLmdb, DetectFeatLmdb]:
+        gt, det = split_vcr_img_dirs(img_path)
+        return dbs.img(gt, gt=True), dbs.img(det)
+
+    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+        gt, det = self._dbs(dbs, img_path)
+        return [VcrDataset(dbs.txt(VcrTxtTokLmdb, txt_path, True, task=t), gt, det, seed=seed) for t in ("qa", "qar")]
+
+    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+        gt, det = self._dbs(dbs, img_path)
+        mode = "test" if split == "test" else "val"
+        return VcrDataset(dbs.txt(VcrTxtTokLmdb, txt_path, False, task="qa,qar"), gt, det, eval_mode=mode)
+
+    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+        scores = scores_of(model, batch).reshape(len(batch["qids"]), -1)
+        preds = [{"qid": q, "scores": s} for q, s in zip(batch["qids"], scores.tolist())]
+        qa_targets, qar_targets = batch["qa_targets"], batch["qar_targets"]
+        labelled = qa_targets >= 0
+        if not bool(labelled.all()):  # unlabelled (test-set) questions: scores only, as inf_vcr.py
+            return dict.fromkeys(self.sums, 0.0), preds
+        qa, qar = vcr_scores(scores, qa_targets)
+        right_qa, right_qar = qa.argmax(1) == qa_targets, qar.argmax(1) == qar_targets
+        sums = {
+            "loss_qa": float(F.cross_entropy(qa, qa_targets, reduction="sum")),
+            "loss_qar": float(F.cross_entropy(qar, qar_targets, reduction="sum")),
+            "correct_qa": float(right_qa.sum()),
+            "correct_qar": float(right_qar.sum()),
+            "correct": float((right_qa & right_qar).sum()),
+            "count": float(len(preds)),
+        }
+        return sums, preds
+
+    def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
+        n = sums["count"]
+        return {
+            "acc_qa": ratio(sums["correct_qa"], n),
+            "acc_qar": ratio(sums["correct_qar"], n),
+            "acc_q_ar": ratio(sums["correct"], n),
+            "loss_qa": ratio(sums["loss_qa"], n),
+            "loss_qar": ratio(sums["loss_qar"], n),
+        }
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        path = os.path.join(directory, f"{stem}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({p["qid"]: p["scores"] for p in predictions}, f)
+        if not predictions or len(predictions[0]["scores"]) != 20:
+            return [path]
+        csv_path = os.path.join(directory, f"{stem}.csv")
+        groups = ["answer"] + [f"rationale_conditioned_on_a{i}" for i in range(4)]
+        ordered = sorted(predictions, key=lambda p: _annot_order(p["qid"]))
+        with open(csv_path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["annot_id", *(f"{g}_{i}" for g in groups for i in range(4))])
+            writer.writerows([p["qid"], *p["scores"]] for p in ordered)
+        return [path, csv_path]
+
+
+def _annot_order(qid: str) -> tuple:
+    """Sort key of ``inf_vcr.py`` (the number after the split, e.g. ``val-12``), falling back to the text."""
+    tail = qid.split("-")[-1]
+    return (0, int(tail), qid) if tail.isdigit() else (1, 0, qid)

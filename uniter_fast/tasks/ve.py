@@ -1,0 +1,52 @@
+"""Visual entailment (the original ``model/ve.py``, ``data/ve.py``, ``train_ve.py``): VQA with three answers.
+
+``UniterForVisualEntailment`` is the VQA model with 3 outputs (contradiction 0, entailment 1, neutral 2; one-hot
+BCE x 3); the txt_db records carry the one-hot ``target``. No separate head learning rate (``train_ve.py`` uses the
+plain two groups). Metric: accuracy (the VQA soft score of one-hot targets). Predictions: ``results.json``
+{pair id: label}, as ``train_ve.py``'s validation output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data.task_records import VE_ENT2IDX
+from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks.data import DbCache
+from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaTask
+
+
+class UniterForVisualEntailment(UniterForVisualQuestionAnswering):
+    """The VQA model with 3 answers (the original subclasses it the same way)."""
+
+    def __init__(self, config: UniterConfig, fast: bool = False) -> None:
+        super().__init__(config, len(VE_ENT2IDX), fast)
+
+
+class VeTask(VqaTask):
+    """Visual entailment."""
+
+    name = "ve"
+    options: dict[str, Any] = {}
+    head_lr_mul = False
+
+    def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        return {"ans2label_table": dict(VE_ENT2IDX), "num_answers": len(VE_ENT2IDX)}
+
+    def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
+        if options.get("num_answers", 3) != 3:
+            raise ValueError(f"a VE model has 3 answers, the checkpoint has {options['num_answers']}")
+        return UniterForVisualEntailment(config, fast)
+
+    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+        sums, preds = super().eval_batch(model, batch, options)
+        return sums, [{"id": q, "answer": p["answer"]} for q, p in zip(batch["qids"], preds)]
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        path = os.path.join(directory, f"{stem}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({p["id"]: p["answer"] for p in predictions}, f)
+        return [path]

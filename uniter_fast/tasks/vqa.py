@@ -1,0 +1,206 @@
+"""VQA (the original ``model/vqa.py``, ``data/vqa.py``, ``train_vqa.py``, ``inf_vqa.py``).
+
+Model: ``vqa_output`` = Linear(H, 2H), GELU, LayerNorm(2H), Linear(2H, num_answers) on the pooled [CLS]; loss
+BCE-with-logits against the soft scores, mean over elements times the number of answers (= summed over answers,
+averaged over questions, as ``train_vqa.py``'s "instance-level bce"). Data: a txt_db whose records carry ``target``
+{labels, scores} over the answer vocabulary ``ans2label.json`` (kept in the txt_db directory). Metric: soft accuracy,
+the score of the argmax answer, averaged (``compute_score_with_logits``). Predictions: ``results.json``, a list of
+{"answer", "question_id"} as ``inf_vqa.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data.files import read_json
+from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
+from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+
+ANS2LABEL = "ans2label.json"
+
+
+class UniterForVisualQuestionAnswering(UniterPreTrainedModel):
+    """UNITER + ``vqa_output`` (keys ``vqa_output.0`` Linear, ``.2`` LayerNorm, ``.3`` Linear)."""
+
+    def __init__(self, config: UniterConfig, num_answer: int, fast: bool = False) -> None:
+        super().__init__(config, fast)
+        hidden = config.hidden_size
+        self.vqa_output = nn.Sequential(
+            nn.Linear(hidden, hidden * 2),
+            nn.GELU(),
+            nn.LayerNorm(hidden * 2, eps=config.layer_norm_eps),
+            nn.Linear(hidden * 2, num_answer),
+        )
+        self.init_head_weights(self.vqa_output)
+
+    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """``{"loss": 0-dim}`` (BCE mean x num_answers) or ``{"scores": [B, num_answers]}`` logits."""
+        scores = self.vqa_output(self._pooled(batch, self._encode(batch)))
+        if not compute_loss:
+            return {"scores": scores}
+        require(batch, ("targets",), "vqa")
+        loss = F.binary_cross_entropy_with_logits(scores.float(), batch["targets"], reduction="mean")
+        return {"loss": loss * scores.size(1)}
+
+
+def soft_target(record: dict[str, Any], num_answers: int) -> torch.Tensor:
+    """float32 [num_answers]: ``target.scores`` scattered at ``target.labels`` (zeros when there are none)."""
+    target = torch.zeros(num_answers)
+    labels, scores = record["target"]["labels"], record["target"]["scores"]
+    if labels:
+        target.scatter_(0, torch.tensor(labels, dtype=torch.long), torch.tensor(scores, dtype=torch.float32))
+    return target
+
+
+def check_target(txt_db: TxtTokLmdb, id_: str, record: dict[str, Any], num_answers: int) -> None:
+    """``DataError`` naming the db, the record and the field unless ``target`` is valid for ``num_answers``."""
+    where = f"txt_db {txt_db.path!r} record {id_!r}"
+    target = record.get("target")
+    if not isinstance(target, dict) or "labels" not in target or "scores" not in target:
+        raise DataError(f"{where}: field 'target' must be {{'labels': [...], 'scores': [...]}}, got {target!r}")
+    labels, scores = target["labels"], target["scores"]
+    if len(labels) != len(scores):
+        raise DataError(
+            f"{where}: 'target.labels' ({len(labels)}) and 'target.scores' ({len(scores)}) differ in length"
+        )
+    bad = [lab for lab in labels if not isinstance(lab, int) or not 0 <= lab < num_answers]
+    if bad:
+        raise DataError(f"{where}: 'target.labels' {bad} outside the {num_answers} answers of ans2label.json")
+
+
+class VqaDataset(TaskDataset):
+    """Questions with soft targets; ``lens`` = wordpieces + boxes. ``eval`` items carry the question id."""
+
+    task = "vqa"
+
+    def __init__(
+        self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, num_answers: int, seed: int = 0, eval: bool = False
+    ) -> None:
+        ids = list(txt_db.id2len)
+        fnames = txt_db.txt2img
+        check_images_exist(txt_db, ids, [[fnames[i]] for i in ids], [img_db])
+        for id_ in ids if not eval else []:
+            check_target(txt_db, id_, txt_db[id_], num_answers)
+        lens = np.array([txt_db.id2len[i] + img_db.name2nbb[fnames[i]] for i in ids])
+        super().__init__(txt_db, ids, lens, seed)
+        self.img_db, self.num_answers, self.eval, self.fnames = img_db, num_answers, eval, fnames
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        id_ = self.ids[index]
+        record = self.record(index)
+        feat, pos = image_inputs(self.img_db, record["img_fname"], f"text {id_!r}")
+        item = row(self.txt_db.combine_inputs(record["input_ids"]), feat, pos)
+        item["qid"] = id_
+        if "target" in record:
+            check_target(self.txt_db, id_, record, self.num_answers)
+            item["target"] = soft_target(record, self.num_answers)
+        elif not self.eval:
+            raise DataError(f"txt_db {self.txt_db.path!r} record {id_!r}: missing field 'target'")
+        return item
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Joint layout + ``targets`` float32 [B, num_answers] (when every item has one) + ``qids``."""
+        batch = collate_rows(items, self.task)
+        if all("target" in it for it in items):
+            batch["targets"] = torch.stack([it["target"] for it in items])
+        batch["qids"] = [it["qid"] for it in items]
+        return batch
+
+
+def soft_score(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[B] target score of each row's argmax answer (``compute_score_with_logits`` summed over answers)."""
+    return targets.gather(1, scores.argmax(dim=1, keepdim=True)).squeeze(1)
+
+
+def read_ans2label(txt_path: str) -> dict[str, int]:
+    """The answer vocabulary stored with a VQA/VE txt_db; labels must be 0..N-1."""
+    path = os.path.join(txt_path, ANS2LABEL)
+    if not os.path.isfile(path):
+        raise DataError(
+            f"{path} is missing: give the answer vocabulary with the 'ans2label' option (a JSON path; the original "
+            "keeps it in utils/ans2label.json), or build the db with python -m uniter_fast.data.build --task vqa"
+        )
+    ans2label = read_json(path)
+    if sorted(ans2label.values()) != list(range(len(ans2label))):
+        raise DataError(f"{path}: labels must be 0..{len(ans2label) - 1}, each once")
+    return ans2label
+
+
+def qid_value(qid: str) -> Any:
+    """A question id as the original writes it: an int when it is one."""
+    return int(qid) if qid.lstrip("-").isdigit() else qid
+
+
+class VqaTask(Task):
+    """VQA: ``vqa_output`` head with lr_mul, soft-score accuracy, ``results.json``."""
+
+    name = "vqa"
+    heads = ("vqa_output",)
+    options = {"ans2label": None}
+    head_lr_mul = True
+    sums = ("loss", "score", "count")
+    headline = "acc"
+
+    def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"num_answers": int(state["vqa_output.3.weight"].shape[0])} if "vqa_output.3.weight" in state else {}
+
+    def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
+        """The answer vocabulary: ``options["ans2label"]`` (a JSON path) or the txt_dbs' (all must agree)."""
+        if options.get("ans2label"):
+            ans2label = read_json(options["ans2label"])
+        else:
+            tables = [(p, read_ans2label(p)) for p in txt_paths]
+            for path, table in tables[1:]:
+                if table != tables[0][1]:
+                    raise DataError(f"{path}/{ANS2LABEL} differs from {tables[0][0]}/{ANS2LABEL}")
+            ans2label = tables[0][1]
+        return {"ans2label_table": ans2label, "num_answers": len(ans2label)}
+
+    def check_num_answers(self, options: dict[str, Any]) -> None:
+        """``ValueError`` when the checkpoint's head and the answer vocabulary disagree in size."""
+        table = options.get("ans2label_table")
+        if table is not None and options.get("num_answers") not in (None, len(table)):
+            raise ValueError(f"the model has {options['num_answers']} answers but ans2label has {len(table)}")
+
+    def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
+        self.check_num_answers(options)
+        return UniterForVisualQuestionAnswering(config, options["num_answers"], fast)
+
+    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+        return VqaDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["num_answers"], seed)
+
+    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+        txt = dbs.txt(TxtTokLmdb, txt_path, False)
+        return VqaDataset(txt, dbs.img(img_path), options["num_answers"], eval=True)
+
+    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+        scores = scores_of(model, batch)
+        label2ans = {v: k for k, v in options["ans2label_table"].items()}
+        answers = [label2ans[int(i)] for i in scores.argmax(dim=1).tolist()]
+        preds = [{"answer": a, "question_id": qid_value(q)} for q, a in zip(batch["qids"], answers)]
+        if "targets" not in batch:
+            return {"loss": 0.0, "score": 0.0, "count": 0.0}, preds
+        targets = batch["targets"]
+        loss = F.binary_cross_entropy_with_logits(scores, targets, reduction="sum")
+        sums = {"loss": float(loss), "score": float(soft_score(scores, targets).sum()), "count": float(len(answers))}
+        return sums, preds
+
+    def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
+        return {"acc": ratio(sums["score"], sums["count"]), "loss": ratio(sums["loss"], sums["count"])}
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        path = os.path.join(directory, f"{stem}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(predictions, f)
+        return [path]
