@@ -27,7 +27,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("itm", "mlm", "mrfr", "mrckl")
-SHARD = 4  # examples per rank and step
+SHARD = 4  # examples per shard
+SHARDS = 2  # shards per global batch: one per rank with 2 ranks, all of them with 1 rank
 ACCUM = 3
 
 
@@ -101,15 +102,18 @@ def equal_shards(task: str, dataset: Any, start: int, shards: int) -> list[list[
 
 
 class FixedStream:
-    """(task, batch) per micro-step: step s trains TASKS[s % 4] on this rank's shard of that step's global batch."""
+    """(task, batch) per micro-step: step s trains TASKS[s % 4] on this rank's shard of that step's global batch
+    (world 1: the whole global batch; world :data:`SHARDS`: shard ``rank``)."""
 
     def __init__(self, data: dict[str, Any], steps: int, rank: int, world: int, micro: int = 1) -> None:
+        if world not in (1, SHARDS):
+            raise ValueError(f"world must be 1 or {SHARDS}, got {world}")
         self.batches = []
         for step in range(steps):
             task = TASKS[step % len(TASKS)]
             for m in range(micro):
-                shards = equal_shards(task, data[task], start=(step * micro + m) * 200, shards=world)
-                items = shards[rank] if world > 1 else [it for shard in shards for it in shard]
+                shards = equal_shards(task, data[task], start=(step * micro + m) * 200, shards=SHARDS)
+                items = shards[rank] if world == SHARDS else [it for shard in shards for it in shard]
                 self.batches.append((task, data[task].collate(items)))
         self.position = 0
 
@@ -194,5 +198,5 @@ def run_accum(out_dir: str) -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, REPO)
-    mode, out = sys.argv[1], sys.argv[2]
+    mode, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
     {"ranks": run_ranks, "accum": run_accum}[mode](out)
