@@ -23,6 +23,7 @@ import os
 import sys
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,27 +75,55 @@ def datasets(cfg: Any) -> dict[str, Any]:
     }
 
 
-def denominator(task: str, item: dict) -> int:
-    """What the task's mean loss divides by, for one example."""
+def _split(task: str, records: list[Any], draws: Any) -> list[Any]:
+    """The batch-wide ``draws`` of ``records`` cut into one :class:`Draws` per record."""
+    from uniter_fast.data.records import Draws
+
+    if task == "itm":
+        return [Draws() for _ in records]
     if task == "mlm":
-        return int((item["txt_labels"] != -1).sum())
+        cuts = np.cumsum([r.wordpieces.size for r in records])[:-1]
+        return [Draws(words=w, labels=lab) for w, lab in zip(np.split(draws.words, cuts), np.split(draws.labels, cuts))]
+    cuts = np.cumsum([r.features.shape[0] for r in records])[:-1]
+    return [Draws(regions=m) for m in np.split(draws.regions, cuts)]
+
+
+def _join(task: str, parts: list[Any]) -> Any:
+    """One :class:`Draws` for the records whose per-record draws are ``parts`` (in order)."""
+    from uniter_fast.data.records import Draws
+
+    if task == "itm":
+        return Draws()
+    if task == "mlm":
+        return Draws(words=np.concatenate([d.words for d in parts]), labels=np.concatenate([d.labels for d in parts]))
+    return Draws(regions=np.concatenate([d.regions for d in parts]))
+
+
+def denominator(task: str, draws: Any) -> int:
+    """What the task's mean loss divides by, for one example's draws."""
+    if task == "mlm":
+        return int((draws.labels != -1).sum())
     if task in ("mrfr", "mrckl"):
-        return int(item["img_mask"].sum())
+        return int(draws.regions.sum())
     return 1
 
 
-def equal_shards(task: str, dataset: Any, start: int, shards: int) -> list[list[dict]]:
-    """``shards`` groups of :data:`SHARD` consecutive-ish examples from ``start`` on, with equal denominators."""
-    pool = [dataset[i] for i in range(start, start + 12 * shards * SHARD)]
-    groups, used = [], set()
+def equal_shards(task: str, dataset: Any, start: int, shards: int) -> list[list[tuple[Any, Any]]]:
+    """``shards`` groups of :data:`SHARD` (record, its draws) from ``start`` on, with equal loss denominators; the
+    masks are drawn once for the whole pool, so a shard's examples are masked the same in any batch they join."""
+    from uniter_fast.data.datasets import batch_generator
+    from uniter_fast.data.records import draw
+
+    records = [dataset[i] for i in range(start, start + 12 * shards * SHARD)]
+    rng = batch_generator(dataset.seed, 0, 0, start)
+    pool = list(zip(records, _split(task, records, draw(task, records, rng, dataset.token_ids, dataset.mask_prob))))
     first = list(range(SHARD))
-    target = sum(denominator(task, pool[i]) for i in first)
-    groups.append([pool[i] for i in first])
-    used.update(first)
+    target = sum(denominator(task, pool[i][1]) for i in first)
+    groups, used = [[pool[i] for i in first]], set(first)
     for _ in range(1, shards):
         free = [i for i in range(len(pool)) if i not in used]
         pick = next(
-            c for c in itertools.combinations(free, SHARD) if sum(denominator(task, pool[i]) for i in c) == target
+            c for c in itertools.combinations(free, SHARD) if sum(denominator(task, pool[i][1]) for i in c) == target
         )
         groups.append([pool[i] for i in pick])
         used.update(pick)
@@ -103,18 +132,24 @@ def equal_shards(task: str, dataset: Any, start: int, shards: int) -> list[list[
 
 class FixedStream:
     """(task, batch) per micro-step: step s trains TASKS[s % 4] on this rank's shard of that step's global batch
-    (world 1: the whole global batch; world :data:`SHARDS`: shard ``rank``)."""
+    (world 1: the whole global batch; world :data:`SHARDS`: shard ``rank``), in the layout of ``cfg.fast``."""
 
-    def __init__(self, data: dict[str, Any], steps: int, rank: int, world: int, micro: int = 1) -> None:
+    def __init__(self, data: dict[str, Any], cfg: Any, steps: int, rank: int, world: int, micro: int = 1) -> None:
+        from uniter_fast.data.collate import collate
+
         if world not in (1, SHARDS):
             raise ValueError(f"world must be 1 or {SHARDS}, got {world}")
+        layout, feat_dtype = ("packed", torch.float16) if cfg.fast else ("padded", torch.float32)
         self.batches = []
         for step in range(steps):
             task = TASKS[step % len(TASKS)]
             for m in range(micro):
                 shards = equal_shards(task, data[task], start=(step * micro + m) * 200, shards=SHARDS)
-                items = shards[rank] if world == SHARDS else [it for shard in shards for it in shard]
-                self.batches.append((task, data[task].collate(items)))
+                pairs = shards[rank] if world == SHARDS else [pair for shard in shards for pair in shard]
+                records = [record for record, _ in pairs]
+                draws = _join(task, [d for _, d in pairs])
+                batch = collate(task, records, draws, data[task].token_ids, layout, feat_dtype)
+                self.batches.append((task, batch))
         self.position = 0
 
     def __iter__(self) -> Iterator[tuple[str, dict]]:
@@ -155,7 +190,7 @@ def run_ranks(out_dir: str) -> None:
     steps = 2 * len(TASKS)
     cfg, _, _, engine = build(out_dir, steps, grad_accum=1)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    stream = FixedStream(datasets(cfg), steps, rank, world)
+    stream = FixedStream(datasets(cfg), cfg, steps, rank, world)
     os.makedirs(out_dir, exist_ok=True)
     Trainer(engine, cfg, stream, dict, out_dir).train()
 
@@ -171,7 +206,7 @@ def run_accum(out_dir: str) -> None:
     from uniter_fast.pretraining.trainer import Trainer
 
     cfg, model, reference, engine = build(out_dir, len(TASKS), grad_accum=ACCUM)
-    stream = iter(FixedStream(datasets(cfg), len(TASKS), rank=0, world=1, micro=ACCUM))
+    stream = iter(FixedStream(datasets(cfg), cfg, len(TASKS), rank=0, world=1, micro=ACCUM))
     trainer = Trainer(engine, cfg, stream, dict, out_dir)
     captured: dict[str, dict[str, torch.Tensor]] = {}
     real_step = engine.step

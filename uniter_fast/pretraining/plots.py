@@ -18,9 +18,10 @@ from matplotlib.figure import Figure
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.collate import itm_collate
+from uniter_fast.data.collate import collate
 from uniter_fast.data.corpus import CLASS_NAMES_FILE
 from uniter_fast.data.datasets import DetectFeatTxtTokDataset
+from uniter_fast.data.records import Draws
 from uniter_fast.ot import cost_matrix_cosine, ipot
 from uniter_fast.pretraining.checkpoint import load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig
@@ -141,9 +142,11 @@ def alignment(
     """The WRA picture data of text ``index`` paired with image ``img_fname``: ``plan`` float32 [words, regions]
     (IPOT plan over the text tokens, [CLS]/[SEP] included, and the regions), ``dist`` (Σ cost ⊙ plan, the OT
     distance), ``p_match`` (ITM probability of a match), ``input_ids`` [words] and ``soft_labels`` [regions, 1601]."""
-    item = dataset.read(index, img_fname=img_fname, soft_labels=True)
-    soft_labels = item.pop("soft_labels")
-    batch = itm_collate([{**item, "target": 1}])
+    arrays = dataset.img_db.views(img_fname, ("features", "norm_bb", "soft_labels"))
+    record = dataset[index]._replace(
+        img_fname=img_fname, features=arrays["features"], norm_bb=arrays["norm_bb"], target=1
+    )
+    batch = collate("itm", [record], Draws(), dataset.token_ids, layout="padded")
     model.eval()
     sequence_output = model.uniter.forward_batch(batch).float()
     n_words, n_regions = int(batch["txt_lens"][0]), int(batch["num_bbs"][0])
@@ -158,8 +161,8 @@ def alignment(
         "plan": plan[0],
         "dist": float((cost * plan).sum()),
         "p_match": float(scores.softmax(-1)[0, 1]),
-        "input_ids": item["input_ids"],
-        "soft_labels": soft_labels,
+        "input_ids": batch["input_ids"][0],
+        "soft_labels": torch.from_numpy(arrays["soft_labels"].astype(np.float32)),
     }
 
 
