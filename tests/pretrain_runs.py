@@ -9,6 +9,9 @@ import subprocess
 import sys
 from typing import Any, Callable, Optional
 
+import torch
+from safetensors.torch import load_file
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "uniter_fast", "pretrain.py")
 ALL_TASKS = ["itm", "mlm", "mrfr", "mrc", "mrckl"]
@@ -50,15 +53,73 @@ def write_configs(
     return cfg_path, ds_path
 
 
+ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+
+# Runs pretrain.py in this process after replacing torch.save: while DeepSpeed writes the model-state file of the
+# checkpoint whose tag is argv[1], half of the file's bytes reach the disk, then the process is killed (SIGKILL).
+KILL_DURING_SAVE = """
+import io, os, runpy, signal, sys
+import torch
+tag, script = sys.argv[1], sys.argv[2]
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    if isinstance(f, str) and os.sep + tag + os.sep in f and f.endswith("model_states.pt"):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        with open(f, "wb") as out:
+            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+sys.argv = [script, *sys.argv[3:]]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
 def run(
-    launcher: list[str], cfg_path: str, ds_path: str, extra: tuple[str, ...] = (), timeout: int = 600
+    launcher: list[str],
+    cfg_path: str,
+    ds_path: str,
+    extra: tuple[str, ...] = (),
+    timeout: int = 600,
+    expect_rc: int = 0,
 ) -> subprocess.CompletedProcess:
-    """Run the script under ``launcher`` (e.g. ``[python]`` or ``[deepspeed, --num_gpus, 2]``); fails on rc != 0."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    """Run the script under ``launcher`` (e.g. ``[python]`` or ``[deepspeed, --num_gpus, 2]``); fails unless its exit
+    status is ``expect_rc``."""
     cmd = [*launcher, SCRIPT, "--config", cfg_path, "--ds_config", ds_path, "--num_workers", "0", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=os.path.dirname(cfg_path))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}, cwd=os.path.dirname(cfg_path)
+    )
+    assert proc.returncode == expect_rc, f"{cmd} gave {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def run_killed_during_save(cfg_path: str, ds_path: str, tag: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """One process of the script that is killed (SIGKILL) half-way through writing checkpoint ``tag``."""
+    launcher = [sys.executable, "-c", KILL_DURING_SAVE, tag]
+    return run(launcher, cfg_path, ds_path, timeout=timeout, expect_rc=-9)
+
+
+def run_worker(launcher: list[str], mode: str, out_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``tests/pretrain_worker.py <mode> <out_dir>`` under ``launcher``; fails on rc != 0."""
+    cmd = [*launcher, os.path.join(REPO, "tests", "pretrain_worker.py"), mode, out_dir]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}, cwd=REPO)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
+
+
+def exported_weights(out_dir: str) -> dict[str, torch.Tensor]:
+    """The fp32 export (``pretrained/model.safetensors``) of a finished run."""
+    return load_file(os.path.join(out_dir, "pretrained", "model.safetensors"))
+
+
+def final_row(stdout: str, task: str) -> dict[str, float]:
+    """The row of ``task`` in the final metrics table, by column name (``val_acc``, ``val_loss_step_0``, ...)."""
+    lines = stdout.splitlines()
+    header_at = next(i for i, line in enumerate(lines) if line.startswith("task "))
+    names = ["_".join(n.split()) for n in lines[header_at].split("  ") if n.strip()]
+    row = next(line for line in lines[header_at:] if line.startswith(task)).split()
+    return {k: float(v) for k, v in zip(names[1:], row[1:]) if v != "-"}
 
 
 def launcher(name: str, ranks: int = 1) -> list[str]:
@@ -74,9 +135,10 @@ def launcher(name: str, ranks: int = 1) -> list[str]:
     return [os.path.join(bindir, "torchrun"), "--nproc_per_node", str(ranks), "--master_port", port]
 
 
-def step_log(cfg_path: str) -> list[dict[str, Any]]:
-    """The per-step records (step, task, lr, loss, ...) of the run of ``cfg_path``."""
+def step_log(cfg_path: str, name: str = "train_steps.jsonl") -> list[dict[str, Any]]:
+    """The per-step records (step, task, lr, loss, ...) of the run of ``cfg_path`` (``validation.jsonl``: the
+    validation records)."""
     with open(cfg_path, encoding="utf-8") as f:
         out_dir = json.load(f)["output_dir"]
-    with open(os.path.join(out_dir, "train_steps.jsonl"), encoding="utf-8") as f:
+    with open(os.path.join(out_dir, name), encoding="utf-8") as f:
         return [json.loads(line) for line in f]

@@ -1,40 +1,112 @@
-"""Longer end-to-end runs (marked slow): exact resume, two ranks (deepspeed and torchrun, ZeRO-2 and ZeRO-3), and
-learning on the bundled corpus."""
+"""Exact resume (also after a kill in the middle of a checkpoint write), 2 ranks against 1 rank on the same global
+batches, gradient accumulation against the original's summed gradients; more launchers and ZeRO-3 (marked slow)."""
 
 from __future__ import annotations
 
 import math
 import os
 
-import numpy as np
 import pytest
+import torch
 
-from tests.pretrain_runs import ALL_TASKS, launcher, run, step_log, write_configs
+from tests.pretrain_runs import (
+    ALL_TASKS,
+    exported_weights,
+    launcher,
+    run,
+    run_killed_during_save,
+    run_worker,
+    step_log,
+    write_configs,
+)
+from uniter_fast.pretraining.trainer import read_jsonl
 
-pytestmark = pytest.mark.slow
+STEPS = 8
 
 
-def test_resume_continues_exactly(tmp_path) -> None:
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full_dir.mkdir()
-    cut_dir.mkdir()
-    full = write_configs(str(full_dir), steps=10, grad_accum=2)
-    cut = write_configs(str(cut_dir), steps=10, grad_accum=2)
-    run(launcher("python"), *full)
-    run(launcher("python"), *cut, extra=("--stop_after", "5"))
-    assert [r["step"] for r in step_log(cut[0])] == [1, 2, 3, 4, 5]
-    proc = run(launcher("python"), *cut, extra=("--resume",))
-    assert "final metrics after 10 steps" in proc.stdout
-    expected, got = step_log(full[0]), step_log(cut[0])
-    assert [r["step"] for r in got] == list(range(1, 11))
-    for a, b in zip(expected[5:], got[5:]):
-        assert (a["task"], a["lr"]) == (b["task"], b["lr"])
+def _edit(cfg: dict) -> None:
+    cfg.update(save_steps=2)  # a checkpoint every 2 steps: the cut and the kill below land between two of them
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[str, list[dict], dict[str, torch.Tensor]]:
+    """A run of STEPS steps (accumulation 2, every task), never stopped: (config path, step log, final weights)."""
+    directory = str(tmp_path_factory.mktemp("uninterrupted"))
+    cfg, ds = write_configs(directory, steps=STEPS, grad_accum=2, edit=_edit)
+    run(launcher("python"), cfg, ds)
+    return cfg, step_log(cfg), exported_weights(os.path.join(directory, "out"))
+
+
+def _assert_same_run(expected: tuple[str, list[dict], dict[str, torch.Tensor]], cfg_path: str, out_dir: str) -> None:
+    """Every logged value equal (floats compared exactly) and every exported tensor ``torch.equal``."""
+    _, expected_log, expected_weights = expected
+    assert step_log(cfg_path) == expected_log
+    weights = exported_weights(out_dir)
+    assert weights.keys() == expected_weights.keys()
+    differ = [k for k in weights if not torch.equal(weights[k], expected_weights[k])]
+    assert not differ, f"weights differ from the uninterrupted run: {differ}"
+
+
+def test_resume_continues_bit_for_bit(tmp_path, uninterrupted) -> None:
+    cfg, ds = write_configs(str(tmp_path), steps=STEPS, grad_accum=2, edit=_edit)
+    run(launcher("python"), cfg, ds, extra=("--stop_after", "5"))
+    assert [r["step"] for r in step_log(cfg)] == [1, 2, 3, 4, 5]
+    proc = run(launcher("python"), cfg, ds, extra=("--resume",))
+    assert f"final metrics after {STEPS} steps" in proc.stdout
+    assert len({r["task"] for r in step_log(cfg)[5:]}) > 1  # the continued part mixes tasks
+    _assert_same_run(uninterrupted, cfg, str(tmp_path / "out"))
+
+
+def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, uninterrupted) -> None:
+    cfg, ds = write_configs(str(tmp_path), steps=STEPS, grad_accum=2, edit=_edit)
+    run_killed_during_save(cfg, ds, tag="step6")
+    ckpt = tmp_path / "out" / "ckpt"
+    assert (ckpt / "latest").read_text() == "step4"  # the pointer still names the last complete checkpoint
+    assert (ckpt / "step6" / "mp_rank_00_model_states.pt").is_file()  # the half-written file is there
+    assert [r["step"] for r in step_log(cfg)] == list(range(1, 7))  # steps 5 and 6 ran before the kill
+    proc = run(launcher("python"), cfg, ds, extra=("--resume",))
+    assert "at step 4" in proc.stderr and f"final metrics after {STEPS} steps" in proc.stdout
+    _assert_same_run(uninterrupted, cfg, str(tmp_path / "out"))
+
+
+def test_two_ranks_follow_one_rank_on_the_same_global_batches(tmp_path) -> None:
+    """ZeRO-2 over gloo, fp32, no dropout. Per step, 1 rank takes the whole global batch, each of 2 ranks half of it
+    (equal loss denominators). The logged loss (mean over ranks) and the final weights must agree to float rounding:
+    the global batch's gradient is summed in another order (one batch of 8 vs two of 4 plus an all-reduce), which
+    changes the last bits, and 8 Adam steps carry that on. Measured: losses within 2e-6 relative, weights within 5e-6
+    absolute; asserted: 1e-4 and 1e-4. A wrong reduction (sum instead of mean, one rank's loss only, unsynchronised
+    optimizer shards) is off by far more."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    run_worker(launcher("python"), "ranks", one)
+    run_worker(launcher("deepspeed", ranks=2), "ranks", two)
+    log_one, log_two = (read_jsonl(os.path.join(d, "train_steps.jsonl")) for d in (one, two))
+    tasks = [r["task"] for r in log_one]
+    assert tasks == [r["task"] for r in log_two] == ["itm", "mlm", "mrfr", "mrckl"] * 2
+    for a, b in zip(log_one, log_two):
         for key in a:
-            if key not in ("step", "task", "lr"):
-                assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), (a, b)
-    assert len({r["task"] for r in expected[5:]}) > 1  # the continued part mixes tasks
+            if key not in ("step", "task"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), (key, a, b)
+    assert log_one[-1]["loss"] != log_one[3]["loss"]
+    w_one, w_two = exported_weights(one), exported_weights(two)
+    for key in w_one:
+        torch.testing.assert_close(w_two[key], w_one[key], rtol=0, atol=1e-4, msg=key)
 
 
+def test_gradient_accumulation_sums_micro_batches_like_the_original(tmp_path) -> None:
+    """3 micro-batches per step through Trainer.train_step: the gradient at the accumulation boundary equals the sum of
+    the micro-batches' gradients of plain autograd (the original's apex delay_unscale accumulation), not their mean."""
+    run_worker(launcher("python"), "accum", str(tmp_path))
+    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+    assert set(grads["engine"]) == set(grads["original"]) == {"itm", "mlm", "mrfr", "mrckl"}
+    for task, expected in grads["original"].items():
+        got = grads["engine"][task]
+        assert got.keys() == expected.keys(), task
+        assert max(float(g.abs().max()) for g in expected.values()) > 0, task
+        for name, value in expected.items():
+            torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-8, msg=f"{task} {name}")
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,stage",
     [("deepspeed", 2), ("torchrun", 2), ("deepspeed", 3)],
@@ -52,48 +124,3 @@ def test_two_ranks_every_task(tmp_path, name, stage) -> None:
     assert all(math.isfinite(v) for r in records for k, v in r.items() if k not in ("task",))
     assert f"final metrics after 10 steps (2 rank(s), ZeRO-{stage})" in proc.stdout
     assert os.path.isfile(os.path.join(str(tmp_path), "out", "pretrained", "model.safetensors"))
-
-
-def _final_row(stdout: str, task: str) -> dict[str, float]:
-    """The row of ``task`` in the final metrics table, by column name."""
-    lines = stdout.splitlines()
-    header_at = next(i for i, line in enumerate(lines) if line.startswith("task "))
-    header = lines[header_at].replace("train loss", "train_loss").replace("val ", "val_").split()
-    row = next(line for line in lines[header_at:] if line.startswith(task)).split()
-    return {k: float(v) for k, v in zip(header[1:], row[1:]) if v != "-"}
-
-
-def test_mixed_run_lowers_mlm_mrfr_mrckl_losses(tmp_path) -> None:
-    def edit(cfg: dict) -> None:
-        cfg.update(num_train_steps=600, warmup_steps=60, learning_rate=1e-3, seed=7)
-        for spec in cfg["train_datasets"] + cfg["val_datasets"]:
-            spec["tasks"] = ["itm", "mlm", "mrfr", "mrckl"]
-        cfg["train_datasets"][0]["mix_ratio"] = [2, 2, 1, 1]
-
-    cfg_path, ds_path = write_configs(str(tmp_path), steps=600, edit=edit)
-    proc = run(launcher("python"), cfg_path, ds_path)
-    records = step_log(cfg_path)
-    for task in ("mlm", "mrfr", "mrckl"):
-        losses = [r["loss"] for r in records if r["task"].startswith(task)]
-        first, last = np.mean(losses[:10]), np.mean(losses[-20:])
-        assert last < 0.85 * first, (task, first, last)
-        assert _final_row(proc.stdout, f"{task}_synth")["val_loss"] < 0.85 * first  # held-out data too
-
-
-def test_itm_run_learns_matching_and_alignment(tmp_path) -> None:
-    """ITM + WRA alone: on the bundled corpus the tiny model leaves its chance plateau after a few hundred ITM steps
-    (alongside MLM/MRM it stays there for thousands of steps, so this runs ITM alone)."""
-
-    def edit(cfg: dict) -> None:
-        cfg.update(num_train_steps=1500, warmup_steps=100, learning_rate=1e-3, seed=11)
-        for spec in cfg["train_datasets"] + cfg["val_datasets"]:
-            spec["tasks"] = ["itm"]
-        cfg["train_datasets"][0]["mix_ratio"] = [1]
-
-    cfg_path, ds_path = write_configs(str(tmp_path), steps=1500, edit=edit)
-    proc = run(launcher("python"), cfg_path, ds_path, timeout=1200)
-    itm = [r["itm_loss"] for r in step_log(cfg_path)]
-    assert np.mean(itm[-100:]) < 0.8 * np.mean(itm[:50]), (np.mean(itm[:50]), np.mean(itm[-100:]))
-    final = _final_row(proc.stdout, "itm_synth")
-    assert final["val_acc"] > 0.6, final
-    assert final["val_ot_pos"] < final["val_ot_neg"], final

@@ -10,6 +10,7 @@ import torch
 
 from tests.pretrain_runs import ALL_TASKS, launcher, run, step_log, write_configs
 from uniter_fast import Model
+from uniter_fast.config import UniterConfig
 
 
 def test_deepspeed_one_rank_every_task(tmp_path) -> None:
@@ -27,6 +28,9 @@ def test_deepspeed_one_rank_every_task(tmp_path) -> None:
     out_dir = os.path.join(str(tmp_path), "out")
     model = Model.from_pretrained(os.path.join(out_dir, "pretrained"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    expected = {**UniterConfig.preset(cfg["model"]).to_dict(), **cfg.get("model_overrides", {})}
     with open(os.path.join(out_dir, "pretrained", "config.json"), encoding="utf-8") as f:
-        assert json.load(f)["hidden_size"] == 64
+        assert json.load(f)["hidden_size"] == expected["hidden_size"]
     assert os.listdir(os.path.join(out_dir, "tb"))

@@ -112,11 +112,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
         trainer.resume()
     results = trainer.train(args.stop_after)
     if rank == 0:
+        writer.close()
         print(f"\nfinal metrics after {trainer.step} steps ({world} rank(s), ZeRO-{engine.zero_optimization_stage()}):")
         print(trainer.summary(results))
         if trainer.step == cfg.num_train_steps:
+            from uniter_fast.pretraining.plots import write_pictures
+
+            curves, alignment = write_pictures(cfg, model_config, cfg.output_dir)
             print(f"consolidated fp32 weights: {os.path.join(cfg.output_dir, 'pretrained')}")
-        writer.close()
+            print(f"training and validation curves: {curves}")
+            print(f"word-region alignment of validation pairs: {alignment}")
     return results
 
 

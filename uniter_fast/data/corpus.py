@@ -15,13 +15,15 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
+from uniter_fast.data.files import write_json_atomic
 from uniter_fast.data.img_db import ImgDbWriter
 from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import World
 
-CORPUS_VERSION = "synth-v2"
+CORPUS_VERSION = "synth-v4"
 DEFAULT_SEED = 1234
+CLASS_NAMES_FILE = "class_names.json"  # in the img_db: soft-label column -> class name of the synthetic world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,7 @@ def build_corpus(
                     img_w.add(name, im.features, im.norm_bb, im.conf, im.soft_labels)
                     for j, ids in enumerate(toker.encode_batch(im.captions)):
                         txt_w.add(f"{split}_{i:06d}_{j}", ids, name, sent=im.captions[j])
+    write_json_atomic(os.path.join(out_dir, "img", CLASS_NAMES_FILE), world.class_names())
     return _paths(out_dir)
 
 

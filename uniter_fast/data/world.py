@@ -28,6 +28,8 @@ PLURALS = {"man": "men", "woman": "women", "bus": "buses", "knife": "knives", "b
 NUMBERS = {1: "one", 2: "two", 3: "three"}
 ON_SCENES = {"street", "beach"}
 N_CLUTTER = 64
+CLASS_WEIGHT = 1.5  # weight of the class prototype in a region's feature (colour 0.7, scene 1.0, noise 0.5)
+SHAPE_SPREAD = 0.08  # spread (log scale / band fraction) of a box around its class's typical shape
 
 
 def plural(word: str) -> str:
@@ -75,6 +77,18 @@ class World:
         self.color_proto = rng.standard_normal((len(COLORS), IMG_DIM)).astype(np.float32)
         self.clutter_proto = rng.standard_normal((N_CLUTTER, IMG_DIM)).astype(np.float32)
         self.scene_proto = rng.standard_normal((len(SCENES), IMG_DIM)).astype(np.float32)
+        # typical box shape of each class, as real detections have (a bus is wide, a man is tall, the sky is on top):
+        # objects: (log aspect w/h, size = sqrt of the area fraction); stuff: the vertical centre of its band
+        self.shape = {c: (rng.uniform(-0.8, 0.8), rng.uniform(0.15, 0.35)) for c in objects}
+        self.band = {c: rng.uniform(0.15, 0.85) for c in stuff}
+
+    def class_names(self) -> dict[str, str]:
+        """Soft-label column (as a string, JSON-ready) -> name: the classes, their confusers ("<class>?") and the
+        clutter labels ("clutter")."""
+        names = {str(label): c for c, label in self.label.items()}
+        names.update({str(int(label)): f"{c}?" for c, labels in self.confusers.items() for label in labels})
+        names.update({str(int(label)): "clutter" for label in self.clutter_labels})
+        return names
 
     def _layout(self, rng: np.random.Generator) -> tuple[str, list[Region], list[tuple[str, int, tuple]], tuple]:
         scene = list(SCENES)[rng.integers(len(SCENES))]
@@ -86,8 +100,11 @@ class World:
         for k, cls in enumerate(classes):
             copies = int(rng.integers(1, 4)) if k == 0 else 1
             color = int(rng.integers(len(COLORS)))
+            log_aspect, size = self.shape[str(cls)]
             for _ in range(copies):
-                bw, bh = rng.uniform(0.12, 0.4) * w_img, rng.uniform(0.12, 0.4) * h_img
+                aspect = np.exp(log_aspect + rng.normal(0, SHAPE_SPREAD))
+                side = size * np.exp(rng.normal(0, SHAPE_SPREAD))
+                bw, bh = side * np.sqrt(aspect) * w_img, side / np.sqrt(aspect) * h_img
                 x1, y1 = rng.uniform(0, w_img - bw), rng.uniform(0, h_img - bh)
                 box = (x1, y1, x1 + bw, y1 + bh)
                 instances.append((str(cls), color, box))
@@ -98,8 +115,9 @@ class World:
                     regions.append(Region(str(cls), color, jb, float(rng.uniform(0.25, 0.6))))
         for cls in rng.choice(stuff, size=2, replace=False):
             for _ in range(int(rng.integers(1, 4))):
-                bw, bh = rng.uniform(0.4, 1.0) * w_img, rng.uniform(0.2, 0.6) * h_img
-                x1, y1 = rng.uniform(0, w_img - bw), rng.uniform(0, h_img - bh)
+                bw, bh = rng.uniform(0.5, 1.0) * w_img, rng.uniform(0.15, 0.3) * h_img
+                centre = np.clip(self.band[str(cls)] + rng.normal(0, SHAPE_SPREAD), bh / h_img / 2, 1 - bh / h_img / 2)
+                x1, y1 = rng.uniform(0, w_img - bw), centre * h_img - bh / 2
                 regions.append(Region(str(cls), -1, (x1, y1, x1 + bw, y1 + bh), float(rng.uniform(0.1, 0.5))))
         n_total = int(np.clip(len(regions) + rng.integers(2, 12), 10, 36))
         while len(regions) < n_total:
@@ -126,7 +144,7 @@ class World:
         color = np.stack([self.color_proto[r.color] if r.color >= 0 else no_color for r in regions])
         noise = rng.standard_normal((n, IMG_DIM), dtype=np.float32)
         scene_ctx = 1.0 * self.scene_proto[list(SCENES).index(scene)]
-        features = np.maximum(base + 0.7 * color + scene_ctx + 0.6 * noise, 0.0)
+        features = np.maximum(CLASS_WEIGHT * base + 0.7 * color + scene_ctx + 0.5 * noise, 0.0)
         boxes = np.array([r.box for r in regions], dtype=np.float64) / np.array([w_img, h_img, w_img, h_img])
         norm_bb = np.concatenate([boxes, boxes[:, 2:3] - boxes[:, 0:1], boxes[:, 3:4] - boxes[:, 1:2]], axis=1)
         conf = np.array([r.conf for r in regions], dtype=np.float32)
@@ -144,7 +162,7 @@ class World:
                 soft[i, self.clutter_labels[r.clutter]] += conf[i]
                 soft[i, rng.choice(self.clutter_labels, 2)] += 0.1 * rest[i]
             else:
-                soft[i, 0] += 0.3 * rest[i]
+                soft[i, 0] += (0.1 if r.cls in self.objects else 0.3) * rest[i]
                 soft[i, self.label[r.cls]] += conf[i]
                 soft[i, self.confusers[r.cls]] += 0.3 * rest[i]
         return soft / soft.sum(axis=1, keepdims=True)

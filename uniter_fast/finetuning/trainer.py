@@ -30,6 +30,8 @@ FINETUNED_SUBDIR = "finetuned"
 class FinetuneTrainer(Trainer):
     """Trains a task model (``engine`` wraps it) on ``stream`` and evaluates it on ``eval_sets``."""
 
+    validate_at_start = False  # the final table reports the task's metric after training only
+
     def __init__(
         self,
         engine: Any,
