@@ -4,7 +4,8 @@ tokens incl. [CLS]/[SEP], 10-100 regions). Heads: VQA (3129 answers), NLVR2 pair
 example), RE (scores on every region, cls loss), VCR (four sequences per example, 4 type rows, 81 tag words).
 VE is the VQA head with 3 outputs and is left out.
 
-    python bench/finetune_bench.py                     # CPU: base, fp32, 8 examples per batch
+    python bench/finetune_bench.py                     # CPU: base, fp32, 2 examples per batch, 1 timed round
+    python bench/finetune_bench.py --full              # CPU: 8 examples per batch, 3 timed rounds
     python bench/finetune_bench.py --device cuda       # GPU: bf16 autocast, 32 examples per batch
 """
 
@@ -32,6 +33,7 @@ from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
 
 TASKS = ("vqa", "nlvr2", "re", "vcr")
 SEQUENCES = {"vqa": 1, "nlvr2": 2, "re": 1, "vcr": 4}
+PATHS = ("reference", "fast")
 
 
 def random_rows(task: str, size: int, vocab: int, rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -116,18 +118,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="base", choices=["tiny", "base", "large"])
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: 8 CPU, 32 GPU)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (CPU 2, --full 8; GPU 32)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true", help="CPU: larger batches and more repeats")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    args.batch_size = args.batch_size or (32 if gpu else 8)
+    args.batch_size = args.batch_size or (32 if gpu else 8 if args.full else 2)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    args.repeats = args.repeats or (10 if gpu else 3)
+    args.repeats = args.repeats or (10 if gpu else 3 if args.full else 1)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -138,20 +141,22 @@ def main() -> None:
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
 
-    steps, batches = {}, {}
-    for task in args.tasks:
+    samples: dict[tuple[str, str], list[float]] = {}
+    batches = {}
+    for task in tqdm(args.tasks, desc="tasks"):  # one model alive at a time (memory)
         model = build(task, config).to(device).train()
         model.uniter.check_inputs = False
         optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=gpu)
         batches[task] = to_device(make_batch(task, args.batch_size, config.vocab_size, rng), device)
-        for path in ("reference", "fast"):
-            steps[(task, path)] = make_step(model, optimizer, batches[task], path == "fast", autocast)
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for round_ in tqdm(range(args.warmup + args.repeats), desc="rounds"):
-        for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit both alike
-            seconds = time_fn(step, device, warmup=0, repeats=1)
-            if round_ >= args.warmup:
-                samples[key].append(seconds)
+        steps = {(task, p): make_step(model, optimizer, batches[task], p == "fast", autocast) for p in PATHS}
+        for round_ in range(args.warmup + args.repeats):
+            for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit both alike
+                seconds = time_fn(step, device, warmup=0, repeats=1)
+                if round_ >= args.warmup:
+                    samples.setdefault(key, []).append(seconds)
+        del model, optimizer, steps
+        if gpu:
+            torch.cuda.empty_cache()
 
     rows = []
     for (task, path), values in samples.items():
@@ -174,7 +179,7 @@ def main() -> None:
     print_table(rows, ["task", "path", "sequences", "valid_tokens", "padded_tokens", "ms", "tokens_per_s", "speedup"])
     meta = run_meta(args, dtype, config=args.config, step="zero_grad + forward + backward + AdamW step")
     print(write_json("finetune_bench", device, rows, meta))
-    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("reference", "fast")}
+    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in PATHS}
     title = f"UNITER-{args.config} fine-tuning step: reference vs fast"
     print(plot_grouped_bars("finetune_bench", device, list(args.tasks), series, "valid tokens / s", title, False))
 
