@@ -57,8 +57,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Optional[Uniter
 
 
 def head_keys(task: Task, state: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of ``state`` that belong to ``task``'s heads."""
-    return sorted(k for k in state if k.split(".", 1)[0] in task.heads)
+    """Keys of ``state`` that mark a fine-tuned ``task`` checkpoint (its :attr:`~Task.finetuned_heads`, or any head)."""
+    heads = task.finetuned_heads or task.heads
+    return sorted(k for k in state if k.split(".", 1)[0] in heads)
 
 
 def resolve_model_config(config: Union[UniterConfig, str, None]) -> UniterConfig:
@@ -125,6 +126,7 @@ def load_task_model(
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
     load_encoder(model, state, checkpoint)
+    task.init_from_pretrained(model, state)
     task.prepare_model(model, options)
     return model, options
 
