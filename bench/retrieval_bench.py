@@ -100,7 +100,7 @@ def pair_throughput(config: str, device: torch.device, pairs: int) -> float:
         with torch.no_grad(), autocast:
             model(batch, compute_loss=False)
 
-    return pairs / time_fn(step, device, warmup=1, repeats=2 if device.type == "cpu" else 10)
+    return pairs / time_fn(step, device, warmup=1, repeats=3 if device.type == "cpu" else 10)
 
 
 def main() -> None:
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, nargs="+", default=None, help="k values (default 4 16; --full 4 8 16 32)")
     parser.add_argument("--batch-size", type=int, default=8192, help="tokens per cross-encoder batch")
     parser.add_argument("--cost-config", default="base", choices=["tiny", "base", "large"])
-    parser.add_argument("--cost-pairs", type=int, default=None, help="pairs per throughput batch (8 CPU, 256 GPU)")
+    parser.add_argument("--cost-pairs", type=int, default=None, help="pairs per throughput batch (16 CPU, 256 GPU)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true")
@@ -145,7 +145,7 @@ def main() -> None:
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
         r["max_recall_gap_points"] = 100 * max(abs(r[key] - rows[0][key]) for key in RECALLS)
-    cost_pairs = args.cost_pairs or (256 if device.type == "cuda" else 8)
+    cost_pairs = args.cost_pairs or (256 if device.type == "cuda" else 16)
     per_pair = pair_throughput(args.cost_config, device, cost_pairs)
     coco = {"exact": COCO_TEXTS * COCO_IMAGES / per_pair}
     for k in top_ks:  # upper bound: the union is at most texts x k + images x k pairs

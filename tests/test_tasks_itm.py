@@ -150,7 +150,7 @@ def test_training_groups_follow_the_original_layout(train_db) -> None:
     assert not torch.equal(feats[1], feats[0]) and not torch.equal(feats[2], feats[0])
     own = {tuple(ranked.text(t).tolist()) for t in ranked.img2txts[image]}
     assert tuple(rows[3]["input_ids"].tolist()) not in own and tuple(rows[4]["input_ids"].tolist()) not in own
-    assert ranked.lens[7] == 5 * (len(ranked.text(text)) + img_db.name2nbb[image])
+    assert ranked.lens[7] == 1 and len(ranked.text(text)) == txt_db.id2len[text] + 2  # batches count texts
     batch = ranked.collate([ranked[i] for i in range(3)])
     assert batch["sample_size"] == 5 and batch["pair_rows"].tolist() == [0, 5, 10]
     hard = ItmHardNegDataset(txt_db, img_db, negative_size=4, seed=5)

@@ -193,16 +193,17 @@ def _sample_other(rng: np.random.Generator, pool: list[str], exclude: set[str], 
 
 
 class ItmPairsBase(TaskDataset):
-    """Shared by the ITM datasets: texts, their images, in-memory image features (read once per image)."""
+    """Shared by the ITM datasets: texts, their images, in-memory image features (read once per image). ``lens`` are
+    all 1: training batches count texts (``train_batch_size``, as the original ``train_itm.py``), each bringing its
+    group of pairs."""
 
     task = "itm"
 
-    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, lens_per_pair: int, seed: int = 0) -> None:
+    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, seed: int = 0) -> None:
         self.txt2img, self.img2txts = read_pairs(txt_db, img_db)
         ids = list(self.txt2img)
         self.img_db, self.images = img_db, list(self.img2txts)
-        lens = [(txt_db.id2len[i] + 2 + img_db.name2nbb[self.txt2img[i]]) * lens_per_pair for i in ids]
-        super().__init__(txt_db, ids, np.asarray(lens), seed)
+        super().__init__(txt_db, ids, np.ones(len(ids), dtype=np.int64), seed)  # batches count texts
         self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._texts: dict[str, torch.Tensor] = {}
 
@@ -224,13 +225,12 @@ class ItmPairsBase(TaskDataset):
 
 
 class ItmRankDataset(ItmPairsBase):
-    """Training groups of ``itm``: (text, its image), (text, negative image) x n, (negative text, its image) x n;
-    ``lens`` count every pair of the group."""
+    """Training groups of ``itm``: (text, its image), (text, negative image) x n, (negative text, its image) x n."""
 
     def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
         if negative_size < 1:
             raise ValueError(f"negative_size must be >= 1, got {negative_size}")
-        super().__init__(txt_db, img_db, 1 + 2 * negative_size, seed)
+        super().__init__(txt_db, img_db, seed)
         self.negative_size = negative_size
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -262,7 +262,7 @@ class ItmHardNegDataset(ItmPairsBase):
     def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
         if negative_size < 1:
             raise ValueError(f"negative_size must be >= 1, got {negative_size}")
-        super().__init__(txt_db, img_db, 2 * (1 + negative_size), seed)
+        super().__init__(txt_db, img_db, seed)
         self.negative_size = negative_size
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -291,7 +291,7 @@ class ItmEvalDataset(ItmPairsBase):
     ``img2txts`` keys), for the score matrix of ``uniter_fast.tasks.itm_eval``; items are texts."""
 
     def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb) -> None:
-        super().__init__(txt_db, img_db, 1)
+        super().__init__(txt_db, img_db)
         self.all_img_ids = self.images
         self.num_bbs = np.array([img_db.name2nbb[i] for i in self.all_img_ids], dtype=np.int64)
         self.txt_lens = np.array([txt_db.id2len[i] + 2 for i in self.ids], dtype=np.int64)
@@ -340,6 +340,7 @@ class ItmTask(Task):
         "eval_mode": "exact",
         "top_k": 16,
     }
+    by_examples = True
     sums = ()
     headline = "r_mean"
 
