@@ -1,25 +1,46 @@
-"""Data-loader throughput on the bundled corpus: pairs/s per task with N DataLoader workers vs 0 (in-process).
+"""Data-loader throughput per task on the bundled corpus: the original UNITER loader vs this project's, and where the
+time of the fast path goes.
 
-    python bench/data_bench.py [--workers 2] [--batch-tokens 10240] [--batches 4] [--repeats 5]
+    python bench/data_bench.py              # <= 3 min on 2 CPU cores
+    python bench/data_bench.py --full       # more batches and repeats, a second (small) batch size, 1-2 workers
 
-Each measurement pulls ``--batches`` token-bucket batches from an endless TaskLoader (LMDB read, fp16 -> fp32,
-masking, padded + packed collate); the median over ``--repeats`` after one warm-up is reported. The floor column is
-the bytes each pair moves: stored bytes read from LMDB and float32 bytes of the batch (padded + packed) handed to
-the model. The reference (0 workers) loads in the main process with one torch thread, as each worker does (torch
-sets 1 thread in DataLoader workers; several threads on tiny copies only add contention).
-Writes bench/results/data_bench_<device>.json and .png.
+Paths, each timed on the same token-bucket batches (``--batch-tokens`` per batch, the original's 10240 by default),
+in one process with one torch thread (= the work of one DataLoader worker), interleaved, median over ``--repeats``
+after one warm-up, CPU time (user + system, so page faults count) and wall time:
+
+- ``original``: the original UNITER read -> mask -> collate (``bench/original_loader.py``), the reference column;
+- ``reference``: this project's reference path (``dataset.reference_batch``: per-example items, numpy fp16 -> fp32,
+  today's collates building both layouts);
+- ``fast padded`` / ``fast packed``: ``dataset.batch(..., layout=...)``, region features in float32;
+- ``fast packed fp16``: the same with the features as stored (float16), what training on the fast path builds (the
+  device casts them). The fast batches equal the reference ones (tests/test_data_collate.py).
+
+Stages of the fast path (µs per pair, CPU time): ``read`` (LMDB get of the text and image records, in place),
+``decompress`` (lz4 of the text record), ``decode`` (msgpack of the text record, locating the image arrays),
+``records`` (the three plus checks: ``dataset[i]``), ``mask``, ``features fp16`` / ``features fp32`` (the stored
+features copied / converted into a new batch tensor, page faults of the fresh memory included), ``collate packed
+fp16`` / ``collate packed`` / ``collate padded`` (features included), and on CUDA ``pin`` + ``to device``
+(non-blocking copy, synchronised). The floor is the stored bytes read plus the bytes of the fp16 packed batch
+written, per pair, at the memory bandwidth measured here (one large copy). ``--workers N`` adds the pairs/s of the
+fast path through a DataLoader with N worker processes. Writes bench/results/data_bench_<device>.json and .png
+(throughput) and data_bench_stages_<device>.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
+import statistics
 import sys
+import time
+from typing import Any, Callable
 
+import lz4.frame
+import msgpack
 import numpy as np
 import torch
-from harness import device_name, plot_grouped_bars, print_table, time_fn, write_json
+from harness import RESULTS_DIR, device_name, device_slug, plot_grouped_bars, print_table, synchronize, write_json
+from original_loader import OriginalLoader
 
 from uniter_fast.data import (
     DetectFeatLmdb,
@@ -28,119 +49,285 @@ from uniter_fast.data import (
     MrcDataset,
     MrfrDataset,
     TaskLoader,
+    TokenBucketSampler,
     TxtTokLmdb,
     default_corpus,
+    draw,
+    move_to_device,
 )
+from uniter_fast.data.collate import collate, fill_rows
+from uniter_fast.data.datasets import batch_generator
+from uniter_fast.data.record_views import array_views
 
 TASKS = {"mlm": MlmDataset, "mrfr": MrfrDataset, "mrckl": MrcDataset, "itm": ItmDataset}
+PATHS = ("original", "reference", "fast padded", "fast packed", "fast packed fp16")
 
 
-def stored_bytes_per_pair(dataset, soft_labels: bool) -> float:
-    """Mean bytes read from the img_db per pair (fp16 features, boxes, conf, soft labels when used)."""
-    per_box = 2 * (2048 + 6 + 1 + (1601 if soft_labels else 0))
-    return float(np.mean(dataset.lens - dataset.txt_lens)) * per_box
+def clocked(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
+    """Median (CPU seconds, wall seconds) of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall)
 
 
-def batch_bytes(batch: dict) -> int:
-    """Bytes of every tensor in a (nested) batch."""
-    total = 0
-    for value in batch.values():
-        if isinstance(value, torch.Tensor):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            total += batch_bytes(value)
-    return total
+def memory_bandwidth() -> float:
+    """Bytes per second of one large in-memory copy (read + write counted), median of 5."""
+    src = torch.ones(64 * 2**20 // 4)
+    dst = torch.empty_like(src)
+    _, wall = clocked(lambda: dst.copy_(src), 1, 5)
+    return 2 * src.numel() * 4 / wall
 
 
-def measure(dataset, workers: int, budget: int, n_batches: int, repeats: int) -> dict:
-    """pairs/s of ``n_batches`` batches from a TaskLoader with ``workers`` processes (median of ``repeats``)."""
-    threads = torch.get_num_threads()
-    if workers == 0:
-        torch.set_num_threads(1)
-    loader = TaskLoader(dataset, budget, seed=0, num_workers=workers, droplast=True)
-    it = iter(loader)
-    sizes: list[int] = []
-    nbytes: list[int] = []
-
-    def pull() -> None:
-        for batch in itertools.islice(it, n_batches):
-            sizes.append(batch["input_ids"].size(0))
-            nbytes.append(batch_bytes(batch))
-
-    try:
-        seconds = time_fn(pull, torch.device("cpu"), warmup=1, repeats=repeats)
-    finally:
-        torch.set_num_threads(threads)
-    pairs = float(np.median(sizes)) * n_batches
+def path_functions(task: str, dataset: Any, original: OriginalLoader) -> dict[str, Callable[[list[int], int], Any]]:
+    """One batch builder per column of the table: (indices, position) -> batch."""
     return {
-        "pairs_per_batch": float(np.median(sizes)),
-        "seconds": seconds,
-        "pairs_per_s": pairs / seconds,
-        "batch_MB": float(np.median(nbytes)) / 1e6,
+        "original": lambda idx, pos: original.batch(idx),
+        "reference": lambda idx, pos: dataset.reference_batch(idx, pos),
+        "fast padded": lambda idx, pos: dataset.batch(idx, pos, layout="padded"),
+        "fast packed": lambda idx, pos: dataset.batch(idx, pos, layout="packed"),
+        "fast packed fp16": lambda idx, pos: dataset.batch(idx, pos, feat_dtype=torch.float16),
     }
+
+
+def stage_functions(task: str, dataset: Any, indices: list[int], device: torch.device) -> dict[str, Callable]:
+    """The stages of the fast packed path on one batch, each runnable on its own (inputs prepared once)."""
+    txt, img = dataset.txt_db, dataset.img_db
+    ids = [dataset.ids[i] for i in indices]
+    fnames = [dataset.image_of(i) for i in indices]
+    raw_txt = [bytes(txt.db.view(i)) for i in ids]
+    raw_img = [img.db.view(f) for f in fnames]
+    plain = [lz4.frame.decompress(r) for r in raw_txt]
+    records = [dataset[i] for i in indices]
+    draws = draw(task, records, batch_generator(0, 0, 0, 0), dataset.token_ids, dataset.mask_prob)
+    counts = np.array([r.features.shape[0] for r in records])
+    starts, rows = np.cumsum(counts) - counts, int(counts.sum())
+    stages = {
+        "read": lambda: [(txt.db.view(i), img.db.view(f)) for i, f in zip(ids, fnames)],
+        "decompress": lambda: [lz4.frame.decompress(r) for r in raw_txt],
+        "decode": lambda: [(msgpack.unpackb(t), array_views(i, dataset.fields)) for t, i in zip(plain, raw_img)],
+        "records": lambda: [dataset[i] for i in indices],
+        "mask": lambda: draw(task, records, batch_generator(0, 0, 0, 1), dataset.token_ids, dataset.mask_prob),
+        "features fp16": lambda: fill_rows([r.features for r in records], starts, rows, dtype=torch.float16),
+        "features fp32": lambda: fill_rows([r.features for r in records], starts, rows),
+        "collate packed fp16": lambda: collate(task, records, draws, dataset.token_ids, "packed", torch.float16),
+        "collate packed": lambda: collate(task, records, draws, dataset.token_ids, "packed"),
+        "collate padded": lambda: collate(task, records, draws, dataset.token_ids, "padded"),
+    }
+    if device.type == "cuda":  # what the DataLoader's pin thread and the trainer's move do
+        batch = collate(task, records, draws, dataset.token_ids, "packed", torch.float16)
+        pinned = _pin(batch)
+        stages["pin"] = lambda: _pin(batch)
+
+        def to_device() -> None:
+            move_to_device(pinned, device)
+            synchronize(device)
+
+        stages["to device"] = to_device
+    return stages
+
+
+def _pin(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: _pin(v) for k, v in batch.items()}
+    return batch
+
+
+def stored_bytes(dataset: Any) -> float:
+    """Mean stored bytes per pair of the image fields the task reads (fp16)."""
+    widths = {"features": 2048, "norm_bb": 6, "soft_labels": 1601}
+    per_region = 2 * sum(widths[f] for f in dataset.fields)
+    return float(np.mean(dataset.lens - dataset.txt_lens)) * per_region
+
+
+def batch_bytes(batch: Any) -> int:
+    """Bytes of every tensor in a (nested) batch."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(batch_bytes(v) for v in batch.values())
+    return 0
+
+
+def workers_rate(dataset: Any, budget: int, workers: int, n_batches: int) -> float:
+    """Pairs/s of the fast path (packed, fp16 features) through a TaskLoader with ``workers`` processes (after its
+    first batch)."""
+    stream = iter(TaskLoader(dataset, budget, seed=0, num_workers=workers, feat_dtype=torch.float16))
+    next(stream)
+    start, pairs = time.perf_counter(), 0
+    for _ in range(n_batches):
+        pairs += next(stream)["txt_lens"].numel()
+    return pairs / (time.perf_counter() - start)
+
+
+def measure(
+    task: str,
+    txt: TxtTokLmdb,
+    img: DetectFeatLmdb,
+    batch_tokens: int,
+    n_batches: int,
+    repeats: int,
+    workers: int,
+    device: torch.device,
+    bandwidth: float,
+) -> dict[str, Any]:
+    """One table row: pairs/s of every path, the fast path's stages and floor, for ``task``."""
+    dataset = TASKS[task](txt, img)
+    batches = TokenBucketSampler(dataset.lens, batch_size=batch_tokens, droplast=True).batches(0)[:n_batches]
+    pairs = sum(len(b) for b in batches)
+    builders = path_functions(task, dataset, OriginalLoader(task, dataset))
+    cpu: dict[str, list[float]] = {p: [] for p in PATHS}
+    wall: dict[str, list[float]] = {p: [] for p in PATHS}
+
+    def run(build: Callable[[list[int], int], Any]) -> None:
+        for position, indices in enumerate(batches):  # one batch alive at a time, as in a training loop
+            build(indices, position)
+
+    for repeat in range(repeats + 1):  # interleaved: every path once per repeat; repeat 0 is the warm-up
+        for name in PATHS:
+            c, w = clocked(lambda b=builders[name]: run(b), 0, 1)
+            if repeat:
+                cpu[name].append(c)
+                wall[name].append(w)
+    row: dict[str, Any] = {"task": task, "pairs/batch": pairs / len(batches)}
+    for name in PATHS:
+        row[f"{name} pairs/s"] = pairs / statistics.median(cpu[name])
+        row[f"{name} pairs/s (wall)"] = pairs / statistics.median(wall[name])
+    row["fast/original"] = row["fast packed fp16 pairs/s"] / row["original pairs/s"]
+    row["fast fp32/original"] = row["fast packed pairs/s"] / row["original pairs/s"]
+    row["fast/reference"] = row["fast packed fp16 pairs/s"] / row["reference pairs/s"]
+    for name, fn in stage_functions(task, dataset, batches[0], device).items():
+        cpu_s, wall_s = clocked(fn, 1, repeats)
+        row[f"{name} µs/pair"] = (wall_s if name == "to device" else cpu_s) / len(batches[0]) * 1e6
+    written = batch_bytes(dataset.batch(batches[0], 0, feat_dtype=torch.float16)) / len(batches[0])
+    row["stored KB/pair"] = stored_bytes(dataset) / 1e3
+    row["batch KB/pair"] = written / 1e3
+    row["floor µs/pair"] = (stored_bytes(dataset) + written) / bandwidth * 1e6
+    if workers:
+        row[f"fast {workers} workers pairs/s (wall)"] = workers_rate(dataset, batch_tokens, workers, n_batches)
+    return row
+
+
+def workers_needed(step_pairs_per_s: float, worker_pairs_per_s: float) -> int:
+    """Loader processes a GPU needs to keep up: the pairs/s its training step consumes over one worker's pairs/s."""
+    return max(1, int(np.ceil(step_pairs_per_s / worker_pairs_per_s)))
 
 
 def main() -> None:
-    """Run the benchmark and write the table, JSON and plot."""
+    """Run the benchmark and write the table, JSON and plots."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch-tokens", type=int, default=10240, help="token budget per batch (original: 10240)")
-    ap.add_argument("--batches", type=int, default=4, help="batches per timed repeat")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--batch-tokens", type=int, nargs="+", default=None, help="token budget(s) per batch")
+    ap.add_argument("--batches", type=int, default=None, help="batches per timed repeat")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="also time the fast path through N DataLoader workers")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the to-device stage")
+    ap.add_argument("--full", action="store_true", help="more batches/repeats, a small batch size too, 2 workers")
     args = ap.parse_args()
+    budgets = args.batch_tokens or ([10240, 1024] if args.full else [10240])
+    n_batches = args.batches or (6 if args.full else 2)
+    repeats = args.repeats or (7 if args.full else 5)
+    workers = args.workers if args.workers is not None else (2 if args.full else 0)
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    device = torch.device(args.device)
     paths = default_corpus()
     txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
-    cpu = torch.device("cpu")
+    bandwidth = memory_bandwidth()
     rows = []
-    for task in args.tasks:
-        dataset = TASKS[task](txt, img)
-        ref = measure(dataset, 0, args.batch_tokens, args.batches, args.repeats)
-        par = measure(dataset, args.workers, args.batch_tokens, args.batches, args.repeats)
-        stored = stored_bytes_per_pair(dataset, soft_labels=task in ("mrfr", "mrckl"))
-        rows.append(
-            {
-                "task": task,
-                "pairs/batch": par["pairs_per_batch"],
-                "pairs/s (0 workers)": ref["pairs_per_s"],
-                f"pairs/s ({args.workers} workers)": par["pairs_per_s"],
-                "speedup": par["pairs_per_s"] / ref["pairs_per_s"],
-                "stored KB/pair": stored / 1e3,
-                "batch KB/pair": par["batch_MB"] * 1e3 / par["pairs_per_batch"],
-                "read MB/s": par["pairs_per_s"] * stored / 1e6,
-            }
-        )
-    columns = list(rows[0])
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    print(f"device: {device_name(cpu)} ({os.cpu_count()} logical CPUs, load average {load}); corpus {paths.root}")
-    print_table(rows, columns)
+    for budget in budgets:
+        for task in args.tasks:
+            row = measure(task, txt, img, budget, n_batches, repeats, workers, device, bandwidth)
+            rows.append({"batch tokens": budget, **row})
+    load = os.getloadavg()[0]
+    print(
+        f"device: {device_name(torch.device('cpu'))}, {os.cpu_count()} logical CPUs, load average {load:.2f}; "
+        f"memory bandwidth {bandwidth / 1e9:.1f} GB/s; corpus {paths.root}"
+    )
+    main_cols = [
+        "batch tokens",
+        "task",
+        "pairs/batch",
+        *(f"{p} pairs/s" for p in PATHS),
+        "fast/original",
+        "fast fp32/original",
+        "fast/reference",
+    ]
+    print_table(rows, main_cols)
+    stage_cols = [
+        "batch tokens",
+        "task",
+        *(k for k in rows[0] if k.endswith("µs/pair")),
+        "stored KB/pair",
+        "batch KB/pair",
+    ]
+    print_table(rows, stage_cols)
+    if workers:
+        print_table(rows, ["batch tokens", "task", f"fast {workers} workers pairs/s (wall)"])
     meta = {
         "argv": sys.argv[1:],
-        "workers": args.workers,
-        "batch_tokens": args.batch_tokens,
-        "batches_per_repeat": args.batches,
-        "repeats": args.repeats,
+        "batch_tokens": budgets,
+        "batches_per_repeat": n_batches,
+        "repeats": repeats,
+        "workers": workers,
+        "clock": "pairs/s from CPU time (user + system) of one process with one torch thread; '(wall)' from wall time",
         "cpu_count": os.cpu_count(),
         "load_average_1min": load,
+        "memory_bandwidth_GBps": bandwidth / 1e9,
         "corpus": paths.root,
     }
+    cpu = torch.device("cpu")
     print("wrote", write_json("data_bench", cpu, rows, meta))
-    series = {
-        "0 workers": [r["pairs/s (0 workers)"] for r in rows],
-        f"{args.workers} workers": [r[f"pairs/s ({args.workers} workers)"] for r in rows],
-    }
-    print(
-        "wrote",
-        plot_grouped_bars(
-            "data_bench",
-            cpu,
-            [r["task"] for r in rows],
-            series,
-            "pairs / s",
-            "Data loader throughput, bundled corpus",
-            log_scale=False,
+    first = [r for r in rows if r["batch tokens"] == budgets[0]]
+    groups = [r["task"] for r in first]
+    series = {p: [r[f"{p} pairs/s"] for r in first] for p in PATHS}
+    title = f"Loader throughput, one process, bundled corpus, {budgets[0]}-token batches"
+    print("wrote", plot_grouped_bars("data_bench", cpu, groups, series, "pairs / s (CPU time)", title))
+    print("wrote", plot_stages(first, cpu, budgets[0]))
+
+
+def plot_stages(rows: list[dict[str, Any]], device: torch.device, budget: int) -> str:
+    """Stacked bars of the fast path's time per pair by stage, per task, with the bytes floor marked; saved as
+    bench/results/data_bench_stages_<device>.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = {
+        "LMDB read": lambda r: r["read µs/pair"],
+        "lz4": lambda r: r["decompress µs/pair"],
+        "decode": lambda r: r["decode µs/pair"],
+        "record checks": lambda r: max(
+            0.0, r["records µs/pair"] - r["read µs/pair"] - r["decompress µs/pair"] - r["decode µs/pair"]
         ),
-    )
+        "mask": lambda r: r["mask µs/pair"],
+        "collate (packed, fp16)": lambda r: r["collate packed fp16 µs/pair"],
+    }
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    tasks = [r["task"] for r in rows]
+    left = np.zeros(len(rows))
+    for label, part in parts.items():
+        widths = np.array([part(r) for r in rows])
+        ax.barh(tasks, widths, left=left, label=label)
+        left += widths
+    ax.scatter([r["floor µs/pair"] for r in rows], tasks, marker="|", s=400, color="black", label="floor (bytes)")
+    ax.set_xlabel("µs per pair (CPU time, one thread)")
+    ax.invert_yaxis()
+    ax.set_title(f"Fast path, where the time goes ({budget}-token batches)\n{device_name(device)}", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4)
+    fig.tight_layout()
+    path = os.path.join(RESULTS_DIR, f"data_bench_stages_{device_slug(device)}.png")
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+    return path
 
 
 if __name__ == "__main__":

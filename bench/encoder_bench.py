@@ -6,8 +6,9 @@ valid tokens only (sum of t_i + n_i), for both paths, so the ratio is the useful
 tokens (matmuls only, 2 per multiply-add; training = 3x forward), which gives the MFU on GPUs whose peak we know, and
 the padded FLOPs give the speedup that skipping padding can buy at most.
 
-    python bench/encoder_bench.py                       # CPU: base and large, fp32, batch 16
-    python bench/encoder_bench.py --device cuda         # GPU: bf16, batch 80 (the original 10240-token budget)
+    python bench/encoder_bench.py                       # CPU: base, fp32, batch 4 (about 1 minute on 2 cores)
+    python bench/encoder_bench.py --full                # CPU: base and large, batch 16 (over 10 minutes, ~10 GB)
+    python bench/encoder_bench.py --device cuda         # GPU: base and large, bf16, batch 80 (10240-token budget)
 """
 
 from __future__ import annotations
@@ -15,51 +16,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-from harness import (
-    IMG_RANGE,
-    TXT_RANGE,
-    device_name,
-    peak_memory,
-    plot_grouped_bars,
-    print_table,
-    run_meta,
-    time_fn,
-    write_json,
-)
+from batches import random_batch
+from harness import device_name, peak_memory, plot_grouped_bars, print_table, run_meta, time_fn, write_json
 from tqdm import tqdm
 
 from uniter_fast import Model, UniterConfig
-from uniter_fast.config import IMG_DIM, IMG_POS_DIM
+from uniter_fast.config import IMG_POS_DIM
+from uniter_fast.layout import pack_batch
 from uniter_fast.model.attention import resolve_varlen_backend
-from uniter_fast.model.layout import joint_layout
-from uniter_fast.model.packed import pack_batch
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
-
-
-def random_batch(size: int, vocab: int, generator: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """A padded UNITER batch (contract 1 keys) with uniformly drawn text/region lengths."""
-    txt_lens = torch.randint(TXT_RANGE[0], TXT_RANGE[1] + 1, (size,), generator=generator)
-    num_bbs = torch.randint(IMG_RANGE[0], IMG_RANGE[1] + 1, (size,), generator=generator)
-    max_txt, max_img = int(txt_lens.max()), int(num_bbs.max())
-    txt_valid = torch.arange(max_txt)[None] < txt_lens[:, None]
-    img_valid = torch.arange(max_img)[None] < num_bbs[:, None]
-    attn_masks, gather_index = joint_layout(txt_lens, num_bbs)
-    batch = {
-        "input_ids": torch.randint(1, vocab, (size, max_txt), generator=generator) * txt_valid,
-        "position_ids": torch.arange(max_txt)[None],
-        "img_feat": torch.randn(size, max_img, IMG_DIM, generator=generator) * img_valid[..., None],
-        "img_pos_feat": torch.rand(size, max_img, IMG_POS_DIM, generator=generator) * img_valid[..., None],
-        "attn_masks": attn_masks,
-        "gather_index": gather_index,
-        "txt_lens": txt_lens,
-        "num_bbs": num_bbs,
-    }
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def encoder_flops(config: UniterConfig, num_regions: int, seq_lens: torch.Tensor) -> float:
@@ -86,13 +56,25 @@ def step_fn(forward: Callable[[], torch.Tensor], train: bool) -> Callable[[], No
 
 
 def bench_config(
-    name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype, generator: torch.Generator
+    name: str,
+    batch_size: int,
+    modes: list[str],
+    warmup: int,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    packed_backends: Sequence[str] = (),
 ) -> list[dict[str, Any]]:
-    """Rows (padded, packed) x (forward, train) for one model preset."""
+    """Rows (padded, packed) x ``modes`` ("forward", "train") for the model preset ``name`` on one random batch of
+    ``batch_size`` UNITER-shaped examples: median time, valid tokens/s, TFLOP/s, MFU (on GPUs of known peak), peak
+    memory, the packed path's speedup and the bound that skipping padding allows. ``packed`` uses the backend that
+    ``"auto"`` selects; each of ``packed_backends`` adds a row ``packed:<backend>`` with that backend forced (skipped
+    in training when the backend has no dropout)."""
     config = UniterConfig.preset(name)
     model = Model(config).to(device=device, dtype=dtype)
     model.check_inputs = False
-    batch = random_batch(args.batch_size, config.vocab_size, generator, device)
+    batch = random_batch(batch_size, config.vocab_size, generator, device)
     packed = pack_batch(batch)
     # Features in the model dtype, as a bf16 data pipeline would deliver them.
     for data in (batch, packed):
@@ -101,21 +83,24 @@ def bench_config(
     valid_tokens = int((txt_lens + num_bbs).sum())
     padded_len = batch["attn_masks"].size(1)
     useful = encoder_flops(config, int(num_bbs.sum()), txt_lens + num_bbs)
-    padded_cost = encoder_flops(
-        config, args.batch_size * batch["img_feat"].size(1), torch.full_like(txt_lens, padded_len)
-    )
+    padded_cost = encoder_flops(config, batch_size * batch["img_feat"].size(1), torch.full_like(txt_lens, padded_len))
     peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in device_name(device)), None)
     paths: dict[str, Callable[[], torch.Tensor]] = {
         "padded": lambda: model.forward_batch(batch),
         "packed": lambda: model.forward_packed(packed),
     }
     rows = []
-    for mode in args.modes:
+    for mode in modes:
         model.train(mode == "train")  # training: dropout on, as in pretraining
         dropout = config.attention_probs_dropout_prob if mode == "train" else 0.0
         packed_backend = resolve_varlen_backend(model.packed_attention_backend, device, dtype, dropout)
-        steps = {path: step_fn(forward, mode == "train") for path, forward in paths.items()}
-        times = interleaved_medians(steps, device, args.warmup, args.repeats)
+        forced = {
+            f"packed:{b}": forced_backend(model, packed, b)
+            for b in packed_backends
+            if dropout == 0 or b not in NO_DROPOUT
+        }
+        steps = {path: step_fn(forward, mode == "train") for path, forward in {**paths, **forced}.items()}
+        times = interleaved_medians(steps, device, warmup, repeats)
         for path, seconds in times.items():
             flops = useful * (3.0 if mode == "train" else 1.0)
             rows.append(
@@ -123,10 +108,10 @@ def bench_config(
                     "model": name,
                     "mode": mode,
                     "path": path,
-                    "attention": config.attention_backend if path == "padded" else packed_backend,
-                    "batch": args.batch_size,
+                    "attention": {"padded": config.attention_backend, "packed": packed_backend}.get(path, path[7:]),
+                    "batch": batch_size,
                     "valid_tokens": valid_tokens,
-                    "padded_tokens": args.batch_size * padded_len,
+                    "padded_tokens": batch_size * padded_len,
                     "ms": seconds * 1e3,
                     "tokens_per_s": valid_tokens / seconds,
                     "tflops": flops / seconds / 1e12,
@@ -138,6 +123,23 @@ def bench_config(
             )
             model.zero_grad(set_to_none=True)
     return rows
+
+
+NO_DROPOUT = ("torch_varlen",)
+
+
+def forced_backend(model: Model, packed: dict[str, Any], backend: str) -> Callable[[], torch.Tensor]:
+    """The packed forward with the attention ``backend`` forced for this call (the model's own choice restored)."""
+
+    def forward() -> torch.Tensor:
+        chosen = model.packed_attention_backend
+        model.set_packed_attention_backend(backend)
+        try:
+            return model.forward_packed(packed)
+        finally:
+            model.set_packed_attention_backend(chosen)
+
+    return forward
 
 
 def interleaved_medians(
@@ -162,25 +164,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: fp32 CPU, bf16 GPU")
-    parser.add_argument("--configs", nargs="+", default=["base", "large"], choices=["tiny", "base", "large"])
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: 16 CPU, 80 GPU)")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=None,
+        choices=["tiny", "base", "large"],
+        help="default: base on CPU, base and large on GPU or with --full",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: 4 CPU, 80 GPU)")
     parser.add_argument("--modes", nargs="+", default=["forward", "train"], choices=["forward", "train"])
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--full", action="store_true", help="CPU: base and large, batch 16, 5 repeats")
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
-    args.batch_size = args.batch_size or (80 if gpu else 16)
+    args.configs = args.configs or (["base", "large"] if gpu or args.full else ["base"])
+    args.batch_size = args.batch_size or (80 if gpu else 16 if args.full else 4)
     args.warmup = args.warmup if args.warmup is not None else (5 if gpu else 1)
-    args.repeats = args.repeats or (20 if gpu else 5)
+    args.repeats = args.repeats or (20 if gpu else 5 if args.full else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for name in tqdm(args.configs, desc="configs"):  # the same lengths for every config
-        rows.extend(bench_config(name, args, device, dtype, torch.Generator().manual_seed(args.seed)))
+        generator = torch.Generator().manual_seed(args.seed)
+        timing = (args.warmup, args.repeats)
+        rows.extend(bench_config(name, args.batch_size, args.modes, *timing, device, dtype, generator))
     print(f"\nencoder throughput on {device_name(device)}, {dtype}, batch {args.batch_size}, load {os.getloadavg()[0]}")
     columns = ["model", "mode", "path", "attention", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
     print_table(rows, columns + ["tflops", "mfu", "peak_mem_mb", "speedup", "max_speedup"])

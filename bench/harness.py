@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -50,16 +51,28 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs (GPU-synchronised)."""
+    """Median time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
+
+    On CUDA each run is bracketed by CUDA events (recorded on the current stream, the device idle before the first),
+    so the figure is device time from the first queued kernel to the last, host launch gaps included; on CPU it is
+    wall time (``time.perf_counter``).
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
     return statistics.median(times)
 
 
@@ -108,10 +121,13 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
 
 
-def write_json(name: str, device: torch.device, rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """Write ``{device, meta, rows}`` to bench/results/<name>_<device slug>.json atomically; returns the path."""
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}_{device_slug(device)}.json")
+def write_json(
+    name: str, device: torch.device, rows: Sequence[dict[str, Any]], meta: dict[str, Any], directory: str = RESULTS_DIR
+) -> str:
+    """Write ``{device, meta, rows}`` to <directory>/<name>_<device slug>.json atomically (``directory`` defaults to
+    bench/results); returns the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}_{device_slug(device)}.json")
     payload = {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -134,15 +150,17 @@ def plot_grouped_bars(
     ylabel: str,
     title: str,
     log_scale: bool = True,
+    directory: str = RESULTS_DIR,
 ) -> str:
-    """A grouped bar chart (one group per shape, one bar per series) saved as bench/results/<name>_<slug>.png."""
+    """A grouped bar chart (one group per shape, one bar per series) saved as <directory>/<name>_<slug>.png
+    (``directory`` defaults to bench/results)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(RESULTS_DIR, exist_ok=True)
-    path = os.path.join(RESULTS_DIR, f"{name}_{device_slug(device)}.png")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{name}_{device_slug(device)}.png")
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(series)) / 2), 4.5))
     width = 0.8 / max(1, len(series))
     for i, (label, values) in enumerate(series.items()):
@@ -161,3 +179,44 @@ def plot_grouped_bars(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What produced a figure: device name, torch / Triton / CUDA / Python versions, and on CUDA the driver, SM count,
+    memory and clocks as ``nvidia-smi`` reports them (None where a tool is missing)."""
+    info: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type != "cuda":
+        return info
+    props = torch.cuda.get_device_properties(device)
+    info.update(
+        cuda=torch.version.cuda,
+        capability=f"{props.major}.{props.minor}",
+        sm_count=props.multi_processor_count,
+        memory_gib=round(props.total_memory / 2**30, 1),
+    )
+    fields = "driver_version,clocks.sm,clocks.max.sm,clocks.mem,clocks.max.mem,power.draw,power.limit,temperature.gpu"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader", f"--id={device.index or 0}"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
+        info.update(dict(zip(fields.split(","), (v.strip() for v in out.split(",")))))
+    except (OSError, subprocess.SubprocessError):
+        info["driver_version"] = None
+    return info

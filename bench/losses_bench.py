@@ -7,8 +7,8 @@ backend is Triton and peak memory comes from the CUDA allocator; on CPU it is th
 memory is the process's resident high-water mark over the call (VmHWM after resetting it, with glibc's malloc
 returning large blocks to the OS).
 
-    python bench/losses_bench.py      # M 1000/4000/8000 x H 768/1024; bf16 + fp32 on CUDA, fp32 on CPU
-    python bench/losses_bench.py --rows 1000 4000 --hidden 768 --repeats 2 --rounds 2   # a shorter CPU run
+    python bench/losses_bench.py          # CUDA: M 1000/4000/8000 x H 768/1024, bf16 + fp32; CPU: M 1000, H 768, fp32
+    python bench/losses_bench.py --full   # the CUDA grid on a CPU too (about 40 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -129,19 +129,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Parse arguments, run every (loss, M, H, dtype) case, print the table and write JSON + PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--losses", nargs="+", default=list(CLASSES), choices=list(CLASSES))
-    parser.add_argument("--rows", type=int, nargs="+", default=[1000, 4000, 8000])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[768, 1024])
+    parser.add_argument("--rows", type=int, nargs="+", default=None, help="default 1000 4000 8000 (CPU: 1000)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=None, help="default 768 1024 (CPU: 768)")
     parser.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=None, help="default 3 on CUDA, 1 on CPU")
-    parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 3 on CPU")
-    parser.add_argument("--rounds", type=int, default=None, help="alternations of the backends; default 1 CUDA, 3 CPU")
+    parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 2 on CPU (3 with --full)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternations of the backends; default 1 CUDA, 2 CPU")
+    parser.add_argument("--full", action="store_true", help="on a CPU: the whole CUDA grid of M and H")
     parser.add_argument("--name", default="losses", help="result file prefix under bench/results/")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
+    grid = cuda or args.full
+    args.rows = args.rows or ([1000, 4000, 8000] if grid else [1000])
+    args.hidden = args.hidden or ([768, 1024] if grid else [768])
     args.warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 3)
-    args.rounds = args.rounds if args.rounds is not None else (1 if cuda else 3)
+    args.repeats = args.repeats if args.repeats is not None else (10 if cuda else 3 if args.full else 2)
+    args.rounds = args.rounds if args.rounds is not None else (1 if cuda else 3 if args.full else 2)
     dtypes = args.dtypes or (["bfloat16", "float32"] if cuda else ["float32"])
     if not cuda:
         return_freed_memory_to_os()

@@ -2,49 +2,40 @@
 // uniter_fast/ot/reference.py); the plan is kept in the [text, region] layout of the cost.
 #include "ipot.h"
 
+#include "ipot_solver.h"
+
 #include <omp.h>
 #include <xmmintrin.h>
 
 #include <algorithm>
 #include <cstdlib>
-#include <memory>
-#include <new>
-#include <cmath>
 #include <cstring>
-#include <vector>
+#include <new>
 
 namespace uniter_fast {
-namespace {
-
-constexpr int64_t kLanes = 16;  // row stride granularity (one 64-byte line of floats)
-
-struct FreeDeleter {
-  void operator()(float* p) const { std::free(p); }
-};
-using Buffer = std::unique_ptr<float[], FreeDeleter>;
 
 Buffer aligned_zeros(int64_t count) {
-  const size_t bytes = static_cast<size_t>(count) * sizeof(float);
+  const size_t bytes = static_cast<size_t>(round_up_lanes(std::max<int64_t>(count, 1))) * sizeof(float);
   float* p = static_cast<float*>(std::aligned_alloc(64, bytes));
   if (p == nullptr) throw std::bad_alloc();
   std::memset(p, 0, bytes);
   return Buffer(p);
 }
 
-// Workspace of one thread, rows padded to `ld` (a multiple of 16 floats) and 64-byte aligned so that the inner loops
-// have no remainder: the Gibbs kernel A = exp(-C / beta), Q (then T), and the scaling vectors. Entries beyond the
-// valid block stay exactly zero (delta too), so full-width loops add nothing from them.
-struct Workspace {
-  int64_t ld;
-  Buffer kernel, q, sigma, delta, acc;
-  Workspace(int64_t m, int64_t n)
-      : ld((n + kLanes - 1) / kLanes * kLanes),
-        kernel(aligned_zeros(m * ld)),
-        q(aligned_zeros(m * ld)),
-        sigma(aligned_zeros(m)),
-        delta(aligned_zeros(ld)),
-        acc(aligned_zeros(ld)) {}
-};
+IpotWorkspace::IpotWorkspace(int64_t m, int64_t n)
+    : ld(round_up_lanes(n)),
+      kernel(aligned_zeros(m * ld)),
+      q(aligned_zeros(m * ld)),
+      sigma(aligned_zeros(m)),
+      delta(aligned_zeros(ld)),
+      acc(aligned_zeros(ld)) {}
+
+// Plan entries far from the optimum decay towards zero through subnormals, which are ~100x slower on x86: flush them
+// to zero (an absolute change below 1.2e-38).
+FlushDenormals::FlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }  // FTZ | DAZ
+FlushDenormals::~FlushDenormals() { _mm_setcsr(saved_); }
+
+namespace {
 
 // exp(x) for fp32 without libm calls, so the loop vectorises: Cody-Waite range reduction and the Cephes expf
 // polynomial (max error ~2 ulp); x is clamped to [-87, 88] so the result stays a normal float.
@@ -146,14 +137,15 @@ inline void sweep_rows4(float* q, const float* a, int64_t ld, int64_t nv, const 
   }
 }
 
-// One pair: cost and plan have row stride `n`; the valid block is mv x nv. Returns sum(cost * plan) and writes the
-// whole [m, n] plan (zero outside the valid block). Q lives in the workspace between sweeps. Each sweep is one pass
-// over the rows: the row sum gives sigma_i, then the row is updated (T = delta * Q * sigma, and Q = A * T for the next
-// outer step) and accumulated into the column sums (sum_i Q_ij sigma_i) of the next sweep while it is in L1.
-float ipot_pair(const float* cost, int64_t mv, int64_t nv, int64_t m, int64_t n, float beta, int iteration, int k,
-                float* plan, Workspace& ws) {
+}  // namespace
+
+// Q lives in the workspace between sweeps. Each sweep is one pass over the rows: the row sum gives sigma_i, then the
+// row is updated (T = delta * Q * sigma, and Q = A * T for the next outer step) and accumulated into the column sums
+// (sum_i Q_ij sigma_i) of the next sweep while it is in L1.
+void ipot_solve(const float* cost, int64_t cost_ld, int64_t mv, int64_t nv, float beta, int iteration, int k,
+                IpotWorkspace& ws) {
   const int64_t ld = ws.ld;
-  const int64_t width = (nv + kLanes - 1) / kLanes * kLanes;
+  const int64_t width = round_up_lanes(nv);
   float* a = ws.kernel.get();
   float* q = ws.q.get();
   float* sigma = ws.sigma.get();
@@ -166,7 +158,7 @@ float ipot_pair(const float* cost, int64_t mv, int64_t nv, int64_t m, int64_t n,
   // Outer step 1 starts from T = 1, so Q = A; sigma = 1 / mv. Columns nv..width of a and q are zero.
   std::fill(acc, acc + ld, 0.0f);
   for (int64_t i = 0; i < mv; ++i) {
-    const float* c = cost + i * n;
+    const float* c = cost + i * cost_ld;
     float* ai = a + i * ld;
     float* qi = q + i * ld;
 #pragma omp simd
@@ -196,11 +188,20 @@ float ipot_pair(const float* cost, int64_t mv, int64_t nv, int64_t m, int64_t n,
       for (; i < mv; ++i) sweep_row(q + i * ld, a + i * ld, width, delta, acc, mvf, mode, sigma + i);
     }
   }
+}
 
+namespace {
+
+// One pair: cost and plan have row stride `n`; the valid block is mv x nv. Returns sum(cost * plan) and writes the
+// whole [m, n] plan (zero outside the valid block).
+float ipot_pair(const float* cost, int64_t mv, int64_t nv, int64_t m, int64_t n, float beta, int iteration, int k,
+                float* plan, IpotWorkspace& ws) {
+  ipot_solve(cost, n, mv, nv, beta, iteration, k, ws);
+  const float* q = ws.q.get();
   double total = 0.0;
   for (int64_t i = 0; i < mv; ++i) {
     const float* c = cost + i * n;
-    const float* ti = q + i * ld;
+    const float* ti = q + i * ws.ld;
     float* out = plan + i * n;
     float r = 0.0f;
 #pragma omp simd reduction(+ : r)
@@ -222,17 +223,13 @@ void ipot_forward(const float* cost, const int64_t* txt_lens, const int64_t* img
   if (num_threads <= 0) num_threads = omp_get_max_threads();
 #pragma omp parallel num_threads(num_threads)
   {
-    // Plan entries far from the optimum decay towards zero through subnormals, which are ~100x slower on x86:
-    // flush them to zero (an absolute change below 1.2e-38) and restore the caller's mode afterwards.
-    const unsigned int csr = _mm_getcsr();
-    _mm_setcsr(csr | 0x8040u);  // FTZ | DAZ
-    Workspace ws(m, n);
+    const FlushDenormals flush;
+    IpotWorkspace ws(m, n);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       const int64_t off = b * m * n;
       dist[b] = ipot_pair(cost + off, txt_lens[b], img_lens[b], m, n, beta, iteration, k, plan + off, ws);
     }
-    _mm_setcsr(csr);
   }
 }
 

@@ -23,6 +23,26 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def ipot_plan(a, rmask, cmask, mv, nv, iteration, K):
+    """UNITER's IPOT loop on one pair held in registers: the plan T [BLOCK_M, BLOCK_N] fp32 for the Gibbs kernel
+    ``a`` = exp(−C/β) (zero outside the valid block), row/column masks of the valid block and its lengths."""
+    mvf = mv.to(tl.float32)
+    nvf = nv.to(tl.float32)
+    sigma = tl.where(rmask, 1.0 / mvf, 0.0)
+    delta = tl.zeros(cmask.shape, dtype=tl.float32)
+    t = tl.full(a.shape, 1.0, dtype=tl.float32)  # a is zero at pads, so Q and T are too
+    for _ in range(iteration):
+        q = a * t
+        for _ in range(K):
+            colsum = tl.sum(q * sigma[:, None], axis=0)
+            delta = tl.where(cmask, 1.0 / (nvf * tl.where(cmask, colsum, 1.0)), 0.0)
+            rowsum = tl.sum(q * delta[None, :], axis=1)
+            sigma = tl.where(rmask, 1.0 / (mvf * tl.where(rmask, rowsum, 1.0)), 0.0)
+        t = delta[None, :] * q * sigma[:, None]
+    return t
+
+
+@triton.jit
 def _ipot_kernel(
     cost_ptr,
     txt_lens_ptr,
@@ -56,19 +76,7 @@ def _ipot_kernel(
     c_ptrs = cost_ptr + c_off[:, None] + cols[None, :]
     c = tl.load(c_ptrs, mask=mask, other=0.0).to(tl.float32)
     a = tl.where(mask, tl.exp(-c / beta), 0.0)
-    mvf = mv.to(tl.float32)
-    nvf = nv.to(tl.float32)
-    sigma = tl.where(rmask, 1.0 / mvf, 0.0)
-    delta = tl.zeros([BLOCK_N], dtype=tl.float32)
-    t = tl.full([BLOCK_M, BLOCK_N], 1.0, dtype=tl.float32)  # a is zero at pads, so Q and T are too
-    for _ in range(iteration):
-        q = a * t
-        for _ in range(K):
-            colsum = tl.sum(q * sigma[:, None], axis=0)
-            delta = tl.where(cmask, 1.0 / (nvf * tl.where(cmask, colsum, 1.0)), 0.0)
-            rowsum = tl.sum(q * delta[None, :], axis=1)
-            sigma = tl.where(rmask, 1.0 / (mvf * tl.where(rmask, rowsum, 1.0)), 0.0)
-        t = delta[None, :] * q * sigma[:, None]
+    t = ipot_plan(a, rmask, cmask, mv, nv, iteration, K)
 
     # The plan's own strides make these addresses a fresh computation, so no address tile stays live in registers
     # through the loop. The distance takes C = -beta * log(A) (T > 0 implies A > 0) instead of holding or re-reading
@@ -87,14 +95,22 @@ def block_sizes(m: int, n: int) -> tuple[int, int]:
     return max(MIN_BLOCK, triton.next_power_of_2(m)), max(MIN_BLOCK, triton.next_power_of_2(n))
 
 
+#: Launch shape of the IPOT and WRA programs: tile elements per thread (sets the warps) and programs meant to share
+#: an SM (sets the register cap). bench/gpu_suite.py's ipot part sweeps both on the GPU.
+ELEMENTS_PER_THREAD = 16
+PROGRAMS_PER_SM = 1
+
+
 def num_warps_for(block_m: int, block_n: int) -> int:
-    """Warps per program: 16 tile elements per thread (16 warps for 64×128, 32 for 128×128), at least 4."""
-    return max(4, min(32, block_m * block_n // 512))
+    """Warps per program: ``ELEMENTS_PER_THREAD`` tile elements per thread (16: 16 warps for 64×128, 32 for
+    128×128), between 4 and 32."""
+    return max(4, min(32, block_m * block_n // (32 * ELEMENTS_PER_THREAD)))
 
 
 def maxnreg_for(num_warps: int) -> int:
-    """The register cap that lets one program use the whole register file (ptxas otherwise aims for 2 per SM)."""
-    return min(255, 65536 // (32 * num_warps))
+    """The register cap that lets ``PROGRAMS_PER_SM`` programs share the register file (1: one program may use all of
+    it; ptxas otherwise aims for 2 per SM)."""
+    return min(255, 65536 // (32 * num_warps * PROGRAMS_PER_SM))
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:
@@ -143,8 +159,8 @@ def ipot_triton(
     num_warps = num_warps_for(block_m, block_n)
     _ipot_kernel[(b,)](
         cost,
-        txt_lens.to(device=cost.device, dtype=torch.int64).contiguous(),
-        img_lens.to(device=cost.device, dtype=torch.int64).contiguous(),
+        txt_lens.to(device=cost.device, dtype=torch.int64, non_blocking=True).contiguous(),
+        img_lens.to(device=cost.device, dtype=torch.int64, non_blocking=True).contiguous(),
         plan,
         dist,
         m,

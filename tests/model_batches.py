@@ -1,10 +1,12 @@
-"""Random UNITER inputs in the original padded layout, for the model tests."""
+"""Random UNITER inputs in the original padded layout, for the model and layout tests."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from uniter_fast.model.layout import joint_layout
+from uniter_fast.layout import joint_layout
 
 
 def random_batch(
@@ -43,4 +45,44 @@ def select_row(batch: dict[str, torch.Tensor], i: int, txt_len: int, num_bb: int
         img_pos_feat=batch["img_pos_feat"][i : i + 1, :num_bb],
         attention_mask=attn_masks,
         gather_index=gather_index,
+    )
+
+
+LENGTHS = [  # (txt_lens, num_bbs) of the layout and packed-encoder tests
+    ([12], [37]),  # single example
+    ([10, 60, 23, 41], [100, 10, 57, 12]),  # ragged, with a maximal-length row (60 text + 100 regions)
+    ([60, 60, 60], [100, 100, 100]),  # every row maximal: no padding at all
+    ([5, 3], [0, 4]),  # a text-only row inside an image-text batch
+]
+
+
+def padded_batch(txt_lens: list[int], num_bbs: list[int], vocab: int, img_dim: int = 2048) -> dict[str, Any]:
+    """A contract-1 padded batch with random ids/features, MLM labels and MRM masks (features of masked regions
+    zeroed as the collates do)."""
+    t, n = torch.tensor(txt_lens), torch.tensor(num_bbs)
+    size, max_txt, max_img = len(txt_lens), int(t.max()), int(n.max())
+    txt_valid = torch.arange(max_txt)[None] < t[:, None]
+    img_valid = torch.arange(max_img)[None] < n[:, None]
+    input_ids = torch.randint(1, vocab, (size, max_txt)) * txt_valid
+    chosen = txt_valid & (torch.rand(size, max_txt) < 0.3)
+    txt_labels = torch.where(chosen, torch.randint(1, vocab, (size, max_txt)), -1)
+    img_masks = img_valid & (torch.rand(size, max_img) < 0.3)
+    img_feat = torch.randn(size, max_img, img_dim) * (img_valid & ~img_masks)[..., None]
+    img_pos_feat = torch.rand(size, max_img, 7) * img_valid[..., None]
+    attn_masks, gather_index = joint_layout(t, n)
+    img_mask_tgt = torch.zeros_like(attn_masks, dtype=torch.bool)
+    for i in range(size):
+        img_mask_tgt[i, txt_lens[i] : txt_lens[i] + num_bbs[i]] = img_masks[i, : num_bbs[i]]
+    return dict(
+        input_ids=input_ids,
+        position_ids=torch.arange(max_txt)[None],
+        img_feat=img_feat,
+        img_pos_feat=img_pos_feat,
+        attn_masks=attn_masks,
+        gather_index=gather_index,
+        txt_lens=t,
+        num_bbs=n,
+        txt_labels=txt_labels,
+        img_masks=img_masks,
+        img_mask_tgt=img_mask_tgt,
     )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from uniter_fast.model.layout import joint_layout
+from uniter_fast.layout import joint_layout
 
 MASK_ID = 3
 
@@ -48,6 +48,9 @@ def _packed(batch: dict, task: str) -> dict:
     if task in ("mrfr", "mrc", "mrckl"):
         packed["img_masks"] = batch["img_masks"][img_valid]
         packed["mrm_index"] = (starts[:-1, None] + txt_lens[:, None] + torch.arange(nb)[None])[batch["img_masks"]]
+    if task == "itm":  # the padded [B, Lt] / [B, Nb] slot of every packed text token / region
+        packed["txt_slot"] = (torch.arange(len(txt_lens))[:, None] * lt + torch.arange(lt)[None])[txt_valid]
+        packed["img_slot"] = (torch.arange(len(txt_lens))[:, None] * nb + torch.arange(nb)[None])[img_valid]
     return packed
 
 
@@ -119,6 +122,8 @@ def task_batch(
             "scatter_max": int(scatter.max()),
             "txt_pad": torch.arange(lt)[None] >= txt[:, None],
             "img_pad": torch.arange(nb)[None] >= nbb[:, None],
+            "txt_lens": txt.clone(),
+            "img_lens": nbb.clone(),
         }
     batch["packed"] = _packed(batch, task)
     return batch

@@ -109,8 +109,8 @@ def test_torch_varlen_refuses_dropout() -> None:
         ("cpu", torch.bfloat16, 0.1, True, "sdpa_padded"),
         ("cuda", torch.bfloat16, 0.1, True, "flash_attn"),
         ("cuda", torch.float16, 0.0, True, "flash_attn"),
-        ("cuda", torch.bfloat16, 0.0, False, "torch_varlen"),
-        ("cuda", torch.float16, 0.1, False, "sdpa_nested"),
+        ("cuda", torch.bfloat16, 0.0, False, "flash_torch"),
+        ("cuda", torch.float16, 0.1, False, "flash_torch"),
         ("cuda", torch.float32, 0.0, True, "sdpa_padded"),
         ("cuda", torch.float32, 0.1, False, "sdpa_padded"),
     ],
@@ -135,7 +135,7 @@ def test_resolve_rejects_bad_names_and_devices() -> None:
     cpu = torch.device("cpu")
     with pytest.raises(ValueError, match="one of"):
         resolve_varlen_backend("flash", cpu, torch.float32, 0.0)
-    for name in ("flash_attn", "torch_varlen"):
+    for name in ("flash_attn", "flash_torch", "torch_varlen"):
         with pytest.raises(ValueError, match="needs a CUDA device"):
             resolve_varlen_backend(name, cpu, torch.bfloat16, 0.0)
 

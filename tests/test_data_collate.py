@@ -1,13 +1,19 @@
-"""Collates: the padded layout matches the original loops, the packed layout holds the same tokens, MRM targets are
-taken before zeroing, ITM OT inputs, and the datasets' deterministic draws."""
+"""Collates: the reference collates match the original loops and pack the same tokens they pad; the fast collates
+equal the reference ones tensor for tensor (torch.equal) in both layouts; records are read in place and only with
+the fields a task uses; the host-side value checks; the datasets' deterministic per-batch draws."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgpack
+import msgpack_numpy
 import numpy as np
 import pytest
 import torch
 
 from uniter_fast.data import (
+    DataError,
     DetectFeatLmdb,
     ItmDataset,
     MlmDataset,
@@ -15,11 +21,22 @@ from uniter_fast.data import (
     MrfrDataset,
     TxtTokLmdb,
     build_corpus,
-    itm_collate,
-    mlm_collate,
-    mrm_collate,
 )
-from uniter_fast.data.packed import unpack_tokens
+from uniter_fast.data.collate import collate, empty
+from uniter_fast.data.record_views import array_views
+from uniter_fast.data.reference import itm_collate, mlm_collate, mrm_collate
+from uniter_fast.layout import unpack_tokens
+
+TASK_DATASETS = {
+    "mlm": (MlmDataset, {}),
+    "mrfr": (MrfrDataset, {}),
+    "mrckl": (MrcDataset, {}),
+    "mrc": (MrcDataset, {"task": "mrc"}),
+    "itm": (ItmDataset, {}),
+}
+PADDED_KEYS = {"input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index"}
+PADDED_TASK_KEYS = {"txt_labels", "img_masks", "img_mask_tgt"}
+OT_PADDED_KEYS = {"ot_scatter", "scatter_max"}
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +77,6 @@ def _original_gather_index(txt_lens, num_bbs, max_len, out_size):
     return gi
 
 
-def _original_ot_scatter(txt_lens, max_txt_len, joint_len):
-    sc = torch.arange(0, joint_len, dtype=torch.long).unsqueeze(0).repeat(len(txt_lens), 1)
-    for i, tl in enumerate(txt_lens):
-        sc.data[i, tl:] = torch.arange(max_txt_len, max_txt_len + (joint_len - tl), dtype=torch.long).data
-    return sc
-
-
 def _joint_padded(batch: dict, table: torch.Tensor) -> torch.Tensor:
     """What the model's embed step builds: gather of [text ; regions] by gather_index, [B, L, D]."""
     txt = table[batch["input_ids"]] + batch["position_ids"][..., None].float()
@@ -83,7 +93,8 @@ def _joint_packed(packed: dict, table: torch.Tensor) -> torch.Tensor:
 
 
 def check_layouts(batch: dict) -> None:
-    """Padded batch (interface 1) and its packed form (interface 2) describe the same tokens."""
+    """Padded batch (contract 1, as the original loops build it) and its packed form (contract 2) describe the
+    same tokens."""
     t, n = batch["txt_lens"], batch["num_bbs"]
     lt, nb = batch["input_ids"].shape[1], batch["img_feat"].shape[1]
     assert batch["attn_masks"].dtype == torch.int64 and batch["attn_masks"].shape[1] == int((t + n).max())
@@ -112,10 +123,18 @@ def check_layouts(batch: dict) -> None:
         assert torch.equal(packed["mrm_index"], packed["cu_seqlens"].long()[tgt[:, 0]] + tgt[:, 1])
         assert torch.equal(packed["img_masks"], batch["img_masks"][torch.arange(nb)[None] < n[:, None]])
         assert batch["feat_targets"].shape[0] == int(batch["img_masks"].sum()) == packed["mrm_index"].numel()
+    if "ot_inputs" in batch:
+        emb = torch.randn(int(packed["cu_seqlens"][-1]), 3)
+        txt = torch.zeros(len(t) * lt, 3).index_copy(0, packed["txt_slot"], emb[packed["txt_index"]])
+        img = torch.zeros(len(t) * nb, 3).index_copy(0, packed["img_slot"], emb[packed["img_index"]])
+        for i, seq in enumerate(unpack_tokens(packed, emb)):
+            assert torch.equal(txt.view(len(t), lt, 3)[i, : t[i]], seq[: t[i]])
+            assert torch.equal(img.view(len(t), nb, 3)[i, : n[i]], seq[t[i] :])
 
 
+# --------------------------------------------------------------------------------------------------- reference path
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_mlm_layouts(seed):
+def test_reference_mlm_layouts(seed):
     rng = np.random.default_rng(seed)
     batch = mlm_collate(_items(rng, int(rng.integers(1, 9)), "mlm"))
     assert batch["task"] == "mlm" and batch["txt_labels"].shape == batch["input_ids"].shape
@@ -123,7 +142,7 @@ def test_mlm_layouts(seed):
 
 
 @pytest.mark.parametrize("task", ["mrfr", "mrc", "mrckl"])
-def test_mrm_targets_before_zeroing(task):
+def test_reference_mrm_targets_before_zeroing(task):
     rng = np.random.default_rng(3)
     items = _items(rng, 6, "mrm")
     batch = mrm_collate(items, task)
@@ -133,10 +152,8 @@ def test_mrm_targets_before_zeroing(task):
     soft = torch.cat([it["soft_labels"][it["img_mask"]] for it in items])
     assert torch.equal(batch["feat_targets"], feats) and torch.equal(batch["label_targets"], soft)
     assert (batch["img_feat"][batch["img_masks"]] == 0).all()
-    assert (
-        batch["img_feat"][~batch["img_masks"] & (torch.arange(batch["img_feat"].shape[1]) < batch["num_bbs"][:, None])]
-        > 0
-    ).all()
+    valid = torch.arange(batch["img_feat"].shape[1]) < batch["num_bbs"][:, None]
+    assert (batch["img_feat"][~batch["img_masks"] & valid] > 0).all()
     for i, it in enumerate(items):
         t = it["input_ids"].numel()
         assert not batch["img_mask_tgt"][i, :t].any()
@@ -145,40 +162,161 @@ def test_mrm_targets_before_zeroing(task):
         mrm_collate(items, "mlm")
 
 
-def test_itm_ot_inputs():
+def test_reference_itm_ot_inputs():
     rng = np.random.default_rng(4)
     items = _items(rng, 7, "itm")
     batch = itm_collate(items)
     check_layouts(batch)
     t, n = batch["txt_lens"], batch["num_bbs"]
     ot = batch["ot_inputs"]
-    expect = _original_ot_scatter(t.tolist(), batch["input_ids"].shape[1], batch["attn_masks"].shape[1])
-    assert torch.equal(ot["ot_scatter"], expect) and ot["scatter_max"] == int(expect.max())
     assert ot["txt_pad"].dtype == torch.bool and ot["txt_pad"].sum(1).tolist() == (t.max() - t).tolist()
     assert ot["img_pad"].sum(1).tolist() == (n.max() - n).tolist()
+    assert torch.equal(ot["txt_lens"], t) and torch.equal(ot["img_lens"], n)
     assert batch["targets"].tolist() == [it["target"] for it in items]
     with pytest.raises(ValueError, match="empty"):
         itm_collate([])
 
 
-@pytest.mark.parametrize("cls", [MlmDataset, MrfrDataset, MrcDataset, ItmDataset])
-def test_datasets_on_real_db(corpus, cls):
+# --------------------------------------------------------------------------------------------------- fast == reference
+def _assert_same(fast: Any, ref: Any, where: str) -> None:
+    if isinstance(fast, dict):
+        for key, value in fast.items():
+            assert key in ref, f"{where}.{key} is not in the reference batch"
+            _assert_same(value, ref[key], f"{where}.{key}")
+    elif isinstance(fast, torch.Tensor):
+        assert fast.dtype == ref.dtype and fast.shape == ref.shape, (where, fast.dtype, ref.dtype, fast.shape)
+        assert torch.equal(fast, ref), where
+    else:
+        assert fast == ref and type(fast) is type(ref), (where, fast, ref)
+
+
+def _index_lists(ds) -> list[list[int]]:
+    """Batch compositions: ragged ones, one holding the longest pairs, a single pair."""
+    longest = np.argsort(-ds.lens)[:8].tolist()
+    return [list(range(0, len(ds), 5)), longest, [len(ds) - 1], list(range(3, 40, 3))]
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("task", list(TASK_DATASETS))
+def test_fast_collate_equals_reference(corpus, task, layout):
+    cls, kwargs = TASK_DATASETS[task]
+    ds = cls(*corpus, seed=3, **kwargs)
+    for position, indices in enumerate(_index_lists(ds)):
+        ref = ds.reference_batch(indices, position)
+        check_layouts(ref)
+        fast = ds.batch(indices, position, layout=layout)
+        _assert_same(fast, ref, task)
+        layout_free = {"task", "txt_lens", "num_bbs", "feat_targets", "label_targets", "targets", "ot_inputs"}
+        if layout == "packed":
+            assert set(fast) - layout_free == {"packed"}
+            assert set(fast["packed"]) == set(ref["packed"])
+            if task == "itm":
+                assert set(fast["ot_inputs"]) == set(ref["ot_inputs"]) - OT_PADDED_KEYS
+        else:
+            expected = PADDED_KEYS | (PADDED_TASK_KEYS & set(ref))
+            assert set(fast) - layout_free == expected
+            if task == "itm":
+                assert set(fast["ot_inputs"]) == set(ref["ot_inputs"])
+        if task == "mrfr":  # MRFR never reads the soft labels: no label_targets on the fast path
+            assert "label_targets" not in fast
+        elif task in ("mrc", "mrckl"):
+            assert fast["label_targets"].shape == (fast["feat_targets"].shape[0], 1601)
+        # the stored features as they are (fp16): the same values, half the bytes; everything else unchanged
+        half = ds.batch(indices, position, layout=layout, feat_dtype=torch.float16)
+        feat = half["packed"]["img_feat"] if layout == "packed" else half["img_feat"]
+        assert feat.dtype == torch.float16
+        if layout == "packed":
+            half["packed"]["img_feat"] = feat.float()
+        else:
+            half["img_feat"] = feat.float()
+        _assert_same(half, ref, task)
+
+
+@pytest.mark.parametrize("task", ["mrfr", "itm"])
+def test_fp16_features_give_the_same_training_step(corpus, task):
+    """The fast model path casts the fp16 features itself: loss and gradients are bit-identical to fp32 features."""
+    from uniter_fast.config import UniterConfig
+    from uniter_fast.pretraining.model import UniterForPretraining
+
+    cls, kwargs = TASK_DATASETS[task]
+    ds = cls(*corpus, seed=3, **kwargs)
+    indices = list(range(0, 30, 3))
+    model = UniterForPretraining(UniterConfig.tiny(vocab_size=ds.token_ids.v_range[1]), fast=True).train()
+    results = []
+    for dtype in (torch.float32, torch.float16):
+        torch.manual_seed(0)  # same dropout masks
+        model.zero_grad()
+        loss = model(ds.batch(indices, 0, feat_dtype=dtype), task)["loss"]
+        loss.backward()
+        results.append((loss.detach(), model.uniter.img_embeddings.img_linear.weight.grad.clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_records_read_only_the_fields_the_task_uses(corpus):
     txt, img = corpus
-    ds = cls(txt, img, seed=3)
-    idx = list(range(0, len(ds), 3))
-    batch = ds.collate([ds[i] for i in idx])
-    check_layouts(batch)
-    assert batch["txt_lens"].tolist() == [txt.id2len[ds.ids[i]] + 2 for i in idx]
-    assert (batch["input_ids"][:, 0] == txt.cls_).all()
-    assert (batch["input_ids"].gather(1, batch["txt_lens"][:, None] - 1) == txt.sep).all()
-    again = ds.collate([ds[i] for i in idx])
-    assert torch.equal(again["input_ids"], batch["input_ids"])  # same epoch -> same draws
-    ds.set_epoch(1)
-    other = ds.collate([ds[i] for i in idx])
-    if cls is MlmDataset:
-        assert not torch.equal(other["txt_labels"], batch["txt_labels"])
-    if cls in (MrfrDataset, MrcDataset):
-        assert not torch.equal(other["img_masks"], batch["img_masks"])
+    for task, (cls, kwargs) in TASK_DATASETS.items():
+        record = cls(txt, img, **kwargs)[0]
+        assert record.features.dtype == np.float16 and not record.features.flags.writeable  # in place, no copy
+        assert (record.soft_labels is not None) == (task in ("mrc", "mrckl")), task
+    dump = img.get_dump(record.img_fname)
+    np.testing.assert_array_equal(record.features.astype(np.float32), dump["features"])
+
+
+def test_record_views_equal_msgpack_decode(corpus):
+    _, img = corpus
+    fields = ("features", "norm_bb", "soft_labels", "conf")
+    for name in img.name2nbb:
+        raw = img.db.view(name)
+        views = array_views(raw, fields)
+        decoded = msgpack.unpackb(raw, object_hook=msgpack_numpy.decode, raw=False)
+        assert set(views) == set(fields)
+        for key in fields:
+            assert views[key].dtype == decoded[key].dtype and np.array_equal(views[key], decoded[key])
+    assert array_views(b"\x00garbage", fields) is None
+    assert array_views(msgpack.packb({"features": [1, 2]}), fields) is None  # not an array: decode instead
+    other = msgpack.packb({"features": np.ones((2, 3), np.float32)}, default=msgpack_numpy.encode)
+    assert np.array_equal(array_views(other, ("features",))["features"], np.ones((2, 3), np.float32))
+
+
+def test_wordpiece_outside_vocabulary_is_an_error(corpus, monkeypatch):
+    txt, img = corpus
+    ds = MlmDataset(txt, img)
+    record = ds[2]
+    bad = record._replace(wordpieces=np.array([5, txt.v_range[1]], dtype=np.int64))
+    monkeypatch.setattr(MlmDataset, "__getitem__", lambda self, i: bad if i == 2 else record)
+    with pytest.raises(DataError, match=rf"text {record.txt_id!r}: wordpiece ids must lie in \[0, {txt.v_range[1]}\)"):
+        ds.batch([0, 1, 2], 0)
+
+
+def test_batch_draws_are_deterministic_per_position_and_epoch(corpus):
+    txt, img = corpus
+    indices = list(range(0, 40, 2))
+    for cls in (MlmDataset, MrfrDataset):
+        ds = cls(txt, img, seed=3)
+        key = "mlm_labels" if cls is MlmDataset else "img_masks"
+        first = ds.batch(indices, 0)["packed"][key]
+        assert torch.equal(first, cls(txt, img, seed=3).batch(indices, 0)["packed"][key])  # same draws again
+        assert not torch.equal(first, ds.batch(indices, 1)["packed"][key])  # another position
+        assert not torch.equal(first, ds.batch(indices, 0, rank=1)["packed"][key])  # another rank
+        ds.set_epoch(1)
+        assert not torch.equal(first, ds.batch(indices, 0)["packed"][key])  # another epoch
+
+
+def test_worker_batches_are_built_in_shared_memory(monkeypatch):
+    assert not empty((3, 4), torch.float32).is_shared()
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: object())
+    tensor = empty((3, 4), torch.float16)
+    assert tensor.is_shared() and tensor.shape == (3, 4) and tensor.dtype == torch.float16
+
+
+def test_bad_task_and_layout(corpus):
+    ds = MlmDataset(*corpus)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ds.batch([0], 0, layout="ragged")
+    with pytest.raises(ValueError, match="feat_dtype must be one of"):
+        ds.batch([0], 0, feat_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="task must be one of"):
+        collate("vqa", [ds[0]], None, ds.token_ids)
 
 
 def test_itm_negatives(corpus):
@@ -197,8 +335,8 @@ def test_itm_negatives(corpus):
             assert not np.array_equal(prev, ds.targets)
         prev = ds.targets.copy()
     assert 0.35 < np.mean(rates) < 0.65
-    item = ds[int(np.flatnonzero(ds.targets == 0)[0])]
-    assert item["target"] == 0
+    record = ds[int(np.flatnonzero(ds.targets == 0)[0])]
+    assert record.target == 0 and record.img_fname != ds.img_fnames[int(np.flatnonzero(ds.targets == 0)[0])]
     shard = ItmDataset(txt, img, seed=1, rank=1, world=2)
     assert set(shard.neg_fnames) <= set(shard.pool) | set(shard.img_fnames)
     assert set(shard.pool) == set(shard.img_fnames[1::2])

@@ -131,13 +131,13 @@ def test_bundled_corpus_is_learnable(one_thread):
     txt, val_txt, img = TxtTokLmdb(paths.txt_db), TxtTokLmdb(paths.txt_db_val), DetectFeatLmdb(paths.img_db)
 
     def full(ds, n=None):
-        return ds.collate([ds[i] for i in range(min(len(ds), n or len(ds)))])
+        return ds.batch(list(range(min(len(ds), n or len(ds)))), 0, layout="padded")
 
     # MLM with the real tiny model
     cfg = UniterConfig.tiny(vocab_size=paths.vocab_size)
     model, head = Model(cfg), torch.nn.Linear(cfg.hidden_size, paths.vocab_size)
     opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
-    stream, seen = iter(TaskLoader(MlmDataset(txt, img), 1024, num_workers=0)), []
+    stream, seen = iter(TaskLoader(MlmDataset(txt, img), 1024, num_workers=0, layout="padded")), []
     for _ in range(250):
         b = next(stream)
         out = model(
@@ -197,7 +197,7 @@ def test_bundled_corpus_is_learnable(one_thread):
         t = emb(b["input_ids"])  # mean over the padded ids; pads (id 0) add one shared vector
         return mlp(torch.cat([t, proj(b["img_feat"]).sum(1) / n], -1))
 
-    stream = iter(TaskLoader(ItmDataset(txt, img), 2048, num_workers=0))
+    stream = iter(TaskLoader(ItmDataset(txt, img), 2048, num_workers=0, layout="padded"))
     for _ in range(400):
         b = next(stream)
         loss = torch.nn.functional.cross_entropy(logits(b), b["targets"])

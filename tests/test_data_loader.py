@@ -1,4 +1,5 @@
-"""TaskLoader / MetaLoader: endless epochs, worker determinism, identical task draws on all ranks, exact resume."""
+"""TaskLoader / MetaLoader: endless epochs, worker determinism, identical task draws on all ranks, exact resume,
+and the layout each loader builds."""
 
 from __future__ import annotations
 
@@ -43,11 +44,15 @@ def _loaders(dbs, workers: int) -> dict[str, TaskLoader]:
 
 
 def _key(name: str, batch: dict) -> tuple:
-    parts = [name, batch["task"], tuple(batch["input_ids"].flatten().tolist())]
-    for k in ("txt_labels", "img_masks", "targets"):
-        if k in batch:
-            parts.append(tuple(batch[k].flatten().tolist()))
-    parts.append(float(batch["img_feat"].sum()))
+    """Everything that identifies a batch: ids, masks, labels, targets and the features (packed layout)."""
+    packed = batch["packed"]
+    parts = [name, batch["task"], tuple(packed["txt_ids"].tolist())]
+    for k in ("mlm_labels", "mlm_index", "img_masks"):
+        if k in packed:
+            parts.append(tuple(packed[k].tolist()))
+    if "targets" in batch:
+        parts.append(tuple(batch["targets"].tolist()))
+    parts.append(float(packed["img_feat"].double().sum()))
     return tuple(parts)
 
 
@@ -63,7 +68,7 @@ def test_task_loader_runs_epochs_and_workers_agree(dbs):
     assert a == b
     assert a[:per_epoch] != a[per_epoch : 2 * per_epoch]  # new shuffle and new masks in epoch 1
     for batch in itertools.islice(TaskLoader(ds, BUDGET, seed=1, num_workers=0), 3):
-        assert int(batch["txt_lens"].sub(2).add(batch["num_bbs"]).max()) * batch["input_ids"].shape[0] <= BUDGET
+        assert int(batch["txt_lens"].sub(2).add(batch["num_bbs"]).max()) * batch["txt_lens"].numel() <= BUDGET
 
 
 def test_mixer_same_draws_on_all_ranks_and_ratios():
@@ -115,3 +120,18 @@ def _save(state: dict) -> io.BytesIO:
     torch.save(state, buf)
     buf.seek(0)
     return buf
+
+
+def test_task_loader_builds_the_requested_layout(dbs):
+    txt, img = dbs
+    ds = MrfrDataset(txt, img, seed=0)
+    packed = next(iter(TaskLoader(ds, BUDGET, seed=1, num_workers=0)))
+    padded = next(iter(TaskLoader(ds, BUDGET, seed=1, num_workers=0, layout="padded")))
+    assert "packed" in packed and "img_feat" not in packed and "gather_index" not in packed
+    assert "packed" not in padded and {"img_feat", "gather_index", "img_mask_tgt"} <= set(padded)
+    assert torch.equal(packed["feat_targets"], padded["feat_targets"])  # same batch, same draws
+    assert not packed["packed"]["img_feat"].is_pinned() or torch.cuda.is_available()
+    with pytest.raises(ValueError, match="layout must be one of"):
+        TaskLoader(ds, BUDGET, layout="both")
+    with pytest.raises(TypeError, match="batch method"):
+        TaskLoader(object(), BUDGET)

@@ -1,13 +1,14 @@
-"""Masking rules: 15% selection, 80/10/10, >= 1 mask, [CLS]/[SEP]/pads never masked, regions 15% and >= 1."""
+"""Masking rules: 15% selection, 80/10/10, >= 1 mask per text (the first wordpiece), regions 15% and >= 1 per pair;
+the batch-wide vectorised draws equal the original per-token rule applied example by example to the same draws;
+[CLS]/[SEP]/pads are never masked in a collated batch."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from uniter_fast.data.collate import mlm_collate
-from uniter_fast.data.masking import random_word, region_mask
+from uniter_fast.data import DetectFeatLmdb, MlmDataset, TxtTokLmdb, build_corpus
+from uniter_fast.data.masking import mask_regions, mask_words
 
 MASK, V = 4, (5, 30000)
 
@@ -16,10 +17,49 @@ def _sigma_ok(count: int, n: int, p: float, k: float = 5.0) -> bool:
     return abs(count - n * p) <= k * np.sqrt(n * p * (1 - p))
 
 
+def _original_random_word(tokens: list[int], uniforms: list[float], random_ids: list[int]) -> tuple[list, list]:
+    """The original ``random_word`` loop, token by token, fed with given uniforms and replacement ids."""
+    out, labels = list(tokens), []
+    for i, token in enumerate(tokens):
+        prob = uniforms[i]
+        if prob < 0.15:
+            prob /= 0.15
+            if prob < 0.8:
+                out[i] = MASK
+            elif prob < 0.9:
+                out[i] = random_ids.pop(0)
+            labels.append(token)
+        else:
+            labels.append(-1)
+    if all(label == -1 for label in labels):
+        labels[0] = tokens[0]
+        out[0] = MASK
+    return out, labels
+
+
+def test_mask_words_equals_the_original_rule_per_text():
+    rng = np.random.default_rng(7)
+    lengths = rng.integers(1, 9, size=400)
+    tokens = rng.integers(V[0], V[1], size=int(lengths.sum()))
+    out, labels = mask_words(tokens, lengths, V, MASK, np.random.default_rng(11))
+    # replay the same draws: one uniform per token, then one id per randomised token, in batch order
+    replay = np.random.default_rng(11)
+    uniforms = replay.random(tokens.size)
+    n_random = int(((uniforms < 0.15) & (uniforms / 0.15 >= 0.8) & (uniforms / 0.15 < 0.9)).sum())
+    random_ids = replay.integers(V[0], V[1], size=n_random).tolist()
+    start = 0
+    for n in lengths.tolist():
+        want_out, want_labels = _original_random_word(
+            tokens[start : start + n].tolist(), uniforms[start : start + n].tolist(), random_ids
+        )
+        assert out[start : start + n].tolist() == want_out and labels[start : start + n].tolist() == want_labels
+        start += n
+    assert not random_ids  # every replacement id was used, in order
+
+
 def test_mlm_rates():
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(V[0], V[1], size=200_000)
-    out, labels = random_word(tokens, V, MASK, rng)
+    tokens = np.random.default_rng(0).integers(V[0], V[1], size=200_000)
+    out, labels = mask_words(tokens, np.array([tokens.size]), V, MASK, np.random.default_rng(1))
     selected = labels != -1
     n_sel = int(selected.sum())
     assert _sigma_ok(n_sel, tokens.size, 0.15)
@@ -35,47 +75,46 @@ def test_mlm_rates():
 
 
 @pytest.mark.parametrize("n", [1, 2, 5])
-def test_mlm_at_least_one_and_first_forced(n):
-    forced = 0
-    for seed in range(300):
-        rng = np.random.default_rng(seed)
-        tokens = rng.integers(V[0], V[1], size=n)
-        out, labels = random_word(tokens, V, MASK, rng)
-        assert (labels != -1).sum() >= 1
-        if (labels != -1).sum() == 1 and labels[0] != -1 and out[0] == MASK:
-            forced += 1
-    assert forced > 0
-
-
-def test_special_and_pad_never_masked():
-    rng = np.random.default_rng(1)
-    items = []
-    for t in rng.integers(1, 12, size=20):
-        tokens = rng.integers(V[0], 100, size=int(t))
-        out, labels = random_word(tokens, V, MASK, rng)
-        n = int(rng.integers(1, 5))
-        items.append(
-            {
-                "input_ids": torch.tensor([2, *out.tolist(), 3]),
-                "txt_labels": torch.tensor([-1, *labels.tolist(), -1]),
-                "img_feat": torch.rand(n, 2048),
-                "img_pos_feat": torch.rand(n, 7),
-            }
-        )
-    batch = mlm_collate(items)
-    labels, ids = batch["txt_labels"], batch["input_ids"]
-    assert (labels[:, 0] == -1).all()
-    assert (labels[ids == 3] == -1).all() and (labels[ids == 0] == -1).all()
-    assert ((labels != -1).sum(1) >= 1).all()
+def test_mlm_at_least_one_per_text_and_first_forced(n):
+    rng = np.random.default_rng(3)
+    lengths = np.full(3000, n)
+    tokens = rng.integers(V[0], V[1], size=lengths.sum())
+    out, labels = mask_words(tokens, lengths, V, MASK, rng)
+    per_text = (labels != -1).reshape(-1, n)
+    assert per_text.any(axis=1).all()
+    forced = (per_text.sum(1) == 1) & per_text[:, 0] & (out.reshape(-1, n)[:, 0] == MASK)
+    assert forced.sum() > 0
 
 
 def test_region_mask_rate_and_min():
     rng = np.random.default_rng(2)
-    masks = [region_mask(int(n), rng) for n in rng.integers(1, 40, size=5000)]
-    assert all(m.any() for m in masks)
-    big = np.concatenate([m for m in masks if m.size >= 30])
+    num_bbs = rng.integers(1, 40, size=5000)
+    mask = mask_regions(num_bbs, rng)
+    pieces = np.split(mask, np.cumsum(num_bbs)[:-1])
+    assert all(piece.any() for piece in pieces)
+    big = np.concatenate([p for p in pieces if p.size >= 30])
     assert _sigma_ok(int(big.sum()), big.size, 0.15)
-    with pytest.raises(ValueError, match="num_bb"):
-        region_mask(0, rng)
-    with pytest.raises(ValueError, match="tokens"):
-        random_word(np.array([], dtype=np.int64), V, MASK, rng)
+    forced = mask_regions(np.full(5000, 5), rng, prob=1e-12).reshape(5000, 5)  # nothing selected: all forced
+    assert (forced.sum(1) == 1).all()
+    assert all(_sigma_ok(int(c), 5000, 0.2) for c in forced.sum(0))  # the forced region is uniform over the five
+
+
+def test_bad_masking_input():
+    rng = np.random.default_rng(0)
+    with pytest.raises(ValueError, match="num_bbs"):
+        mask_regions(np.array([3, 0]), rng)
+    with pytest.raises(ValueError, match="lengths must be positive counts summing to 3"):
+        mask_words(np.array([7, 8, 9]), np.array([2, 2]), V, MASK, rng)
+    with pytest.raises(ValueError, match="vocab_range"):
+        mask_words(np.array([7]), np.array([1]), (9, 9), MASK, rng)
+
+
+def test_special_and_pad_never_masked(tmp_path):
+    paths = build_corpus(str(tmp_path / "c"), seed=2, n_train_images=20, n_val_images=4)
+    txt = TxtTokLmdb(paths.txt_db)
+    ds = MlmDataset(txt, DetectFeatLmdb(paths.img_db))
+    batch = ds.batch(list(range(len(ds))), 0, layout="padded")
+    labels, ids = batch["txt_labels"], batch["input_ids"]
+    assert (labels[:, 0] == -1).all() and (ids[:, 0] == txt.cls_).all()
+    assert (labels[ids == txt.sep] == -1).all() and (labels[ids == 0] == -1).all()
+    assert ((labels != -1).sum(1) >= 1).all()

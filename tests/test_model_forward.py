@@ -7,7 +7,6 @@ import torch
 from model_batches import random_batch, select_row
 
 from uniter_fast import Model, UniterConfig
-from uniter_fast.model.layout import joint_layout
 
 TXT_LENS = [7, 3, 12, 5]
 NUM_BBS = [4, 11, 2, 9]
@@ -20,13 +19,6 @@ def tiny_model(**overrides) -> Model:
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).norm() / b.norm().clamp_min(1e-30)) if a.numel() else 0.0
-
-
-def test_joint_layout_matches_spec_example() -> None:
-    attn, gather = joint_layout(torch.tensor([3, 5]), torch.tensor([2, 1]))
-    assert attn.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
-    # Lt = 5: row 0's regions sit at positions 3, 4 and come from Lt + 0, Lt + 1; position 5 is junk (arange).
-    assert gather.tolist() == [[0, 1, 2, 5, 6, 5], [0, 1, 2, 3, 4, 5]]
 
 
 def test_gather_index_packs_regions_after_each_rows_text() -> None:

@@ -1,5 +1,6 @@
-"""The packed encoder path: pack_batch builds contract 2 from a padded batch, and forward_packed equals the padded
-forward on every valid token (outputs and gradients), for every attention backend available here."""
+"""The packed encoder path: check_packed guards contract 2, and forward_packed equals the padded forward on every
+valid token (outputs and gradients), for every attention backend available here. pack_batch itself is tested with
+the rest of the layouts in tests/test_layout.py."""
 
 from __future__ import annotations
 
@@ -8,45 +9,14 @@ from typing import Any
 
 import pytest
 import torch
+from model_batches import LENGTHS, padded_batch
 
 from uniter_fast import Model, UniterConfig
+from uniter_fast.layout import pack_batch
 from uniter_fast.model import attention
-from uniter_fast.model.layout import joint_layout
-from uniter_fast.model.packed import check_packed, pack_batch
+from uniter_fast.model.packed import check_packed
 
 CPU_BACKENDS = ["auto", "eager", "sdpa_loop", "sdpa_padded", "sdpa_nested"]
-
-
-def padded_batch(txt_lens: list[int], num_bbs: list[int], vocab: int, img_dim: int = 2048) -> dict[str, Any]:
-    """A contract-1 padded batch with random ids/features, MLM labels and MRM masks (features of masked regions
-    zeroed as the collates do)."""
-    t, n = torch.tensor(txt_lens), torch.tensor(num_bbs)
-    size, max_txt, max_img = len(txt_lens), int(t.max()), int(n.max())
-    txt_valid = torch.arange(max_txt)[None] < t[:, None]
-    img_valid = torch.arange(max_img)[None] < n[:, None]
-    input_ids = torch.randint(1, vocab, (size, max_txt)) * txt_valid
-    chosen = txt_valid & (torch.rand(size, max_txt) < 0.3)
-    txt_labels = torch.where(chosen, torch.randint(1, vocab, (size, max_txt)), -1)
-    img_masks = img_valid & (torch.rand(size, max_img) < 0.3)
-    img_feat = torch.randn(size, max_img, img_dim) * (img_valid & ~img_masks)[..., None]
-    img_pos_feat = torch.rand(size, max_img, 7) * img_valid[..., None]
-    attn_masks, gather_index = joint_layout(t, n)
-    img_mask_tgt = torch.zeros_like(attn_masks, dtype=torch.bool)
-    for i in range(size):
-        img_mask_tgt[i, txt_lens[i] : txt_lens[i] + num_bbs[i]] = img_masks[i, : num_bbs[i]]
-    return dict(
-        input_ids=input_ids,
-        position_ids=torch.arange(max_txt)[None],
-        img_feat=img_feat,
-        img_pos_feat=img_pos_feat,
-        attn_masks=attn_masks,
-        gather_index=gather_index,
-        txt_lens=t,
-        num_bbs=n,
-        txt_labels=txt_labels,
-        img_masks=img_masks,
-        img_mask_tgt=img_mask_tgt,
-    )
 
 
 def padded_forward(model: Model, batch: dict[str, Any], all_layers: bool = False) -> Any:
@@ -64,60 +34,6 @@ def small_model(dtype: torch.dtype = torch.float32, dropout: float = 0.0, **over
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-LENGTHS = [
-    ([12], [37]),  # single example
-    ([10, 60, 23, 41], [100, 10, 57, 12]),  # ragged, with a maximal-length row (60 text + 100 regions)
-    ([60, 60, 60], [100, 100, 100]),  # every row maximal: no padding at all
-    ([5, 3], [0, 4]),  # a text-only row inside an image-text batch
-]
-
-
-# --------------------------------------------------------------------------------------------------- pack_batch
-@pytest.mark.parametrize("txt_lens,num_bbs", LENGTHS)
-def test_pack_batch_layout(txt_lens: list[int], num_bbs: list[int]) -> None:
-    batch = padded_batch(txt_lens, num_bbs, vocab=1000)
-    packed = pack_batch(batch)
-    starts = [0]
-    for t, n in zip(txt_lens, num_bbs):
-        starts.append(starts[-1] + t + n)
-    assert packed["cu_seqlens"].dtype == torch.int32 and packed["cu_seqlens"].tolist() == starts
-    assert packed["max_seqlen"] == max(t + n for t, n in zip(txt_lens, num_bbs))
-    assert packed["cls_index"].tolist() == starts[:-1]
-    # Scatter text and regions into a [T] slot table and compare with the padded rows, example by example.
-    total = starts[-1]
-    token_of = torch.full((total,), -1)
-    token_of[packed["txt_index"]] = packed["txt_ids"]
-    region_of = torch.full((total, 2048), float("nan"))
-    region_of[packed["img_index"]] = packed["img_feat"]
-    box_of = torch.full((total, 7), float("nan"))
-    box_of[packed["img_index"]] = packed["img_pos_feat"]
-    for i, (t, n) in enumerate(zip(txt_lens, num_bbs)):
-        s = starts[i]
-        assert token_of[s : s + t].tolist() == batch["input_ids"][i, :t].tolist()
-        torch.testing.assert_close(region_of[s + t : s + t + n], batch["img_feat"][i, :n], rtol=0, atol=0)
-        torch.testing.assert_close(box_of[s + t : s + t + n], batch["img_pos_feat"][i, :n], rtol=0, atol=0)
-    assert packed["txt_position_ids"].tolist() == [j for t in txt_lens for j in range(t)]
-    # MLM: packed positions of masked tokens, labels in txt_labels != -1 row-major order.
-    labels = batch["txt_labels"]
-    assert packed["mlm_labels"].tolist() == labels[labels != -1].tolist()
-    assert token_of[packed["mlm_index"]].tolist() == batch["input_ids"][labels != -1].tolist()
-    # MRM: packed positions in the order of img_mask_tgt flattened row-major (the order of feat_targets).
-    rows, cols = batch["img_mask_tgt"].nonzero(as_tuple=True)
-    assert packed["mrm_index"].tolist() == [starts[r] + c for r, c in zip(rows.tolist(), cols.tolist())]
-    expected_masks = [bool(batch["img_masks"][i, j]) for i, n in enumerate(num_bbs) for j in range(n)]
-    assert packed["img_masks"].tolist() == expected_masks
-
-
-def test_pack_batch_rejects_bad_input() -> None:
-    batch = padded_batch([4, 6], [3, 5], vocab=50)
-    with pytest.raises(ValueError, match="missing 'txt_lens'"):
-        pack_batch({k: v for k, v in batch.items() if k != "txt_lens"})
-    with pytest.raises(ValueError, match="num_bbs must be an integer tensor of shape \\[2\\]"):
-        pack_batch({**batch, "num_bbs": torch.tensor([3, 5, 1])})
-    with pytest.raises(ValueError, match="txt_lens must lie in"):
-        pack_batch({**batch, "txt_lens": torch.tensor([4, 7])})
 
 
 def test_check_packed_rejects_inconsistent_input() -> None:

@@ -248,7 +248,7 @@ def _fake_forward_packed(model: UniterForPretraining, batch: dict):
     """A stand-in ``forward_packed``: the padded forward, then its valid rows in packed order, so that the packed
     row selection (mlm_index, mrm_index, cls_index, txt/img_index) is tested against the padded one."""
 
-    def forward_packed(packed: dict) -> torch.Tensor:
+    def forward_packed(packed: dict, check_values: bool = True) -> torch.Tensor:
         seq = model.uniter(
             batch["input_ids"],
             batch["position_ids"],

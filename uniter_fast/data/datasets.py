@@ -1,9 +1,13 @@
 """Per-task datasets over a txt_db and an img_db (uniter.md §2, §3.3).
 
-Randomness (masks, ITM negatives) is drawn from ``numpy`` generators seeded by (seed, epoch, index), so an example
-looks the same in any worker and after a resume; call ``set_epoch(e)`` before iterating epoch ``e``.
-Texts whose image is missing from the img_db are skipped at construction with one warning and counted in
-``skipped``; a missing or corrupted record met while reading raises :class:`DataError` naming the text and image.
+``dataset[i]`` is the stored record of pair i (:class:`~uniter_fast.data.records.PairRecord`: wordpieces and the
+image's fp16 arrays, read in place, only the fields the task uses); ``dataset.batch(indices, position)`` masks and
+collates a batch. The random draws of a batch come from one generator seeded by (seed, epoch, rank, position of the
+batch in its epoch), so a batch looks the same in any worker process and after a resume; call ``set_epoch(e)``
+before building batches of epoch ``e``. ``reference_batch`` builds the same batch through the reference path
+(:mod:`uniter_fast.data.reference`). Texts whose image is missing from the img_db are skipped at construction with
+one warning and counted in ``skipped``; a missing or corrupted record met while reading raises :class:`DataError`
+naming the text and image.
 """
 
 from __future__ import annotations
@@ -14,17 +18,64 @@ from typing import Any
 import numpy as np
 import torch
 
-from uniter_fast.data.collate import itm_collate, mlm_collate, mrc_collate, mrfr_collate
-from uniter_fast.data.img_db import DetectFeatLmdb, box_7d
+from uniter_fast.data.collate import collate
+from uniter_fast.data.img_db import DetectFeatLmdb
 from uniter_fast.data.lmdb_env import DataError
-from uniter_fast.data.masking import MASK_PROB, random_word, region_mask
-from uniter_fast.data.txt_db import TxtTokLmdb
+from uniter_fast.data.masking import MASK_PROB
+from uniter_fast.data.records import Draws, PairRecord, draw
+from uniter_fast.data.reference import reference_collate, reference_items
+from uniter_fast.data.txt_db import TokenIds, TxtTokLmdb
 
 
-class DetectFeatTxtTokDataset(torch.utils.data.Dataset):
-    """Text-image pairs; ``ids`` [N] text ids, ``lens`` int64 [N] = wordpieces (no [CLS]/[SEP]) + nbb."""
+def batch_generator(seed: int, epoch: int, rank: int, position: int) -> np.random.Generator:
+    """The generator of the random draws of batch ``position`` of ``epoch`` on ``rank``."""
+    return np.random.default_rng([seed, epoch, rank, position])
+
+
+class TaskBatches:
+    """``batch`` / ``reference_batch`` for a task dataset: needs ``self[i]`` (a PairRecord), ``task``, ``seed``,
+    ``epoch``, ``token_ids`` and ``mask_prob``."""
+
+    task: str
+    seed: int
+    epoch: int
+    mask_prob: float
+    token_ids: TokenIds
+
+    def _records_and_draws(self, indices: list[int], position: int, rank: int) -> tuple[list[PairRecord], Draws]:
+        records = [self[i] for i in indices]
+        rng = batch_generator(self.seed, self.epoch, rank, position)
+        return records, draw(self.task, records, rng, self.token_ids, self.mask_prob)
+
+    def batch(
+        self,
+        indices: list[int],
+        position: int,
+        rank: int = 0,
+        layout: str = "packed",
+        feat_dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Any]:
+        """Batch ``position`` of the current epoch (``indices`` in batch order) in ``layout`` ("packed" for the fast
+        model path, "padded" for the reference one), region features in ``feat_dtype``; see
+        :func:`uniter_fast.data.collate.collate`."""
+        records, draws = self._records_and_draws(indices, position, rank)
+        return collate(self.task, records, draws, self.token_ids, layout, feat_dtype)
+
+    def reference_batch(self, indices: list[int], position: int, rank: int = 0) -> dict[str, Any]:
+        """The same batch (same draws) through the reference path: padded keys and ``packed``."""
+        records, draws = self._records_and_draws(indices, position, rank)
+        return reference_collate(self.task, reference_items(self.task, records, draws, self.token_ids))
+
+
+class DetectFeatTxtTokDataset(torch.utils.data.Dataset, TaskBatches):
+    """Text-image pairs; ``ids`` [N] text ids, ``lens`` int64 [N] = wordpieces (no [CLS]/[SEP]) + nbb.
+
+    ``task`` names the batches, ``fields`` the img_db arrays it reads, ``mask_prob`` the masking probability.
+    """
 
     task = "pairs"
+    fields: tuple[str, ...] = ("features", "norm_bb")
+    mask_prob = MASK_PROB
 
     def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, seed: int = 0) -> None:
         if not isinstance(txt_db, TxtTokLmdb):
@@ -51,6 +102,11 @@ class DetectFeatTxtTokDataset(torch.utils.data.Dataset):
         self.lens = self.txt_lens + np.array([img_db.name2nbb[f] for f in self.img_fnames], dtype=np.int64)
         self.epoch = 0
 
+    @property
+    def token_ids(self) -> TokenIds:
+        """The special ids and vocabulary range of the txt_db."""
+        return self.txt_db.token_ids
+
     def __len__(self) -> int:
         return len(self.ids)
 
@@ -58,52 +114,36 @@ class DetectFeatTxtTokDataset(torch.utils.data.Dataset):
         """Select the random draws of ``epoch``."""
         self.epoch = int(epoch)
 
-    def rng(self, index: int) -> np.random.Generator:
-        """The generator of example ``index`` in the current epoch."""
-        return np.random.default_rng([self.seed, self.epoch, index])
+    def image_of(self, index: int) -> str:
+        """The image paired with text ``index`` (ITM: this epoch's image, possibly a negative)."""
+        return self.img_fnames[index]
 
-    def read(self, index: int, img_fname: str | None = None, soft_labels: bool = False) -> dict[str, Any]:
-        """input_ids int64 [t] (with [CLS]/[SEP], unmasked wordpieces in ``wordpieces``), img_feat [n, 2048],
-        img_pos_feat [n, 7] (float32), and soft_labels [n, 1601] when asked; ``img_fname`` overrides the image."""
-        id_ = self.ids[index]
-        fname = img_fname or self.img_fnames[index]
+    def target_of(self, index: int) -> int:
+        """The ITM target of pair ``index`` (-1: no ITM target)."""
+        return -1
+
+    def __getitem__(self, index: int) -> PairRecord:
+        id_, fname = self.ids[index], self.image_of(index)
         try:
             record = self.txt_db[id_]
-            dump = self.img_db.get_dump(fname, soft_labels=soft_labels)
+            arrays = self.img_db.views(fname, self.fields)
         except DataError as exc:
             raise DataError(f"text {id_!r} (image {fname!r}): {exc}") from exc
-        wordpieces = np.asarray(record["input_ids"], dtype=np.int64)
-        out = {
-            "id": id_,
-            "wordpieces": wordpieces,
-            "input_ids": self.txt_db.combine_inputs(wordpieces.tolist()),
-            "img_feat": torch.from_numpy(dump["features"]),
-            "img_pos_feat": box_7d(torch.from_numpy(dump["norm_bb"])),
-        }
-        if soft_labels:
-            out["soft_labels"] = torch.from_numpy(dump["soft_labels"])
-        return out
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.read(index)
+        return PairRecord(
+            id_,
+            fname,
+            np.asarray(record["input_ids"], dtype=np.int64),
+            arrays["features"],
+            arrays["norm_bb"],
+            arrays.get("soft_labels"),
+            self.target_of(index),
+        )
 
 
 class MlmDataset(DetectFeatTxtTokDataset):
-    """MLM items: masked input_ids int64 [t] and txt_labels int64 [t] (-1 on [CLS]/[SEP] and unmasked)."""
+    """MLM batches: wordpieces masked as the original ``random_word`` (15 %, 80/10/10, >= 1 per text)."""
 
     task = "mlm"
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.read(index)
-        db = self.txt_db
-        masked, labels = random_word(item["wordpieces"], db.v_range, db.mask, self.rng(index))
-        item["input_ids"] = db.combine_inputs(masked.tolist())
-        item["txt_labels"] = torch.tensor([-1, *labels.tolist(), -1], dtype=torch.int64)
-        return item
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """See :func:`collate.mlm_collate`."""
-        return mlm_collate(items)
 
 
 class _MrmDataset(DetectFeatTxtTokDataset):
@@ -113,24 +153,18 @@ class _MrmDataset(DetectFeatTxtTokDataset):
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
         self.mask_prob = mask_prob
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.read(index, soft_labels=True)
-        item["img_mask"] = torch.from_numpy(region_mask(item["img_feat"].size(0), self.rng(index), self.mask_prob))
-        return item
-
 
 class MrfrDataset(_MrmDataset):
-    """MRFR items: regions masked with ``mask_prob`` (>= 1), ``img_mask`` bool [n], ``soft_labels`` [n, 1601]."""
+    """MRFR batches: regions masked with ``mask_prob`` (>= 1 per pair); the soft labels are never read."""
 
     task = "mrfr"
 
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """See :func:`collate.mrfr_collate`."""
-        return mrfr_collate(items)
-
 
 class MrcDataset(_MrmDataset):
-    """MRC / MRC-kl items (as :class:`MrfrDataset`); ``task`` = "mrckl" (default) or "mrc" names the batches."""
+    """MRC / MRC-kl batches (masked as :class:`MrfrDataset`, soft labels read); ``task`` = "mrckl" (default) or
+    "mrc" names the batches."""
+
+    fields = ("features", "norm_bb", "soft_labels")
 
     def __init__(
         self,
@@ -145,13 +179,9 @@ class MrcDataset(_MrmDataset):
         super().__init__(txt_db, img_db, mask_prob, seed)
         self.task = task
 
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """See :func:`collate.mrc_collate`."""
-        return mrc_collate(items, self.task)
-
 
 class ItmDataset(DetectFeatTxtTokDataset):
-    """ITM items with image-swap negatives: each text is a negative with ``neg_prob``, redrawn per epoch
+    """ITM pairs with image-swap negatives: each text is a negative with ``neg_prob``, redrawn per epoch
     (:meth:`new_epoch`); a negative's image is uniform over this rank's shard's images, never its own.
 
     ``targets`` int64 [N] (1 = match), ``neg_fnames`` the image used per text, ``lens`` follow the used image.
@@ -191,20 +221,19 @@ class ItmDataset(DetectFeatTxtTokDataset):
         self.targets = (rng.random(n) >= self.neg_prob).astype(np.int64)
         pool_idx = {f: i for i, f in enumerate(self.pool)}
         own = np.array([pool_idx.get(f, -1) for f in self.img_fnames])
-        draw = rng.integers(len(self.pool), size=n)
-        clash = (self.targets == 0) & (draw == own)
+        picks = rng.integers(len(self.pool), size=n)
+        clash = (self.targets == 0) & (picks == own)
         while clash.any():
-            draw[clash] = rng.integers(len(self.pool), size=int(clash.sum()))
-            clash = (self.targets == 0) & (draw == own)
-        self.neg_fnames = [f if t == 1 else self.pool[d] for f, t, d in zip(self.img_fnames, self.targets, draw)]
+            picks[clash] = rng.integers(len(self.pool), size=int(clash.sum()))
+            clash = (self.targets == 0) & (picks == own)
+        self.neg_fnames = [f if t == 1 else self.pool[d] for f, t, d in zip(self.img_fnames, self.targets, picks)]
         nbb = np.array([self.img_db.name2nbb[f] for f in self.neg_fnames], dtype=np.int64)
         self.lens = self.txt_lens + nbb
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.read(index, img_fname=self.neg_fnames[index])
-        item["target"] = int(self.targets[index])
-        return item
+    def image_of(self, index: int) -> str:
+        """This epoch's image of text ``index`` (its own, or a negative)."""
+        return self.neg_fnames[index]
 
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """See :func:`collate.itm_collate`."""
-        return itm_collate(items)
+    def target_of(self, index: int) -> int:
+        """1 if text ``index`` is paired with its own image this epoch, else 0."""
+        return int(self.targets[index])

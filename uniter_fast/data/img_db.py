@@ -24,6 +24,7 @@ from tqdm import tqdm
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data.files import read_json, write_json_atomic
 from uniter_fast.data.lmdb_env import DataError, LazyReader, Writer
+from uniter_fast.data.record_views import array_views
 
 FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}
 
@@ -88,6 +89,7 @@ class DetectFeatLmdb:
 
     ``db[name]`` -> (img_feat [nbb, 2048] float32, img_pos_feat [nbb, 7] float32), 7-d box = norm_bb + w*h.
     ``get_dump(name)`` -> dict of float32 arrays cut to nbb rows (includes ``soft_labels`` [nbb, 1601]).
+    ``views(name, fields)`` -> the stored (fp16) arrays cut to nbb rows, without copying or decoding other fields.
     """
 
     def __init__(
@@ -133,22 +135,45 @@ class DetectFeatLmdb:
     def __contains__(self, name: str) -> bool:
         return name in self.name2nbb
 
-    def _load(self, name: str) -> dict[str, np.ndarray]:
-        raw = self.db.get(name)
+    def _raw(self, name: str) -> memoryview:
+        raw = self.db.view(name)
         if raw is None:
             raise DataError(f"img_db {self.path!r}: image {name!r} is not in the database")
+        return raw
+
+    def _load(self, name: str, raw: Optional[memoryview] = None) -> dict[str, np.ndarray]:
+        raw = self._raw(name) if raw is None else raw
         try:
             return decode_img_record(raw, self.compress)
         except Exception as exc:
             raise DataError(f"img_db {self.path!r}: image {name!r} is corrupted ({exc})") from exc
 
+    def _nbb(self, name: str) -> int:
+        nbb = self.name2nbb.get(name)
+        if nbb is None:
+            raise DataError(f"img_db {self.path!r}: image {name!r} has no entry in the nbb file")
+        return nbb
+
+    def views(self, name: str, fields: tuple[str, ...] = ("features", "norm_bb")) -> dict[str, np.ndarray]:
+        """The stored arrays ``fields`` (of features [n, 2048], norm_bb [n, 6], soft_labels [n, 1601]) of ``name``,
+        cut to its nbb rows, in their stored dtype (fp16), read-only.
+
+        Uncompressed records are read in place (views of the LMDB map, valid while this process's read handle is
+        open) and only the asked fields are located; other records are decoded. DataError names a missing or bad
+        image.
+        """
+        raw = self._raw(name)
+        found = None if self.compress else array_views(raw, fields)
+        dump = found if found is not None else self._load(name, raw)
+        validate_dump(name, dump, need_soft_labels="soft_labels" in fields)
+        nbb = self._nbb(name)
+        return {k: dump[k][:nbb] for k in fields}
+
     def get_dump(self, name: str, soft_labels: bool = True) -> dict[str, np.ndarray]:
         """float32 arrays of ``name`` cut to its nbb rows; DataError naming the image if it is missing or bad."""
         dump = self._load(name)
         validate_dump(name, dump, need_soft_labels=soft_labels)
-        nbb = self.name2nbb.get(name)
-        if nbb is None:
-            raise DataError(f"img_db {self.path!r}: image {name!r} has no entry in the nbb file")
+        nbb = self._nbb(name)
         keys = FIELDS if soft_labels else ("features", "norm_bb")
         return {k: dump[k][:nbb].astype(np.float32) for k in keys}
 

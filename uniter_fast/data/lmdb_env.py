@@ -30,7 +30,7 @@ def _read_txn(path: str) -> lmdb.Transaction:
     if entry is not None:  # inherited through fork: drop the parent's handle in this process, then reopen
         entry[1].close()
     env = lmdb.open(path, readonly=True, create=False, lock=False, readahead=False, max_readers=512)
-    txn = env.begin(buffers=False)
+    txn = env.begin(buffers=True)
     _OPEN[path] = (os.getpid(), env, txn)
     return txn
 
@@ -45,7 +45,8 @@ def close_reader(path: str) -> None:
 class LazyReader:
     """Read-only LMDB access, opened on first use in each process (fork-safe, shared per path and process).
 
-    ``get(key)`` returns the raw bytes stored under ``key`` (str), or None when the key is absent.
+    ``get(key)`` returns a copy of the bytes stored under ``key`` (str), ``view(key)`` the bytes in place (a
+    read-only memoryview of the map, valid while this process's handle is open); both give None for an absent key.
     """
 
     def __init__(self, path: str) -> None:
@@ -55,7 +56,12 @@ class LazyReader:
         self._real = os.path.realpath(path)
 
     def get(self, key: str) -> Optional[bytes]:
-        """The bytes stored under ``key``, or None."""
+        """A copy of the bytes stored under ``key``, or None."""
+        raw = self.view(key)
+        return None if raw is None else bytes(raw)
+
+    def view(self, key: str) -> Optional[memoryview]:
+        """The bytes stored under ``key`` without a copy, or None."""
         return _read_txn(self._real).get(key.encode("utf-8"))
 
 

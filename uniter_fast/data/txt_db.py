@@ -7,7 +7,7 @@ An LMDB directory whose values are lz4-frame-compressed msgpack dicts (``input_i
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import lz4.frame
 import msgpack
@@ -25,6 +25,16 @@ def encode_txt_record(record: dict[str, Any]) -> bytes:
 def decode_txt_record(raw: bytes) -> dict[str, Any]:
     """Inverse of :func:`encode_txt_record`."""
     return msgpack.unpackb(lz4.frame.decompress(raw), raw=False)
+
+
+class TokenIds(NamedTuple):
+    """The special ids of a txt_db (``meta.json``) and ``v_range`` = [lo, hi) of the random MLM replacements; hi
+    is the vocabulary size, so every stored wordpiece lies in [0, hi)."""
+
+    cls: int
+    sep: int
+    mask: int
+    v_range: tuple[int, int]
 
 
 class TxtTokLmdb:
@@ -48,9 +58,10 @@ class TxtTokLmdb:
         self.mask: int = meta["MASK"]
         self.unk: int = meta["UNK"]
         self.v_range: tuple[int, int] = tuple(meta["v_range"])
+        self.token_ids = TokenIds(self.cls_, self.sep, self.mask, self.v_range)
 
     def __getitem__(self, id_: str) -> dict[str, Any]:
-        raw = self.db.get(id_)
+        raw = self.db.view(id_)
         if raw is None:
             raise DataError(f"txt_db {self.path!r}: text id {id_!r} is not in the database")
         try:

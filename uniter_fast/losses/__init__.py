@@ -86,14 +86,21 @@ def _fused(
 
 
 def mlm_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    backend: str = "auto",
+    check_values: bool = True,
 ) -> torch.Tensor:
     """MLM: mean CE over the M masked tokens of ``hidden [M,H] @ weight[V,H]ᵀ + bias [V]`` vs ``labels`` [M] int64.
 
-    ``weight`` is the tied word-embedding matrix. Returns a 0-dim float32 tensor.
+    ``weight`` is the tied word-embedding matrix. ``check_values`` checks that every label lies in [0, V) (one host
+    sync on a GPU; turn it off where the labels were checked on the host). Returns a 0-dim float32 tensor.
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
-    check_labels(labels, hidden.shape[0], classes, hidden.device)
+    check_labels(labels, hidden.shape[0], classes, hidden.device, check_values)
     path = resolve_backend(backend, hidden.device)
     if path == "reference" or hidden.shape[0] == 0:
         return reference.mlm_loss(hidden, weight, bias, labels)

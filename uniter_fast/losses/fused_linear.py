@@ -11,6 +11,7 @@ kernels-notes §4).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -22,10 +23,11 @@ import torch
 RowFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-#: The most chunks a call is split into, and the fewest logits a chunk holds per device type: 4M on GPUs (16 MB in
-#: float32), 16M on CPUs, whose GEMMs lose efficiency below a few hundred rows.
+#: The most chunks a call is split into, and the fewest logits a chunk holds per device type: 16M on both (32 MB in
+#: bf16; 578 rows of MLM logits). On an H200 a 4M floor (144 MLM rows per chunk) made the fused MLM loss 0.42x the
+#: reference's speed at M = 1000 (bench/results/gpu_suite_nvidia_h200, first run): GEMMs of a hundred rows are slow.
 CHUNKS = 8
-CHUNK_ELEMENTS = {"cuda": 1 << 22, "cpu": 1 << 24}
+CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 24}
 
 
 @dataclass(frozen=True)
@@ -121,17 +123,29 @@ def _forward_chunks(
 def _accumulate(acc: Optional[torch.Tensor], a: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
     """acc + a @ b (or + a.sum(1) when ``b`` is None) in float32; the first chunk (``acc`` None) starts it.
 
-    Float32 products accumulate in place (``addmm_``); lower precisions go through a chunk-sized product.
+    Float32 products accumulate in place (``addmm_``); bf16/fp16 products on CUDA too, through cuBLAS's float32
+    output (``addmm`` with ``out_dtype``, PyTorch ≥ 2.8), else through a chunk-sized product added to ``acc``.
     """
-    if acc is None:
-        return (a @ b if b is not None else a.sum(1, dtype=torch.float32)).float()
     if b is None:
+        if acc is None:
+            return a.sum(1, dtype=torch.float32)
         acc += a.sum(1, dtype=torch.float32)
-    elif a.dtype == torch.float32:
+        return acc
+    if acc is None:
+        acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32, device=a.device)
+    if a.dtype == torch.float32:
         acc.addmm_(a, b)
+    elif a.is_cuda and _has_out_dtype_gemm():
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc += a @ b
     return acc
+
+
+@functools.cache
+def _has_out_dtype_gemm() -> bool:
+    """Whether this PyTorch has ``addmm(..., out_dtype=)`` (a half-precision GEMM with a float32 output)."""
+    return hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def fused_linear_loss(

@@ -13,7 +13,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +67,13 @@ class VarlenBatch:
         cu_seqlens: [B+1] int32 cumulative sequence lengths (cu_seqlens[0] = 0, cu_seqlens[-1] = T).
         max_seqlen: the longest sequence, a Python int.
         backend: the attention backend every layer uses (a key of ``VARLEN_ATTENTION``).
+        total: T, the number of packed tokens, when the caller knows it (saves reading cu_seqlens on the host).
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
     backend: str = "eager"
+    total: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.cu_seqlens.dim() != 1 or self.cu_seqlens.numel() < 2 or self.cu_seqlens.dtype != torch.int32:
@@ -100,7 +102,7 @@ class VarlenBatch:
     @functools.cached_property
     def token_coords(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Two [T] int64 tensors: the sequence of each packed token and its position within that sequence."""
-        total = self.boundaries[-1]
+        total = self.boundaries[-1] if self.total is None else self.total
         starts = self.cu_seqlens[:-1].long()
         seq = torch.repeat_interleave(
             torch.arange(self.batch_size, device=starts.device), self.lengths, output_size=total
@@ -195,6 +197,43 @@ def varlen_torch(
     return varlen_attn(q, k, v, cu, cu, s, s)
 
 
+class _FlashVarlen(torch.autograd.Function):
+    """PyTorch's own flash-attention kernels on the varlen layout, dropout included: the ``aten`` forward and backward
+    that ``scaled_dot_product_attention`` and ``varlen_attn`` call inside. The forward's philox seed and offset are
+    saved, so the backward regenerates the same dropout mask."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_seqlen: int, dropout_p: float
+    ) -> torch.Tensor:
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p, False, False
+        )
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_seqlen, ctx.dropout_p = max_seqlen, dropout_p
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        s, p = ctx.max_seqlen, ctx.dropout_p
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, s, s, p, False, seed, offset
+        )
+        return dq, dk, dv, None, None, None
+
+
+def varlen_flash_torch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch, dropout_p: float
+) -> torch.Tensor:
+    """PyTorch's flash varlen kernels (CUDA, fp16/bf16, dropout supported; no extra package, no host sync).
+
+    q/k/v: [T, heads, d]. Returns [T, heads, d].
+    """
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    return _FlashVarlen.apply(q, k, v, batch.cu_seqlens, batch.max_seqlen, dropout_p)
+
+
 def varlen_flash_attn(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: VarlenBatch, dropout_p: float
 ) -> torch.Tensor:
@@ -214,9 +253,10 @@ VARLEN_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {
     "sdpa_padded": varlen_sdpa_padded,
     "sdpa_nested": varlen_sdpa_nested,
     "torch_varlen": varlen_torch,
+    "flash_torch": varlen_flash_torch,
     "flash_attn": varlen_flash_attn,
 }
-CUDA_ONLY_BACKENDS = ("torch_varlen", "flash_attn")
+CUDA_ONLY_BACKENDS = ("torch_varlen", "flash_torch", "flash_attn")
 
 
 @functools.cache
@@ -232,21 +272,20 @@ def flash_attn_available() -> bool:
 def select_varlen_backend(device_type: str, dtype: torch.dtype, dropout_p: float, has_flash_attn: bool) -> str:
     """The fastest varlen backend that is exact for these inputs (kernels-notes §5).
 
-    CUDA: flash-attn for fp16/bf16 when installed; else ``torch_varlen`` when there is no attention dropout,
-    ``sdpa_nested`` (PyTorch flash with dropout) for fp16/bf16 with dropout, ``sdpa_padded`` (memory-efficient
-    kernel, key-padding mask) for fp32. Any other device: ``sdpa_padded`` (measured on a 2-core CPU: as fast as
-    ``sdpa_loop`` single-threaded, and far less sensitive to a busy machine, as it issues a handful of ops per layer
-    instead of a few per sequence).
+    CUDA: flash-attn for fp16/bf16 when installed; else ``flash_torch`` (PyTorch's own flash varlen kernels, with or
+    without dropout) for fp16/bf16, ``sdpa_padded`` (memory-efficient kernel, key-padding mask) for fp32.
+    ``sdpa_nested`` is never chosen: on an H200 (bench/results/gpu_suite_nvidia_h200, first run) its training step
+    ran at 0.19x the padded encoder, with 3 host syncs per layer. Any other device: ``sdpa_padded`` (measured on a
+    2-core CPU: as fast as ``sdpa_loop`` single-threaded, and far less sensitive to a busy machine, as it issues a
+    handful of ops per layer instead of a few per sequence).
     """
     if device_type != "cuda":
         return "sdpa_padded"
     half = dtype in HALF_DTYPES
     if half and has_flash_attn:
         return "flash_attn"
-    if half and dropout_p == 0.0:
-        return "torch_varlen"
     if half:
-        return "sdpa_nested"
+        return "flash_torch"
     return "sdpa_padded"
 
 

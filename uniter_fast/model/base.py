@@ -23,26 +23,32 @@ from uniter_fast.model.uniter import Model, init_uniter_weights
 class UniterPreTrainedModel(nn.Module):
     """A UNITER encoder (``self.uniter``) with heads added by subclasses; ``fast`` selects the packed encoder."""
 
-    def __init__(self, config: UniterConfig, fast: bool = False) -> None:
+    def __init__(self, config: UniterConfig, fast: bool = False, check_values: Optional[bool] = None) -> None:
         super().__init__()
         config = dataclasses.replace(config)  # a copy: growing the tables updates it, not the caller's
         self.config = config
         self.uniter = Model(config)
         self.fast = fast
+        self.check_values = check_values
 
     def init_head_weights(self, *heads: nn.Module) -> None:
         """The original ``init_weights`` on the head modules (Linear/Embedding N(0, 0.02), biases 0, LN 1/0)."""
         for head in heads:
             head.apply(lambda m: init_uniter_weights(m, self.config.initializer_range))
 
+    @property
+    def value_checks(self) -> bool:
+        """Whether the fast path checks values that live on the device (``check_values``; default: not ``fast``)."""
+        return (not self.fast) if self.check_values is None else self.check_values
+
     # ------------------------------------------------------------------ encoder and readouts
     def _uses_packed(self, batch: dict) -> bool:
-        return self.fast and "packed" in batch and hasattr(self.uniter, "forward_packed")
+        return self.fast and "packed" in batch
 
     def _encode(self, batch: dict, img_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Last-layer output: [T, H] (packed, when ``fast`` and the batch has ``packed``) or [B, L, H] (padded)."""
         if self._uses_packed(batch):
-            return self.uniter.forward_packed(batch["packed"])
+            return self.uniter.forward_packed(batch["packed"], check_values=self.value_checks)
         return self.uniter.forward_batch(batch, img_masks=img_masks)
 
     def _pooled(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:

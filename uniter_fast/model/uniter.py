@@ -127,7 +127,7 @@ class UniterModel(nn.Module):
             img_feat: [B, Nb, 2048] float region features (zero-padded), or None for text-only.
             img_pos_feat: [B, Nb, 7] float boxes [x1, y1, x2, y2, w, h, w*h].
             attention_mask: [B, L] 1 for the first t_i + n_i positions of row i, else 0.
-            gather_index: [B, L] int64 joint-order index into cat(text, regions) (see ``uniter_fast.model.layout``).
+            gather_index: [B, L] int64 joint-order index into cat(text, regions) (see ``uniter_fast.layout``).
             img_masks: [B, Nb] bool, regions masked for MRM (their features already zeroed by the collate).
             output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
             txt_type_ids / img_type_ids: [B, Lt] / [B, Nb] int64 type ids (defaults 0 / 1).
@@ -160,7 +160,7 @@ class UniterModel(nn.Module):
     def set_packed_attention_backend(self, backend: str) -> None:
         """Attention backend of :meth:`forward_packed`: ``"auto"`` (default: chosen per device, dtype and dropout,
         and logged) or one of ``uniter_fast.model.attention.VARLEN_ATTENTION`` (``"eager"``, ``"sdpa_loop"``,
-        ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_attn"``)."""
+        ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_torch"``, ``"flash_attn"``)."""
         check_varlen_backend(backend)
         self.packed_attention_backend = backend
 
@@ -188,16 +188,18 @@ class UniterModel(nn.Module):
         )
 
     def forward_packed(
-        self, packed: dict[str, Any], output_all_encoded_layers: bool = False
+        self, packed: dict[str, Any], output_all_encoded_layers: bool = False, check_values: Optional[bool] = None
     ) -> Union[list[torch.Tensor], torch.Tensor]:
         """The encoder on the packed layout: only valid tokens are embedded and run through every layer.
 
         Args:
-            packed: the ``packed`` dict of a collate (contract 2; ``uniter_fast.model.packed.pack_batch`` builds it
-                from a padded batch): ``txt_ids``/``txt_position_ids``/``txt_index`` [St], ``img_feat`` [Sn, 2048],
+            packed: the ``packed`` dict of a collate (contract 2; ``uniter_fast.layout.pack_batch`` builds it from a
+                padded batch): ``txt_ids``/``txt_position_ids``/``txt_index`` [St], ``img_feat`` [Sn, 2048],
                 ``img_pos_feat`` [Sn, 7], ``img_index`` [Sn], ``cu_seqlens`` [B+1] int32, ``max_seqlen`` int and,
                 for MRM, ``img_masks`` [Sn] bool; optional ``txt_type_ids`` [St] / ``img_type_ids`` [Sn].
             output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
+            check_values: also check ``cu_seqlens`` / ``max_seqlen`` against the token counts, which synchronises
+                with the GPU (default: ``self.check_inputs``); shapes and keys are always checked.
 
         Returns:
             [T, H] hidden states of the valid tokens (T = St + Sn), example i at cu_seqlens[i] .. cu_seqlens[i+1]-1,
@@ -209,7 +211,7 @@ class UniterModel(nn.Module):
             dtype = torch.get_autocast_dtype(device.type)
         dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
         backend = resolve_varlen_backend(self.packed_attention_backend, device, dtype, dropout_p)
-        encoded_layers = packed_forward(self, packed, backend, output_all_encoded_layers)
+        encoded_layers = packed_forward(self, packed, backend, output_all_encoded_layers, check_values)
         if not output_all_encoded_layers:
             return encoded_layers[-1]
         return encoded_layers

@@ -1,34 +1,56 @@
-"""Public OT entry points: the IPOT plan and UNITER's differentiable Wasserstein distance."""
+"""Public OT entry points: the IPOT plan and UNITER's differentiable Wasserstein (WRA) distance."""
 
 from __future__ import annotations
 
-from typing import Any
+import warnings
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from uniter_fast.ot.backends import RUNNERS, resolve_backend
-from uniter_fast.ot.checks import check_embeddings, check_float, check_pads, check_params, suffix_lengths
+from uniter_fast.ot.backends import RUNNERS, resolve_backend, run_reference
+from uniter_fast.ot.checks import (
+    check_embeddings,
+    check_float,
+    check_length_args,
+    check_pad_layout,
+    check_pads,
+    check_params,
+    suffix_lengths,
+)
+from uniter_fast.ot.wra import COSINE_EPS, fused_wra_distance
 
 
-def _prepare(
-    cost: torch.Tensor, txt_pad: torch.Tensor, img_pad: torch.Tensor, beta: float, iteration: int, k: int, backend: str
-) -> tuple[str, Any, Any]:
-    """Validate a [B, M, N] cost problem; returns (backend, txt_lens, img_lens) (lengths None if not suffix pads)."""
-    check_float("cost", cost, 3)
-    check_params(beta, iteration, k)
-    check_pads(txt_pad, img_pad, cost.shape[0], cost.shape[1], cost.shape[2], cost.device)
-    txt_lens, img_lens = suffix_lengths(txt_pad), suffix_lengths(img_pad)
-    name = resolve_backend(backend, cost.device, txt_lens is not None and img_lens is not None)
-    return name, txt_lens, img_lens
+def _lengths(
+    txt_pad: torch.Tensor,
+    img_pad: torch.Tensor,
+    txt_lens: Optional[torch.Tensor],
+    img_lens: Optional[torch.Tensor],
+    batch: int,
+    m: int,
+    n: int,
+    device: torch.device,
+    check_lengths: bool,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The valid lengths: the given ones (checked without a device sync unless ``check_lengths``), else derived from
+    the pads (a device sync on CUDA); (None, None) when the pads are not a suffix of every row."""
+    if (txt_lens is None) != (img_lens is None):
+        raise ValueError("txt_lens and img_lens must be given together (or neither)")
+    if txt_lens is None:
+        check_pads(txt_pad, img_pad, batch, m, n, device)
+        txt_lens, img_lens = suffix_lengths(txt_pad), suffix_lengths(img_pad)
+        return (txt_lens, img_lens) if txt_lens is not None and img_lens is not None else (None, None)
+    check_pad_layout(txt_pad, img_pad, batch, m, n, device)
+    check_length_args(txt_lens, img_lens, txt_pad, img_pad, check_lengths)
+    return txt_lens, img_lens
 
 
 class _IpotDistance(torch.autograd.Function):
-    """distance_b = Σ_ij C_bij T_bij with the IPOT plan T computed from C.detach(); ∂distance/∂C = T (detached)."""
+    """distance_b = Σ_ij C_bij T_bij with the reference IPOT plan T computed from C.detach(); ∂distance/∂C = T."""
 
     @staticmethod
-    def forward(ctx: Any, cost: torch.Tensor, txt_pad, img_pad, txt_lens, img_lens, beta, iteration, k, backend):
-        plan, dist = RUNNERS[backend](cost, txt_pad, img_pad, txt_lens, img_lens, beta, iteration, k)
+    def forward(ctx: Any, cost: torch.Tensor, txt_pad, img_pad, beta, iteration, k):
+        plan, dist = run_reference(cost, txt_pad, img_pad, None, None, beta, iteration, k)
         ctx.save_for_backward(plan)
         ctx.cost_dtype = cost.dtype
         return dist
@@ -37,10 +59,10 @@ class _IpotDistance(torch.autograd.Function):
     def backward(ctx: Any, grad_dist: torch.Tensor):
         (plan,) = ctx.saved_tensors
         grad_cost = (grad_dist.to(plan.dtype)[:, None, None] * plan).to(ctx.cost_dtype)
-        return (grad_cost,) + (None,) * 8
+        return (grad_cost,) + (None,) * 5
 
 
-def cost_matrix_cosine(txt_emb: torch.Tensor, img_emb: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def cost_matrix_cosine(txt_emb: torch.Tensor, img_emb: torch.Tensor, eps: float = COSINE_EPS) -> torch.Tensor:
     """1 − cosine similarity [B, Lt, Nb] of txt_emb [B, Lt, H] and img_emb [B, Nb, H] (L2 eps 1e-5), input dtype."""
     x = F.normalize(txt_emb, p=2, dim=-1, eps=eps)
     y = F.normalize(img_emb, p=2, dim=-1, eps=eps)
@@ -55,6 +77,9 @@ def ipot(
     iteration: int = 50,
     k: int = 1,
     backend: str = "auto",
+    txt_lens: Optional[torch.Tensor] = None,
+    img_lens: Optional[torch.Tensor] = None,
+    check_lengths: bool = False,
 ) -> torch.Tensor:
     """IPOT transport plan of UNITER's algorithm (uniform marginals 1/len over non-pad positions).
 
@@ -64,11 +89,18 @@ def ipot(
             least one non-pad on each side; the fast backends need pads only at the end of each row.
         beta: proximal step (>= 0.05), iteration: outer steps, k: inner Sinkhorn sweeps.
         backend: "reference", "cpp" (CPU), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "auto".
+        txt_lens, img_lens: optional [B] int64 valid lengths (CPU or the cost's device), as in
+            :func:`optimal_transport_dist`.
+        check_lengths: also check device-resident lengths against the pads (a device sync).
 
     Returns:
         [B, M, N] float32 plan (note: the original returns it transposed, [B, N, M]), zero at pads, no gradient.
     """
-    name, txt_lens, img_lens = _prepare(cost, txt_pad, img_pad, beta, iteration, k, backend)
+    check_float("cost", cost, 3)
+    check_params(beta, iteration, k)
+    batch, m, n = cost.shape
+    txt_lens, img_lens = _lengths(txt_pad, img_pad, txt_lens, img_lens, batch, m, n, cost.device, check_lengths)
+    name = resolve_backend(backend, cost.device, txt_lens is not None)
     with torch.no_grad():
         return RUNNERS[name](cost.detach(), txt_pad, img_pad, txt_lens, img_lens, beta, iteration, k)[0]
 
@@ -82,6 +114,9 @@ def optimal_transport_dist(
     iteration: int = 50,
     k: int = 1,
     backend: str = "auto",
+    txt_lens: Optional[torch.Tensor] = None,
+    img_lens: Optional[torch.Tensor] = None,
+    check_lengths: bool = False,
 ) -> torch.Tensor:
     """UNITER's WRA distance: Σ C ⊙ T with C = 1 − cos(txt, img) (pads zeroed) and T the detached IPOT plan.
 
@@ -89,13 +124,35 @@ def optimal_transport_dist(
         txt_emb: [B, Lt, H] float32/bfloat16/float16 text embeddings (incl. [CLS]/[SEP]).
         img_emb: [B, Nb, H] same dtype family, region embeddings.
         txt_pad: [B, Lt] bool, True at text pads. img_pad: [B, Nb] bool, True at region pads.
-        beta, iteration, k, backend: as in :func:`ipot`.
+        beta, iteration, k, backend: as in :func:`ipot`. "cpp" and "triton" run the fused kernels (cost, IPOT,
+            distance and backward without materialising normalised copies); "reference" the original maths.
+        txt_lens, img_lens: optional [B] int64 valid lengths, e.g. CPU tensors from the collate, so that nothing is
+            derived from the pads (which costs device syncs on CUDA). On the CPU they are checked against the pads;
+            on an accelerator only with ``check_lengths=True``.
+        check_lengths: also check device-resident lengths and pads (a device sync).
 
     Returns:
-        [B] float32 distance; differentiable w.r.t. both embeddings through the cost only (computed in fp32).
+        [B] float32 distance; differentiable w.r.t. both embeddings through the cost only (fp32 maths, gradients in
+        the embeddings' dtype).
     """
     check_embeddings(txt_emb, img_emb)
+    check_params(beta, iteration, k)
+    batch, m, _ = txt_emb.shape
+    n = img_emb.shape[1]
+    txt_lens, img_lens = _lengths(txt_pad, img_pad, txt_lens, img_lens, batch, m, n, txt_emb.device, check_lengths)
+    name = resolve_backend(backend, txt_emb.device, txt_lens is not None)
+    if name == "triton":
+        from uniter_fast.kernels.wra import MAX_BLOCK
+
+        if m > MAX_BLOCK or n > MAX_BLOCK:
+            warnings.warn(
+                f"WRA Triton kernel holds at most {MAX_BLOCK}x{MAX_BLOCK} per pair, got {m}x{n}; "
+                "using the reference backend",
+                stacklevel=2,
+            )
+            name = "reference"
+    if name != "reference":
+        return fused_wra_distance(txt_emb, img_emb, txt_lens, img_lens, beta, iteration, k, name)
     cost = cost_matrix_cosine(txt_emb.float(), img_emb.float())
-    name, txt_lens, img_lens = _prepare(cost, txt_pad, img_pad, beta, iteration, k, backend)
     cost = cost.masked_fill(txt_pad.unsqueeze(-1) | img_pad.unsqueeze(-2), 0)
-    return _IpotDistance.apply(cost, txt_pad, img_pad, txt_lens, img_lens, beta, iteration, k, name)
+    return _IpotDistance.apply(cost, txt_pad, img_pad, beta, iteration, k)

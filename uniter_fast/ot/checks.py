@@ -27,7 +27,18 @@ def check_params(beta: float, iteration: int, k: int) -> None:
 
 
 def check_pads(txt_pad: torch.Tensor, img_pad: torch.Tensor, batch: int, m: int, n: int, device: torch.device) -> None:
-    """Raise unless txt_pad is [batch, m] bool and img_pad is [batch, n] bool on ``device``, each pair non-empty."""
+    """Raise unless txt_pad is [batch, m] bool and img_pad is [batch, n] bool on ``device``, each pair non-empty.
+
+    The non-empty check reads the pads' values (a device sync on CUDA)."""
+    check_pad_layout(txt_pad, img_pad, batch, m, n, device)
+    if batch and bool((txt_pad.all(dim=1) | img_pad.all(dim=1)).any()):
+        raise ValueError("every pair needs at least one non-pad text token and one non-pad region (txt_pad/img_pad)")
+
+
+def check_pad_layout(
+    txt_pad: torch.Tensor, img_pad: torch.Tensor, batch: int, m: int, n: int, device: torch.device
+) -> None:
+    """Raise unless txt_pad is [batch, m] bool and img_pad is [batch, n] bool on ``device`` (metadata only)."""
     for name, pad, size in (("txt_pad", txt_pad, m), ("img_pad", img_pad, n)):
         if not isinstance(pad, torch.Tensor) or pad.dtype != torch.bool:
             got = pad.dtype if isinstance(pad, torch.Tensor) else type(pad).__name__
@@ -36,8 +47,45 @@ def check_pads(txt_pad: torch.Tensor, img_pad: torch.Tensor, batch: int, m: int,
             raise ValueError(f"{name} must have shape {(batch, size)}, got {tuple(pad.shape)}")
         if pad.device != device:
             raise ValueError(f"{name} must be on {device}, got {pad.device}")
-    if batch and bool((txt_pad.all(dim=1) | img_pad.all(dim=1)).any()):
-        raise ValueError("every pair needs at least one non-pad text token and one non-pad region (txt_pad/img_pad)")
+
+
+def check_length_args(
+    txt_lens: torch.Tensor,
+    img_lens: torch.Tensor,
+    txt_pad: torch.Tensor,
+    img_pad: torch.Tensor,
+    check_values: bool,
+) -> None:
+    """Raise unless txt_lens/img_lens are [B] integer tensors (CPU or the pads' device) matching the pads.
+
+    Ranges (1 <= len <= pad width) are checked when both lengths are on the CPU, and the pads' agreement (True exactly
+    from len on) when the pads are too: no device sync. Anything on an accelerator is read only when ``check_values``
+    is True (a device sync).
+    """
+    for name, lens, pad in (("txt_lens", txt_lens, txt_pad), ("img_lens", img_lens, img_pad)):
+        if not isinstance(lens, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(lens).__name__}")
+        if lens.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name} must be int64 (or int32), got {lens.dtype}")
+        if tuple(lens.shape) != (pad.shape[0],):
+            raise ValueError(f"{name} must have shape ({pad.shape[0]},), got {tuple(lens.shape)}")
+        if lens.device.type != "cpu" and lens.device != pad.device:
+            raise ValueError(f"{name} must be on the CPU or on {pad.device}, got {lens.device}")
+    on_host = txt_lens.device.type == "cpu" and img_lens.device.type == "cpu"
+    if not (on_host or check_values):
+        return
+    for name, lens, pad_name, pad in (
+        ("txt_lens", txt_lens, "txt_pad", txt_pad),
+        ("img_lens", img_lens, "img_pad", img_pad),
+    ):
+        bad = (lens < 1) | (lens > pad.shape[1])
+        if bool(bad.any()):
+            b = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name}[{b}] must be in [1, {pad.shape[1]}], got {int(lens[b])}")
+        if pad.device.type == "cpu" or check_values:
+            expected = torch.arange(pad.shape[1], device=pad.device)[None] >= lens.to(pad.device)[:, None]
+            if not bool(torch.equal(expected, pad)):
+                raise ValueError(f"{pad_name} must be True exactly at positions >= {name} (suffix padding)")
 
 
 def check_float(name: str, x: torch.Tensor, ndim: int) -> None:

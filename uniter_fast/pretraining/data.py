@@ -2,7 +2,9 @@
 
 Each ``{task}_{dataset}`` gets a task dataset over the dataset's txt_db / img_db pairs (several pairs are
 concatenated, as the original ``ConcatDatasetWithLens``), batched by token budget; training mixes them with the
-resumable ``MetaLoader``. The token budget is checked against the longest possible example before training.
+resumable ``MetaLoader``. Batches come in the layout the model reads: packed with the region features as stored
+(fp16) for the fast path (``cfg.fast``), padded and float32 for the reference path. The token budget is checked
+against the longest possible example before training.
 """
 
 from __future__ import annotations
@@ -20,22 +22,34 @@ from uniter_fast.data import (
     MlmDataset,
     MrcDataset,
     MrfrDataset,
+    PairRecord,
     TaskLoader,
     TokenBucketSampler,
     TxtTokLmdb,
+    batch_loader,
 )
+from uniter_fast.data.datasets import TaskBatches
 from uniter_fast.pretraining.config import DatasetSpec, TrainingConfig
 from uniter_fast.pretraining.model import task_kind
 
 SIZE_MULTIPLE = 8
 
 
-class ConcatTaskDataset(torch.utils.data.Dataset):
-    """Several task datasets of one kind as one: concatenated ``lens``, ``set_epoch`` forwarded, the first's collate."""
+class ConcatTaskDataset(torch.utils.data.Dataset, TaskBatches):
+    """Several task datasets of one kind as one: concatenated ``lens``, ``set_epoch`` forwarded, records of the part
+    an index falls in, batches drawn and collated as one dataset's (the parts share seed, masking and tokenizer)."""
 
     def __init__(self, parts: list[Any]) -> None:
+        first = parts[0]
+        for part in parts[1:]:
+            if part.token_ids != first.token_ids:
+                raise ValueError(
+                    f"txt_dbs {first.txt_db.path!r} and {part.txt_db.path!r} have different special ids or vocabulary "
+                    f"({first.token_ids} vs {part.token_ids}); datasets of one task must share the tokenizer"
+                )
         self.parts = parts
-        self.task = parts[0].task
+        self.task, self.seed, self.mask_prob, self.token_ids = first.task, first.seed, first.mask_prob, first.token_ids
+        self.epoch = 0
         self.offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
 
     @property
@@ -48,16 +62,13 @@ class ConcatTaskDataset(torch.utils.data.Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         """Forward ``epoch`` to every part."""
+        self.epoch = int(epoch)
         for part in self.parts:
             part.set_epoch(epoch)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, index: int) -> PairRecord:
         part = bisect.bisect_right(self.offsets, index) - 1
         return self.parts[part][index - self.offsets[part]]
-
-    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """The collate of the parts' task."""
-        return self.parts[0].collate(items)
 
 
 class DataBuilder:
@@ -65,6 +76,10 @@ class DataBuilder:
 
     def __init__(self, cfg: TrainingConfig, rank: int, world: int, num_workers: int) -> None:
         self.cfg, self.rank, self.world, self.num_workers = cfg, rank, world, num_workers
+        # fast path: packed layout, region features as stored (fp16; the model casts them exactly); reference: as the
+        # original, padded and float32
+        self.layout = "packed" if cfg.fast else "padded"
+        self.feat_dtype = torch.float16 if cfg.fast else torch.float32
         self._txt: dict[str, TxtTokLmdb] = {}
         self._img: dict[str, DetectFeatLmdb] = {}
 
@@ -110,7 +125,15 @@ class DataBuilder:
             for task, name, ratio in zip(spec.tasks, spec.task_names(), spec.mix_ratio):
                 data = self.dataset(spec, task, cfg.train_batch_size, "train_batch_size")
                 loaders[name] = TaskLoader(
-                    data, cfg.train_batch_size, cfg.seed, self.rank, self.world, self.num_workers, droplast=True
+                    data,
+                    cfg.train_batch_size,
+                    cfg.seed,
+                    self.rank,
+                    self.world,
+                    self.num_workers,
+                    droplast=True,
+                    layout=self.layout,
+                    feat_dtype=self.feat_dtype,
                 )
                 ratios[name] = ratio
         return MetaLoader(loaders, ratios, grad_accum_steps, seed=cfg.seed)
@@ -130,6 +153,11 @@ class DataBuilder:
         sampler = TokenBucketSampler(
             dataset.lens, batch_size=self.cfg.val_batch_size, seed=self.cfg.seed, rank=self.rank, world=self.world
         )
-        yield from torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler.batches(0), collate_fn=dataset.collate, num_workers=self.num_workers
+        yield from batch_loader(
+            dataset,
+            sampler.batches(0),
+            rank=self.rank,
+            layout=self.layout,
+            num_workers=self.num_workers,
+            feat_dtype=self.feat_dtype,
         )

@@ -3,7 +3,10 @@
 Every head runs on the rows its task needs (masked tokens, masked regions, [CLS]) and hands them to the loss
 functions of ``uniter_fast.losses`` (final projection + loss, ``backend`` switch) and to ``uniter_fast.ot`` (IPOT).
 ``fast=False`` is the reference path: the padded encoder forward and the ``"reference"`` backends. ``fast=True``
-runs the packed encoder (``Model.forward_packed``) when the model has it and the ``"auto"`` backends.
+runs the packed encoder (``Model.forward_packed``) on ``batch["packed"]`` and the ``"auto"`` backends, and reads
+nothing but what the collate computed on the host: it synchronises with the GPU only where the maths needs a value
+on the host (docs/pretraining.md, "Host syncs"). Its value checks (labels in range, ``cu_seqlens`` consistent) are
+off by default, the collates having checked the data on the host; ``check_values=True`` turns them on.
 """
 
 from __future__ import annotations
@@ -31,8 +34,11 @@ def task_kind(task: str) -> str:
     return kind
 
 
-def _require(batch: dict, keys: tuple[str, ...], task: str) -> None:
+def _require(batch: dict, keys: tuple[str, ...], task: str, packed_keys: tuple[str, ...] = ()) -> None:
+    """Raise unless ``batch`` has ``keys`` and ``batch["packed"]`` has ``packed_keys``."""
     missing = [k for k in keys if k not in batch]
+    packed = batch.get("packed", {})
+    missing += [f"packed.{k}" for k in packed_keys if k not in packed]
     if missing:
         raise ValueError(f"batch for task {task!r} lacks the keys {missing}")
 
@@ -48,8 +54,9 @@ class UniterForPretraining(UniterPreTrainedModel):
         fast: bool = False,
         itm_ot_lambda: float = 0.1,
         ot_settings: Optional[dict[str, Any]] = None,
+        check_values: Optional[bool] = None,
     ) -> None:
-        super().__init__(config, fast)
+        super().__init__(config, fast, check_values)
         self.cls = BertOnlyMLMHead(config, self.uniter.embeddings.word_embeddings.weight)
         self.feat_regress = RegionFeatureRegression(config, self.uniter.img_embeddings.img_linear.weight)
         self.region_classifier = RegionClassification(config, img_label_dim)
@@ -86,23 +93,39 @@ class UniterForPretraining(UniterPreTrainedModel):
             return sequence_output[batch["packed"]["mrm_index"]]
         return sequence_output[batch["img_mask_tgt"]]
 
+    def _encode_regions(self, batch: dict, task: str, target_key: str) -> torch.Tensor:
+        """MRM rows [M, H] of the masked regions (packed or padded path)."""
+        if self._uses_packed(batch):
+            _require(batch, (target_key,), task, ("img_masks", "mrm_index"))
+            return self._masked_region_rows(batch, self._encode(batch, None))
+        _require(batch, ("img_masks", "img_mask_tgt", target_key), task)
+        return self._masked_region_rows(batch, self._encode(batch, batch["img_masks"]))
+
     def _ot_embeddings(self, batch: dict, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Text [B, Lt, H] and image [B, Nb, H] parts of the output, zero at pads (text includes [CLS]/[SEP])."""
+        """Text [B, Lt, H] and image [B, Nb, H] parts of the output, zero at pads (text includes [CLS]/[SEP]).
+
+        Packed: each valid row goes to its padded slot (``txt_slot`` / ``img_slot``, computed by the collate).
+        Padded: the original scatter by ``ot_scatter`` into zeros of length Lt + L (>= its largest index + 1, known
+        from the shapes: no ``scatter_max`` to read); the kept columns are the same.
+        """
         ot = batch["ot_inputs"]
-        txt_pad, img_pad = ot["txt_pad"], ot["img_pad"]
-        batch_size, txt_len = txt_pad.shape
-        img_len = img_pad.size(1)
+        batch_size, txt_len = ot["txt_pad"].shape
+        img_len = ot["img_pad"].size(1)
         hidden = sequence_output.size(-1)
         if sequence_output.dim() == 2:
             packed = batch["packed"]
-            txt_emb = sequence_output.new_zeros(batch_size, txt_len, hidden)
-            img_emb = sequence_output.new_zeros(batch_size, img_len, hidden)
-            txt_emb = txt_emb.index_put((~txt_pad).nonzero(as_tuple=True), sequence_output[packed["txt_index"]])
-            img_emb = img_emb.index_put((~img_pad).nonzero(as_tuple=True), sequence_output[packed["img_index"]])
-            return txt_emb, img_emb
-        max_len = max(int(ot["scatter_max"]) + 1, txt_len + img_len)
+            txt_rows = sequence_output.index_select(0, packed["txt_index"])
+            img_rows = sequence_output.index_select(0, packed["img_index"])
+            txt_emb = sequence_output.new_zeros(batch_size * txt_len, hidden).index_copy(
+                0, packed["txt_slot"], txt_rows
+            )
+            img_emb = sequence_output.new_zeros(batch_size * img_len, hidden).index_copy(
+                0, packed["img_slot"], img_rows
+            )
+            return txt_emb.view(batch_size, txt_len, hidden), img_emb.view(batch_size, img_len, hidden)
         index = ot["ot_scatter"].unsqueeze(-1).expand_as(sequence_output)
-        ctx = sequence_output.new_zeros(batch_size, max_len, hidden).scatter(1, index, sequence_output)
+        ctx = sequence_output.new_zeros(batch_size, txt_len + sequence_output.size(1), hidden)
+        ctx = ctx.scatter(1, index, sequence_output)
         return ctx[:, :txt_len], ctx[:, txt_len : txt_len + img_len]
 
     # ------------------------------------------------------------------ forward
@@ -128,21 +151,30 @@ class UniterForPretraining(UniterPreTrainedModel):
         """Masked language modelling: CE over the vocabulary, mean over masked tokens."""
         from uniter_fast import losses
 
-        _require(batch, ("txt_labels",), "mlm")
+        if self._uses_packed(batch):
+            _require(batch, (), "mlm", ("mlm_index", "mlm_labels"))
+        else:
+            _require(batch, ("txt_labels",), "mlm")
         rows, labels = self._masked_text_rows(batch, self._encode(batch, None))
         predictions = self.cls.predictions
         hidden = predictions.transform(rows)
         if not compute_loss:
             return {"scores": predictions.decoder(hidden) + predictions.bias, "labels": labels}
-        loss = losses.mlm_loss(hidden, predictions.decoder.weight, predictions.bias, labels, backend=self.backend)
+        loss = losses.mlm_loss(
+            hidden,
+            predictions.decoder.weight,
+            predictions.bias,
+            labels,
+            backend=self.backend,
+            check_values=self.value_checks,
+        )
         return {"loss": loss}
 
     def forward_mrfr(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
         """Masked region feature regression: MSE against the unmasked features, mean over M x 2048."""
         from uniter_fast import losses
 
-        _require(batch, ("img_masks", "img_mask_tgt", "feat_targets"), "mrfr")
-        rows = self._masked_region_rows(batch, self._encode(batch, batch["img_masks"]))
+        rows = self._encode_regions(batch, "mrfr", "feat_targets")
         head = self.feat_regress
         hidden = head.net(rows)
         targets = batch["feat_targets"]
@@ -154,8 +186,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         """Masked region classification: hard-label CE (``mrc``) or KL(soft || pred) (``mrckl``)."""
         from uniter_fast import losses
 
-        _require(batch, ("img_masks", "img_mask_tgt", "label_targets"), kind)
-        rows = self._masked_region_rows(batch, self._encode(batch, batch["img_masks"]))
+        rows = self._encode_regions(batch, kind, "label_targets")
         head = self.region_classifier
         hidden = head.transform(rows)
         soft_labels = batch["label_targets"]
@@ -172,7 +203,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         targets = batch["targets"]
         out: dict[str, torch.Tensor] = {}
         if self.itm_ot_lambda > 0:
-            _require(batch, ("ot_inputs",), "itm")
+            _require(batch, ("ot_inputs",), "itm", ("txt_slot", "img_slot") if sequence_output.dim() == 2 else ())
             out["ot_dist"] = self.ot_distance(batch, sequence_output)
         if not compute_loss:
             return {"scores": scores, "targets": targets, **out}
@@ -180,16 +211,30 @@ class UniterForPretraining(UniterPreTrainedModel):
         if self.itm_ot_lambda <= 0:
             return {"loss": itm_loss, "itm_loss": itm_loss.detach()}
         ot_dist = out["ot_dist"]
-        ot_loss = (ot_dist[targets == 1].sum() - ot_dist[targets == 0].sum()) / ot_dist.size(0)
+        if self.fast:  # no boolean indexing, which would read the targets on the host
+            positive, negative = ot_dist.masked_fill(targets != 1, 0).sum(), ot_dist.masked_fill(targets != 0, 0).sum()
+        else:  # the original's
+            positive, negative = ot_dist[targets == 1].sum(), ot_dist[targets == 0].sum()
+        ot_loss = (positive - negative) / ot_dist.size(0)
         loss = itm_loss + self.itm_ot_lambda * ot_loss
         return {"loss": loss, "itm_loss": itm_loss.detach(), "ot_loss": ot_loss.detach()}
 
     def ot_distance(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
-        """The WRA distance per pair [B] (fp32), through ``uniter_fast.ot.optimal_transport_dist``."""
+        """The WRA distance per pair [B] (fp32), through ``uniter_fast.ot.optimal_transport_dist``: the embeddings
+        in their own dtype (the OT maths is fp32 inside, as the original's), and the valid lengths
+        ``ot_inputs["txt_lens"]``/``["img_lens"]`` when the collate provides them (then nothing is derived from the
+        pads, which would cost device syncs)."""
         from uniter_fast.ot import optimal_transport_dist
 
         txt_emb, img_emb = self._ot_embeddings(batch, sequence_output)
         ot = batch["ot_inputs"]
         return optimal_transport_dist(
-            txt_emb.float(), img_emb.float(), ot["txt_pad"], ot["img_pad"], **self.ot_settings, backend=self.backend
+            txt_emb,
+            img_emb,
+            ot["txt_pad"],
+            ot["img_pad"],
+            **self.ot_settings,
+            backend=self.backend,
+            txt_lens=ot.get("txt_lens"),
+            img_lens=ot.get("img_lens"),
         )

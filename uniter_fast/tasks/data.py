@@ -14,10 +14,11 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from uniter_fast.data import DetectFeatLmdb, TokenBucketSampler, TxtTokLmdb, pack_batch
-from uniter_fast.data.collate import joint_batch
+from uniter_fast.data import DetectFeatLmdb, TokenBucketSampler, TxtTokLmdb
 from uniter_fast.data.img_db import box_7d
 from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.reference import joint_batch
+from uniter_fast.layout import pack_batch
 
 GT_NUM_BB = 100  # GT-box img_dbs are read with conf_th -1 and 100 boxes, as the original's VCR / RE scripts
 
@@ -93,6 +94,20 @@ class TaskDataset(torch.utils.data.Dataset):
         """The generator of example ``index`` in the current epoch."""
         return np.random.default_rng([self.seed, self.epoch, index])
 
+    def batch(
+        self,
+        indices: list[int],
+        position: int,
+        rank: int = 0,
+        layout: str = "packed",
+        feat_dtype: torch.dtype = torch.float32,
+    ) -> dict[str, Any]:
+        """Batch ``position`` (``indices`` in batch order), what ``uniter_fast.data.TaskLoader`` asks for: the
+        task's ``collate`` of the examples, whose draws depend on (seed, epoch, index) only. Task batches carry
+        both layouts (the heads read the padded sequence too) and float32 features, whatever ``layout`` /
+        ``feat_dtype`` say."""
+        return self.collate([self[i] for i in indices])
+
     def record(self, index: int) -> dict[str, Any]:
         """The txt_db record of example ``index``."""
         return self.txt_db[self.ids[index]]
@@ -109,7 +124,7 @@ def check_images_exist(txt_db: TxtTokLmdb, ids: list[str], names: list[list[str]
 
 
 def collate_rows(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
-    """The padded joint layout of ``rows`` (see ``uniter_fast.data.collate.joint_batch``) plus ``packed`` (the fast
+    """The padded joint layout of ``rows`` (see ``uniter_fast.data.reference.joint_batch``) plus ``packed`` (the fast
     path's layout) and ``task``."""
     batch = joint_batch(rows)
     batch["packed"] = pack_batch(batch)

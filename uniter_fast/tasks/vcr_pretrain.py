@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.data.collate import mlm_collate, mrm_collate
-from uniter_fast.data.masking import MASK_PROB, random_word, region_mask
+from uniter_fast.data.masking import MASK_PROB, mask_regions, mask_words
+from uniter_fast.data.reference import mlm_collate, mrm_collate
 from uniter_fast.data.vcr_db import VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.model import UniterForPretraining
@@ -50,7 +50,7 @@ class VcrPretrainDataset(VcrDataset):
         types: list[int] = []
         for n, (part, kind, sep_type) in enumerate(zip(parts, (QUESTION, ANSWER, RATIONALE), (QUESTION, ANSWER, 0))):
             if self.kind == "mlm":
-                masked, part_labels = random_word(part, db.v_range, db.mask, rng)
+                masked, part_labels = mask_words(part, [len(part)], db.v_range, db.mask, rng)
                 part, part_labels = masked.tolist(), part_labels.tolist()
             else:
                 part_labels = [-1] * len(part)
@@ -79,7 +79,8 @@ class VcrPretrainDataset(VcrDataset):
         item["img_feat"] = torch.cat([f for f, _ in boxes])
         item["img_pos_feat"] = torch.cat([p for _, p in boxes])
         item["soft_labels"] = torch.cat([torch.from_numpy(d["soft_labels"]) for d in dumps])
-        item["img_mask"] = torch.from_numpy(region_mask(item["img_feat"].size(0), self.rng(index), self.mask_prob))
+        num_bb = [item["img_feat"].size(0)]
+        item["img_mask"] = torch.from_numpy(mask_regions(num_bb, self.rng(index), self.mask_prob))
         return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:

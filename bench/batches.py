@@ -1,0 +1,118 @@
+"""Random UNITER-shaped inputs for the benchmarks and the correctness checks: padded encoder batches and per-task
+pretraining batches built by the real collates.
+
+Lengths follow the pretraining corpora of the spec (§3.1-3.2): text 10-60 tokens including [CLS]/[SEP]
+(max_txt_len 60) and 10-100 regions (conf_th 0.2 clamped to [min_bb, max_bb]), drawn uniformly; ``quick`` callers
+pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like detector features), never zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from harness import IMG_RANGE, TXT_RANGE
+
+from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM, IMG_POS_DIM
+from uniter_fast.data import move_to_device
+from uniter_fast.data.reference import itm_collate, mlm_collate, mrm_collate
+from uniter_fast.layout import joint_layout
+
+MASK_PROB = 0.15
+MASK_ID = 103
+PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+
+
+def random_batch(
+    size: int,
+    vocab: int,
+    generator: torch.Generator,
+    device: torch.device,
+    txt_range: tuple[int, int] = TXT_RANGE,
+    img_range: tuple[int, int] = IMG_RANGE,
+    img_dim: int = IMG_DIM,
+) -> dict[str, Any]:
+    """A padded UNITER batch (contract 1 keys, plus ``txt_lens``/``num_bbs`` [B] int64) with uniformly drawn
+    lengths in ``txt_range`` / ``img_range`` (inclusive); float32 features, zero only at pads."""
+    txt_lens = torch.randint(txt_range[0], txt_range[1] + 1, (size,), generator=generator)
+    num_bbs = torch.randint(img_range[0], img_range[1] + 1, (size,), generator=generator)
+    max_txt, max_img = int(txt_lens.max()), int(num_bbs.max())
+    txt_valid = torch.arange(max_txt)[None] < txt_lens[:, None]
+    img_valid = torch.arange(max_img)[None] < num_bbs[:, None]
+    attn_masks, gather_index = joint_layout(txt_lens, num_bbs)
+    batch = {
+        "input_ids": torch.randint(1, vocab, (size, max_txt), generator=generator) * txt_valid,
+        "position_ids": torch.arange(max_txt)[None],
+        "img_feat": torch.randn(size, max_img, img_dim, generator=generator) * img_valid[..., None],
+        "img_pos_feat": torch.rand(size, max_img, IMG_POS_DIM, generator=generator) * img_valid[..., None],
+        "attn_masks": attn_masks,
+        "gather_index": gather_index,
+        "txt_lens": txt_lens,
+        "num_bbs": num_bbs,
+    }
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def random_items(
+    task: str,
+    size: int,
+    vocab: int,
+    rng: np.random.Generator,
+    txt_range: tuple[int, int] = TXT_RANGE,
+    img_range: tuple[int, int] = IMG_RANGE,
+) -> list[dict[str, Any]]:
+    """``size`` dataset items of ``task`` (one of :data:`PRETRAIN_TASKS`) in the collate format of
+    ``uniter_fast.data.collate``: 15% masking with at least one masked token/region, detector-like soft labels,
+    alternating ITM targets."""
+    if task not in PRETRAIN_TASKS:
+        raise ValueError(f"task must be one of {PRETRAIN_TASKS}, got {task!r}")
+    items = []
+    for i in range(size):
+        t = int(rng.integers(max(3, txt_range[0]), txt_range[1] + 1))
+        n = int(rng.integers(img_range[0], img_range[1] + 1))
+        item = {
+            "input_ids": torch.from_numpy(rng.integers(5, vocab, t)),
+            "img_feat": torch.from_numpy(rng.standard_normal((n, IMG_DIM), dtype=np.float32)).relu(),
+            "img_pos_feat": torch.from_numpy(rng.random((n, IMG_POS_DIM), dtype=np.float32)),
+        }
+        if task == "mlm":
+            chosen = rng.random(t) < MASK_PROB
+            chosen[[0, -1]] = False
+            chosen[int(rng.integers(1, t - 1))] = True
+            item["txt_labels"] = torch.where(torch.from_numpy(chosen), item["input_ids"], -1)
+            item["input_ids"] = item["input_ids"].masked_fill(torch.from_numpy(chosen), MASK_ID)
+        elif task == "itm":
+            item["target"] = i % 2
+        else:
+            mask = rng.random(n) < MASK_PROB
+            mask[int(rng.integers(n))] = True
+            item["img_mask"] = torch.from_numpy(mask)
+            logits = torch.from_numpy(3 * rng.standard_normal((n, IMG_LABEL_DIM), dtype=np.float32))
+            item["soft_labels"] = torch.softmax(logits, dim=-1)
+        items.append(item)
+    return items
+
+
+def collate(task: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reference collate of ``task`` (uniter_fast.data.reference): both layouts, the padded keys and
+    ``packed``, so one batch feeds the reference and the fast path alike."""
+    if task == "mlm":
+        return mlm_collate(items)
+    if task == "itm":
+        return itm_collate(items)
+    return mrm_collate(items, task)
+
+
+def task_batch(
+    task: str,
+    size: int,
+    vocab: int,
+    seed: int,
+    device: torch.device,
+    txt_range: tuple[int, int] = TXT_RANGE,
+    img_range: tuple[int, int] = IMG_RANGE,
+) -> dict[str, Any]:
+    """A collated ``task`` batch of ``size`` random items (seeded), moved to ``device``."""
+    items = random_items(task, size, vocab, np.random.default_rng(seed), txt_range, img_range)
+    return move_to_device(collate(task, items), device)

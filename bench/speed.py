@@ -1,0 +1,407 @@
+"""The speed parts of the GPU suite, built on the measuring functions of the bench/*_bench.py scripts so each figure
+is measured one way: IPOT, fused losses, encoder, pretraining step, and a short DeepSpeed run. Each function returns
+table rows and the goals of issue 13 (``{"goal", "target", "figure", "met"}``) and writes its PNG into ``out``."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import tempfile
+import time
+import types
+from typing import Any
+
+import torch
+from harness import plot_grouped_bars, time_fn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IPOT_ITERATIONS = 50
+
+
+def _goal(goal: str, target: str, figure: str, met: bool) -> dict[str, Any]:
+    return {"goal": goal, "target": target, "figure": figure, "met": bool(met), "kind": "speed"}
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Measured matrix-product rate (FLOP/s) of a ``size``³ product in ``dtype`` on random data (TF32 off)."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    allow = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        seconds = time_fn(lambda: a @ b, device, warmup=3, repeats=10)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow
+    return 2.0 * size**3 / seconds
+
+
+# ------------------------------------------------------------------------------------------------------------- IPOT
+def ipot_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """IPOT (50 iterations) on every backend of the device against the eager reference: the goal shape B=256 60×100
+    and the B/shape sweep with the floor, then OT's share of an ITM step of UNITER-base."""
+    from ipot_bench import (
+        GOAL,
+        SWEEP,
+        backends_to_time,
+        floor_seconds,
+        itm_ot_share,
+        make_problem,
+        measure_peaks,
+        time_interleaved,
+    )
+
+    peaks = measure_peaks(device)
+    runners = backends_to_time(device, compile_reference=False)
+    shapes = [(4, 12, 20), (8, 30, 36)] if quick else [GOAL] + [s for s in SWEEP if s != GOAL]
+    rows = []
+    for batch, m, n in shapes:
+        problem = make_problem(batch, m, n, device)
+        floor = floor_seconds(batch, m, n, IPOT_ITERATIONS, peaks)
+        calls = {name: functools.partial(runner, *problem, 0.5, IPOT_ITERATIONS, 1) for name, runner in runners.items()}
+        times = time_interleaved(calls, device, 3 if quick else 10)
+        for name, seconds in times.items():
+            rows.append(
+                {
+                    "B": batch,
+                    "text": m,
+                    "regions": n,
+                    "backend": name,
+                    "ms": seconds * 1e3,
+                    "x_eager": times["reference"] / seconds,
+                    "floor_ms": floor * 1e3,
+                    "x_floor": seconds / floor,
+                }
+            )
+    from ipot_bench import WRA_DIM, time_wra
+
+    wra_shape = (4, 12, 20, 32) if quick else (*shapes[0], WRA_DIM)
+    wra_rows = time_wra(*wra_shape, device, repeats=3 if quick else 10, peaks=peaks)
+    for r in wra_rows:
+        rows.append({"kernel": "wra", **r})
+    sweep = launch_shape_sweep(device, shapes[0], wra_shape[3]) if device.type == "cuda" else []
+    itm_shape = dict(preset="tiny", batch=4, m=12, n=20) if quick else dict(preset="base", batch=128, m=62, n=100)
+    itm = itm_ot_share(device, **itm_shape, warmup=1 if quick else 3, repeats=3 if quick else 10)
+    meta = {"peaks": peaks, "iteration": IPOT_ITERATIONS, "itm_ot_share": {**itm, **itm_shape}, "launch_sweep": sweep}
+    shape = shapes[0]
+    at = {r["backend"]: r for r in rows if "kernel" not in r and (r["B"], r["text"], r["regions"]) == shape}
+    label = f"B={shape[0]} {shape[1]}x{shape[2]}"
+    fast = "triton" if "triton" in at else next((b for b in at if b != "reference"), None)
+    goals = []
+    if fast is not None:
+        r = at[fast]
+        goals.append(
+            _goal(f"IPOT {fast} vs eager reference, {label}", ">= 100x", f"{r['x_eager']:.1f}x", r["x_eager"] >= 100)
+        )
+        goals.append(
+            _goal(
+                f"IPOT {fast} vs hardware floor, {label}",
+                "<= 3x floor",
+                f"{r['x_floor']:.2f}x of {r['floor_ms'] * 1e3:.1f} us",
+                r["x_floor"] <= 3,
+            )
+        )
+    wra = {(r["mode"], r["backend"]): r for r in wra_rows}
+    wra_label = f"B={wra_shape[0]} {wra_shape[1]}x{wra_shape[2]} D={wra_shape[3]}"
+    for name in ("triton", "cpp"):
+        if ("forward", name) not in wra:
+            continue
+        fwd, both = wra[("forward", name)], wra[("forward+backward", name)]
+        figure = f"{fwd['x_original']:.1f}x ({fwd['ms']:.3f} ms); {fwd['x_floor']:.2f}x its floor"
+        goals.append(
+            _goal(f"WRA {name} forward vs the original maths, {wra_label}", ">= 10x", figure, fwd["x_original"] >= 10)
+        )
+        figure = f"{both['x_reference']:.1f}x ({both['ms']:.3f} ms)"
+        goals.append(
+            _goal(f"WRA {name} forward+backward vs reference, {wra_label}", ">= 5x", figure, both["x_reference"] >= 5)
+        )
+        if fwd["launches"] is not None:
+            goals.append(_goal(f"WRA {name} forward launches", "1", str(fwd["launches"]), fwd["launches"] == 1))
+    if sweep:
+        best = min(sweep, key=lambda r: r["ipot_ms"] + r["wra_forward_ms"])
+        figure = ", ".join(f"{r['config']}: IPOT {r['ipot_ms']:.3f} / WRA {r['wra_forward_ms']:.3f} ms" for r in sweep)
+        goals.append(
+            _goal(
+                "IPOT/WRA launch shape (elements per thread, programs per SM)", f"best {best['config']}", figure, True
+            )
+        )
+    goals.append(
+        _goal(
+            f"OT share of an ITM step ({itm_shape['preset']}, B={itm_shape['batch']})",
+            "report",
+            f"{100 * itm['ot_share']:.1f}% of {itm['step_with_ot_s'] * 1e3:.1f} ms",
+            True,
+        )
+    )
+    ipot_rows = [r for r in rows if "kernel" not in r]
+    labels = [f"B{b} {m}x{n}" for b, m, n in shapes]
+    series = {
+        name: [
+            next(r["ms"] for r in ipot_rows if (r["B"], r["text"], r["regions"], r["backend"]) == (*s, name))
+            for s in shapes
+        ]
+        for name in runners
+    }
+    plot_grouped_bars("ipot", device, labels, series, "ms (median)", "IPOT, 50 iterations", directory=out)
+    return rows, goals, meta
+
+
+LAUNCH_SHAPES = (
+    (16, 1),
+    (32, 1),
+    (32, 2),
+    (64, 2),
+)  # (tile elements per thread, programs per SM); the first is the default
+
+
+def launch_shape_sweep(device: torch.device, shape: tuple[int, int, int], dim: int) -> list[dict[str, Any]]:
+    """The Triton IPOT kernel and the WRA forward at ``shape`` under each launch shape of :data:`LAUNCH_SHAPES`
+    (``uniter_fast.kernels.ipot.ELEMENTS_PER_THREAD`` / ``PROGRAMS_PER_SM``): median ms, and the largest relative
+    difference of the plan / distances from the default launch shape's (each shape must compute the same thing)."""
+    from ipot_bench import make_problem, wra_problem
+    from uniter_fast.kernels import ipot as kernel
+
+    from uniter_fast.ot import optimal_transport_dist
+
+    problem = make_problem(*shape, device)
+    wra = wra_problem(*shape, dim, device)
+    lengths = (problem[3], problem[4])
+    default = (kernel.ELEMENTS_PER_THREAD, kernel.PROGRAMS_PER_SM)
+    rows, reference = [], None
+    for elements, programs in LAUNCH_SHAPES:
+        kernel.ELEMENTS_PER_THREAD, kernel.PROGRAMS_PER_SM = elements, programs
+        try:
+
+            def ipot_call() -> tuple[torch.Tensor, torch.Tensor]:
+                return kernel.ipot_triton(problem[0], *lengths, 0.5, IPOT_ITERATIONS, 1)
+
+            def wra_call() -> torch.Tensor:
+                with torch.no_grad():
+                    args = (wra["txt_emb"], wra["img_emb"], wra["txt_pad"], wra["img_pad"])
+                    return optimal_transport_dist(
+                        *args, backend="triton", txt_lens=wra["txt_lens"], img_lens=wra["img_lens"]
+                    )
+
+            plan, dist = ipot_call()[0].clone(), wra_call().clone()
+            reference = reference or (plan, dist)
+            rows.append(
+                {
+                    "config": f"{elements}/{programs}",
+                    "num_warps": kernel.num_warps_for(*kernel.block_sizes(*shape[1:])),
+                    "maxnreg": kernel.maxnreg_for(kernel.num_warps_for(*kernel.block_sizes(*shape[1:]))),
+                    "ipot_ms": time_fn(ipot_call, device, warmup=3, repeats=10) * 1e3,
+                    "wra_forward_ms": time_fn(wra_call, device, warmup=3, repeats=10) * 1e3,
+                    "plan_rel_diff": float((plan - reference[0]).abs().max() / reference[0].abs().max()),
+                    "dist_rel_diff": float((dist - reference[1]).abs().max() / reference[1].abs().max()),
+                }
+            )
+            print(f"launch shape {rows[-1]}", flush=True)
+        finally:
+            kernel.ELEMENTS_PER_THREAD, kernel.PROGRAMS_PER_SM = default
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------- losses
+def losses_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
+    """Fused losses vs reference, forward + backward: time and peak memory (losses_bench.measure)."""
+    from losses_bench import measure
+
+    if quick:
+        cases = [(task, 64, 64, "float32") for task in ("mlm", "mrfr", "mrc", "mrckl")]
+        timing = types.SimpleNamespace(warmup=1, repeats=2, rounds=1)
+    else:
+        cases = [(task, m, 768, "bfloat16") for task in ("mlm", "mrfr", "mrc", "mrckl") for m in (1000, 4000, 8000)]
+        cases += [(task, 4000, 1024, "bfloat16") for task in ("mlm", "mrckl")]
+        cases += [(task, 4000, 768, "float32") for task in ("mlm", "mrckl")]
+        timing = types.SimpleNamespace(warmup=3, repeats=10, rounds=1)
+    from uniter_fast.losses import fused_linear
+
+    default_floor = fused_linear.CHUNK_ELEMENTS[device.type]
+    sweep = [] if quick else [(m, floor) for m in (1000, 4000, 8000) for floor in (1 << 22, 1 << 25)]
+    rows = []
+    for (task, m, h, dtype), floor in [(c, default_floor) for c in cases] + [
+        (("mlm", m, 768, "bfloat16"), f) for m, f in sweep
+    ]:
+        fused_linear.CHUNK_ELEMENTS[device.type] = floor  # the chunk-size sweep: the fewest logits per chunk
+        try:
+            rows.append({**measure(task, m, h, getattr(torch, dtype), device, timing), "chunk_elements": floor})
+        finally:
+            fused_linear.CHUNK_ELEMENTS[device.type] = default_floor
+        r = rows[-1]
+        print(
+            f"{task} M{m} H{h} {dtype} chunk floor {floor}: speedup {r['speedup']:.2f}x, memory ratio "
+            f"{r.get('mem_ratio')}",
+            flush=True,
+        )
+    goals = []
+    mlm = [r for r in rows if r["loss"] == "mlm" and r["dtype"] == ("float32" if quick else "bfloat16")]
+    mlm = [r for r in mlm if r["chunk_elements"] == default_floor]
+    for r in mlm:
+        ratio = r.get("mem_ratio")
+        figure = f"{r['speedup']:.2f}x time, " + ("peak memory n/a on CPU" if ratio is None else f"{ratio:.3f}x memory")
+        met = r["speedup"] >= 1.0 and ratio is not None and ratio <= 0.25
+        target = "<= 0.25x peak memory, >= 1x speed"
+        goals.append(_goal(f"fused MLM loss M={r['M']} H={r['H']} {r['dtype']}", target, figure, met))
+    labels = [f"{r['loss']} M{r['M']} H{r['H']} {r['dtype']} c{r['chunk_elements'] >> 20}M" for r in rows]
+    times = {"reference ms": [r["reference_ms"] for r in rows], "fast ms": [r["fast_ms"] for r in rows]}
+    plot_grouped_bars(
+        "losses", device, labels, times, "forward+backward ms", "fused losses vs reference", directory=out
+    )
+    if all(r["fast_peak_mb"] is not None for r in rows):
+        peaks = {f"{b} peak MiB": [r[f"{b}_peak_mb"] for r in rows] for b in ("reference", "fast")}
+        title = "peak memory of the fused losses vs reference"
+        plot_grouped_bars("losses_memory", device, labels, peaks, "peak MiB", title, directory=out)
+    return rows, goals
+
+
+# ---------------------------------------------------------------------------------------------------------- encoder
+def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
+    """Padded vs packed encoder, forward and training step, base and large (tiny when quick): valid tokens/s and
+    MFU against the datasheet peak and against the bf16 matrix-product rate measured here."""
+    from encoder_bench import bench_config
+
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    configs = ["tiny"] if quick else ["base", "large"]
+    batch, warmup, repeats = (4, 1, 2) if quick else (80, 5, 20)
+    measured_peak = matmul_peak(device, dtype, 512 if quick else 8192)
+    rows = []
+    for name in configs:
+        generator = torch.Generator().manual_seed(0)
+        # sdpa_nested left out: its training step ran at 0.19x the padded encoder on an H200 (first suite run)
+        forced = ["eager", "sdpa_loop"] if quick else ["flash_torch", "sdpa_padded", "torch_varlen"]
+        for r in bench_config(name, batch, ["forward", "train"], warmup, repeats, device, dtype, generator, forced):
+            r["mfu_measured_peak"] = r["tflops"] * 1e12 / measured_peak
+            rows.append(r)
+            print(f"{name} {r['mode']} {r['path']}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']}", flush=True)
+    goals = []
+    target = next((r for r in rows if (r["model"], r["mode"], r["path"]) == (configs[0], "train", "packed")), None)
+    if target is not None:
+        mfu = target["mfu"]
+        figure = "no datasheet peak for this device" if mfu is None else f"{100 * mfu:.1f}% MFU"
+        figure += f" ({100 * target['mfu_measured_peak']:.1f}% of the measured {measured_peak / 1e12:.3g} TFLOP/s)"
+        goals.append(
+            _goal(f"packed encoder MFU, UNITER-{configs[0]} training", ">= 40%", figure, mfu is not None and mfu >= 0.4)
+        )
+    for r in rows:
+        if r["path"] == "packed":
+            figure = f"{r['speedup']:.2f}x with {r['attention']} (padding bound {r['max_speedup']:.2f}x)"
+            goals.append(_goal(f"packed vs padded, {r['model']} {r['mode']}", "report", figure, True))
+    groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
+    paths = list(dict.fromkeys(r["path"] for r in rows))
+    series = {
+        p: [
+            next((r["tokens_per_s"] for r in rows if (f"{r['model']}/{r['mode']}", r["path"]) == (g, p)), 0.0)
+            for g in groups
+        ]
+        for p in paths
+    }
+    title = "UNITER encoder: padded vs packed"
+    plot_grouped_bars("encoder", device, groups, series, "valid tokens / s", title, log_scale=False, directory=out)
+    return rows, goals
+
+
+# --------------------------------------------------------------------------------------------------------- pretrain
+def pretrain_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
+    """One optimizer step per task, reference path vs fast path (pretrain_bench.measure_steps)."""
+    from batches import PRETRAIN_TASKS
+    from pretrain_bench import measure_steps
+
+    config, batch, warmup, repeats = ("tiny", 4, 1, 1) if quick else ("base", 80, 3, 10)
+    rows = measure_steps(config, batch, PRETRAIN_TASKS, device, warmup, repeats)
+    mix = next(r for r in rows if r["task"] == "all" and r["path"] == "fast")
+    figure = f"{mix['speedup']:.2f}x ({mix['tokens_per_s']:.0f} tokens/s over the {len(PRETRAIN_TASKS)} tasks)"
+    goals = [
+        _goal(f"pretraining step, UNITER-{config}, fast vs reference", ">= 2x tokens/s", figure, mix["speedup"] >= 2)
+    ]
+    for r in rows:
+        if r["path"] == "fast" and r["task"] != "all":
+            goals.append(_goal(f"pretraining step {r['task']}", "report", f"{r['speedup']:.2f}x", True))
+    groups = [r["task"] for r in rows if r["path"] == "reference"]
+    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("reference", "fast")}
+    title = f"UNITER-{config} pretraining step: reference vs fast"
+    plot_grouped_bars("pretrain", device, groups, series, "valid tokens / s", title, log_scale=False, directory=out)
+    return rows, goals
+
+
+# -------------------------------------------------------------------------------------------------------- deepspeed
+def deepspeed_run(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
+    """The bundled default (configs/pretrain-tiny.json) through ``uniter_fast/pretrain.py`` with ds.json (ZeRO-2,
+    bf16) for a few steps on this device; rows: the final metrics per task; goals: it finished with finite losses
+    on ZeRO-2 bf16 and the MLM loss went down."""
+    from plots import plot_curves
+
+    from uniter_fast.pretrain import main as pretrain_main
+
+    steps = 10 if quick else 200
+    with tempfile.TemporaryDirectory() as run_dir:
+        argv = ["--ds_config", os.path.join(ROOT, "ds.json"), "--output_dir", run_dir]
+        argv += ["--num_train_steps", str(steps)]
+        began = time.monotonic()
+        results = pretrain_main(argv)
+        seconds = time.monotonic() - began
+        with open(os.path.join(run_dir, "train_steps.jsonl"), encoding="utf-8") as f:
+            log = [json.loads(line) for line in f]
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for entry in log:
+        steps_, losses = curves.setdefault(entry["task"], ([], []))
+        steps_.append(entry["step"])
+        losses.append(entry["loss"])
+    rows = [{"task": task, **metrics} for task, metrics in results.items()]
+    finite = all(math.isfinite(e["loss"]) for e in log)
+    mlm_losses = next((v[1] for t, v in curves.items() if t.startswith("mlm")), [])
+    quarter = len(mlm_losses) // 4
+    fell = quarter > 0 and _mean(mlm_losses[-quarter:]) < _mean(mlm_losses[:quarter])
+    import deepspeed
+
+    figure = f"{len(log)} steps in {seconds:.0f} s (DeepSpeed {deepspeed.__version__}), finite losses: {finite}"
+    target = "finishes, losses finite" + ("" if quick else ", MLM falls")
+    if not quick:  # a dry run is too short to see a trend
+        figure += f", MLM loss fell: {fell}"
+    goals = [_goal("DeepSpeed ZeRO-2 bf16 run of the bundled default", target, figure, finite and (fell or quick))]
+    goals[0]["kind"] = "correctness"
+    title = f"deepspeed uniter_fast/pretrain.py --ds_config ds.json --num_train_steps {steps} on {device}"
+    plot_curves(curves, os.path.join(out, "deepspeed.png"), title)
+    return rows, goals
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+# ---------------------------------------------------------------------------------------------------------- extract
+def extract_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The BUTD extractor (random ResNet-101 weights, Caffe settings; the TINY detector when quick): images/s at
+    batch 1 and 8 in fp32 and bf16 against the floor (FLOPs / measured matrix rate), CPU-vs-device agreement and the
+    bf16 drift (extract_bench.gpu_check)."""
+    from extract_bench import gpu_check
+
+    from uniter_fast.extract import random_state_dict
+    from uniter_fast.extract.config import TINY
+
+    if quick:
+        tiny = {"weights": random_state_dict("milvlg", TINY, 0), "config": TINY, "matmul_size": 256, "chunk": 8}
+        result = gpu_check(str(device), batch_sizes=(1, 2), dtypes=("fp32",), num_images=2, warmup=0, repeats=1, **tiny)
+    else:
+        result = gpu_check(str(device), batch_sizes=(1, 8), num_images=16, warmup=1, repeats=2)
+    rows = result["rows"]
+    same = result["agreement"].get("cpu_vs_device_fp32", {})
+    figure = ", ".join(f"{k} {v:.4g}" for k, v in same.items() if isinstance(v, (int, float)))
+    goals = [
+        {
+            "goal": "extractor: CPU vs device detections (fp32)",
+            "target": "roi_match > 0.9, feature_cosine_min > 0.999",
+            "figure": figure or "not measured",
+            "met": same.get("roi_match", 0) > 0.9 and same.get("feature_cosine_min", 0) > 0.999,
+            "kind": "correctness",
+        }
+    ]
+    for r in rows:
+        if r["path"] == "fast":
+            floor = r["floor_images_per_s"]
+            figure = f"{r['images_per_s']:.2f} images/s ({r['images_per_s'] / floor:.0%} of the floor {floor:.1f})"
+            goals.append(_goal(f"extractor {r['dtype']} batch {r['batch']}", "report", figure, True))
+    labels = [f"{r['path']} {r['dtype']} b{r['batch']}" for r in rows]
+    series = {"images/s": [r["images_per_s"] for r in rows]}
+    plot_grouped_bars("extract", device, labels, series, "images / s", "BUTD extractor", log_scale=False, directory=out)
+    return rows, goals, {"agreement": result["agreement"], **result["meta"]}

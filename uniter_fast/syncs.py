@@ -1,0 +1,197 @@
+"""Counting the host-device synchronisations of a piece of code, on a GPU and on a CPU-only machine.
+
+A synchronisation stalls the host until the device has caught up (``.item()``, ``bool(t)``, ``t.tolist()``,
+``nonzero``, boolean-mask indexing, ``repeat_interleave`` without ``output_size``, ...); the fewer a training step
+has, the further ahead of the GPU the host can queue work.
+
+- On CUDA, :class:`SyncCounter` uses ``torch.cuda.set_sync_debug_mode("warn")``, which makes every synchronising
+  CUDA call warn, and counts the warnings: the exact number.
+- Without a GPU there is nothing to synchronise with, so the counter patches the tensor methods and functions that
+  synchronise on a GPU and counts their calls on any tensor. This is an upper bound of the GPU count for code that
+  keeps its tensors on the device (a call on a tensor that would stay on the host counts too).
+
+:func:`count_step_syncs` counts one training micro-step (forward + backward) of ``UniterForPretraining`` on a real
+batch of the bundled corpus; ``bench/gpu_suite.py`` can call it with ``device="cuda"``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+_SYNC_WARNING = "called a synchronizing CUDA operation"
+
+# (owner, attribute): always a synchronisation on a GPU tensor
+_ALWAYS = [
+    (torch.Tensor, "item"),
+    (torch.Tensor, "tolist"),
+    (torch.Tensor, "__bool__"),
+    (torch.Tensor, "__int__"),
+    (torch.Tensor, "__float__"),
+    (torch.Tensor, "__index__"),
+    (torch.Tensor, "nonzero"),
+    (torch.Tensor, "masked_select"),
+    (torch.Tensor, "unique"),
+    (torch.Tensor, "is_nonzero"),
+    (torch.Tensor, "cpu"),
+    (torch, "nonzero"),
+    (torch, "argwhere"),
+    (torch, "masked_select"),
+    (torch, "unique"),
+    (torch, "equal"),
+    (torch, "is_nonzero"),
+]
+
+
+def _is_mask(index: Any) -> bool:
+    """Whether an index (or a tuple/list of them) holds a bool/uint8 tensor: indexing with it calls nonzero."""
+    if isinstance(index, torch.Tensor):
+        return index.dtype in (torch.bool, torch.uint8)
+    if isinstance(index, (tuple, list)):
+        return any(_is_mask(part) for part in index)
+    return False
+
+
+def _syncs_when(name: str, args: tuple, kwargs: dict) -> bool:
+    """For the operations that synchronise only with some arguments: whether this call does (``args[0]`` is the
+    tensor operated on, ``args[1]`` the index or the repeats)."""
+    if name in ("__getitem__", "__setitem__", "index_put", "index_put_"):
+        return _is_mask(args[1] if len(args) > 1 else kwargs.get("indices"))
+    if name == "repeat_interleave":  # tensor repeats without output_size: the output length is read on the host
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        return isinstance(repeats, torch.Tensor) and repeats.numel() > 1 and kwargs.get("output_size") is None
+    if name == "where":  # torch.where(condition) is nonzero
+        return len(args) + len(kwargs) == 1
+    return True
+
+
+_SOMETIMES = [
+    (torch.Tensor, "__getitem__"),
+    (torch.Tensor, "__setitem__"),
+    (torch.Tensor, "index_put"),
+    (torch.Tensor, "index_put_"),
+    (torch.Tensor, "repeat_interleave"),
+    (torch, "repeat_interleave"),
+    (torch, "where"),
+]
+
+
+class SyncCounter:
+    """Context manager counting host syncs in its body: ``with SyncCounter(device) as c: ...; c.count``.
+
+    ``device``: CUDA counts what ``set_sync_debug_mode`` reports; any other device counts calls of the patched
+    operations (see the module doc). ``c.calls`` lists the names counted (CPU) or the ``file:line`` that asked for
+    each synchronising operation (CUDA).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.calls: list[str] = []
+        self._undo: list[Callable[[], None]] = []
+
+    @property
+    def count(self) -> int:
+        """The syncs counted so far."""
+        return len(self.calls)
+
+    def _patch(self, owner: Any, name: str, conditional: bool) -> None:
+        original = getattr(owner, name)
+        label = f"{'Tensor' if owner is torch.Tensor else 'torch'}.{name}"
+
+        @functools.wraps(original)
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if not conditional or _syncs_when(name, args, kwargs):
+                self.calls.append(label)
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def __enter__(self) -> SyncCounter:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._warnings = warnings.catch_warnings(record=True)
+            self._records = self._warnings.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            return self
+        for owner, name in _ALWAYS:
+            self._patch(owner, name, conditional=False)
+        for owner, name in _SOMETIMES:
+            self._patch(owner, name, conditional=True)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            self._warnings.__exit__(*exc)
+            self.calls += [
+                f"{w.filename}:{w.lineno}" for w in self._records if _SYNC_WARNING in str(w.message)
+            ]  # where: the Python line that asked for the synchronising operation
+            return
+        while self._undo:
+            self._undo.pop()()
+
+
+def count_syncs(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[int, list[str]]:
+    """Run ``fn()`` once under a :class:`SyncCounter`; returns (count, what was counted)."""
+    with SyncCounter(device) as counter:
+        fn()
+    return counter.count, counter.calls
+
+
+def count_step_syncs(
+    task: str,
+    device: torch.device | str = "cpu",
+    fast: bool = True,
+    dtype: Optional[torch.dtype] = None,
+    batch_tokens: int = 2048,
+) -> tuple[int, list[str]]:
+    """Host syncs of one training micro-step (forward + backward of ``UniterForPretraining``) on ``task``.
+
+    The model is the tiny config (its sizes do not change the count) on ``device`` in ``dtype`` (default fp32; pass
+    bf16 to count the production GPU path), ``fast`` picks the fast (packed batch) or the reference (padded batch)
+    path; the batch is the first one of the bundled corpus's ``task`` loader (``batch_tokens`` per batch, built as
+    training builds it), moved to the device. One uncounted step runs first (first-call set-up). Returns (count,
+    what was counted). The trainer's loss logging and the optimizer step are not included (docs/pretraining.md,
+    "Host syncs").
+    """
+    from uniter_fast.config import UniterConfig
+    from uniter_fast.data import (
+        DetectFeatLmdb,
+        ItmDataset,
+        MlmDataset,
+        MrcDataset,
+        MrfrDataset,
+        TokenBucketSampler,
+        TxtTokLmdb,
+        batch_loader,
+        default_corpus,
+        move_to_device,
+    )
+    from uniter_fast.pretraining.model import UniterForPretraining, task_kind
+
+    device = torch.device(device)
+    kind = task_kind(task)
+    paths = default_corpus()
+    txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
+    datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
+    dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
+    indices = TokenBucketSampler(dataset.lens, batch_size=batch_tokens).batches(0)[0]
+    feat_dtype = torch.float16 if fast else torch.float32  # as uniter_fast.pretraining.data builds them
+    cpu_batch = next(
+        iter(batch_loader(dataset, [indices], layout="packed" if fast else "padded", feat_dtype=feat_dtype))
+    )
+    config = UniterConfig.tiny(vocab_size=paths.vocab_size)
+    model = UniterForPretraining(config, fast=fast).to(device=device, dtype=dtype or torch.float32).train()
+
+    batch = move_to_device(cpu_batch, device)  # the loader's copies, not counted
+    model(batch, task)["loss"].backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with SyncCounter(device) as counter:
+        model(batch, task)["loss"].backward()
+    return counter.count, counter.calls
