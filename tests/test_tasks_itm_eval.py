@@ -148,3 +148,33 @@ def test_a_text_whose_image_is_missing_is_named(tmp_path) -> None:
     img = small_itm_db(str(tmp_path / "again"), 1, "test")[1]
     with pytest.raises(Exception, match="'lost' names image 'no_such_image.npz'"):
         ItmEvalDataset(TxtTokLmdb(str(tmp_path / "bad"), -1), DetectFeatLmdb(img))
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_two_ranks_equals_one_process(small_eval, tmp_path) -> None:
+    """``torchrun`` with 2 gloo ranks, exact and fast: the score matrix each rank half fills equals the in-process
+    one, and the files are written."""
+    import os
+    import subprocess
+    import sys
+
+    from uniter_fast.tasks.checkpoint import save_task_model
+
+    task = get_task("itm")
+    options = task.check_options({"first_stage_dim": 16}, "test")
+    torch.manual_seed(0)
+    model = perturb(task.build_model(tiny_config(vocab_size=1100), options, True))
+    save_task_model(model, task, options, str(tmp_path / "export"))
+    for mode in ("exact", "fast"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+        command += ["-m", "uniter_fast.evaluate", "--checkpoint", str(tmp_path / "export"), "--split", "small"]
+        command += ["--txt_db", small_eval.txt_db.path, "--img_db", small_eval.img_db.path, "--eval-mode", mode]
+        command += ["--top-k", "2", "--output_dir", str(tmp_path / mode)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        saved = torch.load(tmp_path / mode / "small_results.pt")
+        want = evaluate_retrieval(model, small_eval, 2048, mode, top_k=2)
+        assert saved["txt_ids"] == want.txt_ids and saved["img_ids"] == want.img_ids
+        torch.testing.assert_close(saved["score_matrix"], want.score_matrix, rtol=1e-5, atol=1e-5)
+        assert (tmp_path / mode / "small_results.json").is_file() and "r_mean" in proc.stdout
