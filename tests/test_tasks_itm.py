@@ -180,3 +180,14 @@ def test_short_finetuning_lifts_recall(train_db) -> None:
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
     assert after["img_r1"] > 0.25 and after["r_mean"] > 0.5
     assert after["first_stage_img_r3"] > 0.5
+
+
+def test_hard_negative_run_starts_from_an_itm_export(tmp_path) -> None:
+    from uniter_fast.tasks.checkpoint import save_task_model
+
+    itm = get_task("itm")
+    options = itm.check_options({"first_stage_dim": 16, "eval_mode": "fast"}, "test")
+    save_task_model(itm.build_model(tiny_config(), options, True), itm, options, str(tmp_path / "export"))
+    model, loaded = load_task_model(get_task("itm-hn"), str(tmp_path / "export"), {"eval_mode": "exact"})
+    assert (loaded["first_stage_dim"], loaded["hard_neg_size"], loaded["negative_size"]) == (16, 7, 31)
+    assert model.hard_neg_size == 7 and loaded["eval_mode"] == "exact"

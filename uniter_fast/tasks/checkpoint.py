@@ -104,7 +104,10 @@ def load_task_model(
     state, saved_config, meta = read_checkpoint(checkpoint)
     finetuned = head_keys(task, state)
     if finetuned:
-        fixed = {**meta.get("options", {}), **task.options_from_state(state)}
+        saved = meta.get("options", {})
+        if task.checkpoint_options is not None:
+            saved = {k: v for k, v in saved.items() if k in task.checkpoint_options}
+        fixed = {**saved, **task.options_from_state(state)}
         changed = {k: (options.get(k), v) for k, v in fixed.items() if k in options and options[k] != v}
         if changed:
             logger.warning(

@@ -331,6 +331,7 @@ class ItmTask(Task):
     name = "itm"
     heads = ("itm_output", "rank_output", "txt_proj", "img_proj")
     finetuned_heads = ("rank_output",)  # a pretrained checkpoint has itm_output too
+    checkpoint_options = ("first_stage_dim",)  # negatives, margin and evaluation settings stay the caller's
     options = {
         "margin": 0.2,
         "negative_size": 1,

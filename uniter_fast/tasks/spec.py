@@ -26,6 +26,9 @@ class Task:
     finetuned_heads: tuple[str, ...] = ()
     """Heads whose keys mark a fine-tuned checkpoint (default: any of :attr:`heads`; ITM: ``rank_output``, as a
     pretrained checkpoint holds ``itm_output`` too)."""
+    checkpoint_options: Optional[tuple[str, ...]] = None
+    """Options that an export's ``task.json`` fixes when it is loaded (None: all of them; ITM: only the first-stage
+    size, so ``itm-hn`` can start from an ``itm`` export with its own negatives and evaluation settings)."""
     options: dict[str, Any] = {}
     """Task-specific config keys (the original's names) and their defaults."""
     head_lr_mul = False
