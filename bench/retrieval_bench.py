@@ -7,7 +7,7 @@ recall at k; plus the projected cost of COCO 5k (25,000 texts x 5,000 images) on
 per-pair throughput of a ``--cost-config`` (default base) cross-encoder on COCO-shaped pairs (14-token captions,
 36 regions) with random weights.
 
-    python bench/retrieval_bench.py                      # ~3 min on 2 CPU cores: quick tiny model, 60 test images
+    python bench/retrieval_bench.py                      # < 3 min on 2 CPU cores: quick tiny model, 50 test images
     python bench/retrieval_bench.py --full               # all 150 test images (750 captions), k in 4 8 16 32
     python bench/retrieval_bench.py --checkpoint output/finetune-itm-tiny/finetuned --full
     python bench/retrieval_bench.py --device cuda --full # GPU: bf16 autocast, the COCO projection on this GPU
@@ -107,8 +107,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--checkpoint", default=None, help="itm export dir / original .pt (default: quick model)")
-    parser.add_argument("--train-steps", type=int, default=150, help="steps of the quick model (no --checkpoint)")
-    parser.add_argument("--images", type=int, default=60, help="test images (x5 captions); --full: all 150")
+    parser.add_argument("--train-steps", type=int, default=100, help="steps of the quick model (no --checkpoint)")
+    parser.add_argument("--images", type=int, default=50, help="test images (x5 captions); --full: all 150")
     parser.add_argument("--top-k", type=int, nargs="+", default=None, help="k values (default 4 16; --full 4 8 16 32)")
     parser.add_argument("--batch-size", type=int, default=8192, help="tokens per cross-encoder batch")
     parser.add_argument("--cost-config", default="base", choices=["tiny", "base", "large"])
