@@ -95,22 +95,33 @@ def block_sizes(m: int, n: int) -> tuple[int, int]:
     return max(MIN_BLOCK, triton.next_power_of_2(m)), max(MIN_BLOCK, triton.next_power_of_2(n))
 
 
-#: Launch shape of the IPOT and WRA programs: tile elements per thread (sets the warps) and programs meant to share
-#: an SM (sets the register cap). bench/gpu_suite.py's ipot part sweeps both on the GPU.
-ELEMENTS_PER_THREAD = 16
-PROGRAMS_PER_SM = 1
+#: Launch shape of the IPOT and WRA programs, (tile elements per thread, programs meant to share an SM): the first
+#: sets the warps, the second the register cap. Tiles up to ``SMALL_TILE`` elements (UNITER's main tile, text <= 64 x
+#: regions <= 128) use ``SMALL_TILE_LAUNCH``: on an H200 (bench/results/gpu_suite_nvidia_h200, ipot part) 32/2 ran
+#: IPOT 2.0x and the WRA forward 1.5x faster than 16/1 at B = 256, 60 x 100. Larger tiles keep 16/1: 32 elements per
+#: thread spill at 128 x 128 (tests/test_ot_triton.py compiles them spill-free). bench/gpu_suite.py's ipot part sweeps
+#: ``SMALL_TILE_LAUNCH``.
+SMALL_TILE = 64 * 128
+SMALL_TILE_LAUNCH = (32, 2)
+LARGE_TILE_LAUNCH = (16, 1)
+
+
+def _launch(block_m: int, block_n: int) -> tuple[int, int]:
+    return SMALL_TILE_LAUNCH if block_m * block_n <= SMALL_TILE else LARGE_TILE_LAUNCH
 
 
 def num_warps_for(block_m: int, block_n: int) -> int:
-    """Warps per program: ``ELEMENTS_PER_THREAD`` tile elements per thread (16: 16 warps for 64×128, 32 for
-    128×128), between 4 and 32."""
-    return max(4, min(32, block_m * block_n // (32 * ELEMENTS_PER_THREAD)))
+    """Warps per program of a ``block_m`` x ``block_n`` tile: its elements over 32 x the launch shape's elements per
+    thread (8 warps for 64×128, 32 for 128×128), between 4 and 32."""
+    elements, _ = _launch(block_m, block_n)
+    return max(4, min(32, block_m * block_n // (32 * elements)))
 
 
-def maxnreg_for(num_warps: int) -> int:
-    """The register cap that lets ``PROGRAMS_PER_SM`` programs share the register file (1: one program may use all of
-    it; ptxas otherwise aims for 2 per SM)."""
-    return min(255, 65536 // (32 * num_warps * PROGRAMS_PER_SM))
+def maxnreg_for(block_m: int, block_n: int, programs_per_sm: Optional[int] = None) -> int:
+    """The register cap of a ``block_m`` x ``block_n`` tile's program that lets ``programs_per_sm`` programs (default:
+    the launch shape's) share the register file (1: one program may use all of it; ptxas otherwise aims for 2)."""
+    programs = _launch(block_m, block_n)[1] if programs_per_sm is None else programs_per_sm
+    return min(255, 65536 // (32 * num_warps_for(block_m, block_n) * programs))
 
 
 def _rows_aligned(x: torch.Tensor) -> bool:
@@ -176,7 +187,7 @@ def ipot_triton(
         BLOCK_N=block_n,
         num_warps=num_warps,
         num_stages=1,
-        maxnreg=maxnreg_for(num_warps),
+        maxnreg=maxnreg_for(block_m, block_n),
         enable_fp_fusion=True,
     )
     return plan, dist
@@ -215,7 +226,7 @@ def aot_specs() -> list[AotSpec]:
                         constexprs={"BLOCK_M": block_m, "BLOCK_N": block_n},
                         num_warps=num_warps_for(block_m, block_n),
                         num_stages=1,
-                        maxnreg=maxnreg_for(num_warps_for(block_m, block_n)),
+                        maxnreg=maxnreg_for(block_m, block_n),
                     )
                 )
     return specs

@@ -310,3 +310,26 @@ def test_second_stage_starts_from_a_pretraining_checkpoint_heads_included(tmp_pa
     torch.testing.assert_close(net.cls.predictions.bias[:BASE], pretrained.cls.predictions.bias)
     assert net.uniter.embeddings.word_embeddings.weight.shape[0] == BASE + 81
     assert net.cls.predictions.decoder.weight is net.uniter.embeddings.word_embeddings.weight
+
+
+def test_training_stream_concatenates_qa_and_qar() -> None:
+    """finetune.py's VCR training data: the Q->A and the QA->R dataset of the bundled db as one (the original's
+    ConcatDatasetWithLens), batched by the TaskLoader; both kinds of sequence reach the batches."""
+    from uniter_fast.finetune import default_config
+    from uniter_fast.finetuning.config import load_finetune_config
+    from uniter_fast.finetuning.data import train_dataset, train_stream
+
+    cfg = load_finetune_config(default_config("vcr"))
+    task, dbs = get_task("vcr"), DbCache(cfg)
+    options = {**cfg.options, **task.data_options(dbs, list(cfg.train_txt_dbs), cfg.options)}
+    dataset = train_dataset(task, cfg, dbs, options)
+    qa, qar = dataset.parts
+    assert len(dataset) == len(qa) + len(qar) and dataset.lens.tolist() == [*qa.lens.tolist(), *qar.lens.tolist()]
+    last = dataset[len(dataset) - 1]
+    want = qar[len(qar) - 1]["rows"]
+    assert [r["input_ids"].tolist() for r in last["rows"]] == [r["input_ids"].tolist() for r in want]
+    types = set()
+    for _, (_, batch) in zip(range(6), train_stream(task, cfg, dbs, options, 0, 1, 0, 1)):
+        assert batch["txt_type_ids"].shape == batch["input_ids"].shape and "packed" in batch
+        types |= set(batch["txt_type_ids"].unique().tolist())
+    assert 3 in types  # rationale tokens: QA->R sequences were drawn

@@ -108,6 +108,29 @@ def test_original_checkpoint_loads_strictly(tmp_path) -> None:
         load_task_model(get_task("vqa"), str(path), {})
 
 
+def test_a_single_file_checkpoint_takes_the_config_saved_beside_it(tmp_path, caplog) -> None:
+    """The tiny model has 4 heads, which its weights cannot tell (hidden / 64 = 1): a model_step_N.pt takes the
+    config.json of its export directory, or the original output layout's log/model.json; a given config wins."""
+    config = tiny_config()
+    net = perturb(UniterForVisualQuestionAnswering(config, 5))
+    state = {k: v.half() for k, v in net.state_dict().items()}
+    layouts = {"finetuned/model_step_9.pt": "finetuned/config.json", "out/ckpt/model_step_9.pt": "out/log/model.json"}
+    for checkpoint, saved in layouts.items():
+        os.makedirs(os.path.dirname(tmp_path / checkpoint), exist_ok=True)
+        os.makedirs(os.path.dirname(tmp_path / saved), exist_ok=True)
+        torch.save(state, tmp_path / checkpoint)
+        with caplog.at_level(logging.WARNING):
+            loaded, _ = load_task_model(get_task("vqa"), str(tmp_path / checkpoint), {})
+        assert loaded.config.num_attention_heads == 1 and "attention heads" in caplog.text  # nothing saved: H / 64
+        caplog.clear()
+        config.to_json_file(str(tmp_path / saved))
+        loaded, _ = load_task_model(get_task("vqa"), str(tmp_path / checkpoint), {})
+        assert loaded.config.num_attention_heads == 4, checkpoint
+        loaded, _ = load_task_model(get_task("vqa"), str(tmp_path / checkpoint), {}, tiny_config(num_attention_heads=2))
+        assert loaded.config.num_attention_heads == 2  # the given config wins
+        os.remove(tmp_path / saved)
+
+
 def test_pretrained_checkpoint_initialises_the_encoder_only(tmp_path, caplog) -> None:
     pretrained = perturb(UniterForPretraining(tiny_config()))
     path = tmp_path / "uniter-tiny.pt"

@@ -31,6 +31,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--txt_db", default=None, help="evaluate this txt_db (with --img_db) instead of the config's")
     parser.add_argument("--img_db", default=None, help="img_db of --txt_db (VCR: 'gt_dir;det_dir')")
     parser.add_argument("--split", default="eval", help="name of the --txt_db split in the table and files")
+    parser.add_argument(
+        "--model_config",
+        default=None,
+        help="model config (preset tiny/base/large or JSON, as the original's --model_config); default: the one "
+        "saved with the checkpoint, else read off the weights",
+    )
     parser.add_argument("--batch_size", type=int, default=None, help="override val_batch_size (tokens; RE: examples)")
     parser.add_argument(
         "--option",
@@ -121,7 +127,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     dbs = DbCache(cfg)
     options = {**task.check_options(_options(args.option), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
-    model, options = load_task_model(task, args.checkpoint, options, fast=not args.reference)
+    model, options = load_task_model(task, args.checkpoint, options, args.model_config, fast=not args.reference)
     if args.eval_mode is not None or args.top_k is not None:  # evaluation settings, not fixed by the checkpoint
         options = task.check_options(
             {**options, **{k: v for k, v in (("eval_mode", args.eval_mode), ("top_k", args.top_k)) if v is not None}},

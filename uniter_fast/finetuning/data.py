@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from uniter_fast.data import MetaLoader, TaskLoader
-from uniter_fast.pretraining.data import SIZE_MULTIPLE, ConcatTaskDataset
-from uniter_fast.tasks.data import DbCache, TaskDataset
+from uniter_fast.pretraining.data import SIZE_MULTIPLE
+from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset
 from uniter_fast.tasks.spec import Task
 
 
@@ -22,7 +22,7 @@ def train_dataset(task: Task, cfg: Any, dbs: DbCache, options: dict[str, Any]) -
     for txt_path, img_path in zip(cfg.train_txt_dbs, cfg.train_img_dbs):
         made = task.train_dataset(dbs, txt_path, img_path, options, cfg.seed)
         parts += made if isinstance(made, list) else [made]
-    dataset = parts[0] if len(parts) == 1 else ConcatTaskDataset(parts)
+    dataset = parts[0] if len(parts) == 1 else ConcatTaskDatasets(parts)
     longest = int(dataset.lens.max())
     if not task.by_examples and cfg.train_batch_size < SIZE_MULTIPLE * longest:
         raise ValueError(

@@ -13,12 +13,12 @@ from typing import Any, Optional
 
 from uniter_fast.data import MetaLoader, TaskLoader
 from uniter_fast.finetuning.config import FinetuneConfig
-from uniter_fast.pretraining.data import SIZE_MULTIPLE, ConcatTaskDataset
+from uniter_fast.pretraining.data import SIZE_MULTIPLE
 from uniter_fast.pretraining.engine import build_engine
 from uniter_fast.pretraining.trainer import Trainer
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
-from uniter_fast.tasks.data import DbCache, eval_batches
+from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, eval_batches
 
 
 def run_vcr_pretraining(
@@ -43,7 +43,7 @@ def run_vcr_pretraining(
             parts[kind].append(dataset)
     loaders, ratios = {}, {}
     for kind, ratio in zip(options["tasks"], options["mix_ratio"]):
-        dataset = parts[kind][0] if len(parts[kind]) == 1 else ConcatTaskDataset(parts[kind])
+        dataset = parts[kind][0] if len(parts[kind]) == 1 else ConcatTaskDatasets(parts[kind])
         if cfg.train_batch_size < SIZE_MULTIPLE * int(dataset.lens.max()):
             raise ValueError(
                 f"train_batch_size={cfg.train_batch_size} tokens cannot hold {SIZE_MULTIPLE} examples of "

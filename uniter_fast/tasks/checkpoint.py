@@ -11,7 +11,9 @@ Two cases, told apart by the file's keys:
   the head keeps its fresh init (logged), then the task grows its tables (NLVR2 / VCR type rows, VCR tags) as the
   original calls ``init_type_embedding`` after ``from_pretrained``.
 
-The model config is read off the weights (table sizes included) unless given.
+The model config is the one given, else the checkpoint's own (an export's ``config.json``; for a single file, the
+``config.json`` beside it or the original's ``../log/model.json``), else read off the weights (heads = H / 64, as
+every UNITER/BERT size); the embedding-table sizes always come from the weights.
 """
 
 from __future__ import annotations
@@ -42,17 +44,28 @@ TASK_FILE = "task.json"
 ENCODER = "uniter."
 
 
+def saved_config_path(path: str) -> Optional[str]:
+    """The model config saved with checkpoint ``path``: ``config.json`` in an export directory or beside a file
+    (``finetuned/model_step_N.pt``), or the original's ``log/model.json`` beside a file's ``ckpt/``; None if none."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    candidates = [os.path.join(folder, CONFIG_NAME)]
+    if not os.path.isdir(path):
+        candidates.append(os.path.join(folder, os.pardir, "log", "model.json"))
+    return next((c for c in candidates if os.path.isfile(c)), None)
+
+
 def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Optional[UniterConfig], dict[str, Any]]:
-    """(state_dict with the original names, its config.json if any, its task.json if any) of a ``.pt`` /
-    ``.safetensors`` file or a directory written by ``finetune.py`` / ``pretrain.py``."""
+    """(state_dict with the original names, its saved config if any (:func:`saved_config_path`), its task.json if
+    any) of a ``.pt`` / ``.safetensors`` file or a directory written by ``finetune.py`` / ``pretrain.py``."""
     state = convert_keys(read_state_dict(path))
     config, meta = None, {}
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, CONFIG_NAME)):
-            config = UniterConfig.from_json_file(os.path.join(path, CONFIG_NAME))
-        if os.path.isfile(os.path.join(path, TASK_FILE)):
-            with open(os.path.join(path, TASK_FILE), encoding="utf-8") as f:
-                meta = json.load(f)
+    config_path = saved_config_path(path)
+    if config_path is not None:
+        config = UniterConfig.from_json_file(config_path)
+        logger.info("%s: model config from %s", path, config_path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, TASK_FILE)):
+        with open(os.path.join(path, TASK_FILE), encoding="utf-8") as f:
+            meta = json.load(f)
     return state, config, meta
 
 
@@ -78,6 +91,12 @@ def _config(state: dict[str, torch.Tensor], saved: Optional[UniterConfig], given
     if not encoder:
         raise ValueError("the checkpoint has no 'uniter.*' encoder keys; is it a UNITER checkpoint?")
     inferred = infer_config(encoder)
+    if given is None and saved is None:
+        logger.warning(
+            "no model config given or saved with the checkpoint: sizes read off the weights, %d attention heads "
+            "(hidden / 64); give the model config (evaluate.py --model_config) if the model has another head count",
+            inferred.num_attention_heads,
+        )
     base = resolve_model_config(given) if given is not None else (saved or inferred)
     tables = {"vocab_size": inferred.vocab_size, "type_vocab_size": inferred.type_vocab_size}
     return UniterConfig.from_dict({**base.to_dict(), **tables, **overrides})

@@ -8,6 +8,7 @@ model; VCR-pretraining masks) comes from generators seeded by (seed, epoch, inde
 
 from __future__ import annotations
 
+import bisect
 import os
 from typing import Any, Iterator, Optional
 
@@ -111,6 +112,35 @@ class TaskDataset(torch.utils.data.Dataset):
     def record(self, index: int) -> dict[str, Any]:
         """The txt_db record of example ``index``."""
         return self.txt_db[self.ids[index]]
+
+
+class ConcatTaskDatasets(TaskDataset):
+    """Several task datasets as one, as the original ``ConcatDatasetWithLens`` (VCR's Q->A and QA->R datasets, or
+    several training dbs): concatenated ``lens``, ``set_epoch`` forwarded, the examples of the part an index falls
+    in, collated by the first part's ``collate`` (the parts are datasets of one task)."""
+
+    def __init__(self, parts: list[TaskDataset]) -> None:
+        if not parts:
+            raise ValueError("ConcatTaskDatasets needs at least one dataset")
+        self.parts = parts
+        self.task, self.txt_db, self.seed, self.epoch = parts[0].task, parts[0].txt_db, parts[0].seed, 0
+        self.lens = np.concatenate([p.lens for p in parts])
+        self.offsets = np.cumsum([0] + [len(p) for p in parts]).tolist()
+        self.ids = [id_ for p in parts for id_ in p.ids]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward ``epoch`` to every part."""
+        self.epoch = int(epoch)
+        for part in self.parts:
+            part.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        part = bisect.bisect_right(self.offsets, index) - 1
+        return self.parts[part][index - self.offsets[part]]
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The parts' collate."""
+        return self.parts[0].collate(items)
 
 
 def check_images_exist(txt_db: TxtTokLmdb, ids: list[str], names: list[list[str]], img_dbs: list[Any]) -> None:
