@@ -24,7 +24,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="finetune.py export dir or original model_step_N.pt")
-    parser.add_argument("--task", default=None, help="vqa, ve, nlvr2, re or vcr (default: the export's task.json)")
+    parser.add_argument(
+        "--task", default=None, help="vqa, ve, nlvr2, re, vcr, itm or itm-hn (default: the export's task.json)"
+    )
     parser.add_argument("--config", default=None, help="fine-tuning config whose eval splits and settings to use")
     parser.add_argument("--txt_db", default=None, help="evaluate this txt_db (with --img_db) instead of the config's")
     parser.add_argument("--img_db", default=None, help="img_db of --txt_db (VCR: 'gt_dir;det_dir')")
@@ -42,6 +44,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         default=[],
         metavar="KEY=JSON",
         help="a task option for original checkpoints, e.g. --option mlp=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--eval-mode",
+        dest="eval_mode",
+        choices=("exact", "fast"),
+        default=None,
+        help="itm / itm-hn: score every pair (exact) or re-rank the first stage's top k (fast)",
+    )
+    parser.add_argument(
+        "--top-k",
+        dest="top_k",
+        type=int,
+        default=None,
+        help="itm / itm-hn fast mode: candidates per text and per image (default: the task option)",
     )
     parser.add_argument("--output_dir", default=None, help="where predictions go (default: beside the checkpoint)")
     parser.add_argument("--reference", action="store_true", help="reference path (padded encoder)")
@@ -95,8 +111,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     from uniter_fast.pretraining.trainer import to_device
     from uniter_fast.tasks import get_task
     from uniter_fast.tasks.checkpoint import load_task_model
-    from uniter_fast.tasks.data import DbCache, eval_batches
-    from uniter_fast.tasks.evaluation import evaluate
+    from uniter_fast.tasks.data import DbCache
     from uniter_fast.tasks.synthetic import resolve_bundled
 
     task = get_task(_task_name(args))
@@ -113,14 +128,20 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     options = {**task.check_options(_options(args.option), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
     model, options = load_task_model(task, args.checkpoint, options, args.model_config, fast=not args.reference)
+    if args.eval_mode is not None or args.top_k is not None:  # evaluation settings, not fixed by the checkpoint
+        options = task.check_options(
+            {**options, **{k: v for k, v in (("eval_mode", args.eval_mode), ("top_k", args.top_k)) if v is not None}},
+            "--eval-mode / --top-k",
+        )
     model.to(device)
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
     batch_size = args.batch_size or cfg.val_batch_size
     results = {}
     for split, (txt_path, img_path) in splits.items():
         dataset = task.eval_dataset(dbs, txt_path, img_path, options, split)
-        batches = eval_batches(dataset, batch_size, rank, world, by_examples=task.by_examples)
-        metrics, predictions = evaluate(task, model, batches, options, lambda b: to_device(b, device), desc=split)
+        metrics, predictions = task.evaluate_split(
+            model, dataset, batch_size, options, rank, world, lambda b: to_device(b, device), desc=split
+        )
         results[split] = metrics
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)

@@ -19,8 +19,7 @@ import torch
 from uniter_fast.pretraining.checkpoint import load_consolidated_zero
 from uniter_fast.pretraining.trainer import TaskStream, Trainer, _barrier, format_table, to_device
 from uniter_fast.tasks.checkpoint import save_task_model
-from uniter_fast.tasks.data import TaskDataset, eval_batches
-from uniter_fast.tasks.evaluation import evaluate
+from uniter_fast.tasks.data import TaskDataset
 from uniter_fast.tasks.spec import Task
 
 RESULTS_SUBDIR = "results"
@@ -53,14 +52,13 @@ class FinetuneTrainer(Trainer):
         results = {}
         with torch.random.fork_rng(devices=[]):
             for split, dataset in self.eval_sets.items():
-                batches = eval_batches(
-                    dataset, self.cfg.val_batch_size, self.rank, self.world, by_examples=self.task.by_examples
-                )
-                metrics, predictions = evaluate(
-                    self.task,
+                metrics, predictions = self.task.evaluate_split(
                     self.engine,
-                    batches,
+                    dataset,
+                    self.cfg.val_batch_size,
                     self.options,
+                    self.rank,
+                    self.world,
                     lambda b: to_device(b, self.engine.device),
                     desc=f"eval {split}",
                 )

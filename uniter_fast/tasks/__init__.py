@@ -3,6 +3,7 @@ names that ``finetune.py --task`` and ``evaluate.py --task`` take to their :clas
 
 from __future__ import annotations
 
+from uniter_fast.tasks.itm import ItmHardNegTask, ItmTask
 from uniter_fast.tasks.nlvr2 import Nlvr2Task
 from uniter_fast.tasks.re import ReTask
 from uniter_fast.tasks.spec import Task
@@ -18,6 +19,8 @@ TASKS: dict[str, Task] = {
     "re": ReTask(),
     "vcr": VcrTask(),
     "vcr_pretrain": VcrPretrainTask(),
+    "itm": ItmTask(),
+    "itm-hn": ItmHardNegTask(),
 }
 
 

@@ -70,8 +70,9 @@ def read_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], Optional[Uniter
 
 
 def head_keys(task: Task, state: dict[str, torch.Tensor]) -> list[str]:
-    """Keys of ``state`` that belong to ``task``'s heads."""
-    return sorted(k for k in state if k.split(".", 1)[0] in task.heads)
+    """Keys of ``state`` that mark a fine-tuned ``task`` checkpoint (its :attr:`~Task.finetuned_heads`, or any head)."""
+    heads = task.finetuned_heads or task.heads
+    return sorted(k for k in state if k.split(".", 1)[0] in heads)
 
 
 def resolve_model_config(config: Union[UniterConfig, str, None]) -> UniterConfig:
@@ -122,7 +123,10 @@ def load_task_model(
     state, saved_config, meta = read_checkpoint(checkpoint)
     finetuned = head_keys(task, state)
     if finetuned:
-        fixed = {**meta.get("options", {}), **task.options_from_state(state)}
+        saved = meta.get("options", {})
+        if task.checkpoint_options is not None:
+            saved = {k: v for k, v in saved.items() if k in task.checkpoint_options}
+        fixed = {**saved, **task.options_from_state(state)}
         changed = {k: (options.get(k), v) for k, v in fixed.items() if k in options and options[k] != v}
         if changed:
             logger.warning(
@@ -144,6 +148,7 @@ def load_task_model(
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
     load_encoder(model, state, checkpoint)
+    task.init_from_pretrained(model, state)
     task.prepare_model(model, options)
     return model, options
 

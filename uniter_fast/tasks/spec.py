@@ -8,7 +8,7 @@ output format). ``uniter_fast.tasks.TASKS`` maps names to instances; adding a ta
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -23,6 +23,12 @@ class Task:
     name = ""
     heads: tuple[str, ...] = ()
     """Head module names (the original's, e.g. ``vqa_output``): ``state_dict`` prefixes of the task model."""
+    finetuned_heads: tuple[str, ...] = ()
+    """Heads whose keys mark a fine-tuned checkpoint (default: any of :attr:`heads`; ITM: ``rank_output``, as a
+    pretrained checkpoint holds ``itm_output`` too)."""
+    checkpoint_options: Optional[tuple[str, ...]] = None
+    """Options that an export's ``task.json`` fixes when it is loaded (None: all of them; ITM: only the first-stage
+    size, so ``itm-hn`` can start from an ``itm`` export with its own negatives and evaluation settings)."""
     options: dict[str, Any] = {}
     """Task-specific config keys (the original's names) and their defaults."""
     head_lr_mul = False
@@ -60,6 +66,10 @@ class Task:
     def prepare_model(self, model: UniterPreTrainedModel, options: dict[str, Any]) -> None:
         """Grow the embedding tables the task needs (after a pretrained checkpoint is loaded); default nothing."""
 
+    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+        """Initialise the head from a pretrained checkpoint's ``state`` after the encoder is loaded (ITM: the
+        pretrained ``itm_output`` and ``init_output``); default nothing (the head keeps its fresh init)."""
+
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
         """Options read off the task's databases (e.g. the answer vocabulary); default none."""
         return {}
@@ -78,6 +88,25 @@ class Task:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ evaluation
+    def evaluate_split(
+        self,
+        model: Any,
+        dataset: TaskDataset,
+        batch_size: int,
+        options: dict[str, Any],
+        rank: int,
+        world: int,
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        desc: str = "eval",
+    ) -> tuple[dict[str, float], list[Any]]:
+        """(metrics, every rank's predictions) of one split: this rank's batches through :meth:`eval_batch`, summed
+        and gathered over ranks (``uniter_fast.tasks.evaluation.evaluate``). ITM overrides it (a score matrix)."""
+        from uniter_fast.tasks.data import eval_batches
+        from uniter_fast.tasks.evaluation import evaluate
+
+        batches = eval_batches(dataset, batch_size, rank, world, by_examples=self.by_examples)
+        return evaluate(self, model, batches, options, to_device, desc=desc)
+
     def eval_batch(
         self, model: Any, batch: dict[str, Any], options: dict[str, Any]
     ) -> tuple[dict[str, float], list[Any]]:

@@ -8,6 +8,7 @@ the demo exercises the real formats. Layout::
     vocab.txt                              corpus vocab + task words (corpus ids unchanged)
     pool/img_det  pool/img_gt  pool/scenes.json   1500 images (1200 train, 150 val, 150 test)
     vqa/txt_{train,val,test}  ve/...  nlvr2/...  re/...   vcr/txt_{train,val}
+    itm/txt_{train,val,test}               5 captions per image (built on first use, ``synthetic/itm.py``)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.build_tasks import write_re_txt_db, write_task_txt_db
 from uniter_fast.data.corpus import CORPUS_VERSION, DEFAULT_SEED, cache_dir, default_corpus
 from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.tasks.synthetic.itm import ITM_DIR, build_itm_sets
 from uniter_fast.tasks.synthetic.nlvr2 import nlvr2_annotations
 from uniter_fast.tasks.synthetic.pool import Scene, build_pool
 from uniter_fast.tasks.synthetic.re import re_annotations
@@ -119,6 +121,8 @@ def resolve_bundled(path: str) -> str:
     if not path.startswith(BUNDLED_PREFIX):
         return path
     rel = path[len(BUNDLED_PREFIX) :]
+    if rel.split("/", 1)[0] == ITM_DIR:
+        build_itm_sets(task_sets())
     full = os.path.join(task_sets(), rel)
     if not os.path.exists(full):
         raise FileNotFoundError(f"{path!r}: the bundled task sets have no {rel!r} (see uniter_fast.tasks.synthetic)")

@@ -1,0 +1,186 @@
+"""Exact vs fast retrieval evaluation in the same run, on the bundled itm test set.
+
+Exact scores every text x image pair with the cross-encoder (as the original ``utils/itm_eval.py``); fast ranks
+with the first stage (single-modality passes + projections) and re-ranks the top k images of each text and the top
+k texts of each image. Reported per mode: wall time, cross-encoder passes, every recall figure, the first stage's
+recall at k; plus the projected cost of COCO 5k (25,000 texts x 5,000 images) on this device from the measured
+per-pair throughput of a ``--cost-config`` (default base) cross-encoder on COCO-shaped pairs (14-token captions,
+36 regions) with random weights.
+
+    python bench/retrieval_bench.py                      # < 3 min on 2 CPU cores: quick tiny model, 50 test images
+    python bench/retrieval_bench.py --full               # all 150 test images (750 captions), k in 4 8 16 32
+    python bench/retrieval_bench.py --checkpoint output/finetune-itm-tiny/finetuned --full
+    python bench/retrieval_bench.py --device cuda --full # GPU: bf16 autocast, the COCO projection on this GPU
+
+Without ``--checkpoint`` a tiny model is first trained from scratch for ``--train-steps`` on the bundled train
+captions (the itm loss + first stage), so that the first stage means something; its recall figures describe that
+quick model, not UNITER.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import numpy as np
+import torch
+from harness import device_name, plot_grouped_bars, print_table, time_fn, write_json
+from tqdm import tqdm
+
+from uniter_fast.config import IMG_DIM, UniterConfig
+from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data.txt_db import TxtDbWriter
+from uniter_fast.pretraining.trainer import to_device
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.data import collate_rows, row
+from uniter_fast.tasks.itm import ItmEvalDataset, ItmRankDataset
+from uniter_fast.tasks.itm_eval import evaluate_retrieval
+from uniter_fast.tasks.synthetic import resolve_bundled
+
+COCO_TEXTS, COCO_IMAGES, COCO_TXT_LEN, COCO_BOXES = 25_000, 5_000, 14, 36
+RECALLS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")
+
+
+def subset_db(split: str, images: int, out: str) -> str:
+    """A txt_db with the captions of the first ``images`` images of bundled ``itm/txt_<split>`` (all: the split)."""
+    source = TxtTokLmdb(resolve_bundled(f"bundled:itm/txt_{split}"), -1)
+    with TxtDbWriter(out, source.meta) as writer:
+        for image in list(source.img2txts)[:images]:
+            for id_ in source.img2txts[image]:
+                writer.add(id_, source[id_]["input_ids"], image)
+    return out
+
+
+def quick_model(steps: int, device: torch.device, seed: int) -> torch.nn.Module:
+    """A tiny retrieval model trained from scratch on the bundled train captions (AdamW 2e-3, 16 texts x 7 pairs)."""
+    task = get_task("itm")
+    options = task.check_options({"negative_size": 3, "first_stage_dim": 64}, "bench")
+    torch.manual_seed(seed)
+    model = task.build_model(UniterConfig.tiny(vocab_size=1100), options, fast=True).to(device)
+    data = ItmRankDataset(
+        TxtTokLmdb(resolve_bundled("bundled:itm/txt_train"), 60),
+        DetectFeatLmdb(resolve_bundled("bundled:pool/img_det")),
+        options["negative_size"],
+        seed,
+    )
+    rng = np.random.default_rng(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.98), weight_decay=0.01)
+    model.train()
+    for _ in tqdm(range(steps), desc="quick itm training"):
+        batch = data.collate([data[int(i)] for i in rng.choice(len(data), 16, replace=False)])
+        loss = model(to_device(batch, device))["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+        optimizer.step()
+    return model.eval()
+
+
+def pair_throughput(config: str, device: torch.device, pairs: int) -> float:
+    """Cross-encoder pairs / s of a random-weight ``config`` model on COCO-shaped pairs (bf16 autocast on GPU)."""
+    task = get_task("itm")
+    model = task.build_model(UniterConfig.preset(config), task.check_options({"first_stage_dim": 0}, "bench"), True)
+    model.to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    rows = [
+        row(
+            torch.randint(5, 1000, (COCO_TXT_LEN,), generator=gen),
+            torch.rand(COCO_BOXES, IMG_DIM, generator=gen),
+            torch.rand(COCO_BOXES, 7, generator=gen),
+        )
+        for _ in range(pairs)
+    ]
+    batch = to_device(collate_rows(rows, "itm"), device)
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step() -> None:
+        with torch.no_grad(), autocast:
+            model(batch, compute_loss=False)
+
+    return pairs / time_fn(step, device, warmup=1, repeats=3 if device.type == "cpu" else 10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--checkpoint", default=None, help="itm export dir / original .pt (default: quick model)")
+    parser.add_argument("--train-steps", type=int, default=100, help="steps of the quick model (no --checkpoint)")
+    parser.add_argument("--images", type=int, default=50, help="test images (x5 captions); --full: all 150")
+    parser.add_argument("--top-k", type=int, nargs="+", default=None, help="k values (default 4 16; --full 4 8 16 32)")
+    parser.add_argument("--batch-size", type=int, default=8192, help="tokens per cross-encoder batch")
+    parser.add_argument("--cost-config", default="base", choices=["tiny", "base", "large"])
+    parser.add_argument("--cost-pairs", type=int, default=None, help="pairs per throughput batch (16 CPU, 256 GPU)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full", action="store_true")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    images = 150 if args.full else args.images
+    top_ks = args.top_k or ([4, 8, 16, 32] if args.full else [4, 16])
+
+    if args.checkpoint:
+        model, _ = load_task_model(get_task("itm"), args.checkpoint, {}, fast=True)
+        model.to(device).eval()
+    else:
+        model = quick_model(args.train_steps, device, args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        txt = subset_db("test", images, os.path.join(tmp, "txt"))
+        dataset = ItmEvalDataset(TxtTokLmdb(txt, -1), DetectFeatLmdb(resolve_bundled("bundled:pool/img_det")))
+        move = lambda b: to_device(b, device)  # noqa: E731
+        rows = []
+        start = time.perf_counter()
+        exact = evaluate_retrieval(model, dataset, args.batch_size, "exact", to_device=move).metrics
+        rows.append({"mode": "exact", "k": None, "seconds": time.perf_counter() - start, **exact})
+        for k in top_ks:
+            start = time.perf_counter()
+            fast = evaluate_retrieval(model, dataset, args.batch_size, "fast", k, to_device=move).metrics
+            fast["first_stage_img_rk"] = fast.pop(f"first_stage_img_r{k}")
+            fast["first_stage_txt_rk"] = fast.pop(f"first_stage_txt_r{k}")
+            rows.append({"mode": "fast", "k": k, "seconds": time.perf_counter() - start, **fast})
+    for r in rows:
+        r["speedup"] = rows[0]["seconds"] / r["seconds"]
+        r["max_recall_gap_points"] = 100 * max(abs(r[key] - rows[0][key]) for key in RECALLS)
+    cost_pairs = args.cost_pairs or (256 if device.type == "cuda" else 16)
+    per_pair = pair_throughput(args.cost_config, device, cost_pairs)
+    coco = {"exact": COCO_TEXTS * COCO_IMAGES / per_pair}
+    for k in top_ks:  # upper bound: the union is at most texts x k + images x k pairs
+        coco[f"fast_k{k}"] = (COCO_TEXTS + COCO_IMAGES) * k / per_pair
+    print_table(
+        rows,
+        ["mode", "k", "seconds", "speedup", "cross_pairs", *RECALLS, "max_recall_gap_points"]
+        + ["first_stage_img_rk", "first_stage_txt_rk"],
+    )
+    print(f"\n{args.cost_config} cross-encoder on {device_name(device)}: {per_pair:.1f} pairs/s (COCO-shaped pairs)")
+    for mode, seconds in coco.items():
+        print(f"  projected COCO 5k test ({mode}): {seconds / 3600:.2f} h cross-encoder time")
+    meta = {
+        "images": images,
+        "texts": len(dataset.ids),
+        "model": args.checkpoint or f"quick tiny model, {args.train_steps} steps from scratch",
+        "batch_tokens": args.batch_size,
+        "cost_config": args.cost_config,
+        "cost_pairs_per_batch": cost_pairs,
+        "cost_pairs_per_second": per_pair,
+        "coco5k_projected_hours": {m: s / 3600 for m, s in coco.items()},
+        "threads": torch.get_num_threads(),
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "note": "fast COCO projections count texts x k + images x k pairs (the union is smaller) and omit the "
+        "first stage's single-modality passes (30k, each cheaper than a pair)",
+    }
+    print(write_json("retrieval_bench", device, rows, meta))
+    groups = [f"{r['mode']}" + (f" k={r['k']}" if r["k"] else "") for r in rows]
+    series = {
+        "wall time (s)": [r["seconds"] for r in rows],
+        "cross-encoder pairs / 1000": [r["cross_pairs"] / 1000 for r in rows],
+    }
+    title = f"retrieval evaluation, {len(dataset.ids)} texts x {images} images"
+    print(plot_grouped_bars("retrieval_bench", device, groups, series, "seconds | kilo-pairs", title, True))
+
+
+if __name__ == "__main__":
+    main()

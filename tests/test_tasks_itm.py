@@ -1,0 +1,193 @@
+"""Image-text retrieval model and training data: original keys, ``init_output``, the triplet loss and the
+hard-negative selection against hand-written formulas, fast = reference, original checkpoints, negative sampling,
+and a short fine-tuning run that lifts recall on a bundled subset."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from itm_helpers import small_itm_db
+from tasks_helpers import compare_fast_reference, encoder_keys, original_checkpoint, perturb, random_batch, tiny_config
+
+from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.itm import (
+    ItmEvalDataset,
+    ItmHardNegDataset,
+    ItmRankDataset,
+    UniterForImageTextRetrieval,
+    contrastive_loss,
+    triplet_loss,
+)
+from uniter_fast.tasks.itm_eval import evaluate_retrieval
+
+H = tiny_config().hidden_size
+ORIGINAL_HEADS = {
+    "itm_output.weight": (2, H),
+    "itm_output.bias": (2,),
+    "rank_output.weight": (1, H),
+    "rank_output.bias": (1,),
+}
+
+
+def test_keys_are_the_originals_and_the_first_stage_is_extra() -> None:
+    plain = UniterForImageTextRetrieval(tiny_config())
+    assert sorted(plain.state_dict()) == sorted(encoder_keys(tiny_config()) + list(ORIGINAL_HEADS))
+    staged = UniterForImageTextRetrieval(tiny_config(), first_stage_dim=8)
+    extra = set(staged.state_dict()) - set(plain.state_dict())
+    assert extra == {"txt_proj.weight", "txt_proj.bias", "img_proj.weight", "img_proj.bias"}
+
+
+def test_triplet_loss_against_the_original_formula() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for groups, size, margin in ((5, 3, 0.2), (3, 9, 0.5), (7, 2, 0.2)):
+        scores = torch.randn(groups * size, generator=gen, dtype=torch.float64) * 2
+        got = triplet_loss(scores, size, margin)
+        want = torch.empty(groups, size - 1, dtype=torch.float64)
+        for g in range(groups):
+            pos = 1 / (1 + np.exp(-float(scores[g * size])))
+            for n in range(1, size):
+                neg = 1 / (1 + np.exp(-float(scores[g * size + n])))
+                want[g, n - 1] = max(0.0, margin + neg - pos)
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7)
+        assert (got > 0).any() and (got == 0).any() or size == 2
+    with pytest.raises(ValueError, match="sample_size"):
+        triplet_loss(torch.randn(7), 3, 0.2)
+
+
+def test_contrastive_loss_masks_captions_of_the_same_image() -> None:
+    gen = torch.Generator().manual_seed(1)
+    txt = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    groups = torch.tensor([0, 1, 1, 2])
+    logits = txt @ img.t() / 0.1
+    want = 0.0
+    for mat in (logits, logits.t()):
+        for i in range(4):
+            keep = [j for j in range(4) if j == i or groups[j] != groups[i]]
+            want += -torch.log_softmax(mat[i, keep], 0)[keep.index(i)] / 8
+    torch.testing.assert_close(contrastive_loss(txt, img, groups, 0.1), want)
+
+
+def test_init_output_copies_the_positive_row_and_pretrained_checkpoints_use_it(tmp_path) -> None:
+    state = original_checkpoint(tiny_config(), {"itm_output.weight": (2, H), "itm_output.bias": (2,)})
+    state["cls.predictions.bias"] = torch.zeros(tiny_config().vocab_size).half()  # a pretraining head, skipped
+    torch.save(state, tmp_path / "uniter-tiny.pt")
+    model, options = load_task_model(get_task("itm"), str(tmp_path / "uniter-tiny.pt"), {}, tiny_config())
+    torch.testing.assert_close(model.rank_output.weight, state["itm_output.weight"][1:].float())
+    torch.testing.assert_close(model.rank_output.bias, state["itm_output.bias"][1:].float())
+    torch.testing.assert_close(model.itm_output.weight, state["itm_output.weight"].float())
+    assert options["first_stage_dim"] == 64 and model.first_stage_dim == 64
+
+
+def test_original_finetuned_checkpoints_load_strictly(tmp_path) -> None:
+    state = original_checkpoint(tiny_config(), ORIGINAL_HEADS, seed=2)
+    torch.save(state, tmp_path / "model_step_5000.pt")
+    for name in ("itm", "itm-hn"):
+        model, options = load_task_model(get_task(name), str(tmp_path / "model_step_5000.pt"), {})
+        assert options["first_stage_dim"] == 0 and sorted(model.state_dict()) == sorted(state)
+        for key, value in state.items():
+            torch.testing.assert_close(model.state_dict()[key], value.float(), msg=key)
+    state["rank_output.extra"] = torch.zeros(1).half()
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"unexpected \[.rank_output.extra.\]"):
+        load_task_model(get_task("itm"), str(tmp_path / "bad.pt"), {})
+
+
+def _grouped_batch(groups: int, size: int, seed: int) -> dict:
+    lengths = [(5 + (i * 7) % 9, 3 + (i * 5) % 11) for i in range(groups * size)]
+    batch = random_batch(lengths, seed=seed)
+    batch["sample_size"] = size
+    batch["pair_rows"] = torch.arange(groups) * size
+    batch["pair_images"] = torch.arange(groups)
+    return batch
+
+
+def test_fast_equals_reference_with_the_first_stage_loss() -> None:
+    batch = _grouped_batch(4, 3, seed=3)
+
+    def build(fast: bool) -> UniterForImageTextRetrieval:
+        torch.manual_seed(0)
+        return perturb(UniterForImageTextRetrieval(tiny_config(), first_stage_dim=16, fast=fast))
+
+    compare_fast_reference(build, batch)
+
+
+def test_hard_negatives_are_the_best_scoring_candidates() -> None:
+    groups, pool, hard = 3, 6, 2
+    batch = _grouped_batch(groups, pool + 1, seed=4)
+    torch.manual_seed(0)
+    model = perturb(UniterForImageTextRetrieval(tiny_config(), hard_neg_size=hard, fast=True))
+    model.eval()
+    scores = model(batch, compute_loss=False)["scores"].detach().view(groups, pool + 1)
+    model.train()
+    loss = model(batch)["loss"]
+    want = []
+    for g in range(groups):
+        negs = sorted(range(1, pool + 1), key=lambda n: -float(scores[g, n]))[:hard]
+        pos = torch.sigmoid(scores[g, 0])
+        want += [torch.clamp(0.2 + torch.sigmoid(scores[g, n]) - pos, min=0) for n in negs]
+    torch.testing.assert_close(loss, torch.stack(want).mean(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def train_db(tmp_path_factory):
+    txt, img = small_itm_db(str(tmp_path_factory.mktemp("itm") / "txt"), 12, "train")
+    return TxtTokLmdb(txt, 60), DetectFeatLmdb(img)
+
+
+def test_training_groups_follow_the_original_layout(train_db) -> None:
+    txt_db, img_db = train_db
+    ranked = ItmRankDataset(txt_db, img_db, negative_size=2, seed=5)
+    item = ranked[7]
+    text, image = ranked.ids[7], ranked.txt2img[ranked.ids[7]]
+    rows = item["rows"]
+    assert len(rows) == 5 and torch.equal(rows[1]["input_ids"], rows[0]["input_ids"])
+    feats = [r["img_feat"] for r in rows]
+    assert torch.equal(feats[3], feats[0]) and torch.equal(feats[4], feats[0])
+    assert not torch.equal(feats[1], feats[0]) and not torch.equal(feats[2], feats[0])
+    own = {tuple(ranked.text(t).tolist()) for t in ranked.img2txts[image]}
+    assert tuple(rows[3]["input_ids"].tolist()) not in own and tuple(rows[4]["input_ids"].tolist()) not in own
+    assert ranked.lens[7] == 1 and len(ranked.text(text)) == txt_db.id2len[text] + 2  # batches count texts
+    batch = ranked.collate([ranked[i] for i in range(3)])
+    assert batch["sample_size"] == 5 and batch["pair_rows"].tolist() == [0, 5, 10]
+    hard = ItmHardNegDataset(txt_db, img_db, negative_size=4, seed=5)
+    batch = hard.collate([hard[0], hard[1]])
+    assert batch["sample_size"] == 5 and batch["input_ids"].size(0) == 20 and batch["pair_rows"].tolist() == [0, 10]
+    with pytest.raises(ValueError, match="negative images"):
+        ItmRankDataset(txt_db, img_db, negative_size=30)[0]
+
+
+def test_short_finetuning_lifts_recall(train_db) -> None:
+    """12 images x 5 captions, 120 steps of the itm loss + first stage from a random init: text->image R@1 (chance
+    1/12) and the first stage's recall at 3 (chance 1/4) rise well above chance."""
+    from tasks_helpers import learn_subset
+
+    txt_db, img_db = train_db
+    task = get_task("itm")
+    options = task.check_options({"negative_size": 3, "first_stage_dim": 32}, "test")
+    torch.manual_seed(0)
+    model = task.build_model(tiny_config(vocab_size=1100), options, True)
+    data = ItmRankDataset(txt_db, img_db, options["negative_size"], seed=0)
+    losses = learn_subset(model, data, len(data), steps=120, batch=16, lr=2e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    after = evaluate_retrieval(model, ItmEvalDataset(txt_db, img_db), 4096, "fast", top_k=3).metrics
+    torch.set_num_threads(threads)
+    print("after", after, "loss", np.mean(losses[:10]), np.mean(losses[-10:]))
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    assert after["img_r1"] > 0.25 and after["r_mean"] > 0.5
+    assert after["first_stage_img_r3"] > 0.5
+
+
+def test_hard_negative_run_starts_from_an_itm_export(tmp_path) -> None:
+    from uniter_fast.tasks.checkpoint import save_task_model
+
+    itm = get_task("itm")
+    options = itm.check_options({"first_stage_dim": 16, "eval_mode": "fast"}, "test")
+    save_task_model(itm.build_model(tiny_config(), options, True), itm, options, str(tmp_path / "export"))
+    model, loaded = load_task_model(get_task("itm-hn"), str(tmp_path / "export"), {"eval_mode": "exact"})
+    assert (loaded["first_stage_dim"], loaded["hard_neg_size"], loaded["negative_size"]) == (16, 7, 31)
+    assert model.hard_neg_size == 7 and loaded["eval_mode"] == "exact"

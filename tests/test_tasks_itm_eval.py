@@ -1,0 +1,180 @@
+"""Retrieval evaluation: recall against a brute-force ranking (ties included) and against the original
+``itm_eval`` formula, first-stage candidates, fast = exact when k covers the gallery, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from itm_helpers import small_itm_db
+from tasks_helpers import perturb, tiny_config
+
+from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.itm import ItmEvalDataset
+from uniter_fast.tasks.itm_eval import candidate_pairs, evaluate_retrieval, itm_recall
+
+
+def brute_force_recall(scores: np.ndarray, gt: list[int]) -> dict[str, float]:
+    """Ranks by sorting (descending score, then index) one row / column at a time."""
+    num_txt, num_img = scores.shape
+    out = {}
+    img_ranks = []
+    for t in range(num_txt):
+        order = sorted(range(num_img), key=lambda j: (-scores[t, j], j))
+        img_ranks.append(order.index(gt[t]))
+    txt_ranks = []
+    for j in range(num_img):
+        order = sorted(range(num_txt), key=lambda t: (-scores[t, j], t))
+        txt_ranks.append(min(order.index(t) for t in range(num_txt) if gt[t] == j))
+    for side, ranks in (("txt", txt_ranks), ("img", img_ranks)):
+        for k in (1, 5, 10):
+            out[f"{side}_r{k}"] = float(np.mean([r < k for r in ranks]))
+    return out
+
+
+def original_formula(scores: torch.Tensor, gt: list[int]) -> dict[str, float]:
+    """The original ``itm_eval`` steps: top-10 by ``topk``; text->image counts ``(nonzero() < K)`` over both columns
+    (row index and position); image->text takes the best position of the image's texts in its column's top 10."""
+    num_txt, num_img = scores.shape
+    top_img = scores.topk(10, dim=1).indices
+    hits = (top_img == torch.tensor(gt)[:, None]).nonzero()
+    out = {f"img_r{k}": float((hits < k).sum()) / num_txt for k in (1, 5, 10)}
+    top_txt = scores.topk(10, dim=0).indices
+    for k in (1, 5, 10):
+        count = 0
+        for j in range(num_img):
+            positions = [int(p) for t in range(num_txt) if gt[t] == j for p in (top_txt[:, j] == t).nonzero()]
+            count += min([10] + positions) < k
+        out[f"txt_r{k}"] = count / num_img
+    return out
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_recall_matches_brute_force(ties: bool) -> None:
+    rng = np.random.default_rng(3 + ties)
+    for num_img, per_image in ((12, 3), (30, 1), (25, 5)):
+        gt = [j for j in range(num_img) for _ in range(per_image)]
+        rng.shuffle(gt)
+        scores = rng.standard_normal((len(gt), num_img))
+        if ties:
+            scores = np.round(scores * 2) / 2  # many equal scores
+        txt_ids = [f"t{i}" for i in range(len(gt))]
+        img_ids = [f"i{j}" for j in range(num_img)]
+        got = itm_recall(torch.tensor(scores), txt_ids, img_ids, {t: f"i{g}" for t, g in zip(txt_ids, gt)})
+        want = brute_force_recall(scores, gt)
+        for key, value in want.items():
+            assert got[key] == pytest.approx(value), key
+        assert got["r_mean"] == pytest.approx(np.mean(list(want.values())))
+
+
+def test_recall_on_a_hand_made_matrix() -> None:
+    # texts t0, t1 of image A; t2 of image B; ties broken towards the lower index
+    scores = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.3]])
+    got = itm_recall(scores, ["t0", "t1", "t2"], ["A", "B"], {"t0": "A", "t1": "A", "t2": "B"})
+    assert got["img_r1"] == pytest.approx(1.0)  # t1's tie: A (column 0) ranks first
+    assert got["txt_r1"] == pytest.approx(0.5)  # A: t0 first; B: t1 (0.5) beats t2 (0.3)
+    assert got["txt_r5"] == pytest.approx(1.0)
+
+
+def test_recall_equals_the_original_formula_up_to_its_row_index_count() -> None:
+    rng = np.random.default_rng(0)
+    gt = [j for j in range(40) for _ in range(5)]
+    scores = torch.tensor(rng.standard_normal((200, 40)) + 3.0 * np.eye(40)[gt], dtype=torch.float32)
+    txt_ids, img_ids = [f"t{i}" for i in range(200)], [f"i{j}" for j in range(40)]
+    got = itm_recall(scores, txt_ids, img_ids, {t: f"i{g}" for t, g in zip(txt_ids, gt)})
+    original = original_formula(scores, gt)
+    top10 = scores.topk(10, dim=1).indices
+    found = [(top10[t] == gt[t]).any().item() for t in range(200)]
+    for k in (1, 5, 10):
+        assert got[f"txt_r{k}"] == pytest.approx(original[f"txt_r{k}"])
+        spurious = sum(found[:k]) / 200  # the original also counts the row index of the first k texts' hits
+        assert got[f"img_r{k}"] == pytest.approx(original[f"img_r{k}"] - spurious)
+    assert 0 < got["img_r1"] < 1 and 0 < got["txt_r1"] <= 1
+
+
+def test_candidate_pairs_are_the_union_of_both_top_k() -> None:
+    sim = torch.randn(17, 6, generator=torch.Generator().manual_seed(1))
+    rows, cols = candidate_pairs(sim, 2)
+    want = {(t, int(j)) for t in range(17) for j in sim[t].topk(2).indices}
+    want |= {(int(t), j) for j in range(6) for t in sim[:, j].topk(2).indices}
+    assert set(zip(rows.tolist(), cols.tolist())) == want and len(rows) == len(want)
+    with pytest.raises(ValueError, match="top_k must lie in"):
+        candidate_pairs(sim, 7)
+
+
+@pytest.fixture(scope="module")
+def small_eval(tmp_path_factory):
+    txt, img = small_itm_db(str(tmp_path_factory.mktemp("itm") / "txt"), 6, "test")
+    return ItmEvalDataset(TxtTokLmdb(txt, -1), DetectFeatLmdb(img))
+
+
+def test_fast_with_k_covering_the_gallery_equals_exact(small_eval) -> None:
+    task = get_task("itm")
+    options = task.check_options({"first_stage_dim": 16}, "test")
+    model = perturb(task.build_model(tiny_config(vocab_size=1100), options, True))
+    exact = evaluate_retrieval(model, small_eval, 2048, "exact")
+    fast = evaluate_retrieval(model, small_eval, 2048, "fast", top_k=len(small_eval.all_img_ids))
+    assert exact.metrics["cross_pairs"] == fast.metrics["cross_pairs"] == 30 * 6
+    torch.testing.assert_close(fast.score_matrix, exact.score_matrix)
+    for key in ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean"):
+        assert fast.metrics[key] == exact.metrics[key]
+    assert fast.metrics["first_stage_img_r6"] == 1.0
+    # exact scores are the model's own scores of each pair (poisoned matrix not left anywhere)
+    batch = small_eval.pairs_batch(np.array([0, 7, 29]), np.array([5, 0, 3]))
+    want = model(batch, compute_loss=False)["scores"]
+    torch.testing.assert_close(exact.score_matrix[[0, 7, 29], [5, 0, 3]], want, rtol=1e-5, atol=1e-6)
+    few = evaluate_retrieval(model, small_eval, 2048, "fast", top_k=2)
+    assert few.metrics["cross_pairs"] < 30 * 6 and torch.isfinite(few.score_matrix).all()
+    with pytest.raises(ValueError, match="top_k must lie in"):
+        evaluate_retrieval(model, small_eval, 2048, "fast", top_k=7)
+
+
+def test_fast_needs_the_first_stage_and_bad_splits_are_named(small_eval, tmp_path) -> None:
+    task = get_task("itm")
+    model = task.build_model(tiny_config(vocab_size=1100), task.check_options({"first_stage_dim": 0}, "t"), True)
+    with pytest.raises(ValueError, match="first stage"):
+        evaluate_retrieval(model, small_eval, 2048, "fast", top_k=2)
+    with pytest.raises(ValueError, match="eval_mode must be one of"):
+        task.check_options({"eval_mode": "approx"}, "test config")
+
+
+def test_a_text_whose_image_is_missing_is_named(tmp_path) -> None:
+    from uniter_fast.data.txt_db import TxtDbWriter
+
+    source = TxtTokLmdb(small_itm_db(str(tmp_path / "src"), 1, "test")[0], -1)
+    with TxtDbWriter(str(tmp_path / "bad"), source.meta) as writer:
+        writer.add("lost", [5, 6, 7], "no_such_image.npz")
+    img = small_itm_db(str(tmp_path / "again"), 1, "test")[1]
+    with pytest.raises(Exception, match="'lost' names image 'no_such_image.npz'"):
+        ItmEvalDataset(TxtTokLmdb(str(tmp_path / "bad"), -1), DetectFeatLmdb(img))
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_two_ranks_equals_one_process(small_eval, tmp_path) -> None:
+    """``torchrun`` with 2 gloo ranks, exact and fast: the score matrix each rank half fills equals the in-process
+    one, and the files are written."""
+    import os
+    import subprocess
+    import sys
+
+    from uniter_fast.tasks.checkpoint import save_task_model
+
+    task = get_task("itm")
+    options = task.check_options({"first_stage_dim": 16}, "test")
+    torch.manual_seed(0)
+    model = perturb(task.build_model(tiny_config(vocab_size=1100), options, True))
+    save_task_model(model, task, options, str(tmp_path / "export"))
+    for mode in ("exact", "fast"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+        command += ["-m", "uniter_fast.evaluate", "--checkpoint", str(tmp_path / "export"), "--split", "small"]
+        command += ["--txt_db", small_eval.txt_db.path, "--img_db", small_eval.img_db.path, "--eval-mode", mode]
+        command += ["--top-k", "2", "--output_dir", str(tmp_path / mode)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        saved = torch.load(tmp_path / mode / "small_results.pt")
+        want = evaluate_retrieval(model, small_eval, 2048, mode, top_k=2)
+        assert saved["txt_ids"] == want.txt_ids and saved["img_ids"] == want.img_ids
+        torch.testing.assert_close(saved["score_matrix"], want.score_matrix, rtol=1e-5, atol=1e-5)
+        assert (tmp_path / mode / "small_results.json").is_file() and "r_mean" in proc.stdout

@@ -1,0 +1,428 @@
+"""Image-text retrieval (the original ``model/itm.py``, ``data/itm.py``, ``train_itm.py``,
+``train_itm_hard_negatives.py``), with a cheap first stage for fast evaluation.
+
+Model: ``itm_output`` Linear(H, 2) (the pretraining ITM head, unused by the loss) and ``rank_output`` Linear(H, 1) on
+the pooled [CLS]; ``init_output`` copies ``itm_output``'s positive row (1) into ``rank_output`` after a pretrained
+checkpoint is loaded (the zero-shot scorer). Loss (``triplet_loss``): scores come in groups of ``sample_size`` rows,
+the positive pair first; per negative, max(0, margin + sigmoid(s_neg) - sigmoid(s_pos)); the training scripts take
+the mean. ``itm``: each text with ``negative_size`` negative images and the same number of negative texts of its image
+(``ItmRankDataset``). ``itm-hn``: each text with ``negative_size`` candidate images and each image with
+``negative_size`` candidate texts, scored without gradient in eval mode; the ``hard_neg_size`` best-scoring
+negatives of each group are trained on (``UniterForImageTextRetrievalHardNeg``).
+
+First stage (ours, LightningDOT-style; off with ``first_stage_dim`` 0, as original checkpoints have it): ``txt_proj``
+on the [CLS] output of a text-only UNITER pass and ``img_proj`` on the mean region output of an image-only pass, both
+L2-normalised; trained alongside the triplet loss with an in-batch contrastive loss (both directions, temperature
+``temperature``, other captions of the same image masked out) weighted by ``first_stage_weight``. Evaluation
+(``uniter_fast.tasks.itm_eval``): ``exact`` scores every text x image pair with the cross-encoder; ``fast`` takes
+the first stage's ``top_k`` images per text and ``top_k`` texts per image and re-ranks only those pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.layout import pack_batch
+from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
+from uniter_fast.tasks.spec import Task, require
+
+PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
+EVAL_MODES = ("exact", "fast")
+
+
+def triplet_loss(scores: torch.Tensor, sample_size: int, margin: float) -> torch.Tensor:
+    """[G, sample_size - 1] hinge terms max(0, margin + sigmoid(s_neg) - sigmoid(s_pos)) of ``scores`` [G *
+    sample_size] (each group: the positive first, then its negatives), fp32."""
+    if sample_size < 2 or scores.numel() % sample_size:
+        raise ValueError(f"scores of {scores.numel()} pairs do not form groups of sample_size={sample_size} (>= 2)")
+    grouped = torch.sigmoid(scores.float()).view(-1, sample_size)
+    return torch.clamp(margin + grouped[:, 1:] - grouped[:, :1], min=0)
+
+
+def contrastive_loss(txt: torch.Tensor, img: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+    """In-batch contrastive loss (mean of text->image and image->text cross-entropy) of matching rows of ``txt`` /
+    ``img`` [G, D] (L2-normalised); off-diagonal pairs of the same image (``groups`` int64 [G]) are masked out."""
+    logits = txt.float() @ img.float().t() / temperature
+    same = groups[:, None] == groups[None, :]
+    logits = logits.masked_fill(same & ~torch.eye(len(groups), dtype=torch.bool, device=logits.device), float("-inf"))
+    target = torch.arange(len(groups), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+
+
+def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
+    """The pairs ``rows`` (int64 [R]) of a joint batch, padded keys sliced and the packed layout rebuilt."""
+    out = {k: v for k, v in batch.items() if k not in PADDED_ROW_KEYS and k != "packed"}
+    for key in PADDED_ROW_KEYS:
+        out[key] = batch[key].index_select(0, rows)
+    if "packed" in batch:
+        out["packed"] = pack_batch(out)
+    return out
+
+
+class UniterForImageTextRetrieval(UniterPreTrainedModel):
+    """UNITER + ``itm_output`` / ``rank_output`` (original names) + the optional first stage ``txt_proj`` /
+    ``img_proj``. With ``hard_neg_size`` > 0 it trains as the original ``...HardNeg`` model."""
+
+    def __init__(
+        self,
+        config: UniterConfig,
+        margin: float = 0.2,
+        hard_neg_size: int = 0,
+        first_stage_dim: int = 0,
+        first_stage_weight: float = 1.0,
+        temperature: float = 0.05,
+        fast: bool = False,
+    ) -> None:
+        super().__init__(config, fast)
+        hidden = config.hidden_size
+        self.itm_output = nn.Linear(hidden, 2)
+        self.rank_output = nn.Linear(hidden, 1)
+        heads: list[nn.Module] = [self.itm_output, self.rank_output]
+        if first_stage_dim < 0 or hard_neg_size < 0:
+            raise ValueError(f"first_stage_dim and hard_neg_size must be >= 0, got {first_stage_dim}, {hard_neg_size}")
+        if first_stage_dim:
+            self.txt_proj = nn.Linear(hidden, first_stage_dim)
+            self.img_proj = nn.Linear(hidden, first_stage_dim)
+            heads += [self.txt_proj, self.img_proj]
+        self.margin, self.hard_neg_size, self.first_stage_dim = margin, hard_neg_size, first_stage_dim
+        self.first_stage_weight, self.temperature = first_stage_weight, temperature
+        self.init_head_weights(*heads)
+
+    def init_output(self) -> None:
+        """``rank_output`` = row 1 (match) of ``itm_output``, as the original after ``from_pretrained`` (a copy: the
+        original shares the storage; ``itm_output`` takes no part in fine-tuning either way)."""
+        with torch.no_grad():
+            self.rank_output.weight.copy_(self.itm_output.weight[1:])
+            self.rank_output.bias.copy_(self.itm_output.bias[1:])
+
+    # ------------------------------------------------------------------ cross-encoder
+    def rank_scores(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Cross-encoder scores [B] (logits before the sigmoid) of the joint pairs of ``batch``."""
+        return self.rank_output(self._pooled(batch, self._encode(batch))).squeeze(1)
+
+    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+        """``{"scores": [B]}``, or ``{"loss", "rank_loss"[, "first_stage_loss"]}`` (0-dim, means) for a batch of
+        ``sample_size`` groups."""
+        if not compute_loss:
+            return {"scores": self.rank_scores(batch)}
+        require(batch, ("sample_size",), "itm")
+        sample_size = int(batch["sample_size"])
+        if self.hard_neg_size and self.training:
+            batch, sample_size = self.hard_batch(batch, sample_size), self.hard_neg_size + 1
+        rank_loss = triplet_loss(self.rank_scores(batch), sample_size, self.margin).mean()
+        out = {"loss": rank_loss, "rank_loss": rank_loss.detach()}
+        if self.first_stage_dim and self.first_stage_weight > 0:
+            require(batch, ("pair_rows", "pair_images"), "itm", "the first-stage loss")
+            pairs = select_rows(batch, batch["pair_rows"])
+            txt = self.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
+            img = self.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
+            first = contrastive_loss(txt, img, batch["pair_images"], self.temperature)
+            out["loss"] = rank_loss + self.first_stage_weight * first
+            out["first_stage_loss"] = first.detach()
+        return out
+
+    def hard_batch(self, batch: dict[str, Any], sample_size: int) -> dict[str, Any]:
+        """Score every pair without gradient in eval mode (as the original), keep each group's positive and its
+        ``hard_neg_size`` best-scoring negatives; the kept pairs, positives first, ``pair_rows`` remapped."""
+        if sample_size - 1 < self.hard_neg_size:
+            raise ValueError(f"hard_neg_size={self.hard_neg_size} is larger than the {sample_size - 1} candidates")
+        with torch.no_grad():
+            self.eval()
+            scores = self.rank_scores(batch).float().view(-1, sample_size)
+            self.train()
+        hard = scores[:, 1:].topk(self.hard_neg_size, dim=1).indices + 1
+        keep = torch.cat([torch.zeros_like(hard[:, :1]), hard], dim=1)
+        starts = torch.arange(scores.size(0), device=keep.device)[:, None] * sample_size
+        out = select_rows(batch, (starts + keep).flatten())
+        if "pair_rows" in batch:  # positives sit at group starts in both layouts
+            out["pair_rows"] = batch["pair_rows"] // sample_size * (self.hard_neg_size + 1)
+        return out
+
+    # ------------------------------------------------------------------ first stage
+    def text_embeddings(self, input_ids: torch.Tensor, txt_lens: torch.Tensor) -> torch.Tensor:
+        """L2-normalised first-stage text embeddings [B, D] of input_ids int64 [B, Lt] ([CLS] .. [SEP])."""
+        mask = torch.arange(input_ids.size(1), device=input_ids.device)[None, :] < txt_lens[:, None]
+        hidden = self.uniter(input_ids, None, None, None, mask.long(), output_all_encoded_layers=False)
+        return F.normalize(self.txt_proj(hidden[:, 0]).float(), dim=-1)
+
+    def image_embeddings(self, img_feat: torch.Tensor, img_pos_feat: torch.Tensor, num_bbs: torch.Tensor):
+        """L2-normalised first-stage image embeddings [B, D] of img_feat [B, Nb, 2048] / img_pos_feat [B, Nb, 7]:
+        ``img_proj`` of the mean region output of an image-only pass."""
+        mask = torch.arange(img_feat.size(1), device=img_feat.device)[None, :] < num_bbs[:, None]
+        hidden = self.uniter(None, None, img_feat, img_pos_feat, mask.long(), output_all_encoded_layers=False)
+        mean = (hidden * mask[..., None].to(hidden.dtype)).sum(1) / num_bbs[:, None].to(hidden.dtype)
+        return F.normalize(self.img_proj(mean).float(), dim=-1)
+
+
+# ---------------------------------------------------------------------- data
+def read_pairs(txt_db: TxtTokLmdb, img_db: DetectFeatLmdb) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(txt2img, img2txts) of ``txt_db``'s usable texts (after its max_txt_len filter); ``DataError`` naming a text
+    whose image is missing from ``img_db`` or that names several images, ``ValueError`` for an empty split."""
+    txt2img_all = txt_db.txt2img
+    txt2img: dict[str, str] = {}
+    for id_ in txt_db.id2len:
+        image = txt2img_all.get(id_)
+        if not isinstance(image, str):
+            raise DataError(f"txt_db {txt_db.path!r}: text {id_!r} has image {image!r} in txt2img.json (need one key)")
+        if image not in img_db:
+            raise DataError(f"txt_db {txt_db.path!r}: text {id_!r} names image {image!r}, which {img_db.path!r} lacks")
+        txt2img[id_] = image
+    if not txt2img:
+        raise ValueError(f"txt_db {txt_db.path!r}: no texts (empty split, or all longer than max_txt_len)")
+    img2txts: dict[str, list[str]] = {}
+    for id_, image in txt2img.items():
+        img2txts.setdefault(image, []).append(id_)
+    return txt2img, img2txts
+
+
+def _sample_other(rng: np.random.Generator, pool: list[str], exclude: set[str], count: int, what: str) -> list[str]:
+    """``count`` distinct items of ``pool`` outside ``exclude`` (the original's sample-and-retry, drawn directly)."""
+    allowed = [p for p in pool if p not in exclude]
+    if len(allowed) < count:
+        raise ValueError(f"need {count} negative {what}, but only {len(allowed)} are available")
+    return [allowed[int(i)] for i in rng.choice(len(allowed), size=count, replace=False)]
+
+
+class ItmPairsBase(TaskDataset):
+    """Shared by the ITM datasets: texts, their images, in-memory image features (read once per image). ``lens`` are
+    all 1: training batches count texts (``train_batch_size``, as the original ``train_itm.py``), each bringing its
+    group of pairs."""
+
+    task = "itm"
+
+    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, seed: int = 0) -> None:
+        self.txt2img, self.img2txts = read_pairs(txt_db, img_db)
+        ids = list(self.txt2img)
+        self.img_db, self.images = img_db, list(self.img2txts)
+        super().__init__(txt_db, ids, np.ones(len(ids), dtype=np.int64), seed)  # batches count texts
+        self._features: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._texts: dict[str, torch.Tensor] = {}
+
+    def text(self, id_: str) -> torch.Tensor:
+        """[CLS] caption [SEP] int64 [t] of text ``id_``."""
+        if id_ not in self._texts:
+            self._texts[id_] = self.txt_db.combine_inputs(self.txt_db[id_]["input_ids"])
+        return self._texts[id_]
+
+    def image(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_feat [n, 2048], img_pos_feat [n, 7]) float32 of image ``name`` (cached)."""
+        if name not in self._features:
+            self._features[name] = image_inputs(self.img_db, name, f"txt_db {self.txt_db.path!r}")
+        return self._features[name]
+
+    def pair(self, txt_id: str, image: str) -> dict[str, Any]:
+        """One joint row (text ``txt_id`` with image ``image``)."""
+        return row(self.text(txt_id), *self.image(image))
+
+
+class ItmRankDataset(ItmPairsBase):
+    """Training groups of ``itm``: (text, its image), (text, negative image) x n, (negative text, its image) x n."""
+
+    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
+        if negative_size < 1:
+            raise ValueError(f"negative_size must be >= 1, got {negative_size}")
+        super().__init__(txt_db, img_db, seed)
+        self.negative_size = negative_size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng, id_ = self.rng(index), self.ids[index]
+        image = self.txt2img[id_]
+        neg_images = _sample_other(rng, self.images, {image}, self.negative_size, "images")
+        neg_texts = _sample_other(rng, self.ids, set(self.img2txts[image]), self.negative_size, "texts")
+        pairs = [(id_, image)] + [(id_, i) for i in neg_images] + [(t, image) for t in neg_texts]
+        return {"rows": [self.pair(t, i) for t, i in pairs], "positive_image": self.images.index(image)}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Joint layout of every group's pairs (group by group), ``sample_size``, and for the first stage
+        ``pair_rows`` (each group's positive) / ``pair_images`` (its image's index)."""
+        size = len(items[0]["rows"])
+        batch = collate_rows([r for it in items for r in it["rows"]], self.task)
+        batch["sample_size"] = size
+        batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * size
+        batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
+        return batch
+
+
+class ItmHardNegDataset(ItmPairsBase):
+    """Training groups of ``itm-hn``: per text, (text, its image) + (text, candidate image) x n
+    (``ItmRankDatasetHardNegFromText``), and (its image, text) + (candidate text, image) x n
+    (``...FromImage``, the image's texts excluded); the model keeps the hardest candidates."""
+
+    task = "itm-hn"
+
+    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
+        if negative_size < 1:
+            raise ValueError(f"negative_size must be >= 1, got {negative_size}")
+        super().__init__(txt_db, img_db, seed)
+        self.negative_size = negative_size
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        rng, id_ = self.rng(index), self.ids[index]
+        image = self.txt2img[id_]
+        neg_images = _sample_other(rng, self.images, {image}, self.negative_size, "images")
+        neg_texts = _sample_other(rng, self.ids, set(self.img2txts[image]), self.negative_size, "texts")
+        from_text = [(id_, image)] + [(id_, i) for i in neg_images]
+        from_image = [(id_, image)] + [(t, image) for t in neg_texts]
+        rows = [self.pair(t, i) for t, i in from_text + from_image]
+        return {"rows": rows, "positive_image": self.images.index(image)}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Joint layout of the groups (text side, image side, per item), ``sample_size`` = 1 + n, and the first
+        stage's ``pair_rows`` (the text-side positives) / ``pair_images``."""
+        size = len(items[0]["rows"]) // 2
+        batch = collate_rows([r for it in items for r in it["rows"]], self.task)
+        batch["sample_size"] = size
+        batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * 2 * size
+        batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
+        return batch
+
+
+class ItmEvalDataset(ItmPairsBase):
+    """Every text and every image of a split (``all_img_ids`` = the images that have texts, as the original's
+    ``img2txts`` keys), for the score matrix of ``uniter_fast.tasks.itm_eval``; items are texts."""
+
+    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb) -> None:
+        super().__init__(txt_db, img_db)
+        self.all_img_ids = self.images
+        self.num_bbs = np.array([img_db.name2nbb[i] for i in self.all_img_ids], dtype=np.int64)
+        self.txt_lens = np.array([txt_db.id2len[i] + 2 for i in self.ids], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"id": self.ids[index]}
+
+    def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        raise TypeError("ItmEvalDataset is scored by uniter_fast.tasks.itm_eval, not batched by items")
+
+    def pairs_batch(self, txt_index: np.ndarray, img_index: np.ndarray) -> dict[str, Any]:
+        """Joint batch of the pairs (texts[txt_index[p]], images[img_index[p]])."""
+        rows = [self.pair(self.ids[t], self.all_img_ids[i]) for t, i in zip(txt_index.tolist(), img_index.tolist())]
+        return collate_rows(rows, self.task)
+
+    def texts_batch(self, txt_index: np.ndarray) -> dict[str, torch.Tensor]:
+        """``input_ids`` int64 [B, Lt] (pad 0) and ``txt_lens`` [B] of the texts ``txt_index``."""
+        texts = [self.text(self.ids[t]) for t in txt_index.tolist()]
+        lens = torch.tensor([len(t) for t in texts], dtype=torch.long)
+        return {"input_ids": nn.utils.rnn.pad_sequence(texts, batch_first=True), "txt_lens": lens}
+
+    def images_batch(self, img_index: np.ndarray) -> dict[str, torch.Tensor]:
+        """``img_feat`` [B, Nb, 2048], ``img_pos_feat`` [B, Nb, 7] (zero-padded) and ``num_bbs`` [B]."""
+        feats = [self.image(self.all_img_ids[i]) for i in img_index.tolist()]
+        return {
+            "img_feat": nn.utils.rnn.pad_sequence([f for f, _ in feats], batch_first=True),
+            "img_pos_feat": nn.utils.rnn.pad_sequence([p for _, p in feats], batch_first=True),
+            "num_bbs": torch.tensor([f.size(0) for f, _ in feats], dtype=torch.long),
+        }
+
+
+# ---------------------------------------------------------------------- task
+class ItmTask(Task):
+    """Image-text retrieval with random negatives (``train_itm.py``)."""
+
+    name = "itm"
+    heads = ("itm_output", "rank_output", "txt_proj", "img_proj")
+    finetuned_heads = ("rank_output",)  # a pretrained checkpoint has itm_output too
+    checkpoint_options = ("first_stage_dim",)  # negatives, margin and evaluation settings stay the caller's
+    options = {
+        "margin": 0.2,
+        "negative_size": 1,
+        "hard_neg_size": 0,
+        "first_stage_dim": 64,
+        "first_stage_weight": 1.0,
+        "temperature": 0.05,
+        "eval_mode": "exact",
+        "top_k": 16,
+    }
+    by_examples = True
+    sums = ()
+    headline = "r_mean"
+
+    def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        out = super().check_options(options, where)
+        if out["eval_mode"] not in EVAL_MODES:
+            raise ValueError(f"{where}: eval_mode must be one of {EVAL_MODES}, got {out['eval_mode']!r}")
+        for key in ("negative_size", "top_k"):
+            if not isinstance(out[key], int) or out[key] < 1:
+                raise ValueError(f"{where}: {key} must be an int >= 1, got {out[key]!r}")
+        if out["hard_neg_size"] > out["negative_size"]:
+            raise ValueError(
+                f"{where}: hard_neg_size={out['hard_neg_size']} exceeds negative_size={out['negative_size']}"
+            )
+        return out
+
+    def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        proj = state.get("txt_proj.weight")
+        return {"first_stage_dim": int(proj.shape[0]) if proj is not None else 0}
+
+    def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
+        return UniterForImageTextRetrieval(
+            config,
+            options["margin"],
+            options["hard_neg_size"],
+            options["first_stage_dim"],
+            options["first_stage_weight"],
+            options["temperature"],
+            fast,
+        )
+
+    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+        """Take the pretrained ``itm_output`` (when the checkpoint has it) and copy its row 1 into ``rank_output``."""
+        if "itm_output.weight" in state:
+            with torch.no_grad():
+                model.itm_output.weight.copy_(state["itm_output.weight"])
+                model.itm_output.bias.copy_(state["itm_output.bias"])
+        model.init_output()
+
+    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+        return ItmRankDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["negative_size"], seed)
+
+    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+        return ItmEvalDataset(dbs.txt(TxtTokLmdb, txt_path, False), dbs.img(img_path))
+
+    def evaluate_split(
+        self,
+        model: Any,
+        dataset: TaskDataset,
+        batch_size: int,
+        options: dict[str, Any],
+        rank: int,
+        world: int,
+        to_device: Any,
+        desc: str = "eval",
+    ) -> tuple[dict[str, float], list[Any]]:
+        """(recall metrics, [score matrix record]) of the split: every pair (``exact``) or the re-ranked first-stage
+        candidates (``fast``); see ``uniter_fast.tasks.itm_eval``."""
+        from uniter_fast.tasks.itm_eval import evaluate_retrieval
+
+        result = evaluate_retrieval(model, dataset, batch_size, options["eval_mode"], options["top_k"], to_device, desc)
+        return result.metrics, [result]
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        """``{stem}.pt`` (score matrix [texts, images] + ids) and ``{stem}.json`` (recall table)."""
+        return predictions[0].save(os.path.join(directory, stem))
+
+
+class ItmHardNegTask(ItmTask):
+    """Image-text retrieval with hard negatives (``train_itm_hard_negatives.py``)."""
+
+    name = "itm-hn"
+    options = {**ItmTask.options, "negative_size": 31, "hard_neg_size": 7}
+
+    def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
+        out = super().check_options(options, where)
+        if out["hard_neg_size"] < 1:
+            raise ValueError(f"{where}: itm-hn needs hard_neg_size >= 1, got {out['hard_neg_size']!r}")
+        return out
+
+    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+        txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
+        return ItmHardNegDataset(txt_db, dbs.img(img_path), options["negative_size"], seed)

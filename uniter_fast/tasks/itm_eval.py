@@ -1,0 +1,267 @@
+"""Retrieval evaluation: the score matrix (every text x every image, or the first stage's candidates re-ranked)
+and recall R@1/5/10 in both directions, as the original ``utils/itm_eval.py``.
+
+* ``itm_recall``: text->image ("img_r*", image retrieval) is the share of texts whose image ranks in the top K of
+  its row; image->text ("txt_r*") the share of images with at least one of their texts in the top K of the column;
+  ``*_r_mean`` and ``r_mean`` as the original. Ties rank the lower index first (a stable sort). The original
+  counts ``(rank < K)`` over both columns of ``nonzero()`` (row and position), adding a spurious hit for each of
+  the first K texts whose image is in its top 10 (at most 10 / #texts: 0.04 points on COCO 5k); we count ranks
+  only (``tests/test_tasks_itm_eval.py`` checks the difference is exactly that).
+* ``exact``: every pair through the cross-encoder (packed encoder, pairs sharded over ranks, token-budget batches,
+  bf16 autocast on GPU). Passes: #texts x #images.
+* ``fast``: first-stage embeddings of every text and every image (single-modality passes + projections), cosine
+  similarities, the ``top_k`` images of each text and the ``top_k`` texts of each image; only the union of those
+  pairs goes through the cross-encoder. Pairs outside it rank below every candidate, in first-stage order. Reports
+  the first stage's recall at k: ``first_stage_img_r{k}`` (texts whose image is among their candidates) and
+  ``first_stage_txt_r{k}`` (images with one of their texts among theirs). With k = #images it equals ``exact``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from uniter_fast.data.files import write_json_atomic
+from uniter_fast.pretraining.validate import lockstep
+
+RECALL_AT = (1, 5, 10)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+
+
+# ---------------------------------------------------------------------- recall
+def ground_truth(txt_ids: list[str], img_ids: list[str], txt2img: dict[str, str]) -> np.ndarray:
+    """int64 [T]: the column of each text's image; ``ValueError`` naming a text whose image is not a column."""
+    column = {img: j for j, img in enumerate(img_ids)}
+    missing = [t for t in txt_ids if txt2img.get(t) not in column]
+    if missing:
+        raise ValueError(f"text {missing[0]!r} has image {txt2img.get(missing[0])!r}, which is not in img_ids")
+    return np.array([column[txt2img[t]] for t in txt_ids], dtype=np.int64)
+
+
+@torch.no_grad()
+def itm_recall(
+    score_matrix: torch.Tensor, txt_ids: list[str], img_ids: list[str], txt2img: dict[str, str]
+) -> dict[str, float]:
+    """Recall table of ``score_matrix`` [T, I] (any float dtype; row t = text ``txt_ids[t]``, column j = image
+    ``img_ids[j]``): txt_r1/5/10, txt_r_mean, img_r1/5/10, img_r_mean, r_mean (fractions, as the original)."""
+    if score_matrix.dim() != 2 or tuple(score_matrix.shape) != (len(txt_ids), len(img_ids)):
+        raise ValueError(f"score_matrix must be [{len(txt_ids)}, {len(img_ids)}], got {tuple(score_matrix.shape)}")
+    if not txt_ids or not img_ids:
+        raise ValueError("itm_recall needs at least one text and one image")
+    scores = score_matrix.float()
+    gt = torch.from_numpy(ground_truth(txt_ids, img_ids, txt2img)).to(scores.device)
+    rows = torch.arange(len(txt_ids), device=scores.device)
+    cols = torch.arange(len(img_ids), device=scores.device)
+    # text -> image: rank of the text's image in its row (higher scores, then equal scores at lower columns)
+    gt_score = scores[rows, gt]
+    img_rank = (scores > gt_score[:, None]).sum(1) + ((scores == gt_score[:, None]) & (cols[None] < gt[:, None])).sum(1)
+    # image -> text: rank of the image's best text (highest score, lowest row among equals) in its column
+    is_gt = cols[None, :] == gt[:, None]
+    masked = scores.masked_fill(~is_gt, float("-inf"))
+    best_score, best_row = masked.max(0)
+    best_row = torch.where(masked == best_score[None], rows[:, None], len(txt_ids)).min(0).values
+    txt_rank = (scores > best_score[None]).sum(0) + ((scores == best_score[None]) & (rows[:, None] < best_row)).sum(0)
+    out = {}
+    for side, ranks in (("txt", txt_rank), ("img", img_rank)):
+        for k in RECALL_AT:
+            out[f"{side}_r{k}"] = float((ranks < k).float().mean())
+        out[f"{side}_r_mean"] = sum(out[f"{side}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return {k: out[k] for k in sorted(out)}
+
+
+# ---------------------------------------------------------------------- scoring
+def token_batches(lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
+    """Consecutive index ranges of ``lengths`` whose token sum stays within ``budget`` (at least one each)."""
+    start, total = 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if total + n > budget and i > start:
+            yield np.arange(start, i)
+            start, total = i, 0
+        total += n
+    if start < len(lengths):
+        yield np.arange(start, len(lengths))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def score_pairs(
+    model: Any,
+    dataset: Any,
+    txt_index: np.ndarray,
+    img_index: np.ndarray,
+    batch_size: int,
+    to_device: Callable[[dict[str, Any]], dict[str, Any]],
+    desc: str = "cross-encoder",
+) -> torch.Tensor:
+    """Cross-encoder scores float32 [P] (CPU) of this rank's pairs (``txt_index[p]``, ``img_index[p]``), in
+    batches of ``batch_size`` tokens (text + regions). Every rank runs the same number of forwards (lockstep)."""
+    module = getattr(model, "module", model)
+    device = next(module.parameters()).device
+    lengths = dataset.txt_lens[txt_index] + dataset.num_bbs[img_index]
+    chunks = list(token_batches(lengths, batch_size))
+    batches = ((c, dataset.pairs_batch(txt_index[c], img_index[c])) for c in chunks)
+    out = torch.empty(len(txt_index), dtype=torch.float32)
+    quiet = _rank_world()[0] != 0
+    with tqdm(total=len(txt_index), desc=desc, disable=quiet, leave=False, unit="pair") as bar:
+        for (chunk, batch), counts in lockstep(batches, device):
+            with _autocast(device):
+                scores = model(to_device(batch), None, compute_loss=False)["scores"]
+            if counts:
+                out[torch.from_numpy(chunk)] = scores.float().cpu()
+                bar.update(len(chunk))
+    return out
+
+
+@torch.no_grad()
+def first_stage_embeddings(
+    model: Any, dataset: Any, batch_size: int, to_device: Callable[[dict[str, Any]], dict[str, Any]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text embeddings [T, D], image embeddings [I, D]) float32, L2-normalised, on every rank (each rank embeds
+    a shard, then they are summed over ranks)."""
+    module = getattr(model, "module", model)
+    if not getattr(module, "first_stage_dim", 0):
+        raise ValueError(
+            "fast evaluation needs the first stage (txt_proj / img_proj), which this model lacks (an original "
+            "checkpoint?); fine-tune with first_stage_dim > 0 or use --eval-mode exact"
+        )
+    device = next(module.parameters()).device
+    rank, world = _rank_world()
+    txt = torch.zeros(len(dataset.ids), module.first_stage_dim, device=device)
+    img = torch.zeros(len(dataset.all_img_ids), module.first_stage_dim, device=device)
+    mine_t = np.arange(len(dataset.ids))[rank::world]
+    mine_i = np.arange(len(dataset.all_img_ids))[rank::world]
+    with _autocast(device):
+        for chunk in token_batches(dataset.txt_lens[mine_t], batch_size):
+            b = to_device(dataset.texts_batch(mine_t[chunk]))
+            txt[torch.from_numpy(mine_t[chunk]).to(device)] = module.text_embeddings(b["input_ids"], b["txt_lens"])
+        for chunk in token_batches(dataset.num_bbs[mine_i], batch_size):
+            b = to_device(dataset.images_batch(mine_i[chunk]))
+            emb = module.image_embeddings(b["img_feat"], b["img_pos_feat"], b["num_bbs"])
+            img[torch.from_numpy(mine_i[chunk]).to(device)] = emb
+    if _distributed():
+        dist.all_reduce(txt)
+        dist.all_reduce(img)
+    return txt.float(), img.float()
+
+
+def candidate_pairs(similarity: torch.Tensor, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Union of each row's ``top_k`` columns and each column's min(top_k, rows) rows of ``similarity`` [T, I], as
+    (row index, column index) int64 arrays sorted row-major."""
+    num_txt, num_img = similarity.shape
+    if not 1 <= top_k <= num_img:
+        raise ValueError(f"top_k must lie in [1, {num_img}] (the image gallery's size), got {top_k}")
+    by_text = similarity.topk(top_k, dim=1).indices  # [T, k]
+    by_image = similarity.topk(min(top_k, num_txt), dim=0).indices  # [k', I]
+    flat = torch.cat(
+        [
+            (torch.arange(num_txt, device=similarity.device)[:, None] * num_img + by_text).flatten(),
+            (by_image * num_img + torch.arange(num_img, device=similarity.device)[None, :]).flatten(),
+        ]
+    )
+    flat = torch.unique(flat).cpu().numpy()
+    return flat // num_img, flat % num_img
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+    """A split's score matrix [T, I] (float32, CPU), its ids, the metrics and the cost."""
+
+    score_matrix: torch.Tensor
+    txt_ids: list[str]
+    img_ids: list[str]
+    metrics: dict[str, float]
+
+    def save(self, stem: str) -> list[str]:
+        """``{stem}.pt`` ({score_matrix, txt_ids, img_ids}) and ``{stem}.json`` (the metrics); returns the paths."""
+        tmp = f"{stem}.pt.tmp"
+        torch.save({"score_matrix": self.score_matrix, "txt_ids": self.txt_ids, "img_ids": self.img_ids}, tmp)
+        os.replace(tmp, f"{stem}.pt")
+        write_json_atomic(f"{stem}.json", self.metrics)
+        return [f"{stem}.pt", f"{stem}.json"]
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model: Any,
+    dataset: Any,
+    batch_size: int,
+    mode: str = "exact",
+    top_k: int = 16,
+    to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
+    desc: str = "itm",
+) -> RetrievalResult:
+    """Score ``dataset`` (an ``ItmEvalDataset``) in ``mode`` "exact" or "fast" and compute the recall table, plus
+    ``cross_pairs`` (pairs through the cross-encoder), ``pairs`` (#texts x #images) and ``seconds``; identical on
+    every rank. ``model`` is the retrieval model or its DeepSpeed engine (put in eval mode and back)."""
+    if mode not in ("exact", "fast"):
+        raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    start = time.perf_counter()
+    device = next(module.parameters()).device
+    rank, world = _rank_world()
+    num_txt, num_img = len(dataset.ids), len(dataset.all_img_ids)
+    extra: dict[str, float] = {}
+    if mode == "exact":
+        flat = np.arange(num_txt * num_img, dtype=np.int64)
+        txt_index, img_index = flat // num_img, flat % num_img
+        similarity = None
+    else:
+        txt_emb, img_emb = first_stage_embeddings(model, dataset, batch_size, to_device)
+        similarity = (txt_emb @ img_emb.t()).cpu()
+        txt_index, img_index = candidate_pairs(similarity, top_k)
+        gt = ground_truth(dataset.ids, dataset.all_img_ids, dataset.txt2img)
+        is_candidate = torch.zeros(num_txt, num_img, dtype=torch.bool)
+        is_candidate[torch.from_numpy(txt_index), torch.from_numpy(img_index)] = True
+        by_text = torch.zeros_like(is_candidate)
+        by_text.scatter_(1, similarity.topk(top_k, dim=1).indices, True)
+        by_image = torch.zeros_like(is_candidate)
+        by_image.scatter_(0, similarity.topk(min(top_k, num_txt), dim=0).indices, True)
+        gt_mask = torch.zeros_like(is_candidate)
+        gt_mask[torch.arange(num_txt), torch.from_numpy(gt)] = True
+        extra[f"first_stage_img_r{top_k}"] = float((by_text & gt_mask).any(1).float().mean())
+        extra[f"first_stage_txt_r{top_k}"] = float((by_image & gt_mask).any(0).float().mean())
+    # contiguous shards of the (row-major) pairs, so each rank's batches hold few distinct texts
+    bounds = np.linspace(0, len(txt_index), world + 1).astype(np.int64)
+    mine = slice(int(bounds[rank]), int(bounds[rank + 1]))
+    scores = score_pairs(model, dataset, txt_index[mine], img_index[mine], batch_size, to_device, f"{desc} {mode}")
+    matrix = torch.full((num_txt, num_img), float("-inf"), device=device)
+    matrix[torch.from_numpy(txt_index[mine]).to(device), torch.from_numpy(img_index[mine]).to(device)] = scores.to(
+        device
+    )
+    if _distributed():
+        dist.all_reduce(matrix, op=dist.ReduceOp.MAX)
+    matrix = matrix.cpu()
+    if similarity is not None:  # non-candidates below every candidate, in first-stage order
+        floor = float(matrix[torch.isfinite(matrix)].min()) - 3.0
+        matrix = torch.where(torch.isfinite(matrix), matrix, floor + similarity)
+    metrics = itm_recall(matrix, dataset.ids, dataset.all_img_ids, dataset.txt2img)
+    metrics.update(extra)
+    metrics.update(cross_pairs=float(len(txt_index)), pairs=float(num_txt * num_img))
+    metrics["seconds"] = time.perf_counter() - start
+    module.train(was_training)
+    if math.isnan(metrics["r_mean"]):
+        raise FloatingPointError("the recall table has NaN entries")
+    return RetrievalResult(matrix, list(dataset.ids), list(dataset.all_img_ids), metrics)
