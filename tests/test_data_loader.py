@@ -88,6 +88,25 @@ def test_mixer_same_draws_on_all_ranks_and_ratios():
         MetaLoader(dummy, grad_accum_steps=0)
 
 
+def test_mixer_phases_change_the_ratios_at_their_first_steps():
+    dummy = {name: None for name in ("itm_a", "mlm_a", "mrfr_a")}
+    ratios = {"itm_a": 1, "mlm_a": 2, "mrfr_a": 1}
+    phased = MetaLoader(
+        dummy, ratios, seed=5, phases=[(0, {"itm_a": 1}), (50, {"mlm_a": 1, "mrfr_a": 3}), (90, ratios)]
+    )
+    draws = [phased.draw(s) for s in range(300)]
+    assert set(draws[:50]) == {"itm_a"} and set(draws[50:90]) == {"mlm_a", "mrfr_a"}
+    assert draws[90:] == [MetaLoader(dummy, ratios, seed=5).draw(s) for s in range(90, 300)]  # same draws as no phases
+    for phases, match in (
+        ([(1, ratios)], "start at step 0"),
+        ([(0, ratios), (0, ratios)], "strictly increasing"),
+        ([(0, {"vqa_a": 1})], "phase at step 0: ratios must name some of the loaders"),
+        ([(0, ratios), (5, {"itm_a": 0})], "phase at step 5: ratios must be positive"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            MetaLoader(dummy, ratios, phases=phases)
+
+
 def test_mixer_one_task_per_step(dbs):
     mixer = MetaLoader(_loaders(dbs, 0), {"mlm_s": 2, "mrfr_s": 1, "mrckl_s": 1, "itm_s": 2}, grad_accum_steps=3)
     out = list(itertools.islice(mixer, 30))
@@ -99,16 +118,19 @@ def test_mixer_one_task_per_step(dbs):
         assert batch["task"] == name.split("_")[0]
 
 
-@pytest.mark.parametrize("workers,cut", [(0, 7), (2, 25)])
-def test_exact_resume(dbs, workers, cut):
+@pytest.mark.parametrize(
+    "workers,cut,phases", [(0, 7, None), (2, 25, None), (0, 7, [(0, {"itm_s": 1}), (6, {"mlm_s": 1})])]
+)
+def test_exact_resume(dbs, workers, cut, phases):
+    """Resume mid-step (accumulation 2); with ``phases`` the cut (step 3) lies before the boundary (step 6)."""
     ratios = {"mlm_s": 2, "mrfr_s": 1, "mrckl_s": 1, "itm_s": 2}
-    full = MetaLoader(_loaders(dbs, workers), ratios, grad_accum_steps=2, seed=11)
+    full = MetaLoader(_loaders(dbs, workers), ratios, grad_accum_steps=2, seed=11, phases=phases)
     it = iter(full)
     reference = [_key(*next(it)) for _ in range(cut)]
     state = full.state_dict()
     reference += [_key(*next(it)) for _ in range(30)]
     assert max(s["epoch"] for s in full.state_dict()["loaders"].values()) >= 1  # the run crosses epoch boundaries
-    resumed = MetaLoader(_loaders(dbs, workers), ratios, grad_accum_steps=2, seed=0)
+    resumed = MetaLoader(_loaders(dbs, workers), ratios, grad_accum_steps=2, seed=0, phases=phases)
     resumed.load_state_dict(torch.load(_save(state), weights_only=True))
     got = [_key(*b) for b in itertools.islice(resumed, 30)]
     assert got == reference[cut:]

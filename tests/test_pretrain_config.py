@@ -34,6 +34,10 @@ def test_valid_config_resolves_paths(raw, tmp_path) -> None:
     assert cfg.train_datasets[0].db == [str(tmp_path / "txt")]
     assert cfg.all_task_names() == ["itm_coco", "mlm_coco", "mrckl_coco"]
     assert (cfg.learning_rate, cfg.itm_ot_lambda, cfg.ot.iteration) == (5e-5, 0.1, 50)
+    assert cfg.phases is None and cfg.phase_starts() is None
+    phases = [{"steps": 30, "mix": {"itm_coco": 1}}, {"steps": 20, "mix": {"mlm_coco": 2}}, {"mix": {"itm_coco": 1}}]
+    cfg = parse_training_config({**raw, "phases": phases}, str(tmp_path))
+    assert cfg.phase_starts() == [(0, {"itm_coco": 1}), (30, {"mlm_coco": 2}), (50, {"itm_coco": 1})]
 
 
 @pytest.mark.parametrize(
@@ -55,6 +59,25 @@ def test_valid_config_resolves_paths(raw, tmp_path) -> None:
         (lambda r: r.update(ot={"beta": 0}), ValueError, "need beta > 0"),
         (lambda r: r.pop("val_datasets"), ValueError, "missing key 'val_datasets'"),
         (lambda r: r.update(checkpoint="none.pt"), FileNotFoundError, "checkpoint .*none.pt"),
+        (lambda r: r.update(phases=[]), ValueError, "phases must be a non-empty list"),
+        (
+            lambda r: r.update(phases=[{"mix": {"itm_coco": 1}, "steps": 5}]),
+            ValueError,
+            "phases\\[0\\]: expected keys only 'mix'",
+        ),
+        (
+            lambda r: r.update(phases=[{"mix": {"itm_coco": 1}}, {"mix": {"mlm_coco": 1}}]),
+            ValueError,
+            "phases\\[0\\]: expected keys 'steps' and 'mix'",
+        ),
+        (
+            lambda r: r.update(phases=[{"steps": 0, "mix": {"itm_coco": 1}}, {"mix": {"mlm_coco": 1}}]),
+            ValueError,
+            "phases\\[0\\]: 'steps' must be an integer > 0, got 0",
+        ),
+        (lambda r: r.update(phases=[{"mix": {"itm_vg": 1}}]), ValueError, "unknown task 'itm_vg' in 'mix'"),
+        (lambda r: r.update(phases=[{"mix": {"itm_coco": 0.5}}]), ValueError, "'itm_coco' must be an integer > 0"),
+        (lambda r: r.update(phases=[{"mix": {}}]), ValueError, "'mix' must be a non-empty object"),
     ],
 )
 def test_bad_config_is_a_clear_error(raw, tmp_path, edit, error, match) -> None:

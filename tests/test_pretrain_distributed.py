@@ -24,8 +24,13 @@ from uniter_fast.pretraining.trainer import read_jsonl
 STEPS = 8
 
 
+PHASE_ONE = {"mlm_synth": 1, "mrfr_synth": 1}
+
+
 def _edit(cfg: dict) -> None:
     cfg.update(save_steps=2)  # a checkpoint every 2 steps: the cut and the kill below land between two of them
+    # a two-phase curriculum whose boundary (after step 6) lies after the cut and the kill: the resumed runs cross it
+    cfg["phases"] = [{"steps": 6, "mix": PHASE_ONE}, {"mix": {f"{t}_synth": 1 for t in ("itm", "mrc", "mrckl")}}]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +58,9 @@ def test_resume_continues_bit_for_bit(tmp_path, uninterrupted) -> None:
     assert [r["step"] for r in step_log(cfg)] == [1, 2, 3, 4, 5]
     proc = run(launcher("python"), cfg, ds, extra=("--resume",))
     assert f"final metrics after {STEPS} steps" in proc.stdout
-    assert len({r["task"] for r in step_log(cfg)[5:]}) > 1  # the continued part mixes tasks
+    tasks = [r["task"] for r in step_log(cfg)]
+    assert set(tasks[:6]) <= set(PHASE_ONE) and not set(tasks[6:]) & set(PHASE_ONE), tasks  # the phases hold
+    assert len(set(tasks[5:])) > 1  # the continued part mixes tasks
     _assert_same_run(uninterrupted, cfg, str(tmp_path / "out"))
 
 

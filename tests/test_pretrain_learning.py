@@ -1,17 +1,15 @@
 """The default run (`deepspeed uniter_fast/pretrain.py --ds_config ds.json`) learns: CI runs the default config on a
-shortened schedule (its LR schedule shrinks with it) against thresholds set below what that schedule measures; the
-whole default run is marked slow and checked against the figures the README shows.
+shortened schedule (its LR schedule shrinks with it; its curriculum `phases` are kept, so the last, mixed phase is
+shorter) against thresholds set below what that schedule measures; the whole default run is marked slow and checked
+against the figures the README shows.
 
 What is asserted is what the run learns on the bundled corpus (docs/pretraining.md, "What the default run learns"):
-MLM accuracy, MRFR and MRC-kl validation loss against their step-0 values, MRC-kl agreement above the constant
-prediction of the soft-label marginal. ITM accuracy and the WRA gap (mean OT distance of mismatched minus matched
-pairs) stay near chance / zero in the mixed run (the shared-optimizer interference described there); for them the
-test checks only that they are measured, finite and in range.
+ITM accuracy and the WRA gap (mean OT distance of mismatched minus matched pairs), MLM accuracy, MRFR and MRC-kl
+validation loss against their step-0 values.
 """
 
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -23,7 +21,7 @@ from uniter_fast.pretraining.trainer import read_jsonl
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "pretrain-tiny.json")
 DS_CONFIG = os.path.join(REPO, "ds.json")
 TASKS = ("itm", "mlm", "mrfr", "mrckl")
-SHORT_STEPS = 500  # half the default schedule
+SHORT_STEPS = 800  # the 300 ITM-only steps of the curriculum, then 500 of the mix (the default has 1700)
 MARGINAL_ACC = 0.0228  # MRC-kl agreement of the untrained-context prediction (the soft-label marginal's argmax)
 
 
@@ -42,31 +40,30 @@ def _default_run(tmp_path, steps: int | None = None) -> tuple[str, dict[str, dic
     return proc.stdout, rows
 
 
-def _assert_itm_measured(itm: dict[str, float]) -> None:
-    assert {"val_acc", "val_ot_pos", "val_ot_neg"} <= set(itm), itm
-    assert all(math.isfinite(v) for v in itm.values()) and 0.0 <= itm["val_acc"] <= 1.0, itm
-
-
 def test_default_config_learns_on_a_short_schedule(tmp_path) -> None:
-    """500 steps of the default config, measured on the 2-core CPU (docs/pretraining.md): MLM accuracy 0.53 (asserted
-    >= 0.45), MRFR validation loss 0.61x its step-0 value (asserted <= 0.8x), MRC-kl loss 0.57x (asserted <= 0.75x);
-    MRC-kl agreement is still 0.02 at this length and ITM at chance (checked to be measured only). About 75 s of CPU."""
+    """800 steps of the default config, measured on the 2-core CPU (docs/pretraining.md): ITM accuracy 0.727
+    (asserted >= 0.65), mean OT distance mismatched - matched 0.68 (asserted >= 0.3), MLM accuracy 0.23 (asserted
+    >= 0.15, chance 0.0125), MRFR validation loss 0.59x its step-0 value (asserted <= 0.8x), MRC-kl loss 0.60x
+    (asserted <= 0.75x); MRC-kl agreement stays at the marginal's 0.021 (not asserted). About 90 s of CPU."""
     stdout, rows = _default_run(tmp_path, SHORT_STEPS)
     assert f"final metrics after {SHORT_STEPS} steps (1 rank(s), ZeRO-2)" in stdout
-    assert rows["mlm"]["val_acc"] >= 0.45, rows["mlm"]
+    itm = rows["itm"]
+    assert itm["val_acc"] >= 0.65 and itm["val_ot_neg"] - itm["val_ot_pos"] >= 0.3, itm
+    assert rows["mlm"]["val_acc"] >= 0.15, rows["mlm"]
     assert rows["mrfr"]["val_loss"] <= 0.8 * rows["mrfr"]["val_loss_step_0"], rows["mrfr"]
     assert rows["mrckl"]["val_loss"] <= 0.75 * rows["mrckl"]["val_loss_step_0"], rows["mrckl"]
-    _assert_itm_measured(rows["itm"])
     steps = [r["step"] for r in read_jsonl(str(tmp_path / "out" / "validation.jsonl"))]
     assert steps[: len(TASKS)] == [0] * len(TASKS) and steps[-len(TASKS) :] == [SHORT_STEPS] * len(TASKS)
 
 
 @pytest.mark.slow
 def test_default_run_meets_its_documented_figures(tmp_path) -> None:
-    """The whole default run (README table): MLM accuracy >= 0.6, MRFR <= 0.8x its step-0 loss, MRC-kl agreement
-    above the marginal's."""
+    """The whole default run (README table: ITM 0.80, OT gap 0.08, MLM 0.72, MRFR 0.51x, MRC-kl agreement 0.087):
+    ITM accuracy >= 0.75, OT gap >= 0.05, MLM accuracy >= 0.6, MRFR <= 0.8x its step-0 loss, MRC-kl agreement above
+    twice the marginal's."""
     _, rows = _default_run(tmp_path)
+    itm = rows["itm"]
+    assert itm["val_acc"] >= 0.75 and itm["val_ot_neg"] - itm["val_ot_pos"] >= 0.05, itm
     assert rows["mlm"]["val_acc"] >= 0.6, rows["mlm"]
     assert rows["mrfr"]["val_loss"] <= 0.8 * rows["mrfr"]["val_loss_step_0"], rows["mrfr"]
     assert rows["mrckl"]["val_acc"] > 2 * MARGINAL_ACC, rows["mrckl"]
-    _assert_itm_measured(rows["itm"])

@@ -3,11 +3,14 @@ probability proportional to its mix ratio, every micro-batch of that step from t
 
 The draw of step s uses a generator seeded by (seed, s), so all ranks draw the same task without communication
 and a resumed run repeats the original sequence. State = (step, micro-batches done in that step, loader states).
+
+An optional curriculum (``phases``: (first step, mix ratios) pairs) changes the ratios at fixed steps; the draw of
+step s still depends only on (seed, s) and the phase that holds s, so resuming inside or across a phase is exact.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -18,6 +21,9 @@ class MetaLoader:
     """Yields (task_name, batch) forever from ``loaders`` (name -> TaskLoader, e.g. "mlm_coco").
 
     ``mix_ratios`` (name -> positive weight; default 1 each) and ``grad_accum_steps`` micro-batches per step.
+    ``phases`` (optional, replaces ``mix_ratios``): ``[(first_step, ratios), ...]`` with first steps 0, then strictly
+    increasing (0-based optimizer steps); each phase's ratios name a non-empty subset of the loaders (the others are
+    not drawn in it), and the last phase runs forever.
     """
 
     def __init__(
@@ -26,6 +32,7 @@ class MetaLoader:
         mix_ratios: Optional[Mapping[str, float]] = None,
         grad_accum_steps: int = 1,
         seed: int = 42,
+        phases: Optional[Sequence[tuple[int, Mapping[str, float]]]] = None,
     ) -> None:
         if not loaders:
             raise ValueError("loaders must name at least one task loader")
@@ -38,15 +45,34 @@ class MetaLoader:
             raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
         self.loaders = dict(loaders)
         self.names = list(self.loaders)
-        weights = np.array([ratios[n] for n in self.names], dtype=np.float64)
-        self.probs = weights / weights.sum()
+        self.phase_starts, self.phase_probs = [0], [self._probs(ratios)]
+        if phases is not None:
+            starts = [int(start) for start, _ in phases]
+            if not starts or starts[0] != 0 or any(b <= a for a, b in zip(starts, starts[1:])):
+                raise ValueError(f"phases must start at step 0 with strictly increasing first steps, got {starts}")
+            for start, phase_ratios in phases:
+                unknown = sorted(set(phase_ratios) - set(self.loaders))
+                if not phase_ratios or unknown:
+                    raise ValueError(
+                        f"phase at step {start}: ratios must name some of the loaders {self.names}, got "
+                        f"{dict(phase_ratios)}"
+                    )
+                if any(not r > 0 for r in phase_ratios.values()):
+                    raise ValueError(f"phase at step {start}: ratios must be positive, got {dict(phase_ratios)}")
+            self.phase_starts = starts
+            self.phase_probs = [self._probs(phase_ratios) for _, phase_ratios in phases]
         self.grad_accum_steps, self.seed = grad_accum_steps, seed
         self.step, self.micro = 0, 0
         self._iters: dict[str, Iterator[Any]] = {}
 
+    def _probs(self, ratios: Mapping[str, float]) -> np.ndarray:
+        weights = np.array([ratios.get(n, 0.0) for n in self.names], dtype=np.float64)
+        return weights / weights.sum()
+
     def draw(self, step: int) -> str:
-        """The task of optimizer step ``step`` (same on every rank)."""
-        return self.names[int(np.random.default_rng([self.seed, step]).choice(len(self.names), p=self.probs))]
+        """The task of 0-based optimizer step ``step`` (same on every rank; ratios of the phase holding ``step``)."""
+        probs = self.phase_probs[int(np.searchsorted(self.phase_starts, step, side="right")) - 1]
+        return self.names[int(np.random.default_rng([self.seed, step]).choice(len(self.names), p=probs))]
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         while True:

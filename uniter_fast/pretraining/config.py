@@ -71,6 +71,17 @@ class TrainingConfig:
     ot: OtSettings = dataclasses.field(default_factory=OtSettings)
     fast: bool = True
     seed: int = 42
+    phases: Optional[list[dict[str, Any]]] = None
+
+    def phase_starts(self) -> Optional[list[tuple[int, dict[str, int]]]]:
+        """The curriculum as ``(first 0-based step, mix)`` pairs for the ``MetaLoader``; ``None`` without phases."""
+        if self.phases is None:
+            return None
+        starts, first = [], 0
+        for phase in self.phases:
+            starts.append((first, dict(phase["mix"])))
+            first += phase.get("steps", 0)
+        return starts
 
     def all_task_names(self) -> list[str]:
         """Training task names in config order."""
@@ -138,6 +149,31 @@ def _dataset(where: str, raw: dict, training: bool, base_dir: str) -> DatasetSpe
     return spec
 
 
+def _check_phases(phases: Any, task_names: list[str]) -> None:
+    """``phases``: a non-empty list of ``{"steps": int > 0, "mix": {task name: int > 0}}``; the last has no "steps"."""
+    if not isinstance(phases, list) or not phases:
+        raise ValueError(f"phases must be a non-empty list of {{'steps', 'mix'}} objects, got {phases!r}")
+    for i, phase in enumerate(phases):
+        where, last = f"phases[{i}]", i == len(phases) - 1
+        if not isinstance(phase, dict):
+            raise TypeError(f"{where} must be a JSON object, got {type(phase).__name__}")
+        allowed = {"mix"} if last else {"steps", "mix"}
+        if set(phase) != allowed:
+            expected = "only 'mix' (the last phase runs to num_train_steps)" if last else "'steps' and 'mix'"
+            raise ValueError(f"{where}: expected keys {expected}, got {sorted(phase)}")
+        steps = phase.get("steps", 1)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            raise ValueError(f"{where}: 'steps' must be an integer > 0, got {steps!r}")
+        mix = phase["mix"]
+        if not isinstance(mix, dict) or not mix:
+            raise ValueError(f"{where}: 'mix' must be a non-empty object of task name -> ratio, got {mix!r}")
+        for name, ratio in mix.items():
+            if name not in task_names:
+                raise ValueError(f"{where}: unknown task {name!r} in 'mix'; training tasks are {task_names}")
+            if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
+                raise ValueError(f"{where}: ratio of task {name!r} must be an integer > 0, got {ratio!r}")
+
+
 def _positive(cfg: TrainingConfig, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -177,6 +213,8 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".") -> TrainingC
     names = cfg.all_task_names()
     if len(set(names)) != len(names):
         raise ValueError(f"train_datasets: task names must be unique across datasets, got {names}")
+    if cfg.phases is not None:
+        _check_phases(cfg.phases, names)
     return cfg
 
 

@@ -118,7 +118,7 @@ class DataBuilder:
         return ConcatTaskDataset(parts)
 
     def train_stream(self, grad_accum_steps: int) -> MetaLoader:
-        """The task mixer over every training task (mix ratios of the config)."""
+        """The task mixer over every training task (mix ratios of the config, or its ``phases`` curriculum)."""
         cfg = self.cfg
         loaders, ratios = {}, {}
         for spec in cfg.train_datasets:
@@ -136,7 +136,7 @@ class DataBuilder:
                     feat_dtype=self.feat_dtype,
                 )
                 ratios[name] = ratio
-        return MetaLoader(loaders, ratios, grad_accum_steps, seed=cfg.seed)
+        return MetaLoader(loaders, ratios, grad_accum_steps, seed=cfg.seed, phases=cfg.phase_starts())
 
     def val_datasets(self) -> dict[str, ConcatTaskDataset]:
         """Validation task datasets by task name."""
