@@ -24,12 +24,14 @@ def write_configs(
     edit: Optional[Callable[[dict], None]] = None,
     ds_edit: Optional[Callable[[dict], None]] = None,
 ) -> tuple[str, str]:
-    """A training config (tiny, bundled corpus, all five tasks) and a ds.json (ZeRO-2) in ``directory``."""
+    """A training config (tiny, bundled corpus, all five tasks mixed 1:1 from the first step: the default's curriculum
+    ``phases`` are dropped; ``edit`` may set its own) and a ds.json (ZeRO-2) in ``directory``."""
     with open(os.path.join(REPO, "configs", "pretrain-tiny.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     for spec in cfg["train_datasets"] + cfg["val_datasets"]:
         spec["tasks"] = list(ALL_TASKS)
     cfg["train_datasets"][0]["mix_ratio"] = [1] * len(ALL_TASKS)
+    cfg.pop("phases", None)
     cfg.update(
         output_dir=os.path.join(directory, "out"),
         num_train_steps=steps,
