@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On an offline CUDA node: install uniter_fast from a wheel folder (scripts/offline_wheels.py made it where the network
-# is; the C++ extension compiles here) and run the GPU suite, then the GPU tests. Everything lands in OUT.
+# is; the C++ extension compiles here) and run the GPU suite; everything lands in OUT (pytest -m gpu runs the checks as tests).
 #   bash scripts/gpu_node.sh WHEELS OUT [suite options...]
 set -uo pipefail
 wheels=${1:?usage: gpu_node.sh WHEELS OUT [gpu_suite options]}
