@@ -23,6 +23,7 @@ from harness import IMG_RANGE, TXT_RANGE, device_name, plot_grouped_bars, print_
 from tqdm import tqdm
 
 from uniter_fast.config import IMG_DIM, IMG_POS_DIM, UniterConfig
+from uniter_fast.data.loader import move_to_device
 from uniter_fast.pretraining.optim import param_groups
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import collate_rows, row
@@ -85,15 +86,6 @@ def build(task: str, config: UniterConfig) -> torch.nn.Module:
     return model
 
 
-def to_device(value: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: to_device(v, device) for k, v in value.items()}
-    return value
-
-
 def make_step(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -147,7 +139,7 @@ def main() -> None:
         model = build(task, config).to(device).train()
         model.uniter.check_inputs = False
         optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=gpu)
-        batches[task] = to_device(make_batch(task, args.batch_size, config.vocab_size, rng), device)
+        batches[task] = move_to_device(make_batch(task, args.batch_size, config.vocab_size, rng), device)
         steps = {(task, p): make_step(model, optimizer, batches[task], p == "fast", autocast) for p in PATHS}
         for round_ in range(args.warmup + args.repeats):
             for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit both alike

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from uniter_fast.config import IMG_DIM, UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data.loader import move_to_device
 from uniter_fast.data.txt_db import TxtDbWriter
-from uniter_fast.pretraining.trainer import to_device
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import collate_rows, row
@@ -71,7 +71,7 @@ def quick_model(steps: int, device: torch.device, seed: int) -> torch.nn.Module:
     model.train()
     for _ in tqdm(range(steps), desc="quick itm training"):
         batch = data.collate([data[int(i)] for i in rng.choice(len(data), 16, replace=False)])
-        loss = model(to_device(batch, device))["loss"]
+        loss = model(move_to_device(batch, device))["loss"]
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
@@ -93,7 +93,7 @@ def pair_throughput(config: str, device: torch.device, pairs: int) -> float:
         )
         for _ in range(pairs)
     ]
-    batch = to_device(collate_rows(rows, "itm"), device)
+    batch = move_to_device(collate_rows(rows, "itm"), device)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step() -> None:
@@ -131,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         txt = subset_db("test", images, os.path.join(tmp, "txt"))
         dataset = ItmEvalDataset(TxtTokLmdb(txt, -1), DetectFeatLmdb(resolve_bundled("bundled:pool/img_det")))
-        move = lambda b: to_device(b, device)  # noqa: E731
+        move = lambda b: move_to_device(b, device)  # noqa: E731
         rows = []
         start = time.perf_counter()
         exact = evaluate_retrieval(model, dataset, args.batch_size, "exact", to_device=move).metrics

@@ -4,7 +4,6 @@ table rows and the goals of issue 13 (``{"goal", "target", "figure", "met"}``) a
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -40,39 +39,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int) -> float:
 def ipot_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """IPOT (50 iterations) on every backend of the device against the eager reference: the goal shape B=256 60×100
     and the B/shape sweep with the floor, then OT's share of an ITM step of UNITER-base."""
-    from ipot_bench import (
-        GOAL,
-        SWEEP,
-        backends_to_time,
-        floor_seconds,
-        itm_ot_share,
-        make_problem,
-        measure_peaks,
-        time_interleaved,
-    )
+    from ipot_bench import GOAL, SWEEP, itm_ot_share, measure_peaks, time_ipot
 
     peaks = measure_peaks(device)
-    runners = backends_to_time(device, compile_reference=False)
     shapes = [(4, 12, 20), (8, 30, 36)] if quick else [GOAL] + [s for s in SWEEP if s != GOAL]
-    rows = []
-    for batch, m, n in shapes:
-        problem = make_problem(batch, m, n, device)
-        floor = floor_seconds(batch, m, n, IPOT_ITERATIONS, peaks)
-        calls = {name: functools.partial(runner, *problem, 0.5, IPOT_ITERATIONS, 1) for name, runner in runners.items()}
-        times = time_interleaved(calls, device, 3 if quick else 10)
-        for name, seconds in times.items():
-            rows.append(
-                {
-                    "B": batch,
-                    "text": m,
-                    "regions": n,
-                    "backend": name,
-                    "ms": seconds * 1e3,
-                    "x_eager": times["reference"] / seconds,
-                    "floor_ms": floor * 1e3,
-                    "x_floor": seconds / floor,
-                }
-            )
+    rows = time_ipot(shapes, device, IPOT_ITERATIONS, 3 if quick else 10, compile_reference=False, peaks=peaks)
     from ipot_bench import WRA_DIM, time_wra
 
     wra_shape = (4, 12, 20, 32) if quick else (*shapes[0], WRA_DIM)
@@ -148,7 +119,7 @@ def ipot_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict],
             next(r["ms"] for r in ipot_rows if (r["B"], r["text"], r["regions"], r["backend"]) == (*s, name))
             for s in shapes
         ]
-        for name in runners
+        for name in dict.fromkeys(r["backend"] for r in ipot_rows)
     }
     plot_grouped_bars("ipot", device, labels, series, "ms (median)", "IPOT, 50 iterations", directory=out)
     return rows, goals, meta
@@ -174,7 +145,8 @@ def launch_shape_sweep(device: torch.device, shape: tuple[int, int, int], dim: i
     problem = make_problem(*shape, device)
     wra = wra_problem(*shape, dim, device)
     lengths = (problem[3], problem[4])
-    if kernel.block_sizes(*shape[1:])[0] * kernel.block_sizes(*shape[1:])[1] > kernel.SMALL_TILE:
+    block_m, block_n = kernel.block_sizes(*shape[1:])
+    if block_m * block_n > kernel.SMALL_TILE:
         raise ValueError(f"shape must fit the {kernel.SMALL_TILE}-element main tile, got {shape}")
     default = kernel.SMALL_TILE_LAUNCH
     rows, reference = [], None
@@ -197,8 +169,8 @@ def launch_shape_sweep(device: torch.device, shape: tuple[int, int, int], dim: i
             rows.append(
                 {
                     "config": f"{elements}/{programs}",
-                    "num_warps": kernel.num_warps_for(*kernel.block_sizes(*shape[1:])),
-                    "maxnreg": kernel.maxnreg_for(*kernel.block_sizes(*shape[1:])),
+                    "num_warps": kernel.num_warps_for(block_m, block_n),
+                    "maxnreg": kernel.maxnreg_for(block_m, block_n),
                     "ipot_ms": time_fn(ipot_call, device, warmup=3, repeats=10) * 1e3,
                     "wra_forward_ms": time_fn(wra_call, device, warmup=3, repeats=10) * 1e3,
                     "plan_rel_diff": float((plan - reference[0]).abs().max() / reference[0].abs().max()),

@@ -105,10 +105,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
+    from uniter_fast.data.loader import move_to_device
     from uniter_fast.finetune import default_config
     from uniter_fast.finetuning.config import load_finetune_config
     from uniter_fast.finetuning.trainer import format_table
-    from uniter_fast.pretraining.trainer import to_device
     from uniter_fast.tasks import get_task
     from uniter_fast.tasks.checkpoint import load_task_model
     from uniter_fast.tasks.data import DbCache
@@ -140,7 +140,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     for split, (txt_path, img_path) in splits.items():
         dataset = task.eval_dataset(dbs, txt_path, img_path, options, split)
         metrics, predictions = task.evaluate_split(
-            model, dataset, batch_size, options, rank, world, lambda b: to_device(b, device), desc=split
+            model, dataset, batch_size, options, rank, world, lambda b: move_to_device(b, device), desc=split
         )
         results[split] = metrics
         if rank == 0:

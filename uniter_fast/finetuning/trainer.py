@@ -16,8 +16,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from uniter_fast.data.loader import move_to_device
 from uniter_fast.pretraining.checkpoint import load_consolidated_zero
-from uniter_fast.pretraining.trainer import TaskStream, Trainer, _barrier, format_table, to_device
+from uniter_fast.pretraining.trainer import TaskStream, Trainer, _barrier, format_table
 from uniter_fast.tasks.checkpoint import save_task_model
 from uniter_fast.tasks.data import TaskDataset
 from uniter_fast.tasks.spec import Task
@@ -59,7 +60,7 @@ class FinetuneTrainer(Trainer):
                     self.options,
                     self.rank,
                     self.world,
-                    lambda b: to_device(b, self.engine.device),
+                    lambda b: move_to_device(b, self.engine.device),
                     desc=f"eval {split}",
                 )
                 results[split] = metrics

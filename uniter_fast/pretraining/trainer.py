@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.data.loader import move_to_device
 from uniter_fast.pretraining.checkpoint import export_pretrained, load_consolidated_zero
 from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.validate import validate
@@ -68,17 +69,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move every tensor of a (nested) batch to ``device``."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
 
 
 def _rank() -> int:
@@ -218,7 +208,7 @@ class Trainer:
     def run_validation(self) -> dict[str, dict[str, float]]:
         """Validate every task on this rank's shard of the validation sets (reduced over ranks)."""
         with torch.random.fork_rng(devices=[]):
-            results = validate(self.engine, self.val_loaders(), lambda b: to_device(b, self.engine.device))
+            results = validate(self.engine, self.val_loaders(), lambda b: move_to_device(b, self.engine.device))
         self._log_validation(results)
         return results
 
@@ -232,7 +222,7 @@ class Trainer:
         for name, batch in micro_batches:
             if name != task:
                 raise RuntimeError(f"one task per optimizer step: got {name!r} within a {task!r} cycle")
-            out = self.engine(to_device(batch, self.engine.device), task)
+            out = self.engine(move_to_device(batch, self.engine.device), task)
             self.engine.backward(out["loss"], scale_wrt_gas=False)
             self.engine.step()
             for key, value in out.items():
