@@ -66,6 +66,34 @@ def test_contents_are_detector_like(small):
         assert pieces == rec["sent"]  # wordpieces join back to the caption, nothing is [UNK]
 
 
+def test_class_is_readable_from_the_box():
+    """Every class has its own typical box (objects: a cell of log aspect x size; stuff: band centre x height): the
+    nearest class cell to a region's box names the class of its soft label for most regions."""
+    world = World(1234)
+    assert len(set(world.shape.values())) == len(world.shape) and len(set(world.band.values())) == len(world.band)
+    cls_of = {label: c for c, label in world.label.items()}
+    objects = sorted(world.shape)
+    stuff = sorted(world.band)
+    object_cells = np.array([world.shape[c] for c in objects])
+    stuff_cells = np.array([world.band[c] for c in stuff])
+    hits = {"object": [], "stuff": []}
+    for i in range(200):
+        image = world.image(np.random.default_rng([3, i]), np.random.default_rng([4, i]), 1)
+        for box, soft in zip(image.norm_bb, image.soft_labels):
+            cls = cls_of.get(int(soft.argmax()))
+            if cls is None:
+                continue
+            w, h = box[4], box[5]
+            if cls in world.objects:
+                d = np.abs(object_cells - [np.log(w / h), np.sqrt(w * h)]) / [0.3, 0.05]
+                hits["object"].append(objects[int(d.sum(1).argmin())] == cls)
+            else:
+                d = np.abs(stuff_cells - [(box[1] + box[3]) / 2, h]) / [0.15, 0.08]
+                hits["stuff"].append(stuff[int(d.sum(1).argmin())] == cls)
+    assert len(hits["object"]) > 1000 and len(hits["stuff"]) > 100
+    assert np.mean(hits["object"]) > 0.8 and np.mean(hits["stuff"]) > 0.8, {k: np.mean(v) for k, v in hits.items()}
+
+
 def test_default_corpus_cache_and_race(tmp_path, monkeypatch):
     calls = []
 

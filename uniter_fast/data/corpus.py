@@ -21,7 +21,7 @@ from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import World
 
-CORPUS_VERSION = "synth-v4"
+CORPUS_VERSION = "synth-v5"
 DEFAULT_SEED = 1234
 CLASS_NAMES_FILE = "class_names.json"  # in the img_db: soft-label column -> class name of the synthetic world
 

@@ -29,7 +29,13 @@ NUMBERS = {1: "one", 2: "two", 3: "three"}
 ON_SCENES = {"street", "beach"}
 N_CLUTTER = 64
 CLASS_WEIGHT = 1.5  # weight of the class prototype in a region's feature (colour 0.7, scene 1.0, noise 0.5)
-SHAPE_SPREAD = 0.08  # spread (log scale / band fraction) of a box around its class's typical shape
+SHAPE_SPREAD = 0.03  # spread (log scale / band fraction) of a box around its class's typical shape
+# the typical shapes: object classes take distinct cells of a grid of log aspects (w/h) x sizes (sqrt of the area
+# fraction); stuff classes distinct cells of vertical band centres x band heights. Distinct cells make a region's
+# class readable from its box alone (a classifier on the 7-d box gets ~0.89 of the soft labels' argmax), as in real
+# detections, where a bus is wide, a man tall and the sky on top.
+OBJECT_ASPECTS, OBJECT_SIZES = np.linspace(-1.0, 1.0, 7), np.linspace(0.12, 0.42, 6)
+STUFF_BANDS, STUFF_HEIGHTS = np.linspace(0.15, 0.85, 5), (0.1, 0.18, 0.28)
 
 
 def plural(word: str) -> str:
@@ -77,10 +83,11 @@ class World:
         self.color_proto = rng.standard_normal((len(COLORS), IMG_DIM)).astype(np.float32)
         self.clutter_proto = rng.standard_normal((N_CLUTTER, IMG_DIM)).astype(np.float32)
         self.scene_proto = rng.standard_normal((len(SCENES), IMG_DIM)).astype(np.float32)
-        # typical box shape of each class, as real detections have (a bus is wide, a man is tall, the sky is on top):
-        # objects: (log aspect w/h, size = sqrt of the area fraction); stuff: the vertical centre of its band
-        self.shape = {c: (rng.uniform(-0.8, 0.8), rng.uniform(0.15, 0.35)) for c in objects}
-        self.band = {c: rng.uniform(0.15, 0.85) for c in stuff}
+        # typical box of each class, one grid cell each: objects (log aspect w/h, size), stuff (band centre, height)
+        cells = rng.permutation([(a, s) for a in OBJECT_ASPECTS for s in OBJECT_SIZES])
+        self.shape = {c: (float(a), float(s)) for c, (a, s) in zip(objects, cells)}
+        bands = rng.permutation([(b, h) for b in STUFF_BANDS for h in STUFF_HEIGHTS])
+        self.band = {c: (float(b), float(h)) for c, (b, h) in zip(stuff, bands)}
 
     def class_names(self) -> dict[str, str]:
         """Soft-label column (as a string, JSON-ready) -> name: the classes, their confusers ("<class>?") and the
@@ -115,8 +122,9 @@ class World:
                     regions.append(Region(str(cls), color, jb, float(rng.uniform(0.25, 0.6))))
         for cls in rng.choice(stuff, size=2, replace=False):
             for _ in range(int(rng.integers(1, 4))):
-                bw, bh = rng.uniform(0.5, 1.0) * w_img, rng.uniform(0.15, 0.3) * h_img
-                centre = np.clip(self.band[str(cls)] + rng.normal(0, SHAPE_SPREAD), bh / h_img / 2, 1 - bh / h_img / 2)
+                band, height = self.band[str(cls)]
+                bw, bh = rng.uniform(0.5, 1.0) * w_img, height * np.exp(rng.normal(0, SHAPE_SPREAD)) * h_img
+                centre = np.clip(band + rng.normal(0, SHAPE_SPREAD), bh / h_img / 2, 1 - bh / h_img / 2)
                 x1, y1 = rng.uniform(0, w_img - bw), centre * h_img - bh / 2
                 regions.append(Region(str(cls), -1, (x1, y1, x1 + bw, y1 + bh), float(rng.uniform(0.1, 0.5))))
         n_total = int(np.clip(len(regions) + rng.integers(2, 12), 10, 36))
