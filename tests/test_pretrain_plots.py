@@ -53,6 +53,17 @@ def test_curves_png_has_a_panel_per_task_and_one_for_wra(tmp_path) -> None:
     assert image[..., :3].std() > 0.05  # something was drawn
 
 
+def test_curves_mark_the_curriculum_phases(tmp_path) -> None:
+    """A dotted gray line at each phase start, in every column of panels: the pixel column of step 50 turns gray."""
+    train, val = _records()
+    plain = imread(plot_curves(train, val, str(tmp_path / "plain.png")))[..., :3]
+    marked = imread(plot_curves(train, val, str(tmp_path / "marked.png"), phase_starts=[50]))[..., :3]
+    assert plain.shape == marked.shape
+    changed = np.abs(marked - plain).max(-1) > 0.1
+    columns = np.flatnonzero(changed.sum(0) > 0.3 * changed.shape[0] / 2)  # lines cross most of each row of panels
+    assert len(columns) >= 3, columns  # one per panel column
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
     paths = build_corpus(str(tmp_path_factory.mktemp("plots") / "c"), seed=9, n_train_images=6, n_val_images=6)

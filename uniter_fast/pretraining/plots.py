@@ -42,12 +42,18 @@ def _moving_mean(values: Sequence[float], window: int) -> np.ndarray:
     return (cumsum[idx] - cumsum[start]) / (idx - start)
 
 
-def plot_curves(train_records: list[dict[str, Any]], val_records: list[dict[str, Any]], path: str) -> str:
+def plot_curves(
+    train_records: list[dict[str, Any]],
+    val_records: list[dict[str, Any]],
+    path: str,
+    phase_starts: Sequence[int] = (),
+) -> str:
     """One panel per task: training loss per step (raw and a 20-step mean), validation loss, and validation accuracy
     on a second axis; ITM with WRA gets a second panel with the mean OT distance of matched and mismatched pairs.
 
     ``train_records``: the ``train_steps.jsonl`` lines (step, task, loss, ...); ``val_records``: the
-    ``validation.jsonl`` lines (step, task, loss, acc, ot_pos, ot_neg, ...). Writes a PNG to ``path``; returns it.
+    ``validation.jsonl`` lines (step, task, loss, acc, ot_pos, ot_neg, ...); ``phase_starts``: the steps where a
+    curriculum phase begins (a dotted line in every panel). Writes a PNG to ``path``; returns it.
     """
     tasks = sorted({r["task"] for r in train_records} | {r["task"] for r in val_records})
     panels = [(t, "loss") for t in tasks]
@@ -86,6 +92,8 @@ def plot_curves(train_records: list[dict[str, Any]], val_records: list[dict[str,
                 acc_ax.set_ylim(0, 1)
                 acc_ax.set_ylabel("accuracy")
                 acc_ax.legend(loc="upper right", fontsize=8)
+        for k, start in enumerate(phase_starts):
+            ax.axvline(start, color="gray", linestyle=":", label="curriculum phase starts" if k == 0 else None)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left" if kind == "ot" else "lower left", fontsize=8)
@@ -219,6 +227,7 @@ def write_pictures(cfg: TrainingConfig, model_config: UniterConfig, output_dir: 
         read_jsonl(os.path.join(output_dir, STEP_LOG)),
         read_jsonl(os.path.join(output_dir, VAL_LOG)),
         os.path.join(output_dir, CURVES_NAME),
+        [first for first, _ in cfg.phase_starts() or []][1:],
     )
     model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
     load_init_checkpoint(model, os.path.join(output_dir, EXPORT_SUBDIR))
