@@ -10,7 +10,12 @@ import os
 import pytest
 
 from tests.pretrain_runs import REPO
+from uniter_fast.config import UniterConfig
 from uniter_fast.finetuning.config import finetune_ds_config, parse_finetune_config
+from uniter_fast.pretraining.checkpoint import export_pretrained
+from uniter_fast.pretraining.model import UniterForPretraining
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.checkpoint import load_task_model
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "finetune-*.json")))
 DB_KEYS = (
@@ -110,3 +115,19 @@ def base(tmp_path, **changes) -> dict:
 def test_bad_configs_name_the_field(tmp_path, changes, error, match) -> None:
     with pytest.raises(error, match=match):
         parse_finetune_config(base(tmp_path, **changes), base_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("task_name", ["nlvr2", "re"])
+def test_tiny_configs_take_the_model_size_of_the_checkpoint(task_name: str, tmp_path) -> None:
+    """The tiny configs name no ``model_config``: the checkpoint's saved config sizes the model (the default
+    pretraining export is H = 128, the ``tiny`` preset H = 64), and without a checkpoint the ``tiny`` preset does."""
+    with open(os.path.join(REPO, "configs", f"finetune-{task_name}-tiny.json"), encoding="utf-8") as f:
+        cfg = parse_finetune_config(with_tmp_paths(json.load(f), tmp_path))
+    assert cfg.model_config is None
+    export = str(tmp_path / "pretrained")
+    export_pretrained(UniterForPretraining(UniterConfig.tiny(hidden_size=96, intermediate_size=192)), export)
+    task = get_task(task_name)
+    model, _ = load_task_model(task, export, {}, cfg.model_config)
+    assert model.uniter.embeddings.word_embeddings.weight.shape[1] == 96
+    fresh, _ = load_task_model(task, None, {}, cfg.model_config)
+    assert fresh.uniter.embeddings.word_embeddings.weight.shape[1] == UniterConfig.tiny().hidden_size == 64

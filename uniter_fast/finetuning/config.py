@@ -50,7 +50,7 @@ class FinetuneConfig:
     val_img_db: str
     test_txt_db: Optional[str] = None
     test_img_db: Optional[str] = None
-    model_config: str = "tiny"
+    model_config: Optional[str] = None
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: Optional[str] = None
     checkpoint_from: str = "pretrain"
