@@ -6,12 +6,15 @@ from __future__ import annotations
 import glob
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.pretrain_runs import REPO
 from uniter_fast.config import UniterConfig
 from uniter_fast.finetuning.config import finetune_ds_config, parse_finetune_config
+from uniter_fast.finetuning.run import fit_vocab
 from uniter_fast.pretraining.checkpoint import export_pretrained
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
@@ -131,3 +134,19 @@ def test_tiny_configs_take_the_model_size_of_the_checkpoint(task_name: str, tmp_
     assert model.uniter.embeddings.word_embeddings.weight.shape[1] == 96
     fresh, _ = load_task_model(task, None, {}, cfg.model_config)
     assert fresh.uniter.embeddings.word_embeddings.weight.shape[1] == UniterConfig.tiny().hidden_size == 64
+
+
+def test_word_table_grows_to_the_task_vocabulary(tmp_path) -> None:
+    """A pretraining export whose word table (128 rows, as the default demo's) is smaller than the task db's
+    vocabulary (the bundled task sets add their words after the corpus's) gets fresh rows; the old rows are kept."""
+    export = str(tmp_path / "pretrained")
+    export_pretrained(UniterForPretraining(UniterConfig.tiny(vocab_size=128)), export)
+    model, _ = load_task_model(get_task("re"), export, {}, None)
+    words = model.uniter.embeddings.word_embeddings.weight.detach().clone()
+    dbs = SimpleNamespace(opened_txt_dbs=lambda: [SimpleNamespace(v_range=(5, 158)), SimpleNamespace(v_range=(5, 140))])
+    fit_vocab(dbs, model)
+    grown = model.uniter.embeddings.word_embeddings.weight
+    assert grown.shape[0] == model.config.vocab_size == 158
+    torch.testing.assert_close(grown[:128], words)
+    fit_vocab(dbs, model)  # big enough: unchanged
+    assert model.uniter.embeddings.word_embeddings.weight.shape[0] == 158

@@ -80,6 +80,18 @@ def test_init_embeddings_copy_the_original_rows() -> None:
         prepare_vcr_tables(net, 28996)
 
 
+def test_a_smaller_pretrained_word_table_grows_to_the_tags() -> None:
+    """A pretraining export with fewer words than the db's ``special_token_base`` (the default demo export has 128,
+    the bundled VCR set's tags start at 1000): rows up to the base, then the 81 tags, the old rows kept."""
+    torch.manual_seed(0)
+    net = perturb(UniterForVisualCommonsenseReasoning(tiny_config(vocab_size=128)))
+    words = net.uniter.embeddings.word_embeddings.weight.detach().clone()
+    prepare_vcr_tables(net, BASE)
+    new_words = net.uniter.embeddings.word_embeddings.weight
+    assert new_words.shape[0] == BASE + 81 and net.config.vocab_size == BASE + 81
+    torch.testing.assert_close(new_words[:128], words)
+
+
 def test_scores_and_loss_match_the_formulas() -> None:
     net = model().double()
     batch = vcr_batch()

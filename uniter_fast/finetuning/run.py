@@ -23,11 +23,17 @@ def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
     return {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, **cfg.model_overrides}
 
 
-def check_vocab(dbs: DbCache, model: Any) -> None:
-    """``ValueError`` when a text db's vocabulary is larger than the model's word table."""
+def fit_vocab(dbs: DbCache, model: Any) -> None:
+    """Grow the model's word table (fresh N(0, 0.02) rows, a warning) when a text db's vocabulary is larger: the
+    bundled task sets extend the pretraining corpus's vocabulary with the task's words (corpus ids unchanged)."""
     used = max(int(db.v_range[1]) for db in dbs.opened_txt_dbs())
     if used > model.config.vocab_size:
-        raise ValueError(f"model vocab_size {model.config.vocab_size} is smaller than the text dbs' vocabulary {used}")
+        logger.warning(
+            "word table grown from %d to %d rows for the text dbs' vocabulary (the new words start untrained)",
+            model.config.vocab_size,
+            used,
+        )
+        model.init_word_embedding(used - model.config.vocab_size)
 
 
 def run(
@@ -53,7 +59,7 @@ def run(
     )
     stream = train_stream(task, cfg, dbs, options, rank, world, num_workers, ds_config["gradient_accumulation_steps"])
     eval_sets = eval_datasets(task, cfg, dbs, options)
-    check_vocab(dbs, model)
+    fit_vocab(dbs, model)
 
     os.makedirs(cfg.output_dir, exist_ok=True)
     writer = None

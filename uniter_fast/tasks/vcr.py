@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from typing import Any
 
@@ -37,6 +38,8 @@ from uniter_fast.tasks.spec import Task, ratio, require, scores_of
 
 TYPE_ROWS = (0, 1, 0, 0)  # init_type_embedding: answer and rationale types start as the text type
 QUESTION, ANSWER, RATIONALE = 0, 2, 3
+
+logger = logging.getLogger(__name__)
 
 
 class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
@@ -64,14 +67,23 @@ class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
 
 
 def prepare_vcr_tables(model: UniterPreTrainedModel, special_token_base: int) -> None:
-    """Grow a pretrained model's tables for VCR: 4 type rows and ``special_token_base`` + 81 words. Tables that
-    already have those sizes (a VCR checkpoint) are kept; any other size is an error naming both."""
+    """Grow a pretrained model's tables for VCR: 4 type rows and ``special_token_base`` + 81 words (a pretrained word
+    table smaller than ``special_token_base`` first grows to it, with a warning: the db's words beyond the pretraining
+    vocabulary get fresh rows). Tables that already have those sizes (a VCR checkpoint) are kept; any other size is
+    an error naming both."""
     rows = model.uniter.embeddings.token_type_embeddings.num_embeddings
-    if rows == 2:
+    pretrained = rows == 2
+    if pretrained:
         model.init_type_embedding(TYPE_ROWS)
     elif rows != len(TYPE_ROWS):
         raise ValueError(f"a VCR model has 2 (pretrained) or 4 type rows, this one has {rows}")
     words = model.uniter.embeddings.word_embeddings.num_embeddings
+    if pretrained and words < special_token_base:
+        logger.warning(
+            "word table grown from %d to %d rows (the VCR db's words) before the tags", words, special_token_base
+        )
+        model.init_word_embedding(special_token_base - words)
+        words = special_token_base
     if words == special_token_base:
         model.init_word_embedding(NUM_SPECIAL_TOKENS)
     elif words != special_token_base + NUM_SPECIAL_TOKENS:
