@@ -53,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from uniter_fast.pretraining.config import load_training_config
     from uniter_fast.pretraining.engine import build_engine, load_ds_config, setup_environment
     from uniter_fast.pretraining.model import UniterForPretraining
-    from uniter_fast.pretraining.trainer import Trainer, seed_everything
+    from uniter_fast.pretraining.trainer import Trainer, open_output_dir, seed_everything
 
     cfg = load_training_config(args.config)
     if args.output_dir is not None:
@@ -93,12 +93,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if cfg.checkpoint:
         load_init_checkpoint(model, cfg.checkpoint)
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+    writer = open_output_dir(cfg.output_dir, rank)
     engine = build_engine(model, cfg, ds_config)
     trainer = Trainer(
         engine,

@@ -10,6 +10,7 @@ from uniter_fast.finetuning.config import FinetuneConfig
 from uniter_fast.finetuning.data import eval_datasets, train_stream
 from uniter_fast.finetuning.trainer import FinetuneTrainer
 from uniter_fast.pretraining.engine import build_engine
+from uniter_fast.pretraining.trainer import open_output_dir
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache
@@ -61,12 +62,7 @@ def run(
     eval_sets = eval_datasets(task, cfg, dbs, options)
     fit_vocab(dbs, model)
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+    writer = open_output_dir(cfg.output_dir, rank)
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
     engine = build_engine(model, cfg, ds_config, lr_mul=lr_mul, head_names=heads)
     trainer = FinetuneTrainer(engine, cfg, stream, task, options, eval_sets, cfg.output_dir, writer, world)

@@ -15,7 +15,7 @@ from uniter_fast.data import MetaLoader, TaskLoader
 from uniter_fast.finetuning.config import FinetuneConfig
 from uniter_fast.pretraining.data import SIZE_MULTIPLE
 from uniter_fast.pretraining.engine import build_engine
-from uniter_fast.pretraining.trainer import Trainer
+from uniter_fast.pretraining.trainer import Trainer, open_output_dir
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, eval_batches
@@ -56,12 +56,7 @@ def run_vcr_pretraining(
     val_txt, val_img = cfg.eval_sets()["val"]
     val_sets = {f"{k}_vcr": d for k, d in task.datasets(dbs, val_txt, val_img, options, False, cfg.seed).items()}
 
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    writer = None
-    if rank == 0:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(cfg.output_dir, "tb"))
+    writer = open_output_dir(cfg.output_dir, rank)
     engine = build_engine(model, cfg, ds_config)
     trainer = Trainer(
         engine,

@@ -90,6 +90,16 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def open_output_dir(output_dir: str, rank: int) -> Any:
+    """Create ``output_dir``; on rank 0 return a TensorBoard ``SummaryWriter`` on ``output_dir/tb`` (None elsewhere)."""
+    os.makedirs(output_dir, exist_ok=True)
+    if rank != 0:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(os.path.join(output_dir, "tb"))
+
+
 def read_jsonl(path: str) -> list[dict[str, Any]]:
     """The records of a JSON-lines file ([] if it does not exist)."""
     if not os.path.isfile(path):

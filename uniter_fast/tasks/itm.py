@@ -225,8 +225,8 @@ class ItmPairsBase(TaskDataset):
         return row(self.text(txt_id), *self.image(image))
 
 
-class ItmRankDataset(ItmPairsBase):
-    """Training groups of ``itm``: (text, its image), (text, negative image) x n, (negative text, its image) x n."""
+class ItmNegativesBase(ItmPairsBase):
+    """Training groups around one text: ``negative_size`` other images and texts drawn per item."""
 
     def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
         if negative_size < 1:
@@ -234,11 +234,21 @@ class ItmRankDataset(ItmPairsBase):
         super().__init__(txt_db, img_db, seed)
         self.negative_size = negative_size
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def negatives(self, index: int) -> tuple[str, str, list[str], list[str]]:
+        """Text ``index``, its image, ``negative_size`` other images and as many texts of other images (seeded by
+        ``index`` and the epoch)."""
         rng, id_ = self.rng(index), self.ids[index]
         image = self.txt2img[id_]
         neg_images = _sample_other(rng, self.images, {image}, self.negative_size, "images")
         neg_texts = _sample_other(rng, self.ids, set(self.img2txts[image]), self.negative_size, "texts")
+        return id_, image, neg_images, neg_texts
+
+
+class ItmRankDataset(ItmNegativesBase):
+    """Training groups of ``itm``: (text, its image), (text, negative image) x n, (negative text, its image) x n."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        id_, image, neg_images, neg_texts = self.negatives(index)
         pairs = [(id_, image)] + [(id_, i) for i in neg_images] + [(t, image) for t in neg_texts]
         return {"rows": [self.pair(t, i) for t, i in pairs], "positive_image": self.images.index(image)}
 
@@ -253,24 +263,15 @@ class ItmRankDataset(ItmPairsBase):
         return batch
 
 
-class ItmHardNegDataset(ItmPairsBase):
+class ItmHardNegDataset(ItmNegativesBase):
     """Training groups of ``itm-hn``: per text, (text, its image) + (text, candidate image) x n
     (``ItmRankDatasetHardNegFromText``), and (its image, text) + (candidate text, image) x n
     (``...FromImage``, the image's texts excluded); the model keeps the hardest candidates."""
 
     task = "itm-hn"
 
-    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
-        if negative_size < 1:
-            raise ValueError(f"negative_size must be >= 1, got {negative_size}")
-        super().__init__(txt_db, img_db, seed)
-        self.negative_size = negative_size
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng, id_ = self.rng(index), self.ids[index]
-        image = self.txt2img[id_]
-        neg_images = _sample_other(rng, self.images, {image}, self.negative_size, "images")
-        neg_texts = _sample_other(rng, self.ids, set(self.img2txts[image]), self.negative_size, "texts")
+        id_, image, neg_images, neg_texts = self.negatives(index)
         from_text = [(id_, image)] + [(id_, i) for i in neg_images]
         from_image = [(id_, image)] + [(t, image) for t in neg_texts]
         rows = [self.pair(t, i) for t, i in from_text + from_image]
