@@ -75,27 +75,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import torch
-
     from uniter_fast.finetuning.config import finetune_ds_config
-    from uniter_fast.pretraining.engine import complete_ds_config, setup_environment
-    from uniter_fast.pretraining.trainer import seed_everything
+    from uniter_fast.pretraining.engine import complete_ds_config, init_ranks, setup_environment
 
     cfg = load_config(args)
     setup_environment()
     with open(args.ds_config, encoding="utf-8") as f:
         ds_config = complete_ds_config(finetune_ds_config(json.load(f), cfg), cfg, source=args.ds_config)
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # CPU ranks: more threads oversubscribe the cores (see pretrain.py)
-    num_workers = cfg.num_workers if cfg.num_workers is not None else (2 if torch.cuda.is_available() else 0)
-
-    import deepspeed
-
-    deepspeed.init_distributed()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    seed_everything(cfg.seed)
+    rank, world, num_workers = init_ranks(cfg.seed, cfg.num_workers)
 
     from uniter_fast.finetuning.run import run
 

@@ -46,14 +46,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import torch
-
     from uniter_fast.config import UniterConfig
     from uniter_fast.pretraining.checkpoint import load_init_checkpoint
     from uniter_fast.pretraining.config import load_training_config
-    from uniter_fast.pretraining.engine import build_engine, load_ds_config, setup_environment
+    from uniter_fast.pretraining.engine import build_engine, init_ranks, load_ds_config, setup_environment
     from uniter_fast.pretraining.model import UniterForPretraining
-    from uniter_fast.pretraining.trainer import Trainer, open_output_dir, seed_everything
+    from uniter_fast.pretraining.trainer import Trainer, open_output_dir
 
     cfg = load_training_config(args.config)
     if args.output_dir is not None:
@@ -64,17 +62,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         cfg.fast = False
     setup_environment()
     ds_config = load_ds_config(args.ds_config, cfg)
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)  # CPU ranks: more threads oversubscribe the cores (10x slower on a shared machine)
-    num_workers = args.num_workers if args.num_workers is not None else (2 if torch.cuda.is_available() else 0)
-
-    import deepspeed
-
-    deepspeed.init_distributed()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    seed_everything(cfg.seed)
+    rank, world, num_workers = init_ranks(cfg.seed, args.num_workers)
 
     from uniter_fast.pretraining.data import DataBuilder
 

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -42,6 +42,25 @@ def setup_environment() -> None:
         defaults["MASTER_PORT"] = str(port)
         for key, value in defaults.items():
             os.environ.setdefault(key, value)
+
+
+def init_ranks(seed: int, num_workers: Optional[int]) -> tuple[int, int, int]:
+    """After ``setup_environment``: one PyTorch thread per CPU rank (unless ``OMP_NUM_THREADS`` is set; more threads
+    oversubscribe the cores, 10x slower on a shared machine), DeepSpeed's process group, warnings-only logging off
+    rank 0, every RNG seeded. Returns (rank, world size, loader workers: ``num_workers``, else 2 on GPU, 0 on CPU)."""
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    import deepspeed
+
+    from uniter_fast.pretraining.trainer import seed_everything
+
+    deepspeed.init_distributed()
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    seed_everything(seed)
+    workers = num_workers if num_workers is not None else (2 if torch.cuda.is_available() else 0)
+    return rank, world, workers
 
 
 def load_ds_config(path: str, cfg: TrainingConfig) -> dict[str, Any]:
