@@ -1,0 +1,77 @@
+"""Atomic file and directory writes, the one helper every floor uses (checkpoints, logs, databases, side files).
+
+A file is written to a temporary name in its own directory, flushed, then renamed over the target
+(``os.replace``), so a reader sees the old content or the complete new one, never a part, and a process killed
+half-way leaves no partial file under the final name. A directory is filled under a temporary name beside its
+target and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path`` (the temporary file
+    is removed when ``write`` raises)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """``text`` (UTF-8) into ``path`` atomically, flushed to disk before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def write_json_atomic(path: str, obj: Any, **dump_kwargs: Any) -> None:
+    """``obj`` as JSON into ``path`` atomically (``dump_kwargs`` go to ``json.dumps``, e.g. ``indent=2``)."""
+    write_text_atomic(path, json.dumps(obj, **dump_kwargs))
+
+
+def read_json(path: str, what: str = "file") -> Any:
+    """The JSON content of ``path``; a missing file is a ``FileNotFoundError`` and invalid JSON a ``ValueError``,
+    both naming ``what`` and the path (the JSON error with its line and column)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what} {path!r} is not valid JSON: {err}") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str) -> Iterator[str]:
+    """Yield a temporary directory beside ``path`` to fill; on success rename it to ``path`` (which must not exist),
+    on error remove it. ``FileExistsError`` up front when ``path`` exists."""
+    if os.path.exists(path):
+        raise FileExistsError(f"{path!r} already exists; choose a new directory")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
