@@ -24,13 +24,13 @@ from tqdm import tqdm
 
 from uniter_fast.config import IMG_DIM, IMG_POS_DIM, UniterConfig
 from uniter_fast.data.loader import move_to_device
-from uniter_fast.pretraining.optim import param_groups
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import collate_rows, row
 from uniter_fast.tasks.nlvr2 import UniterForNlvr2PairedAttn
 from uniter_fast.tasks.re import UniterForReferringExpressionComprehension
 from uniter_fast.tasks.vcr import UniterForVisualCommonsenseReasoning, prepare_vcr_tables
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
+from uniter_fast.training.optim import param_groups
 
 TASKS = ("vqa", "nlvr2", "re", "vcr")
 SEQUENCES = {"vqa": 1, "nlvr2": 2, "re": 1, "vcr": 4}

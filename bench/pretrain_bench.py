@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.pretraining.model import UniterForPretraining
-from uniter_fast.pretraining.optim import param_groups
+from uniter_fast.training.optim import param_groups
 
 
 def make_step(

@@ -50,7 +50,7 @@ def training_config(output_dir: str, steps: int) -> Any:
 
 def ds_config(cfg: Any, grad_accum: int) -> dict:
     """``ds.json`` in fp32 (rounding to bf16 would hide what the comparison measures) with ZeRO-2."""
-    from uniter_fast.pretraining.engine import complete_ds_config
+    from uniter_fast.training.engine import complete_ds_config
 
     with open(os.path.join(REPO, "ds.json"), encoding="utf-8") as f:
         ds = json.load(f)
@@ -167,9 +167,10 @@ class FixedStream:
 def build(out_dir: str, steps: int, grad_accum: int) -> tuple[Any, Any, Any, Any]:
     """(training config, model before the engine, its untouched copy, engine) with the same init on every rank."""
     from uniter_fast.config import UniterConfig
-    from uniter_fast.pretraining.engine import build_engine, setup_environment
     from uniter_fast.pretraining.model import UniterForPretraining
-    from uniter_fast.pretraining.trainer import seed_everything
+    from uniter_fast.training.distributed import setup_environment
+    from uniter_fast.training.engine import build_engine
+    from uniter_fast.training.rng import seed_everything
 
     setup_environment()
     import deepspeed
@@ -185,14 +186,16 @@ def build(out_dir: str, steps: int, grad_accum: int) -> tuple[Any, Any, Any, Any
 
 
 def run_ranks(out_dir: str) -> None:
-    from uniter_fast.pretraining.trainer import Trainer
+    from uniter_fast.pretraining.run import pretrained_export
+    from uniter_fast.training.loop import Trainer
 
     steps = 2 * len(TASKS)
-    cfg, _, _, engine = build(out_dir, steps, grad_accum=1)
+    cfg, model, _, engine = build(out_dir, steps, grad_accum=1)
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     stream = FixedStream(datasets(cfg), cfg, steps, rank, world)
     os.makedirs(out_dir, exist_ok=True)
-    Trainer(engine, cfg, stream, dict, out_dir).train()
+    export = pretrained_export(model.config, out_dir)
+    Trainer(engine, cfg, stream, validate=lambda engine, step: {}, export=export).train()
 
 
 def _grad(param: torch.Tensor, grad: Any) -> torch.Tensor:
@@ -203,11 +206,11 @@ def _grad(param: torch.Tensor, grad: Any) -> torch.Tensor:
 def run_accum(out_dir: str) -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    from uniter_fast.pretraining.trainer import Trainer
+    from uniter_fast.training.loop import Trainer
 
     cfg, model, reference, engine = build(out_dir, len(TASKS), grad_accum=ACCUM)
     stream = iter(FixedStream(datasets(cfg), cfg, len(TASKS), rank=0, world=1, micro=ACCUM))
-    trainer = Trainer(engine, cfg, stream, dict, out_dir)
+    trainer = Trainer(engine, cfg, stream, validate=lambda engine, step: {}, export=lambda *_: None)
     captured: dict[str, dict[str, torch.Tensor]] = {}
     real_step = engine.step
 

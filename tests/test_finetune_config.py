@@ -13,12 +13,13 @@ import torch
 
 from tests.pretrain_runs import REPO
 from uniter_fast.config import UniterConfig
-from uniter_fast.finetuning.config import finetune_ds_config, parse_finetune_config
+from uniter_fast.finetuning.config import parse_finetune_config
 from uniter_fast.finetuning.run import fit_vocab
 from uniter_fast.pretraining.checkpoint import export_pretrained
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.training.engine import complete_ds_config
 
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "finetune-*.json")))
 DB_KEYS = (
@@ -75,9 +76,9 @@ def test_original_values_of_the_base_configs(tmp_path) -> None:
     assert (vcr.learning_rate, vcr.max_txt_len, vcr.checkpoint_from) == (6e-5, 220, "vcr_pretrain")
     stage1 = load("finetune-vcr-pretrain-base.json")
     assert stage1.options["mix_ratio"] == [2, 1, 1] and stage1.grad_norm == -1
-    ds = finetune_ds_config({"gradient_clipping": 5.0, "optimizer": {"type": "AdamW", "params": {}}}, stage1)
+    ds = complete_ds_config({"gradient_clipping": 5.0, "optimizer": {"type": "AdamW", "params": {}}}, stage1)
     assert ds["gradient_clipping"] == 0.0 and ds["gradient_accumulation_steps"] == 4
-    assert ds["optimizer"]["params"] == {"weight_decay": 0.01, "betas": [0.9, 0.98]}
+    assert ds["optimizer"]["params"] == {"weight_decay": 0.01, "betas": [0.9, 0.98], "lr": stage1.learning_rate}
 
 
 def base(tmp_path, **changes) -> dict:

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from uniter_fast.pretraining.config import load_training_config, parse_training_config
-from uniter_fast.pretraining.engine import complete_ds_config
+from uniter_fast.training.engine import complete_ds_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,7 @@ from tests.pretrain_runs import (
     step_log,
     write_configs,
 )
-from uniter_fast.pretraining.trainer import read_jsonl
+from uniter_fast.training.logs import read_jsonl
 
 STEPS = 8
 

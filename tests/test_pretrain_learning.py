@@ -16,7 +16,7 @@ import pytest
 from matplotlib.image import imread
 
 from tests.pretrain_runs import REPO, final_row, launcher, run
-from uniter_fast.pretraining.trainer import read_jsonl
+from uniter_fast.training.logs import read_jsonl
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "pretrain-tiny.json")
 DS_CONFIG = os.path.join(REPO, "ds.json")

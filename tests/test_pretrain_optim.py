@@ -7,7 +7,7 @@ import torch
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.pretraining.model import UniterForPretraining
-from uniter_fast.pretraining.optim import build_scheduler, lr_at, param_groups
+from uniter_fast.training.optim import build_scheduler, lr_at, param_groups
 
 
 def test_param_groups_follow_original_names() -> None:

@@ -327,8 +327,7 @@ def test_second_stage_starts_from_a_pretraining_checkpoint_heads_included(tmp_pa
 def test_training_stream_concatenates_qa_and_qar() -> None:
     """finetune.py's VCR training data: the Q->A and the QA->R dataset of the bundled db as one (the original's
     ConcatDatasetWithLens), batched by the TaskLoader; both kinds of sequence reach the batches."""
-    from uniter_fast.finetune import default_config
-    from uniter_fast.finetuning.config import load_finetune_config
+    from uniter_fast.finetuning.config import default_config, load_finetune_config
     from uniter_fast.finetuning.data import train_dataset, train_stream
 
     cfg = load_finetune_config(default_config("vcr"))

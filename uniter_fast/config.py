@@ -13,6 +13,7 @@ IMG_DIM = 2048
 IMG_POS_DIM = 7
 IMG_LABEL_DIM = 1601
 BUCKET_SIZE = 8192
+SIZE_MULTIPLE = 8  # a token-bucket batch holds a multiple of 8 examples (the original's size_multiple)
 
 ATTENTION_BACKENDS = ("eager", "sdpa")
 

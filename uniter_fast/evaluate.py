@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Any, Optional
 
+from uniter_fast.tasks import TASKS
+
 logger = logging.getLogger("uniter_fast.evaluate")
 
 
@@ -25,7 +27,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="finetune.py export dir or original model_step_N.pt")
     parser.add_argument(
-        "--task", default=None, help="vqa, ve, nlvr2, re, vcr, itm or itm-hn (default: the export's task.json)"
+        "--task", default=None, choices=sorted(TASKS), help="the task (default: the export's task.json)"
     )
     parser.add_argument("--config", default=None, help="fine-tuning config whose eval splits and settings to use")
     parser.add_argument("--txt_db", default=None, help="evaluate this txt_db (with --img_db) instead of the config's")
@@ -87,18 +89,6 @@ def _options(values: list[str]) -> dict[str, Any]:
     return out
 
 
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        import torch
-
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     """Evaluate; returns {split: {metric: value}}."""
     args = parse_args(argv)
@@ -106,13 +96,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     import torch
 
     from uniter_fast.data.loader import move_to_device
-    from uniter_fast.finetune import default_config
-    from uniter_fast.finetuning.config import load_finetune_config
-    from uniter_fast.finetuning.trainer import format_table
+    from uniter_fast.finetuning.config import default_config, load_finetune_config
     from uniter_fast.tasks import get_task
     from uniter_fast.tasks.checkpoint import load_task_model
     from uniter_fast.tasks.data import DbCache
     from uniter_fast.tasks.synthetic import resolve_bundled
+    from uniter_fast.training.distributed import init_launched_process_group
+    from uniter_fast.training.logs import format_table
 
     task = get_task(_task_name(args))
     cfg = load_finetune_config(args.config or default_config(task.name))
@@ -122,7 +112,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
     else:
         splits = cfg.eval_sets()
-    rank, world = _distributed()
+    rank, world = init_launched_process_group()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     dbs = DbCache(cfg)
     options = {**task.check_options(_options(args.option), "--option")}
@@ -138,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     batch_size = args.batch_size or cfg.val_batch_size
     results = {}
     for split, (txt_path, img_path) in splits.items():
-        dataset = task.eval_dataset(dbs, txt_path, img_path, options, split)
+        dataset = task.eval_dataset(dbs, txt_path, img_path, options, split, cfg.seed)
         metrics, predictions = task.evaluate_split(
             model, dataset, batch_size, options, rank, world, lambda b: move_to_device(b, device), desc=split
         )

@@ -13,7 +13,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from uniter_fast.config import BUCKET_SIZE
+from uniter_fast.config import BUCKET_SIZE, SIZE_MULTIPLE
 from uniter_fast.data.collate import check_layout
 from uniter_fast.data.sampler import TokenBucketSampler
 
@@ -81,7 +81,7 @@ class TaskLoader:
         num_workers: int = 2,
         droplast: bool = True,
         bucket_size: int = BUCKET_SIZE,
-        size_multiple: int = 8,
+        size_multiple: int = SIZE_MULTIPLE,
         pin_memory: Optional[bool] = None,
         prefetch_factor: int = 2,
         layout: str = "packed",

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from uniter_fast.config import BUCKET_SIZE
+from uniter_fast.config import BUCKET_SIZE, SIZE_MULTIPLE
 
 
 class TokenBucketSampler(torch.utils.data.Sampler):
@@ -29,7 +29,7 @@ class TokenBucketSampler(torch.utils.data.Sampler):
         bucket_size: int = BUCKET_SIZE,
         batch_size: int = 10240,
         droplast: bool = False,
-        size_multiple: int = 8,
+        size_multiple: int = SIZE_MULTIPLE,
         seed: int = 0,
         rank: int = 0,
         world: int = 1,
@@ -94,3 +94,13 @@ class TokenBucketSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches(self.epoch)) - self.start
+
+
+def check_token_budget(budget: int, longest: int, budget_name: str, what: str) -> None:
+    """``ValueError`` unless a token budget ``budget`` holds one batch of :data:`SIZE_MULTIPLE` examples of the
+    longest example (``longest`` tokens, text + regions) of ``what`` (e.g. "dataset 'coco' (itm)")."""
+    if budget < SIZE_MULTIPLE * longest:
+        raise ValueError(
+            f"{budget_name}={budget} tokens is too small for {what}: its longest example has up to {longest} tokens "
+            f"(text + regions) and a batch holds at least {SIZE_MULTIPLE} examples; use >= {SIZE_MULTIPLE * longest}"
+        )

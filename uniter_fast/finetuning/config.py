@@ -14,20 +14,20 @@ under the working directory; with ``checkpoint_from: "vcr_pretrain"`` the defaul
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
+from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.tasks.synthetic import BUNDLED_PREFIX, resolve_bundled
+from uniter_fast.training.cli import REPO_ROOT
+from uniter_fast.training.config import RunConfig, field_names, parse_run_config, resolve_path
+from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 logger = logging.getLogger(__name__)
 
-AUTO_CHECKPOINTS = {
-    "pretrain": os.path.join("output", "pretrain-tiny", "pretrained"),
-    "vcr_pretrain": os.path.join("output", "vcr-pretrain-tiny", "pretrained"),
-}
+PRETRAIN = "pretrain"
 IGNORED_KEYS = {
     "fp16": "precision comes from ds.json (bf16 / fp16 sections)",
     "pin_mem": "memory pinning follows the device",
@@ -39,44 +39,36 @@ IGNORED_KEYS = {
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
-    """All keys of a fine-tuning config (defaults: the original ``train_*.py`` argument defaults)."""
+class FinetuneConfig(RunConfig):
+    """A fine-tuning config: the shared run fields (:class:`~uniter_fast.training.config.RunConfig`, whose defaults
+    are the original ``train_*.py`` argument defaults) and fine-tuning's own: the task, its databases, the model
+    config and checkpoint source, ``lr_mul``, ``dropout`` and the task's options (the config's other keys)."""
 
-    task: str
-    output_dir: str
-    train_txt_dbs: list[str]
-    train_img_dbs: list[str]
-    val_txt_db: str
-    val_img_db: str
+    task: str = ""
+    train_txt_dbs: list[str] = dataclasses.field(default_factory=list)
+    train_img_dbs: list[str] = dataclasses.field(default_factory=list)
+    val_txt_db: str = ""
+    val_img_db: str = ""
     test_txt_db: Optional[str] = None
     test_img_db: Optional[str] = None
     model_config: Optional[str] = None
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    checkpoint: Optional[str] = None
-    checkpoint_from: str = "pretrain"
+    checkpoint_from: str = PRETRAIN
     compressed_db: bool = False
-    max_txt_len: int = 60
-    conf_th: float = 0.2
-    max_bb: int = 100
-    min_bb: int = 10
-    num_bb: int = 36
-    train_batch_size: int = 4096
-    val_batch_size: int = 4096
-    gradient_accumulation_steps: Optional[int] = None
-    learning_rate: float = 3e-5
     lr_mul: float = 1.0
-    valid_steps: int = 1000
-    save_steps: Optional[int] = None
-    num_train_steps: int = 100000
-    warmup_steps: int = 4000
-    betas: Optional[list[float]] = None
     dropout: float = 0.1
-    weight_decay: Optional[float] = None
-    grad_norm: Optional[float] = None
-    seed: int = 42
-    fast: bool = True
-    num_workers: Optional[int] = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    required: ClassVar[tuple[str, ...]] = (
+        "output_dir",
+        "train_txt_dbs",
+        "train_img_dbs",
+        "val_txt_db",
+        "val_img_db",
+    )
+
+    def train_pairs(self) -> list[tuple[str, str]]:
+        """(txt_db, img_db) of every training pair."""
+        return list(zip(self.train_txt_dbs, self.train_img_dbs))
 
     def eval_sets(self) -> dict[str, tuple[str, str]]:
         """{split: (txt_db, img_db)}: "val" and, when configured, "test"."""
@@ -85,8 +77,30 @@ class FinetuneConfig:
             out["test"] = (self.test_txt_db, self.test_img_db)
         return out
 
+    def txt_dbs(self) -> list[str]:
+        """Every txt_db of the config (training, then evaluation)."""
+        return list(self.train_txt_dbs) + [txt for txt, _ in self.eval_sets().values()]
+
 
 SINGULAR = {"train_txt_db": "train_txt_dbs", "train_img_db": "train_img_dbs"}
+
+
+def default_config(task: str) -> str:
+    """``configs/finetune-<task>-tiny.json`` (``_`` in the task name becomes ``-``): the task's bundled tiny run."""
+    return os.path.join(REPO_ROOT, "configs", f"finetune-{task.replace('_', '-')}-tiny.json")
+
+
+def auto_checkpoint(checkpoint_from: str, where: str) -> str:
+    """The export of the default run of ``checkpoint_from``, under the working directory: ``pretrain`` ->
+    ``output/pretrain-tiny/pretrained``; a task name (e.g. ``vcr_pretrain``) -> its tiny config's output dir and the
+    task's export dir (``output/vcr-pretrain-tiny/pretrained``)."""
+    if checkpoint_from == PRETRAIN:
+        return os.path.join("output", "pretrain-tiny", PRETRAINED_SUBDIR)
+    if checkpoint_from not in TASKS:
+        raise ValueError(
+            f"{where}: checkpoint_from must be {PRETRAIN!r} or a task of {sorted(TASKS)}, got {checkpoint_from!r}"
+        )
+    return os.path.join("output", f"{checkpoint_from.replace('_', '-')}-tiny", get_task(checkpoint_from).export_dir)
 
 
 def _resolve(path: str, base_dir: str) -> str:
@@ -94,20 +108,13 @@ def _resolve(path: str, base_dir: str) -> str:
         return ";".join(_resolve(p, base_dir) for p in path.split(";"))
     if path.startswith(BUNDLED_PREFIX):
         return resolve_bundled(path)
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+    return resolve_path(path, base_dir)
 
 
 def _exists(key: str, path: str) -> None:
     for part in path.split(";"):
         if not os.path.isdir(part):
             raise FileNotFoundError(f"{key}: database directory {part!r} does not exist")
-
-
-def _positive(cfg: FinetuneConfig, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
 
 
 def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str = "finetune config") -> FinetuneConfig:
@@ -129,13 +136,14 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
             if key == "n_workers" and "num_workers" not in raw:
                 raw["num_workers"] = raw[key]
             del raw[key]
-    fields = {f.name for f in dataclasses.fields(FinetuneConfig)} - {"options"}
+    fields = set(field_names(FinetuneConfig)) - {"options"}
     options = {k: raw.pop(k) for k in list(raw) if k not in fields}
-    options = task.check_options(options, where)
-    missing = sorted({"output_dir", "train_txt_dbs", "train_img_dbs", "val_txt_db", "val_img_db"} - set(raw))
-    if missing:
-        raise ValueError(f"{where}: missing keys {missing}")
-    cfg = FinetuneConfig(**raw, options=options)
+    raw["options"] = task.check_options(options, where)
+    auto = auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where)
+    if raw.get("checkpoint") == "auto":
+        raw["checkpoint"] = auto if os.path.isdir(auto) else None
+        logger.info("%s: checkpoint 'auto' -> %s", where, raw["checkpoint"] or f"none ({auto} does not exist)")
+    cfg = parse_run_config(FinetuneConfig, raw, where, base_dir, lambda p: _resolve(p, base_dir))
     if len(cfg.train_txt_dbs) != len(cfg.train_img_dbs) or not cfg.train_txt_dbs:
         raise ValueError(
             f"{where}: train_txt_dbs and train_img_dbs must be non-empty lists of equal length, got "
@@ -154,59 +162,15 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     for key in ("val_txt_db", "val_img_db", "test_txt_db", "test_img_db"):
         if getattr(cfg, key):
             _exists(key, getattr(cfg, key))
-    _check_values(cfg, where)
-    if cfg.checkpoint == "auto":
-        auto = AUTO_CHECKPOINTS[cfg.checkpoint_from]
-        cfg.checkpoint = auto if os.path.isdir(auto) else None
-        logger.info("%s: checkpoint 'auto' -> %s", where, cfg.checkpoint or f"none ({auto} does not exist)")
-    elif cfg.checkpoint:
-        cfg.checkpoint = _resolve(cfg.checkpoint, base_dir)
-        if not os.path.exists(cfg.checkpoint):
-            raise FileNotFoundError(f"{where}: checkpoint {cfg.checkpoint!r} does not exist")
-    return cfg
-
-
-def _check_values(cfg: FinetuneConfig, where: str) -> None:
-    _positive(cfg, ("train_batch_size", "val_batch_size", "learning_rate", "lr_mul", "valid_steps"))
-    _positive(cfg, ("num_train_steps", "max_txt_len", "max_bb", "min_bb", "num_bb"))
-    if cfg.save_steps is None:
-        cfg.save_steps = cfg.valid_steps
-    _positive(cfg, ("save_steps",))
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if cfg.gradient_accumulation_steps is not None and cfg.gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {cfg.gradient_accumulation_steps}")
-    if cfg.betas is not None and (len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas)):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {cfg.betas}")
-    if cfg.checkpoint_from not in ("pretrain", "vcr_pretrain"):
-        raise ValueError(f"{where}: checkpoint_from must be 'pretrain' or 'vcr_pretrain', got {cfg.checkpoint_from!r}")
+    if isinstance(cfg.lr_mul, bool) or not isinstance(cfg.lr_mul, (int, float)) or cfg.lr_mul <= 0:
+        raise ValueError(f"lr_mul must be a number > 0, got {cfg.lr_mul!r}")
+    return cfg
 
 
 def load_finetune_config(path: str) -> FinetuneConfig:
     """Read and validate a fine-tuning config JSON (relative paths are relative to the file's directory)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"fine-tuning config {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"fine-tuning config {path!r} is not valid JSON: {err}") from None
-    return parse_finetune_config(raw, os.path.dirname(os.path.abspath(path)), where=path)
-
-
-def finetune_ds_config(ds: dict[str, Any], cfg: FinetuneConfig) -> dict[str, Any]:
-    """``ds`` with the training config's optimizer settings applied (``gradient_accumulation_steps``, ``grad_norm``
-    -> ``gradient_clipping``, -1 = none, ``weight_decay``, ``betas``); the input is not modified."""
-    out = json.loads(json.dumps(ds))
-    if cfg.gradient_accumulation_steps is not None:
-        out["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    if cfg.grad_norm is not None:
-        out["gradient_clipping"] = 0.0 if cfg.grad_norm == -1 else float(cfg.grad_norm)
-    params = out.setdefault("optimizer", {}).setdefault("params", {})
-    if cfg.weight_decay is not None:
-        params["weight_decay"] = cfg.weight_decay
-    if cfg.betas is not None:
-        params["betas"] = list(cfg.betas)
-    return out
+    return parse_finetune_config(
+        read_json(path, "fine-tuning config"), os.path.dirname(os.path.abspath(path)), where=path
+    )

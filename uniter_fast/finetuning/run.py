@@ -1,4 +1,12 @@
-"""Build the model, data, engine and trainer of a fine-tuning config and run it (after the process group exists)."""
+"""The fine-tuning recipe: what ``finetune.py`` hands the training loop for a task (model, stream, validation,
+export) and the final table it prints.
+
+Each validation evaluates every configured split ("val", "test") with the task's metric, writes the predictions in
+the original's format to ``output_dir/results/{split}_results_{step}.*`` and logs the metrics (TensorBoard
+``val/{split}/{metric}``). At the end the consolidated weights go to ``output_dir/<task.export_dir>/``
+(``config.json`` + ``model.safetensors`` + ``task.json``, loadable by ``evaluate.py``) plus ``model_step_{N}.pt`` in
+the original layout.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +14,23 @@ import logging
 import os
 from typing import Any, Optional
 
+import numpy as np
+
+from uniter_fast.data.loader import move_to_device
 from uniter_fast.finetuning.config import FinetuneConfig
 from uniter_fast.finetuning.data import eval_datasets, train_stream
-from uniter_fast.finetuning.trainer import FinetuneTrainer
-from uniter_fast.pretraining.engine import build_engine
-from uniter_fast.pretraining.trainer import open_output_dir
 from uniter_fast.tasks import get_task
-from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
 from uniter_fast.tasks.data import DbCache
+from uniter_fast.tasks.spec import Task
+from uniter_fast.training.logs import format_table
+from uniter_fast.training.loop import Results, Trainer
+from uniter_fast.training.run import Run, fit, summary_heading
+from uniter_fast.training.zero import consolidated_model
 
 logger = logging.getLogger(__name__)
+
+RESULTS_SUBDIR = "results"
 
 
 def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -37,45 +52,72 @@ def fit_vocab(dbs: DbCache, model: Any) -> None:
         model.init_word_embedding(used - model.config.vocab_size)
 
 
-def run(
-    cfg: FinetuneConfig,
-    ds_config: dict[str, Any],
-    rank: int,
-    world: int,
-    num_workers: int,
-    resume: bool = False,
-    stop_after: Optional[int] = None,
-) -> tuple[dict[str, dict[str, float]], str]:
-    """Fine-tune as ``cfg`` says; returns (final metrics by split, the summary table text)."""
-    if cfg.task == "vcr_pretrain":
-        from uniter_fast.finetuning.vcr_pretrain import run_vcr_pretraining
+def summary_table(task: Task, trainer: Trainer, results: Results) -> str:
+    """The final table: one row per evaluated split with the task's metrics (its headline first), and the mean loss
+    of the last training steps."""
+    keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k != task.headline, k))
+    recent = [v for values in trainer.recent.values() for v in values]
+    train = f"{np.mean(recent):.4f}" if recent else "-"
+    rows = [[split, train, *(f"{m[k]:.4f}" if k in m else "-" for k in keys)] for split, m in results.items()]
+    return format_table(rows, ["split", "train loss", *keys])
 
-        return run_vcr_pretraining(cfg, ds_config, rank, world, num_workers, resume, stop_after, dropout_overrides(cfg))
+
+def finetune(
+    cfg: FinetuneConfig, run: Run, resume: bool = False, stop_after: Optional[int] = None
+) -> tuple[Results, str]:
+    """Fine-tune ``cfg.task`` as ``cfg`` says on the started ``run``; returns (final metrics {split: {metric:
+    value}}, the text to print: the final table and, after a whole run, where the weights went)."""
     task = get_task(cfg.task)
     dbs = DbCache(cfg)
-    txt_paths = list(cfg.train_txt_dbs) + [txt for txt, _ in cfg.eval_sets().values()]
-    options = {**cfg.options, **task.data_options(dbs, txt_paths, cfg.options)}
+    options = {**cfg.options, **task.data_options(dbs, cfg.txt_dbs(), cfg.options)}
     model, options = load_task_model(
         task, cfg.checkpoint, options, cfg.model_config, cfg.fast, config_overrides=dropout_overrides(cfg)
     )
-    stream = train_stream(task, cfg, dbs, options, rank, world, num_workers, ds_config["gradient_accumulation_steps"])
+    stream = train_stream(task, cfg, dbs, options, run)
     eval_sets = eval_datasets(task, cfg, dbs, options)
     fit_vocab(dbs, model)
 
-    writer = open_output_dir(cfg.output_dir, rank)
+    def validate(engine: Any, step: int) -> Results:
+        results = {}
+        for split, dataset in eval_sets.items():
+            metrics, predictions = task.evaluate_split(
+                engine,
+                dataset,
+                cfg.val_batch_size,
+                options,
+                run.rank,
+                run.world,
+                lambda b: move_to_device(b, engine.device),
+                desc=f"eval {split}",
+            )
+            results[split] = metrics
+            if run.rank == 0:
+                directory = os.path.join(cfg.output_dir, RESULTS_SUBDIR)
+                os.makedirs(directory, exist_ok=True)
+                task.write_predictions(predictions, directory, f"{split}_results_{step}")
+        return results
+
+    def export(engine: Any, checkpoint_dir: str, tag: str) -> None:
+        trained = consolidated_model(
+            engine, checkpoint_dir, tag, lambda: task.build_model(model.config, options, model.fast)
+        )
+        save_task_model(trained, task, options, os.path.join(cfg.output_dir, task.export_dir), cfg.num_train_steps)
+
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
-    engine = build_engine(model, cfg, ds_config, lr_mul=lr_mul, head_names=heads)
-    trainer = FinetuneTrainer(engine, cfg, stream, task, options, eval_sets, cfg.output_dir, writer, world)
-    if resume:
-        trainer.resume()
-    results = trainer.train(stop_after)
-    lines = [
-        f"\nfinal {task.name} metrics after {trainer.step} steps ({world} rank(s), ZeRO-"
-        f"{engine.zero_optimization_stage()}):",
-        trainer.summary(results),
-    ]
+    trainer, results = fit(
+        run,
+        model,
+        cfg,
+        stream,
+        validate,
+        export,
+        resume=resume,
+        stop_after=stop_after,
+        progress_name=f"finetune {task.name}",
+        lr_mul=lr_mul,
+        head_names=heads,
+    )
+    lines = ["", summary_heading(f"{task.name} metrics", trainer, run), summary_table(task, trainer, results)]
     if trainer.step == cfg.num_train_steps:
-        lines.append(f"fine-tuned weights: {os.path.join(cfg.output_dir, 'finetuned')}")
-    if writer is not None:
-        writer.close()
+        lines.append(f"exported weights: {os.path.join(cfg.output_dir, task.export_dir)}")
     return results, "\n".join(lines)

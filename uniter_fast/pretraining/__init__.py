@@ -1,22 +1,19 @@
-"""UNITER pretraining: the model with its heads, the training config, optimizer groups, checkpoints, validation and
-the DeepSpeed loop behind ``uniter_fast/pretrain.py`` (see ``docs/pretraining.md``)."""
+"""UNITER pretraining: the model with its heads (``model.py``, ``heads.py``), the training config, the objectives'
+data and validation, and the recipe behind ``uniter_fast/pretrain.py`` (``run.py``) on the shared training floor
+``uniter_fast.training`` (see ``docs/pretraining.md``)."""
 
 from uniter_fast.pretraining.checkpoint import export_pretrained, load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig, load_training_config, parse_training_config
 from uniter_fast.pretraining.model import TASKS, UniterForPretraining, task_kind
-from uniter_fast.pretraining.optim import build_scheduler, lr_at, param_groups
 from uniter_fast.pretraining.validate import validate
 
 __all__ = [
     "TASKS",
     "TrainingConfig",
     "UniterForPretraining",
-    "build_scheduler",
     "export_pretrained",
     "load_init_checkpoint",
     "load_training_config",
-    "lr_at",
-    "param_groups",
     "parse_training_config",
     "task_kind",
     "validate",

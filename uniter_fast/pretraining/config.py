@@ -1,4 +1,5 @@
-"""The training config of ``pretrain.py``: a JSON file in the spirit of the original ``config/pretrain-*.json``.
+"""The training config of ``pretrain.py``: a JSON file in the spirit of the original ``config/pretrain-*.json``, the
+shared run fields (``uniter_fast.training.config``) plus pretraining's own.
 
 Everything is checked when the file is read, so that a typo, an unknown task, a non-positive mix ratio or a missing
 database fails with a message naming the field before any model is built. Paths may use the ``bundled:`` prefix
@@ -9,11 +10,12 @@ database fails with a message naming the field before any model is built. Paths 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
+from uniter_fast.files import read_json
 from uniter_fast.pretraining.model import TASKS, task_kind
+from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, resolve_path
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_NAMES = ("txt_train", "txt_val", "img")
@@ -44,34 +46,28 @@ class OtSettings:
 
 
 @dataclasses.dataclass
-class TrainingConfig:
-    """All fields of a training config JSON, with the original's defaults where it has them (spec §3.6)."""
+class TrainingConfig(RunConfig):
+    """A training config: the shared run fields (:class:`~uniter_fast.training.config.RunConfig`, with the original
+    ``pretrain.py`` defaults re-declared below) and pretraining's own: the datasets and their tasks, the model, the
+    masking and ITM settings, the WRA's OT settings and the optional task curriculum ``phases``."""
 
-    train_datasets: list[DatasetSpec]
-    val_datasets: list[DatasetSpec]
-    output_dir: str
+    train_datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)
+    val_datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)
     model: str = "tiny"
-    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    checkpoint: Optional[str] = None
     train_batch_size: int = 10240
     val_batch_size: int = 10240
     num_train_steps: int = 200000
     warmup_steps: int = 10000
     learning_rate: float = 5e-5
     valid_steps: int = 5000
-    save_steps: int = 5000
-    max_txt_len: int = 60
-    conf_th: float = 0.2
-    max_bb: int = 100
-    min_bb: int = 10
-    num_bb: int = 36
+    save_steps: Optional[int] = 5000
     mrm_prob: float = 0.15
     itm_neg_prob: float = 0.5
     itm_ot_lambda: float = 0.1
     ot: OtSettings = dataclasses.field(default_factory=OtSettings)
-    fast: bool = True
-    seed: int = 42
     phases: Optional[list[dict[str, Any]]] = None
+
+    required: ClassVar[tuple[str, ...]] = ("output_dir", "train_datasets", "val_datasets")
 
     def phase_starts(self) -> Optional[list[tuple[int, dict[str, int]]]]:
         """The curriculum as ``(first 0-based step, mix)`` pairs for the ``MetaLoader``; ``None`` without phases."""
@@ -88,20 +84,8 @@ class TrainingConfig:
         return [name for spec in self.train_datasets for name in spec.task_names()]
 
 
-def _field_names(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
-
-
-def _check_keys(where: str, given: dict, cls: type) -> None:
-    if not isinstance(given, dict):
-        raise TypeError(f"{where} must be a JSON object, got {type(given).__name__}")
-    unknown = sorted(set(given) - _field_names(cls))
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(_field_names(cls))}")
-
-
-def _resolve_path(path: str, base_dir: str) -> str:
-    """``bundled:<name>`` -> the bundled corpus dir; relative paths are taken from ``base_dir``."""
+def resolve_bundled_corpus(path: str, base_dir: str) -> str:
+    """``bundled:<name>`` -> the bundled corpus dir; other paths relative to ``base_dir`` (the config file's)."""
     if path.startswith(BUNDLED_PREFIX):
         name = path[len(BUNDLED_PREFIX) :]
         if name not in BUNDLED_NAMES:
@@ -112,11 +96,11 @@ def _resolve_path(path: str, base_dir: str) -> str:
 
         corpus = default_corpus()
         return {"txt_train": corpus.txt_db, "txt_val": corpus.txt_db_val, "img": corpus.img_db}[name]
-    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+    return resolve_path(path, base_dir)
 
 
 def _dataset(where: str, raw: dict, training: bool, base_dir: str) -> DatasetSpec:
-    _check_keys(where, raw, DatasetSpec)
+    check_keys(where, raw, DatasetSpec)
     missing = sorted({"name", "db", "img", "tasks"} - set(raw))
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
@@ -140,8 +124,8 @@ def _dataset(where: str, raw: dict, training: bool, base_dir: str) -> DatasetSpe
         for task, ratio in zip(spec.tasks, spec.mix_ratio):
             if not isinstance(ratio, int) or isinstance(ratio, bool) or ratio <= 0:
                 raise ValueError(f"{where}: mix_ratio of task {task!r} must be an integer > 0, got {ratio!r}")
-    spec.db = [_resolve_path(p, base_dir) for p in spec.db]
-    spec.img = [_resolve_path(p, base_dir) for p in spec.img]
+    spec.db = [resolve_bundled_corpus(p, base_dir) for p in spec.db]
+    spec.img = [resolve_bundled_corpus(p, base_dir) for p in spec.img]
     for key in ("db", "img"):
         for path in getattr(spec, key):
             if not os.path.isdir(path):
@@ -174,37 +158,23 @@ def _check_phases(phases: Any, task_names: list[str]) -> None:
                 raise ValueError(f"{where}: ratio of task {name!r} must be an integer > 0, got {ratio!r}")
 
 
-def _positive(cfg: TrainingConfig, names: tuple[str, ...]) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"{name} must be a number > 0, got {value!r}")
-
-
 def parse_training_config(raw: dict[str, Any], base_dir: str = ".") -> TrainingConfig:
     """Validate a config dict (see :class:`TrainingConfig`) and resolve its paths against ``base_dir``."""
-    _check_keys("training config", raw, TrainingConfig)
-    for key in ("train_datasets", "val_datasets", "output_dir"):
+    where = "training config"
+    check_keys(where, raw, TrainingConfig)
+    for key in TrainingConfig.required:
         if key not in raw:
-            raise ValueError(f"training config: missing key {key!r}")
+            raise ValueError(f"{where}: missing key {key!r}")
     fields = dict(raw)
     for key, training in (("train_datasets", True), ("val_datasets", False)):
         if not isinstance(raw[key], list) or not raw[key]:
             raise ValueError(f"{key} must be a non-empty list of datasets, got {raw[key]!r}")
         fields[key] = [_dataset(f"{key}[{i}]", d, training, base_dir) for i, d in enumerate(raw[key])]
-    _check_keys("ot", raw.get("ot", {}), OtSettings)
+    check_keys("ot", raw.get("ot", {}), OtSettings)
     fields["ot"] = OtSettings(**raw.get("ot", {}))
-    if raw.get("checkpoint"):
-        fields["checkpoint"] = _resolve_path(raw["checkpoint"], base_dir)
-        if not os.path.exists(fields["checkpoint"]):
-            raise FileNotFoundError(f"checkpoint {fields['checkpoint']!r} does not exist")
-    cfg = TrainingConfig(**fields)
-    _positive(cfg, ("train_batch_size", "val_batch_size", "num_train_steps", "learning_rate", "valid_steps"))
-    _positive(cfg, ("save_steps", "max_txt_len", "max_bb", "min_bb", "num_bb"))
+    cfg = parse_run_config(TrainingConfig, fields, where, base_dir, lambda p: resolve_bundled_corpus(p, base_dir))
     if cfg.ot.beta <= 0 or cfg.ot.iteration < 1 or cfg.ot.k < 1:
         raise ValueError(f"ot: need beta > 0, iteration >= 1 and k >= 1, got {dataclasses.asdict(cfg.ot)}")
-    if cfg.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     for name in ("mrm_prob", "itm_neg_prob"):
         if not 0.0 < getattr(cfg, name) < 1.0:
             raise ValueError(f"{name} must be in (0, 1), got {getattr(cfg, name)}")
@@ -220,11 +190,4 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".") -> TrainingC
 
 def load_training_config(path: str) -> TrainingConfig:
     """Read and validate a training config JSON; relative paths in it are relative to the file's directory."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"training config {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"training config {path!r} is not valid JSON: {err}") from None
-    return parse_training_config(raw, os.path.dirname(os.path.abspath(path)))
+    return parse_training_config(read_json(path, "training config"), os.path.dirname(os.path.abspath(path)))

@@ -29,10 +29,9 @@ from uniter_fast.data import (
     batch_loader,
 )
 from uniter_fast.data.datasets import TaskBatches
+from uniter_fast.data.sampler import check_token_budget
 from uniter_fast.pretraining.config import DatasetSpec, TrainingConfig
 from uniter_fast.pretraining.model import task_kind
-
-SIZE_MULTIPLE = 8
 
 
 class ConcatTaskDataset(torch.utils.data.Dataset, TaskBatches):
@@ -109,12 +108,7 @@ class DataBuilder:
         """The task dataset of ``spec``; ``ValueError`` if ``budget`` cannot hold one batch of its longest example."""
         parts = [self._one(task, *self._dbs(t, i)) for t, i in zip(spec.db, spec.img)]
         longest = max(int(p.txt_lens.max()) + max(p.img_db.name2nbb[f] for f in p.img_fnames) for p in parts)
-        if budget < SIZE_MULTIPLE * longest:
-            raise ValueError(
-                f"{budget_name}={budget} tokens is too small for dataset {spec.name!r} ({task}): its longest example "
-                f"has up to {longest} tokens (text + regions) and a batch holds at least {SIZE_MULTIPLE} examples; "
-                f"use >= {SIZE_MULTIPLE * longest}"
-            )
+        check_token_budget(budget, longest, budget_name, f"dataset {spec.name!r} ({task})")
         return ConcatTaskDataset(parts)
 
     def train_stream(self, grad_accum_steps: int) -> MetaLoader:

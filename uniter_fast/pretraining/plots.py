@@ -26,7 +26,7 @@ from uniter_fast.ot import cost_matrix_cosine, ipot
 from uniter_fast.pretraining.checkpoint import load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.model import UniterForPretraining
-from uniter_fast.pretraining.trainer import EXPORT_SUBDIR, STEP_LOG, VAL_LOG, read_jsonl
+from uniter_fast.training.logs import PRETRAINED_SUBDIR, STEP_LOG, VAL_LOG, read_jsonl
 
 CURVES_NAME = "curves.png"
 ALIGNMENT_NAME = "alignment.png"
@@ -230,7 +230,7 @@ def write_pictures(cfg: TrainingConfig, model_config: UniterConfig, output_dir: 
         [first for first, _ in cfg.phase_starts() or []][1:],
     )
     model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
-    load_init_checkpoint(model, os.path.join(output_dir, EXPORT_SUBDIR))
+    load_init_checkpoint(model, os.path.join(output_dir, PRETRAINED_SUBDIR))
     spec = cfg.val_datasets[0]
     dataset = DetectFeatTxtTokDataset(
         TxtTokLmdb(spec.db[0], cfg.max_txt_len), DetectFeatLmdb(spec.img[0], cfg.conf_th, cfg.max_bb, cfg.min_bb)

@@ -8,13 +8,14 @@ negative pairs (WRA should make the first smaller).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from uniter_fast.pretraining.model import task_kind
+from uniter_fast.training.distributed import is_distributed, lockstep
 
 # sums per task kind: names of the accumulated quantities, in a fixed order so that ranks reduce the same vector
 SUMS = {
@@ -82,28 +83,6 @@ def metrics_from_sums(kind: str, sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def lockstep(loader: Iterable[dict], device: torch.device) -> Iterator[tuple[dict, bool]]:
-    """(batch, counts) pairs until every rank is out of batches; a rank that ran out early repeats its last batch
-    with ``counts`` False, so that all ranks run the same number of forwards (ZeRO-3 gathers weights in each)."""
-    batches, last = iter(loader), None
-    while True:
-        batch = next(batches, None)
-        more = torch.tensor([batch is not None], dtype=torch.int64, device=device)
-        if _distributed():
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
-        if not bool(more):
-            return
-        if batch is None and last is None:
-            raise RuntimeError("this rank has no validation batch while others do; use a larger validation set")
-        if batch is not None:
-            last = batch
-        yield last, batch is not None
-
-
 @torch.no_grad()
 def validate(
     model: Callable[..., dict[str, torch.Tensor]],
@@ -128,7 +107,7 @@ def validate(
             sums = batch_sums(kind, model(to_device(batch), name, compute_loss=False))
             for key, value in sums.items():
                 totals[key] += value if counts else 0.0
-        if _distributed():
+        if is_distributed():
             vector = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
             dist.all_reduce(vector)
             totals = dict(zip(keys, vector.tolist()))

@@ -1,5 +1,7 @@
-"""Downstream tasks: each module holds a task's model (original head names), data and metric; ``TASKS`` maps the
-names that ``finetune.py --task`` and ``evaluate.py --task`` take to their :class:`~uniter_fast.tasks.spec.Task`."""
+"""Downstream tasks: each module holds a task's model (original head names), data, metric and database builder;
+``TASKS`` maps the names that ``finetune.py --task``, ``evaluate.py --task`` and ``python -m uniter_fast.build
+--task`` take to their :class:`~uniter_fast.tasks.spec.Task`. A task defined outside the package joins with
+:func:`register` (see ``docs/adding-a-task.md``)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,17 @@ TASKS: dict[str, Task] = {
 }
 
 
+def register(task: Task) -> Task:
+    """Add ``task`` to :data:`TASKS` under ``task.name`` (a new name; ``ValueError`` if it is taken or empty), so the
+    CLIs run it in this process; returns it."""
+    if not isinstance(task, Task) or not task.name:
+        raise ValueError(f"register needs a Task instance with a name, got {task!r}")
+    if task.name in TASKS:
+        raise ValueError(f"a task named {task.name!r} is already registered ({type(TASKS[task.name]).__name__})")
+    TASKS[task.name] = task
+    return task
+
+
 def get_task(name: str) -> Task:
     """The task called ``name``; ``ValueError`` listing the known ones otherwise."""
     if name not in TASKS:
@@ -31,4 +44,4 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Task", "get_task"]
+__all__ = ["TASKS", "Task", "get_task", "register"]

@@ -13,24 +13,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from uniter_fast.pretraining.validate import lockstep
-from uniter_fast.tasks.spec import Task
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+from uniter_fast.training.distributed import is_distributed, lockstep
 
 
 @torch.no_grad()
 def evaluate(
-    task: Task,
+    task: Any,
     model: Any,
     batches: Iterable[dict[str, Any]],
     options: dict[str, Any],
     to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
     desc: str = "eval",
 ) -> tuple[dict[str, float], list[Any]]:
-    """(metrics, every rank's prediction records) of ``task`` on ``batches`` (this rank's, finite).
+    """(metrics, every rank's prediction records) of ``task`` (a :class:`~uniter_fast.tasks.spec.Task`: its ``sums``,
+    ``eval_batch`` and ``metrics``) on ``batches`` (this rank's, finite).
 
     ``model`` is the task model or a DeepSpeed engine around it; it is put in eval mode and back.
     """
@@ -40,14 +36,14 @@ def evaluate(
     device = next(module.parameters()).device
     totals = dict.fromkeys(task.sums, 0.0)
     predictions: list[Any] = []
-    quiet = _distributed() and dist.get_rank() != 0
+    quiet = is_distributed() and dist.get_rank() != 0
     for batch, counts in tqdm(lockstep(batches, device), desc=desc, disable=quiet, leave=False):
         sums, preds = task.eval_batch(model, to_device(batch), options)
         if counts:
             for key in task.sums:
                 totals[key] += sums[key]
             predictions += preds
-    if _distributed():
+    if is_distributed():
         vector = torch.tensor([totals[k] for k in task.sums], dtype=torch.float64, device=device)
         dist.all_reduce(vector)
         totals = dict(zip(task.sums, vector.tolist()))

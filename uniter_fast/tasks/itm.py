@@ -386,7 +386,9 @@ class ItmTask(Task):
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         return ItmRankDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["negative_size"], seed)
 
-    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ):
         return ItmEvalDataset(dbs.txt(TxtTokLmdb, txt_path, False), dbs.img(img_path))
 
     def evaluate_split(

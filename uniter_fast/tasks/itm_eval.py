@@ -30,17 +30,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from uniter_fast.data.files import write_json_atomic
-from uniter_fast.pretraining.validate import lockstep
+from uniter_fast.training.distributed import is_distributed, lockstep, rank_and_world
 
 RECALL_AT = (1, 5, 10)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
 
 
 # ---------------------------------------------------------------------- recall
@@ -122,7 +114,7 @@ def score_pairs(
     chunks = list(token_batches(lengths, batch_size))
     batches = ((c, dataset.pairs_batch(txt_index[c], img_index[c])) for c in chunks)
     out = torch.empty(len(txt_index), dtype=torch.float32)
-    quiet = _rank_world()[0] != 0
+    quiet = rank_and_world()[0] != 0
     with tqdm(total=len(txt_index), desc=desc, disable=quiet, leave=False, unit="pair") as bar:
         for (chunk, batch), counts in lockstep(batches, device):
             with _autocast(device):
@@ -146,7 +138,7 @@ def first_stage_embeddings(
             "checkpoint?); fine-tune with first_stage_dim > 0 or use --eval-mode exact"
         )
     device = next(module.parameters()).device
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     txt = torch.zeros(len(dataset.ids), module.first_stage_dim, device=device)
     img = torch.zeros(len(dataset.all_img_ids), module.first_stage_dim, device=device)
     mine_t = np.arange(len(dataset.ids))[rank::world]
@@ -159,7 +151,7 @@ def first_stage_embeddings(
             b = to_device(dataset.images_batch(mine_i[chunk]))
             emb = module.image_embeddings(b["img_feat"], b["img_pos_feat"], b["num_bbs"])
             img[torch.from_numpy(mine_i[chunk]).to(device)] = emb
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(txt)
         dist.all_reduce(img)
     return txt.float(), img.float()
@@ -221,7 +213,7 @@ def evaluate_retrieval(
     module.eval()
     start = time.perf_counter()
     device = next(module.parameters()).device
-    rank, world = _rank_world()
+    rank, world = rank_and_world()
     num_txt, num_img = len(dataset.ids), len(dataset.all_img_ids)
     extra: dict[str, float] = {}
     if mode == "exact":
@@ -251,7 +243,7 @@ def evaluate_retrieval(
     matrix[torch.from_numpy(txt_index[mine]).to(device), torch.from_numpy(img_index[mine]).to(device)] = scores.to(
         device
     )
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(matrix, op=dist.ReduceOp.MAX)
     matrix = matrix.cpu()
     if similarity is not None:  # non-candidates below every candidate, in first-stage order

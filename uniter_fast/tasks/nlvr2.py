@@ -225,7 +225,9 @@ class Nlvr2Task(Task):
         txt = dbs.txt(TxtTokLmdb, txt_path, True)
         return Nlvr2Dataset(txt, dbs.img(img_path), options["model"] != "triplet", options["use_img_type"], seed)
 
-    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ):
         txt = dbs.txt(TxtTokLmdb, txt_path, False)
         return Nlvr2Dataset(txt, dbs.img(img_path), options["model"] != "triplet", options["use_img_type"])
 

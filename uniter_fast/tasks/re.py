@@ -197,7 +197,9 @@ class ReTask(Task):
             raise ValueError(f"RE trains on GT-box features (an img_db named like '*gt*'), got {img_path!r}")
         return ReDataset(dbs.txt(ReTxtTokLmdb, txt_path, True), dbs.img(img_path, gt=True), gt=True, seed=seed)
 
-    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ):
         gt = is_gt_db(img_path)
         return ReDataset(dbs.txt(ReTxtTokLmdb, txt_path, False), dbs.img(img_path, gt=gt), gt=gt, eval=True)
 

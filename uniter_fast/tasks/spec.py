@@ -1,9 +1,12 @@
-"""``Task``: everything ``finetune.py`` and ``evaluate.py`` need to know about one downstream task.
+"""``Task``: everything ``finetune.py``, ``evaluate.py`` and ``python -m uniter_fast.build`` need to know about one
+downstream task, the contract between a task module and the floors above it.
 
 A task module (``vqa.py``, ``nlvr2.py``, ...) defines its model (original head names), datasets and collates, and a
-``Task`` subclass that ties them to the loop: how to build and prepare the model, which datasets to train and
-evaluate on, what one evaluation batch adds to the metric, and how predictions are written (in the original's
-output format). ``uniter_fast.tasks.TASKS`` maps names to instances; adding a task is one new module and one entry.
+``Task`` subclass that ties them to the recipes: how to build and prepare the model, which training streams to mix
+and which datasets to evaluate on, what one evaluation batch adds to the metric, how predictions are written (in the
+original's output format), and how its databases are built from annotations. ``uniter_fast.tasks.TASKS`` maps names
+to instances (``register`` adds one from outside the package); adding a task is one new module, one entry and its
+config, and no code outside ``tasks/`` tests a task's name (``docs/adding-a-task.md``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks.data import DbCache, TaskDataset
+from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
+from uniter_fast.tasks.evaluation import evaluate
 
 
 class Task:
@@ -43,6 +47,8 @@ class Task:
     """True when a checkpoint with the head keys may still have the pretrained table sizes and is grown after the
     strict load (the VCR second stage starts from pretraining exports, heads included); otherwise such a
     checkpoint must already hold the task's tables."""
+    export_dir = "finetuned"
+    """Where a finished run's weights go, under ``output_dir`` (the VCR second stage: ``pretrained``)."""
 
     # ------------------------------------------------------------------ options and model
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -81,10 +87,24 @@ class Task:
         """The training dataset(s) of one (txt_db, img_db) pair (VCR gives a Q->A and a QA->R dataset)."""
         raise NotImplementedError
 
+    def train_streams(
+        self, dbs: DbCache, pairs: list[tuple[str, str]], options: dict[str, Any], seed: int
+    ) -> dict[str, tuple[TaskDataset, int]]:
+        """The training streams that the task mixer draws from, one per optimizer step: {stream name: (dataset, mix
+        ratio)}. Default: one stream named after the task, the :meth:`train_dataset` of every (txt_db, img_db) pair
+        concatenated (as the original's ``ConcatDatasetWithLens``)."""
+        parts: list[TaskDataset] = []
+        for txt_path, img_path in pairs:
+            made = self.train_dataset(dbs, txt_path, img_path, options, seed)
+            parts += made if isinstance(made, list) else [made]
+        return {self.name: (parts[0] if len(parts) == 1 else ConcatTaskDatasets(parts), 1)}
+
     def eval_dataset(
-        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str
-    ) -> TaskDataset:
-        """An evaluation dataset (every example, in order) of ``split`` (a name such as "val", "test")."""
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ) -> Any:
+        """The evaluation data of ``split`` (a name such as "val", "test"): a dataset of every example, in order, or
+        whatever this task's :meth:`evaluate_split` takes; ``seed`` (the run's) seeds any draw an evaluation example
+        makes (the VCR second stage's masks)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ evaluation
@@ -100,10 +120,8 @@ class Task:
         desc: str = "eval",
     ) -> tuple[dict[str, float], list[Any]]:
         """(metrics, every rank's predictions) of one split: this rank's batches through :meth:`eval_batch`, summed
-        and gathered over ranks (``uniter_fast.tasks.evaluation.evaluate``). ITM overrides it (a score matrix)."""
-        from uniter_fast.tasks.data import eval_batches
-        from uniter_fast.tasks.evaluation import evaluate
-
+        and gathered over ranks (``uniter_fast.tasks.evaluation.evaluate``). ITM overrides it (a score matrix), the
+        VCR second stage too (the pretraining objectives' validation)."""
         batches = eval_batches(dataset, batch_size, rank, world, by_examples=self.by_examples)
         return evaluate(self, model, batches, options, to_device, desc=desc)
 

@@ -223,7 +223,9 @@ class VcrTask(Task):
         gt, det = self._dbs(dbs, img_path)
         return [VcrDataset(dbs.txt(VcrTxtTokLmdb, txt_path, True, task=t), gt, det, seed=seed) for t in ("qa", "qar")]
 
-    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ):
         gt, det = self._dbs(dbs, img_path)
         mode = "test" if split == "test" else "val"
         return VcrDataset(dbs.txt(VcrTxtTokLmdb, txt_path, False, task="qa,qar"), gt, det, eval_mode=mode)

@@ -14,7 +14,8 @@ both under one name, so only the Q->A->R one trains; this module reads the dbs a
 
 from __future__ import annotations
 
-from typing import Any
+from collections import defaultdict
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,10 +25,12 @@ from uniter_fast.data.masking import MASK_PROB, mask_regions, mask_words
 from uniter_fast.data.reference import mlm_collate, mrm_collate
 from uniter_fast.data.vcr_db import VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.pretraining.model import UniterForPretraining
-from uniter_fast.tasks.data import DbCache, box_inputs
+from uniter_fast.pretraining.model import UniterForPretraining, task_kind
+from uniter_fast.pretraining.validate import validate
+from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, box_inputs, eval_batches
 from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.vcr import ANSWER, QUESTION, RATIONALE, VcrDataset, prepare_vcr_tables, special_token_base
+from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl")
 
@@ -104,12 +107,17 @@ def prepare_vcr_pretraining(model: UniterForPretraining, special_token_base: int
 
 class VcrPretrainTask(Task):
     """VCR second-stage pretraining; options: ``tasks`` / ``mix_ratio`` (the original 2:1:1 mlm, mrfr, mrckl) and
-    ``mrm_prob``. Trained and validated by the pretraining loop (see ``finetuning/vcr_pretrain.py``)."""
+    ``mrm_prob``. One training stream per objective (``mlm_vcr``, ...), drawn by ``mix_ratio`` one per optimizer
+    step as in pretraining; evaluation is pretraining's validation of each objective (``mlm_acc``, ``mlm_loss``,
+    ``mrfr_loss``, ``mrckl_acc``, ...); the export goes to ``output_dir/pretrained``, which ``--task vcr`` starts
+    from."""
 
     name = "vcr_pretrain"
     heads = ("cls", "feat_regress", "region_classifier", "itm_output")
     grows_loaded_heads = True  # uniter-base.pt / a pretraining export: every key loads, then the tables grow
     options = {"tasks": ["mlm", "mrfr", "mrckl"], "mix_ratio": [2, 1, 1], "mrm_prob": MASK_PROB}
+    headline = "mlm_acc"
+    export_dir = PRETRAINED_SUBDIR  # beside a pretraining run's export, which it is
 
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
         out = super().check_options(options, where)
@@ -132,10 +140,54 @@ class VcrPretrainTask(Task):
         prepare_vcr_pretraining(model, options["special_token_base"])
 
     def datasets(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], training: bool, seed: int):
-        """{task kind: dataset} of one (txt_db, "gt;det" img_db) pair."""
+        """{stream name (``mlm_vcr``, ...): dataset} of one (txt_db, "gt;det" img_db) pair."""
         gt, det = split_vcr_img_dirs(img_path)
         txt = dbs.txt(VcrTxtTokLmdb, txt_path, training, task="qar")
         img_gt, img = dbs.img(gt, gt=True), dbs.img(det)
         return {
-            kind: VcrPretrainDataset(txt, img_gt, img, kind, options["mrm_prob"], seed) for kind in options["tasks"]
+            f"{kind}_vcr": VcrPretrainDataset(txt, img_gt, img, kind, options["mrm_prob"], seed)
+            for kind in options["tasks"]
         }
+
+    def train_streams(
+        self, dbs: DbCache, pairs: list[tuple[str, str]], options: dict[str, Any], seed: int
+    ) -> dict[str, tuple[TaskDataset, int]]:
+        """One stream per objective, each over every pair (concatenated), with its ``mix_ratio``."""
+        parts: dict[str, list[TaskDataset]] = defaultdict(list)
+        for txt_path, img_path in pairs:
+            for name, dataset in self.datasets(dbs, txt_path, img_path, options, True, seed).items():
+                parts[name].append(dataset)
+        return {
+            name: (datasets[0] if len(datasets) == 1 else ConcatTaskDatasets(datasets), ratio)
+            for (name, datasets), ratio in zip(parts.items(), options["mix_ratio"])
+        }
+
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ) -> Any:
+        """{stream name: dataset} of the split, one per objective (masks drawn from ``seed``)."""
+        return self.datasets(dbs, txt_path, img_path, options, False, seed)
+
+    def evaluate_split(
+        self,
+        model: Any,
+        dataset: Any,
+        batch_size: int,
+        options: dict[str, Any],
+        rank: int,
+        world: int,
+        to_device: Callable[[dict[str, Any]], dict[str, Any]],
+        desc: str = "eval",
+    ) -> tuple[dict[str, float], list[Any]]:
+        """Pretraining's validation of each objective on its dataset: ``{kind}_{metric}`` (``mlm_acc``,
+        ``mlm_loss``, ``mrfr_loss``, ``mrckl_acc``, ...); no predictions."""
+        loaders = {name: eval_batches(data, batch_size, rank, world) for name, data in dataset.items()}
+        results = validate(model, loaders, to_device)
+        metrics = {
+            f"{task_kind(name)}_{key}": value for name, per_task in results.items() for key, value in per_task.items()
+        }
+        return metrics, []
+
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+        """None: pretraining objectives have no prediction files."""
+        return []

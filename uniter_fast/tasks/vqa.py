@@ -180,7 +180,9 @@ class VqaTask(Task):
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         return VqaDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["num_answers"], seed)
 
-    def eval_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str):
+    def eval_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
+    ):
         txt = dbs.txt(TxtTokLmdb, txt_path, False)
         return VqaDataset(txt, dbs.img(img_path), options["num_answers"], eval=True)
 

@@ -1,24 +1,23 @@
-"""DeepSpeed set-up for pretraining: process-group environment, the ``ds.json`` checks, and the engine.
+"""``ds.json``: read, checked and completed for a run; and the DeepSpeed engine with the original's optimizer groups.
 
-The training config owns the learning rate and its schedule (``learning_rate``, ``warmup_steps``,
-``num_train_steps``, as the original ``pretrain-*.json``); ``ds.json`` owns the optimizer's other settings, the
-precision, ZeRO, clipping and ``gradient_accumulation_steps``. The checks below keep the two from contradicting each
-other.
+The run config owns the learning rate and its schedule (``learning_rate``, ``warmup_steps``, ``num_train_steps``, as
+the original ``config/*.json``); ``ds.json`` owns the optimizer's other settings, the precision, ZeRO, clipping and
+``gradient_accumulation_steps``, except where the run config gives ``gradient_accumulation_steps``, ``grad_norm``,
+``weight_decay`` or ``betas`` (the original keeps them there): those win. The checks below keep the two files from
+contradicting each other.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
-import socket
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
-from uniter_fast.pretraining.config import TrainingConfig
-from uniter_fast.pretraining.optim import build_scheduler, param_groups
+from uniter_fast.files import read_json
+from uniter_fast.training.config import RunConfig
+from uniter_fast.training.optim import build_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
 
@@ -29,59 +28,37 @@ FORBIDDEN_DS_KEYS = {
 }
 
 
-def setup_environment() -> None:
-    """Make ``python pretrain.py`` work like a launcher-started rank 0 of 1, and pick the CPU accelerator of DeepSpeed
-    when there is no GPU (must run before ``import deepspeed``)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
-        defaults["MASTER_PORT"] = str(port)
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
+def load_ds_config(path: str, cfg: RunConfig) -> dict[str, Any]:
+    """Read ``ds.json``, check it, and complete it for this run (:func:`complete_ds_config`)."""
+    return complete_ds_config(read_json(path, "DeepSpeed config"), cfg, source=path)
 
 
-def init_ranks(seed: int, num_workers: Optional[int]) -> tuple[int, int, int]:
-    """After ``setup_environment``: one PyTorch thread per CPU rank (unless ``OMP_NUM_THREADS`` is set; more threads
-    oversubscribe the cores, 10x slower on a shared machine), DeepSpeed's process group, warnings-only logging off
-    rank 0, every RNG seeded. Returns (rank, world size, loader workers: ``num_workers``, else 2 on GPU, 0 on CPU)."""
-    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(1)
-    import deepspeed
-
-    from uniter_fast.pretraining.trainer import seed_everything
-
-    deepspeed.init_distributed()
-    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    seed_everything(seed)
-    workers = num_workers if num_workers is not None else (2 if torch.cuda.is_available() else 0)
-    return rank, world, workers
+def apply_run_optimizer_settings(ds: dict[str, Any], cfg: RunConfig) -> None:
+    """The run config's optimizer settings into ``ds`` (in place): ``gradient_accumulation_steps``, ``grad_norm`` ->
+    ``gradient_clipping`` (-1 = none), ``weight_decay`` and ``betas`` of the optimizer, where the run config gives
+    them."""
+    if cfg.gradient_accumulation_steps is not None:
+        ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    if cfg.grad_norm is not None:
+        ds["gradient_clipping"] = 0.0 if cfg.grad_norm == -1 else float(cfg.grad_norm)
+    optimizer = ds.get("optimizer")
+    if isinstance(optimizer, dict):
+        params = optimizer.setdefault("params", {})
+        if cfg.weight_decay is not None:
+            params["weight_decay"] = cfg.weight_decay
+        if cfg.betas is not None:
+            params["betas"] = list(cfg.betas)
 
 
-def load_ds_config(path: str, cfg: TrainingConfig) -> dict[str, Any]:
-    """Read ``ds.json``, check it, and complete it for this run.
-
-    Sets the optimizer lr from the training config and ``train_micro_batch_size_per_gpu`` = 1 (one token-budgeted
-    batch per micro-step); turns bf16 / fp16 off (with a warning) where the accelerator does not support them.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"DeepSpeed config {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        try:
-            ds = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"DeepSpeed config {path!r} is not valid JSON: {err}") from None
-    return complete_ds_config(ds, cfg, source=path)
-
-
-def complete_ds_config(ds: dict[str, Any], cfg: TrainingConfig, source: str = "ds config") -> dict[str, Any]:
-    """See :func:`load_ds_config`; ``ds`` is not modified."""
+def complete_ds_config(ds: dict[str, Any], cfg: RunConfig, source: str = "ds config") -> dict[str, Any]:
+    """``ds`` checked and completed for the run ``cfg`` (``ds`` itself is not modified): the run config's optimizer
+    settings applied (:func:`apply_run_optimizer_settings`), the optimizer lr set from ``learning_rate``,
+    ``train_micro_batch_size_per_gpu`` = 1 (one token-budgeted batch per micro-step); bf16 / fp16 turned off (with a
+    warning) where the accelerator does not support them. Keys that belong to the run config are errors."""
+    if not isinstance(ds, dict):
+        raise TypeError(f"{source} must be a JSON object, got {type(ds).__name__}")
     ds = copy.deepcopy(ds)
+    apply_run_optimizer_settings(ds, cfg)
     for key, why in FORBIDDEN_DS_KEYS.items():
         if key in ds:
             raise ValueError(f"{source}: remove {key!r}: {why}")
@@ -128,7 +105,7 @@ def cpu_has_native_bf16() -> bool:
 
 def build_engine(
     model: torch.nn.Module,
-    cfg: TrainingConfig,
+    cfg: RunConfig,
     ds_config: dict[str, Any],
     lr_mul: float = 1.0,
     head_names: tuple[str, ...] = (),

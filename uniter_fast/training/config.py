@@ -1,0 +1,137 @@
+"""The fields every run config shares (``pretrain.py``'s training config and ``finetune.py``'s fine-tuning config),
+their defaults and their checks, written once.
+
+A recipe's config subclasses :class:`RunConfig` (re-declaring a default where the original's recipes differ, e.g.
+pretraining's 10240-token batches) and adds its own fields; :func:`parse_run_config` checks a JSON object against the
+class (unknown and missing keys, the shared fields' values, the checkpoint path) and :func:`check_run_fields` is the
+one check of the shared values. The names are the original's (``config/pretrain-*.json``, ``config/train-*.json``).
+Optimizer settings that the original keeps in its run configs (``gradient_accumulation_steps``, ``grad_norm``,
+``weight_decay``, ``betas``) override ``ds.json``'s when given (``uniter_fast.training.engine``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, ClassVar, Optional, TypeVar
+
+C = TypeVar("C", bound="RunConfig")
+
+POSITIVE_FIELDS = (
+    "train_batch_size",
+    "val_batch_size",
+    "num_train_steps",
+    "learning_rate",
+    "valid_steps",
+    "save_steps",
+    "max_txt_len",
+    "max_bb",
+    "min_bb",
+    "num_bb",
+)
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """The shared fields (defaults: the original fine-tuning scripts'; a recipe may re-declare them)."""
+
+    output_dir: str = ""
+    checkpoint: Optional[str] = None
+    model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_batch_size: int = 4096
+    val_batch_size: int = 4096
+    num_train_steps: int = 100000
+    warmup_steps: int = 4000
+    learning_rate: float = 3e-5
+    valid_steps: int = 1000
+    save_steps: Optional[int] = None
+    gradient_accumulation_steps: Optional[int] = None
+    grad_norm: Optional[float] = None
+    weight_decay: Optional[float] = None
+    betas: Optional[list[float]] = None
+    max_txt_len: int = 60
+    conf_th: float = 0.2
+    max_bb: int = 100
+    min_bb: int = 10
+    num_bb: int = 36
+    fast: bool = True
+    seed: int = 42
+    num_workers: Optional[int] = None
+
+    required: ClassVar[tuple[str, ...]] = ("output_dir",)
+    """Keys a config file must give."""
+
+
+def field_names(cls: type) -> list[str]:
+    """The dataclass fields of ``cls``, in order."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def check_keys(where: str, raw: Any, cls: type, extra: tuple[str, ...] = ()) -> None:
+    """``raw`` must be a JSON object whose keys are fields of ``cls`` (or ``extra``); else one error naming ``where``,
+    the unknown keys and the allowed ones."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"{where} must be a JSON object, got {type(raw).__name__}")
+    allowed = set(field_names(cls)) | set(extra)
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+
+def resolve_path(path: str, base_dir: str) -> str:
+    """A path of a config file: absolute as given, relative to the file's directory ``base_dir``."""
+    return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_run_fields(cfg: RunConfig) -> None:
+    """Check the shared fields' values (``save_steps`` defaults to ``valid_steps``); ``ValueError`` naming the field,
+    what it must be and the value given."""
+    if cfg.save_steps is None:
+        cfg.save_steps = cfg.valid_steps
+    for name in POSITIVE_FIELDS:
+        value = getattr(cfg, name)
+        if not _is_number(value) or value <= 0:
+            raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if not _is_number(cfg.warmup_steps) or cfg.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    accum = cfg.gradient_accumulation_steps
+    if accum is not None and (not isinstance(accum, int) or isinstance(accum, bool) or accum < 1):
+        raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
+    if cfg.grad_norm is not None and (not _is_number(cfg.grad_norm) or (cfg.grad_norm <= 0 and cfg.grad_norm != -1)):
+        raise ValueError(f"grad_norm must be a number > 0, or -1 for no clipping, got {cfg.grad_norm!r}")
+    if cfg.weight_decay is not None and (not _is_number(cfg.weight_decay) or cfg.weight_decay < 0):
+        raise ValueError(f"weight_decay must be a number >= 0, got {cfg.weight_decay!r}")
+    betas = cfg.betas
+    if betas is not None and (
+        not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if cfg.num_workers is not None and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
+
+
+def parse_run_config(
+    cls: type[C],
+    raw: dict[str, Any],
+    where: str,
+    base_dir: str,
+    resolve: Optional[Callable[[str], str]] = None,
+) -> C:
+    """``cls(**raw)`` after the shared checks: ``raw`` a JSON object with only ``cls``'s fields and every one of
+    ``cls.required``; the shared values (:func:`check_run_fields`); ``checkpoint`` resolved (by ``resolve``, else
+    relative to ``base_dir``) and required to exist. The recipe checks its own fields afterwards."""
+    check_keys(where, raw, cls)
+    missing = sorted(set(cls.required) - set(raw))
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
+    cfg = cls(**raw)
+    check_run_fields(cfg)
+    if cfg.checkpoint:
+        cfg.checkpoint = (resolve or (lambda p: resolve_path(p, base_dir)))(cfg.checkpoint)
+        if not os.path.exists(cfg.checkpoint):
+            raise FileNotFoundError(f"{where}: checkpoint {cfg.checkpoint!r} does not exist")
+    return cfg

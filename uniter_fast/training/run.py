@@ -1,0 +1,77 @@
+"""The one run set-up under both recipes: start the ranks, build the engine, train with the recipe's callables, and
+head the final summary."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from torch import nn
+
+from uniter_fast.training.config import RunConfig
+from uniter_fast.training.distributed import init_ranks, setup_environment
+from uniter_fast.training.engine import build_engine, load_ds_config
+from uniter_fast.training.logs import open_output_dir
+from uniter_fast.training.loop import Export, Results, TaskStream, Trainer, Validate
+
+
+@dataclasses.dataclass
+class Run:
+    """A started run: this process's ``rank`` of ``world``, its data-loader ``num_workers`` and the completed
+    ``ds_config``."""
+
+    rank: int
+    world: int
+    num_workers: int
+    ds_config: dict[str, Any]
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step (ds.json's ``gradient_accumulation_steps`` after the run config's)."""
+        return int(self.ds_config["gradient_accumulation_steps"])
+
+
+def start_run(cfg: RunConfig, ds_config_path: str) -> Run:
+    """Check and complete ``ds.json`` for ``cfg`` (before anything starts), then start this rank: the process-group
+    environment, DeepSpeed's process group, threads, logging and seeds."""
+    setup_environment()
+    ds_config = load_ds_config(ds_config_path, cfg)
+    rank, world, num_workers = init_ranks(cfg.seed, cfg.num_workers)
+    return Run(rank, world, num_workers, ds_config)
+
+
+def fit(
+    run: Run,
+    model: nn.Module,
+    cfg: RunConfig,
+    stream: TaskStream,
+    validate: Validate,
+    export: Export,
+    *,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    progress_name: str = "train",
+    validate_at_start: bool = False,
+    lr_mul: float = 1.0,
+    head_names: tuple[str, ...] = (),
+) -> tuple[Trainer, Results]:
+    """Train ``model`` on ``stream`` as ``cfg`` says (the engine with the original's optimizer groups; ``lr_mul`` for
+    the parameters under ``head_names``), resuming from ``output_dir`` with ``resume``; returns the trainer (its
+    ``step``, ``recent`` losses, ``engine``) and the final validation results."""
+    writer = open_output_dir(cfg.output_dir, run.rank)
+    engine = build_engine(model, cfg, run.ds_config, lr_mul=lr_mul, head_names=head_names)
+    trainer = Trainer(engine, cfg, stream, validate, export, writer, progress_name, validate_at_start)
+    if resume:
+        trainer.resume()
+    try:
+        results = trainer.train(stop_after)
+    finally:
+        if writer is not None:
+            writer.close()
+    return trainer, results
+
+
+def summary_heading(what: str, trainer: Trainer, run: Run) -> str:
+    """``final <what> after N steps (W rank(s), ZeRO-k):``, the first line of every final table."""
+    stage = trainer.engine.zero_optimization_stage()
+    return f"final {what} after {trainer.step} steps ({run.world} rank(s), ZeRO-{stage}):"
