@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from uniter_fast.data import TxtTokLmdb
 from uniter_fast.data.txt_db import TxtDbWriter
-from uniter_fast.tasks.synthetic import resolve_bundled
+from uniter_fast.tasks.bundled import resolve_bundled
 
 
 def small_itm_db(out: str, images: int, split: str = "train") -> tuple[str, str]:

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from uniter_fast.build import main
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data import DataError, DetectFeatLmdb, ImgDbWriter, MlmDataset, TxtDbWriter, TxtTokLmdb
-from uniter_fast.data.build import build_dbs, main
+from uniter_fast.data.build import build_dbs
 from uniter_fast.data.img_db import compute_num_bb
 from uniter_fast.data.tokenizer import SPECIAL_TOKENS
 

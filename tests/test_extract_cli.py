@@ -1,5 +1,5 @@
 """The command line on folders of images (npz format, resume, unreadable files, list files, selections) and the
-whole pipeline on the photos bundled with matplotlib and scikit-image: extract -> data.build -> UNITER forward."""
+whole pipeline on the photos bundled with matplotlib and scikit-image: extract -> build -> UNITER forward."""
 
 from __future__ import annotations
 

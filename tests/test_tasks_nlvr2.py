@@ -23,14 +23,14 @@ from tests.tasks_helpers import (
     tiny_config,
 )
 from tests.test_tasks_vqa import _npz_dir, _vocab
+from uniter_fast.build import main as build_main
 from uniter_fast.data import TxtDbWriter, TxtTokLmdb
-from uniter_fast.data.build import main as build_main
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.tasks import get_task
+from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache, collate_rows
 from uniter_fast.tasks.nlvr2 import MODELS, Nlvr2Dataset, consistency
-from uniter_fast.tasks.synthetic import resolve_bundled
 
 ATTN_KEYS = [
     "attn1.in_proj_weight",

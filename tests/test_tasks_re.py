@@ -21,14 +21,14 @@ from tests.tasks_helpers import (
     tiny_config,
 )
 from tests.test_tasks_vqa import _npz_dir, _vocab
-from uniter_fast.data.build import main as build_main
+from uniter_fast.build import main as build_main
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.re_db import ReTxtTokLmdb
 from uniter_fast.tasks import get_task
+from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.re import ReDataset, UniterForReferringExpressionComprehension, compute_iou
-from uniter_fast.tasks.synthetic import resolve_bundled
 
 SETTINGS = type("S", (), dict(max_txt_len=60, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36))()
 LENGTHS = [(6, 4), (9, 7), (3, 10), (5, 2)]

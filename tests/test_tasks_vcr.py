@@ -22,15 +22,15 @@ from tests.tasks_helpers import (
     tiny_config,
 )
 from tests.test_tasks_vqa import _npz_dir
-from uniter_fast.data.build import main as build_main
+from uniter_fast.build import main as build_main
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.tokenizer import SPECIAL_TOKENS
 from uniter_fast.data.vcr_db import VcrTxtTokLmdb
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
+from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache
-from uniter_fast.tasks.synthetic import resolve_bundled
 from uniter_fast.tasks.vcr import UniterForVisualCommonsenseReasoning, VcrDataset, prepare_vcr_tables, vcr_scores
 from uniter_fast.tasks.vcr_pretrain import VcrPretrainDataset, prepare_vcr_pretraining
 
@@ -328,19 +328,23 @@ def test_training_stream_concatenates_qa_and_qar() -> None:
     """finetune.py's VCR training data: the Q->A and the QA->R dataset of the bundled db as one (the original's
     ConcatDatasetWithLens), batched by the TaskLoader; both kinds of sequence reach the batches."""
     from uniter_fast.finetuning.config import default_config, load_finetune_config
-    from uniter_fast.finetuning.data import train_dataset, train_stream
+    from uniter_fast.finetuning.data import train_stream
+    from uniter_fast.training.run import Run
 
     cfg = load_finetune_config(default_config("vcr"))
     task, dbs = get_task("vcr"), DbCache(cfg)
     options = {**cfg.options, **task.data_options(dbs, list(cfg.train_txt_dbs), cfg.options)}
-    dataset = train_dataset(task, cfg, dbs, options)
+    streams = task.train_streams(dbs, cfg.train_pairs(), options, cfg.seed)
+    assert list(streams) == ["vcr"] and streams["vcr"][1] == 1
+    dataset = streams["vcr"][0]
     qa, qar = dataset.parts
     assert len(dataset) == len(qa) + len(qar) and dataset.lens.tolist() == [*qa.lens.tolist(), *qar.lens.tolist()]
     last = dataset[len(dataset) - 1]
     want = qar[len(qar) - 1]["rows"]
     assert [r["input_ids"].tolist() for r in last["rows"]] == [r["input_ids"].tolist() for r in want]
     types = set()
-    for _, (_, batch) in zip(range(6), train_stream(task, cfg, dbs, options, 0, 1, 0, 1)):
+    run = Run(rank=0, world=1, num_workers=0, ds_config={"gradient_accumulation_steps": 1})
+    for _, (_, batch) in zip(range(6), train_stream(task, cfg, dbs, options, run)):
         assert batch["txt_type_ids"].shape == batch["input_ids"].shape and "packed" in batch
         types |= set(batch["txt_type_ids"].unique().tolist())
     assert 3 in types  # rationale tokens: QA->R sequences were drawn

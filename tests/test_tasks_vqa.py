@@ -22,16 +22,16 @@ from tests.tasks_helpers import (
     random_batch,
     tiny_config,
 )
+from uniter_fast.build import main as build_main
 from uniter_fast.data import TxtDbWriter, TxtTokLmdb
-from uniter_fast.data.build import main as build_main
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_records import vqa_soft_scores
 from uniter_fast.data.tokenizer import SPECIAL_TOKENS
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
+from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache
-from uniter_fast.tasks.synthetic import resolve_bundled
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaDataset
 
 HEAD_KEYS = [

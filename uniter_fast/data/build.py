@@ -1,9 +1,5 @@
-"""Build a txt_db + img_db from your own data (the CLI of uniter.md §3.1-3.2).
-
-    python -m uniter_fast.data.build --captions captions.jsonl --features feats_dir/ --vocab vocab.txt --out db/
-    python -m uniter_fast.data.build --task vqa --annotations vqa.jsonl --features feats/ --vocab vocab.txt --out db/
-
-(``--task vqa|ve|nlvr2|re|vcr``: the downstream task dbs, see ``uniter_fast.data.build_tasks``.)
+"""Build a pretraining txt_db + img_db from your own captions and features (the original's
+``scripts/convert_imgdir.py`` and ``prepro.py``, in one call; the CLI is ``python -m uniter_fast.build``).
 
 captions.jsonl: one ``{"id", "image", "caption"}`` object a line (``image`` = the .npz name, ".npz" optional).
 feats_dir: one ``.npz`` per image with ``features`` [n, 2048], ``norm_bb`` [n, 6], ``conf`` [n], ``soft_labels``
@@ -13,14 +9,13 @@ Bad records are skipped with a warning and counted; the counts are printed as JS
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
 import shutil
 import tempfile
 import warnings
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from tqdm import tqdm
@@ -110,76 +105,3 @@ def build_dbs(
         "skipped_images": {**img_w.skipped, "unreadable": corrupt},
         "skipped_texts": {**txt_w.skipped, **txt_counts},
     }
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """Command-line entry point (see the module docstring; ``--task`` builds a downstream task's dbs instead, see
-    ``uniter_fast.data.build_tasks``)."""
-    ap = argparse.ArgumentParser(prog="python -m uniter_fast.data.build", description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--task",
-        default="pretrain",
-        choices=["pretrain", "vqa", "ve", "nlvr2", "re", "vcr"],
-        help="pretrain (captions; the default) or a downstream task's annotations",
-    )
-    ap.add_argument("--captions", help="pretrain: captions.jsonl with {id, image, caption} lines")
-    ap.add_argument("--annotations", help="tasks: annotation JSONL (vqa, ve, nlvr2, vcr) or refs directory (re)")
-    ap.add_argument("--gt_features", help="re / vcr: directory of per-image GT-box .npz files")
-    ap.add_argument("--ans2label", help="vqa: answer vocabulary JSON {answer: label} (default: built from the answers)")
-    ap.add_argument(
-        "--special_token_base",
-        type=int,
-        default=28996,
-        help="vcr: id of object tag 0 (= the model's word-table size before VCR's 81 tags are added)",
-    )
-    ap.add_argument("--features", required=True, help="directory of per-image .npz files")
-    ap.add_argument("--vocab", required=True, help="WordPiece vocab.txt (bert-base-cased's for real runs)")
-    ap.add_argument("--out", required=True, help="output directory (must not exist); gets txt/ and img/")
-    ap.add_argument("--conf_th", type=float, default=0.2)
-    ap.add_argument("--max_bb", type=int, default=100)
-    ap.add_argument("--min_bb", type=int, default=10)
-    ap.add_argument("--num_bb", type=int, default=36, help="boxes per image when --conf_th -1")
-    ap.add_argument("--compress", action="store_true", help="store np.savez_compressed records")
-    ap.add_argument("--toker_name", default=None, help="tokenizer name written to meta.json (default: vocab dir)")
-    args = ap.parse_args(argv)
-    if args.task != "pretrain":
-        from uniter_fast.data.build_tasks import build_task_dbs
-
-        if not args.annotations:
-            ap.error(f"--task {args.task} needs --annotations")
-        report = build_task_dbs(
-            args.task,
-            args.annotations,
-            args.features,
-            args.vocab,
-            args.out,
-            args.gt_features,
-            args.ans2label,
-            args.special_token_base,
-            args.conf_th,
-            args.max_bb,
-            args.min_bb,
-            args.num_bb,
-            args.toker_name,
-        )
-        print(json.dumps(report, indent=2))
-        return
-    if not args.captions:
-        ap.error("--captions is required (or give --task and --annotations for a downstream task)")
-    report = build_dbs(
-        args.captions,
-        args.features,
-        args.vocab,
-        args.out,
-        args.conf_th,
-        args.max_bb,
-        args.min_bb,
-        args.num_bb,
-        args.compress,
-        args.toker_name,
-    )
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -23,7 +23,10 @@ import numpy as np
 
 from uniter_fast.data.files import read_json, write_json_atomic
 from uniter_fast.data.lmdb_env import DataError
-from uniter_fast.data.txt_db import TxtTokLmdb
+from uniter_fast.data.task_db import check_image
+from uniter_fast.data.task_records import encode, field
+from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.data.txt_db import TxtDbWriter, TxtTokLmdb
 
 RE_SIDE_FILES = ("refs", "annotations", "categories", "images")
 REF_FIELDS = {
@@ -54,11 +57,84 @@ def check_side_file(path: str, name: str, rows: Any) -> None:
             raise DataError(f"{path}: record {i} lacks the fields {missing} (a {name} record needs {REF_FIELDS[name]})")
 
 
+def read_re_annotations(directory: str) -> dict[str, list[dict[str, Any]]]:
+    """The four COCO-refer side files of ``directory`` (``refs.json`` with each ref's ``sentences`` [{sent_id,
+    sent}], ``annotations.json``, ``categories.json``, ``images.json``), each checked; ``where`` names the directory
+    in later errors."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"annotations: RE takes a directory of {[n + '.json' for n in RE_SIDE_FILES]}, got {directory!r}"
+        )
+    side = {n: read_json(os.path.join(directory, f"{n}.json")) for n in RE_SIDE_FILES}
+    for name in RE_SIDE_FILES:
+        check_side_file(os.path.join(directory, f"{name}.json"), name, side[name])
+    return {**side, "where": directory}
+
+
+def re_image_files(side: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, str], dict[str, str]]:
+    """(detected-box, GT-box) features of the RE side files' images: ``.npz`` stem (the image's ``file_name``
+    without extension, else its id) -> img_db key (the original's COCO naming)."""
+    stems = {os.path.splitext(i.get("file_name", str(i["id"])))[0]: i["id"] for i in side["images"]}
+    return {s: det_image_name(i) for s, i in stems.items()}, {s: gt_image_name(i) for s, i in stems.items()}
+
+
 def write_re_side_files(path: str, side: dict[str, list[dict[str, Any]]]) -> None:
     """Write ``refs.json``, ``annotations.json``, ``categories.json`` and ``images.json`` into the txt_db ``path``."""
     for name in RE_SIDE_FILES:
         check_side_file(name, name, side[name])
         write_json_atomic(os.path.join(path, f"{name}.json"), side[name])
+
+
+def write_re_txt_db(
+    side: dict[str, list[dict[str, Any]]],
+    toker: WordPiece,
+    out: str,
+    images: set[str],
+    gt_images: set[str],
+    gt_rows: dict[str, int],
+    meta_name: str = "wordpiece",
+    where: str = "annotations",
+) -> int:
+    """Write an RE txt_db: one record per sentence of ``side["refs"]`` (each ref with ``sentences``
+    [{sent_id, sent}]), plus the four side files. ``gt_rows`` (GT image key -> boxes) must match each image's
+    ``ann_ids``. Returns the number of sentences."""
+    for name in RE_SIDE_FILES:
+        check_side_file(f"{where}/{name}.json", name, side.get(name))
+    anns = {a["id"]: a for a in side["annotations"]}
+    imgs = {i["id"]: i for i in side["images"]}
+    with TxtDbWriter(out, toker.meta(meta_name)) as writer:
+        for r, ref in enumerate(side["refs"]):
+            at = f"{where}/refs.json record {r}"
+            image = imgs.get(ref["image_id"])
+            if image is None or ref["ann_id"] not in image["ann_ids"] or ref["ann_id"] not in anns:
+                raise DataError(
+                    f"{at}: ann_id {ref['ann_id']} of image {ref['image_id']} is not in images.json "
+                    "ann_ids / annotations.json"
+                )
+            gt_name, det_name = gt_image_name(image["id"]), det_image_name(image["id"])
+            check_image(gt_name, gt_images, "GT-box", at)
+            check_image(det_name, images, "detected-box", at)
+            if gt_rows[gt_name] != len(image["ann_ids"]):
+                raise DataError(
+                    f"{at}: image {image['id']} has {len(image['ann_ids'])} ann_ids but "
+                    f"{gt_rows[gt_name]} GT-box features"
+                )
+            for sentence in field(ref, "sentences", list, at):
+                sent_id = str(field(sentence, "sent_id", (str, int), at))
+                sent = field(sentence, "sent", str, at)
+                fields = {
+                    "sent_id": sent_id,
+                    "sent": sent,
+                    "ref_id": ref["ref_id"],
+                    "ann_id": ref["ann_id"],
+                    "image_id": image["id"],
+                    "bbox": anns[ref["ann_id"]]["bbox"],
+                }
+                if not writer.add(sent_id, encode(toker, sent, "sent", at), gt_name, **fields):
+                    raise DataError(f"{at}: duplicate sent_id {sent_id!r}")
+        count = len(writer.id2len)
+    write_re_side_files(out, side)
+    return count
 
 
 class ReTxtTokLmdb(TxtTokLmdb):

@@ -19,7 +19,7 @@ the field. Annotation formats (one JSON object a line):
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.tokenizer import WordPiece
@@ -176,11 +176,3 @@ def vcr_lengths(question: list[int], fields: dict[str, Any]) -> tuple[int, int]:
     longest answer (and the longest rationale)."""
     qa = len(question) + max(len(a) for a in fields["input_ids_as"])
     return qa, qa + max(len(r) for r in fields["input_ids_rs"])
-
-
-CONVERTERS: dict[str, Callable[..., Record]] = {
-    "vqa": vqa_record,
-    "ve": ve_record,
-    "nlvr2": nlvr2_record,
-    "vcr": vcr_record,
-}

@@ -1,7 +1,7 @@
 """BUTD region features for UNITER: the Caffe bottom-up-attention Faster R-CNN in plain PyTorch.
 
 ``python -m uniter_fast.extract --images DIR --weights FILE --out DIR`` writes one npz per image in the format of
-UNITER's own extractor (``tools/generate_npz.py``), which ``python -m uniter_fast.data.build --features DIR`` reads.
+UNITER's own extractor (``tools/generate_npz.py``), which ``python -m uniter_fast.build --features DIR`` reads.
 Needs the ``extract`` extra (Pillow; torchvision is optional). See docs/extract.md.
 
 Module map: config (settings), preprocess (image blob), layers/backbone (Caffe ResNet), boxes (anchors, +1 box

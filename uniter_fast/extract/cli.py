@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 8 -m uniter_fast.extract --images list.txt --weights W.pth --out feats/ --dtype bf16
 
 Writes ``feats/<name>.npz`` per image (features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601], all
-float16), which ``python -m uniter_fast.data.build --features feats/`` reads. Re-running skips finished images;
+float16), which ``python -m uniter_fast.build --features feats/`` reads. Re-running skips finished images;
 unreadable images are listed in ``feats/failed.txt``; a JSON summary is printed at the end.
 """
 

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Optional
 
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS, get_task
-from uniter_fast.tasks.synthetic import BUNDLED_PREFIX, resolve_bundled
+from uniter_fast.tasks.bundled import BUNDLED_PREFIX, resolve_bundled
 from uniter_fast.training.cli import REPO_ROOT
 from uniter_fast.training.config import RunConfig, field_names, parse_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR

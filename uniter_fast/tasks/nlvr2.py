@@ -28,9 +28,12 @@ from torch import nn
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.task_records import field, image_key, nlvr2_record
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.synthetic.nlvr2 import BUNDLED_SENTENCES, nlvr2_annotations
 
 VARIANTS = ("paired", "triplet", "paired-attn")
 TYPE_ROWS = (0, 1, 1)  # init_type_embedding: the second image's type starts as a copy of the image type
@@ -259,3 +262,26 @@ class Nlvr2Task(Task):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(f"{p['identifier']},{p['prediction']}\n" for p in predictions)
         return [path]
+
+    # ------------------------------------------------------------------ databases
+    bundled_stream = 2
+
+    def annotation_images(self, annotations):
+        """The two images of every record."""
+        keys = {image_key(str(x)) for where, raw in annotations for x in field(raw, "images", list, where)}
+        return {k: k for k in keys}, {}
+
+    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+        """Records of ``nlvr2_record`` (``img_fname`` = [left, right], ``target`` 1 / 0)."""
+        records = []
+        for where, raw in annotations:
+            id_, ids, names, fields = nlvr2_record(raw, toker, where)
+            for name in names:
+                check_image(name, images, "detected-box", where)
+            records.append((where, id_, ids, names, fields))
+        return write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
+
+    def bundled_split(self, scenes, rng, split):
+        """``nlvr2_annotations``: sentences about image pairs of the split."""
+        records = nlvr2_annotations(scenes, rng, BUNDLED_SENTENCES[split], split)
+        return [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)], {}

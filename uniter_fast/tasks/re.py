@@ -28,10 +28,19 @@ from torch import nn
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb
 from uniter_fast.data.lmdb_env import DataError
-from uniter_fast.data.re_db import ReTxtTokLmdb, det_image_name, gt_image_name
+from uniter_fast.data.re_db import (
+    ReTxtTokLmdb,
+    det_image_name,
+    gt_image_name,
+    re_image_files,
+    read_re_annotations,
+    write_re_txt_db,
+)
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.synthetic.re import re_annotations
+from uniter_fast.tasks.synthetic.text import texts_of
 
 NOT_A_REGION = -1e4
 
@@ -228,3 +237,26 @@ class ReTask(Task):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"acc": acc, "predictions": records}, f)
         return [path]
+
+    # ------------------------------------------------------------------ databases
+    gt_features = True
+    bundled_stream = 3
+
+    def read_annotations(self, path: str):
+        """The directory of the four COCO-refer side files (``uniter_fast.data.re_db.read_re_annotations``)."""
+        return read_re_annotations(path)
+
+    def annotation_images(self, annotations):
+        return re_image_files(annotations)
+
+    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+        """One record per sentence, plus the side files (``uniter_fast.data.re_db.write_re_txt_db``)."""
+        where = annotations.get("where", "annotations")
+        return write_re_txt_db(annotations, toker, out, images, set(gt_rows), gt_rows, meta_name, where)
+
+    def bundled_split(self, scenes, rng, split):
+        """``re_annotations``: expressions for objects of the split's scenes, in the side files' layout."""
+        return {**re_annotations(scenes, rng, split), "where": f"bundled {self.name} {split}"}, {}
+
+    def annotation_texts(self, annotations) -> list[str]:
+        return texts_of(annotations["refs"])

@@ -11,14 +11,21 @@ config, and no code outside ``tasks/`` tests a task's name (``docs/adding-a-task
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from uniter_fast.config import UniterConfig
+from uniter_fast.data.task_db import GT_BOX_SETTINGS, read_jsonl, write_img_db
+from uniter_fast.data.task_records import field, image_key
+from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.files import atomic_directory
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
 from uniter_fast.tasks.evaluation import evaluate
+from uniter_fast.tasks.synthetic.text import texts_of
 
 
 class Task:
@@ -49,6 +56,14 @@ class Task:
     checkpoint must already hold the task's tables."""
     export_dir = "finetuned"
     """Where a finished run's weights go, under ``output_dir`` (the VCR second stage: ``pretrained``)."""
+    build_options: dict[str, tuple[type, Any, str]] = {}
+    """Options of ``python -m uniter_fast.build --task <name>`` beyond the common ones: name -> (type, default,
+    help); they reach :meth:`write_txt_db` in ``options``."""
+    gt_features = False
+    """True when the task's databases include a GT-box img_db (``--gt_features``: RE, VCR)."""
+    bundled_stream: Optional[int] = None
+    """The seed stream of the task's bundled synthetic set (``uniter_fast.tasks.bundled``); None: no bundled set
+    built with the others."""
 
     # ------------------------------------------------------------------ options and model
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -138,6 +153,76 @@ class Task:
     def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
         """Write ``predictions`` in the original's output format under ``directory``; returns the files."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ databases
+    @property
+    def builds_dbs(self) -> bool:
+        """Whether the task builds its databases from annotations (it implements :meth:`write_txt_db`)."""
+        return type(self).write_txt_db is not Task.write_txt_db
+
+    def read_annotations(self, path: str) -> Any:
+        """The annotations at ``path`` in the form :meth:`write_txt_db` takes; default: a JSON-lines file as
+        (where, record) pairs (``uniter_fast.data.task_db.read_jsonl``)."""
+        return read_jsonl(path)
+
+    def annotation_images(self, annotations: Any) -> tuple[dict[str, str], dict[str, str]]:
+        """The features the annotations need: (detected-box ``.npz`` stem -> img_db key, GT-box stem -> key);
+        default: each record's ``image`` (".npz" optional), no GT boxes."""
+        keys = {image_key(field(raw, "image", str, where)) for where, raw in annotations}
+        return {k: k for k in keys}, {}
+
+    def write_txt_db(
+        self,
+        annotations: Any,
+        toker: WordPiece,
+        out: str,
+        images: set[str],
+        gt_rows: dict[str, int],
+        meta_name: str,
+        options: dict[str, Any],
+    ) -> int:
+        """Write the task's txt_db at ``out`` from ``annotations`` (every image key must be in ``images``, the
+        detected-box img_db's keys, or ``gt_rows``, the GT-box img_db's keys -> boxes); returns the record count."""
+        raise NotImplementedError
+
+    def build_dbs(
+        self,
+        annotations: str,
+        features: str,
+        out: str,
+        toker: WordPiece,
+        meta_name: str,
+        box_settings: tuple[float, int, int, int],
+        gt_features: Optional[str] = None,
+        options: Optional[dict[str, Any]] = None,
+    ) -> dict[str, int]:
+        """``out/txt``, ``out/img`` (and ``out/img_gt``) from the annotation file ``annotations`` and the per-image
+        ``.npz`` directories, written under a temporary name and renamed at the end (``out`` must not exist);
+        returns the counts."""
+        if self.gt_features and not gt_features:
+            raise ValueError(f"task {self.name!r} needs --gt_features (the GT-box features)")
+        records = self.read_annotations(annotations)
+        det_files, gt_files = self.annotation_images(records)
+        with atomic_directory(out) as tmp:
+            rows = write_img_db(os.path.join(tmp, "img"), features, det_files, box_settings)
+            gt_rows = (
+                write_img_db(os.path.join(tmp, "img_gt"), gt_features, gt_files, GT_BOX_SETTINGS) if gt_features else {}
+            )
+            count = self.write_txt_db(
+                records, toker, os.path.join(tmp, "txt"), set(rows), gt_rows, meta_name, options or {}
+            )
+        return {"texts": count, "images": len(rows), "gt_images": len(gt_rows)}
+
+    # ------------------------------------------------------------------ bundled synthetic set
+    def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:
+        """(annotations as :meth:`read_annotations` gives them, build options) of the bundled set's ``split`` from
+        the pool's ``scenes`` of that split; None when the task has no such split (default: no bundled set)."""
+        return None
+
+    def annotation_texts(self, annotations: Any) -> list[str]:
+        """Every text of ``annotations`` (for the bundled sets' vocabulary); default: the text fields of JSON-lines
+        records (``uniter_fast.tasks.synthetic.text.texts_of``)."""
+        return texts_of([raw for _, raw in annotations])
 
 
 def scores_of(model: Any, batch: dict[str, Any]) -> torch.Tensor:

@@ -30,12 +30,17 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb
+from uniter_fast.data.files import write_json_atomic
 from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.task_records import field, image_key, vcr_lengths, vcr_record
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.synthetic.vcr import vcr_annotations
 
+BERT_BASE_CASED_VOCAB = 28996  # the default special_token_base: bert-base-cased's word table, as the original's
 TYPE_ROWS = (0, 1, 0, 0)  # init_type_embedding: answer and rationale types start as the text type
 QUESTION, ANSWER, RATIONALE = 0, 2, 3
 
@@ -273,6 +278,52 @@ class VcrTask(Task):
             writer.writerow(["annot_id", *(f"{g}_{i}" for g in groups for i in range(4))])
             writer.writerows([p["qid"], *p["scores"]] for p in ordered)
         return [path, csv_path]
+
+    # ------------------------------------------------------------------ databases
+    build_options = {
+        "special_token_base": (
+            int,
+            BERT_BASE_CASED_VOCAB,
+            "id of object tag 0 (= the model's word-table size before VCR's 81 tags are added)",
+        ),
+    }
+    gt_features = True
+    bundled_stream = 4
+
+    def annotation_images(self, annotations):
+        """Detected boxes of ``image``; GT boxes of ``gt_image`` (default: ``image``)."""
+        det, gt = set(), set()
+        for where, raw in annotations:
+            image = field(raw, "image", str, where)
+            det.add(image_key(image))
+            gt.add(image_key(str(raw.get("gt_image", image))))
+        return {k: k for k in det}, {k: k for k in gt}
+
+    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+        """Records of ``vcr_record`` (object references as tag ids from ``special_token_base``), the tag range in
+        ``meta.json`` and the ``id2len_qa.json`` / ``id2len_qar.json`` length tables."""
+        base = int(options.get("special_token_base", BERT_BASE_CASED_VOCAB))
+        meta = {**toker.meta(meta_name), "special_token_base": base, "num_special_tokens": NUM_SPECIAL_TOKENS}
+        records, lengths = [], {"qa": {}, "qar": {}}
+        for where, raw in annotations:
+            id_, ids, names, fields = vcr_record(raw, toker, base, NUM_SPECIAL_TOKENS, where)
+            lengths["qa"][id_], lengths["qar"][id_] = vcr_lengths(ids, fields)
+            check_image(names[0], gt_rows, "GT-box", where)
+            check_image(names[1], images, "detected-box", where)
+            records.append((where, id_, ids, names, fields))
+        count = write_records(out, meta, records, desc=f"{self.name} texts")
+        for key, table in lengths.items():
+            write_json_atomic(os.path.join(out, f"id2len_{key}.json"), table)
+        return count
+
+    def bundled_split(self, scenes, rng, split):
+        """``vcr_annotations`` of the split (none for test, as VCR's test labels are hidden); tags after the tiny
+        model's word table."""
+        if split == "test":
+            return None
+        records = vcr_annotations(scenes, rng, split)
+        pairs = [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)]
+        return pairs, {"special_token_base": UniterConfig.tiny().vocab_size}
 
 
 def _annot_order(qid: str) -> tuple:

@@ -13,10 +13,13 @@ import os
 from typing import Any
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.data.task_records import VE_ENT2IDX
+from uniter_fast.data.files import write_json_atomic
+from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.task_records import VE_ENT2IDX, ve_record
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache
-from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaTask
+from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, ve_annotations
+from uniter_fast.tasks.vqa import ANS2LABEL, UniterForVisualQuestionAnswering, VqaTask
 
 
 class UniterForVisualEntailment(UniterForVisualQuestionAnswering):
@@ -50,3 +53,23 @@ class VeTask(VqaTask):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({p["id"]: p["answer"] for p in predictions}, f)
         return [path]
+
+    # ------------------------------------------------------------------ databases
+    build_options: dict[str, tuple[type, Any, str]] = {}
+    bundled_stream = 1
+
+    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+        """Records of ``ve_record`` (one-hot ``target``), and the class table as ``ans2label.json``."""
+        records = []
+        for where, raw in annotations:
+            id_, ids, image, fields = ve_record(raw, toker, where)
+            check_image(image, images, "detected-box", where)
+            records.append((where, id_, ids, image, fields))
+        count = write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
+        write_json_atomic(os.path.join(out, ANS2LABEL), VE_ENT2IDX)
+        return count
+
+    def bundled_split(self, scenes, rng, split):
+        """``ve_annotations`` of the split's scenes (2-3 hypotheses an image)."""
+        records = ve_annotations(scenes, rng, BUNDLED_PER_IMAGE[split])
+        return [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)], {}

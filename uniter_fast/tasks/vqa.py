@@ -21,11 +21,14 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.files import read_json
+from uniter_fast.data.files import read_json, write_json_atomic
 from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.task_records import build_ans2label, vqa_record
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, VQA_ANSWERS, vqa_annotations
 
 ANS2LABEL = "ans2label.json"
 
@@ -129,7 +132,7 @@ def read_ans2label(txt_path: str) -> dict[str, int]:
     if not os.path.isfile(path):
         raise DataError(
             f"{path} is missing: give the answer vocabulary with the 'ans2label' option (a JSON path; the original "
-            "keeps it in utils/ans2label.json), or build the db with python -m uniter_fast.data.build --task vqa"
+            "keeps it in utils/ans2label.json), or build the db with python -m uniter_fast.build --task vqa"
         )
     ans2label = read_json(path)
     if sorted(ans2label.values()) != list(range(len(ans2label))):
@@ -206,3 +209,36 @@ class VqaTask(Task):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(predictions, f)
         return [path]
+
+    # ------------------------------------------------------------------ databases
+    build_options = {
+        "ans2label": (str, None, "answer vocabulary JSON {answer: label} (default: built from the answers)"),
+    }
+    bundled_stream = 0
+
+    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+        """Records of ``vqa_record`` (``target`` over the answer vocabulary: ``options["ans2label"]``, a JSON path or
+        a table, else built from the annotations' answers), and ``ans2label.json`` beside them."""
+        given = options.get("ans2label")
+        if isinstance(given, dict):
+            ans2label = given
+        elif given:
+            ans2label = read_json(given)
+        else:
+            ans2label = build_ans2label((raw for _, raw in annotations), "annotations")
+        if not ans2label:
+            raise DataError("VQA needs an answer vocabulary: give --ans2label, or annotations with scored answers")
+        records = []
+        for where, raw in annotations:
+            id_, ids, image, fields = vqa_record(raw, toker, ans2label, where)
+            check_image(image, images, "detected-box", where)
+            records.append((where, id_, ids, image, fields))
+        count = write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
+        write_json_atomic(os.path.join(out, ANS2LABEL), ans2label)
+        return count
+
+    def bundled_split(self, scenes, rng, split):
+        """``vqa_annotations`` of the split's scenes (2-3 questions an image), over the bundled answer list."""
+        records = vqa_annotations(scenes, rng, BUNDLED_PER_IMAGE[split])
+        pairs = [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)]
+        return pairs, {"ans2label": {a: i for i, a in enumerate(VQA_ANSWERS)}}

@@ -45,6 +45,7 @@ TEMPLATES: dict[str, dict[str, tuple[str, Rule]]] = {
     },
 }
 PAIRS_PER_SENTENCE = 2
+BUNDLED_SENTENCES = {"train": 1500, "val": 150, "test": 150}  # sentences per split of the bundled set
 MAX_TRIES = 200
 
 

@@ -24,6 +24,7 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 STATES = ("new", "old", "wet", "clean", "broken", "expensive")
 ALL_OBJECTS = sorted({o for objs, _ in SCENES.values() for o in objs})
 VQA_ANSWERS = sorted({*COLORS, *NUMBERS.values(), "yes", "no", *ALL_OBJECTS, *SCENES})
+BUNDLED_PER_IMAGE = {"train": 3, "val": 2, "test": 2}  # questions / hypotheses per image of the bundled sets
 
 
 def _pick(rng: np.random.Generator, items: list) -> Any:
