@@ -15,6 +15,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from uniter_fast.config import IMG_DIM, IMG_POS_DIM
 from uniter_fast.data import DetectFeatLmdb, TokenBucketSampler, TxtTokLmdb
 from uniter_fast.data.img_db import box_7d
 from uniter_fast.data.lmdb_env import DataError
@@ -177,6 +178,34 @@ def row(
     if img_type_ids is not None:
         out["img_type_ids"] = img_type_ids
     return out
+
+
+def random_rows(
+    size: int,
+    sequences: int,
+    vocab: int,
+    rng: np.random.Generator,
+    txt_range: tuple[int, int],
+    img_range: tuple[int, int],
+    txt_types: bool = False,
+    img_types: bool = False,
+) -> list[dict[str, Any]]:
+    """Random rows with UNITER's shapes, for :meth:`Task.example` (benchmarks): ``size`` examples of ``sequences``
+    rows each sharing the example's regions (``img_range`` regions of relu'd normal 2048-d features, uniform
+    7-d boxes), each row ``txt_range`` wordpieces in [5, vocab); with ``txt_types`` random type ids 0-3 per token,
+    with ``img_types`` region type k + 1 in row k (NLVR2's two images)."""
+    rows = []
+    for _ in range(size):
+        n = int(rng.integers(img_range[0], img_range[1] + 1))
+        feat = torch.from_numpy(rng.standard_normal((n, IMG_DIM), dtype=np.float32)).relu()
+        pos = torch.from_numpy(rng.random((n, IMG_POS_DIM), dtype=np.float32))
+        for k in range(sequences):
+            t = int(rng.integers(txt_range[0], txt_range[1] + 1))
+            ids = torch.from_numpy(rng.integers(5, vocab, t))
+            types = torch.from_numpy(rng.integers(0, 4, t)) if txt_types else None
+            region_types = torch.full((n,), k + 1, dtype=torch.long) if img_types else None
+            rows.append(row(ids, feat, pos, types, region_types))
+    return rows
 
 
 def box_inputs(dump: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:

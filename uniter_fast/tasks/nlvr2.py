@@ -31,7 +31,15 @@ from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import field, image_key, nlvr2_record
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
+from uniter_fast.tasks.data import (
+    DbCache,
+    TaskDataset,
+    check_images_exist,
+    collate_rows,
+    image_inputs,
+    random_rows,
+    row,
+)
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.nlvr2 import BUNDLED_SENTENCES, nlvr2_annotations
 
@@ -262,6 +270,13 @@ class Nlvr2Task(Task):
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(f"{p['identifier']},{p['prediction']}\n" for p in predictions)
         return [path]
+
+    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+        """The paired-attn variant: two rows per example (image types 1 and 2), a true/false target each."""
+        rows = random_rows(size, 2, config.vocab_size, rng, txt_range, img_range, img_types=True)
+        batch = collate_rows(rows, self.name)
+        batch["targets"] = torch.from_numpy(rng.integers(0, 2, size))
+        return self.check_options({"model": "paired-attn"}, "example"), batch
 
     # ------------------------------------------------------------------ databases
     bundled_stream = 2

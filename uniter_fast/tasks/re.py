@@ -37,7 +37,7 @@ from uniter_fast.data.re_db import (
     write_re_txt_db,
 )
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
+from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.re import re_annotations
 from uniter_fast.tasks.synthetic.text import texts_of
@@ -237,6 +237,13 @@ class ReTask(Task):
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"acc": acc, "predictions": records}, f)
         return [path]
+
+    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+        """The default options (cls loss, 1-layer head); the target a random region of each example."""
+        batch = collate_rows(random_rows(size, 1, config.vocab_size, rng, txt_range, img_range), self.name)
+        batch["obj_masks"] = torch.arange(batch["img_feat"].size(1))[None, :] >= batch["num_bbs"][:, None]
+        batch["targets"] = (torch.from_numpy(rng.random(batch["input_ids"].size(0))) * batch["num_bbs"]).long()
+        return self.check_options({}, "example"), batch
 
     # ------------------------------------------------------------------ databases
     gt_features = True

@@ -154,6 +154,25 @@ class Task:
         """Write ``predictions`` in the original's output format under ``directory``; returns the files."""
         raise NotImplementedError
 
+    def example(
+        self,
+        config: UniterConfig,
+        size: int,
+        rng: np.random.Generator,
+        txt_range: tuple[int, int] = (10, 60),
+        img_range: tuple[int, int] = (10, 100),
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(options, batch) for benchmarks: the options that :meth:`build_model` / :meth:`prepare_model` take for a
+        model of ``config``, and a collated training batch of ``size`` random examples with UNITER's shapes
+        (``txt_range`` tokens with [CLS]/[SEP], ``img_range`` regions; ``uniter_fast.tasks.data.random_rows``) and the
+        task's targets. ``NotImplementedError`` where a task provides none (see :attr:`has_example`)."""
+        raise NotImplementedError(f"task {self.name!r} provides no example batch")
+
+    @property
+    def has_example(self) -> bool:
+        """Whether the task provides :meth:`example` batches."""
+        return type(self).example is not Task.example
+
     # ------------------------------------------------------------------ databases
     @property
     def builds_dbs(self) -> bool:

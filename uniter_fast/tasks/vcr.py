@@ -36,7 +36,15 @@ from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import field, image_key, vcr_lengths, vcr_record
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
+from uniter_fast.tasks.data import (
+    DbCache,
+    TaskDataset,
+    check_images_exist,
+    collate_rows,
+    image_inputs,
+    random_rows,
+    row,
+)
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.vcr import vcr_annotations
 
@@ -278,6 +286,13 @@ class VcrTask(Task):
             writer.writerow(["annot_id", *(f"{g}_{i}" for g in groups for i in range(4))])
             writer.writerows([p["qid"], *p["scores"]] for p in ordered)
         return [path, csv_path]
+
+    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+        """Four rows per example (random type ids 0-3), the first the right one; tags after ``config``'s words."""
+        rows = random_rows(size, 4, config.vocab_size, rng, txt_range, img_range, txt_types=True)
+        batch = collate_rows(rows, self.name)
+        batch["targets"] = torch.tensor([int(i % 4 == 0) for i in range(batch["input_ids"].size(0))])
+        return {"special_token_base": config.vocab_size}, batch
 
     # ------------------------------------------------------------------ databases
     build_options = {

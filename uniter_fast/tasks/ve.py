@@ -54,6 +54,8 @@ class VeTask(VqaTask):
             json.dump({p["id"]: p["answer"] for p in predictions}, f)
         return [path]
 
+    example_answers = len(VE_ENT2IDX)
+
     # ------------------------------------------------------------------ databases
     build_options: dict[str, tuple[type, Any, str]] = {}
     bundled_stream = 1

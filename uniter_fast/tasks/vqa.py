@@ -26,7 +26,15 @@ from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import build_ans2label, vqa_record
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
+from uniter_fast.tasks.data import (
+    DbCache,
+    TaskDataset,
+    check_images_exist,
+    collate_rows,
+    image_inputs,
+    random_rows,
+    row,
+)
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, VQA_ANSWERS, vqa_annotations
 
@@ -209,6 +217,16 @@ class VqaTask(Task):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(predictions, f)
         return [path]
+
+    example_answers = 3129  # the original's VQA answer vocabulary
+
+    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+        """Soft targets over :attr:`example_answers` answers, about 0.3 % of them scored."""
+        batch = collate_rows(random_rows(size, 1, config.vocab_size, rng, txt_range, img_range), self.name)
+        rows, answers = batch["input_ids"].size(0), self.example_answers
+        scores = rng.random((rows, answers), dtype=np.float32) * (rng.random((rows, answers)) < 0.003)
+        batch["targets"] = torch.from_numpy(scores)
+        return {"num_answers": answers}, batch
 
     # ------------------------------------------------------------------ databases
     build_options = {
