@@ -13,13 +13,11 @@ import os
 from typing import Any
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.data.files import write_json_atomic
-from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import VE_ENT2IDX, ve_record
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, ve_annotations
-from uniter_fast.tasks.vqa import ANS2LABEL, UniterForVisualQuestionAnswering, VqaTask
+from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaTask
 
 
 class UniterForVisualEntailment(UniterForVisualQuestionAnswering):
@@ -60,16 +58,13 @@ class VeTask(VqaTask):
     build_options: dict[str, tuple[type, Any, str]] = {}
     bundled_stream = 1
 
-    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
-        """Records of ``ve_record`` (one-hot ``target``), and the class table as ``ans2label.json``."""
-        records = []
-        for where, raw in annotations:
-            id_, ids, image, fields = ve_record(raw, toker, where)
-            check_image(image, images, "detected-box", where)
-            records.append((where, id_, ids, image, fields))
-        count = write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
-        write_json_atomic(os.path.join(out, ANS2LABEL), VE_ENT2IDX)
-        return count
+    def answer_table(self, annotations: Any, options: dict[str, Any]) -> dict[str, int]:
+        """The three classes (contradiction 0, entailment 1, neutral 2)."""
+        return dict(VE_ENT2IDX)
+
+    def convert(self, raw: dict[str, Any], toker: Any, ans2label: dict[str, int], where: str) -> tuple:
+        """One annotation -> (id, input_ids, image key, fields) with a one-hot ``target`` (``ve_record``)."""
+        return ve_record(raw, toker, where)
 
     def bundled_split(self, scenes, rng, split):
         """``ve_annotations`` of the split's scenes (2-3 hypotheses an image)."""

@@ -234,21 +234,28 @@ class VqaTask(Task):
     }
     bundled_stream = 0
 
-    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
-        """Records of ``vqa_record`` (``target`` over the answer vocabulary: ``options["ans2label"]``, a JSON path or
-        a table, else built from the annotations' answers), and ``ans2label.json`` beside them."""
+    def answer_table(self, annotations: Any, options: dict[str, Any]) -> dict[str, int]:
+        """The answer vocabulary of a new db: ``options["ans2label"]`` (a table or a JSON path), else every scored
+        answer of the annotations, most frequent first."""
         given = options.get("ans2label")
-        if isinstance(given, dict):
-            ans2label = given
-        elif given:
-            ans2label = read_json(given)
-        else:
+        ans2label = given if isinstance(given, dict) else read_json(given) if given else None
+        if ans2label is None:
             ans2label = build_ans2label((raw for _, raw in annotations), "annotations")
         if not ans2label:
             raise DataError("VQA needs an answer vocabulary: give --ans2label, or annotations with scored answers")
+        return ans2label
+
+    def convert(self, raw: dict[str, Any], toker: Any, ans2label: dict[str, int], where: str) -> tuple:
+        """One annotation -> (id, input_ids, image key, fields) (``uniter_fast.data.task_records.vqa_record``)."""
+        return vqa_record(raw, toker, ans2label, where)
+
+    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+        """Records of :meth:`convert` (``target`` over :meth:`answer_table`), and the table as ``ans2label.json``
+        beside them."""
+        ans2label = self.answer_table(annotations, options)
         records = []
         for where, raw in annotations:
-            id_, ids, image, fields = vqa_record(raw, toker, ans2label, where)
+            id_, ids, image, fields = self.convert(raw, toker, ans2label, where)
             check_image(image, images, "detected-box", where)
             records.append((where, id_, ids, image, fields))
         count = write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
