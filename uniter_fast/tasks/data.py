@@ -21,15 +21,16 @@ from uniter_fast.data.img_db import box_7d
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.reference import joint_batch
 from uniter_fast.layout import pack_batch
+from uniter_fast.training.config import RunConfig
 
 GT_NUM_BB = 100  # GT-box img_dbs are read with conf_th -1 and 100 boxes, as the original's VCR / RE scripts
 
 
 class DbCache:
-    """Opens each txt_db / img_db once. ``settings`` holds ``max_txt_len``, ``conf_th``, ``max_bb``, ``min_bb`` and
-    ``num_bb`` (the original's names)."""
+    """Opens each txt_db / img_db once, with the run config's text and box settings (``max_txt_len``, ``conf_th``,
+    ``max_bb``, ``min_bb``, ``num_bb``: the original's names)."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: RunConfig) -> None:
         self.settings = settings
         self._img: dict[tuple[str, bool], DetectFeatLmdb] = {}
         self._txt: dict[tuple[Any, ...], TxtTokLmdb] = {}
