@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 from typing import Any, Callable, Optional
 
 import torch
 from batches import random_batch, task_batch
 
-from uniter_fast import Model, UniterConfig
+from uniter_fast import Model, UniterConfig, backends
+from uniter_fast.backends import triton_usable
 from uniter_fast.layout import pack_batch
-from uniter_fast.model.attention import CUDA_ONLY_BACKENDS, VARLEN_ATTENTION, flash_attn_available
+from uniter_fast.model.attention import VARLEN_ATTENTION
 from uniter_fast.ot import available_backends, cost_matrix_cosine, optimal_transport_dist
 from uniter_fast.ot.backends import run_reference
 from uniter_fast.pretraining.model import UniterForPretraining
@@ -93,17 +93,6 @@ def skipped(check: str, case: str, dtype: str, why: str) -> Check:
     return Check(check, case, dtype, "skipped", float("nan"), float("nan"), True, why)
 
 
-def triton_usable(device: torch.device) -> bool:
-    """Triton imports and runs on ``device`` (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 # --------------------------------------------------------------------------------------------------------- OT / IPOT
 def ot_problem(
     batch: int, m: int, n: int, hidden: int, device: torch.device, generator: torch.Generator
@@ -156,8 +145,6 @@ def check_ot_backends(device: torch.device, quick: bool) -> list[Check]:
     distances and the gradients of both embeddings, fp32 and bf16 embeddings."""
     batch, m, n, hidden = (4, 12, 20, 32) if quick else (256, 60, 100, 768)
     names = [b for b in available_backends(device) if b != "reference"]
-    if device.type != "cuda" and not triton_usable(device):
-        names = [b for b in names if b != "triton"]
     if not names:
         return [skipped("ot_backends", "-", "-", f"no fast OT backend on {device}")]
     generator = torch.Generator().manual_seed(2)
@@ -217,10 +204,10 @@ def check_losses(device: torch.device, quick: bool) -> list[Check]:
     import uniter_fast.losses as losses
 
     functions = {"mlm": losses.mlm_loss, "mrfr": losses.mrfr_loss, "mrc": losses.mrc_loss, "mrckl": losses.mrc_kl_loss}
-    backends = ["triton"] if triton_usable(device) and losses.triton_available() else []
+    names = ["triton"] if triton_usable(device) else []
     if device.type == "cpu":
-        backends.append("chunked")
-    if not backends:
+        names.append("chunked")
+    if not names:
         return [skipped("losses", "-", "-", "Triton is not installed")]
     row_counts, hidden = ([5], 16) if quick else ([1037, 4099], 768)
     generator = torch.Generator().manual_seed(3)
@@ -238,7 +225,7 @@ def check_losses(device: torch.device, quick: bool) -> list[Check]:
             expected = run("reference", torch.float32)
             low = {"bf16": run("reference", torch.bfloat16)}
             case = f"{task} M{count} H{hidden} C{LOSS_CLASSES[task]}"
-            for backend in backends:
+            for backend in names:
                 for dtype in ("fp32", "bf16"):
                     got = run(backend, DTYPES[dtype])
                     for i, quantity in enumerate(("loss", "grad hidden", "grad weight", "grad bias")):
@@ -270,26 +257,16 @@ def varlen_backends(device: torch.device, dtype: torch.dtype) -> tuple[list[str]
     """(backends to compare on ``device`` at ``dtype``, reasons for those left out)."""
     names, missing = [], []
     for name in VARLEN_ATTENTION:
-        if name in CUDA_ONLY_BACKENDS and device.type != "cuda":
+        if "cuda" in backends.component("packed_attention").needs.get(name, ()) and device.type != "cuda":
             continue
         if device.type == "cuda" and dtype == torch.float32 and name in HALF_ONLY:
             continue  # half-precision kernels only (the selector never picks them for fp32)
-        if name == "flash_attn" and not flash_attn_available():
-            missing.append("flash_attn: the flash-attn package is not installed")
-            continue
-        if name == "torch_varlen" and not _has_varlen_attn():
-            missing.append(f"torch_varlen: torch {torch.__version__} has no torch.nn.attention.varlen")
+        why = backends.unavailable_reason("packed_attention", name, device)
+        if why is not None:
+            missing.append(f"{name}: {why}")
             continue
         names.append(name)
     return names, missing
-
-
-def _has_varlen_attn() -> bool:
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def check_encoder(device: torch.device, quick: bool) -> list[Check]:
@@ -303,8 +280,8 @@ def check_encoder(device: torch.device, quick: bool) -> list[Check]:
         config = UniterConfig.base(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         size, txt_range, img_range = 32, (10, 60), (10, 100)
     reference = perturbed(Model(config), generator).to(device).train()
-    reference.check_inputs = False
-    reference.set_attention_backend("eager")
+    reference.check_values = False
+    reference.set_attention_backend("reference")
     batch = random_batch(size, config.vocab_size, generator, device, txt_range, img_range)
     packed = pack_batch(batch)
     valid = batch["attn_masks"].bool()
@@ -376,8 +353,9 @@ def check_attention_dropout(device: torch.device, quick: bool) -> list[Check]:
     def batch_for(name: str) -> VarlenBatch:
         return VarlenBatch(cu.to(device), max(lengths), name)
 
-    clean = VARLEN_ATTENTION["eager"](q.float(), k.float(), v.float(), batch_for("eager"), 0.0)
-    mean_eager = torch.stack([VARLEN_ATTENTION["eager"](q, k, v, batch_for("eager"), p).float() for _ in range(draws)])
+    eager = VARLEN_ATTENTION["reference"]
+    clean = eager(q.float(), k.float(), v.float(), batch_for("reference"), 0.0)
+    mean_eager = torch.stack([eager(q, k, v, batch_for("reference"), p).float() for _ in range(draws)])
     eager_deviation = rel_err(mean_eager.mean(0), clean)
     rows = []
     case = f"lengths {lengths} p={p}"
@@ -443,9 +421,9 @@ def check_steps(device: torch.device, quick: bool) -> list[Check]:
     else:
         config = UniterConfig.base(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         size, txt_range, img_range = 16, (10, 60), (10, 100)
-    config.attention_backend = "eager"
+    config.attention_backend = "reference"
     model = perturbed(UniterForPretraining(config), generator).to(device).train()
-    model.uniter.check_inputs = False
+    model.uniter.check_values = False
     rows = []
     for i, task in enumerate(("mlm", "mrfr", "mrc", "mrckl", "itm")):
         batch = task_batch(task, size, config.vocab_size, 100 + i, device, txt_range, img_range)

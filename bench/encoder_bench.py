@@ -23,10 +23,9 @@ from batches import random_batch
 from harness import device_name, peak_memory, plot_grouped_bars, print_table, run_meta, time_fn, write_json
 from tqdm import tqdm
 
-from uniter_fast import Model, UniterConfig
+from uniter_fast import Model, UniterConfig, backends
 from uniter_fast.config import IMG_POS_DIM
 from uniter_fast.layout import pack_batch
-from uniter_fast.model.attention import resolve_varlen_backend
 
 # Dense bf16/fp16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -73,7 +72,7 @@ def bench_config(
     in training when the backend has no dropout)."""
     config = UniterConfig.preset(name)
     model = Model(config).to(device=device, dtype=dtype)
-    model.check_inputs = False
+    model.check_values = False
     batch = random_batch(batch_size, config.vocab_size, generator, device)
     packed = pack_batch(batch)
     # Features in the model dtype, as a bf16 data pipeline would deliver them.
@@ -93,7 +92,12 @@ def bench_config(
     for mode in modes:
         model.train(mode == "train")  # training: dropout on, as in pretraining
         dropout = config.attention_probs_dropout_prob if mode == "train" else 0.0
-        packed_backend = resolve_varlen_backend(model.packed_attention_backend, device, dtype, dropout)
+        attention = {
+            "padded": backends.resolve("attention", model.config.attention_backend, device, dtype),
+            "packed": backends.resolve(
+                "packed_attention", model.config.packed_attention_backend, device, dtype, dropout_p=dropout
+            ),
+        }
         forced = {
             f"packed:{b}": forced_backend(model, packed, b)
             for b in packed_backends
@@ -108,7 +112,7 @@ def bench_config(
                     "model": name,
                     "mode": mode,
                     "path": path,
-                    "attention": {"padded": config.attention_backend, "packed": packed_backend}.get(path, path[7:]),
+                    "attention": attention.get(path, path[7:]),
                     "batch": batch_size,
                     "valid_tokens": valid_tokens,
                     "padded_tokens": batch_size * padded_len,
@@ -132,7 +136,7 @@ def forced_backend(model: Model, packed: dict[str, Any], backend: str) -> Callab
     """The packed forward with the attention ``backend`` forced for this call (the model's own choice restored)."""
 
     def forward() -> torch.Tensor:
-        chosen = model.packed_attention_backend
+        chosen = model.config.packed_attention_backend
         model.set_packed_attention_backend(backend)
         try:
             return model.forward_packed(packed)

@@ -92,7 +92,7 @@ def main() -> None:
     for task in tqdm(args.tasks, desc="tasks"):  # one model alive at a time (memory)
         model, batch = build(task, config, rng, args.batch_size)
         model = model.to(device).train()
-        model.uniter.check_inputs = False
+        model.uniter.check_values = False
         optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=gpu)
         batches[task] = move_to_device(batch, device)
         steps = {(task, p): make_step(model, optimizer, batches[task], p == "fast", autocast) for p in PATHS}

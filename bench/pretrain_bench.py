@@ -71,7 +71,7 @@ def measure_steps(
     torch.manual_seed(seed)
     config = UniterConfig.preset(config_name)
     model = UniterForPretraining(config).to(device).train()
-    model.uniter.check_inputs = False
+    model.uniter.check_values = False
     optimizer = torch.optim.AdamW(
         param_groups(model, 0.01), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda"
     )

@@ -5,7 +5,7 @@ arithmetic), runs UNITER's IPOT loop (uniter_fast/ot/reference.py) with the Gibb
 vectors in registers, and writes the plan [M, N] (zero at pads) and the distance Σ C ⊙ T once (with C recovered as
 −β·log A, so the cost occupies no registers during the loop). Matrix-vector steps are broadcast-multiply + ``tl.sum`` in
 exact fp32 (no ``tl.dot``: TF32 on GPU). Tiles hold at most ``MAX_BLOCK × MAX_BLOCK``; larger problems go to the
-reference (see uniter_fast/ot/backends.py).
+reference (uniter_fast/backends.py, the resolver).
 """
 
 from __future__ import annotations

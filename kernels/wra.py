@@ -13,7 +13,7 @@ coefficients c = f ρ; then per chunk of ``BLOCK_D`` embedding columns dX = g c 
 dY = g c' Y + Gᵀ X with G = −g diag(a) T diag(a') (rank-1 updates over the valid rows), reading each chunk of X and Y
 once and writing the gradients once (zero at pad rows). See uniter_fast/ot/wra.py for the maths.
 
-Tiles hold at most ``MAX_BLOCK × MAX_BLOCK`` per pair (larger inputs use the reference path, uniter_fast/ot/api.py).
+Tiles hold at most ``MAX_BLOCK × MAX_BLOCK`` per pair (larger inputs use the reference path: uniter_fast/backends.py).
 The kernels assume rows that start on 16-byte boundaries with a width divisible by 4 (:func:`rows_aligned`; the
 dispatcher pads other inputs), which gives each thread 4 adjacent columns in the backward's tiles.
 """

@@ -1,22 +1,16 @@
-"""Varlen (packed) attention backends against a float64 per-sequence reference, and the backend selection logic."""
+"""Varlen (packed) attention backends against a float64 per-sequence reference (the choice among them:
+tests/test_backends.py)."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 
-from uniter_fast.model import attention
-from uniter_fast.model.attention import (
-    VARLEN_ATTENTION,
-    VarlenBatch,
-    resolve_varlen_backend,
-    select_varlen_backend,
-)
+from uniter_fast.model.attention import VARLEN_ATTENTION, VarlenBatch
 
-CPU_BACKENDS = ["eager", "sdpa_loop", "sdpa_padded", "sdpa_nested"]
+CPU_BACKENDS = ["reference", "sdpa_loop", "sdpa_padded", "sdpa_nested"]
 
 
 def make_batch(lengths: list[int], backend: str) -> VarlenBatch:
@@ -102,44 +96,6 @@ def test_torch_varlen_refuses_dropout() -> None:
         VARLEN_ATTENTION["torch_varlen"](q, q, q, make_batch([4], "torch_varlen"), 0.1)
 
 
-@pytest.mark.parametrize(
-    "device,dtype,dropout,flash,expected",
-    [
-        ("cpu", torch.float32, 0.0, False, "sdpa_padded"),
-        ("cpu", torch.bfloat16, 0.1, True, "sdpa_padded"),
-        ("cuda", torch.bfloat16, 0.1, True, "flash_attn"),
-        ("cuda", torch.float16, 0.0, True, "flash_attn"),
-        ("cuda", torch.bfloat16, 0.0, False, "flash_torch"),
-        ("cuda", torch.float16, 0.1, False, "flash_torch"),
-        ("cuda", torch.float32, 0.0, True, "sdpa_padded"),
-        ("cuda", torch.float32, 0.1, False, "sdpa_padded"),
-    ],
-)
-def test_selection(device: str, dtype: torch.dtype, dropout: float, flash: bool, expected: str) -> None:
-    assert select_varlen_backend(device, dtype, dropout, flash) == expected
-
-
-def test_resolve_logs_and_honours_override(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(attention, "_LOGGED_CHOICES", set())
-    cpu = torch.device("cpu")
-    with caplog.at_level(logging.INFO, logger="uniter_fast.model.attention"):
-        assert resolve_varlen_backend("auto", cpu, torch.float32, 0.1) == "sdpa_padded"
-        assert resolve_varlen_backend("auto", cpu, torch.float32, 0.1) == "sdpa_padded"
-        assert resolve_varlen_backend("sdpa_loop", cpu, torch.float32, 0.1) == "sdpa_loop"
-    messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2  # one line per new choice, not per call
-    assert "selected backend 'sdpa_padded'" in messages[0] and "requested backend 'sdpa_loop'" in messages[1]
-
-
-def test_resolve_rejects_bad_names_and_devices() -> None:
-    cpu = torch.device("cpu")
-    with pytest.raises(ValueError, match="one of"):
-        resolve_varlen_backend("flash", cpu, torch.float32, 0.0)
-    for name in ("flash_attn", "flash_torch", "torch_varlen"):
-        with pytest.raises(ValueError, match="needs a CUDA device"):
-            resolve_varlen_backend(name, cpu, torch.bfloat16, 0.0)
-
-
 def test_varlen_batch_validates() -> None:
     with pytest.raises(ValueError, match="int32"):
         VarlenBatch(torch.tensor([0, 3]), 3)
@@ -150,7 +106,7 @@ def test_varlen_batch_validates() -> None:
 
 
 def test_padded_view_round_trip() -> None:
-    batch = make_batch([2, 5, 1], "eager")
+    batch = make_batch([2, 5, 1], "reference")
     x = torch.randn(8, 3, 4)
     padded = batch.to_padded(x)
     assert padded.shape == (3, 5, 3, 4)

@@ -68,6 +68,6 @@ def test_value_checks_can_be_switched_off_for_speed(model_and_batch) -> None:
     model, batch = model_and_batch
     batch["img_feat"] = batch["img_feat"].clone()
     batch["img_feat"][0, 0, 0] = float("nan")
-    model.check_inputs = False
+    model.check_values = False
     out = model(**batch, output_all_encoded_layers=False)  # shape checks still run; value checks do not
     assert torch.isnan(out).any()

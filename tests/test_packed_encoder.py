@@ -11,12 +11,11 @@ import pytest
 import torch
 from model_batches import LENGTHS, padded_batch
 
-from uniter_fast import Model, UniterConfig
+from uniter_fast import Model, UniterConfig, backends
 from uniter_fast.layout import pack_batch
-from uniter_fast.model import attention
 from uniter_fast.model.packed import check_packed
 
-CPU_BACKENDS = ["auto", "eager", "sdpa_loop", "sdpa_padded", "sdpa_nested"]
+CPU_BACKENDS = ["auto", "reference", "sdpa_loop", "sdpa_padded", "sdpa_nested"]
 
 
 def padded_forward(model: Model, batch: dict[str, Any], all_layers: bool = False) -> Any:
@@ -69,7 +68,7 @@ def test_packed_equals_padded_fp32(backend: str, txt_lens: list[int], num_bbs: l
         torch.testing.assert_close(got, want[valid], rtol=1e-5, atol=2e-5)
 
 
-@pytest.mark.parametrize("backend", ["auto", "eager", "sdpa_loop", "sdpa_nested"])
+@pytest.mark.parametrize("backend", ["auto", "reference", "sdpa_loop", "sdpa_nested"])
 def test_packed_gradients_equal_padded(backend: str) -> None:
     model = small_model().train()
     model.set_packed_attention_backend(backend)
@@ -112,10 +111,10 @@ def test_packed_under_autocast_picks_autocast_dtype(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Under bf16 autocast the backend is chosen for bf16 q/k/v (what the kernels see), and packed == padded."""
-    monkeypatch.setattr(attention, "_LOGGED_CHOICES", set())
+    monkeypatch.setattr(backends, "_LOGGED", set())
     model = small_model().eval()
     batch = padded_batch([10, 60, 23], [100, 10, 57], vocab=model.config.vocab_size)
-    with caplog.at_level(logging.INFO, logger="uniter_fast.model.attention"):
+    with caplog.at_level(logging.INFO, logger="uniter_fast.backends"):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             got = model.forward_packed(pack_batch(batch))
             want = padded_forward(model, batch)[batch["attn_masks"].bool()]
@@ -149,4 +148,4 @@ def test_set_packed_attention_backend_validates() -> None:
     model = small_model()
     with pytest.raises(ValueError, match="one of"):
         model.set_packed_attention_backend("fastest")
-    assert model.packed_attention_backend == "auto"
+    assert model.config.packed_attention_backend == "auto"

@@ -14,7 +14,7 @@ from uniter_fast.syncs import SyncCounter, count_step_syncs, count_syncs
 # Host syncs allowed in one fast-path micro-step (forward + backward), as documented in docs/pretraining.md.
 # ITM: the checks of the collate's txt_lens / img_lens against the pads in uniter_fast.ot.optimal_transport_dist
 # (range and suffix, per side). They run only on host tensors, so this CPU emulation counts them; on a GPU the lengths
-# travel with the batch and are not read (check_lengths=False): bench/gpu_suite.py measures 0 there.
+# travel with the batch and are not read (check_values=False): bench/gpu_suite.py measures 0 there.
 FAST_STEP_SYNCS = {"mlm": 0, "mrfr": 0, "mrc": 0, "mrckl": 0, "itm": 4}
 
 

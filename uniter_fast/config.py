@@ -7,6 +7,8 @@ import json
 import os
 from typing import Any, Union
 
+from uniter_fast.backends import check_name
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 IMG_DIM = 2048
@@ -15,16 +17,15 @@ IMG_LABEL_DIM = 1601
 BUCKET_SIZE = 8192
 SIZE_MULTIPLE = 8  # a token-bucket batch holds a multiple of 8 examples (the original's size_multiple)
 
-ATTENTION_BACKENDS = ("eager", "sdpa")
-
 
 @dataclasses.dataclass
 class UniterConfig:
     """Hyper-parameters of a UNITER encoder, field for field those of the original config JSON.
 
-    ``attention_backend`` is ours (not in the original files): ``"eager"`` is the reference math of the original
-    code, ``"sdpa"`` runs ``torch.nn.functional.scaled_dot_product_attention``. It is not written to JSON files
-    that are meant to be read by the original code (see :meth:`to_dict`).
+    ``attention_backend`` (the padded forward's attention core) and ``packed_attention_backend`` (``forward_packed``'s
+    varlen attention) are ours, not in the original files (which ignore them): ``"auto"`` (default, the fastest exact
+    kernel for the device and dtype), ``"reference"`` (the original math; ``"eager"``, its older name, is accepted) or
+    a kernel name of components ``"attention"`` / ``"packed_attention"`` of :mod:`uniter_fast.backends`.
     """
 
     vocab_size: int = 28996
@@ -40,7 +41,8 @@ class UniterConfig:
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
     img_dim: int = IMG_DIM
-    attention_backend: str = "sdpa"
+    attention_backend: str = "auto"
+    packed_attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads != 0:
@@ -52,8 +54,8 @@ class UniterConfig:
             raise ValueError(
                 f"hidden_act: only 'gelu' (the erf form UNITER uses) is supported, got {self.hidden_act!r}"
             )
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        check_name("attention", self.attention_backend, "attention_backend")
+        check_name("packed_attention", self.packed_attention_backend, "packed_attention_backend")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -14,10 +14,12 @@ overwrites the logits buffer with d (row loss) / d logits:
 - ``backend="triton"``: the row kernels of :mod:`uniter_fast.kernels.fused_linear_losses` (on CPU tensors they run in
   the Triton interpreter, ``TRITON_INTERPRET=1``; that is for tests, not speed);
 - ``backend="chunked"``: the same chunk loop with the row work in PyTorch (the CPU fast path);
-- ``backend="fast"``: the fused path for the tensors' device, Triton on CUDA (raises ``ImportError`` without
-  Triton), chunked on CPU;
+- ``backend="fast"``: the fused path for the tensors' device, Triton on CUDA (a ``ValueError`` without Triton),
+  chunked elsewhere;
 - ``backend="auto"`` (default): Triton on CUDA tensors when Triton imports, else chunked;
 - ``backend="reference"``: plain PyTorch, the oracle (:mod:`uniter_fast.losses.reference`).
+
+The choice is :func:`uniter_fast.backends.resolve`'s (component ``"losses"``).
 
 All four return a 0-dim float32 tensor. Zero masked rows give 0.0 with zero (finite) gradients. Targets
 (``labels``, ``targets``, ``soft_labels``) get no gradient on the fused paths.
@@ -27,36 +29,17 @@ from __future__ import annotations
 
 import torch
 
+from uniter_fast import backends
 from uniter_fast.losses import reference
-from uniter_fast.losses.checks import (
-    check_backend,
-    check_labels,
-    check_projection,
-    check_targets,
-)
+from uniter_fast.losses.checks import check_labels, check_projection, check_targets
 
-__all__ = ["mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend", "triton_available"]
-
-
-def triton_available() -> bool:
-    """True when the Triton row kernels import (Triton installed; on CPU they need ``TRITON_INTERPRET=1``)."""
-    try:
-        import uniter_fast.kernels.fused_linear_losses  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete path ("reference", "chunked" or "triton") that ``backend`` selects for tensors on ``device``."""
-    check_backend(backend)
-    if backend in ("reference", "chunked", "triton"):
-        return backend
-    if device.type == "cuda":
-        if backend == "fast" and not triton_available():
-            raise ImportError("backend='fast' on CUDA needs triton (pip install triton); use backend='auto'")
-        return "triton" if triton_available() else "chunked"
-    return "chunked"
+    """The concrete path ("reference", "chunked" or "triton") that ``backend`` selects for tensors on ``device``
+    (:func:`uniter_fast.backends.resolve` of component ``"losses"``)."""
+    return backends.resolve("losses", backend, device)
 
 
 def _fused(

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 import torch
 
-BACKENDS = ("reference", "fast", "auto", "chunked", "triton")
-
-
-def check_backend(backend: str) -> None:
-    """Raise ``ValueError`` unless ``backend`` is one of :data:`BACKENDS`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
 
 def check_float(name: str, tensor: torch.Tensor) -> None:
     """Raise ``TypeError`` unless ``tensor`` is a floating-point tensor."""

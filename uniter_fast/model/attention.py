@@ -1,16 +1,17 @@
 """Attention cores behind the encoder's backend switch: the padded layout [B, heads, L, head_dim] and the packed
 (varlen) layout [T, heads, head_dim].
 
-``eager`` is the reference: the original UNITER/BERT math (scores / sqrt(d) + additive mask, softmax, dropout,
-weighted sum). ``sdpa`` gives the same function through ``torch.nn.functional.scaled_dot_product_attention``, which
-picks a fused kernel where one exists. Both take the additive mask of the original code, shaped [B, 1, 1, L]
-(0 for valid keys, -10000 for padded ones), so they agree to rounding.
+``reference`` (:func:`eager_attention`; ``eager`` is its alias) is the original UNITER/BERT math (scores / sqrt(d)
++ additive mask, softmax, dropout, weighted sum). ``sdpa`` gives the same function through
+``torch.nn.functional.scaled_dot_product_attention``, which picks a fused kernel where one exists. Both take the
+additive mask of the original code, shaped [B, 1, 1, L] (0 for valid keys, -10000 for padded ones), so they agree to
+rounding. The tables below hold the kernels; which one runs is :func:`uniter_fast.backends.resolve`'s choice
+(components ``"attention"`` and ``"packed_attention"``).
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -38,24 +39,13 @@ def sdpa_attention(
     )
 
 
-PADDED_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"eager": eager_attention, "sdpa": sdpa_attention}
-
-
-def padded_attention(name: str) -> Callable[..., torch.Tensor]:
-    """The attention core called ``name`` (one of ``PADDED_ATTENTION``)."""
-    if name not in PADDED_ATTENTION:
-        raise ValueError(f"attention backend must be one of {sorted(PADDED_ATTENTION)}, got {name!r}")
-    return PADDED_ATTENTION[name]
+PADDED_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {"reference": eager_attention, "sdpa": sdpa_attention}
 
 
 # ---------------------------------------------------------------------------------------------------- varlen (packed)
 # The packed layout holds only valid tokens: q/k/v are [T, heads, d] with the sequences of a batch back to back,
 # delimited by int32 ``cu_seqlens`` [B+1]. Every backend below computes the same function as ``eager_attention`` on
 # the padded view; they differ only in which kernel does it and on which devices/dtypes/dropout they run.
-
-logger = logging.getLogger(__name__)
-
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -66,13 +56,13 @@ class VarlenBatch:
     Attributes:
         cu_seqlens: [B+1] int32 cumulative sequence lengths (cu_seqlens[0] = 0, cu_seqlens[-1] = T).
         max_seqlen: the longest sequence, a Python int.
-        backend: the attention backend every layer uses (a key of ``VARLEN_ATTENTION``).
+        backend: the attention backend every layer uses (a key of ``VARLEN_ATTENTION``, as resolved).
         total: T, the number of packed tokens, when the caller knows it (saves reading cu_seqlens on the host).
     """
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
-    backend: str = "eager"
+    backend: str = "reference"
     total: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -248,7 +238,7 @@ def varlen_flash_attn(
 
 
 VARLEN_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {
-    "eager": varlen_eager,
+    "reference": varlen_eager,
     "sdpa_loop": varlen_sdpa_loop,
     "sdpa_padded": varlen_sdpa_padded,
     "sdpa_nested": varlen_sdpa_nested,
@@ -256,60 +246,3 @@ VARLEN_ATTENTION: dict[str, Callable[..., torch.Tensor]] = {
     "flash_torch": varlen_flash_torch,
     "flash_attn": varlen_flash_attn,
 }
-CUDA_ONLY_BACKENDS = ("torch_varlen", "flash_torch", "flash_attn")
-
-
-@functools.cache
-def flash_attn_available() -> bool:
-    """Whether the ``flash_attn`` package can be imported (it only builds against CUDA)."""
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def select_varlen_backend(device_type: str, dtype: torch.dtype, dropout_p: float, has_flash_attn: bool) -> str:
-    """The fastest varlen backend that is exact for these inputs (kernels-notes §5).
-
-    CUDA: flash-attn for fp16/bf16 when installed; else ``flash_torch`` (PyTorch's own flash varlen kernels, with or
-    without dropout) for fp16/bf16, ``sdpa_padded`` (memory-efficient kernel, key-padding mask) for fp32.
-    ``sdpa_nested`` is never chosen: on an H200 (bench/results/gpu_suite_nvidia_h200, first run) its training step
-    ran at 0.19x the padded encoder, with 3 host syncs per layer. Any other device: ``sdpa_padded`` (measured on a
-    2-core CPU: as fast as ``sdpa_loop`` single-threaded, and far less sensitive to a busy machine, as it issues a
-    handful of ops per layer instead of a few per sequence).
-    """
-    if device_type != "cuda":
-        return "sdpa_padded"
-    half = dtype in HALF_DTYPES
-    if half and has_flash_attn:
-        return "flash_attn"
-    if half:
-        return "flash_torch"
-    return "sdpa_padded"
-
-
-def check_varlen_backend(name: str) -> None:
-    """Raise ``ValueError`` unless ``name`` is ``"auto"`` or a key of ``VARLEN_ATTENTION``."""
-    if name != "auto" and name not in VARLEN_ATTENTION:
-        raise ValueError(f"attention backend must be 'auto' or one of {sorted(VARLEN_ATTENTION)}, got {name!r}")
-
-
-_LOGGED_CHOICES: set[tuple[str, str, str]] = set()
-
-
-def resolve_varlen_backend(requested: str, device: torch.device, dtype: torch.dtype, dropout_p: float) -> str:
-    """``requested`` itself, or for ``"auto"`` the :func:`select_varlen_backend` choice; each (device, dtype, backend)
-    combination is logged (INFO) the first time it is used."""
-    check_varlen_backend(requested)
-    if requested in CUDA_ONLY_BACKENDS and device.type != "cuda":
-        raise ValueError(f"attention backend {requested!r} needs a CUDA device, got device {device}")
-    choice = requested
-    if requested == "auto":
-        choice = select_varlen_backend(device.type, dtype, dropout_p, flash_attn_available())
-    key = (str(device), str(dtype), choice)
-    if key not in _LOGGED_CHOICES:
-        _LOGGED_CHOICES.add(key)
-        how = "selected" if requested == "auto" else "requested"
-        logger.info("packed attention on %s/%s (dropout %s): %s backend %r", device, dtype, dropout_p, how, choice)
-    return choice

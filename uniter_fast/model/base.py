@@ -10,7 +10,6 @@ VCR do (written once here; the original repeats them in five classes).
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -25,9 +24,8 @@ class UniterPreTrainedModel(nn.Module):
 
     def __init__(self, config: UniterConfig, fast: bool = False, check_values: Optional[bool] = None) -> None:
         super().__init__()
-        config = dataclasses.replace(config)  # a copy: growing the tables updates it, not the caller's
-        self.config = config
         self.uniter = Model(config)
+        self.config = self.uniter.config  # the encoder's own copy: growing the tables updates it, not the caller's
         self.fast = fast
         self.check_values = check_values
 
@@ -37,9 +35,14 @@ class UniterPreTrainedModel(nn.Module):
             head.apply(lambda m: init_uniter_weights(m, self.config.initializer_range))
 
     @property
-    def value_checks(self) -> bool:
-        """Whether the fast path checks values that live on the device (``check_values``; default: not ``fast``)."""
-        return (not self.fast) if self.check_values is None else self.check_values
+    def check_values(self) -> bool:
+        """Whether the fast path checks values that live on the device (set it to True/False; None, the default:
+        not ``fast``). The padded path uses the encoder's own flag, ``self.uniter.check_values``."""
+        return (not self.fast) if self._check_values is None else self._check_values
+
+    @check_values.setter
+    def check_values(self, value: Optional[bool]) -> None:
+        self._check_values = value
 
     # ------------------------------------------------------------------ encoder and readouts
     def _uses_packed(self, batch: dict) -> bool:
@@ -48,7 +51,7 @@ class UniterPreTrainedModel(nn.Module):
     def _encode(self, batch: dict, img_masks: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Last-layer output: [T, H] (packed, when ``fast`` and the batch has ``packed``) or [B, L, H] (padded)."""
         if self._uses_packed(batch):
-            return self.uniter.forward_packed(batch["packed"], check_values=self.value_checks)
+            return self.uniter.forward_packed(batch["packed"], check_values=self.check_values)
         return self.uniter.forward_batch(batch, img_masks=img_masks)
 
     def _pooled(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:

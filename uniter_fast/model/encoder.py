@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniter_fast import backends
 from uniter_fast.config import UniterConfig
-from uniter_fast.model.attention import VARLEN_ATTENTION, VarlenBatch, padded_attention
+from uniter_fast.model.attention import PADDED_ATTENTION, VARLEN_ATTENTION, VarlenBatch
 
 
 class BertSelfAttention(nn.Module):
-    """query/key/value projections and the attention core selected by ``config.attention_backend``."""
+    """query/key/value projections and the attention core that ``config.attention_backend`` selects (resolved by
+    :func:`uniter_fast.backends.resolve` for the tensors of each call)."""
 
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
@@ -38,7 +40,8 @@ class BertSelfAttention(nn.Module):
         key = self._split_heads(self.key(hidden_states))
         value = self._split_heads(self.value(hidden_states))
         dropout_p = self.dropout_p if self.training else 0.0
-        context = padded_attention(self.backend)(query, key, value, additive_mask, dropout_p)
+        core = PADDED_ATTENTION[backends.resolve("attention", self.backend, query.device, query.dtype)]
+        context = core(query, key, value, additive_mask, dropout_p)
         batch, _, length, _ = context.shape
         return context.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim)
 

@@ -83,8 +83,9 @@ def packed_forward(
     check_values: Optional[bool] = None,
 ) -> list[torch.Tensor]:
     """Run ``model`` (a UniterModel) on a packed batch with the attention ``backend`` (a resolved name, not
-    ``"auto"``). Returns the list of every layer's [T, H] output, or a 1-element list with the last one."""
-    check_packed(packed, model.config.img_dim, model.check_inputs if check_values is None else check_values)
+    ``"auto"``). ``check_values`` defaults to ``model.check_values``. Returns the list of every layer's [T, H] output,
+    or a 1-element list with the last one."""
+    check_packed(packed, model.config.img_dim, model.check_values if check_values is None else check_values)
     total = packed["txt_ids"].numel() + packed["img_feat"].size(0)
     batch = VarlenBatch(packed["cu_seqlens"], int(packed["max_seqlen"]), backend, total)
     return model.encoder.forward_packed(packed_embeddings(model, packed), batch, output_all_encoded_layers)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
+from uniter_fast import backends
 from uniter_fast.config import PathLike, UniterConfig
-from uniter_fast.model.attention import check_varlen_backend, resolve_varlen_backend
 from uniter_fast.model.embeddings import UniterImageEmbeddings, UniterTextEmbeddings
 from uniter_fast.model.encoder import BertPooler, UniterEncoder
 from uniter_fast.model.inputs import check_forward_inputs
@@ -38,28 +39,36 @@ class UniterModel(nn.Module):
 
     A drop-in for the original ``model.model.UniterModel``: same submodule names (``state_dict`` keys as the
     original's, so ``load_state_dict(original_state_dict)`` works), same forward signature and outputs.
-    :meth:`forward_packed` runs the same weights on the packed (unpadded) layout.
+    :meth:`forward_packed` runs the same weights on the packed (unpadded) layout. The model keeps its own copy of
+    ``config`` (backend switches and grown embedding tables change it, not the caller's).
     """
-
-    packed_attention_backend: str = "auto"  # see set_packed_attention_backend
 
     def __init__(self, config: UniterConfig, img_dim: Optional[int] = None) -> None:
         super().__init__()
-        if img_dim is not None and img_dim != config.img_dim:
-            config = UniterConfig.from_dict({**config.to_dict(), "img_dim": img_dim})
+        config = dataclasses.replace(config, **({} if img_dim is None else {"img_dim": img_dim}))
         self.config = config
         self.embeddings = UniterTextEmbeddings(config)
         self.img_embeddings = UniterImageEmbeddings(config)
         self.encoder = UniterEncoder(config)
         self.pooler = BertPooler(config)
-        self.check_inputs = True  # value checks (NaN features, gather_index range) synchronise with the GPU
+        self.check_values = True  # value checks (NaN features, gather_index range) synchronise with the GPU
         self.apply(lambda m: init_uniter_weights(m, config.initializer_range))
+
+    @property
+    def check_inputs(self) -> bool:
+        """Renamed: the value-check flag is :attr:`check_values` (one name everywhere)."""
+        raise AttributeError("Model.check_inputs was renamed Model.check_values")
+
+    @check_inputs.setter
+    def check_inputs(self, value: bool) -> None:
+        raise AttributeError("Model.check_inputs was renamed Model.check_values")
 
     # ------------------------------------------------------------------ backend switch
     def set_attention_backend(self, backend: str) -> None:
-        """Select the attention core of every layer: ``"eager"`` (reference math) or ``"sdpa"``."""
+        """Select the attention core of every layer of the padded forward (``config.attention_backend``): ``"auto"``,
+        ``"reference"`` (the original math; alias ``"eager"``) or ``"sdpa"`` (docs/backends.md)."""
+        backends.check_name("attention", backend, "attention_backend")
         self.config.attention_backend = backend
-        self.config.__post_init__()
         for layer in self.encoder.layer:
             layer.attention.self.backend = backend
 
@@ -144,7 +153,7 @@ class UniterModel(nn.Module):
             gather_index,
             img_masks,
             self.config.img_dim,
-            self.check_inputs,
+            self.check_values,
         )
         dtype = self.embeddings.word_embeddings.weight.dtype
         additive_mask = additive_attention_mask(attention_mask, dtype)
@@ -158,11 +167,12 @@ class UniterModel(nn.Module):
 
     # ------------------------------------------------------------------ packed (unpadded) path
     def set_packed_attention_backend(self, backend: str) -> None:
-        """Attention backend of :meth:`forward_packed`: ``"auto"`` (default: chosen per device, dtype and dropout,
-        and logged) or one of ``uniter_fast.model.attention.VARLEN_ATTENTION`` (``"eager"``, ``"sdpa_loop"``,
-        ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_torch"``, ``"flash_attn"``)."""
-        check_varlen_backend(backend)
-        self.packed_attention_backend = backend
+        """Attention backend of :meth:`forward_packed` (``config.packed_attention_backend``): ``"auto"`` (default:
+        chosen per device, dtype and dropout, and logged), ``"reference"`` (alias ``"eager"``) or a varlen kernel name
+        (``"sdpa_loop"``, ``"sdpa_padded"``, ``"sdpa_nested"``, ``"torch_varlen"``, ``"flash_torch"``,
+        ``"flash_attn"``; docs/backends.md)."""
+        backends.check_name("packed_attention", backend, "packed_attention_backend")
+        self.config.packed_attention_backend = backend
 
     def forward_batch(
         self,
@@ -199,7 +209,7 @@ class UniterModel(nn.Module):
                 for MRM, ``img_masks`` [Sn] bool; optional ``txt_type_ids`` [St] / ``img_type_ids`` [Sn].
             output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
             check_values: also check ``cu_seqlens`` / ``max_seqlen`` against the token counts, which synchronises
-                with the GPU (default: ``self.check_inputs``); shapes and keys are always checked.
+                with the GPU (default: ``self.check_values``); shapes and keys are always checked.
 
         Returns:
             [T, H] hidden states of the valid tokens (T = St + Sn), example i at cu_seqlens[i] .. cu_seqlens[i+1]-1,
@@ -210,7 +220,9 @@ class UniterModel(nn.Module):
         if torch.is_autocast_enabled(device.type):  # attention then sees q/k/v in the autocast dtype
             dtype = torch.get_autocast_dtype(device.type)
         dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0
-        backend = resolve_varlen_backend(self.packed_attention_backend, device, dtype, dropout_p)
+        backend = backends.resolve(
+            "packed_attention", self.config.packed_attention_backend, device, dtype, dropout_p=dropout_p
+        )
         encoded_layers = packed_forward(self, packed, backend, output_all_encoded_layers, check_values)
         if not output_all_encoded_layers:
             return encoded_layers[-1]

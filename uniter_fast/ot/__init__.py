@@ -4,7 +4,7 @@
 """
 
 from uniter_fast.ot.api import cost_matrix_cosine, ipot, optimal_transport_dist
-from uniter_fast.ot.backends import BACKENDS, available_backends
+from uniter_fast.ot.backends import available_backends
 from uniter_fast.ot.checks import MIN_BETA
 
-__all__ = ["BACKENDS", "MIN_BETA", "available_backends", "cost_matrix_cosine", "ipot", "optimal_transport_dist"]
+__all__ = ["MIN_BETA", "available_backends", "cost_matrix_cosine", "ipot", "optimal_transport_dist"]

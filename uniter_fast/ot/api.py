@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
-from uniter_fast.ot.backends import RUNNERS, resolve_backend, run_reference
+from uniter_fast import backends
+from uniter_fast.ot.backends import RUNNERS, run_reference
 from uniter_fast.ot.checks import (
     check_embeddings,
     check_float,
@@ -30,9 +30,9 @@ def _lengths(
     m: int,
     n: int,
     device: torch.device,
-    check_lengths: bool,
+    check_values: bool,
 ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The valid lengths: the given ones (checked without a device sync unless ``check_lengths``), else derived from
+    """The valid lengths: the given ones (checked without a device sync unless ``check_values``), else derived from
     the pads (a device sync on CUDA); (None, None) when the pads are not a suffix of every row."""
     if (txt_lens is None) != (img_lens is None):
         raise ValueError("txt_lens and img_lens must be given together (or neither)")
@@ -41,7 +41,7 @@ def _lengths(
         txt_lens, img_lens = suffix_lengths(txt_pad), suffix_lengths(img_pad)
         return (txt_lens, img_lens) if txt_lens is not None and img_lens is not None else (None, None)
     check_pad_layout(txt_pad, img_pad, batch, m, n, device)
-    check_length_args(txt_lens, img_lens, txt_pad, img_pad, check_lengths)
+    check_length_args(txt_lens, img_lens, txt_pad, img_pad, check_values)
     return txt_lens, img_lens
 
 
@@ -79,7 +79,7 @@ def ipot(
     backend: str = "auto",
     txt_lens: Optional[torch.Tensor] = None,
     img_lens: Optional[torch.Tensor] = None,
-    check_lengths: bool = False,
+    check_values: bool = False,
 ) -> torch.Tensor:
     """IPOT transport plan of UNITER's algorithm (uniform marginals 1/len over non-pad positions).
 
@@ -88,10 +88,11 @@ def ipot(
         txt_pad: [B, M] bool, True at text pads. img_pad: [B, N] bool, True at region pads. Every pair needs at
             least one non-pad on each side; the fast backends need pads only at the end of each row.
         beta: proximal step (>= 0.05), iteration: outer steps, k: inner Sinkhorn sweeps.
-        backend: "reference", "cpp" (CPU), "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "auto".
+        backend: "auto", "reference", "cpp" (CPU) or "triton" (CUDA, or CPU under TRITON_INTERPRET=1); the choice is
+            :func:`uniter_fast.backends.resolve`'s (component "ipot").
         txt_lens, img_lens: optional [B] int64 valid lengths (CPU or the cost's device), as in
             :func:`optimal_transport_dist`.
-        check_lengths: also check device-resident lengths against the pads (a device sync).
+        check_values: also check device-resident lengths against the pads (a device sync).
 
     Returns:
         [B, M, N] float32 plan (note: the original returns it transposed, [B, N, M]), zero at pads, no gradient.
@@ -99,8 +100,10 @@ def ipot(
     check_float("cost", cost, 3)
     check_params(beta, iteration, k)
     batch, m, n = cost.shape
-    txt_lens, img_lens = _lengths(txt_pad, img_pad, txt_lens, img_lens, batch, m, n, cost.device, check_lengths)
-    name = resolve_backend(backend, cost.device, txt_lens is not None)
+    txt_lens, img_lens = _lengths(txt_pad, img_pad, txt_lens, img_lens, batch, m, n, cost.device, check_values)
+    name = backends.resolve(
+        "ipot", backend, cost.device, cost.dtype, suffix_padded=txt_lens is not None, pair_size=(m, n)
+    )
     with torch.no_grad():
         return RUNNERS[name](cost.detach(), txt_pad, img_pad, txt_lens, img_lens, beta, iteration, k)[0]
 
@@ -116,7 +119,7 @@ def optimal_transport_dist(
     backend: str = "auto",
     txt_lens: Optional[torch.Tensor] = None,
     img_lens: Optional[torch.Tensor] = None,
-    check_lengths: bool = False,
+    check_values: bool = False,
 ) -> torch.Tensor:
     """UNITER's WRA distance: Σ C ⊙ T with C = 1 − cos(txt, img) (pads zeroed) and T the detached IPOT plan.
 
@@ -124,12 +127,13 @@ def optimal_transport_dist(
         txt_emb: [B, Lt, H] float32/bfloat16/float16 text embeddings (incl. [CLS]/[SEP]).
         img_emb: [B, Nb, H] same dtype family, region embeddings.
         txt_pad: [B, Lt] bool, True at text pads. img_pad: [B, Nb] bool, True at region pads.
-        beta, iteration, k, backend: as in :func:`ipot`. "cpp" and "triton" run the fused kernels (cost, IPOT,
-            distance and backward without materialising normalised copies); "reference" the original maths.
+        beta, iteration, k, backend: as in :func:`ipot` (component "wra"). "cpp" and "triton" run the fused kernels
+            (cost, IPOT, distance and backward without materialising normalised copies); "reference" the original
+            maths. Pairs beyond the Triton tile use the reference, with a warning.
         txt_lens, img_lens: optional [B] int64 valid lengths, e.g. CPU tensors from the collate, so that nothing is
             derived from the pads (which costs device syncs on CUDA). On the CPU they are checked against the pads;
-            on an accelerator only with ``check_lengths=True``.
-        check_lengths: also check device-resident lengths and pads (a device sync).
+            on an accelerator only with ``check_values=True``.
+        check_values: also check device-resident lengths and pads (a device sync).
 
     Returns:
         [B] float32 distance; differentiable w.r.t. both embeddings through the cost only (fp32 maths, gradients in
@@ -139,18 +143,10 @@ def optimal_transport_dist(
     check_params(beta, iteration, k)
     batch, m, _ = txt_emb.shape
     n = img_emb.shape[1]
-    txt_lens, img_lens = _lengths(txt_pad, img_pad, txt_lens, img_lens, batch, m, n, txt_emb.device, check_lengths)
-    name = resolve_backend(backend, txt_emb.device, txt_lens is not None)
-    if name == "triton":
-        from uniter_fast.kernels.wra import MAX_BLOCK
-
-        if m > MAX_BLOCK or n > MAX_BLOCK:
-            warnings.warn(
-                f"WRA Triton kernel holds at most {MAX_BLOCK}x{MAX_BLOCK} per pair, got {m}x{n}; "
-                "using the reference backend",
-                stacklevel=2,
-            )
-            name = "reference"
+    txt_lens, img_lens = _lengths(txt_pad, img_pad, txt_lens, img_lens, batch, m, n, txt_emb.device, check_values)
+    name = backends.resolve(
+        "wra", backend, txt_emb.device, txt_emb.dtype, suffix_padded=txt_lens is not None, pair_size=(m, n)
+    )
     if name != "reference":
         return fused_wra_distance(txt_emb, img_emb, txt_lens, img_lens, beta, iteration, k, name)
     cost = cost_matrix_cosine(txt_emb.float(), img_emb.float())

@@ -166,7 +166,7 @@ class UniterForPretraining(UniterPreTrainedModel):
             predictions.bias,
             labels,
             backend=self.backend,
-            check_values=self.value_checks,
+            check_values=self.check_values,
         )
         return {"loss": loss}
 
