@@ -34,11 +34,11 @@ from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.tasks import get_task
+from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import collate_rows, row
 from uniter_fast.tasks.itm import ItmEvalDataset, ItmRankDataset
 from uniter_fast.tasks.itm_eval import evaluate_retrieval
-from uniter_fast.tasks.bundled import resolve_bundled
 
 COCO_TEXTS, COCO_IMAGES, COCO_TXT_LEN, COCO_BOXES = 25_000, 5_000, 14, 36
 RECALLS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")

@@ -98,9 +98,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     from uniter_fast.data.loader import move_to_device
     from uniter_fast.finetuning.config import default_config, load_finetune_config
     from uniter_fast.tasks import get_task
+    from uniter_fast.tasks.bundled import resolve_bundled
     from uniter_fast.tasks.checkpoint import load_task_model
     from uniter_fast.tasks.data import DbCache
-    from uniter_fast.tasks.bundled import resolve_bundled
     from uniter_fast.training.distributed import init_launched_process_group
     from uniter_fast.training.logs import format_table
 
