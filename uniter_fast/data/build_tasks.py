@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Iterable, Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from uniter_fast.data.files import read_json, write_json_atomic
 from uniter_fast.data.img_db import ImgDbWriter
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.re_db import RE_SIDE_FILES, check_side_file, det_image_name, gt_image_name, write_re_side_files
@@ -39,6 +36,7 @@ from uniter_fast.data.task_records import (
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS
+from uniter_fast.files import atomic_directory, read_json, write_json_atomic
 
 TASKS = ("vqa", "ve", "nlvr2", "re", "vcr")
 BERT_BASE_CASED_VOCAB = 28996
@@ -203,11 +201,8 @@ def build_task_dbs(
         raise ValueError(f"task {task!r} needs --gt_features (the GT-box features)")
     toker = WordPiece(vocab)
     name = toker_name or os.path.basename(os.path.dirname(os.path.abspath(vocab))) or "wordpiece"
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
-    try:
-        report = _build(
+    with atomic_directory(out) as tmp:
+        return _build(
             task,
             annotations,
             features,
@@ -219,11 +214,6 @@ def build_task_dbs(
             tmp,
             (conf_th, max_bb, min_bb, num_bb),
         )
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return report
 
 
 def _build(

@@ -21,8 +21,8 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.files import read_json
 from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.files import read_json
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, check_images_exist, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of

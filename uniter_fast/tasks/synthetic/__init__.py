@@ -14,8 +14,6 @@ the demo exercises the real formats. Layout::
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import numpy as np
@@ -24,6 +22,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.build_tasks import write_re_txt_db, write_task_txt_db
 from uniter_fast.data.corpus import CORPUS_VERSION, DEFAULT_SEED, cache_dir, default_corpus
 from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.files import build_directory_once
 from uniter_fast.tasks.synthetic.itm import ITM_DIR, build_itm_sets
 from uniter_fast.tasks.synthetic.nlvr2 import nlvr2_annotations
 from uniter_fast.tasks.synthetic.pool import Scene, build_pool
@@ -97,20 +96,7 @@ def task_sets(root: Optional[str] = None) -> str:
     a private temp dir and renames it into place)."""
     root = root or cache_dir()
     final = os.path.join(root, f"{TASK_SETS_VERSION}-{CORPUS_VERSION}")
-    if not os.path.isdir(final):
-        corpus = default_corpus(root)
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".{TASK_SETS_VERSION}-")
-        try:
-            build_task_sets(os.path.join(tmp, "t"), corpus.vocab)
-            try:
-                os.rename(os.path.join(tmp, "t"), final)
-            except OSError:
-                if not os.path.isdir(final):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_directory_once(final, lambda out: build_task_sets(out, default_corpus(root).vocab))
 
 
 def resolve_bundled(path: str) -> str:
