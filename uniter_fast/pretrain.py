@@ -46,8 +46,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    from uniter_fast.checkpoint import load_checkpoint
     from uniter_fast.config import UniterConfig
-    from uniter_fast.pretraining.checkpoint import load_init_checkpoint
     from uniter_fast.pretraining.config import load_training_config
     from uniter_fast.pretraining.engine import build_engine, init_ranks, load_ds_config, setup_environment
     from uniter_fast.pretraining.model import UniterForPretraining
@@ -79,7 +79,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise ValueError(f"model vocab_size {model_config.vocab_size} is smaller than the text dbs' vocabulary {vocab}")
     model = UniterForPretraining(model_config, fast=cfg.fast, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
     if cfg.checkpoint:
-        load_init_checkpoint(model, cfg.checkpoint)
+        load_checkpoint(model, cfg.checkpoint, strict=False)
 
     writer = open_output_dir(cfg.output_dir, rank)
     engine = build_engine(model, cfg, ds_config)

@@ -1,7 +1,6 @@
-"""UNITER pretraining: the model with its heads, the training config, optimizer groups, checkpoints, validation and
+"""UNITER pretraining: the model with its heads, the training config, optimizer groups, validation and
 the DeepSpeed loop behind ``uniter_fast/pretrain.py`` (see ``docs/pretraining.md``)."""
 
-from uniter_fast.pretraining.checkpoint import export_pretrained, load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig, load_training_config, parse_training_config
 from uniter_fast.pretraining.model import TASKS, UniterForPretraining, task_kind
 from uniter_fast.pretraining.optim import build_scheduler, lr_at, param_groups
@@ -12,8 +11,6 @@ __all__ = [
     "TrainingConfig",
     "UniterForPretraining",
     "build_scheduler",
-    "export_pretrained",
-    "load_init_checkpoint",
     "load_training_config",
     "lr_at",
     "param_groups",

@@ -21,8 +21,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.checkpoint import save_pretrained
 from uniter_fast.data.loader import move_to_device
-from uniter_fast.pretraining.checkpoint import export_pretrained, load_consolidated_zero
+from uniter_fast.pretraining.checkpoint import load_consolidated_zero
 from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.validate import validate
 
@@ -288,7 +289,7 @@ class Trainer:
                 fresh = type(module)(module.config, img_label_dim=module.region_classifier.output.out_features)
                 load_consolidated_zero(fresh, self.ckpt_dir, tag)
                 module = fresh
-            export_pretrained(module, os.path.join(self.output_dir, EXPORT_SUBDIR))
+            save_pretrained(module, os.path.join(self.output_dir, EXPORT_SUBDIR), dtype=torch.float32)
         _barrier()
 
     def summary(self, results: dict[str, dict[str, float]]) -> str:
