@@ -182,13 +182,20 @@ def detect_layout(keys: list[str], source: str = "checkpoint") -> Layout:
         parts = (layout.prefix,) if layout.prefix else MODEL_PARTS
         if any(k.startswith(parts) for k in keys):
             return layout
-    sample = sorted(keys)[:200]
+    sample = keys[:1000] or [""]
 
-    def score(layout: Layout) -> float:
-        return sum(
-            max((difflib.SequenceMatcher(None, k, e).ratio() for k in sample), default=0.0)
-            for e in layout.expected_keys()
-        )
+    def closeness(marker: str) -> float:  # the best similarity of a key to ``marker`` (difflib ratio, 0..1)
+        matcher = difflib.SequenceMatcher(None, "", marker)  # caches the marker; keys vary
+        best = 0.0
+        for key in sample:
+            matcher.set_seq1(key)
+            if matcher.real_quick_ratio() > best and matcher.quick_ratio() > best:
+                best = max(best, matcher.ratio())
+        return best
+
+    def score(layout: Layout) -> float:  # how well the keys match the layout's, on average over its markers
+        expected = layout.expected_keys()
+        return sum(closeness(e) for e in expected) / len(expected)
 
     closest = max(LAYOUTS, key=score)
     raise ValueError(

@@ -10,8 +10,8 @@ keys of a checkpoint in the original names:
   that an export fixes off its ``task.json``.
 * **pretrained** (no head keys): ``uniter-base.pt``, a pretraining export, a VCR second-stage export, a
   ``Model.save_pretrained`` folder, a BERT-style file or a DeepSpeed checkpoint of a pretraining run. The encoder
-  keys must all match; the other keys are skipped and the task head keeps its fresh init (both logged), then the task
-  grows its tables (NLVR2 / VCR type rows, VCR tags) as the original calls ``init_type_embedding`` after
+  keys must all match (a BERT-style file has no image embedder: it keeps its fresh init); the other keys are skipped
+  and the task head keeps its fresh init (both logged), then the task grows its tables (NLVR2 / VCR type rows, VCR tags) as the original calls ``init_type_embedding`` after
   ``from_pretrained``.
 
 The model config is the one given, else the checkpoint's own (``config.json`` of an export or beside a file, the
@@ -99,7 +99,8 @@ def load_task_model(
             )
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
-    load_state(model, state, checkpoint, encoder_only=True)
+    # a BERT-style file has no image embedder: it keeps its fresh init (logged), as in the original's loose load
+    load_state(model, state, checkpoint, encoder_only=True, strict=ckpt.layout != "bert")
     task.init_from_pretrained(model, state)
     task.prepare_model(model, options)
     return model, options
