@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -175,6 +176,19 @@ def test_pretraining_init_from_deepspeed_and_bert(tmp_path, source, deepspeed_di
     assert "uniter.img_embeddings.img_linear.weight" in report.fresh and "itm_output.weight" in report.fresh
     with pytest.raises(ValueError, match=r"missing keys \[.*uniter.img_embeddings.img_linear.weight"):
         load_checkpoint(UniterForPretraining(TINY), bert)  # strict: the image parts must be there
+
+
+def test_a_deepspeed_directory_takes_a_config_json_saved_in_it(tmp_path, deepspeed_dir) -> None:
+    """A DeepSpeed directory holds no model config: without one the head count is read off the weights (hidden / 64
+    = 1 for the tiny model's 4 heads); a config.json in the directory is taken."""
+    ckpt_dir = shutil.copytree(os.path.join(deepspeed_dir, "ckpt"), tmp_path / "ckpt")
+    assert read_checkpoint(ckpt_dir).config is None
+    assert Model.from_pretrained(ckpt_dir).config.num_attention_heads == 1
+    TINY.to_json_file(ckpt_dir / "config.json")
+    for path in (ckpt_dir, ckpt_dir / "step1"):  # the directory with `latest`, or the tag directory
+        ckpt = read_checkpoint(path)
+        assert ckpt.container == "deepspeed" and ckpt.config == TINY
+    assert Model.from_pretrained(ckpt_dir).config == TINY
 
 
 def test_finetuned_export_round_trip_with_task_json(tmp_path) -> None:
