@@ -1,8 +1,9 @@
-"""Write a real DeepSpeed ZeRO-2 checkpoint of a tiny ``UniterForPretraining`` (one process, CPU, fp32).
+"""Write real DeepSpeed checkpoints of a tiny ``UniterForPretraining`` (one process, CPU, fp32).
 
-``python tests/deepspeed_checkpoint.py OUT`` takes one AdamW step on random gradients (so the fp32 master weights
-differ from the init), saves ``OUT/ckpt/`` with a ``latest`` file (tag ``step1``) as the training loop does, and the
-module's own state_dict as ``OUT/reference.pt`` for comparison.
+``python tests/deepspeed_checkpoint.py OUT`` takes one AdamW step on random gradients (so the weights differ from the
+init) and saves, as the training loop does (a ``latest`` file naming tag ``step1``), ``OUT/ckpt/`` under ZeRO-2
+(the fp32 master weights sit in the optimizer-state files) and ``OUT/ckpt0/`` without ZeRO (the module's weights
+sit in the model-state file); and each engine's module state_dict as ``OUT/reference.pt`` / ``OUT/reference0.pt``.
 """
 
 from __future__ import annotations
@@ -24,19 +25,20 @@ def main(out: str) -> None:
     import deepspeed
 
     deepspeed.init_distributed()
-    torch.manual_seed(0)
-    model = UniterForPretraining(UniterConfig.tiny())
-    ds_config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
-        "zero_optimization": {"stage": 2},
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-    loss = sum((p.float() * torch.randn_like(p.float())).sum() for p in engine.module.parameters())
-    engine.backward(loss)
-    engine.step()
-    engine.save_checkpoint(os.path.join(out, "ckpt"), tag="step1", save_latest=True)
-    torch.save(engine.module.state_dict(), os.path.join(out, "reference.pt"))
+    for stage, suffix in ((2, ""), (0, "0")):
+        torch.manual_seed(stage)
+        model = UniterForPretraining(UniterConfig.tiny())
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+            "zero_optimization": {"stage": stage},
+        }
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        loss = sum((p * torch.randn_like(p)).sum() for p in engine.module.parameters())
+        engine.backward(loss)
+        engine.step()
+        engine.save_checkpoint(os.path.join(out, "ckpt" + suffix), tag="step1", save_latest=True)
+        torch.save(engine.module.state_dict(), os.path.join(out, f"reference{suffix}.pt"))
 
 
 if __name__ == "__main__":

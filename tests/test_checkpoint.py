@@ -62,8 +62,8 @@ def source() -> UniterForPretraining:
 
 @pytest.fixture(scope="module")
 def deepspeed_dir(tmp_path_factory, source) -> str:
-    """A real ZeRO-2 checkpoint (``ckpt/`` with ``latest``) of a tiny UniterForPretraining, written by DeepSpeed in a
-    subprocess (tests/deepspeed_checkpoint.py)."""
+    """Real DeepSpeed checkpoints (``ckpt/`` ZeRO-2, ``ckpt0/`` no ZeRO, each with ``latest``) of a tiny
+    UniterForPretraining, written in a subprocess (tests/deepspeed_checkpoint.py)."""
     out = str(tmp_path_factory.mktemp("deepspeed"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": REPO}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -89,8 +89,10 @@ def write_layout(kind: str, directory: str, source: UniterForPretraining, deepsp
         save_file({k: v.clone() for k, v in source.state_dict().items()}, path)
     elif kind == "bert.bin":
         torch.save(bert_style(source.state_dict()), path)
-    elif kind == "deepspeed":
+    elif kind == "deepspeed":  # ZeRO-2: the fp32 master weights consolidated by zero_to_fp32
         path = os.path.join(deepspeed_dir, "ckpt")
+    elif kind == "deepspeed_no_zero":  # the module's weights in the model-state file
+        path = os.path.join(deepspeed_dir, "ckpt0")
     return path
 
 
@@ -102,13 +104,15 @@ FORMATS = {  # kind: (container, layout)
     "weights.safetensors": ("safetensors", "uniter"),
     "bert.bin": ("file", "bert"),
     "deepspeed": ("deepspeed", "uniter"),
+    "deepspeed_no_zero": ("deepspeed", "uniter"),
 }
 
 
 def expected_state(kind: str, source: UniterForPretraining, deepspeed_dir: str) -> dict[str, torch.Tensor]:
     """What ``read_checkpoint`` must return for ``kind``: the original names and the values written."""
-    if kind == "deepspeed":  # the engine's weights after its one step, as the subprocess saved them
-        return torch.load(os.path.join(deepspeed_dir, "reference.pt"), weights_only=True)
+    if kind.startswith("deepspeed"):  # the engine's weights after its one step, as the subprocess saved them
+        name = "reference0.pt" if kind == "deepspeed_no_zero" else "reference.pt"
+        return torch.load(os.path.join(deepspeed_dir, name), weights_only=True)
     if kind in ("bare.pt", "save_pretrained"):
         return {"uniter." + k: v for k, v in source.uniter.state_dict().items()}
     if kind == "bert.bin":  # convert_ckpt.py's rename, and the original loader's gamma / beta -> weight / bias

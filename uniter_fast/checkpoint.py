@@ -133,6 +133,8 @@ def read_deepspeed(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         return dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
+    # no ZeRO: the module's weights are in the model-state file, which also pickles DeepSpeed's own objects (as
+    # DeepSpeed itself does, it is read with weights_only=False: load only checkpoints you trust)
     states = torch.load(os.path.join(tag_dir, DS_MODEL_STATES), map_location="cpu", weights_only=False)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 

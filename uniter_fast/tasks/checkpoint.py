@@ -11,8 +11,8 @@ keys of a checkpoint in the original names:
 * **pretrained** (no head keys): ``uniter-base.pt``, a pretraining export, a VCR second-stage export, a
   ``Model.save_pretrained`` folder, a BERT-style file or a DeepSpeed checkpoint of a pretraining run. The encoder
   keys must all match (a BERT-style file has no image embedder: it keeps its fresh init); the other keys are skipped
-  and the task head keeps its fresh init (both logged), then the task grows its tables (NLVR2 / VCR type rows, VCR tags) as the original calls ``init_type_embedding`` after
-  ``from_pretrained``.
+  and the task head keeps its fresh init (both logged), then the task grows its tables (NLVR2 / VCR type rows, VCR
+  tags) as the original calls ``init_type_embedding`` after ``from_pretrained``.
 
 The model config is the one given, else the checkpoint's own (``config.json`` of an export or beside a file, the
 original's ``../log/model.json``), else read off the weights (heads = H / 64, as every UNITER/BERT size); the
