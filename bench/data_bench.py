@@ -58,6 +58,7 @@ from uniter_fast.data import (
 from uniter_fast.data.collate import collate, fill_rows
 from uniter_fast.data.datasets import batch_generator
 from uniter_fast.data.record_views import array_views
+from uniter_fast.files import atomic_write
 
 TASKS = {"mlm": MlmDataset, "mrfr": MrfrDataset, "mrckl": MrcDataset, "itm": ItmDataset}
 PATHS = ("original", "reference", "fast padded", "fast packed", "fast packed fp16")
@@ -324,9 +325,8 @@ def plot_stages(rows: list[dict[str, Any]], device: torch.device, budget: int) -
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4)
     fig.tight_layout()
     path = os.path.join(RESULTS_DIR, f"data_bench_stages_{device_slug(device)}.png")
-    fig.savefig(path + ".tmp.png", dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    os.replace(path + ".tmp.png", path)
     return path
 
 

@@ -147,11 +147,10 @@ def read_result(out: str, part: str) -> Optional[dict[str, Any]]:
 
 def write_result(out: str, part: str, result: dict[str, Any]) -> str:
     """Write a part's result JSON atomically; returns the path."""
+    from uniter_fast.files import write_json_atomic
+
     path = os.path.join(out, f"{part}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, result, indent=2, default=str)
     return path
 
 

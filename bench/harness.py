@@ -5,7 +5,6 @@ Every benchmark in bench/ uses these so that results are measured and reported t
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -14,6 +13,8 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+
+from uniter_fast.files import atomic_write, write_json_atomic
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # UNITER-shaped lengths (spec §3.2-3.3): text 10-60 tokens incl. [CLS]/[SEP], 10-100 regions per image.
@@ -135,10 +136,7 @@ def write_json(
         "meta": meta,
         "rows": list(rows),
     }
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_json_atomic(path, payload, indent=2)
     return path
 
 
@@ -174,10 +172,8 @@ def plot_grouped_bars(
     ax.set_title(f"{title}\n{device_name(device)}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

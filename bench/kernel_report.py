@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import json
 import os
 import pkgutil
 import sys
@@ -42,15 +41,6 @@ def discover_specs() -> list[tuple[str, object]]:
         if hasattr(module, "aot_specs"):
             found.extend((info.name, spec) for spec in module.aot_specs())
     return found
-
-
-def write_json_atomic(path: str, payload: object) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temporary file and a rename."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         rows, ["module", "name", "arch", "num_warps", "registers", "spill_stores", "spill_loads", "shared_bytes"]
     )
     if args.json:
-        write_json_atomic(args.json, {"rows": rows, "failures": failures})
+        from uniter_fast.files import write_json_atomic
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        write_json_atomic(args.json, {"rows": rows, "failures": failures}, indent=2)
     for line in failures:
         print("FAIL", line, file=sys.stderr)
     print(f"{len(rows)} compiled, {len(failures)} failures", file=sys.stderr)

@@ -4,11 +4,12 @@ and training-loss curves."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Sequence
 
 import torch
 from harness import device_name
+
+from uniter_fast.files import atomic_write
 
 
 def _pyplot() -> Any:
@@ -21,9 +22,7 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return path
 
 

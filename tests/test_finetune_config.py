@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.pretrain_runs import REPO
+from uniter_fast.checkpoint import save_pretrained
 from uniter_fast.config import UniterConfig
 from uniter_fast.finetuning.config import parse_finetune_config
 from uniter_fast.finetuning.run import fit_vocab
-from uniter_fast.pretraining.checkpoint import export_pretrained
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
@@ -129,7 +129,7 @@ def test_tiny_configs_take_the_model_size_of_the_checkpoint(task_name: str, tmp_
         cfg = parse_finetune_config(with_tmp_paths(json.load(f), tmp_path))
     assert cfg.model_config is None
     export = str(tmp_path / "pretrained")
-    export_pretrained(UniterForPretraining(UniterConfig.tiny(hidden_size=96, intermediate_size=192)), export)
+    save_pretrained(UniterForPretraining(UniterConfig.tiny(hidden_size=96, intermediate_size=192)), export)
     task = get_task(task_name)
     model, _ = load_task_model(task, export, {}, cfg.model_config)
     assert model.uniter.embeddings.word_embeddings.weight.shape[1] == 96
@@ -141,7 +141,7 @@ def test_word_table_grows_to_the_task_vocabulary(tmp_path) -> None:
     """A pretraining export whose word table (128 rows, as the default demo's) is smaller than the task db's
     vocabulary (the bundled task sets add their words after the corpus's) gets fresh rows; the old rows are kept."""
     export = str(tmp_path / "pretrained")
-    export_pretrained(UniterForPretraining(UniterConfig.tiny(vocab_size=128)), export)
+    save_pretrained(UniterForPretraining(UniterConfig.tiny(vocab_size=128)), export)
     model, _ = load_task_model(get_task("re"), export, {}, None)
     words = model.uniter.embeddings.word_embeddings.weight.detach().clone()
     dbs = SimpleNamespace(opened_txt_dbs=lambda: [SimpleNamespace(v_range=(5, 158)), SimpleNamespace(v_range=(5, 140))])

@@ -10,7 +10,7 @@ import torch
 from model_batches import random_batch
 
 from uniter_fast import Model, UniterConfig
-from uniter_fast.model import export_original_checkpoint
+from uniter_fast.checkpoint import export_original_checkpoint
 
 TXT_LENS, NUM_BBS = [6, 9, 4], [5, 3, 10]
 
@@ -41,7 +41,7 @@ def test_original_layout_checkpoint_loads_with_identical_outputs(tmp_path, caplo
     assert all(k.startswith("uniter.") for k in raw if not k.startswith(("cls.", "feat_", "region_", "itm_")))
     assert raw["uniter.embeddings.word_embeddings.weight"].dtype == torch.float16
 
-    with caplog.at_level(logging.INFO, logger="uniter_fast.model.checkpoint"):
+    with caplog.at_level(logging.INFO, logger="uniter_fast.checkpoint"):
         loaded = Model.from_pretrained(path, config=UniterConfig.tiny()).eval()
     assert "cls.predictions.bias" in caplog.text and "itm_output.weight" in caplog.text
     assert loaded.embeddings.word_embeddings.weight.dtype == torch.float32
@@ -88,7 +88,7 @@ def test_shape_mismatch_is_an_error(tmp_path) -> None:
     state = Model(UniterConfig.tiny()).state_dict()
     path = tmp_path / "m.pt"
     torch.save(state, path)
-    with pytest.raises(ValueError, match=r"shape mismatch.*expected \(1000, 32\), got \(1000, 64\)"):
+    with pytest.raises(ValueError, match=r"shape mismatch.*model \(1000, 32\), file \(1000, 64\)"):
         Model.from_pretrained(path, config=UniterConfig.tiny(hidden_size=32, num_attention_heads=2))
 
 

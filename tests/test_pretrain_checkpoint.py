@@ -1,4 +1,5 @@
-"""Init from original / BERT-style checkpoints, and the consolidated export that Model.from_pretrained loads."""
+"""Pretraining init from original / BERT-style checkpoints (``load_checkpoint(..., strict=False)``, as pretrain.py),
+and the consolidated fp32 export that Model.from_pretrained loads."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from uniter_fast import Model
+from uniter_fast.checkpoint import load_checkpoint, save_pretrained
 from uniter_fast.config import UniterConfig
-from uniter_fast.pretraining.checkpoint import export_pretrained, load_init_checkpoint
 from uniter_fast.pretraining.model import UniterForPretraining
 
 
@@ -26,8 +27,8 @@ def test_original_checkpoint_loads_every_key(tmp_path) -> None:
     path = os.path.join(tmp_path, "uniter-tiny.pt")
     torch.save({k: v.half() for k, v in source.state_dict().items()}, path)  # fp16, tied keys under both names
     model = UniterForPretraining(UniterConfig.tiny())
-    report = load_init_checkpoint(model, path)
-    assert report.missing == [] and report.ignored == []
+    report = load_checkpoint(model, path, strict=False)
+    assert report.fresh == [] and report.skipped == []
     for key, value in source.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value.half().float(), msg=key)
     assert model.cls.predictions.decoder.weight is model.uniter.embeddings.word_embeddings.weight
@@ -48,9 +49,9 @@ def test_bert_checkpoint_renamed_and_image_parts_stay_random(tmp_path) -> None:
     torch.save(bert, path)
     model = UniterForPretraining(UniterConfig.tiny())
     before = model.state_dict()["uniter.img_embeddings.img_linear.weight"].clone()
-    report = load_init_checkpoint(model, path)
-    assert report.ignored == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
-    assert "uniter.img_embeddings.img_linear.weight" in report.missing and "itm_output.weight" in report.missing
+    report = load_checkpoint(model, path, strict=False)
+    assert report.skipped == ["cls.seq_relationship.bias", "cls.seq_relationship.weight"]
+    assert "uniter.img_embeddings.img_linear.weight" in report.fresh and "itm_output.weight" in report.fresh
     state = model.state_dict()
     for key in ("uniter.encoder.layer.1.output.LayerNorm.weight", "cls.predictions.transform.LayerNorm.bias"):
         torch.testing.assert_close(state[key], source.state_dict()[key])
@@ -64,19 +65,19 @@ def test_bad_checkpoints_are_errors(tmp_path) -> None:
     model = UniterForPretraining(UniterConfig.tiny())
     path = os.path.join(tmp_path, "bad.pt")
     torch.save({"uniter.nonsense.weight": torch.randn(3)}, path)
-    with pytest.raises(ValueError, match="does not have: \\['uniter.nonsense.weight'\\]"):
-        load_init_checkpoint(model, path)
-    torch.save({"itm_output.weight": torch.randn(3, 64)}, path)
+    with pytest.raises(ValueError, match="unexpected \\['uniter.nonsense.weight'\\]"):
+        load_checkpoint(model, path, strict=False)
+    torch.save({**model.state_dict(), "itm_output.weight": torch.randn(3, 64)}, path)
     with pytest.raises(ValueError, match="itm_output.weight: model \\(2, 64\\), file \\(3, 64\\)"):
-        load_init_checkpoint(model, path)
+        load_checkpoint(model, path, strict=False)
     with pytest.raises(FileNotFoundError, match="no checkpoint file"):
-        load_init_checkpoint(model, os.path.join(tmp_path, "missing.pt"))
+        load_checkpoint(model, os.path.join(tmp_path, "missing.pt"), strict=False)
 
 
 def test_export_loads_into_model_from_pretrained(tmp_path) -> None:
     model = randomized(UniterForPretraining(UniterConfig.tiny()))
     out = os.path.join(tmp_path, "export")
-    export_pretrained(model, out)
+    save_pretrained(model, out, dtype=torch.float32)  # what the pretraining run exports
     stored = load_file(os.path.join(out, "model.safetensors"))
     assert set(stored) == set(model.state_dict())
     assert all(v.dtype == torch.float32 for v in stored.values())

@@ -8,6 +8,7 @@ import os
 from typing import Any, Union
 
 from uniter_fast.backends import check_name
+from uniter_fast.files import write_text_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -120,8 +121,4 @@ class UniterConfig:
 
     def to_json_file(self, path: PathLike) -> None:
         """Write the config as indented JSON (atomically: a temp file, then rename)."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_text_atomic(os.fspath(path), json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

@@ -3,7 +3,8 @@
 A file is written to a temporary name in its own directory, flushed, then renamed over the target
 (``os.replace``), so a reader sees the old content or the complete new one, never a part, and a process killed
 half-way leaves no partial file under the final name. A directory is filled under a temporary name beside its
-target and renamed into place at the end.
+target and renamed into place at the end (:func:`atomic_directory`), or, for a cache built on first use by whichever
+process comes first, only when no other builder renamed its copy first (:func:`build_directory_once`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import tempfile
 from typing import Any, Callable, Iterator
 
 
-def atomic_write(path: str, write: Callable[[str], None]) -> None:
+def atomic_write(path: str, write: Callable[[str], None], tmp_suffix: str = "") -> None:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path`` (the temporary file
-    is removed when ``write`` raises)."""
+    is removed when ``write`` raises). The temporary name is ``.tmp-<random>-<name of path><tmp_suffix>``: it ends
+    with the target's extension unless ``tmp_suffix`` is given, which lets a caller find its own leftovers of a killed
+    process (``.tmp-*-*<tmp_suffix>``)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path) + tmp_suffix)
     os.close(fd)
     try:
         write(tmp)
@@ -75,3 +78,25 @@ def atomic_directory(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_directory_once(path: str, build: Callable[[str], None]) -> str:
+    """The directory ``path``; unless it exists, ``build(out)`` fills ``out`` (a path that does not exist yet, inside a
+    temporary directory beside ``path``), which is then renamed to ``path``. Safe under concurrent first calls: a
+    builder that finds ``path`` renamed by another meanwhile discards its own copy. Returns ``path``."""
+    if os.path.isdir(path):
+        return path
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    try:
+        out = os.path.join(scratch, os.path.basename(path))
+        build(out)
+        try:
+            os.rename(out, path)
+        except OSError:
+            if not os.path.isdir(path):
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return path

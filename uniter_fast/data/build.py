@@ -12,8 +12,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Any, Optional
 
@@ -23,6 +21,7 @@ from tqdm import tqdm
 from uniter_fast.data.img_db import ImgDbWriter
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter
+from uniter_fast.files import atomic_directory
 
 
 def _write_images(feats_dir: str, writer: ImgDbWriter) -> int:
@@ -86,19 +85,12 @@ def build_dbs(
     if not os.path.isdir(features):
         raise FileNotFoundError(f"features directory {features!r} does not exist")
     toker = WordPiece(vocab)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".build-")
-    try:
+    with atomic_directory(out) as tmp:
         with ImgDbWriter(os.path.join(tmp, "img"), conf_th, max_bb, min_bb, num_bb, compress) as img_w:
             corrupt = _write_images(features, img_w)
         meta = toker.meta(toker_name or os.path.basename(os.path.dirname(os.path.abspath(vocab))) or "wordpiece")
         with TxtDbWriter(os.path.join(tmp, "txt"), meta) as txt_w:
             txt_counts = _write_captions(captions, toker, set(img_w.name2nbb), txt_w)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "images": len(img_w.name2nbb),
         "texts": len(txt_w.id2len),

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
 from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from uniter_fast.data.files import write_json_atomic
 from uniter_fast.data.img_db import ImgDbWriter
 from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import World
+from uniter_fast.files import build_directory_once, write_json_atomic
 
 CORPUS_VERSION = "synth-v5"
 DEFAULT_SEED = 1234
@@ -105,17 +103,4 @@ def default_corpus(root: Optional[str] = None) -> CorpusPaths:
     and renames it into place; a loser of the race discards its copy.
     """
     root = root or cache_dir()
-    final = os.path.join(root, CORPUS_VERSION)
-    if not os.path.isdir(final):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".{CORPUS_VERSION}-")
-        try:
-            build_corpus(os.path.join(tmp, "c"))
-            try:
-                os.rename(os.path.join(tmp, "c"), final)
-            except OSError:
-                if not os.path.isdir(final):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _paths(final)
+    return _paths(build_directory_once(os.path.join(root, CORPUS_VERSION), build_corpus))

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 from tokenizers import BertWordPieceTokenizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
+from uniter_fast.files import write_text_atomic
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -69,8 +71,5 @@ def build_vocab(texts: Iterable[str], out_path: str) -> int:
     chars = sorted({c for w in counts for c in w} | {"s"})
     ordered = sorted(words - set(chars), key=lambda w: (-counts[w], w))
     vocab = [*SPECIAL_TOKENS, "!", *[c for c in chars if c != "!"], *[f"##{c}" for c in chars], *ordered]
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(token + "\n" for token in vocab)
-    os.replace(tmp, out_path)
+    write_text_atomic(out_path, "".join(token + "\n" for token in vocab))
     return len(vocab)

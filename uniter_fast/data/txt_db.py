@@ -13,8 +13,8 @@ import lz4.frame
 import msgpack
 import torch
 
-from uniter_fast.data.files import read_json, write_json_atomic
 from uniter_fast.data.lmdb_env import DataError, LazyReader, Writer
+from uniter_fast.files import read_json, write_json_atomic
 
 
 def encode_txt_record(record: dict[str, Any]) -> bytes:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 
-from uniter_fast.data.files import read_json
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.txt_db import TxtTokLmdb
+from uniter_fast.files import read_json
 
 VCR_TASKS = ("qa", "qar", "qa,qar")
 NUM_SPECIAL_TOKENS = 81

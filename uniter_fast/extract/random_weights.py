@@ -23,6 +23,7 @@ from uniter_fast.extract.detector import Detector
 from uniter_fast.extract.layers import Conv2dNorm, FrozenBatchNorm2d
 from uniter_fast.extract.layouts import LAYOUTS, from_canonical
 from uniter_fast.extract.weights import ANCHORS_KEY
+from uniter_fast.files import atomic_write
 
 CLS_LOGIT_STD = 4.0  # spread of the random class logits: the top class often passes conf 0.2
 CALIBRATION_SIZE = (96, 128)  # H, W of the synthetic calibration image (resized-image pixels)
@@ -125,7 +126,6 @@ def write_random_weights(
 ) -> str:
     """Write :func:`random_state_dict` with ``torch.save`` (temp file, then rename); returns the path."""
     path = os.fspath(path)
-    tmp = path + ".tmp"
-    torch.save(random_state_dict(layout, config, seed), tmp)
-    os.replace(tmp, path)
+    state = random_state_dict(layout, config, seed)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
     return path

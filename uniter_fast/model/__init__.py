@@ -1,6 +1,5 @@
-"""The UNITER encoder (``UniterModel`` / ``Model``) and its checkpoint I/O."""
+"""The UNITER encoder (``UniterModel`` / ``Model``); its checkpoint I/O is :mod:`uniter_fast.checkpoint`."""
 
-from uniter_fast.model.checkpoint import export_original_checkpoint
 from uniter_fast.model.uniter import Model, UniterModel
 
-__all__ = ["Model", "UniterModel", "export_original_checkpoint"]
+__all__ = ["Model", "UniterModel"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from uniter_fast import backends
+from uniter_fast.checkpoint import checkpoint_config, load_state, read_checkpoint, save_pretrained
 from uniter_fast.config import PathLike, UniterConfig
 from uniter_fast.model.embeddings import UniterImageEmbeddings, UniterTextEmbeddings
 from uniter_fast.model.encoder import BertPooler, UniterEncoder
@@ -238,28 +238,32 @@ class UniterModel(nn.Module):
         strict: bool = True,
         **config_overrides: Any,
     ) -> UniterModel:
-        """Load a model from a directory written by :meth:`save_pretrained` or from an original UNITER ``.pt`` file.
+        """Load the encoder of any checkpoint :func:`uniter_fast.checkpoint.read_checkpoint` reads.
 
         Args:
-            path: a directory holding ``config.json`` + ``model.safetensors``, or an original checkpoint file
-                (``uniter-base.pt``: ``uniter.``-prefixed keys, fp16, pretraining heads included; a bare
-                UniterModel ``state_dict`` works too).
-            config: for ``.pt`` files, a ``UniterConfig``, a preset name or a config JSON path; by default the sizes
-                are read off the weights (heads = hidden_size / 64, as in every released UNITER).
-            dtype: parameter dtype (default float32); fp16 checkpoint tensors are cast to it.
+            path: a :meth:`save_pretrained` directory, a pretraining / fine-tuning export, an original UNITER file
+                (``uniter-base.pt``: ``uniter.``-prefixed keys, fp16, pretraining heads included), a bare UniterModel
+                state_dict, a BERT-style file (with ``strict=False``: it has no image embedder) or a DeepSpeed
+                checkpoint directory. Head keys are skipped and listed in the log.
+            config: a ``UniterConfig``, a preset name or a config JSON path; by default the config saved with the
+                checkpoint, else the sizes read off the weights (heads = hidden_size / 64, as in every released
+                UNITER; a warning says so).
+            dtype: parameter dtype (default float32); checkpoint tensors are cast to it.
             strict: when False, encoder keys missing from the file keep their random init (logged), as when
                 starting from a BERT checkpoint that has no image embedder. Unknown keys are always an error.
             config_overrides: config fields to override (e.g. ``attention_backend="eager"``, dropout probs).
         """
-        from uniter_fast.model.checkpoint import load_pretrained
+        checkpoint = read_checkpoint(path)
+        model = cls(checkpoint_config(checkpoint, config, config_overrides))
+        if dtype is not None:
+            model.to(dtype)
+        load_state(model, checkpoint.state, checkpoint.path, encoder_only=True, strict=strict)
+        return model
 
-        return load_pretrained(cls, path, config, dtype, strict, config_overrides)
-
-    def save_pretrained(self, directory: PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (fp32 or the model's dtype) to ``directory``, atomically."""
-        from uniter_fast.model.checkpoint import save_pretrained
-
-        save_pretrained(self, os.fspath(directory))
+    def save_pretrained(self, directory: PathLike, dtype: Optional[torch.dtype] = None) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (in ``dtype``, default the model's) to ``directory``,
+        atomically (:func:`uniter_fast.checkpoint.save_pretrained`)."""
+        save_pretrained(self, directory, dtype)
 
 
 Model = UniterModel

@@ -2,7 +2,6 @@
 data and validation, and the recipe behind ``uniter_fast/pretrain.py`` (``run.py``) on the shared training floor
 ``uniter_fast.training`` (see ``docs/pretraining.md``)."""
 
-from uniter_fast.pretraining.checkpoint import export_pretrained, load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig, load_training_config, parse_training_config
 from uniter_fast.pretraining.model import TASKS, UniterForPretraining, task_kind
 from uniter_fast.pretraining.validate import validate
@@ -11,8 +10,6 @@ __all__ = [
     "TASKS",
     "TrainingConfig",
     "UniterForPretraining",
-    "export_pretrained",
-    "load_init_checkpoint",
     "load_training_config",
     "parse_training_config",
     "task_kind",

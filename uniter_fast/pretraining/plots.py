@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from uniter_fast.checkpoint import load_checkpoint
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.collate import collate
@@ -23,7 +24,6 @@ from uniter_fast.data.corpus import CLASS_NAMES_FILE
 from uniter_fast.data.datasets import DetectFeatTxtTokDataset
 from uniter_fast.data.records import Draws
 from uniter_fast.ot import cost_matrix_cosine, ipot
-from uniter_fast.pretraining.checkpoint import load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.training.logs import PRETRAINED_SUBDIR, STEP_LOG, VAL_LOG, read_jsonl
@@ -230,7 +230,7 @@ def write_pictures(cfg: TrainingConfig, model_config: UniterConfig, output_dir: 
         [first for first, _ in cfg.phase_starts() or []][1:],
     )
     model = UniterForPretraining(model_config, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
-    load_init_checkpoint(model, os.path.join(output_dir, PRETRAINED_SUBDIR))
+    load_checkpoint(model, os.path.join(output_dir, PRETRAINED_SUBDIR), strict=False)
     spec = cfg.val_datasets[0]
     dataset = DetectFeatTxtTokDataset(
         TxtTokLmdb(spec.db[0], cfg.max_txt_len), DetectFeatLmdb(spec.img[0], cfg.conf_th, cfg.max_bb, cfg.min_bb)

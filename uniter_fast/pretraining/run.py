@@ -7,10 +7,11 @@ import os
 from typing import Any, Optional
 
 import numpy as np
+import torch
 
+from uniter_fast.checkpoint import load_checkpoint, save_pretrained
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.loader import move_to_device
-from uniter_fast.pretraining.checkpoint import export_pretrained, load_init_checkpoint
 from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.data import DataBuilder
 from uniter_fast.pretraining.model import UniterForPretraining
@@ -37,7 +38,7 @@ def pretrained_export(model_config: UniterConfig, output_dir: str) -> Export:
 
     def export(engine: Any, checkpoint_dir: str, tag: str) -> None:
         trained = consolidated_model(engine, checkpoint_dir, tag, lambda: UniterForPretraining(model_config))
-        export_pretrained(trained, os.path.join(output_dir, PRETRAINED_SUBDIR))
+        save_pretrained(trained, os.path.join(output_dir, PRETRAINED_SUBDIR), dtype=torch.float32)
 
     return export
 
@@ -70,7 +71,7 @@ def pretrain(
     model_config = model_config_of(cfg, data.vocab_size())
     model = UniterForPretraining(model_config, fast=cfg.fast, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
     if cfg.checkpoint:
-        load_init_checkpoint(model, cfg.checkpoint)
+        load_checkpoint(model, cfg.checkpoint, strict=False)
 
     def validate_all(engine: Any, step: int) -> Results:
         loaders = {name: data.val_batches(dset) for name, dset in val_sets.items()}

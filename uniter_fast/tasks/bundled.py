@@ -15,14 +15,13 @@ exercises the real formats. Layout::
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
 
 from uniter_fast.data.corpus import CORPUS_VERSION, DEFAULT_SEED, cache_dir, default_corpus
 from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.files import build_directory_once
 from uniter_fast.tasks import TASKS
 from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.synthetic.itm import ITM_DIR, build_itm_sets
@@ -81,20 +80,7 @@ def task_sets(root: Optional[str] = None) -> str:
     a private temp dir and renames it into place)."""
     root = root or cache_dir()
     final = os.path.join(root, f"{TASK_SETS_VERSION}-{CORPUS_VERSION}")
-    if not os.path.isdir(final):
-        corpus = default_corpus(root)
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".{TASK_SETS_VERSION}-")
-        try:
-            build_task_sets(os.path.join(tmp, "t"), corpus.vocab)
-            try:
-                os.rename(os.path.join(tmp, "t"), final)
-            except OSError:
-                if not os.path.isdir(final):
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_directory_once(final, lambda out: build_task_sets(out, default_corpus(root).vocab))
 
 
 def resolve_bundled(path: str) -> str:

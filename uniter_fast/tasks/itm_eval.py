@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -29,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from uniter_fast.data.files import write_json_atomic
+from uniter_fast.files import atomic_write, write_json_atomic
 from uniter_fast.training.distributed import is_distributed, lockstep, rank_and_world
 
 RECALL_AT = (1, 5, 10)
@@ -186,9 +185,8 @@ class RetrievalResult:
 
     def save(self, stem: str) -> list[str]:
         """``{stem}.pt`` ({score_matrix, txt_ids, img_ids}) and ``{stem}.json`` (the metrics); returns the paths."""
-        tmp = f"{stem}.pt.tmp"
-        torch.save({"score_matrix": self.score_matrix, "txt_ids": self.txt_ids, "img_ids": self.img_ids}, tmp)
-        os.replace(tmp, f"{stem}.pt")
+        record = {"score_matrix": self.score_matrix, "txt_ids": self.txt_ids, "img_ids": self.img_ids}
+        atomic_write(f"{stem}.pt", lambda tmp: torch.save(record, tmp))
         write_json_atomic(f"{stem}.json", self.metrics)
         return [f"{stem}.pt", f"{stem}.json"]
 

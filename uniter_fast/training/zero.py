@@ -7,13 +7,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from uniter_fast.checkpoint import read_deepspeed
+
 
 def load_consolidated_zero(model: nn.Module, checkpoint_dir: str, tag: str) -> None:
-    """Fill ``model`` with the fp32 master weights of a DeepSpeed checkpoint (any ZeRO stage), via
-    ``deepspeed.utils.zero_to_fp32``; every parameter must be found."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    state = get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag)
+    """Fill ``model`` with the fp32 master weights of a DeepSpeed checkpoint (any ZeRO stage), as
+    ``uniter_fast.checkpoint.read_deepspeed`` consolidates them; every parameter must be found."""
+    state = read_deepspeed(checkpoint_dir, tag)
     params = dict(model.named_parameters())
     missing = sorted(set(params) - set(state))
     if missing:

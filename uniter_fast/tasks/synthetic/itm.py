@@ -12,17 +12,15 @@ images may fit a caption equally well (as in COCO, where captions are generic). 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from uniter_fast.data.corpus import DEFAULT_SEED
-from uniter_fast.data.files import read_json
 from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import NUMBERS, ON_SCENES, plural
+from uniter_fast.files import build_directory_once, read_json
 from uniter_fast.tasks.synthetic.pool import Scene, SceneObject, relation
 
 CAPTIONS_PER_IMAGE = 5
@@ -82,13 +80,10 @@ def write_itm_txt_db(captions: list[tuple[str, str, str]], toker: WordPiece, out
 def build_itm_sets(task_root: str, seed: int = DEFAULT_SEED) -> str:
     """Write ``itm/txt_{train,val,test}`` under ``task_root`` (the bundled task sets, whose pool and vocab it
     uses) unless present; safe under concurrent first calls (temp dir, then rename). Returns the itm directory."""
-    final = os.path.join(task_root, ITM_DIR)
-    if os.path.isdir(final):
-        return final
-    scenes = [Scene.from_json(s) for s in read_json(os.path.join(task_root, "pool", "scenes.json"))]
-    toker = WordPiece(os.path.join(task_root, "vocab.txt"))
-    tmp = tempfile.mkdtemp(dir=task_root, prefix=f".{ITM_DIR}-")
-    try:
+
+    def build(out: str) -> None:
+        scenes = [Scene.from_json(s) for s in read_json(os.path.join(task_root, "pool", "scenes.json"))]
+        toker = WordPiece(os.path.join(task_root, "vocab.txt"))
         for n, split in enumerate(ITM_SPLITS):
             rng = np.random.default_rng([seed, 300, n])
             captions = [
@@ -97,12 +92,6 @@ def build_itm_sets(task_root: str, seed: int = DEFAULT_SEED) -> str:
                 if s.split == split
                 for k, text in enumerate(scene_captions(rng, s))
             ]
-            write_itm_txt_db(captions, toker, os.path.join(tmp, "t", f"txt_{split}"), f"synth-itm-wordpiece-{seed}")
-        try:
-            os.rename(os.path.join(tmp, "t"), final)
-        except OSError:
-            if not os.path.isdir(final):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            write_itm_txt_db(captions, toker, os.path.join(out, f"txt_{split}"), f"synth-itm-wordpiece-{seed}")
+
+    return build_directory_once(os.path.join(task_root, ITM_DIR), build)

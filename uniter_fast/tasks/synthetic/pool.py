@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from uniter_fast.data.files import write_json_atomic
 from uniter_fast.data.img_db import ImgDbWriter
 from uniter_fast.data.re_db import det_image_name, gt_image_name
 from uniter_fast.data.world import COLORS, World
+from uniter_fast.files import write_json_atomic
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
 IMAGE_ID_BASE = {"train": 0, "val": 100000, "test": 200000}

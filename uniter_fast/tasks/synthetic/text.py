@@ -7,11 +7,12 @@ them (still below the tiny model's ``vocab_size`` of 1000).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from typing import Iterable
 
 from tokenizers.pre_tokenizers import BertPreTokenizer
+
+from uniter_fast.files import write_text_atomic
 
 
 def extend_vocab(base_vocab: str, texts: Iterable[str], out_path: str) -> int:
@@ -28,10 +29,7 @@ def extend_vocab(base_vocab: str, texts: Iterable[str], out_path: str) -> int:
     words = sorted(new, key=lambda w: (-counts[w], w))
     chars = sorted({c for w in counts for c in w} - known)
     tokens += words + [c for c in chars if c not in words] + [f"##{c}" for c in chars if f"##{c}" not in known]
-    tmp = out_path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(token + "\n" for token in tokens)
-    os.replace(tmp, out_path)
+    write_text_atomic(out_path, "".join(token + "\n" for token in tokens))
     return len(tokens)
 
 
