@@ -7,9 +7,11 @@ import math
 import os
 
 import torch
+from safetensors.torch import load_file
 
 from tests.pretrain_runs import ALL_TASKS, launcher, run, step_log, write_configs
 from uniter_fast import Model
+from uniter_fast.checkpoint import read_checkpoint
 from uniter_fast.config import UniterConfig
 
 
@@ -33,4 +35,8 @@ def test_deepspeed_one_rank_every_task(tmp_path) -> None:
     expected = {**UniterConfig.preset(cfg["model"]).to_dict(), **cfg.get("model_overrides", {})}
     with open(os.path.join(out_dir, "pretrained", "config.json"), encoding="utf-8") as f:
         assert json.load(f)["hidden_size"] == expected["hidden_size"]
+    checkpoint = read_checkpoint(os.path.join(out_dir, "ckpt"))  # the DeepSpeed checkpoint, with its model config
+    assert checkpoint.config == model.config
+    for key, value in load_file(os.path.join(out_dir, "pretrained", "model.safetensors")).items():
+        torch.testing.assert_close(checkpoint.state[key], value, rtol=0, atol=0, msg=key)
     assert os.listdir(os.path.join(out_dir, "tb"))

@@ -4,15 +4,16 @@ head the final summary."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Optional
 
-from torch import nn
-
+from uniter_fast.checkpoint import CONFIG_NAME
+from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import init_ranks, setup_environment
 from uniter_fast.training.engine import build_engine, load_ds_config
 from uniter_fast.training.logs import open_output_dir
-from uniter_fast.training.loop import Export, Results, TaskStream, Trainer, Validate
+from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate
 
 
 @dataclasses.dataclass
@@ -42,7 +43,7 @@ def start_run(cfg: RunConfig, ds_config_path: str) -> Run:
 
 def fit(
     run: Run,
-    model: nn.Module,
+    model: UniterPreTrainedModel,
     cfg: RunConfig,
     stream: TaskStream,
     validate: Validate,
@@ -57,8 +58,12 @@ def fit(
 ) -> tuple[Trainer, Results]:
     """Train ``model`` on ``stream`` as ``cfg`` says (the engine with the original's optimizer groups; ``lr_mul`` for
     the parameters under ``head_names``), resuming from ``output_dir`` with ``resume``; returns the trainer (its
-    ``step``, ``recent`` losses, ``engine``) and the final validation results."""
+    ``step``, ``recent`` losses, ``engine``) and the final validation results. ``model.config`` is written beside
+    the checkpoints (``ckpt/config.json``), so a DeepSpeed checkpoint loads with its model's sizes."""
     writer = open_output_dir(cfg.output_dir, run.rank)
+    if run.rank == 0:  # the model config beside the DeepSpeed checkpoints: `--checkpoint <output_dir>/ckpt` needs it
+        os.makedirs(os.path.join(cfg.output_dir, CKPT_SUBDIR), exist_ok=True)
+        model.config.to_json_file(os.path.join(cfg.output_dir, CKPT_SUBDIR, CONFIG_NAME))
     engine = build_engine(model, cfg, run.ds_config, lr_mul=lr_mul, head_names=head_names)
     trainer = Trainer(engine, cfg, stream, validate, export, writer, progress_name, validate_at_start)
     if resume:
