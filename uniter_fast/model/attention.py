@@ -270,7 +270,7 @@ def flash_attn_available() -> bool:
 
 
 def select_varlen_backend(device_type: str, dtype: torch.dtype, dropout_p: float, has_flash_attn: bool) -> str:
-    """The fastest varlen backend that is exact for these inputs (kernels-notes §5).
+    """The fastest varlen backend that is exact for these inputs (flash kernels take fp16/bf16 only).
 
     CUDA: flash-attn for fp16/bf16 when installed; else ``flash_torch`` (PyTorch's own flash varlen kernels, with or
     without dropout) for fp16/bf16, ``sdpa_padded`` (memory-efficient kernel, key-padding mask) for fp32.
