@@ -1,7 +1,7 @@
 """Random UNITER-shaped inputs for the benchmarks and the correctness checks: padded encoder batches and per-task
 pretraining batches built by the real collates.
 
-Lengths follow the pretraining corpora of the spec (§3.1-3.2): text 10-60 tokens including [CLS]/[SEP]
+Lengths follow the original's ``config/pretrain-*.json``: text 10-60 tokens including [CLS]/[SEP]
 (max_txt_len 60) and 10-100 regions (conf_th 0.2 clamped to [min_bb, max_bb]), drawn uniformly; ``quick`` callers
 pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like detector features), never zeros.
 """

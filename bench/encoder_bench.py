@@ -1,6 +1,6 @@
 """Encoder throughput: the original padded forward vs the packed (unpadded) path, on UNITER-shaped random batches.
 
-Lengths follow the pretraining corpora of the spec (§3.1-3.2): text 10-60 tokens including [CLS]/[SEP]
+Lengths follow the original's ``config/pretrain-*.json``: text 10-60 tokens including [CLS]/[SEP]
 (max_txt_len 60), regions 10-100 (conf_th 0.2 clamped to [min_bb, max_bb]); both drawn uniformly. Throughput counts
 valid tokens only (sum of t_i + n_i), for both paths, so the ratio is the useful speedup. FLOPs are counted on valid
 tokens (matmuls only, 2 per multiply-add; training = 3x forward), which gives the MFU on GPUs whose peak we know, and

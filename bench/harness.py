@@ -17,7 +17,8 @@ import torch
 from uniter_fast.files import atomic_write, write_json_atomic
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# UNITER-shaped lengths (spec §3.2-3.3): text 10-60 tokens incl. [CLS]/[SEP], 10-100 regions per image.
+# UNITER-shaped lengths (the original's config/pretrain-*.json: max_txt_len 60, min_bb 10, max_bb 100): text 10-60
+# tokens incl. [CLS]/[SEP], 10-100 regions per image.
 TXT_RANGE = (10, 60)
 IMG_RANGE = (10, 100)
 

@@ -1,6 +1,6 @@
 """The original UNITER loader's read -> mask -> collate, reproduced for the reference column of bench/data_bench.py.
 
-Reproduces what the original ``data/data.py``, ``mlm.py``, ``mrm.py`` and ``itm.py`` (ChenRocks/UNITER, uniter.md §3)
+Reproduces what the original ``data/data.py``, ``mlm.py``, ``mrm.py`` and ``itm.py`` (ChenRocks/UNITER)
 do per pair and per batch, on this project's databases (same format): LMDB read with ``buffers=True``; the text
 record lz4-decompressed and msgpack-decoded; the image record msgpack(-numpy)-decoded in full; features and boxes
 turned into tensors with ``torch.tensor(...).float()`` (MLM, MRFR, ITM), or, for MRC, every field converted with

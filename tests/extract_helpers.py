@@ -41,7 +41,7 @@ def synthetic_image(seed: int, height: int, width: int) -> np.ndarray:
 
 
 def photo_paths() -> list[str]:
-    """The photos bundled with matplotlib (grace_hopper.jpg) and scikit-image (if installed), spec extractor.md §5."""
+    """The photos bundled with matplotlib (grace_hopper.jpg) and scikit-image (if installed)."""
     import matplotlib.cbook
 
     paths = [str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))]

@@ -61,7 +61,7 @@ def encoder_rows(model: Any, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def encoder_keys(config: UniterConfig) -> list[str]:
-    """The ``uniter.*`` keys of a UNITER encoder (from the encoder itself, spec §1.6)."""
+    """The ``uniter.*`` keys of a UNITER encoder (from the encoder itself)."""
     return [f"uniter.{k}" for k in Model(config).state_dict()]
 
 

@@ -20,7 +20,8 @@ from uniter_fast.extract.boxes import (
     shifted_anchors,
 )
 
-# The exact list of the spec (extractor.md §2): ratio-major, scales 4, 8, 16, 32.
+# The anchors of the BUTD test.prototxt's ProposalLayer (peteanderson80/bottom-up-attention, feat_stride 16,
+# scales (4, 8, 16, 32), lib/rpn/proposal_layer.py), written out: ratio-major.
 SPEC_ANCHORS = [
     [-38, -16, 53, 31], [-84, -40, 99, 55], [-176, -88, 191, 103], [-360, -184, 375, 199],
     [-24, -24, 39, 39], [-56, -56, 71, 71], [-120, -120, 135, 135], [-248, -248, 263, 263],

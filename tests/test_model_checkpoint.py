@@ -16,7 +16,7 @@ TXT_LENS, NUM_BBS = [6, 9, 4], [5, 3, 10]
 
 
 def pretraining_heads(hidden: int, vocab: int) -> dict[str, torch.Tensor]:
-    """Random tensors under the original pretraining-head names (§1.6), as a released checkpoint carries them."""
+    """Random tensors under the original pretraining-head names, as a released checkpoint carries them."""
     return {
         "cls.predictions.bias": torch.randn(vocab),
         "cls.predictions.transform.dense.weight": torch.randn(hidden, hidden),

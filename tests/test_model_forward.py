@@ -1,4 +1,4 @@
-"""Forward semantics of UniterModel (spec §1.3-1.5): joint layout, masks, masked regions, padding, backends."""
+"""Forward semantics of UniterModel (as ``model/model.py``): joint layout, masks, masked regions, padding, backends."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""State-dict keys, shapes and parameter counts against the spec (§1.6) for UNITER-base and -large."""
+"""State-dict keys, shapes and parameter counts against the original ``model/model.py`` for UNITER-base and -large."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from uniter_fast import Model, UniterConfig
 
 
 def spec_keys(hidden: int, inter: int, layers: int, vocab: int = 28996) -> list[tuple[str, tuple[int, ...]]]:
-    """The spec's key list (§1.6) in state_dict order, written out independently of the model code."""
+    """The original's key list in state_dict order, written out independently of the model code."""
     h, i = hidden, inter
     keys = [
         ("embeddings.word_embeddings.weight", (vocab, h)),

@@ -53,7 +53,8 @@ def test_distance_approaches_exact_ot() -> None:
 
 
 def test_many_inner_sweeps_match_annealed_sinkhorn() -> None:
-    """With k large, t IPOT steps are exactly entropic OT at eps = beta / t (kernels-notes §1.2)."""
+    """With k large, t IPOT steps are exactly entropic OT at eps = beta / t: each step multiplies the kernel by
+    exp(-C / beta), so after t steps it is exp(-t C / beta)."""
     prob = random_problem(3, 12, 17)
     plan = ipot(prob.cost, prob.txt_pad, prob.img_pad, beta=0.5, iteration=10, k=200, backend="reference")
     for b in range(3):

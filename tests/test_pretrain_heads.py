@@ -1,4 +1,4 @@
-"""UniterForPretraining: original keys and tying, and each task loss against the formulas of spec §2.6."""
+"""UniterForPretraining: original keys and tying, and each task loss against its formula in ``model/pretrain.py``."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def log_softmax_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 def hand_ipot_dist(txt: torch.Tensor, img: torch.Tensor, txt_pad, img_pad, beta=0.5, iteration=50) -> torch.Tensor:
-    """Per-pair IPOT distance written from spec §2.5, one pair at a time on its unpadded part."""
+    """Per-pair IPOT distance written from the original ``model/ot.py``, one pair at a time on its unpadded part."""
     out = []
     for b in range(txt.size(0)):
         x = txt[b][~txt_pad[b]].double()

@@ -1,6 +1,7 @@
 """The two batch layouts of UNITER inputs, in one place: the data collates build them, the model reads them.
 
-**Contract 1, padded** (the original's, spec §1.4): ``input_ids`` [B, Lt], ``img_feat`` [B, Nb, 2048], and the joint
+**Contract 1, padded** (the original's: ``data/data.py`` ``pad_tensors``, ``get_gather_index``): ``input_ids``
+[B, Lt], ``img_feat`` [B, Nb, 2048], and the joint
 sequence of length L = max(t_i + n_i) described by ``attn_masks`` and ``gather_index`` [B, L] (:func:`joint_layout`).
 ITM adds the OT split of the joint output (:func:`ot_split`).
 

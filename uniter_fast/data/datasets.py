@@ -1,4 +1,4 @@
-"""Per-task datasets over a txt_db and an img_db (uniter.md §2, §3.3).
+"""Per-task datasets over a txt_db and an img_db (the original ``data/mlm.py``, ``data/mrm.py``, ``data/itm.py``).
 
 ``dataset[i]`` is the stored record of pair i (:class:`~uniter_fast.data.records.PairRecord`: wordpieces and the
 image's fp16 arrays, read in place, only the fields the task uses); ``dataset.batch(indices, position)`` masks and

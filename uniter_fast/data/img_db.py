@@ -1,4 +1,4 @@
-"""img_db: the original region-feature database (uniter.md §3.2).
+"""img_db: the original region-feature database (``data/data.py`` ``DetectFeatLmdb``, ``scripts/convert_imgdir.py``).
 
 LMDB directory ``feat_th{conf_th}_max{max_bb}_min{min_bb}[_compressed]`` (or ``feat_numbb{num_bb}``) under an image
 dir; key = image file name, value = msgpack(msgpack_numpy) dict of fp16 arrays ``features`` [n, 2048], ``norm_bb``

@@ -1,4 +1,5 @@
-"""Masking rules of the pretraining tasks (uniter.md §2), drawn for a whole batch at once from one generator.
+"""Masking rules of the pretraining tasks (``data/mlm.py``, ``data/mrm.py``), drawn for a whole batch at once from
+one generator.
 
 MLM: each wordpiece ([CLS]/[SEP] are not passed in) is selected with p = 0.15; a selected token becomes [MASK]
 (80 %), a uniform random id from ``v_range`` (10 %) or stays (10 %), and is labelled with its original id; a text

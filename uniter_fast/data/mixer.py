@@ -1,4 +1,4 @@
-"""Task mixing as the original ``MetaLoader`` (uniter.md §3.5): one task per optimizer step, drawn with
+"""Task mixing as the original ``MetaLoader`` (``data/loader.py``): one task per optimizer step, drawn with
 probability proportional to its mix ratio, every micro-batch of that step from the same task.
 
 The draw of step s uses a generator seeded by (seed, s), so all ranks draw the same task without communication

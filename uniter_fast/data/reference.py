@@ -1,4 +1,4 @@
-"""The reference loader path: per-example items and per-task collates written as the original's (uniter.md §3.3),
+"""The reference loader path: per-example items and per-task collates written as the original's (``data/*.py``),
 producing both layouts (padded keys of contract 1, ``packed`` of contract 2 through :func:`layout.pack_batch`).
 
 This is the path the fast collates (:mod:`uniter_fast.data.collate`) are held to: given the same records and random

@@ -1,4 +1,4 @@
-"""Token-bucket batching as the original ``TokenBucketSampler`` (uniter.md §3.4), sharded and seeded.
+"""Token-bucket batching as the original ``TokenBucketSampler`` (``data/sampler.py``), sharded and seeded.
 
 Per epoch: shuffle this rank's ids, cut them into buckets of ``bucket_size``, sort each bucket by length
 (descending), walk it in groups of ``size_multiple`` and close a batch when max_len * (count + size_multiple) would

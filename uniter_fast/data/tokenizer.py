@@ -1,4 +1,4 @@
-"""WordPiece tokenisation through the ``tokenizers`` package, as the original ``prepro.py`` (uniter.md §3.1).
+"""WordPiece tokenisation through the ``tokenizers`` package, as the original ``prepro.py`` ``bert_tokenize``.
 
 Text is split on whitespace (and punctuation, as BERT's basic tokenizer) and each word is wordpiece-tokenized; no
 lower-casing (bert-base-cased). ``meta.json`` fields (CLS/SEP/MASK/UNK ids and ``v_range``) come from the vocab.

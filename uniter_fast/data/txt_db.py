@@ -1,4 +1,4 @@
-"""txt_db: the original text database (uniter.md §3.1).
+"""txt_db: the original text database (``data/data.py`` ``TxtLmdb``, written by ``prepro.py``).
 
 An LMDB directory whose values are lz4-frame-compressed msgpack dicts (``input_ids`` without [CLS]/[SEP],
 ``img_fname``, ...), with side files ``meta.json``, ``id2len.json``, ``txt2img.json`` and ``img2txts.json``.

@@ -1,8 +1,9 @@
 """Settings of the BUTD detector and of UNITER's box selection, with the Caffe values as defaults.
 
 Every default is the value of the Caffe test pipeline UNITER's docker runs (``lib/fast_rcnn/config.py`` with
-``experiments/cfgs/faster_rcnn_end2end_resnet.yml``, ``test.prototxt``, ``tools/generate_npz.py``): spec
-extractor.md §1-2. ``blocks`` is read off the weights file by the loader (ResNet-101 has (3, 4, 23, 3)).
+``experiments/cfgs/faster_rcnn_end2end_resnet.yml``, ``test.prototxt`` as in peteanderson80/bottom-up-attention;
+``tools/generate_npz.py`` of ChenRocks/BUTD-UNITER-NLVR2). ``blocks`` is read off the weights file by the loader
+(ResNet-101 has (3, 4, 23, 3)).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Masked-position pretraining losses of UNITER: MLM, MRFR, MRC and MRC-kl (spec §2.1-2.3, 2.6).
+"""Masked-position pretraining losses of UNITER: MLM, MRFR, MRC and MRC-kl (the original ``model/pretrain.py``).
 
 Each function takes the masked rows AFTER the head's small transform (Linear → GELU → LayerNorm, which stays in
 PyTorch: it is a fraction of the cost and autograd handles it well) and applies the final projection + loss.

@@ -6,7 +6,7 @@ grad_x[chunk], grad_W += ... and grad_b += ... of the summed loss. Backward only
 the incoming gradient times the mean's 1/N (applied here rather than to the logits' gradient, where float16 would
 underflow: KL gradients are ~1/C per entry, and 1/(M·C) of that is below float16's range). Peak extra memory is one
 chunk of logits plus the gradient buffers, never the full [M, C] logits (Liger-Kernel's fused linear cross-entropy;
-kernels-notes §4).
+``src/liger_kernel/ops/fused_linear_cross_entropy.py``).
 """
 
 from __future__ import annotations

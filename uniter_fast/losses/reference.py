@@ -1,4 +1,4 @@
-"""Reference losses: plain PyTorch, exactly the original UNITER heads' final projection + loss (spec §2.1-2.3, 2.6).
+"""Reference losses: plain PyTorch, exactly the original UNITER heads' final projection + loss (``model/pretrain.py``).
 
 These are the oracle for the fused paths. Each returns a 0-dim float32 tensor; zero rows give 0.0 with zero
 gradients (the original's mean over an empty tensor would be NaN, which never happens there because at least one

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 MIN_BETA = 0.05
-"""Smallest β the exp-domain fp32 iteration is safe for (kernels-notes §1.2: NaN measured at β ≤ 0.02)."""
+"""Smallest β the exp-domain fp32 iteration is safe for (at β ≤ 0.02, exp(-C/β) of costs near 2 underflows: NaN)."""
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,4 +1,4 @@
-"""Pretraining heads of UNITER with the original module and parameter names (spec §1.6).
+"""Pretraining heads of UNITER with the original module and parameter names (``model/pretrain.py``).
 
 ``cls.predictions.*`` (MLM, decoder tied to the word embeddings), ``feat_regress.*`` (MRFR, weight tied to
 ``img_linear.weight`` and used transposed), ``region_classifier.*`` (MRC / MRC-kl) and ``itm_output`` (ITM). Each

@@ -1,4 +1,5 @@
-"""``UniterForPretraining``: the UNITER encoder plus the MLM, MRFR, MRC(-kl) and ITM(+WRA) heads (spec §2).
+"""``UniterForPretraining``: the UNITER encoder plus the MLM, MRFR, MRC(-kl) and ITM(+WRA) heads of the original
+``model/pretrain.py``.
 
 Every head runs on the rows its task needs (masked tokens, masked regions, [CLS]) and hands them to the loss
 functions of ``uniter_fast.losses`` (final projection + loss, ``backend`` switch) and to ``uniter_fast.ot`` (IPOT).

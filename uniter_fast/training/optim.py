@@ -1,4 +1,4 @@
-"""Optimizer parameter groups and the learning-rate schedule of the original ``pretrain.py`` (spec §3.6)."""
+"""Optimizer parameter groups and the learning-rate schedule of the original (``optim/misc.py``, ``optim/sched.py``)."""
 
 from __future__ import annotations
 
