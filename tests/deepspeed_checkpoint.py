@@ -17,10 +17,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main(out: str) -> None:
-    from uniter_fast.pretraining.engine import setup_environment
-
     from uniter_fast.config import UniterConfig
     from uniter_fast.pretraining.model import UniterForPretraining
+    from uniter_fast.training.distributed import setup_environment
 
     setup_environment()
     import deepspeed
