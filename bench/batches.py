@@ -1,5 +1,5 @@
-"""Random UNITER-shaped inputs for the benchmarks and the correctness checks: padded encoder batches and per-task
-pretraining batches built by the real collates.
+"""Inputs for the benchmarks and the correctness checks: random UNITER-shaped padded encoder batches and per-task
+pretraining batches built by the real collates, and the downstream task datasets of the bundled tiny configs.
 
 Lengths follow the pretraining corpora of the spec (§3.1-3.2): text 10-60 tokens including [CLS]/[SEP]
 (max_txt_len 60) and 10-100 regions (conf_th 0.2 clamped to [min_bb, max_bb]), drawn uniformly; ``quick`` callers
@@ -18,6 +18,8 @@ from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM, IMG_POS_DIM
 from uniter_fast.data import move_to_device
 from uniter_fast.data.reference import itm_collate, mlm_collate, mrm_collate
 from uniter_fast.layout import joint_layout
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.data import DbCache, TaskDataset
 
 MASK_PROB = 0.15
 MASK_ID = 103
@@ -116,3 +118,24 @@ def task_batch(
     """A collated ``task`` batch of ``size`` random items (seeded), moved to ``device``."""
     items = random_items(task, size, vocab, np.random.default_rng(seed), txt_range, img_range)
     return move_to_device(collate(task, items), device)
+
+
+def task_datasets(name: str) -> tuple[Any, dict[str, TaskDataset]]:
+    """(config, {split: dataset}) of task ``name``'s tiny config (what ``finetune.py --task name`` reads, the bundled
+    sets): "train" and the evaluation splits; VCR second-stage pretraining has one per pretraining task ("train mlm",
+    "val mrfr", ...)."""
+    from uniter_fast.finetune import default_config
+    from uniter_fast.finetuning.config import load_finetune_config
+    from uniter_fast.finetuning.data import eval_datasets, train_dataset
+
+    cfg = load_finetune_config(default_config(name))
+    task, dbs = get_task(name), DbCache(cfg)
+    txt_paths = list(cfg.train_txt_dbs) + [txt for txt, _ in cfg.eval_sets().values()]
+    options = {**cfg.options, **task.data_options(dbs, txt_paths, cfg.options)}
+    if name != "vcr_pretrain":
+        return cfg, {"train": train_dataset(task, cfg, dbs, options), **eval_datasets(task, cfg, dbs, options)}
+    out = {}  # as finetuning/vcr_pretrain.py: the first training pair and the "val" split, a dataset per task
+    for split, (txt, img) in (("train", (cfg.train_txt_dbs[0], cfg.train_img_dbs[0])), ("val", cfg.eval_sets()["val"])):
+        for kind, dataset in task.datasets(dbs, txt, img, options, split == "train", cfg.seed).items():
+            out[f"{split} {kind}"] = dataset
+    return cfg, out

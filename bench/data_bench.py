@@ -55,7 +55,8 @@ from uniter_fast.data import (
     draw,
     move_to_device,
 )
-from uniter_fast.data.collate import collate, fill_rows
+from uniter_fast.data.assemble import fill_rows
+from uniter_fast.data.collate import collate
 from uniter_fast.data.datasets import batch_generator
 from uniter_fast.data.record_views import array_views
 

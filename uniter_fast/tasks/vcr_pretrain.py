@@ -21,11 +21,10 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.masking import MASK_PROB, mask_regions, mask_words
-from uniter_fast.data.reference import mlm_collate, mrm_collate
 from uniter_fast.data.vcr_db import VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.model import UniterForPretraining
-from uniter_fast.tasks.data import DbCache, box_inputs
+from uniter_fast.tasks.data import DbCache, box_inputs, collate_rows
 from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.vcr import ANSWER, QUESTION, RATIONALE, VcrDataset, prepare_vcr_tables, special_token_base
 
@@ -84,8 +83,10 @@ class VcrPretrainDataset(VcrDataset):
         return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """The pretraining collate of the task (MLM / MRM keys + ``txt_type_ids``)."""
-        return mlm_collate(items) if self.kind == "mlm" else mrm_collate(items, self.kind)
+        """The pretraining batch of the task, both layouts: MLM (``txt_labels``, ``mlm_index`` / ``mlm_labels``) or
+        MRM (``img_masks``, ``img_mask_tgt``, ``mrm_index``, ``feat_targets``, ``label_targets``) keys, with
+        ``txt_type_ids``."""
+        return collate_rows(items, self.kind)
 
 
 def prepare_vcr_pretraining(model: UniterForPretraining, special_token_base: int) -> None:
