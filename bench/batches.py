@@ -8,6 +8,7 @@ pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like dete
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from uniter_fast.layout import joint_layout
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import DbCache, TaskDataset
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_PROB = 0.15
 MASK_ID = 103
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -121,21 +123,27 @@ def task_batch(
 
 
 def task_datasets(name: str) -> tuple[Any, dict[str, TaskDataset]]:
-    """(config, {split: dataset}) of task ``name``'s tiny config (what ``finetune.py --task name`` reads, the bundled
-    sets): "train" and the evaluation splits; VCR second-stage pretraining has one per pretraining task ("train mlm",
-    "val mrfr", ...)."""
-    from uniter_fast.finetune import default_config
+    """(config, {split: dataset}) of task ``name``'s tiny config (``configs/finetune-<name>-tiny.json``, what
+    ``finetune.py --task name`` reads: the bundled sets). Splits: "train" and the evaluation splits, with a suffix
+    where one split has several datasets (VCR's "train 0" Q->A and "train 1" QA->R, VCR second-stage pretraining's
+    "train mlm", "val mrfr", ...)."""
     from uniter_fast.finetuning.config import load_finetune_config
-    from uniter_fast.finetuning.data import eval_datasets, train_dataset
 
-    cfg = load_finetune_config(default_config(name))
+    cfg = load_finetune_config(os.path.join(REPO_ROOT, "configs", f"finetune-{name.replace('_', '-')}-tiny.json"))
     task, dbs = get_task(name), DbCache(cfg)
     txt_paths = list(cfg.train_txt_dbs) + [txt for txt, _ in cfg.eval_sets().values()]
     options = {**cfg.options, **task.data_options(dbs, txt_paths, cfg.options)}
-    if name != "vcr_pretrain":
-        return cfg, {"train": train_dataset(task, cfg, dbs, options), **eval_datasets(task, cfg, dbs, options)}
-    out = {}  # as finetuning/vcr_pretrain.py: the first training pair and the "val" split, a dataset per task
-    for split, (txt, img) in (("train", (cfg.train_txt_dbs[0], cfg.train_img_dbs[0])), ("val", cfg.eval_sets()["val"])):
-        for kind, dataset in task.datasets(dbs, txt, img, options, split == "train", cfg.seed).items():
-            out[f"{split} {kind}"] = dataset
+    out = {}
+    for split, (txt, img) in {"train": (cfg.train_txt_dbs[0], cfg.train_img_dbs[0]), **cfg.eval_sets()}.items():
+        if name == "vcr_pretrain":  # one dataset per pretraining objective
+            made: Any = task.datasets(dbs, txt, img, options, split == "train", cfg.seed)
+        elif split == "train":
+            made = task.train_dataset(dbs, txt, img, options, cfg.seed)
+        else:
+            made = task.eval_dataset(dbs, txt, img, options, split)
+        if isinstance(made, TaskDataset):
+            made = {"": made}
+        elif isinstance(made, list):  # VCR: Q->A and QA->R
+            made = dict(enumerate(made))
+        out.update({f"{split} {key}".strip(): dataset for key, dataset in made.items()})
     return cfg, out
