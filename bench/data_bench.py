@@ -2,7 +2,8 @@
 time of the fast path goes.
 
     python bench/data_bench.py              # <= 3 min on 2 CPU cores
-    python bench/data_bench.py --full       # more batches and repeats, a second (small) batch size, 1-2 workers
+    python bench/data_bench.py --full       # more batches and repeats, a second (small) batch size, 1-2 workers,
+                                            # and 8x task batches
 
 Paths, each timed on the same token-bucket batches (``--batch-tokens`` per batch, the original's 10240 by default),
 in one process with one torch thread (= the work of one DataLoader worker), interleaved, median over ``--repeats``
