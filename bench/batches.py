@@ -1,5 +1,5 @@
-"""Random UNITER-shaped inputs for the benchmarks and the correctness checks: padded encoder batches and per-task
-pretraining batches built by the real collates.
+"""Inputs for the benchmarks and the correctness checks: random UNITER-shaped padded encoder batches and per-task
+pretraining batches built by the real collates, and the downstream task datasets of the bundled tiny configs.
 
 Lengths follow the original's ``config/pretrain-*.json``: text 10-60 tokens including [CLS]/[SEP]
 (max_txt_len 60) and 10-100 regions (conf_th 0.2 clamped to [min_bb, max_bb]), drawn uniformly; ``quick`` callers
@@ -8,6 +8,7 @@ pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like dete
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,10 @@ from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM, IMG_POS_DIM
 from uniter_fast.data import move_to_device
 from uniter_fast.data.reference import itm_collate, mlm_collate, mrm_collate
 from uniter_fast.layout import joint_layout
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.data import DbCache, TaskDataset
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_PROB = 0.15
 MASK_ID = 103
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -116,3 +120,30 @@ def task_batch(
     """A collated ``task`` batch of ``size`` random items (seeded), moved to ``device``."""
     items = random_items(task, size, vocab, np.random.default_rng(seed), txt_range, img_range)
     return move_to_device(collate(task, items), device)
+
+
+def task_datasets(name: str) -> tuple[Any, dict[str, TaskDataset]]:
+    """(config, {split: dataset}) of task ``name``'s tiny config (``configs/finetune-<name>-tiny.json``, what
+    ``finetune.py --task name`` reads: the bundled sets). Splits: "train" and the evaluation splits, with a suffix
+    where one split has several datasets (VCR's "train 0" Q->A and "train 1" QA->R, VCR second-stage pretraining's
+    "train mlm", "val mrfr", ...)."""
+    from uniter_fast.finetuning.config import load_finetune_config
+
+    cfg = load_finetune_config(os.path.join(REPO_ROOT, "configs", f"finetune-{name.replace('_', '-')}-tiny.json"))
+    task, dbs = get_task(name), DbCache(cfg)
+    txt_paths = list(cfg.train_txt_dbs) + [txt for txt, _ in cfg.eval_sets().values()]
+    options = {**cfg.options, **task.data_options(dbs, txt_paths, cfg.options)}
+    out = {}
+    for split, (txt, img) in {"train": (cfg.train_txt_dbs[0], cfg.train_img_dbs[0]), **cfg.eval_sets()}.items():
+        if name == "vcr_pretrain":  # one dataset per pretraining objective
+            made: Any = task.datasets(dbs, txt, img, options, split == "train", cfg.seed)
+        elif split == "train":
+            made = task.train_dataset(dbs, txt, img, options, cfg.seed)
+        else:
+            made = task.eval_dataset(dbs, txt, img, options, split)
+        if isinstance(made, TaskDataset):
+            made = {"": made}
+        elif isinstance(made, list):  # VCR: Q->A and QA->R
+            made = dict(enumerate(made))
+        out.update({f"{split} {key}".strip(): dataset for key, dataset in made.items()})
+    return cfg, out

@@ -2,7 +2,8 @@
 time of the fast path goes.
 
     python bench/data_bench.py              # <= 3 min on 2 CPU cores
-    python bench/data_bench.py --full       # more batches and repeats, a second (small) batch size, 1-2 workers
+    python bench/data_bench.py --full       # more batches and repeats, a second (small) batch size, 1-2 workers,
+                                            # and 8x task batches
 
 Paths, each timed on the same token-bucket batches (``--batch-tokens`` per batch, the original's 10240 by default),
 in one process with one torch thread (= the work of one DataLoader worker), interleaved, median over ``--repeats``
@@ -24,6 +25,13 @@ fp16`` / ``collate packed`` / ``collate padded`` (features included), and on CUD
 written, per pair, at the memory bandwidth measured here (one large copy). ``--workers N`` adds the pairs/s of the
 fast path through a DataLoader with N worker processes. Writes bench/results/data_bench_<device>.json and .png
 (throughput) and data_bench_stages_<device>.png.
+
+Task collates: every downstream task (and each VCR second-stage pretraining task) collates the rows of its first
+``--batches`` training batches of its tiny config (``finetune.py --task X``, bundled sets; ``--task-scale`` times
+the config's batch size), read once: ``reference`` (``uniter_fast.data.reference.reference_rows``: the original
+collates' padding, then ``pack_batch``) vs ``fast`` (``uniter_fast.data.collate.collate_rows``), both layouts, the
+same batches, interleaved, median CPU time over ``--repeats`` after one warm-up; µs per row (one text-image
+sequence) and the speed-up. Writes data_bench_tasks_<device>.json and .png.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import lz4.frame
 import msgpack
 import numpy as np
 import torch
+from batches import task_datasets
 from harness import RESULTS_DIR, device_name, device_slug, plot_grouped_bars, print_table, synchronize, write_json
 from original_loader import OriginalLoader
 
@@ -55,13 +64,17 @@ from uniter_fast.data import (
     draw,
     move_to_device,
 )
-from uniter_fast.data.collate import collate, fill_rows
+from uniter_fast.data.assemble import fill_rows
+from uniter_fast.data.collate import collate, collate_rows
 from uniter_fast.data.datasets import batch_generator
 from uniter_fast.data.record_views import array_views
+from uniter_fast.data.reference import reference_rows
 from uniter_fast.files import atomic_write
+from uniter_fast.tasks import TASKS as DOWNSTREAM
 
 TASKS = {"mlm": MlmDataset, "mrfr": MrfrDataset, "mrckl": MrcDataset, "itm": ItmDataset}
 PATHS = ("original", "reference", "fast padded", "fast packed", "fast packed fp16")
+TASK_PATHS = {"reference": reference_rows, "fast": collate_rows}
 
 
 def clocked(fn: Callable[[], Any], warmup: int, repeats: int) -> tuple[float, float]:
@@ -216,6 +229,47 @@ def measure(
     return row
 
 
+def task_batches(name: str, n_batches: int, scale: int) -> list[tuple[str, str, list[list[dict[str, Any]]]]]:
+    """(label, batch task name, the rows of each batch) of the first ``n_batches`` training batches of every training
+    dataset of downstream task ``name`` (``scale`` x its tiny config's batch size)."""
+    cfg, datasets = task_datasets(name)
+    out = []
+    for split, dataset in datasets.items():
+        if split.startswith("train"):
+            sampler = TokenBucketSampler(dataset.lens, batch_size=scale * cfg.train_batch_size, droplast=True)
+            items = [[dataset[i] for i in indices] for indices in sampler.batches(0)[:n_batches]]
+            rows = [[r for it in batch for r in it.get("rows", [it])] for batch in items]
+            out.append((name + split[len("train") :], dataset.task, rows))
+    return out
+
+
+def time_task_collates(task: str, batches: list[list[dict[str, Any]]], repeats: int) -> dict[str, float]:
+    """{path: median CPU seconds} of collating every batch of rows by each of :data:`TASK_PATHS`, interleaved (every
+    path once per repeat), after one warm-up repeat."""
+    cpu: dict[str, list[float]] = {p: [] for p in TASK_PATHS}
+    for repeat in range(repeats + 1):
+        for path, fn in TASK_PATHS.items():
+            c, _ = clocked(lambda f=fn: [f(rows, task) for rows in batches], 0, 1)
+            if repeat:
+                cpu[path].append(c)
+    return {path: statistics.median(times) for path, times in cpu.items()}
+
+
+def measure_task_collates(names: list[str], n_batches: int, repeats: int, scales: list[int]) -> list[dict[str, Any]]:
+    """One table row per (scale, training dataset): µs per row of the reference and the fast task collate."""
+    table = []
+    for scale in scales:
+        for name in names:
+            for label, task, batches in task_batches(name, n_batches, scale):
+                seconds = time_task_collates(task, batches, repeats)
+                n_rows = sum(len(rows) for rows in batches)
+                row: dict[str, Any] = {"batch scale": scale, "task": label, "rows/batch": n_rows / len(batches)}
+                row.update({f"{path} µs/row": seconds[path] / n_rows * 1e6 for path in TASK_PATHS})
+                row["fast/reference"] = seconds["reference"] / seconds["fast"]
+                table.append(row)
+    return table
+
+
 def workers_needed(step_pairs_per_s: float, worker_pairs_per_s: float) -> int:
     """Loader processes a GPU needs to keep up: the pairs/s its training step consumes over one worker's pairs/s."""
     return max(1, int(np.ceil(step_pairs_per_s / worker_pairs_per_s)))
@@ -230,12 +284,17 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="also time the fast path through N DataLoader workers")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for the to-device stage")
+    ap.add_argument(
+        "--finetune-tasks", nargs="+", default=sorted(DOWNSTREAM), choices=sorted(DOWNSTREAM), help="task collates"
+    )
+    ap.add_argument("--task-scale", type=int, nargs="+", default=None, help="x the tiny configs' batch sizes")
     ap.add_argument("--full", action="store_true", help="more batches/repeats, a small batch size too, 2 workers")
     args = ap.parse_args()
     budgets = args.batch_tokens or ([10240, 1024] if args.full else [10240])
     n_batches = args.batches or (6 if args.full else 2)
     repeats = args.repeats or (7 if args.full else 5)
     workers = args.workers if args.workers is not None else (2 if args.full else 0)
+    scales = args.task_scale or ([1, 8] if args.full else [1])
     torch.set_num_threads(1)  # as in a DataLoader worker
     device = torch.device(args.device)
     paths = default_corpus()
@@ -291,6 +350,13 @@ def main() -> None:
     title = f"Loader throughput, one process, bundled corpus, {budgets[0]}-token batches"
     print("wrote", plot_grouped_bars("data_bench", cpu, groups, series, "pairs / s (CPU time)", title))
     print("wrote", plot_stages(first, cpu, budgets[0]))
+    task_table = measure_task_collates(args.finetune_tasks, n_batches, repeats, scales)
+    print_table(task_table, list(task_table[0]))
+    print("wrote", write_json("data_bench_tasks", cpu, task_table, {**meta, "task_scales": scales}))
+    first = [r for r in task_table if r["batch scale"] == scales[0]]
+    series = {p: [r[f"{p} µs/row"] for r in first] for p in TASK_PATHS}
+    title = f"Task collates (both layouts), one process, tiny-config batches x{scales[0]}"
+    print("wrote", plot_grouped_bars("data_bench_tasks", cpu, [r["task"] for r in first], series, "µs per row", title))
 
 
 def plot_stages(rows: list[dict[str, Any]], device: torch.device, budget: int) -> str:

@@ -1,5 +1,5 @@
 """Data pipeline: txt_db / img_db readers and writers, the bundled synthetic corpus, token-bucket batching,
-per-task datasets and collates (packed or padded layout, plus the reference path) and the task mixer."""
+per-task datasets, the one fast collate (packed and/or padded layout; plus the reference path) and the task mixer."""
 
 from uniter_fast.data.corpus import CorpusPaths, build_corpus, default_corpus
 from uniter_fast.data.datasets import DetectFeatTxtTokDataset, ItmDataset, MlmDataset, MrcDataset, MrfrDataset

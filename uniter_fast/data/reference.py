@@ -1,9 +1,11 @@
 """The reference loader path: per-example items and per-task collates written as the original's (``data/*.py``),
-producing both layouts (padded keys of contract 1, ``packed`` of contract 2 through :func:`layout.pack_batch`).
+producing both layouts (padded keys of contract 1, ``packed`` of contract 2 through :func:`layout.pack_batch`), and
+the task datasets' collate of per-example rows (:func:`reference_rows`).
 
 This is the path the fast collates (:mod:`uniter_fast.data.collate`) are held to: given the same records and random
-draws, every tensor the fast path builds equals the one built here (``torch.equal``; tests/test_data_collate.py),
-and ``bench/data_bench.py`` times both.
+draws, or the same rows, every tensor the fast path builds equals the one built here (``torch.equal``;
+tests/test_data_collate.py, tests/test_data_task_collate.py), and ``bench/data_bench.py`` times both. Nothing in
+training or evaluation calls it.
 
 Every item is a dict with ``input_ids`` int64 [t] (with [CLS]/[SEP]), ``img_feat`` float32 [n, 2048],
 ``img_pos_feat`` float32 [n, 7], and per task ``txt_labels`` int64 [t] (MLM), ``img_mask`` bool [n] and, for
@@ -135,3 +137,17 @@ def reference_collate(task: str, items: list[dict[str, Any]]) -> dict[str, Any]:
     if task == "itm":
         return itm_collate(items)
     return mrm_collate(items, task)
+
+
+def reference_rows(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
+    """The task datasets' collate of per-example rows (``uniter_fast.tasks.data.row``, the reference of
+    ``uniter_fast.data.collate.collate_rows``): MLM rows (with ``txt_labels``) by :func:`mlm_collate`, MRM rows
+    (with ``img_mask``) by :func:`mrm_collate`, other rows by :func:`joint_batch` + ``packed``; named ``task``."""
+    if rows and "txt_labels" in rows[0]:
+        batch = mlm_collate(rows)
+    elif rows and "img_mask" in rows[0]:
+        batch = mrm_collate(rows, task)
+    else:
+        batch = _finish(joint_batch(rows), task)
+    batch["task"] = task
+    return batch

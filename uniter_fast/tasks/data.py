@@ -17,10 +17,9 @@ import torch
 
 from uniter_fast.config import IMG_DIM, IMG_POS_DIM
 from uniter_fast.data import DetectFeatLmdb, TokenBucketSampler, TxtTokLmdb
+from uniter_fast.data.collate import collate_rows as collate_rows  # the task datasets' collate (both layouts)
 from uniter_fast.data.img_db import box_7d
 from uniter_fast.data.lmdb_env import DataError
-from uniter_fast.data.reference import joint_batch
-from uniter_fast.layout import pack_batch
 from uniter_fast.training.config import RunConfig
 
 GT_NUM_BB = 100  # GT-box img_dbs are read with conf_th -1 and 100 boxes, as the original's VCR / RE scripts
@@ -153,15 +152,6 @@ def check_images_exist(txt_db: TxtTokLmdb, ids: list[str], names: list[list[str]
                 raise DataError(
                     f"txt_db {txt_db.path!r}: text {id_!r} names image {fname!r}, which img_db {img_db.path!r} lacks"
                 )
-
-
-def collate_rows(rows: list[dict[str, Any]], task: str) -> dict[str, Any]:
-    """The padded joint layout of ``rows`` (see ``uniter_fast.data.reference.joint_batch``) plus ``packed`` (the fast
-    path's layout) and ``task``."""
-    batch = joint_batch(rows)
-    batch["packed"] = pack_batch(batch)
-    batch["task"] = task
-    return batch
 
 
 def row(

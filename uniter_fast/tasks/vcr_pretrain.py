@@ -22,12 +22,11 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.masking import MASK_PROB, mask_regions, mask_words
-from uniter_fast.data.reference import mlm_collate, mrm_collate
 from uniter_fast.data.vcr_db import VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.model import UniterForPretraining, task_kind
 from uniter_fast.pretraining.validate import validate
-from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, box_inputs, eval_batches
+from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, box_inputs, collate_rows, eval_batches
 from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.vcr import ANSWER, QUESTION, RATIONALE, VcrDataset, prepare_vcr_tables, special_token_base
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -87,8 +86,10 @@ class VcrPretrainDataset(VcrDataset):
         return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """The pretraining collate of the task (MLM / MRM keys + ``txt_type_ids``)."""
-        return mlm_collate(items) if self.kind == "mlm" else mrm_collate(items, self.kind)
+        """The pretraining batch of the task, both layouts: MLM (``txt_labels``, ``mlm_index`` / ``mlm_labels``) or
+        MRM (``img_masks``, ``img_mask_tgt``, ``mrm_index``, ``feat_targets``, ``label_targets``) keys, with
+        ``txt_type_ids``."""
+        return collate_rows(items, self.kind)
 
 
 def prepare_vcr_pretraining(model: UniterForPretraining, special_token_base: int) -> None:
