@@ -16,7 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Optional  # noqa: E402
 
-from uniter_fast.training.cli import add_run_arguments, apply_run_arguments  # noqa: E402
+from uniter_fast.training.cli import add_run_arguments  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -41,17 +41,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from uniter_fast.finetuning.config import default_config, load_finetune_config
     from uniter_fast.finetuning.run import finetune
-    from uniter_fast.training.run import start_run
+    from uniter_fast.training.run import run_recipe
 
     cfg = load_finetune_config(args.config or default_config(args.task))
     if args.task is not None and args.task != cfg.task:
         raise ValueError(f"--task {args.task} but the config {args.config!r} is for task {cfg.task!r}")
-    apply_run_arguments(cfg, args)
-    run = start_run(cfg, args.ds_config)
-    results, text = finetune(cfg, run, args.resume, args.stop_after)
-    if run.rank == 0:
-        print(text)
-    return results
+    return run_recipe(cfg, args, finetune)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Optional  # noqa: E402
 
-from uniter_fast.training.cli import REPO_ROOT, add_run_arguments, apply_run_arguments  # noqa: E402
+from uniter_fast.training.cli import REPO_ROOT, add_run_arguments  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "pretrain-tiny.json")
 
@@ -33,15 +33,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from uniter_fast.pretraining.config import load_training_config
     from uniter_fast.pretraining.run import pretrain
-    from uniter_fast.training.run import start_run
+    from uniter_fast.training.run import run_recipe
 
-    cfg = load_training_config(args.config)
-    apply_run_arguments(cfg, args)
-    run = start_run(cfg, args.ds_config)
-    results, text = pretrain(cfg, run, args.resume, args.stop_after)
-    if run.rank == 0:
-        print(text)
-    return results
+    return run_recipe(load_training_config(args.config), args, pretrain)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,14 @@ head the final summary."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from uniter_fast.checkpoint import CONFIG_NAME
 from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.training.cli import apply_run_arguments
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import init_ranks, setup_environment
 from uniter_fast.training.engine import build_engine, load_ds_config
@@ -74,6 +76,21 @@ def fit(
         if writer is not None:
             writer.close()
     return trainer, results
+
+
+Recipe = Callable[[Any, Run, bool, Optional[int]], "tuple[Results, str]"]
+
+
+def run_recipe(cfg: RunConfig, args: argparse.Namespace, recipe: Recipe) -> Results:
+    """What a training CLI does once its config is read: the command-line overrides of ``args`` (the options of
+    ``uniter_fast.training.cli``), start the run, ``recipe(cfg, run, resume, stop_after)``, print its text on rank 0;
+    returns the final results."""
+    apply_run_arguments(cfg, args)
+    run = start_run(cfg, args.ds_config)
+    results, text = recipe(cfg, run, args.resume, args.stop_after)
+    if run.rank == 0:
+        print(text)
+    return results
 
 
 def summary_heading(what: str, trainer: Trainer, run: Run) -> str:
