@@ -8,7 +8,6 @@ pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like dete
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -22,7 +21,6 @@ from uniter_fast.layout import joint_layout
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import DbCache, TaskDataset
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK_PROB = 0.15
 MASK_ID = 103
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -124,26 +122,22 @@ def task_batch(
 
 def task_datasets(name: str) -> tuple[Any, dict[str, TaskDataset]]:
     """(config, {split: dataset}) of task ``name``'s tiny config (``configs/finetune-<name>-tiny.json``, what
-    ``finetune.py --task name`` reads: the bundled sets). Splits: "train" and the evaluation splits, with a suffix
-    where one split has several datasets (VCR's "train 0" Q->A and "train 1" QA->R, VCR second-stage pretraining's
-    "train mlm", "val mrfr", ...)."""
-    from uniter_fast.finetuning.config import load_finetune_config
+    ``finetune.py --task name`` reads: the bundled sets), through the task's own ``train_streams`` and
+    ``eval_dataset``. Splits: "train" and the evaluation splits, suffixed where one split has several datasets (a
+    stream per objective of the VCR second stage, "train mlm_vcr", ...; the parts of a concatenation, VCR's
+    "train vcr 0" Q->A and "train vcr 1" QA->R)."""
+    from uniter_fast.finetuning.config import default_config, load_finetune_config
 
-    cfg = load_finetune_config(os.path.join(REPO_ROOT, "configs", f"finetune-{name.replace('_', '-')}-tiny.json"))
+    cfg = load_finetune_config(default_config(name))
     task, dbs = get_task(name), DbCache(cfg)
-    txt_paths = list(cfg.train_txt_dbs) + [txt for txt, _ in cfg.eval_sets().values()]
-    options = {**cfg.options, **task.data_options(dbs, txt_paths, cfg.options)}
+    options = {**cfg.options, **task.data_options(dbs, cfg.txt_dbs(), cfg.options)}
+    streams = task.train_streams(dbs, cfg.train_pairs(), options, cfg.seed)
+    made: dict[str, Any] = {f"train {stream}": dataset for stream, (dataset, _) in streams.items()}
+    for split, (txt, img) in cfg.eval_sets().items():
+        data = task.eval_dataset(dbs, txt, img, options, split, cfg.seed)
+        made.update({f"{split} {key}": d for key, d in data.items()} if isinstance(data, dict) else {split: data})
     out = {}
-    for split, (txt, img) in {"train": (cfg.train_txt_dbs[0], cfg.train_img_dbs[0]), **cfg.eval_sets()}.items():
-        if name == "vcr_pretrain":  # one dataset per pretraining objective
-            made: Any = task.datasets(dbs, txt, img, options, split == "train", cfg.seed)
-        elif split == "train":
-            made = task.train_dataset(dbs, txt, img, options, cfg.seed)
-        else:
-            made = task.eval_dataset(dbs, txt, img, options, split)
-        if isinstance(made, TaskDataset):
-            made = {"": made}
-        elif isinstance(made, list):  # VCR: Q->A and QA->R
-            made = dict(enumerate(made))
-        out.update({f"{split} {key}".strip(): dataset for key, dataset in made.items()})
+    for key, dataset in made.items():
+        parts = getattr(dataset, "parts", None)
+        out.update({f"{key} {i}": part for i, part in enumerate(parts)} if parts else {key: dataset})
     return cfg, out
