@@ -25,7 +25,7 @@ from tests.tasks_helpers import (
 from tests.test_tasks_vqa import _npz_dir, _vocab
 from uniter_fast.build import main as build_main
 from uniter_fast.data import TxtDbWriter, TxtTokLmdb
-from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.errors import DataError
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model

@@ -22,8 +22,8 @@ from tests.tasks_helpers import (
 )
 from tests.test_tasks_vqa import _npz_dir, _vocab
 from uniter_fast.build import main as build_main
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.re_db import ReTxtTokLmdb
+from uniter_fast.errors import DataError
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model

@@ -21,7 +21,7 @@ from tests.tasks_helpers import (
 from tests.test_tasks_vqa import HEAD_KEYS, _npz_dir, _vocab, bundled_dataset
 from uniter_fast.build import main as build_main
 from uniter_fast.data import TxtTokLmdb
-from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.errors import DataError
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.ve import UniterForVisualEntailment

@@ -24,9 +24,9 @@ from tests.tasks_helpers import (
 )
 from uniter_fast.build import main as build_main
 from uniter_fast.data import TxtDbWriter, TxtTokLmdb
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_records import vqa_soft_scores
 from uniter_fast.data.tokenizer import SPECIAL_TOKENS
+from uniter_fast.errors import DataError
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled

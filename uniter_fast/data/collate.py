@@ -24,9 +24,9 @@ import torch
 
 from uniter_fast.data.assemble import FEAT_DTYPES, LAYOUTS, Examples, assemble, check_layout
 from uniter_fast.data.img_db import box_7d
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.records import Draws, PairRecord, check_task
 from uniter_fast.data.txt_db import TokenIds
+from uniter_fast.errors import DataError
 from uniter_fast.layout import ot_split, pad_masks, padded_slots
 
 

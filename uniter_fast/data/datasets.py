@@ -20,11 +20,11 @@ import torch
 
 from uniter_fast.data.collate import collate
 from uniter_fast.data.img_db import DetectFeatLmdb
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.masking import MASK_PROB
 from uniter_fast.data.records import Draws, PairRecord, draw
 from uniter_fast.data.reference import reference_collate, reference_items
 from uniter_fast.data.txt_db import TokenIds, TxtTokLmdb
+from uniter_fast.errors import DataError
 
 
 def batch_generator(seed: int, epoch: int, rank: int, position: int) -> np.random.Generator:

@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
-from uniter_fast.data.lmdb_env import DataError, LazyReader, Writer
+from uniter_fast.data.lmdb_env import LazyReader, Writer
 from uniter_fast.data.record_views import array_views
+from uniter_fast.errors import DataError
 from uniter_fast.files import read_json, write_json_atomic
 
 FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}

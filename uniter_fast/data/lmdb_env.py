@@ -15,10 +15,6 @@ MAP_SIZE = 4 * 1024**4
 """Map size of written databases (4 TiB, as the original ``TxtLmdb``); LMDB files are sparse, so this costs nothing."""
 
 
-class DataError(ValueError):
-    """A record of a txt_db / img_db is missing, corrupted or has the wrong shape; the message names the record."""
-
-
 _OPEN: dict[str, tuple[int, lmdb.Environment, lmdb.Transaction]] = {}
 """Read-only environments of this process by real path: py-lmdb allows one open environment per path and process."""
 

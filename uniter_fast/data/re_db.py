@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import encode, field
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter, TxtTokLmdb
+from uniter_fast.errors import DataError
 from uniter_fast.files import read_json, write_json_atomic
 
 RE_SIDE_FILES = ("refs", "annotations", "categories", "images")

@@ -18,8 +18,8 @@ import numpy as np
 from tqdm import tqdm
 
 from uniter_fast.data.img_db import ImgDbWriter
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.txt_db import TxtDbWriter
+from uniter_fast.errors import DataError
 
 NPZ_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 GT_BOX_SETTINGS = (-1.0, 100, 10, 100)  # GT-box img_dbs keep every stored box (conf_th -1, up to 100), as the original

@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any, Iterable
 
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.errors import DataError
 
 VE_ENT2IDX = {"contradiction": 0, "entailment": 1, "neutral": 2}
 NUM_CHOICES = 4

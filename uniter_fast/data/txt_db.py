@@ -13,7 +13,8 @@ import lz4.frame
 import msgpack
 import torch
 
-from uniter_fast.data.lmdb_env import DataError, LazyReader, Writer
+from uniter_fast.data.lmdb_env import LazyReader, Writer
+from uniter_fast.errors import DataError
 from uniter_fast.files import read_json, write_json_atomic
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.txt_db import TxtTokLmdb
+from uniter_fast.errors import DataError
 from uniter_fast.files import read_json
 
 VCR_TASKS = ("qa", "qar", "qa,qar")

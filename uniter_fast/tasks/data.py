@@ -19,7 +19,7 @@ from uniter_fast.config import IMG_DIM, IMG_POS_DIM
 from uniter_fast.data import DetectFeatLmdb, TokenBucketSampler, TxtTokLmdb
 from uniter_fast.data.collate import collate_rows as collate_rows  # the task datasets' collate (both layouts)
 from uniter_fast.data.img_db import box_7d
-from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.errors import DataError
 from uniter_fast.training.config import RunConfig
 
 GT_NUM_BB = 100  # GT-box img_dbs are read with conf_th -1 and 100 boxes, as the original's VCR / RE scripts

@@ -30,7 +30,7 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.lmdb_env import DataError
+from uniter_fast.errors import DataError
 from uniter_fast.layout import pack_batch
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row

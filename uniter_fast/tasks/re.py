@@ -27,7 +27,6 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.re_db import (
     ReTxtTokLmdb,
     det_image_name,
@@ -36,6 +35,7 @@ from uniter_fast.data.re_db import (
     read_re_annotations,
     write_re_txt_db,
 )
+from uniter_fast.errors import DataError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
 from uniter_fast.tasks.spec import Task, ratio, require, scores_of

@@ -30,10 +30,10 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import field, image_key, vcr_lengths, vcr_record
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
+from uniter_fast.errors import DataError
 from uniter_fast.files import write_json_atomic
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (

@@ -21,9 +21,9 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import build_ans2label, vqa_record
+from uniter_fast.errors import DataError
 from uniter_fast.files import read_json, write_json_atomic
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (

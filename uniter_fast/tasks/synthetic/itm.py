@@ -16,10 +16,10 @@ import os
 import numpy as np
 
 from uniter_fast.data.corpus import DEFAULT_SEED
-from uniter_fast.data.lmdb_env import DataError
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.data.world import NUMBERS, ON_SCENES, plural
+from uniter_fast.errors import DataError
 from uniter_fast.files import build_directory_once, read_json
 from uniter_fast.tasks.synthetic.pool import Scene, SceneObject, relation
 
