@@ -121,6 +121,25 @@ def test_bad_configs_name_the_field(tmp_path, changes, error, match) -> None:
         parse_finetune_config(base(tmp_path, **changes), base_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("checkpoint_from", "export"), [("pretrain", "pretrain-tiny"), ("vcr_pretrain", "vcr-pretrain-tiny")]
+)
+def test_auto_checkpoint_is_the_default_export_under_the_working_directory(
+    tmp_path, monkeypatch, checkpoint_from: str, export: str
+) -> None:
+    """``"checkpoint": "auto"`` takes ``output/<default run>/pretrained`` under the working directory, wherever the
+    config file is, and no checkpoint when that export does not exist."""
+    config_dir, work = tmp_path / "configs", tmp_path / "work"
+    config_dir.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    raw = base(config_dir, checkpoint="auto", checkpoint_from=checkpoint_from)
+    assert parse_finetune_config(raw, base_dir=str(config_dir)).checkpoint is None
+    (work / "output" / export / "pretrained").mkdir(parents=True)
+    cfg = parse_finetune_config(raw, base_dir=str(config_dir))
+    assert cfg.checkpoint == str(work / "output" / export / "pretrained")
+
+
 @pytest.mark.parametrize("task_name", ["nlvr2", "re"])
 def test_tiny_configs_take_the_model_size_of_the_checkpoint(task_name: str, tmp_path) -> None:
     """The tiny configs name no ``model_config``: the checkpoint's saved config sizes the model (the default

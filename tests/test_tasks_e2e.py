@@ -95,7 +95,8 @@ def test_vcr_two_stages_and_original_checkpoint(tmp_path) -> None:
     (tmp_path / "s1").mkdir()
     stage1 = write_config(str(tmp_path / "s1"), "vcr_pretrain", steps=6)
     proc = finetune(stage1)
-    assert "mlm_vcr" in proc.stdout and "mrckl_vcr" in proc.stdout
+    assert "final vcr_pretrain metrics after 6 steps" in proc.stdout
+    assert "mlm_acc" in proc.stdout and "mrckl_acc" in proc.stdout and "mrfr_loss" in proc.stdout
     export = tmp_path / "s1" / "out" / "pretrained"
     (tmp_path / "s2").mkdir()
     stage2 = write_config(str(tmp_path / "s2"), "vcr", steps=4, edit=lambda c: c.update(checkpoint=str(export)))
