@@ -151,3 +151,15 @@ def test_word_table_grows_to_the_task_vocabulary(tmp_path) -> None:
     torch.testing.assert_close(grown[:128], words)
     fit_vocab(dbs, model)  # big enough: unchanged
     assert model.uniter.embeddings.word_embeddings.weight.shape[0] == 158
+
+
+def test_auto_checkpoint_is_the_export_under_the_working_directory(tmp_path, monkeypatch) -> None:
+    """``checkpoint: "auto"`` names ``output/pretrain-tiny/pretrained`` under the working directory, not under the
+    config's directory (where relative paths of the config resolve)."""
+    export = tmp_path / "run" / "output" / "pretrain-tiny" / "pretrained"
+    export.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "run")
+    cfg = parse_finetune_config(base(tmp_path, checkpoint="auto"), str(tmp_path))
+    assert cfg.checkpoint == str(export)
+    monkeypatch.chdir(tmp_path)
+    assert parse_finetune_config(base(tmp_path, checkpoint="auto"), str(tmp_path)).checkpoint is None

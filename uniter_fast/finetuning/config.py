@@ -139,7 +139,7 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     fields = set(field_names(FinetuneConfig)) - {"options"}
     options = {k: raw.pop(k) for k in list(raw) if k not in fields}
     raw["options"] = task.check_options(options, where)
-    auto = auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where)
+    auto = os.path.abspath(auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where))  # under the working dir
     if raw.get("checkpoint") == "auto":
         raw["checkpoint"] = auto if os.path.isdir(auto) else None
         logger.info("%s: checkpoint 'auto' -> %s", where, raw["checkpoint"] or f"none ({auto} does not exist)")
