@@ -24,6 +24,7 @@ from uniter_fast.files import read_json
 from uniter_fast.training.config import RunConfig, check_run_fields
 from uniter_fast.training.ds_keys import check_with_deepspeed, model_keys
 from uniter_fast.training.engine import complete_ds_config, load_ds_config
+from uniter_fast.training.loop import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STARTED = "PROCESS GROUP STARTED"
@@ -143,6 +144,32 @@ def test_every_cli_gives_one_line_for_bad_input(capsys, tmp_path) -> None:
     for main, argv, expected in cases:
         line = run_failing(capsys, main, argv)
         assert expected in line, (argv, line)
+    for main, argv, expected in cases:  # every command knows --debug: the traceback, then the same line
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(main, [*argv, "--debug"])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback (most recent call last)" in stderr, (argv, stderr)
+        assert expected in stderr.rstrip().splitlines()[-1], (argv, stderr)
+
+
+def test_a_non_finite_loss_fails_the_run(tmp_path) -> None:
+    """The loop's non-finite loss is a ``RunFailed`` (exit status 1)."""
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def __call__(self, batch: dict, task: str) -> dict:
+            return {"loss": torch.tensor(float("nan"))}
+
+        def backward(self, loss: torch.Tensor, scale_wrt_gas: bool) -> None:
+            pass
+
+        def step(self) -> None:
+            pass
+
+    trainer = Trainer(Engine(), RunConfig(output_dir=str(tmp_path)), None, None, None)
+    with pytest.raises(RunFailed, match=r"step 1, task itm: non-finite loss \{'loss': nan\}"):
+        trainer.train_step([("itm", {})])
 
 
 # ------------------------------------------------------------------------------------------------ before start-up

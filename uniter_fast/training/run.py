@@ -63,7 +63,7 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
 def check_run(
     cfg: RunConfig, args: argparse.Namespace, check: Optional[CheckCheckpoint] = None
 ) -> tuple[dict[str, Any], Optional[Checkpoint]]:
-    """Everything a run can check before distributed start-up (which takes 20-70 s), in well under a second beyond
+    """Everything a run can check before distributed start-up (the slow part), in well under a second beyond
     reading the initial checkpoint: ``ds.json`` (read, completed and checked by the installed DeepSpeed's reader),
     the output dir, and the initial checkpoint ``cfg.checkpoint``, read once here (layout) and checked by the
     recipe's ``check`` (sizes against the model config). Returns (the completed ds config, the checkpoint)."""
