@@ -6,10 +6,13 @@ it never reads is an unknown key (DeepSpeed ignores those silently: ``train_micr
 The known top-level keys are the ones the reader looks up, recorded while it reads this very config, so they follow
 the installed DeepSpeed version; the nested keys are its pydantic models' fields. Every message names the file, the
 key path and the closest valid key (difflib). Keys of another DeepSpeed version can be let through (with a warning).
+Sections that DeepSpeed reads without a model (``activation_checkpointing``, ``flops_profiler``, ``optimizer.params``,
+which goes to the optimizer's constructor, ...) are checked at their top level only.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import typing
 from collections.abc import KeysView
@@ -124,7 +127,7 @@ def check_with_deepspeed(ds: dict[str, Any], source: str, allow_unknown_keys: bo
     from deepspeed.runtime.config import DeepSpeedConfig, DeepSpeedConfigError
     from pydantic import ValidationError
 
-    recorder = _ReadRecorder(ds)
+    recorder = _ReadRecorder(copy.deepcopy(ds))  # the reader may complete sections in place; ``ds`` stays as given
     try:
         DeepSpeedConfig(recorder)
     except ValidationError as err:
