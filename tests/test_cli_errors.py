@@ -256,10 +256,11 @@ def test_training_clis_check_everything_before_start_up(no_start, capsys, tmp_pa
     with open(junk, "w", encoding="utf-8") as f:
         f.write("not a checkpoint")
     ft, pt = finetune_config(tmp_path), pretrain_config(tmp_path)
+    negative_lr = finetune_config(tmp_path, learning_rate=-1)
     cases = [
         (finetune, ["--config", ft, "--checkpoint", gone], f"--checkpoint {gone!r} does not exist"),
         (finetune, ["--config", finetune_config(tmp_path, task="vqaa")], "'task' must be one of ['itm', 'itm-hn'"),
-        (finetune, ["--config", finetune_config(tmp_path, learning_rate=-1)], "learning_rate must be a number > 0"),
+        (finetune, ["--config", negative_lr], f"{negative_lr}: learning_rate must be a number > 0, got -1"),
         (finetune, ["--config", finetune_config(tmp_path, val_txt_db="nowhere")], "val_txt_db: database directory"),
         (
             finetune,
@@ -276,7 +277,11 @@ def test_training_clis_check_everything_before_start_up(no_start, capsys, tmp_pa
         (finetune, ["--config", ft, "--output_dir", str(tmp_path / "a-file")], "is a file, not a directory"),
         (finetune, ["--config", ft, "--resume"], "--resume: no checkpoint in"),
         (pretrain, ["--config", gone], "does not exist"),
-        (pretrain, ["--config", pretrain_config(tmp_path, learning_rte=1e-4)], "(closest: 'learning_rate')"),
+        (
+            pretrain,
+            ["--config", pretrain_config(tmp_path, learning_rte=1e-4)],
+            "unknown keys ['learning_rte'] (closest: 'learning_rate')",
+        ),
         (
             pretrain,
             ["--config", pretrain_config(tmp_path, model_overrides={"hidden_sise": 32})],

@@ -146,7 +146,10 @@ def parse_run_config(
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
     cfg = cls(**raw)
-    check_run_fields(cfg)
+    try:
+        check_run_fields(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     if cfg.checkpoint:
         cfg.checkpoint = (resolve or (lambda p: resolve_path(p, base_dir)))(cfg.checkpoint)
         if not os.path.exists(cfg.checkpoint):
