@@ -17,11 +17,13 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
+from uniter_fast.entry import CommandParser, run_command
+
 PRETRAIN = "pretrain"
 
 
 def _parser(task_options: dict[str, tuple[type, Any, str]], tasks: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="python -m uniter_fast.build", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
@@ -85,4 +87,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -23,17 +23,21 @@ model with heads. This module imports nothing from ``uniter_fast.model`` (models
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import logging
 import os
-from typing import Any, Optional, Union
+import pickle
+from typing import Any, Iterator, Optional, Union
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from uniter_fast.config import PathLike, UniterConfig
+from uniter_fast.errors import CheckpointError
 from uniter_fast.files import atomic_write, read_json, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -111,6 +115,16 @@ class LoadReport:
 
 
 # ---------------------------------------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Turn what a damaged or foreign file raises while it is read (truncated, not a checkpoint) into a
+    ``CheckpointError`` naming ``path``."""
+    try:
+        yield
+    except (pickle.UnpicklingError, EOFError, KeyError, RuntimeError, OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
+
+
 def _deepspeed_location(path: str) -> Optional[tuple[str, str]]:
     """(checkpoint dir, tag) when ``path`` is a DeepSpeed checkpoint (the dir with ``latest``, or a tag dir)."""
     latest = os.path.join(path, DS_LATEST)
@@ -132,17 +146,21 @@ def read_deepspeed(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     if any(name.endswith("optim_states.pt") for name in os.listdir(tag_dir)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
+        with _reading(tag_dir):
+            return dict(get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir, tag=tag))
     # no ZeRO: the module's weights are in the model-state file, which also pickles DeepSpeed's own objects (as
     # DeepSpeed itself does, it is read with weights_only=False: load only checkpoints you trust)
-    states = torch.load(os.path.join(tag_dir, DS_MODEL_STATES), map_location="cpu", weights_only=False)
+    with _reading(os.path.join(tag_dir, DS_MODEL_STATES)):
+        states = torch.load(os.path.join(tag_dir, DS_MODEL_STATES), map_location="cpu", weights_only=False)
     return {k: v.float() if v.is_floating_point() else v for k, v in states["module"].items()}
 
 
 def _read_file(path: str) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+        with _reading(path):
+            return load_file(path)
+    with _reading(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state_dict (a dict of tensors), got {type(state).__name__}")
     others = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
@@ -165,7 +183,8 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], str, str]:
                 f"{path} is a directory but has no {WEIGHTS_NAME} (an export or Model.save_pretrained folder) nor a "
                 f"DeepSpeed {DS_LATEST!r} or {DS_MODEL_STATES} file"
             )
-        return load_file(weights), "directory", path
+        with _reading(weights):
+            return load_file(weights), "directory", path
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint file or directory at {path!r}")
     container = "safetensors" if path.endswith(".safetensors") else "file"
@@ -276,6 +295,42 @@ def infer_config(encoder_state: dict[str, torch.Tensor], **overrides: Any) -> Un
     )
     fields.update(overrides)
     return UniterConfig(**fields)
+
+
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "img_dim",
+)
+"""The model-config fields that :func:`infer_config` reads off a checkpoint's weights."""
+
+
+def check_config_fits(checkpoint: Checkpoint, config: UniterConfig, config_name: str) -> None:
+    """A ``CheckpointError`` naming both when a size of ``config`` (called ``config_name`` in the message) differs
+    from the one of ``checkpoint``'s encoder weights (:data:`SIZE_FIELDS`; ``img_dim`` only when the checkpoint has
+    an image embedder): checked from the sizes alone, before any model is built. Nothing is checked when the
+    weights lack a key the sizes are read from (the load names what is missing)."""
+    try:
+        weights = infer_config(checkpoint.encoder_state)
+    except ValueError:
+        return
+    fields = [
+        f for f in SIZE_FIELDS if f != "img_dim" or "img_embeddings.img_linear.weight" in checkpoint.encoder_state
+    ]
+    wrong = [
+        f"{f} {getattr(weights, f)} != {getattr(config, f)}"
+        for f in fields
+        if getattr(weights, f) != getattr(config, f)
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{checkpoint.path}: its weights do not fit the model config {config_name} (checkpoint != config: "
+            f"{', '.join(wrong)}); give the model config the checkpoint was trained with"
+        )
 
 
 def resolve_config(config: Union[UniterConfig, str, PathLike]) -> UniterConfig:

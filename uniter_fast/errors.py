@@ -7,6 +7,9 @@ Every CLI prints a :class:`UserError` as one line, ``error: <what>, <where>, <ex
 
 from __future__ import annotations
 
+import difflib
+from typing import Iterable
+
 
 class UserError(Exception):
     """A mistake in what the user gave; the message names it, where it is, and the expected and given values."""
@@ -27,3 +30,10 @@ class CheckpointError(UserError, ValueError):
 
 class RunFailed(Exception):
     """A run that started correctly could not finish (a non-finite loss, a rank that died); CLIs exit 1."""
+
+
+def closest(name: str, valid: Iterable[str]) -> str:
+    """``" (closest: 'x')"``, naming the valid name most like ``name`` (difflib), for an error message; ``""`` when
+    none is alike."""
+    match = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.5)
+    return f" (closest: {match[0]!r})" if match else ""

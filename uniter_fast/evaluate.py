@@ -17,6 +17,8 @@ import logging
 import os
 from typing import Any, Optional
 
+from uniter_fast.entry import CommandParser, run_command
+from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS
 
 logger = logging.getLogger("uniter_fast.evaluate")
@@ -24,7 +26,9 @@ logger = logging.getLogger("uniter_fast.evaluate")
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(
+        prog="python -m uniter_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="finetune.py export dir or original model_step_N.pt")
     parser.add_argument(
         "--task", default=None, choices=sorted(TASKS), help="the task (default: the export's task.json)"
@@ -71,8 +75,10 @@ def _task_name(args: argparse.Namespace) -> str:
         return args.task
     meta = os.path.join(args.checkpoint, "task.json")
     if os.path.isfile(meta):
-        with open(meta, encoding="utf-8") as f:
-            return json.load(f)["task"]
+        task = read_json(meta, "task file").get("task")
+        if task not in TASKS:
+            raise ValueError(f"{meta}: 'task' must be one of {sorted(TASKS)}, got {task!r}")
+        return task
     raise ValueError(f"--task is needed: {args.checkpoint!r} has no task.json (an original checkpoint?)")
 
 
@@ -104,16 +110,18 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     from uniter_fast.training.distributed import init_launched_process_group
     from uniter_fast.training.logs import format_table
 
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.txt_db and not args.img_db:
+        raise ValueError("--txt_db needs --img_db")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ValueError(f"--batch_size must be > 0, got {args.batch_size}")
     task = get_task(_task_name(args))
     cfg = load_finetune_config(args.config or default_config(task.name))
     if args.txt_db:
-        if not args.img_db:
-            raise ValueError("--txt_db needs --img_db")
         splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
     else:
         splits = cfg.eval_sets()
-    rank, world = init_launched_process_group()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     dbs = DbCache(cfg)
     options = {**task.check_options(_options(args.option), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
@@ -123,6 +131,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
             {**options, **{k: v for k, v in (("eval_mode", args.eval_mode), ("top_k", args.top_k)) if v is not None}},
             "--eval-mode / --top-k",
         )
+    rank, world = init_launched_process_group()  # after every check of the input
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     model.to(device)
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
     batch_size = args.batch_size or cfg.val_batch_size
@@ -146,4 +156,4 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

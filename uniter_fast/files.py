@@ -52,15 +52,19 @@ def write_json_atomic(path: str, obj: Any, **dump_kwargs: Any) -> None:
 
 
 def read_json(path: str, what: str = "file") -> Any:
-    """The JSON content of ``path``; a missing file is a ``FileNotFoundError`` and invalid JSON a ``ValueError``,
-    both naming ``what`` and the path (the JSON error with its line and column)."""
+    """The JSON content of ``path``; a missing file is a ``FileNotFoundError`` and invalid JSON (or text that is not
+    UTF-8) a ``ValueError``, both naming ``what`` and the path (a JSON error with its line and column)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{what} {path!r} is not valid JSON: {err}") from None
+            raise ValueError(
+                f"{what} {path!r} is not valid JSON: line {err.lineno}, column {err.colno}: {err.msg}"
+            ) from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{what} {path!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from uniter_fast.entry import CommandParser, run_command  # noqa: E402
 from uniter_fast.training.cli import add_run_arguments  # noqa: E402
 
 
@@ -23,7 +24,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options (the DeepSpeed launcher adds ``--local_rank``)."""
     from uniter_fast.tasks import TASKS
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--task", default=None, choices=sorted(TASKS), help="the task (default: the config's); its tiny config is used"
     )
@@ -40,14 +41,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from uniter_fast.finetuning.config import default_config, load_finetune_config
-    from uniter_fast.finetuning.run import finetune
+    from uniter_fast.finetuning.run import check_finetuning, finetune
     from uniter_fast.training.run import run_recipe
 
     cfg = load_finetune_config(args.config or default_config(args.task))
     if args.task is not None and args.task != cfg.task:
         raise ValueError(f"--task {args.task} but the config {args.config!r} is for task {cfg.task!r}")
-    return run_recipe(cfg, args, finetune)
+    return run_recipe(cfg, args, finetune, check_finetuning)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -9,7 +9,6 @@ imported but what the availability probes import; a missing package shows as ``n
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import json
 import os
@@ -19,6 +18,7 @@ from typing import Any, Optional
 import torch
 
 from uniter_fast import __version__, backends
+from uniter_fast.entry import CommandParser, run_command
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TRAINING_DROPOUT = 0.1
@@ -128,7 +128,7 @@ def format_info(info: dict[str, Any]) -> str:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Print the machine's versions, devices and backend choices (``--json``: as one JSON object)."""
-    parser = argparse.ArgumentParser(prog="python -m uniter_fast.info", description=__doc__.split("\n")[0])
+    parser = CommandParser(prog="python -m uniter_fast.info", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args(argv)
     info = machine_info()
@@ -136,4 +136,4 @@ def main(argv: Optional[list[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

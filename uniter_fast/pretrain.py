@@ -14,6 +14,7 @@ import argparse  # noqa: E402
 import logging  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from uniter_fast.entry import CommandParser, run_command  # noqa: E402
 from uniter_fast.training.cli import REPO_ROOT, add_run_arguments  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "pretrain-tiny.json")
@@ -21,7 +22,7 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "pretrain-tiny.json")
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options (the DeepSpeed launcher adds ``--local_rank``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="training config JSON (default: tiny, bundled data)")
     add_run_arguments(parser)
     return parser.parse_args(argv)
@@ -32,11 +33,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from uniter_fast.pretraining.config import load_training_config
-    from uniter_fast.pretraining.run import pretrain
+    from uniter_fast.pretraining.run import check_pretraining, pretrain
     from uniter_fast.training.run import run_recipe
 
-    return run_recipe(load_training_config(args.config), args, pretrain)
+    return run_recipe(load_training_config(args.config), args, pretrain, check_pretraining)
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

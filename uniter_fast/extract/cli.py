@@ -15,6 +15,7 @@ import json
 import logging
 from typing import Optional, Sequence
 
+from uniter_fast.entry import CommandParser
 from uniter_fast.extract.config import BOX_SELECTIONS, DetectorConfig
 from uniter_fast.extract.extractor import DTYPES, OPS
 from uniter_fast.extract.run import default_device, extract_folder
@@ -22,7 +23,7 @@ from uniter_fast.extract.run import default_device, extract_folder
 
 def parser() -> argparse.ArgumentParser:
     """The command-line options (see ``--help``)."""
-    ap = argparse.ArgumentParser(prog="python -m uniter_fast.extract", description=__doc__.split("\n\n")[0])
+    ap = CommandParser(prog="python -m uniter_fast.extract", description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", required=True, help="folder of images (searched recursively) or a list file")
     ap.add_argument(
         "--weights", required=True, help="checkpoint: MILVLG .pth, airsplay/HF .pkl/.bin, violetteshev .pth"

@@ -16,11 +16,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from uniter_fast.checkpoint import Checkpoint, check_config_fits, resolve_config
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.finetuning.config import FinetuneConfig
 from uniter_fast.finetuning.data import eval_datasets, train_stream
 from uniter_fast.tasks import get_task
-from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
+from uniter_fast.tasks.checkpoint import load_task_model, save_task_model, task_model_config
 from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.spec import Task
 from uniter_fast.training.logs import format_table
@@ -37,6 +38,18 @@ def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
     """Model config overrides: ``dropout`` for every dropout of the encoder (the original's ``set_dropout``) and the
     config's ``model_overrides``."""
     return {"hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, **cfg.model_overrides}
+
+
+def check_finetuning(cfg: FinetuneConfig, checkpoint: Optional[Checkpoint]) -> None:
+    """The checks of a fine-tuning run before start-up: the model config resolves, and the initial checkpoint's
+    weights have its sizes (the config given, else the one saved with the checkpoint)."""
+    if checkpoint is None:
+        resolve_config(cfg.model_config or "tiny")
+        return
+    if cfg.model_config is None and checkpoint.config is None:
+        return  # the sizes will be read off the weights
+    config = task_model_config(checkpoint, cfg.model_config, dropout_overrides(cfg))
+    check_config_fits(checkpoint, config, repr(cfg.model_config or checkpoint.config_path))
 
 
 def fit_vocab(dbs: DbCache, model: Any) -> None:
@@ -71,7 +84,7 @@ def finetune(
     dbs = DbCache(cfg)
     options = {**cfg.options, **task.data_options(dbs, cfg.txt_dbs(), cfg.options)}
     model, options = load_task_model(
-        task, cfg.checkpoint, options, cfg.model_config, cfg.fast, config_overrides=dropout_overrides(cfg)
+        task, run.take_checkpoint(), options, cfg.model_config, cfg.fast, config_overrides=dropout_overrides(cfg)
     )
     stream = train_stream(task, cfg, dbs, options, run)
     eval_sets = eval_datasets(task, cfg, dbs, options)

@@ -158,9 +158,9 @@ def _check_phases(phases: Any, task_names: list[str]) -> None:
                 raise ValueError(f"{where}: ratio of task {name!r} must be an integer > 0, got {ratio!r}")
 
 
-def parse_training_config(raw: dict[str, Any], base_dir: str = ".") -> TrainingConfig:
-    """Validate a config dict (see :class:`TrainingConfig`) and resolve its paths against ``base_dir``."""
-    where = "training config"
+def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str = "training config") -> TrainingConfig:
+    """Validate a config dict (see :class:`TrainingConfig`) and resolve its paths against ``base_dir``; messages name
+    the config ``where``."""
     check_keys(where, raw, TrainingConfig)
     for key in TrainingConfig.required:
         if key not in raw:
@@ -190,4 +190,4 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".") -> TrainingC
 
 def load_training_config(path: str) -> TrainingConfig:
     """Read and validate a training config JSON; relative paths in it are relative to the file's directory."""
-    return parse_training_config(read_json(path, "training config"), os.path.dirname(os.path.abspath(path)))
+    return parse_training_config(read_json(path, "training config"), os.path.dirname(os.path.abspath(path)), path)

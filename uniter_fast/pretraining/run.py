@@ -9,7 +9,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from uniter_fast.checkpoint import load_checkpoint, save_pretrained
+from uniter_fast.checkpoint import Checkpoint, check_config_fits, load_state, save_pretrained
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.pretraining.config import TrainingConfig
@@ -22,14 +22,29 @@ from uniter_fast.training.run import Run, fit, summary_heading
 from uniter_fast.training.zero import consolidated_model
 
 
-def model_config_of(cfg: TrainingConfig, vocab_size: int) -> UniterConfig:
-    """The model config: ``cfg.model`` (a preset name or a config JSON) with ``cfg.model_overrides``; ``ValueError``
-    when its word table is smaller than the text dbs' vocabulary ``vocab_size``."""
+def configured_model_config(cfg: TrainingConfig) -> UniterConfig:
+    """``cfg.model`` (a preset name or a config JSON) with ``cfg.model_overrides``."""
     base = UniterConfig.from_json_file(cfg.model) if os.path.isfile(cfg.model) else UniterConfig.preset(cfg.model)
-    config = UniterConfig.from_dict({**base.to_dict(), **cfg.model_overrides})
+    return UniterConfig.from_dict({**base.to_dict(), **cfg.model_overrides})
+
+
+def model_config_of(cfg: TrainingConfig, vocab_size: int) -> UniterConfig:
+    """The model config (:func:`configured_model_config`); ``ValueError`` when its word table is smaller than the
+    text dbs' vocabulary ``vocab_size``."""
+    config = configured_model_config(cfg)
     if vocab_size > config.vocab_size:
         raise ValueError(f"model vocab_size {config.vocab_size} is smaller than the text dbs' vocabulary {vocab_size}")
     return config
+
+
+def check_pretraining(cfg: TrainingConfig, checkpoint: Optional[Checkpoint]) -> None:
+    """The checks of a pretraining run before start-up: the model config resolves, and the initial checkpoint's
+    weights have its sizes."""
+    config = configured_model_config(cfg)
+    if checkpoint is not None:
+        check_config_fits(
+            checkpoint, config, repr(cfg.model) + (" with its model_overrides" if cfg.model_overrides else "")
+        )
 
 
 def pretrained_export(model_config: UniterConfig, output_dir: str) -> Export:
@@ -70,8 +85,10 @@ def pretrain(
     val_sets = data.val_datasets()
     model_config = model_config_of(cfg, data.vocab_size())
     model = UniterForPretraining(model_config, fast=cfg.fast, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
-    if cfg.checkpoint:
-        load_checkpoint(model, cfg.checkpoint, strict=False)
+    checkpoint = run.take_checkpoint()
+    if checkpoint is not None:
+        load_state(model, checkpoint.state, checkpoint.path, strict=False)
+    del checkpoint  # its tensors are in the model now
 
     def validate_all(engine: Any, step: int) -> Results:
         loaders = {name: data.val_batches(dset) for name, dset in val_sets.items()}

@@ -28,6 +28,7 @@ from typing import Any, Optional, Union
 import torch
 
 from uniter_fast.checkpoint import (
+    Checkpoint,
     checkpoint_config,
     export_original_checkpoint,
     infer_config,
@@ -51,17 +52,28 @@ def head_keys(task: Task, state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k in state if k.split(".", 1)[0] in heads)
 
 
+def task_model_config(
+    ckpt: Checkpoint, config: Union[UniterConfig, str, None] = None, overrides: Optional[dict[str, Any]] = None
+) -> UniterConfig:
+    """The model config of a task model initialised from ``ckpt``: ``config`` (a ``UniterConfig``, a preset name or
+    a config JSON), else the checkpoint's own, else read off its weights; the embedding tables' sizes always from
+    the weights (a fine-tuned model's tables may have been grown); ``overrides`` applied last."""
+    inferred = infer_config(ckpt.encoder_state)
+    tables = {"vocab_size": inferred.vocab_size, "type_vocab_size": inferred.type_vocab_size}
+    return checkpoint_config(ckpt, config, {**tables, **(overrides or {})})
+
+
 def load_task_model(
     task: Task,
-    checkpoint: Optional[str],
+    checkpoint: Union[str, Checkpoint, None],
     options: dict[str, Any],
     config: Union[UniterConfig, str, None] = None,
     fast: bool = True,
     config_overrides: Optional[dict[str, Any]] = None,
 ) -> tuple[UniterPreTrainedModel, dict[str, Any]]:
-    """The task model initialised from ``checkpoint`` (None: fresh, from ``config``, default the ``tiny`` preset),
-    and the options completed by the checkpoint (head-fixed options win over ``options``, with a warning when they
-    differ)."""
+    """The task model initialised from ``checkpoint`` (a path, or a checkpoint already read; None: fresh, from
+    ``config``, default the ``tiny`` preset), and the options completed by the checkpoint (head-fixed options win
+    over ``options``, with a warning when they differ)."""
     overrides = dict(config_overrides or {})
     options = {**task.options, **options}  # the task's defaults for options not given
     if checkpoint is None:
@@ -70,7 +82,8 @@ def load_task_model(
         task.prepare_model(model, options)
         logger.warning("task %s: no checkpoint; the whole model starts from a random init", task.name)
         return model, options
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint)
+    checkpoint = ckpt.path
     state = ckpt.state
     finetuned = head_keys(task, state)
     if finetuned:
@@ -84,9 +97,7 @@ def load_task_model(
                 "%s: the checkpoint fixes options %s (given, checkpoint); using the checkpoint's", checkpoint, changed
             )
         options = {**options, **fixed}
-    inferred = infer_config(ckpt.encoder_state)  # the tables may have been grown: their sizes come from the weights
-    tables = {"vocab_size": inferred.vocab_size, "type_vocab_size": inferred.type_vocab_size}
-    model = task.build_model(checkpoint_config(ckpt, config, {**tables, **overrides}), options, fast)
+    model = task.build_model(task_model_config(ckpt, config, overrides), options, fast)
     if finetuned:
         load_state(model, state, checkpoint)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -13,9 +13,15 @@ DEFAULT_DS_CONFIG = os.path.join(REPO_ROOT, "ds.json")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ds_config``, ``--checkpoint``, ``--output_dir``, ``--num_train_steps``, ``--resume``, ``--stop_after``,
-    ``--reference``, ``--num_workers`` (and the DeepSpeed launcher's hidden ``--local_rank``)."""
+    """``--ds_config``, ``--allow_unknown_ds_keys``, ``--checkpoint``, ``--output_dir``, ``--num_train_steps``,
+    ``--resume``, ``--stop_after``, ``--reference``, ``--num_workers`` (and the DeepSpeed launcher's hidden
+    ``--local_rank``)."""
     parser.add_argument("--ds_config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config JSON (default: ds.json)")
+    parser.add_argument(
+        "--allow_unknown_ds_keys",
+        action="store_true",
+        help="accept ds.json keys that the installed DeepSpeed does not read (e.g. a newer version's), with a warning",
+    )
     parser.add_argument("--checkpoint", default=None, help="override the config's checkpoint (a path, or 'none')")
     parser.add_argument("--output_dir", default=None, help="override output_dir of the config")
     parser.add_argument("--num_train_steps", type=int, default=None, help="override num_train_steps")

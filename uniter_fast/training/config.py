@@ -15,6 +15,9 @@ import dataclasses
 import os
 from typing import Any, Callable, ClassVar, Optional, TypeVar
 
+from uniter_fast.config import UniterConfig
+from uniter_fast.errors import ConfigError, closest
+
 C = TypeVar("C", bound="RunConfig")
 
 POSITIVE_FIELDS = (
@@ -75,7 +78,8 @@ def check_keys(where: str, raw: Any, cls: type, extra: tuple[str, ...] = ()) -> 
     allowed = set(field_names(cls)) | set(extra)
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        hint = closest(unknown[0], allowed) if len(unknown) == 1 else ""
+        raise ConfigError(f"{where}: unknown keys {unknown}{hint}; allowed: {sorted(allowed)}")
 
 
 def resolve_path(path: str, base_dir: str) -> str:
@@ -112,6 +116,19 @@ def check_run_fields(cfg: RunConfig) -> None:
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
     if cfg.num_workers is not None and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
         raise ValueError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
+    check_model_overrides(cfg.model_overrides)
+
+
+def check_model_overrides(overrides: Any) -> None:
+    """``model_overrides`` must map fields of the model config (``UniterConfig``) to values; a ``ConfigError``
+    naming an unknown field and the closest one (the model config itself ignores unknown keys, as the original's
+    files carry some)."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model_overrides must be a JSON object, got {type(overrides).__name__}")
+    fields = field_names(UniterConfig)
+    for key in overrides:
+        if key not in fields:
+            raise ConfigError(f"model_overrides: {key!r} is not a model config field{closest(key, fields)}")
 
 
 def parse_run_config(
@@ -129,7 +146,10 @@ def parse_run_config(
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
     cfg = cls(**raw)
-    check_run_fields(cfg)
+    try:
+        check_run_fields(cfg)
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
     if cfg.checkpoint:
         cfg.checkpoint = (resolve or (lambda p: resolve_path(p, base_dir)))(cfg.checkpoint)
         if not os.path.exists(cfg.checkpoint):

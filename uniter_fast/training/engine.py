@@ -17,6 +17,7 @@ import torch
 
 from uniter_fast.files import read_json
 from uniter_fast.training.config import RunConfig
+from uniter_fast.training.ds_keys import check_with_deepspeed
 from uniter_fast.training.optim import build_scheduler, param_groups
 
 logger = logging.getLogger(__name__)
@@ -28,9 +29,13 @@ FORBIDDEN_DS_KEYS = {
 }
 
 
-def load_ds_config(path: str, cfg: RunConfig) -> dict[str, Any]:
-    """Read ``ds.json``, check it, and complete it for this run (:func:`complete_ds_config`)."""
-    return complete_ds_config(read_json(path, "DeepSpeed config"), cfg, source=path)
+def load_ds_config(path: str, cfg: RunConfig, allow_unknown_keys: bool = False) -> dict[str, Any]:
+    """Read ``ds.json``, complete it for this run (:func:`complete_ds_config`) and check it with the installed
+    DeepSpeed (values, unknown keys: :func:`~uniter_fast.training.ds_keys.check_with_deepspeed`), all before any
+    process group exists."""
+    ds = complete_ds_config(read_json(path, "DeepSpeed config"), cfg, source=path)
+    check_with_deepspeed(ds, path, allow_unknown_keys)
+    return ds
 
 
 def apply_run_optimizer_settings(ds: dict[str, Any], cfg: RunConfig) -> None:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from uniter_fast.data.loader import move_to_device
+from uniter_fast.errors import RunFailed
 from uniter_fast.files import atomic_write, write_text_atomic
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import barrier, rank_and_world
@@ -40,6 +41,16 @@ RECENT = 20  # training steps per task averaged in the progress bar and the fina
 Results = dict[str, dict[str, float]]
 Validate = Callable[[Any, int], Results]
 Export = Callable[[Any, str, str], None]
+
+
+def latest_tag(ckpt_dir: str) -> str:
+    """The tag of the newest complete checkpoint in ``ckpt_dir`` (its ``latest`` file), what ``--resume`` loads; a
+    ``FileNotFoundError`` naming the folder when there is none."""
+    latest = os.path.join(ckpt_dir, LATEST)
+    if not os.path.isfile(latest):
+        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no {LATEST!r} file)")
+    with open(latest, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 class TaskStream(Protocol):
@@ -96,11 +107,7 @@ class Trainer:
     def resume(self) -> None:
         """Load the checkpoint that ``latest`` names and continue from its step; the logs keep their records up to
         that step."""
-        latest = os.path.join(self.ckpt_dir, LATEST)
-        if not os.path.isfile(latest):
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir} (no {LATEST!r} file)")
-        with open(latest, encoding="utf-8") as f:
-            tag = f.read().strip()
+        tag = latest_tag(self.ckpt_dir)
         path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
         if path is None:
             raise RuntimeError(f"--resume: DeepSpeed could not load checkpoint {tag!r} in {self.ckpt_dir}")
@@ -169,7 +176,7 @@ class Trainer:
         values = (totals / (len(micro_batches) * world)).tolist()
         losses = dict(zip(keys, values))
         if not all(math.isfinite(v) for v in values):
-            raise FloatingPointError(f"step {self.step + 1}, task {task}: non-finite loss {losses}")
+            raise RunFailed(f"step {self.step + 1}, task {task}: non-finite loss {losses}")
         return task, losses
 
     def train(self, stop_after: Optional[int] = None) -> Results:

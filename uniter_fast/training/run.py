@@ -1,5 +1,5 @@
-"""The one run set-up under both recipes: start the ranks, build the engine, train with the recipe's callables, and
-head the final summary."""
+"""The one run set-up under both recipes: check everything checkable before start-up, start the ranks, build the
+engine, train with the recipe's callables, and head the final summary."""
 
 from __future__ import annotations
 
@@ -8,39 +8,78 @@ import dataclasses
 import os
 from typing import Any, Callable, Optional
 
-from uniter_fast.checkpoint import CONFIG_NAME
+from uniter_fast.checkpoint import CONFIG_NAME, Checkpoint, read_checkpoint
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.cli import apply_run_arguments
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import init_ranks, setup_environment
 from uniter_fast.training.engine import build_engine, load_ds_config
 from uniter_fast.training.logs import open_output_dir
-from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate
+from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate, latest_tag
 
 
 @dataclasses.dataclass
 class Run:
-    """A started run: this process's ``rank`` of ``world``, its data-loader ``num_workers`` and the completed
-    ``ds_config``."""
+    """A started run: this process's ``rank`` of ``world``, its data-loader ``num_workers``, the completed
+    ``ds_config`` and the initial ``checkpoint`` (the config's, read before start-up; None without one)."""
 
     rank: int
     world: int
     num_workers: int
     ds_config: dict[str, Any]
+    checkpoint: Optional[Checkpoint] = None
 
     @property
     def grad_accum_steps(self) -> int:
         """Micro-batches per optimizer step (ds.json's ``gradient_accumulation_steps`` after the run config's)."""
         return int(self.ds_config["gradient_accumulation_steps"])
 
+    def take_checkpoint(self) -> Optional[Checkpoint]:
+        """The initial checkpoint, handed over once: the run keeps no reference to it, so that its tensors are freed
+        once the recipe has loaded them into the model."""
+        checkpoint, self.checkpoint = self.checkpoint, None
+        return checkpoint
 
-def start_run(cfg: RunConfig, ds_config_path: str) -> Run:
-    """Check and complete ``ds.json`` for ``cfg`` (before anything starts), then start this rank: the process-group
-    environment, DeepSpeed's process group, threads, logging and seeds."""
+
+CheckCheckpoint = Callable[[Any, Optional[Checkpoint]], None]
+"""A recipe's checks before start-up: ``check(cfg, checkpoint)`` raises when the model config is bad or the initial
+checkpoint (None without one) does not fit it."""
+
+
+def check_output_dir(output_dir: str, resume: bool) -> None:
+    """``output_dir`` must be a directory or creatable (its nearest existing parent writable); with ``resume`` it
+    must hold a checkpoint to resume from."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise NotADirectoryError(f"output_dir {output_dir!r} is a file, not a directory")
+    parent = os.path.abspath(output_dir)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"output_dir {output_dir!r}: {parent!r} is not writable")
+    if resume:
+        latest_tag(os.path.join(output_dir, CKPT_SUBDIR))
+
+
+def check_run(
+    cfg: RunConfig, args: argparse.Namespace, check: Optional[CheckCheckpoint] = None
+) -> tuple[dict[str, Any], Optional[Checkpoint]]:
+    """Everything a run can check before distributed start-up (the slow part), in well under a second beyond
+    reading the initial checkpoint: ``ds.json`` (read, completed and checked by the installed DeepSpeed's reader),
+    the output dir, and the initial checkpoint ``cfg.checkpoint``, read once here (layout) and checked by the
+    recipe's ``check`` (sizes against the model config). Returns (the completed ds config, the checkpoint)."""
     setup_environment()
-    ds_config = load_ds_config(ds_config_path, cfg)
+    ds_config = load_ds_config(args.ds_config, cfg, args.allow_unknown_ds_keys)
+    check_output_dir(cfg.output_dir, args.resume)
+    checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
+    if check is not None:
+        check(cfg, checkpoint)
+    return ds_config, checkpoint
+
+
+def start_run(cfg: RunConfig, ds_config: dict[str, Any], checkpoint: Optional[Checkpoint] = None) -> Run:
+    """Start this rank of the checked run (:func:`check_run`): threads, DeepSpeed's process group, logging, seeds."""
     rank, world, num_workers = init_ranks(cfg.seed, cfg.num_workers)
-    return Run(rank, world, num_workers, ds_config)
+    return Run(rank, world, num_workers, ds_config, checkpoint)
 
 
 def fit(
@@ -81,12 +120,14 @@ def fit(
 Recipe = Callable[[Any, Run, bool, Optional[int]], "tuple[Results, str]"]
 
 
-def run_recipe(cfg: RunConfig, args: argparse.Namespace, recipe: Recipe) -> Results:
+def run_recipe(
+    cfg: RunConfig, args: argparse.Namespace, recipe: Recipe, check: Optional[CheckCheckpoint] = None
+) -> Results:
     """What a training CLI does once its config is read: the command-line overrides of ``args`` (the options of
-    ``uniter_fast.training.cli``), start the run, ``recipe(cfg, run, resume, stop_after)``, print its text on rank 0;
-    returns the final results."""
+    ``uniter_fast.training.cli``), the checks before start-up (:func:`check_run`, with the recipe's ``check``), start
+    the run, ``recipe(cfg, run, resume, stop_after)``, print its text on rank 0; returns the final results."""
     apply_run_arguments(cfg, args)
-    run = start_run(cfg, args.ds_config)
+    run = start_run(cfg, *check_run(cfg, args, check))
     results, text = recipe(cfg, run, args.resume, args.stop_after)
     if run.rank == 0:
         print(text)

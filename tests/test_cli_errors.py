@@ -1,0 +1,449 @@
+"""The one error path of every command (``uniter_fast.entry``): bad input ends with exit status 2 and one ``error:``
+line naming it, no traceback (``--debug`` / ``UNITER_FAST_DEBUG=1`` add it); a failed run exits 1; a bug keeps its
+traceback. The training CLIs check their input before distributed start-up: paths, task names, config fields, ds.json
+(with the installed DeepSpeed's own reader) and the initial checkpoint's layout and sizes."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from uniter_fast import Model, UniterConfig
+from uniter_fast.checkpoint import check_config_fits, read_checkpoint
+from uniter_fast.entry import CommandParser, run_command
+from uniter_fast.errors import CheckpointError, ConfigError, DataError, RunFailed
+from uniter_fast.files import read_json
+from uniter_fast.training.config import RunConfig, check_run_fields
+from uniter_fast.training.ds_keys import check_with_deepspeed, model_keys
+from uniter_fast.training.engine import complete_ds_config, load_ds_config
+from uniter_fast.training.loop import Trainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STARTED = "PROCESS GROUP STARTED"
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def run_failing(capsys: Any, main: Callable, argv: list[str], status: int = 2) -> str:
+    """``run_command(main, argv)`` must exit with ``status`` and print one ``error:`` line and no traceback;
+    returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(main, argv)
+    assert exit_info.value.code == status
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ the wrapper
+def raising(err: BaseException) -> Callable[[list[str]], None]:
+    def main(argv: list[str]) -> None:
+        raise err
+
+    return main
+
+
+@pytest.mark.parametrize(
+    "err,status",
+    [
+        (ConfigError("a.json: key 'x'\n  is unknown"), 2),
+        (DataError("db 'x': record 'y' is corrupted"), 2),
+        (CheckpointError("c.pt: does not fit"), 2),
+        (FileNotFoundError("--checkpoint 'x' does not exist"), 2),
+        (PermissionError("output_dir 'x' is not writable"), 2),
+        (json.JSONDecodeError("Expecting value", "{", 1), 2),
+        (TypeError("config must be a JSON object, got list"), 2),
+        (RunFailed("step 3, task itm: non-finite loss {'loss': nan}"), 1),
+    ],
+)
+def test_user_errors_and_failed_runs_are_one_line(capsys, monkeypatch, err, status) -> None:
+    monkeypatch.delenv("UNITER_FAST_DEBUG", raising=False)
+    monkeypatch.delenv("RANK", raising=False)
+    line = run_failing(capsys, raising(err), [], status)
+    assert line == "error: " + "; ".join(part.strip() for part in str(err).splitlines())
+
+
+def test_a_bug_keeps_its_traceback(capsys) -> None:
+    with pytest.raises(KeyError):
+        run_command(raising(KeyError("a bug")), [])
+    with pytest.raises(RuntimeError):
+        run_command(raising(RuntimeError("a bug")), [])
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_prints_the_traceback_then_the_line(capsys, monkeypatch, how) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    if how == "env":
+        monkeypatch.setenv("UNITER_FAST_DEBUG", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(raising(ConfigError("bad value")), ["--debug"] if how == "flag" else [])
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert stderr.startswith("Traceback") and "raise err" in stderr and stderr.endswith("error: bad value\n")
+
+
+def test_only_rank_0_prints(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        run_command(raising(ConfigError("bad value")), [])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+
+
+def test_usage_errors_take_the_same_path(capsys) -> None:
+    parser = CommandParser(prog="tool")
+    parser.add_argument("--steps", type=int, required=True)
+    with pytest.raises(ConfigError, match=r"tool: the following arguments are required: --steps"):
+        parser.parse_args([])
+    with pytest.raises(ConfigError, match=r"argument --steps: invalid int value: 'x'"):
+        parser.parse_args(["--steps", "x"])
+    assert parser.parse_args(["--steps", "3", "--debug"]).debug
+    line = run_failing(capsys, lambda argv: parser.parse_args(argv), ["--steps", "3", "--stpes", "4"])
+    assert line == "error: tool: unrecognized arguments: --stpes 4 (see --help)"
+
+
+# ------------------------------------------------------------------------------------------------ every CLI, in-process
+def test_every_cli_gives_one_line_for_bad_input(capsys, tmp_path) -> None:
+    from uniter_fast.build import main as build
+    from uniter_fast.evaluate import main as evaluate
+    from uniter_fast.extract.cli import main as extract
+    from uniter_fast.finetune import main as finetune
+    from uniter_fast.info import main as info
+    from uniter_fast.pretrain import main as pretrain
+
+    gone = str(tmp_path / "gone")
+    cases = [
+        (
+            build,
+            ["--task", "vqa", "--annotations", "a", "--features", "f", "--vocab", gone, "--out", "o"],
+            "vocab file",
+        ),
+        (build, ["--features", "f", "--vocab", "v", "--out", "o"], "--captions is required"),
+        (evaluate, ["--checkpoint", gone], f"--checkpoint {gone!r} does not exist"),
+        (evaluate, ["--task", "vqaa", "--checkpoint", gone], "argument --task: invalid choice: 'vqaa'"),
+        (extract, ["--images", gone, "--weights", "w", "--out", "o"], f"images: {gone!r} is neither"),
+        (extract, ["--images", "i", "--out", "o"], "the following arguments are required: --weights"),
+        (info, ["--jsn"], "unrecognized arguments: --jsn"),
+        (pretrain, ["--config", gone], f"training config {gone!r} does not exist"),
+        (finetune, ["--task", "vqaa"], "invalid choice: 'vqaa' (choose from 'itm', 'itm-hn', 'nlvr2', 're'"),
+        (finetune, [], "give --task (its bundled tiny config is used) or --config"),
+        (finetune, ["--task", "vqa", "--num_train_steps", "many"], "argument --num_train_steps: invalid int"),
+    ]
+    for main, argv, expected in cases:
+        line = run_failing(capsys, main, argv)
+        assert expected in line, (argv, line)
+    for main, argv, expected in cases:  # every command knows --debug: the traceback, then the same line
+        with pytest.raises(SystemExit) as exit_info:
+            run_command(main, [*argv, "--debug"])
+        stderr = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "Traceback (most recent call last)" in stderr, (argv, stderr)
+        assert expected in stderr.rstrip().splitlines()[-1], (argv, stderr)
+
+
+def test_a_non_finite_loss_fails_the_run(tmp_path) -> None:
+    """The loop's non-finite loss is a ``RunFailed`` (exit status 1)."""
+
+    class Engine:
+        device = torch.device("cpu")
+
+        def __call__(self, batch: dict, task: str) -> dict:
+            return {"loss": torch.tensor(float("nan"))}
+
+        def backward(self, loss: torch.Tensor, scale_wrt_gas: bool) -> None:
+            pass
+
+        def step(self) -> None:
+            pass
+
+    trainer = Trainer(Engine(), RunConfig(output_dir=str(tmp_path)), None, None, None)
+    with pytest.raises(RunFailed, match=r"step 1, task itm: non-finite loss \{'loss': nan\}"):
+        trainer.train_step([("itm", {})])
+
+
+# ------------------------------------------------------------------------------------------------ before start-up
+class Started(Exception):
+    """Raised by the patched rank start-up: the run got past every check."""
+
+
+@pytest.fixture()
+def no_start(monkeypatch) -> None:
+    """The training CLIs in-process: rank start-up raises ``Started``; the launcher variables are set (and restored
+    afterwards) so that nothing leaks into other tests."""
+
+    def init_ranks(*args: Any, **kwargs: Any) -> None:
+        raise Started()
+
+    monkeypatch.setattr("uniter_fast.training.run.init_ranks", init_ranks)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("UNITER_FAST_DEBUG", raising=False)
+
+
+def write_json(path: Any, content: Any) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(content, f, indent=2)
+    return str(path)
+
+
+def repo_ds() -> dict:
+    return read_json(os.path.join(REPO, "ds.json"))
+
+
+def finetune_config(tmp_path: Any, **changes: Any) -> str:
+    """A VQA fine-tuning config over empty db directories (enough for every check before start-up)."""
+    (tmp_path / "db").mkdir(exist_ok=True)
+    raw = {"task": "vqa", "output_dir": str(tmp_path / "out"), "model_config": "tiny"}
+    raw.update({key: "db" for key in ("train_txt_db", "train_img_db", "val_txt_db", "val_img_db")})
+    raw.update(changes)
+    return write_json(tmp_path / f"finetune-{len(list(tmp_path.glob('finetune-*.json')))}.json", raw)
+
+
+def pretrain_config(tmp_path: Any, **changes: Any) -> str:
+    """A pretraining config of the tiny model over empty db directories."""
+    for name in ("txt", "img"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    data = [{"name": "d", "db": ["txt"], "img": ["img"], "tasks": ["mlm"], "mix_ratio": [1]}]
+    raw = {"output_dir": str(tmp_path / "out"), "model": "tiny", "train_datasets": data, "val_datasets": data}
+    raw.update(changes)
+    return write_json(tmp_path / f"pretrain-{len(list(tmp_path.glob('pretrain-*.json')))}.json", raw)
+
+
+def tiny_checkpoint(tmp_path: Any, name: str, **sizes: Any) -> str:
+    model = Model(UniterConfig.tiny(**sizes))
+    path = str(tmp_path / name)
+    torch.save({"uniter." + k: v for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def test_good_input_reaches_start_up(no_start, tmp_path) -> None:
+    """The control of the tests below: with good input (and a checkpoint of the right sizes) both training CLIs get
+    to rank start-up."""
+    from uniter_fast.finetune import main as finetune
+    from uniter_fast.pretrain import main as pretrain
+
+    checkpoint = tiny_checkpoint(tmp_path, "tiny.pt")
+    with pytest.raises(Started):
+        finetune(["--config", finetune_config(tmp_path), "--checkpoint", checkpoint])
+    with pytest.raises(Started):
+        pretrain(["--config", pretrain_config(tmp_path), "--checkpoint", checkpoint])
+
+
+def test_training_clis_check_everything_before_start_up(no_start, capsys, tmp_path) -> None:
+    from uniter_fast.finetune import main as finetune
+    from uniter_fast.pretrain import main as pretrain
+
+    gone = str(tmp_path / "gone")
+    ds = repo_ds()
+    misspelt = write_json(tmp_path / "ds-misspelt.json", {**ds, "train_micro_batch_sise": 1})
+    nested = write_json(tmp_path / "ds-nested.json", {**ds, "zero_optimization": {"stagee": 2}})
+    (tmp_path / "a-file").write_text("")
+    small = tiny_checkpoint(tmp_path, "small.pt", hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    junk = str(tmp_path / "junk.pt")
+    with open(junk, "w", encoding="utf-8") as f:
+        f.write("not a checkpoint")
+    ft, pt = finetune_config(tmp_path), pretrain_config(tmp_path)
+    negative_lr = finetune_config(tmp_path, learning_rate=-1)
+    cases = [
+        (finetune, ["--config", ft, "--checkpoint", gone], f"--checkpoint {gone!r} does not exist"),
+        (finetune, ["--config", finetune_config(tmp_path, task="vqaa")], "'task' must be one of ['itm', 'itm-hn'"),
+        (finetune, ["--config", negative_lr], f"{negative_lr}: learning_rate must be a number > 0, got -1"),
+        (finetune, ["--config", finetune_config(tmp_path, val_txt_db="nowhere")], "val_txt_db: database directory"),
+        (
+            finetune,
+            ["--config", ft, "--ds_config", misspelt],
+            "unknown key 'train_micro_batch_sise' (closest: 'train_micro_batch_size_per_gpu')",
+        ),
+        (
+            finetune,
+            ["--config", ft, "--ds_config", nested],
+            "unknown key 'zero_optimization.stagee' (closest: 'stage')",
+        ),
+        (finetune, ["--config", ft, "--checkpoint", small], "hidden_size 32 != 64, intermediate_size 64 != 128"),
+        (finetune, ["--config", ft, "--checkpoint", junk], f"{junk}: cannot be read as a checkpoint"),
+        (finetune, ["--config", ft, "--output_dir", str(tmp_path / "a-file")], "is a file, not a directory"),
+        (finetune, ["--config", ft, "--resume"], "--resume: no checkpoint in"),
+        (pretrain, ["--config", gone], "does not exist"),
+        (
+            pretrain,
+            ["--config", pretrain_config(tmp_path, learning_rte=1e-4)],
+            "unknown keys ['learning_rte'] (closest: 'learning_rate')",
+        ),
+        (
+            pretrain,
+            ["--config", pretrain_config(tmp_path, model_overrides={"hidden_sise": 32})],
+            "model_overrides: 'hidden_sise' is not a model config field (closest: 'hidden_size')",
+        ),
+        (pretrain, ["--config", pt, "--ds_config", misspelt], "(closest: 'train_micro_batch_size_per_gpu')"),
+        (pretrain, ["--config", pt, "--checkpoint", small], "its weights do not fit the model config 'tiny'"),
+    ]
+    for main, argv, expected in cases:
+        line = run_failing(capsys, main, argv)
+        assert expected in line, (argv, line)
+
+
+def test_the_opt_out_lets_unknown_ds_keys_through(no_start, caplog, tmp_path) -> None:
+    from uniter_fast.pretrain import main as pretrain
+
+    newer = write_json(tmp_path / "ds-newer.json", {**repo_ds(), "a_newer_deepspeed_key": True})
+    argv = ["--config", pretrain_config(tmp_path), "--ds_config", newer]
+    with pytest.raises(ConfigError, match="unknown key 'a_newer_deepspeed_key'"):
+        pretrain(argv)
+    with caplog.at_level(logging.WARNING), pytest.raises(Started):
+        pretrain([*argv, "--allow_unknown_ds_keys"])
+    assert "unknown key 'a_newer_deepspeed_key'" in caplog.text and "ignores it" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ ds.json
+def run_config() -> RunConfig:
+    cfg = RunConfig(output_dir="out")
+    check_run_fields(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("path", ["ds.json", *sorted(glob.glob(os.path.join(REPO, "configs", "ds-*.json")))])
+def test_every_shipped_ds_config_passes(path, monkeypatch) -> None:
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    ds = load_ds_config(os.path.join(REPO, path), run_config())
+    assert ds["train_micro_batch_size_per_gpu"] == 1
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (
+            lambda d: d.update(steps_per_prnt=10),
+            r"ds.json: unknown key 'steps_per_prnt' \(closest: 'steps_per_print'\)",
+        ),
+        (
+            lambda d: d["zero_optimization"].update(offload_optimizer={"devise": "cpu"}),
+            r"unknown key 'zero_optimization.offload_optimizer.devise' \(closest: 'device'\)",
+        ),
+        (lambda d: d["bf16"].update(enabeld=True), r"unknown key 'bf16.enabeld' \(closest: 'enabled'\)"),
+        (lambda d: d.update(tensorboard={"enable": True}), r"unknown key 'tensorboard.enable' \(closest: 'enabled'\)"),
+        (lambda d: d["zero_optimization"].update(stage="two"), r"zero_optimization.stage: .*\(given 'two'\)"),
+        (lambda d: d.update(amp={"enabled": True}), r"ds.json: DeepSpeed .* rejects it: .*AMP"),
+    ],
+)
+def test_deepspeed_reader_names_the_key(edit, match) -> None:
+    ds = complete_ds_config(repo_ds(), run_config())
+    edit(ds)
+    with pytest.raises(ConfigError, match=match):
+        check_with_deepspeed(ds, "ds.json")
+
+
+def test_nested_keys_come_from_deepspeeds_models() -> None:
+    assert {"stage", "offload_optimizer", "overlap_comm"} <= set(model_keys("DeepSpeedZeroConfig", ()))
+    assert "device" in model_keys("DeepSpeedZeroConfig", ("offload_optimizer",))
+    assert model_keys("NoSuchModel", ()) == [] and model_keys("DeepSpeedZeroConfig", ("stage", "x")) == []
+
+
+def test_ds_json_syntax_error_names_file_line_and_column(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    path = tmp_path / "ds.json"
+    path.write_text('{\n  "gradient_clipping": 5.0\n  "bf16": {"enabled": true}\n}\n')
+    with pytest.raises(ValueError, match=rf"DeepSpeed config '{path}' is not valid JSON: line 3, column 3: Expecting"):
+        load_ds_config(str(path), run_config())
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ValueError, match=r"is not UTF-8 text"):
+        load_ds_config(str(path), run_config())
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_sizes_are_checked_against_the_config(tmp_path) -> None:
+    checkpoint = read_checkpoint(tiny_checkpoint(tmp_path, "c.pt", num_hidden_layers=3))
+    check_config_fits(checkpoint, UniterConfig.tiny(num_hidden_layers=3), "'mine'")
+    with pytest.raises(
+        CheckpointError,
+        match=r"c.pt: its weights do not fit the model config 'tiny' .*"
+        r"num_hidden_layers 3 != 2\)",
+    ):
+        check_config_fits(checkpoint, UniterConfig.tiny(), "'tiny'")
+    with pytest.raises(CheckpointError, match=r"img_dim 2048 != 1024"):
+        check_config_fits(checkpoint, UniterConfig.tiny(num_hidden_layers=3, img_dim=1024), "'tiny'")
+
+
+def test_damaged_checkpoint_files_name_the_file(tmp_path) -> None:
+    good = tiny_checkpoint(tmp_path, "good.pt")
+    with open(good, "rb") as f:
+        data = f.read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    for path in (cut, bad):
+        with pytest.raises(CheckpointError, match=rf"{path}: cannot be read as a checkpoint"):
+            read_checkpoint(str(path))
+
+
+# ------------------------------------------------------------------------------------------------ real entry points
+WRAPPER = f"""
+import runpy, sys
+import deepspeed
+
+def init_distributed(*args, **kwargs):
+    print({STARTED!r}, file=sys.stderr)
+    raise SystemExit(99)
+
+deepspeed.init_distributed = init_distributed
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def start(args: list[str], cwd: Any) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": REPO, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env.pop("UNITER_FAST_DEBUG", None)
+    return subprocess.Popen(
+        [sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env
+    )
+
+
+def test_entry_points_exit_2_with_one_line(tmp_path) -> None:
+    """Each command as a user starts it (``-m`` or the script; all at once): exit status 2, one ``error:`` line (the
+    last), no traceback; the training scripts stop before DeepSpeed's process group starts (its patched start-up
+    would say so)."""
+    gone = str(tmp_path / "gone")
+    misspelt = write_json(tmp_path / "ds-misspelt.json", {**repo_ds(), "train_micro_batch_sise": 1})
+    finetune, pretrain = (os.path.join(REPO, "uniter_fast", f"{name}.py") for name in ("finetune", "pretrain"))
+    cases = [
+        (["-m", "uniter_fast.info", "--jsn"], "unrecognized arguments: --jsn"),
+        (
+            [
+                "-m",
+                "uniter_fast.build",
+                *"--task ve --features f --out o".split(),
+                "--annotations",
+                gone,
+                "--vocab",
+                gone,
+            ],
+            "vocab file",
+        ),
+        (["-m", "uniter_fast.evaluate", "--checkpoint", gone], "--checkpoint"),
+        (["-m", "uniter_fast.extract", "--images", gone, "--weights", "w", "--out", "o"], "images:"),
+        (["-c", WRAPPER, finetune, "--config", finetune_config(tmp_path), "--checkpoint", gone], "--checkpoint"),
+        (
+            ["-c", WRAPPER, pretrain, "--config", pretrain_config(tmp_path), "--ds_config", misspelt],
+            "unknown key 'train_micro_batch_sise'",
+        ),
+    ]
+    processes = [start(args, tmp_path) for args, _ in cases]
+    for (args, expected), process in zip(cases, processes):
+        _, stderr = process.communicate(timeout=600)
+        lines = error_lines(stderr)
+        assert process.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, stderr[-3000:])
+        assert "Traceback" not in stderr and STARTED not in stderr and stderr.rstrip().splitlines()[-1] == lines[0]
