@@ -16,6 +16,7 @@ from uniter_fast.training.distributed import init_ranks, setup_environment
 from uniter_fast.training.engine import build_engine, load_ds_config
 from uniter_fast.training.logs import open_output_dir
 from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate
+from uniter_fast.training.outputs import prepare_output_dir
 
 
 @dataclasses.dataclass
@@ -83,17 +84,33 @@ Recipe = Callable[[Any, Run, bool, Optional[int]], "tuple[Results, str]"]
 
 def run_recipe(cfg: RunConfig, args: argparse.Namespace, recipe: Recipe) -> Results:
     """What a training CLI does once its config is read: the command-line overrides of ``args`` (the options of
-    ``uniter_fast.training.cli``), start the run, ``recipe(cfg, run, resume, stop_after)``, print its text on rank 0;
-    returns the final results."""
+    ``uniter_fast.training.cli``), the output dir checked against a previous run (``--resume`` / ``--overwrite``),
+    start the run, ``recipe(cfg, run, resume, stop_after)``, print its text on rank 0 (after a ``--stop_after`` stop,
+    and a line saying how to continue); returns the final results."""
     apply_run_arguments(cfg, args)
+    prepare_output_dir(cfg, args.resume, args.overwrite)
     run = start_run(cfg, args.ds_config)
     results, text = recipe(cfg, run, args.resume, args.stop_after)
     if run.rank == 0:
         print(text)
+        if args.stop_after is not None and args.stop_after < cfg.num_train_steps:
+            print(stopped_line(cfg, min(args.stop_after, cfg.num_train_steps)))
     return results
 
 
 def summary_heading(what: str, trainer: Trainer, run: Run) -> str:
-    """``final <what> after N steps (W rank(s), ZeRO-k):``, the first line of every final table."""
-    stage = trainer.engine.zero_optimization_stage()
-    return f"final {what} after {trainer.step} steps ({run.world} rank(s), ZeRO-{stage}):"
+    """``final <what> after N steps (W rank(s), ZeRO-k):``, the first line of every final table; for a run stopped
+    before ``num_train_steps``, ``<what> at step N of M (...)``."""
+    where = f"({run.world} rank(s), ZeRO-{trainer.engine.zero_optimization_stage()})"
+    if trainer.step < trainer.cfg.num_train_steps:
+        return f"{what} at step {trainer.step} of {trainer.cfg.num_train_steps} {where}:"
+    return f"final {what} after {trainer.step} steps {where}:"
+
+
+def stopped_line(cfg: RunConfig, step: int) -> str:
+    """The last line of a run stopped by ``--stop_after``: where it stopped, its checkpoint, how to continue."""
+    return (
+        f"stopped at step {step} of {cfg.num_train_steps} (--stop_after) with a checkpoint in "
+        f"{os.path.join(cfg.output_dir, CKPT_SUBDIR)}; to continue, run the same command with --resume "
+        "(without --stop_after, or with a later step)"
+    )
