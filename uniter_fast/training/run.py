@@ -94,7 +94,7 @@ def run_recipe(cfg: RunConfig, args: argparse.Namespace, recipe: Recipe) -> Resu
     if run.rank == 0:
         print(text)
         if args.stop_after is not None and args.stop_after < cfg.num_train_steps:
-            print(stopped_line(cfg, min(args.stop_after, cfg.num_train_steps)))
+            print(stopped_line(cfg, args.stop_after))
     return results
 
 
