@@ -23,8 +23,8 @@ features copied / converted into a new batch tensor, page faults of the fresh me
 fp16`` / ``collate packed`` / ``collate padded`` (features included), and on CUDA ``pin`` + ``to device``
 (non-blocking copy, synchronised). The floor is the stored bytes read plus the bytes of the fp16 packed batch
 written, per pair, at the memory bandwidth measured here (one large copy). ``--workers N`` adds the pairs/s of the
-fast path through a DataLoader with N worker processes. Writes bench/results/data_bench_<device>.json and .png
-(throughput) and data_bench_stages_<device>.png.
+fast path through a DataLoader with N worker processes. Writes data_bench_<device>.json and .png (throughput) and
+data_bench_stages_<device>.png to output/bench/ (bench/results/ with ``--refresh-results``).
 
 Task collates: every downstream task (and each VCR second-stage pretraining task) collates the rows of its first
 ``--batches`` training batches of its tiny config (``finetune.py --task X``, bundled sets; ``--task-scale`` times
@@ -48,7 +48,16 @@ import msgpack
 import numpy as np
 import torch
 from batches import task_datasets
-from harness import RESULTS_DIR, device_name, device_slug, plot_grouped_bars, print_table, synchronize, write_json
+from harness import (
+    add_output_arguments,
+    device_name,
+    device_slug,
+    output_dir,
+    plot_grouped_bars,
+    print_table,
+    synchronize,
+    write_json,
+)
 from original_loader import OriginalLoader
 
 from uniter_fast.data import (
@@ -289,7 +298,9 @@ def main() -> None:
     )
     ap.add_argument("--task-scale", type=int, nargs="+", default=None, help="x the tiny configs' batch sizes")
     ap.add_argument("--full", action="store_true", help="more batches/repeats, a small batch size too, 2 workers")
+    add_output_arguments(ap)
     args = ap.parse_args()
+    out = output_dir(args)
     budgets = args.batch_tokens or ([10240, 1024] if args.full else [10240])
     n_batches = args.batches or (6 if args.full else 2)
     repeats = args.repeats or (7 if args.full else 5)
@@ -343,25 +354,26 @@ def main() -> None:
         "corpus": paths.root,
     }
     cpu = torch.device("cpu")
-    print("wrote", write_json("data_bench", cpu, rows, meta))
+    print("wrote", write_json("data_bench", cpu, rows, meta, out))
     first = [r for r in rows if r["batch tokens"] == budgets[0]]
     groups = [r["task"] for r in first]
     series = {p: [r[f"{p} pairs/s"] for r in first] for p in PATHS}
     title = f"Loader throughput, one process, bundled corpus, {budgets[0]}-token batches"
-    print("wrote", plot_grouped_bars("data_bench", cpu, groups, series, "pairs / s (CPU time)", title))
-    print("wrote", plot_stages(first, cpu, budgets[0]))
+    print("wrote", plot_grouped_bars("data_bench", cpu, groups, series, "pairs / s (CPU time)", title, directory=out))
+    print("wrote", plot_stages(first, cpu, budgets[0], out))
     task_table = measure_task_collates(args.finetune_tasks, n_batches, repeats, scales)
     print_table(task_table, list(task_table[0]))
-    print("wrote", write_json("data_bench_tasks", cpu, task_table, {**meta, "task_scales": scales}))
+    print("wrote", write_json("data_bench_tasks", cpu, task_table, {**meta, "task_scales": scales}, out))
     first = [r for r in task_table if r["batch scale"] == scales[0]]
     series = {p: [r[f"{p} µs/row"] for r in first] for p in TASK_PATHS}
     title = f"Task collates (both layouts), one process, tiny-config batches x{scales[0]}"
-    print("wrote", plot_grouped_bars("data_bench_tasks", cpu, [r["task"] for r in first], series, "µs per row", title))
+    tasks = [r["task"] for r in first]
+    print("wrote", plot_grouped_bars("data_bench_tasks", cpu, tasks, series, "µs per row", title, directory=out))
 
 
-def plot_stages(rows: list[dict[str, Any]], device: torch.device, budget: int) -> str:
+def plot_stages(rows: list[dict[str, Any]], device: torch.device, budget: int, directory: str) -> str:
     """Stacked bars of the fast path's time per pair by stage, per task, with the bytes floor marked; saved as
-    bench/results/data_bench_stages_<device>.png."""
+    <directory>/data_bench_stages_<device>.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,7 +402,8 @@ def plot_stages(rows: list[dict[str, Any]], device: torch.device, budget: int) -
     ax.set_title(f"Fast path, where the time goes ({budget}-token batches)\n{device_name(device)}", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=4)
     fig.tight_layout()
-    path = os.path.join(RESULTS_DIR, f"data_bench_stages_{device_slug(device)}.png")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"data_bench_stages_{device_slug(device)}.png")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path

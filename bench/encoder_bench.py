@@ -20,7 +20,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 from batches import random_batch
-from harness import device_name, peak_memory, plot_grouped_bars, print_table, run_meta, time_fn, write_json
+from harness import (
+    add_output_arguments,
+    device_name,
+    output_dir,
+    peak_memory,
+    plot_grouped_bars,
+    print_table,
+    run_meta,
+    time_fn,
+    write_json,
+)
 from tqdm import tqdm
 
 from uniter_fast import Model, UniterConfig, backends
@@ -182,6 +192,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="CPU: base and large, batch 16, 5 repeats")
+    add_output_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -201,11 +212,12 @@ def main() -> None:
     columns = ["model", "mode", "path", "attention", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
     print_table(rows, columns + ["tflops", "mfu", "peak_mem_mb", "speedup", "max_speedup"])
     meta = run_meta(args, dtype, flops="matmul FLOPs on valid tokens; train = 3x forward")
-    print(write_json("encoder_bench", device, rows, meta))
+    out = output_dir(args)
+    print(write_json("encoder_bench", device, rows, meta, out))
     groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("padded", "packed")}
     title = "UNITER encoder: padded vs packed"
-    print(plot_grouped_bars("encoder_bench", device, groups, series, "valid tokens / s", title, log_scale=False))
+    print(plot_grouped_bars("encoder_bench", device, groups, series, "valid tokens / s", title, False, out))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,16 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from harness import device_name, plot_grouped_bars, print_table, synchronize, time_fn, write_json
+from harness import (
+    add_output_arguments,
+    device_name,
+    output_dir,
+    plot_grouped_bars,
+    print_table,
+    synchronize,
+    time_fn,
+    write_json,
+)
 
 from uniter_fast.extract import Detector, DetectorConfig, Extractor, RawDetections, load_bgr, random_state_dict
 from uniter_fast.extract.agreement import agreement
@@ -273,7 +282,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="CPU: also measure end to end on the bundled photos")
+    add_output_arguments(ap)
     args = ap.parse_args()
+    out = output_dir(args)
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -281,7 +292,7 @@ def main() -> None:
         print_table(result["rows"], ["path", "ops", "dtype", "batch", "images_per_s", "floor_images_per_s"])
         print(result["agreement"])
         meta = {**result["meta"], "agreement": result["agreement"]}
-        write_json("extract_bench", device, result["rows"], meta)
+        write_json("extract_bench", device, result["rows"], meta, out)
         fast = [r for r in result["rows"] if r["path"] == "fast"]
         groups = [f"{r['dtype']} batch {r['batch']}" for r in fast]
         plot_grouped_bars(
@@ -291,6 +302,7 @@ def main() -> None:
             {"images/s": [r["images_per_s"] for r in fast], "floor": [r["floor_images_per_s"] for r in fast]},
             "images / s",
             "BUTD extractor",
+            directory=out,
         )
         return
     weights = random_state_dict("milvlg", CONFIG, args.seed)
@@ -335,7 +347,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],
     }
-    print("wrote", write_json("extract_bench", device, rows, meta))
+    print("wrote", write_json("extract_bench", device, rows, meta, out))
     stages = ["preprocess", "trunk_rpn", "roi_head", "post", "total"]
     series = {p: [next((r["ms"] for r in rows if r["path"] == p and r["stage"] == s), 0.0) for s in stages]
               for p in ("reference", "fast")}  # fmt: skip
@@ -349,6 +361,7 @@ def main() -> None:
             series,
             "ms per image",
             "BUTD extractor, ResNet-101, 300 RoIs (RoI head scaled from a chunk)",
+            directory=out,
         ),
     )
 

@@ -19,7 +19,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from harness import IMG_RANGE, TXT_RANGE, device_name, plot_grouped_bars, print_table, run_meta, time_fn, write_json
+from harness import (
+    IMG_RANGE,
+    TXT_RANGE,
+    add_output_arguments,
+    device_name,
+    output_dir,
+    plot_grouped_bars,
+    print_table,
+    run_meta,
+    time_fn,
+    write_json,
+)
 from tqdm import tqdm
 
 from uniter_fast.config import UniterConfig
@@ -71,6 +82,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true", help="CPU: larger batches and more repeats")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    add_output_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -125,10 +137,12 @@ def main() -> None:
     print(f"\nfine-tuning step, {args.config}, on {device_name(device)}, {dtype}, load {os.getloadavg()[0]}")
     print_table(rows, ["task", "path", "sequences", "valid_tokens", "padded_tokens", "ms", "tokens_per_s", "speedup"])
     meta = run_meta(args, dtype, config=args.config, step="zero_grad + forward + backward + AdamW step")
-    print(write_json("finetune_bench", device, rows, meta))
+    out = output_dir(args)
+    print(write_json("finetune_bench", device, rows, meta, out))
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in PATHS}
     title = f"UNITER-{args.config} fine-tuning step: reference vs fast"
-    print(plot_grouped_bars("finetune_bench", device, list(args.tasks), series, "valid tokens / s", title, False))
+    tasks = list(args.tasks)
+    print(plot_grouped_bars("finetune_bench", device, tasks, series, "valid tokens / s", title, False, out))
 
 
 if __name__ == "__main__":

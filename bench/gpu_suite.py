@@ -18,8 +18,9 @@ rest still runs; a part that times out keeps what it finished):
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
     extract      the BUTD region-feature extractor: images/s against its floor, CPU vs device agreement
 
-Each part writes <part>.json (rows, goals, environment) and <part>.png to DIR (default bench/results/gpu_suite_<device>
-for a real run, a temporary folder for --quick). The last lines printed are one table with each goal, the target, the
+Each part writes <part>.json (rows, goals, environment) and <part>.png to DIR (default output/bench/gpu_suite_<device>
+for a real run, bench/results/gpu_suite_<device> with --refresh-results, which refreshes the committed figures; a
+temporary folder for --quick). The last lines printed are one table with each goal, the target, the
 figure and met / not met. Timing uses CUDA events after warm-up, medians of repeats (bench/harness.py).
 """
 
@@ -57,7 +58,7 @@ PARTS = tuple(CAPS)
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     """Command-line options (``--part`` is internal: the parent runs each part as ``--part NAME`` in a child)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="output folder (default: bench/results/gpu_suite_<device>)")
+    parser.add_argument("--out", default=None, help="output folder (default: output/bench/gpu_suite_<device>)")
     parser.add_argument("--device", default=None, help="cuda (default when available) or cpu")
     parser.add_argument("--quick", action="store_true", help="small shapes and repeats (the CPU dry run)")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
@@ -66,17 +67,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         "--cap-scale", type=float, default=1.0, help="multiply every part's time cap and the budget (a busy machine)"
     )
     parser.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)
+    from harness import add_output_arguments
+
+    add_output_arguments(parser)
     return parser.parse_args(argv)
 
 
-def default_out(device: str, quick: bool) -> str:
-    """bench/results/gpu_suite_<device slug> for a real run; a fresh temporary folder for --quick."""
-    if quick:
+def default_out(args: argparse.Namespace) -> str:
+    """<output dir>/gpu_suite_<device slug> for a real run (output/bench, or bench/results with --refresh-results); a
+    fresh temporary folder for --quick."""
+    if args.quick:
         return tempfile.mkdtemp(prefix="gpu_suite_quick_")
     import torch
-    from harness import device_slug
+    from harness import device_slug, output_dir
 
-    return os.path.join(HERE, "results", f"gpu_suite_{device_slug(torch.device(device))}")
+    return os.path.join(output_dir(args), f"gpu_suite_{device_slug(torch.device(args.device))}")
 
 
 def run_parts(args: argparse.Namespace) -> int:
@@ -360,7 +365,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.part:
         return run_child(args)
-    args.out = os.path.abspath(args.out or default_out(args.device, args.quick))
+    args.out = os.path.abspath(args.out or default_out(args))
     print(f"gpu_suite: device {args.device}{' (quick)' if args.quick else ''}, parts {args.parts}, out {args.out}")
     return run_parts(args)
 

@@ -1,10 +1,13 @@
 """Shared benchmark plumbing: timing (median after warm-up), device naming, table printing, JSON + PNG output.
 
-Every benchmark in bench/ uses these so that results are measured and reported the same way.
+Every benchmark in bench/ uses these so that results are measured and reported the same way. Results go to
+``output/bench/`` (untracked) by default; ``bench/results/`` holds the committed figures, which a script writes only
+with ``--refresh-results`` (:func:`add_output_arguments`), used by whoever refreshes them.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -16,11 +19,28 @@ import torch
 
 from uniter_fast.files import atomic_write, write_json_atomic
 
-RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")  # the committed figures: written only with --refresh-results
+OUTPUT_DIR = os.path.join(os.path.dirname(BENCH_DIR), "output", "bench")  # the default, untracked (output/)
 # UNITER-shaped lengths (the original's config/pretrain-*.json: max_txt_len 60, min_bb 10, max_bb 100): text 10-60
 # tokens incl. [CLS]/[SEP], 10-100 regions per image.
 TXT_RANGE = (10, 60)
 IMG_RANGE = (10, 100)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--refresh-results``: write into bench/results/ (the committed figures) instead of output/bench/."""
+    parser.add_argument(
+        "--refresh-results",
+        dest="refresh_results",
+        action="store_true",
+        help="write into bench/results/, over the committed figures (default: output/bench/, untracked)",
+    )
+
+
+def output_dir(args: argparse.Namespace) -> str:
+    """Where a script's results go: bench/results/ with ``--refresh-results``, else output/bench/."""
+    return RESULTS_DIR if args.refresh_results else OUTPUT_DIR
 
 
 def device_name(device: torch.device) -> str:
@@ -124,10 +144,11 @@ def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> None:
 
 
 def write_json(
-    name: str, device: torch.device, rows: Sequence[dict[str, Any]], meta: dict[str, Any], directory: str = RESULTS_DIR
+    name: str, device: torch.device, rows: Sequence[dict[str, Any]], meta: dict[str, Any], directory: str = OUTPUT_DIR
 ) -> str:
     """Write ``{device, meta, rows}`` to <directory>/<name>_<device slug>.json atomically (``directory`` defaults to
-    bench/results); returns the path."""
+    output/bench; the committed bench/results only when the caller passes it, see :func:`output_dir`); returns the
+    path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}_{device_slug(device)}.json")
     payload = {
@@ -149,10 +170,10 @@ def plot_grouped_bars(
     ylabel: str,
     title: str,
     log_scale: bool = True,
-    directory: str = RESULTS_DIR,
+    directory: str = OUTPUT_DIR,
 ) -> str:
     """A grouped bar chart (one group per shape, one bar per series) saved as <directory>/<name>_<slug>.png
-    (``directory`` defaults to bench/results)."""
+    (``directory`` defaults to output/bench, as :func:`write_json`)."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -19,8 +19,8 @@ counted; fp32 peak: a large matmul, TF32 off): IPOT = launch + max(cost read + p
 7 flops per plan entry per iteration at the peak); WRA forward = launch + max(embeddings read once at the read
 bandwidth, its flops at the peak); WRA backward = launch + max(embeddings read and gradients written at the copy
 bandwidth, its flops at the peak). On CUDA the script also counts the kernel launches of the fused forward and times
-an ITM training step of UNITER-base with and without the OT term. Writes bench/results/ipot[_goal|_full]_<device>
-.json and .png (IPOT) and ..._wra_<device>.png (WRA).
+an ITM training step of UNITER-base with and without the OT term. Writes ipot[_goal|_full]_<device>.json and .png
+(IPOT) and ..._wra_<device>.png (WRA) to output/bench/ (bench/results/ with ``--refresh-results``).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import sys
 from typing import Callable, Optional
 
 import torch
-from harness import device_name, plot_grouped_bars, print_table, time_fn, write_json
+from harness import add_output_arguments, device_name, output_dir, plot_grouped_bars, print_table, time_fn, write_json
 from tqdm import tqdm
 
 from uniter_fast.ot import available_backends, cost_matrix_cosine, optimal_transport_dist
@@ -366,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--full", action="store_true", help="sweep shapes (and bf16 for the WRA)")
     scope.add_argument("--goal-only", action="store_true", help="only the goal points, no ITM step on CUDA")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -406,30 +407,34 @@ def main(argv: list[str] | None = None) -> int:
     name = "ipot_full" if args.full else "ipot_goal" if args.goal_only else "ipot"
     if args.threads is not None:
         name += f"_{args.threads}threads"
-    path = write_json(
-        name, device, [{"section": "ipot", **r} for r in ipot_rows] + [{"section": "wra", **r} for r in wra_rows], meta
-    )
-    pngs = [_plot_ipot(name, device, ipot_rows, ipot_shapes, args.iteration), _plot_wra(name, device, wra_rows)]
+    out = output_dir(args)
+    rows = [{"section": "ipot", **r} for r in ipot_rows] + [{"section": "wra", **r} for r in wra_rows]
+    path = write_json(name, device, rows, meta, out)
+    pngs = [
+        _plot_ipot(name, device, ipot_rows, ipot_shapes, args.iteration, out),
+        _plot_wra(name, device, wra_rows, out),
+    ]
     print(f"wrote {os.path.relpath(path)}, " + ", ".join(os.path.relpath(p) for p in pngs))
     return 0
 
 
-def _plot_ipot(name: str, device: torch.device, rows: list[dict], shapes: list, iteration: int) -> str:
+def _plot_ipot(name: str, device: torch.device, rows: list[dict], shapes: list, iteration: int, out: str) -> str:
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     at = {(r["B"], r["text"], r["regions"], r["backend"]): r["ms"] for r in rows}
     series = {b: [at[(*s, b)] for s in shapes] for b in backends}
     labels = [f"B{b} {m}x{n}" for b, m, n in shapes]
-    return plot_grouped_bars(name, device, labels, series, "ms (median)", f"IPOT plan, {iteration} iterations")
+    title = f"IPOT plan, {iteration} iterations"
+    return plot_grouped_bars(name, device, labels, series, "ms (median)", title, directory=out)
 
 
-def _plot_wra(name: str, device: torch.device, rows: list[dict]) -> str:
+def _plot_wra(name: str, device: torch.device, rows: list[dict], out: str) -> str:
     backends = list(dict.fromkeys(r["backend"] for r in rows))
     groups = list(dict.fromkeys((r["B"], r["text"], r["regions"], r["dtype"], r["mode"]) for r in rows))
     at = {(r["B"], r["text"], r["regions"], r["dtype"], r["mode"], r["backend"]): r["ms"] for r in rows}
     series = {b: [at[(*g, b)] for g in groups] for b in backends}
     labels = [f"{mode} B{b} {m}x{n} {dtype}" for b, m, n, dtype, mode in groups]
     title = f"WRA distance from {WRA_DIM}-d embeddings"
-    return plot_grouped_bars(f"{name}_wra", device, labels, series, "ms (median)", title)
+    return plot_grouped_bars(f"{name}_wra", device, labels, series, "ms (median)", title, directory=out)
 
 
 if __name__ == "__main__":

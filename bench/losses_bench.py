@@ -1,8 +1,9 @@
 """Benchmark of the fused masked-position losses (MLM, MRFR, MRC, MRC-kl): fast backend vs reference.
 
 Times forward + backward (gradients for hidden, weight and bias) and measures peak memory at UNITER shapes
-(M masked rows, H = 768 / 1024; V = 28996, 2048, 1601), prints a table and writes
-bench/results/losses_<device>.json, losses_<device>.png (time) and losses_memory_<device>.png. On CUDA the fast
+(M masked rows, H = 768 / 1024; V = 28996, 2048, 1601), prints a table and writes losses_<device>.json,
+losses_<device>.png (time) and losses_memory_<device>.png to output/bench/ (bench/results/ with
+``--refresh-results``). On CUDA the fast
 backend is Triton and peak memory comes from the CUDA allocator; on CPU it is the chunked PyTorch path and peak
 memory is the process's resident high-water mark over the call (VmHWM after resetting it, with glibc's malloc
 returning large blocks to the OS).
@@ -20,7 +21,7 @@ import sys
 from typing import Callable, Optional
 
 import torch
-from harness import device_name, plot_grouped_bars, print_table, time_fn, write_json
+from harness import add_output_arguments, device_name, output_dir, plot_grouped_bars, print_table, time_fn, write_json
 from harness import peak_memory as cuda_peak_memory
 from tqdm import tqdm
 
@@ -136,8 +137,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="default 10 on CUDA, 2 on CPU (3 with --full)")
     parser.add_argument("--rounds", type=int, default=None, help="alternations of the backends; default 1 CUDA, 2 CPU")
     parser.add_argument("--full", action="store_true", help="on a CPU: the whole CUDA grid of M and H")
-    parser.add_argument("--name", default="losses", help="result file prefix under bench/results/")
+    parser.add_argument("--name", default="losses", help="result file prefix")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
+    out = output_dir(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     grid = cuda or args.full
@@ -163,7 +166,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "timing": "median over rounds of the median wall time of forward+backward (grads of hidden, weight, bias)",
         "memory": "CUDA max_memory_allocated above start" if cuda else "VmHWM above VmRSS at start (process RSS)",
     }
-    print("json:", write_json(args.name, device, rows, meta))
+    print("json:", write_json(args.name, device, rows, meta, out))
     labels = [f"{r['loss']} M{r['M']} H{r['H']} {r['dtype']}" for r in rows]
     print(
         "plot:",
@@ -174,12 +177,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             {"reference ms": [r["reference_ms"] for r in rows], "fast ms": [r["fast_ms"] for r in rows]},
             ylabel="forward+backward time (ms)",
             title="fused masked-position losses vs reference",
+            directory=out,
         ),
     )
     if all(r["fast_peak_mb"] is not None for r in rows):
         peaks = {f"{b} peak MiB": [r[f"{b}_peak_mb"] for r in rows] for b in ("reference", "fast")}
         title = "peak memory of the fused losses vs reference"
-        print("plot:", plot_grouped_bars(f"{args.name}_memory", device, labels, peaks, "peak memory (MiB)", title))
+        name = f"{args.name}_memory"
+        print("plot:", plot_grouped_bars(name, device, labels, peaks, "peak memory (MiB)", title, directory=out))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,17 @@ from typing import Any, Callable, Optional
 
 import torch
 from batches import PRETRAIN_TASKS, task_batch
-from harness import device_name, peak_memory, plot_grouped_bars, print_table, run_meta, time_fn, write_json
+from harness import (
+    add_output_arguments,
+    device_name,
+    output_dir,
+    peak_memory,
+    plot_grouped_bars,
+    print_table,
+    run_meta,
+    time_fn,
+    write_json,
+)
 from tqdm import tqdm
 
 from uniter_fast.config import UniterConfig
@@ -134,6 +144,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="CPU: batch 16 and 5 repeats (about 15 minutes)")
+    add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -148,11 +159,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"\npretraining step, {args.config}, on {device_name(device)}, {dtype}, load {os.getloadavg()[0]}")
     print_table(rows, COLUMNS)
     meta = run_meta(args, dtype, config=args.config, step="zero_grad + forward + backward + AdamW step")
-    print(write_json("pretrain_bench", device, rows, meta))
+    out = output_dir(args)
+    print(write_json("pretrain_bench", device, rows, meta, out))
     groups = [r["task"] for r in rows if r["path"] == "reference"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("reference", "fast")}
     title = f"UNITER-{args.config} pretraining step: reference vs fast"
-    print(plot_grouped_bars("pretrain_bench", device, groups, series, "valid tokens / s", title, log_scale=False))
+    print(plot_grouped_bars("pretrain_bench", device, groups, series, "valid tokens / s", title, False, out))
 
 
 def _mb(value: Optional[int]) -> Optional[float]:

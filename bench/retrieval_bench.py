@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 import torch
-from harness import device_name, plot_grouped_bars, print_table, time_fn, write_json
+from harness import add_output_arguments, device_name, output_dir, plot_grouped_bars, print_table, time_fn, write_json
 from tqdm import tqdm
 
 from uniter_fast.config import IMG_DIM, UniterConfig
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--full", action="store_true")
+    add_output_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
@@ -172,14 +173,15 @@ def main() -> None:
         "note": "fast COCO projections count texts x k + images x k pairs (the union is smaller) and omit the "
         "first stage's single-modality passes (30k, each cheaper than a pair)",
     }
-    print(write_json("retrieval_bench", device, rows, meta))
+    out = output_dir(args)
+    print(write_json("retrieval_bench", device, rows, meta, out))
     groups = [f"{r['mode']}" + (f" k={r['k']}" if r["k"] else "") for r in rows]
     series = {
         "wall time (s)": [r["seconds"] for r in rows],
         "cross-encoder pairs / 1000": [r["cross_pairs"] / 1000 for r in rows],
     }
     title = f"retrieval evaluation, {len(dataset.ids)} texts x {images} images"
-    print(plot_grouped_bars("retrieval_bench", device, groups, series, "seconds | kilo-pairs", title, True))
+    print(plot_grouped_bars("retrieval_bench", device, groups, series, "seconds | kilo-pairs", title, True, out))
 
 
 if __name__ == "__main__":

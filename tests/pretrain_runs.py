@@ -57,25 +57,10 @@ def write_configs(
 
 ENV = {"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
 
-# Runs pretrain.py in this process after replacing torch.save: while DeepSpeed writes the model-state file of the
-# checkpoint whose tag is argv[1], half of the file's bytes reach the disk, then the process is killed (SIGKILL).
-KILL_DURING_SAVE = """
-import io, os, runpy, signal, sys
-import torch
-tag, script = sys.argv[1], sys.argv[2]
-real_save = torch.save
-def save(obj, f, *args, **kwargs):
-    if isinstance(f, str) and os.sep + tag + os.sep in f and f.endswith("model_states.pt"):
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        with open(f, "wb") as out:
-            out.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real_save(obj, f, *args, **kwargs)
-torch.save = save
-sys.argv = [script, *sys.argv[3:]]
-runpy.run_path(script, run_name="__main__")
-"""
+
+def script_args(cfg_path: str, ds_path: str) -> list[str]:
+    """The script's arguments for the configs of :func:`write_configs` (no loader workers)."""
+    return ["--config", cfg_path, "--ds_config", ds_path, "--num_workers", "0"]
 
 
 def run(
@@ -88,18 +73,12 @@ def run(
 ) -> subprocess.CompletedProcess:
     """Run the script under ``launcher`` (e.g. ``[python]`` or ``[deepspeed, --num_gpus, 2]``); fails unless its exit
     status is ``expect_rc``."""
-    cmd = [*launcher, SCRIPT, "--config", cfg_path, "--ds_config", ds_path, "--num_workers", "0", *extra]
+    cmd = [*launcher, SCRIPT, *script_args(cfg_path, ds_path), *extra]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV}, cwd=os.path.dirname(cfg_path)
     )
     assert proc.returncode == expect_rc, f"{cmd} gave {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
-
-
-def run_killed_during_save(cfg_path: str, ds_path: str, tag: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    """One process of the script that is killed (SIGKILL) half-way through writing checkpoint ``tag``."""
-    launcher = [sys.executable, "-c", KILL_DURING_SAVE, tag]
-    return run(launcher, cfg_path, ds_path, timeout=timeout, expect_rc=-9)
 
 
 def run_worker(launcher: list[str], mode: str, out_dir: str, timeout: int = 600) -> subprocess.CompletedProcess:

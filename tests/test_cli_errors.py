@@ -275,7 +275,7 @@ def test_training_clis_check_everything_before_start_up(no_start, capsys, tmp_pa
         (finetune, ["--config", ft, "--checkpoint", small], "hidden_size 32 != 64, intermediate_size 64 != 128"),
         (finetune, ["--config", ft, "--checkpoint", junk], f"{junk}: cannot be read as a checkpoint"),
         (finetune, ["--config", ft, "--output_dir", str(tmp_path / "a-file")], "is a file, not a directory"),
-        (finetune, ["--config", ft, "--resume"], "--resume: no checkpoint in"),
+        (finetune, ["--config", ft, "--resume"], "holds no previous run"),
         (pretrain, ["--config", gone], "does not exist"),
         (
             pretrain,

@@ -81,3 +81,42 @@ def test_atomic_directory_appears_complete_or_not_at_all(tmp_path) -> None:
     with pytest.raises(FileExistsError, match="already exists"):
         with atomic_directory(target):
             pass
+
+
+def test_atomic_directory_replace_swaps_the_whole_directory(tmp_path) -> None:
+    target = str(tmp_path / "export")
+    with atomic_directory(target) as tmp:
+        (tmp_path / tmp / "old.bin").write_text("old")
+    with pytest.raises(RuntimeError):  # a failed replacement keeps the previous directory whole
+        with atomic_directory(target, replace=True) as tmp:
+            (tmp_path / tmp / "new.bin").write_text("half")
+            raise RuntimeError("killed")
+    assert os.listdir(target) == ["old.bin"]
+    with atomic_directory(target, replace=True) as tmp:
+        (tmp_path / tmp / "new.bin").write_text("new")
+    assert os.listdir(target) == ["new.bin"] and os.listdir(tmp_path) == ["export"]  # no leftovers
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_and_directories_have_the_modes_of_plain_writes(tmp_path, umask) -> None:
+    """mkstemp / mkdtemp would give 0600 / 0700: results, logs and exports must be readable as a plain open() makes
+    them (0666 / 0777 less the umask)."""
+    old = os.umask(umask)
+    try:
+        write_json_atomic(str(tmp_path / "results.json"), {"r_mean": 0.5})
+        with open(tmp_path / "plain.json", "w", encoding="utf-8") as f:
+            f.write("{}")
+        with atomic_directory(str(tmp_path / "export")) as tmp:
+            atomic_write(os.path.join(tmp, "model.bin"), lambda p: open(p, "wb").close())
+        os.makedirs(tmp_path / "plain_dir")
+        built = build_directory_once(str(tmp_path / "cache"), os.makedirs)
+    finally:
+        os.umask(old)
+
+    def mode(path: str) -> int:
+        return os.stat(path).st_mode & 0o777
+
+    assert mode(str(tmp_path / "results.json")) == mode(str(tmp_path / "plain.json")) == 0o666 & ~umask
+    assert mode(str(tmp_path / "export" / "model.bin")) == 0o666 & ~umask
+    assert mode(str(tmp_path / "export")) == mode(str(tmp_path / "plain_dir")) == 0o777 & ~umask
+    assert mode(built) == 0o777 & ~umask

@@ -1,27 +1,32 @@
-"""Exact resume (also after a kill in the middle of a checkpoint write), 2 ranks against 1 rank on the same global
-batches, gradient accumulation against the original's summed gradients; more launchers and ZeRO-3 (marked slow)."""
+"""Exact resume (after --stop_after, and after a kill -9 anywhere: at seeded points of the run, in the middle of a
+checkpoint write, in validation, in the export), 2 ranks against 1 rank on the same global batches, gradient
+accumulation against the original's summed gradients; more kill points, launchers and ZeRO-3 (marked slow)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
 import pytest
 import torch
 
+from tests.kill_runs import choose, read_lines, run_script
 from tests.pretrain_runs import (
     ALL_TASKS,
+    SCRIPT,
     exported_weights,
     launcher,
     run,
-    run_killed_during_save,
     run_worker,
+    script_args,
     step_log,
     write_configs,
 )
 from uniter_fast.training.logs import read_jsonl
 
 STEPS = 8
+KILL_SEED = 23
 
 
 PHASE_ONE = {"mlm_synth": 1, "mrfr_synth": 1}
@@ -33,40 +38,72 @@ def _edit(cfg: dict) -> None:
     cfg["phases"] = [{"steps": 6, "mix": PHASE_ONE}, {"mix": {f"{t}_synth": 1 for t in ("itm", "mrc", "mrckl")}}]
 
 
+@dataclasses.dataclass
+class Reference:
+    """A run of STEPS steps (accumulation 2, every task), never stopped: its logs, final weights and kill points."""
+
+    cfg: str
+    steps: list[dict]
+    validations: list[dict]
+    weights: dict[str, torch.Tensor]
+    points: list[list[str]]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> tuple[str, list[dict], dict[str, torch.Tensor]]:
-    """A run of STEPS steps (accumulation 2, every task), never stopped: (config path, step log, final weights)."""
+def uninterrupted(tmp_path_factory) -> Reference:
     directory = str(tmp_path_factory.mktemp("uninterrupted"))
     cfg, ds = write_configs(directory, steps=STEPS, grad_accum=2, edit=_edit)
-    run(launcher("python"), cfg, ds)
-    return cfg, step_log(cfg), exported_weights(os.path.join(directory, "out"))
+    out = os.path.join(directory, "out")
+    _, points = run_script(SCRIPT, script_args(cfg, ds), out, directory)
+    validations = read_lines(os.path.join(out, "validation.jsonl"))
+    return Reference(cfg, step_log(cfg), validations, exported_weights(out), points)
 
 
-def _assert_same_run(expected: tuple[str, list[dict], dict[str, torch.Tensor]], cfg_path: str, out_dir: str) -> None:
-    """Every logged value equal (floats compared exactly) and every exported tensor ``torch.equal``."""
-    _, expected_log, expected_weights = expected
-    assert step_log(cfg_path) == expected_log
+def _assert_same_run(expected: Reference, cfg_path: str, out_dir: str, validations: bool = True) -> None:
+    """Every logged value equal (floats compared exactly: the step log, and with ``validations`` the validation log)
+    and every exported tensor ``torch.equal``; the export holds its files and nothing else."""
+    assert step_log(cfg_path) == expected.steps
+    if validations:
+        assert read_lines(os.path.join(out_dir, "validation.jsonl")) == expected.validations
     weights = exported_weights(out_dir)
-    assert weights.keys() == expected_weights.keys()
-    differ = [k for k in weights if not torch.equal(weights[k], expected_weights[k])]
+    assert weights.keys() == expected.weights.keys()
+    differ = [k for k in weights if not torch.equal(weights[k], expected.weights[k])]
     assert not differ, f"weights differ from the uninterrupted run: {differ}"
+    assert sorted(os.listdir(os.path.join(out_dir, "pretrained"))) == ["config.json", "model.safetensors"]
 
 
 def test_resume_continues_bit_for_bit(tmp_path, uninterrupted) -> None:
     cfg, ds = write_configs(str(tmp_path), steps=STEPS, grad_accum=2, edit=_edit)
-    run(launcher("python"), cfg, ds, extra=("--stop_after", "5"))
+    proc = run(launcher("python"), cfg, ds, extra=("--stop_after", "5"))
     assert [r["step"] for r in step_log(cfg)] == [1, 2, 3, 4, 5]
+    assert f"metrics at step 5 of {STEPS}" in proc.stdout and "final metrics" not in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("stopped at step 5 of 8 (--stop_after) with a checkpoint")
+    assert "run the same command with --resume" in proc.stdout
     proc = run(launcher("python"), cfg, ds, extra=("--resume",))
-    assert f"final metrics after {STEPS} steps" in proc.stdout
+    assert f"final metrics after {STEPS} steps" in proc.stdout and "stopped at" not in proc.stdout
     tasks = [r["task"] for r in step_log(cfg)]
     assert set(tasks[:6]) <= set(PHASE_ONE) and not set(tasks[6:]) & set(PHASE_ONE), tasks  # the phases hold
     assert len(set(tasks[5:])) > 1  # the continued part mixes tasks
-    _assert_same_run(uninterrupted, cfg, str(tmp_path / "out"))
+    _assert_same_run(uninterrupted, cfg, str(tmp_path / "out"), validations=False)  # + the stop's validation
+
+
+def _kill_and_resume(tmp_path, expected: Reference, index: int, torn: bool) -> str:
+    """The run killed at point ``index`` of the uninterrupted run (``torn``: half-way through that write), then
+    ``--resume``d: the same run as the uninterrupted one. Returns the resumed run's stderr."""
+    cfg, ds = write_configs(str(tmp_path), steps=STEPS, grad_accum=2, edit=_edit)
+    out = str(tmp_path / "out")
+    run_script(SCRIPT, script_args(cfg, ds), out, str(tmp_path), kill_at=index, torn=torn)
+    proc = run(launcher("python"), cfg, ds, extra=("--resume",))
+    assert f"final metrics after {STEPS} steps" in proc.stdout, expected.points[index]
+    _assert_same_run(expected, cfg, out)
+    return proc.stderr
 
 
 def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, uninterrupted) -> None:
+    """Killed half-way through the model-state file of step 6's DeepSpeed checkpoint."""
+    index = uninterrupted.points.index(["torch.save", "ckpt/step6/mp_rank_00_model_states.pt"])
     cfg, ds = write_configs(str(tmp_path), steps=STEPS, grad_accum=2, edit=_edit)
-    run_killed_during_save(cfg, ds, tag="step6")
+    run_script(SCRIPT, script_args(cfg, ds), str(tmp_path / "out"), str(tmp_path), kill_at=index, torn=True)
     ckpt = tmp_path / "out" / "ckpt"
     assert (ckpt / "latest").read_text() == "step4"  # the pointer still names the last complete checkpoint
     assert (ckpt / "step6" / "mp_rank_00_model_states.pt").is_file()  # the half-written file is there
@@ -74,6 +111,25 @@ def test_kill_during_checkpoint_write_resumes_from_previous(tmp_path, uninterrup
     proc = run(launcher("python"), cfg, ds, extra=("--resume",))
     assert "at step 4" in proc.stderr and f"final metrics after {STEPS} steps" in proc.stdout
     _assert_same_run(uninterrupted, cfg, str(tmp_path / "out"))
+
+
+def test_kill_during_export_resumes_exactly(tmp_path, uninterrupted) -> None:
+    """A seeded point among the writes of the export (after the last checkpoint): before one or half-way through it.
+    The resumed run starts at the last step, reads its final validation back from the log and exports again."""
+    stderr = _kill_and_resume(tmp_path, uninterrupted, *choose(uninterrupted.points, "pretrained", KILL_SEED, "export"))
+    assert f"at step {STEPS}" in stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase_name", ["train", "validation", "checkpoint", "pictures"])
+def test_kill_in_each_part_of_the_run_resumes_exactly(tmp_path, uninterrupted, phase_name) -> None:
+    _kill_and_resume(tmp_path, uninterrupted, *choose(uninterrupted.points, "pretrained", KILL_SEED, phase_name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draw", range(6))
+def test_kill_at_a_random_point_resumes_exactly(tmp_path, uninterrupted, draw) -> None:
+    _kill_and_resume(tmp_path, uninterrupted, *choose(uninterrupted.points, "pretrained", KILL_SEED + 1 + draw))
 
 
 def test_two_ranks_follow_one_rank_on_the_same_global_batches(tmp_path) -> None:

@@ -1,17 +1,25 @@
 """End to end: ``finetune.py`` under the DeepSpeed launcher on a bundled set, then ``python -m uniter_fast.evaluate``
-on its export; the slow tests cover exact resume, VCR's two stages and the default configs' learning."""
+on its export; a run killed (SIGKILL) in its evaluation or its export and resumed is the uninterrupted run; the slow
+tests cover exact resume after --stop_after, kills at more seeded points (twice in a row too), VCR's two stages and
+the default configs' learning."""
 
 from __future__ import annotations
 
+import dataclasses
+import filecmp
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 from typing import Any, Callable, Optional
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from tests.kill_runs import choose, read_lines, run_script
 from tests.pretrain_runs import REPO, launcher
 
 SCRIPT = os.path.join(REPO, "uniter_fast", "finetune.py")
@@ -78,16 +86,97 @@ def test_finetune_vqa_then_evaluate(tmp_path) -> None:
     assert [a["question_id"] for a in reloaded] == [a["question_id"] for a in answers]
 
 
+KILL_SEED = 23
+KILL_STEPS = 6  # validations (and checkpoints) at steps 3 and 6
+
+
+@dataclasses.dataclass
+class Reference:
+    """An NLVR2 run of KILL_STEPS steps, never stopped: its output dir, logs and kill points."""
+
+    out: str
+    steps: list[dict]
+    validations: list[dict]
+    points: list[list[str]]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Reference:
+    directory = str(tmp_path_factory.mktemp("uninterrupted"))
+    config = write_config(directory, "nlvr2", steps=KILL_STEPS)
+    out = os.path.join(directory, "out")
+    _, points = run_script(SCRIPT, ["--config", config, "--num_workers", "0"], out, directory)
+    validations = read_lines(os.path.join(out, "validation.jsonl"))
+    return Reference(out, step_log(config), validations, points)
+
+
+def assert_same_run(expected: Reference, config: str, logs: tuple[str, ...] = ("train_steps", "validation")) -> None:
+    """The run of ``config`` equals the uninterrupted one: every record of ``logs`` (floats compared exactly), the
+    export (every tensor ``torch.equal``, the same files) and every prediction file byte for byte."""
+    with open(config, encoding="utf-8") as f:
+        out = json.load(f)["output_dir"]
+    for log in logs:
+        assert read_lines(os.path.join(out, f"{log}.jsonl")) == read_lines(os.path.join(expected.out, f"{log}.jsonl"))
+    assert sorted(os.listdir(os.path.join(out, "finetuned"))) == sorted(
+        os.listdir(os.path.join(expected.out, "finetuned"))
+    )
+    for name, load in (("model.safetensors", load_file), (f"model_step_{KILL_STEPS}.pt", torch.load)):
+        got, want = (load(os.path.join(d, "finetuned", name)) for d in (out, expected.out))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+    names = sorted(os.listdir(os.path.join(expected.out, "results")))
+    assert sorted(os.listdir(os.path.join(out, "results"))) == names
+    _, differ, _ = filecmp.cmpfiles(os.path.join(out, "results"), os.path.join(expected.out, "results"), names, False)
+    assert not differ, differ
+
+
+def kill_and_resume(directory: str, expected: Reference, index: int, torn: bool) -> str:
+    """The NLVR2 run killed at point ``index`` of the uninterrupted run (``torn``: half-way through that write), then
+    ``--resume``d; returns the config."""
+    config = write_config(directory, "nlvr2", steps=KILL_STEPS)
+    out = os.path.join(directory, "out")
+    run_script(SCRIPT, ["--config", config, "--num_workers", "0"], out, directory, kill_at=index, torn=torn)
+    proc = finetune(config, "--resume", ranks=[sys.executable])
+    assert f"final nlvr2 metrics after {KILL_STEPS} steps" in proc.stdout, expected.points[index]
+    return config
+
+
+@pytest.mark.parametrize("phase_name", ["validation", "export"])
+def test_kill_during_evaluation_or_export_resumes_exactly(tmp_path, uninterrupted, phase_name) -> None:
+    """A seeded point among the writes of the validations (the predictions of each split, the log: before one, the
+    evaluation is running) or of the export, before that write or half-way through it."""
+    index, torn = choose(uninterrupted.points, "finetuned", KILL_SEED, phase_name)
+    assert_same_run(uninterrupted, kill_and_resume(str(tmp_path), uninterrupted, index, torn))
+
+
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    whole = write_config(str(tmp_path / "a"), "nlvr2", steps=6)
-    finetune(whole)
-    split = write_config(str(tmp_path / "b"), "nlvr2", steps=6)
-    finetune(split, "--stop_after", "3")
-    finetune(split, "--resume")
-    assert [r["loss"] for r in step_log(split)] == [r["loss"] for r in step_log(whole)]
+@pytest.mark.parametrize("draw", range(4))
+def test_kill_at_a_random_point_resumes_exactly(tmp_path, uninterrupted, draw) -> None:
+    index, torn = choose(uninterrupted.points, "finetuned", KILL_SEED + 1 + draw)
+    assert_same_run(uninterrupted, kill_and_resume(str(tmp_path), uninterrupted, index, torn))
+
+
+@pytest.mark.slow
+def test_killed_twice_resumes_exactly(tmp_path, uninterrupted) -> None:
+    """Killed at a seeded point, then killed again early in the resumed run (rewriting its logs, restarting), then
+    resumed to the end."""
+    rng = random.Random(KILL_SEED)
+    index, torn = choose(uninterrupted.points, "finetuned", KILL_SEED + 100)
+    config = write_config(str(tmp_path), "nlvr2", steps=KILL_STEPS)
+    args = ["--config", config, "--num_workers", "0", "--resume"]
+    out = str(tmp_path / "out")
+    run_script(SCRIPT, args[:-1], out, str(tmp_path), kill_at=index, torn=torn)
+    run_script(SCRIPT, args, out, str(tmp_path), kill_at=rng.randrange(4), torn=rng.random() < 0.5)
+    finetune(config, "--resume", ranks=[sys.executable])
+    assert_same_run(uninterrupted, config)
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, uninterrupted) -> None:
+    split = write_config(str(tmp_path), "nlvr2", steps=KILL_STEPS)
+    proc = finetune(split, "--stop_after", "3", ranks=[sys.executable])
+    assert "nlvr2 metrics at step 3 of 6" in proc.stdout and "--resume" in proc.stdout.splitlines()[-1]
+    finetune(split, "--resume", ranks=[sys.executable])
+    assert_same_run(uninterrupted, split)
 
 
 @pytest.mark.slow

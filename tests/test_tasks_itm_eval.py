@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -150,11 +153,44 @@ def test_a_text_whose_image_is_missing_is_named(tmp_path) -> None:
         ItmEvalDataset(TxtTokLmdb(str(tmp_path / "bad"), -1), DetectFeatLmdb(img))
 
 
+def test_exact_and_fast_results_are_named_by_mode_and_say_what_made_them(small_eval, tmp_path) -> None:
+    """``python -m uniter_fast.evaluate`` exact, then fast (k = 2), into one output dir: two sets of files, neither
+    overwriting the other, each recording the task, split, checkpoint, mode and k; readable by others (not 0600)."""
+    from uniter_fast.evaluate import main
+    from uniter_fast.tasks.checkpoint import save_task_model
+
+    task = get_task("itm")
+    options = task.check_options({"first_stage_dim": 16}, "test")
+    torch.manual_seed(0)
+    save_task_model(
+        perturb(task.build_model(tiny_config(vocab_size=1100), options, True)), task, options, str(tmp_path / "export")
+    )
+    out = tmp_path / "results"
+    common = ["--checkpoint", str(tmp_path / "export"), "--split", "small", "--output_dir", str(out)]
+    common += ["--txt_db", small_eval.txt_db.path, "--img_db", small_eval.img_db.path]
+    old = os.umask(0o022)
+    try:
+        exact = main([*common, "--eval-mode", "exact"])["small"]
+        fast = main([*common, "--eval-mode", "fast", "--top-k", "2"])["small"]
+    finally:
+        os.umask(old)
+    stems = ["small_results_exact", "small_results_fast_k2"]
+    assert sorted(os.listdir(out)) == sorted(f"{stem}.{ext}" for stem in stems for ext in ("json", "pt"))
+    for stem, mode, k, metrics in zip(stems, ("exact", "fast"), (None, 2), (exact, fast)):
+        made_by = {"task": "itm", "split": "small", "checkpoint": str(tmp_path / "export"), "mode": mode, "top_k": k}
+        record = json.loads((out / f"{stem}.json").read_text(encoding="utf-8"))
+        assert record == {**made_by, "metrics": metrics}
+        saved = torch.load(out / f"{stem}.pt")
+        assert {k: saved[k] for k in made_by} == made_by and saved["score_matrix"].shape == (30, 6)
+        for ext in ("json", "pt"):
+            assert os.stat(out / f"{stem}.{ext}").st_mode & 0o777 == 0o644
+    assert exact["cross_pairs"] == 30 * 6 > fast["cross_pairs"]
+
+
 @pytest.mark.slow
 def test_evaluate_cli_on_two_ranks_equals_one_process(small_eval, tmp_path) -> None:
     """``torchrun`` with 2 gloo ranks, exact and fast: the score matrix each rank half fills equals the in-process
     one, and the files are written."""
-    import os
     import subprocess
     import sys
 
@@ -173,8 +209,8 @@ def test_evaluate_cli_on_two_ranks_equals_one_process(small_eval, tmp_path) -> N
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        saved = torch.load(tmp_path / mode / "small_results.pt")
         want = evaluate_retrieval(model, small_eval, 2048, mode, top_k=2)
+        saved = torch.load(tmp_path / mode / f"small_results_{want.mode_name()}.pt")
         assert saved["txt_ids"] == want.txt_ids and saved["img_ids"] == want.img_ids
         torch.testing.assert_close(saved["score_matrix"], want.score_matrix, rtol=1e-5, atol=1e-5)
-        assert (tmp_path / mode / "small_results.json").is_file() and "r_mean" in proc.stdout
+        assert (tmp_path / mode / f"small_results_{want.mode_name()}.json").is_file() and "r_mean" in proc.stdout

@@ -106,7 +106,7 @@ class ToyTask(Task):
     def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
         return {"acc": ratio(sums["correct"], sums["count"]), "loss": ratio(sums["loss"], sums["count"])}
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(self, predictions: list[Any], directory: str, stem: str, meta: Any = None) -> list[str]:
         path = os.path.join(directory, f"{stem}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(sorted(predictions, key=lambda p: p["id"]), f)

@@ -145,7 +145,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         results[split] = metrics
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-            files = task.write_predictions(predictions, out_dir, f"{split}_results")
+            meta = {"task": task.name, "split": split, "checkpoint": os.path.abspath(args.checkpoint)}
+            files = task.write_predictions(predictions, out_dir, f"{split}_results", meta)
             logger.info("%s: %d predictions written to %s", split, len(predictions), files)
     if rank == 0:
         keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k != task.headline, k))

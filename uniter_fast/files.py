@@ -3,8 +3,10 @@
 A file is written to a temporary name in its own directory, flushed, then renamed over the target
 (``os.replace``), so a reader sees the old content or the complete new one, never a part, and a process killed
 half-way leaves no partial file under the final name. A directory is filled under a temporary name beside its
-target and renamed into place at the end (:func:`atomic_directory`), or, for a cache built on first use by whichever
-process comes first, only when no other builder renamed its copy first (:func:`build_directory_once`).
+target and renamed into place at the end (:func:`atomic_directory`, which can also replace a previous version), or,
+for a cache built on first use by whichever process comes first, only when no other builder renamed its copy first
+(:func:`build_directory_once`). Temporary files and directories get the permissions a plain ``open()`` /
+``os.makedirs`` would give (0666 / 0777 less the umask), so what they become is readable by others as usual.
 """
 
 from __future__ import annotations
@@ -12,9 +14,33 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
+
+TMP_PREFIX = ".tmp-"
+
+
+def _temporary(directory: str, suffix: str, make: Callable[[str], None]) -> str:
+    """A new path ``<directory>/.tmp-<random><suffix>`` created by ``make(path)`` (which must fail when the path
+    exists, as ``os.mkdir`` and ``O_EXCL`` do); the random part is drawn again on a collision."""
+    while True:
+        path = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(6)}{suffix}")
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _new_file(path: str) -> None:
+    """Create the empty file ``path`` (not there before), mode 0666 less the umask, as ``open(path, "w")``."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+
+
+def _new_directory(path: str) -> None:
+    """Create the directory ``path`` (not there before), mode 0777 less the umask, as ``os.makedirs``."""
+    os.mkdir(path, 0o777)
 
 
 def atomic_write(path: str, write: Callable[[str], None], tmp_suffix: str = "") -> None:
@@ -23,8 +49,7 @@ def atomic_write(path: str, write: Callable[[str], None], tmp_suffix: str = "") 
     with the target's extension unless ``tmp_suffix`` is given, which lets a caller find its own leftovers of a killed
     process (``.tmp-*-*<tmp_suffix>``)."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path) + tmp_suffix)
-    os.close(fd)
+    tmp = _temporary(directory, "-" + os.path.basename(path) + tmp_suffix, _new_file)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -68,17 +93,25 @@ def read_json(path: str, what: str = "file") -> Any:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str) -> Iterator[str]:
-    """Yield a temporary directory beside ``path`` to fill; on success rename it to ``path`` (which must not exist),
-    on error remove it. ``FileExistsError`` up front when ``path`` exists."""
-    if os.path.exists(path):
+def atomic_directory(path: str, replace: bool = False) -> Iterator[str]:
+    """Yield a temporary directory beside ``path`` (``.tmp-<random>-<name>``) to fill; on success rename it to
+    ``path``, on error remove it. ``path`` must not exist (``FileExistsError`` up front), unless ``replace``: then a
+    previous ``path`` is swapped out at the end and removed, so that ``path`` is always the old or the new complete
+    directory, or (killed between the two renames) absent; never a mix."""
+    if os.path.exists(path) and not replace:
         raise FileExistsError(f"{path!r} already exists; choose a new directory")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    tmp = _temporary(parent, "-" + os.path.basename(path), _new_directory)
     try:
         yield tmp
+        old = None
+        if replace and os.path.lexists(path):
+            old = _temporary(parent, "-old-" + os.path.basename(path), _new_directory)
+            os.replace(path, os.path.join(old, "dir"))
         os.rename(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -92,7 +125,7 @@ def build_directory_once(path: str, build: Callable[[str], None]) -> str:
         return path
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(dir=parent, prefix=".tmp-")
+    scratch = _temporary(parent, "-" + os.path.basename(path), _new_directory)
     try:
         out = os.path.join(scratch, os.path.basename(path))
         build(out)

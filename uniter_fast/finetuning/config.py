@@ -28,6 +28,7 @@ from uniter_fast.training.logs import PRETRAINED_SUBDIR
 logger = logging.getLogger(__name__)
 
 PRETRAIN = "pretrain"
+RESULTS_SUBDIR = "results"  # the predictions of every validation: results/{split}_results_{step}.*
 IGNORED_KEYS = {
     "fp16": "precision comes from ds.json (bf16 / fp16 sections)",
     "pin_mem": "memory pinning follows the device",
@@ -65,6 +66,10 @@ class FinetuneConfig(RunConfig):
         "val_txt_db",
         "val_img_db",
     )
+
+    def run_outputs(self) -> tuple[str, ...]:
+        """The task's export dir (``finetuned/``; ``pretrained/`` for vcr_pretrain) and the predictions ``results/``."""
+        return (get_task(self.task).export_dir, RESULTS_SUBDIR)
 
     def train_pairs(self) -> list[tuple[str, str]]:
         """(txt_db, img_db) of every training pair."""

@@ -18,7 +18,8 @@ import numpy as np
 
 from uniter_fast.checkpoint import Checkpoint, check_config_fits, resolve_config
 from uniter_fast.data.loader import move_to_device
-from uniter_fast.finetuning.config import FinetuneConfig
+from uniter_fast.files import atomic_directory
+from uniter_fast.finetuning.config import RESULTS_SUBDIR, FinetuneConfig
 from uniter_fast.finetuning.data import eval_datasets, train_stream
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model, save_task_model, task_model_config
@@ -30,8 +31,6 @@ from uniter_fast.training.run import Run, fit, summary_heading
 from uniter_fast.training.zero import consolidated_model
 
 logger = logging.getLogger(__name__)
-
-RESULTS_SUBDIR = "results"
 
 
 def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
@@ -107,14 +106,16 @@ def finetune(
             if run.rank == 0:
                 directory = os.path.join(cfg.output_dir, RESULTS_SUBDIR)
                 os.makedirs(directory, exist_ok=True)
-                task.write_predictions(predictions, directory, f"{split}_results_{step}")
+                meta = {"task": task.name, "split": split, "run": os.path.abspath(cfg.output_dir), "step": step}
+                task.write_predictions(predictions, directory, f"{split}_results_{step}", meta)
         return results
 
     def export(engine: Any, checkpoint_dir: str, tag: str) -> None:
         trained = consolidated_model(
             engine, checkpoint_dir, tag, lambda: task.build_model(model.config, options, model.fast)
         )
-        save_task_model(trained, task, options, os.path.join(cfg.output_dir, task.export_dir), cfg.num_train_steps)
+        with atomic_directory(os.path.join(cfg.output_dir, task.export_dir), replace=True) as directory:
+            save_task_model(trained, task, options, directory, cfg.num_train_steps)
 
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
     trainer, results = fit(

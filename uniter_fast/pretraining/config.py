@@ -16,9 +16,12 @@ from typing import Any, ClassVar, Optional
 from uniter_fast.files import read_json
 from uniter_fast.pretraining.model import TASKS, task_kind
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, resolve_path
+from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_NAMES = ("txt_train", "txt_val", "img")
+CURVES_NAME = "curves.png"  # the pictures of a whole run (uniter_fast.pretraining.plots)
+ALIGNMENT_NAME = "alignment.png"
 
 
 @dataclasses.dataclass
@@ -68,6 +71,10 @@ class TrainingConfig(RunConfig):
     phases: Optional[list[dict[str, Any]]] = None
 
     required: ClassVar[tuple[str, ...]] = ("output_dir", "train_datasets", "val_datasets")
+
+    def run_outputs(self) -> tuple[str, ...]:
+        """The export ``pretrained/`` and the pictures ``curves.png``, ``alignment.png``."""
+        return (PRETRAINED_SUBDIR, CURVES_NAME, ALIGNMENT_NAME)
 
     def phase_starts(self) -> Optional[list[tuple[int, dict[str, int]]]]:
         """The curriculum as ``(first 0-based step, mix)`` pairs for the ``MetaLoader``; ``None`` without phases."""

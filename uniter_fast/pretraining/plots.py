@@ -23,13 +23,12 @@ from uniter_fast.data.collate import collate
 from uniter_fast.data.corpus import CLASS_NAMES_FILE
 from uniter_fast.data.datasets import DetectFeatTxtTokDataset
 from uniter_fast.data.records import Draws
+from uniter_fast.files import atomic_write
 from uniter_fast.ot import cost_matrix_cosine, ipot
-from uniter_fast.pretraining.config import TrainingConfig
+from uniter_fast.pretraining.config import ALIGNMENT_NAME, CURVES_NAME, TrainingConfig
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.training.logs import PRETRAINED_SUBDIR, STEP_LOG, VAL_LOG, read_jsonl
 
-CURVES_NAME = "curves.png"
-ALIGNMENT_NAME = "alignment.png"
 SMOOTH = 20
 VOCAB_NAME = "vocab.txt"
 
@@ -97,7 +96,7 @@ def plot_curves(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left" if kind == "ot" else "lower left", fontsize=8)
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return path
 
 
@@ -204,7 +203,7 @@ def plot_alignment(
             if c == 1:
                 fig.colorbar(image, ax=ax, label="transport plan / max", shrink=0.8)
     fig.suptitle("Word-region alignment (WRA): IPOT plan of validation captions with their image and another image")
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     return path
 
 

@@ -12,6 +12,7 @@ import torch
 from uniter_fast.checkpoint import Checkpoint, check_config_fits, load_state, save_pretrained
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.loader import move_to_device
+from uniter_fast.files import atomic_directory
 from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.data import DataBuilder
 from uniter_fast.pretraining.model import UniterForPretraining
@@ -49,11 +50,13 @@ def check_pretraining(cfg: TrainingConfig, checkpoint: Optional[Checkpoint]) -> 
 
 def pretrained_export(model_config: UniterConfig, output_dir: str) -> Export:
     """The export of a pretraining run: the consolidated fp32 weights of the checkpoint into
-    ``output_dir/pretrained`` (``config.json`` + ``model.safetensors``, every pretraining key)."""
+    ``output_dir/pretrained`` (``config.json`` + ``model.safetensors``, every pretraining key), which appears whole
+    (a previous export is replaced) or not at all."""
 
     def export(engine: Any, checkpoint_dir: str, tag: str) -> None:
         trained = consolidated_model(engine, checkpoint_dir, tag, lambda: UniterForPretraining(model_config))
-        save_pretrained(trained, os.path.join(output_dir, PRETRAINED_SUBDIR), dtype=torch.float32)
+        with atomic_directory(os.path.join(output_dir, PRETRAINED_SUBDIR), replace=True) as directory:
+            save_pretrained(trained, directory, dtype=torch.float32)
 
     return export
 

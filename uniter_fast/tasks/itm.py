@@ -21,7 +21,7 @@ the first stage's ``top_k`` images per text and ``top_k`` texts per image and re
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -409,9 +409,12 @@ class ItmTask(Task):
         result = evaluate_retrieval(model, dataset, batch_size, options["eval_mode"], options["top_k"], to_device, desc)
         return result.metrics, [result]
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
-        """``{stem}.pt`` (score matrix [texts, images] + ids) and ``{stem}.json`` (recall table)."""
-        return predictions[0].save(os.path.join(directory, stem))
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
+        """``{stem}_<mode>.pt`` (score matrix [texts, images] + ids) and ``{stem}_<mode>.json`` (recall table), named
+        by the evaluation mode (``exact``, ``fast_k<k>``) and each recording ``meta``, the mode and k."""
+        return predictions[0].save(os.path.join(directory, stem), meta)
 
 
 class ItmHardNegTask(ItmTask):

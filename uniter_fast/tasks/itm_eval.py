@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -176,18 +176,29 @@ def candidate_pairs(similarity: torch.Tensor, top_k: int) -> tuple[np.ndarray, n
 
 @dataclasses.dataclass
 class RetrievalResult:
-    """A split's score matrix [T, I] (float32, CPU), its ids, the metrics and the cost."""
+    """A split's score matrix [T, I] (float32, CPU), its ids, the metrics and the cost, and the evaluation that made
+    them: ``mode`` ("exact" or "fast") and, for fast, ``top_k``."""
 
     score_matrix: torch.Tensor
     txt_ids: list[str]
     img_ids: list[str]
     metrics: dict[str, float]
+    mode: str
+    top_k: Optional[int] = None
 
-    def save(self, stem: str) -> list[str]:
-        """``{stem}.pt`` ({score_matrix, txt_ids, img_ids}) and ``{stem}.json`` (the metrics); returns the paths."""
-        record = {"score_matrix": self.score_matrix, "txt_ids": self.txt_ids, "img_ids": self.img_ids}
+    def mode_name(self) -> str:
+        """``exact``, or ``fast_k<top_k>``: the part of the result files' names that tells the evaluations apart."""
+        return self.mode if self.top_k is None else f"{self.mode}_k{self.top_k}"
+
+    def save(self, stem: str, meta: Optional[dict[str, Any]] = None) -> list[str]:
+        """``{stem}_{mode_name}.pt`` (``score_matrix``, ``txt_ids``, ``img_ids``) and ``{stem}_{mode_name}.json``
+        (``metrics``), each with what made it: ``meta`` (task, split, checkpoint; see ``Task.write_predictions``),
+        ``mode`` and ``top_k`` (None for exact). Returns the paths."""
+        made_by = {**(meta or {}), "mode": self.mode, "top_k": self.top_k}
+        stem = f"{stem}_{self.mode_name()}"
+        record = {**made_by, "score_matrix": self.score_matrix, "txt_ids": self.txt_ids, "img_ids": self.img_ids}
         atomic_write(f"{stem}.pt", lambda tmp: torch.save(record, tmp))
-        write_json_atomic(f"{stem}.json", self.metrics)
+        write_json_atomic(f"{stem}.json", {**made_by, "metrics": self.metrics}, indent=2)
         return [f"{stem}.pt", f"{stem}.json"]
 
 
@@ -254,4 +265,5 @@ def evaluate_retrieval(
     module.train(was_training)
     if math.isnan(metrics["r_mean"]):
         raise FloatingPointError("the recall table has NaN entries")
-    return RetrievalResult(matrix, list(dataset.ids), list(dataset.all_img_ids), metrics)
+    k = top_k if mode == "fast" else None
+    return RetrievalResult(matrix, list(dataset.ids), list(dataset.all_img_ids), metrics, mode, k)

@@ -18,7 +18,7 @@ as the official script). Predictions: ``results.csv`` lines ``identifier,True|Fa
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -265,7 +265,9 @@ class Nlvr2Task(Task):
             "consistency": consistency(predictions),
         }
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
         path = os.path.join(directory, f"{stem}.csv")
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(f"{p['identifier']},{p['prediction']}\n" for p in predictions)

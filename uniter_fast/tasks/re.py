@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -230,7 +230,9 @@ class ReTask(Task):
     def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
         return {"acc": ratio(sums["correct"], sums["count"])}
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
         path = os.path.join(directory, f"{stem}.json")
         acc = ratio(sum(p["correct"] for p in predictions), len(predictions))
         records = [{k: v for k, v in p.items() if k != "correct"} for p in predictions]

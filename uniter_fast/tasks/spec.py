@@ -150,8 +150,13 @@ class Task:
         """Metrics from the summed quantities and every rank's predictions."""
         raise NotImplementedError
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
-        """Write ``predictions`` in the original's output format under ``directory``; returns the files."""
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
+        """Write ``predictions`` in the original's output format under ``directory`` as ``<stem>.*``; returns the
+        files. ``meta`` says what made them (``task``, ``split``, and ``checkpoint``, or ``run`` and ``step`` for a
+        validation in training); a task whose files have room for it records it (retrieval), the original's fixed
+        formats do not."""
         raise NotImplementedError
 
     def example(

@@ -21,7 +21,7 @@ import csv
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -272,7 +272,9 @@ class VcrTask(Task):
             "loss_qar": ratio(sums["loss_qar"], n),
         }
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
         path = os.path.join(directory, f"{stem}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump({p["qid"]: p["scores"] for p in predictions}, f)

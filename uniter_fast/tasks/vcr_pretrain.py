@@ -15,7 +15,7 @@ both under one name, so only the Q->A->R one trains; this module reads the dbs a
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -189,6 +189,8 @@ class VcrPretrainTask(Task):
         }
         return metrics, []
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
         """None: pretraining objectives have no prediction files."""
         return []

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_records import VE_ENT2IDX, ve_record
@@ -46,7 +46,9 @@ class VeTask(VqaTask):
         sums, preds = super().eval_batch(model, batch, options)
         return sums, [{"id": q, "answer": p["answer"]} for q, p in zip(batch["qids"], preds)]
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
         path = os.path.join(directory, f"{stem}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump({p["id"]: p["answer"] for p in predictions}, f)

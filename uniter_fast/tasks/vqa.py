@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -212,7 +212,9 @@ class VqaTask(Task):
     def metrics(self, sums: dict[str, float], predictions: list[Any]) -> dict[str, float]:
         return {"acc": ratio(sums["score"], sums["count"]), "loss": ratio(sums["loss"], sums["count"])}
 
-    def write_predictions(self, predictions: list[Any], directory: str, stem: str) -> list[str]:
+    def write_predictions(
+        self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
+    ) -> list[str]:
         path = os.path.join(directory, f"{stem}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(predictions, f)

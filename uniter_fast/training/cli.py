@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from uniter_fast.errors import ConfigError
 from uniter_fast.training.config import RunConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -14,8 +15,8 @@ DEFAULT_DS_CONFIG = os.path.join(REPO_ROOT, "ds.json")
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """``--ds_config``, ``--allow_unknown_ds_keys``, ``--checkpoint``, ``--output_dir``, ``--num_train_steps``,
-    ``--resume``, ``--stop_after``, ``--reference``, ``--num_workers`` (and the DeepSpeed launcher's hidden
-    ``--local_rank``)."""
+    ``--resume``, ``--overwrite``, ``--stop_after``, ``--reference``, ``--num_workers`` (and the DeepSpeed launcher's
+    hidden ``--local_rank``)."""
     parser.add_argument("--ds_config", default=DEFAULT_DS_CONFIG, help="DeepSpeed config JSON (default: ds.json)")
     parser.add_argument(
         "--allow_unknown_ds_keys",
@@ -26,6 +27,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output_dir", default=None, help="override output_dir of the config")
     parser.add_argument("--num_train_steps", type=int, default=None, help="override num_train_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds a previous run: remove that run's files (other files stay)",
+    )
     parser.add_argument("--stop_after", type=int, default=None, help="stop (with a checkpoint) after this step")
     parser.add_argument(
         "--reference", action="store_true", help="reference path (padded encoder, reference losses and OT)"
@@ -49,6 +55,8 @@ def apply_run_arguments(cfg: RunConfig, args: argparse.Namespace) -> None:
         if args.num_train_steps <= 0:
             raise ValueError(f"--num_train_steps must be > 0, got {args.num_train_steps}")
         cfg.num_train_steps = args.num_train_steps
+    if args.stop_after is not None and args.stop_after <= 0:
+        raise ConfigError(f"--stop_after must be a step > 0, got {args.stop_after}")
     if args.reference:
         cfg.fast = False
     if args.num_workers is not None:

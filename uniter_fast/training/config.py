@@ -64,6 +64,12 @@ class RunConfig:
     required: ClassVar[tuple[str, ...]] = ("output_dir",)
     """Keys a config file must give."""
 
+    def run_outputs(self) -> tuple[str, ...]:
+        """The files and directories under ``output_dir`` that the recipe writes besides the training floor's (the
+        logs, ``tb/``, ``ckpt/``): its export, pictures, predictions. With those they make a run's outputs, which
+        ``--overwrite`` removes (``uniter_fast.training.outputs``)."""
+        return ()
+
 
 def field_names(cls: type) -> list[str]:
     """The dataclass fields of ``cls``, in order."""

@@ -29,6 +29,12 @@ def setup_environment() -> None:
             os.environ.setdefault(key, value)
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (``RANK``: deepspeed, torchrun), readable before any process group
+    exists; 0 without a launcher."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_ranks(seed: int, num_workers: Optional[int]) -> tuple[int, int, int]:
     """After ``setup_environment``: one PyTorch thread per CPU rank (unless ``OMP_NUM_THREADS`` is set; more threads
     oversubscribe the cores, 10x slower on a shared machine), DeepSpeed's process group, warnings-only logging off

@@ -1,6 +1,10 @@
 """What a run writes under ``output_dir`` besides checkpoints (``ckpt/``): the JSON-lines logs of training steps and
 validations, the rank-0 TensorBoard writer (``tb/``), the name of a pretraining run's export, and the plain-text
-tables of the final summaries."""
+tables of the final summaries.
+
+A log line is appended whole, but a process killed in the middle of an append can leave its last line cut short;
+:func:`read_jsonl` drops such a line (it has no newline), so a resumed run reads the complete records only.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +12,12 @@ import json
 import os
 from typing import Any
 
+from uniter_fast.errors import DataError
 from uniter_fast.files import write_text_atomic
 
 STEP_LOG = "train_steps.jsonl"
 VAL_LOG = "validation.jsonl"
+TB_SUBDIR = "tb"
 PRETRAINED_SUBDIR = "pretrained"  # a pretraining run's consolidated fp32 weights, which fine-tuning starts from
 
 
@@ -22,7 +28,7 @@ def open_output_dir(output_dir: str, rank: int) -> Any:
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.path.join(output_dir, "tb"))
+    return SummaryWriter(os.path.join(output_dir, TB_SUBDIR))
 
 
 def append_jsonl(path: str, records: list[dict[str, Any]]) -> None:
@@ -32,11 +38,31 @@ def append_jsonl(path: str, records: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file ([] if it does not exist)."""
+    """The records of a JSON-lines file ([] if it does not exist); a last line without its newline (an append cut
+    short by a kill) is left out. A line that is not JSON is a ``DataError`` naming the file and the line."""
     if not os.path.isfile(path):
         return []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {number}: not a JSON record ({err}); expected one JSON object") from None
+    return records
+
+
+def logged_results(path: str, step: int) -> dict[str, dict[str, float]]:
+    """The validation results of ``step`` in the validation log ``path``: ``{name: {metric: value}}`` ({} if none)."""
+    return {
+        r["task"]: {k: v for k, v in r.items() if k not in ("step", "task")}
+        for r in read_jsonl(path)
+        if r["step"] == step
+    }
 
 
 def truncate_log(path: str, last_step: int) -> list[dict[str, Any]]:

@@ -8,7 +8,11 @@ The recipe gives the loop a DeepSpeed engine, an endless stream of (task name, b
 Resume is exact: the DeepSpeed checkpoint holds the weights, optimizer and LR-scheduler state; its client state holds
 the step and the stream's state; each rank's RNG states sit beside it in ``rng_rank{r}.pt``. The ``latest`` pointer
 moves (temp file, then rename) only after every rank has written the whole checkpoint, so a process killed while
-saving leaves the previous checkpoint as the one ``--resume`` loads.
+saving leaves the previous checkpoint as the one ``--resume`` loads. Whatever a step logs (its training record, a
+validation of that step) is written before the checkpoint of that step, so the logs of a resumed run keep exactly
+the records up to its checkpoint and the run logs every later one again, as an uninterrupted run would. A run killed
+after its last checkpoint (in the final validation, the export, or after) redoes the export on ``--resume``; one
+killed before its first checkpoint starts again from step 0.
 """
 
 from __future__ import annotations
@@ -25,11 +29,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from uniter_fast.data.loader import move_to_device
-from uniter_fast.errors import RunFailed
+from uniter_fast.errors import ConfigError, RunFailed
 from uniter_fast.files import atomic_write, write_text_atomic
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import barrier, rank_and_world
-from uniter_fast.training.logs import STEP_LOG, VAL_LOG, append_jsonl, truncate_log
+from uniter_fast.training.logs import STEP_LOG, VAL_LOG, append_jsonl, logged_results, truncate_log
 from uniter_fast.training.rng import rng_state, set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -43,14 +47,9 @@ Validate = Callable[[Any, int], Results]
 Export = Callable[[Any, str, str], None]
 
 
-def latest_tag(ckpt_dir: str) -> str:
-    """The tag of the newest complete checkpoint in ``ckpt_dir`` (its ``latest`` file), what ``--resume`` loads; a
-    ``FileNotFoundError`` naming the folder when there is none."""
-    latest = os.path.join(ckpt_dir, LATEST)
-    if not os.path.isfile(latest):
-        raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir} (no {LATEST!r} file)")
-    with open(latest, encoding="utf-8") as f:
-        return f.read().strip()
+def checkpoint_tag(step: int) -> str:
+    """The tag (directory name under ``ckpt/``) of the checkpoint of ``step``."""
+    return f"step{step}"
 
 
 class TaskStream(Protocol):
@@ -85,6 +84,7 @@ class Trainer:
         self.output_dir = cfg.output_dir
         self.ckpt_dir = os.path.join(cfg.output_dir, CKPT_SUBDIR)
         self.step = 0
+        self.saved_step: Optional[int] = None  # the step of the newest complete checkpoint of this run
         self.rank = rank_and_world()[0]
         self.recent: dict[str, list[float]] = defaultdict(list)
 
@@ -92,7 +92,7 @@ class Trainer:
     def save(self) -> str:
         """``engine.save_checkpoint`` (all ranks) with the step, the stream state and each rank's RNG states; then,
         once every rank is done, rank 0 points ``latest`` at it atomically. Returns the tag."""
-        tag = f"step{self.step}"
+        tag = checkpoint_tag(self.step)
         os.makedirs(os.path.join(self.ckpt_dir, tag), exist_ok=True)
         state = rng_state()
         atomic_write(os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"), lambda tmp: torch.save(state, tmp))
@@ -102,24 +102,37 @@ class Trainer:
         if self.rank == 0:
             write_text_atomic(os.path.join(self.ckpt_dir, LATEST), tag)
         barrier()
+        self.saved_step = self.step
         return tag
 
     def resume(self) -> None:
         """Load the checkpoint that ``latest`` names and continue from its step; the logs keep their records up to
-        that step."""
-        tag = latest_tag(self.ckpt_dir)
+        that step. Without a complete checkpoint (a run killed before its first) the run starts again from step 0,
+        its logs emptied."""
+        latest = os.path.join(self.ckpt_dir, LATEST)
+        if not os.path.isfile(latest):
+            logger.warning("--resume: no complete checkpoint in %s yet; starting again from step 0", self.ckpt_dir)
+            self._truncate_logs(-1)
+            return
+        with open(latest, encoding="utf-8") as f:
+            tag = f.read().strip()
         path, client = self.engine.load_checkpoint(self.ckpt_dir, tag=tag)
         if path is None:
             raise RuntimeError(f"--resume: DeepSpeed could not load checkpoint {tag!r} in {self.ckpt_dir}")
-        self.step = int(client["step"])
+        self.step = self.saved_step = int(client["step"])
         self.stream.load_state_dict(client["stream"])
         set_rng_state(torch.load(os.path.join(self.ckpt_dir, tag, f"rng_rank{self.rank}.pt"), weights_only=False))
+        self._truncate_logs(self.step)
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_logs(self, step: int) -> None:
+        """Rank 0 drops the log records after ``step`` (and takes the recent training losses from those it keeps)."""
         barrier()  # every rank has read the logs' step before rank 0 rewrites them
         if self.rank == 0:
-            truncate_log(os.path.join(self.output_dir, VAL_LOG), self.step)
-            for record in truncate_log(os.path.join(self.output_dir, STEP_LOG), self.step):
+            truncate_log(os.path.join(self.output_dir, VAL_LOG), step)
+            for record in truncate_log(os.path.join(self.output_dir, STEP_LOG), step):
                 self.recent[record["task"]] = (self.recent[record["task"]] + [record["loss"]])[-RECENT:]
-        logger.info("resumed from %s at step %d", path, self.step)
+        barrier()
 
     # ------------------------------------------------------------------ logging
     def _log_step(self, task: str, losses: dict[str, float], lr: float) -> None:
@@ -180,10 +193,13 @@ class Trainer:
         return task, losses
 
     def train(self, stop_after: Optional[int] = None) -> Results:
-        """Train to ``num_train_steps`` (validating and saving on schedule), save, validate, export; returns the final
+        """Train to ``num_train_steps`` (validating and saving on schedule), validate, save, export; returns the final
         validation metrics. ``stop_after`` ends the run early at that step (checkpoint saved, no export), as an
-        interruption would, without changing the LR schedule."""
+        interruption would, without changing the LR schedule. A run resumed at its last step validated and saved
+        that step before: its results are read back from the validation log, and only the export is done again."""
         cfg = self.cfg
+        if stop_after is not None and stop_after < self.step:
+            raise ConfigError(f"--stop_after {stop_after} lies before step {self.step}, where the run resumed")
         last = cfg.num_train_steps if stop_after is None else min(stop_after, cfg.num_train_steps)
         accum = self.engine.gradient_accumulation_steps()
         stream = iter(self.stream)
@@ -205,8 +221,12 @@ class Trainer:
             if self.step % cfg.save_steps == 0 and self.step < last:
                 self.save()
         bar.close()
-        tag = self.save()
-        results = self.run_validation()
+        if self.saved_step == self.step:
+            results = logged_results(os.path.join(self.output_dir, VAL_LOG), self.step) or self.run_validation()
+            tag = checkpoint_tag(self.step)
+        else:
+            results = self.run_validation()
+            tag = self.save()
         if self.step == cfg.num_train_steps:
             if self.rank == 0:
                 self.export(self.engine, self.ckpt_dir, tag)

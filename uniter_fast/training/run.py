@@ -15,7 +15,8 @@ from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import init_ranks, setup_environment
 from uniter_fast.training.engine import build_engine, load_ds_config
 from uniter_fast.training.logs import open_output_dir
-from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate, latest_tag
+from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate
+from uniter_fast.training.outputs import prepare_output_dir
 
 
 @dataclasses.dataclass
@@ -46,9 +47,9 @@ CheckCheckpoint = Callable[[Any, Optional[Checkpoint]], None]
 checkpoint (None without one) does not fit it."""
 
 
-def check_output_dir(output_dir: str, resume: bool) -> None:
-    """``output_dir`` must be a directory or creatable (its nearest existing parent writable); with ``resume`` it
-    must hold a checkpoint to resume from."""
+def check_output_dir(output_dir: str) -> None:
+    """``output_dir`` must be a directory or creatable (its nearest existing parent writable); whether it holds a
+    previous run is ``prepare_output_dir``'s (``uniter_fast.training.outputs``)."""
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
         raise NotADirectoryError(f"output_dir {output_dir!r} is a file, not a directory")
     parent = os.path.abspath(output_dir)
@@ -56,8 +57,6 @@ def check_output_dir(output_dir: str, resume: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"output_dir {output_dir!r}: {parent!r} is not writable")
-    if resume:
-        latest_tag(os.path.join(output_dir, CKPT_SUBDIR))
 
 
 def check_run(
@@ -69,7 +68,7 @@ def check_run(
     recipe's ``check`` (sizes against the model config). Returns (the completed ds config, the checkpoint)."""
     setup_environment()
     ds_config = load_ds_config(args.ds_config, cfg, args.allow_unknown_ds_keys)
-    check_output_dir(cfg.output_dir, args.resume)
+    check_output_dir(cfg.output_dir)
     checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
     if check is not None:
         check(cfg, checkpoint)
@@ -124,17 +123,35 @@ def run_recipe(
     cfg: RunConfig, args: argparse.Namespace, recipe: Recipe, check: Optional[CheckCheckpoint] = None
 ) -> Results:
     """What a training CLI does once its config is read: the command-line overrides of ``args`` (the options of
-    ``uniter_fast.training.cli``), the checks before start-up (:func:`check_run`, with the recipe's ``check``), start
-    the run, ``recipe(cfg, run, resume, stop_after)``, print its text on rank 0; returns the final results."""
+    ``uniter_fast.training.cli``), the checks before start-up (:func:`check_run`, with the recipe's ``check``), the
+    output dir checked against a previous run (``--resume`` / ``--overwrite``), start the run, ``recipe(cfg, run,
+    resume, stop_after)``, print its text on rank 0 (after a ``--stop_after`` stop, and a line saying how to
+    continue); returns the final results."""
     apply_run_arguments(cfg, args)
-    run = start_run(cfg, *check_run(cfg, args, check))
+    checked = check_run(cfg, args, check)
+    prepare_output_dir(cfg, args.resume, args.overwrite)
+    run = start_run(cfg, *checked)
     results, text = recipe(cfg, run, args.resume, args.stop_after)
     if run.rank == 0:
         print(text)
+        if args.stop_after is not None and args.stop_after < cfg.num_train_steps:
+            print(stopped_line(cfg, args.stop_after))
     return results
 
 
 def summary_heading(what: str, trainer: Trainer, run: Run) -> str:
-    """``final <what> after N steps (W rank(s), ZeRO-k):``, the first line of every final table."""
-    stage = trainer.engine.zero_optimization_stage()
-    return f"final {what} after {trainer.step} steps ({run.world} rank(s), ZeRO-{stage}):"
+    """``final <what> after N steps (W rank(s), ZeRO-k):``, the first line of every final table; for a run stopped
+    before ``num_train_steps``, ``<what> at step N of M (...)``."""
+    where = f"({run.world} rank(s), ZeRO-{trainer.engine.zero_optimization_stage()})"
+    if trainer.step < trainer.cfg.num_train_steps:
+        return f"{what} at step {trainer.step} of {trainer.cfg.num_train_steps} {where}:"
+    return f"final {what} after {trainer.step} steps {where}:"
+
+
+def stopped_line(cfg: RunConfig, step: int) -> str:
+    """The last line of a run stopped by ``--stop_after``: where it stopped, its checkpoint, how to continue."""
+    return (
+        f"stopped at step {step} of {cfg.num_train_steps} (--stop_after) with a checkpoint in "
+        f"{os.path.join(cfg.output_dir, CKPT_SUBDIR)}; to continue, run the same command with --resume "
+        "(without --stop_after, or with a later step)"
+    )
