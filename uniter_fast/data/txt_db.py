@@ -14,8 +14,11 @@ import msgpack
 import torch
 
 from uniter_fast.data.lmdb_env import LazyReader, Writer
+from uniter_fast.data.side_files import count_table, read_side_file
 from uniter_fast.errors import DataError
-from uniter_fast.files import read_json, write_json_atomic
+from uniter_fast.files import write_json_atomic
+
+SPECIAL_IDS = ("CLS", "SEP", "MASK", "UNK")
 
 
 def encode_txt_record(record: dict[str, Any]) -> bytes:
@@ -38,6 +41,23 @@ class TokenIds(NamedTuple):
     v_range: tuple[int, int]
 
 
+def check_meta(meta: Any, path: str) -> dict[str, Any]:
+    """``meta`` (a txt_db's ``meta.json``) if it holds the integer ids ``CLS``, ``SEP``, ``MASK``, ``UNK`` and
+    ``v_range`` = [lo, hi] with 0 <= lo <= hi; DataError naming the db otherwise."""
+    where = f"txt_db meta file {os.path.join(path, 'meta.json')!r}"
+    if not isinstance(meta, dict):
+        raise DataError(f"{where} must be a JSON object, got {type(meta).__name__}")
+    for key in SPECIAL_IDS:
+        if type(meta.get(key)) is not int:
+            raise DataError(f"{where}: {key!r} must be an integer id, got {meta.get(key)!r}")
+    v_range = meta.get("v_range")
+    if not (isinstance(v_range, list) and len(v_range) == 2 and all(type(v) is int for v in v_range)) or not (
+        0 <= v_range[0] <= v_range[1]
+    ):
+        raise DataError(f"{where}: 'v_range' must be [lo, hi] with 0 <= lo <= hi, got {v_range!r}")
+    return meta
+
+
 class TxtTokLmdb:
     """Reader of a txt_db, as the original ``TxtTokLmdb``.
 
@@ -49,11 +69,10 @@ class TxtTokLmdb:
         if not isinstance(max_txt_len, int) or (max_txt_len < 1 and max_txt_len != -1):
             raise ValueError(f"max_txt_len must be a positive int or -1, got {max_txt_len!r}")
         self.path = path
-        id2len: dict[str, int] = read_json(os.path.join(path, "id2len.json"))
+        id2len = count_table(os.path.join(path, "id2len.json"), "txt_db length file")
         self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
         self.db = LazyReader(path)
-        meta = read_json(os.path.join(path, "meta.json"))
-        self.meta = meta
+        self.meta = meta = check_meta(read_side_file(os.path.join(path, "meta.json"), "txt_db meta file"), path)
         self.cls_: int = meta["CLS"]
         self.sep: int = meta["SEP"]
         self.mask: int = meta["MASK"]
@@ -71,8 +90,13 @@ class TxtTokLmdb:
             raise DataError(f"txt_db {self.path!r}: record {id_!r} is corrupted ({exc})") from exc
         if not isinstance(record, dict) or "input_ids" not in record or "img_fname" not in record:
             raise DataError(f"txt_db {self.path!r}: record {id_!r} lacks 'input_ids' or 'img_fname'")
-        if len(record["input_ids"]) == 0:
+        ids, fname = record["input_ids"], record["img_fname"]
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise DataError(f"txt_db {self.path!r}: record {id_!r}: 'input_ids' must be a list of integers")
+        if len(ids) == 0:
             raise DataError(f"txt_db {self.path!r}: record {id_!r} has an empty caption (no wordpieces)")
+        if not isinstance(fname, str) and not (isinstance(fname, list) and all(isinstance(n, str) for n in fname)):
+            raise DataError(f"txt_db {self.path!r}: record {id_!r}: 'img_fname' must be a name or a list of names")
         return record
 
     def combine_inputs(self, inputs: list[int]) -> torch.Tensor:
@@ -82,12 +106,12 @@ class TxtTokLmdb:
     @property
     def txt2img(self) -> dict[str, str]:
         """Text id -> image key."""
-        return read_json(os.path.join(self.path, "txt2img.json"))
+        return read_side_file(os.path.join(self.path, "txt2img.json"), "txt_db side file")
 
     @property
     def img2txts(self) -> dict[str, list[str]]:
         """Image key -> text ids."""
-        return read_json(os.path.join(self.path, "img2txts.json"))
+        return read_side_file(os.path.join(self.path, "img2txts.json"), "txt_db side file")
 
 
 class TxtDbWriter:
@@ -98,7 +122,7 @@ class TxtDbWriter:
     """
 
     def __init__(self, path: str, meta: dict[str, Any]) -> None:
-        for key in ("CLS", "SEP", "MASK", "UNK", "v_range"):
+        for key in (*SPECIAL_IDS, "v_range"):
             if key not in meta:
                 raise ValueError(f"meta must contain {key!r}, got keys {sorted(meta)}")
         self.path = path
