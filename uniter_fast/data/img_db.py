@@ -139,6 +139,11 @@ class DetectFeatLmdb:
             self.name2nbb = count_table(nbb_path, "img_db box-count file", minimum=1)
         elif conf_th != -1:
             name = "all_compressed" if compress else "all"
+            if not os.path.isdir(os.path.join(path, name)):
+                raise DataError(
+                    f"img_db {path!r} has neither the box-count file {os.path.basename(nbb_path)!r} nor an {name!r} "
+                    "database (are conf_th, max_bb and min_bb the ones it was built with?)"
+                )
         self.db = LazyReader(os.path.join(path, name))
         if self.name2nbb is None:
             self.name2nbb = self._compute_nbb()
@@ -272,7 +277,8 @@ class ImgDbWriter:
             return self._skip("bad_shape", str(exc), strict)
         nbb = min(n, compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb, self.num_bb))
         dump["conf"] = conf
-        stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
+        with np.errstate(over="ignore"):  # values beyond float16 become inf, refused just below
+            stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
         if not all(np.isfinite(a).all() for a in (*dump.values(), *stored.values())):
             return self._skip("non_finite", f"image {name!r} has NaN/inf values (or values beyond float16)", strict)
         self._writer.put(name, encode_img_record(stored, self.compress))
