@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb, lmdb_env
 from uniter_fast.errors import UserError
 
 IMG_FIELDS = ("features", "norm_bb", "soft_labels")
@@ -49,6 +49,8 @@ def main() -> None:
             answer: dict[str, Any] = {"result": read_all(request["txt"], request["img"])}
         except Exception as exc:  # reported to the test, which decides whether this kind of error is allowed
             answer = {"error": type(exc).__name__, "user_error": isinstance(exc, UserError), "message": str(exc)}
+        for path in list(lmdb_env._OPEN):  # each request reads its databases afresh
+            lmdb_env.close_reader(path)
         sys.stdout.write(json.dumps(answer) + "\n")
         sys.stdout.flush()
 

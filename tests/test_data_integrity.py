@@ -289,7 +289,9 @@ def test_bad_img_side_files_and_records(tmp_path) -> None:
     with pytest.raises(DataError, match=r"image 'im0.npz': features must be a floating-point array, got dtype int16"):
         db.get_dump("im0.npz")
     os.remove(nbb)
-    with pytest.raises(DataError, match=r"img_db '.*img' has neither the box-count file 'nbb_th0.2_max100_min10.json'"):
+    with pytest.raises(
+        DataError, match=r"img_db '.*img' has neither the box-count file '.*img/nbb_th0.2_max100_min10.json'"
+    ):
         DetectFeatLmdb(img)
     gt = str(tmp_path / "gt")
     with ImgDbWriter(gt, conf_th=-1, num_bb=100) as writer:  # no nbb file: the reader lists the images by __keys__
@@ -315,3 +317,15 @@ def test_bad_txt_records(tmp_path, record, message) -> None:
     assert db["t0"]["input_ids"]  # the other records still read
     with pytest.raises(DataError, match=rf"txt_db {txt!r}: {message}"):
         db["t1"]
+
+
+def test_ids_lmdb_cannot_store_are_refused_by_line(tmp_path) -> None:
+    rows = [{"id": "", "image": "im0", "hypothesis": "a red dog", "label": "neutral"}]
+    out = str(tmp_path / "db")
+    with pytest.raises(DataError, match=r"ve.jsonl line 1: text id '' is empty or longer than 511 bytes"):
+        build_main([*_ve_args(tmp_path, write_jsonl(str(tmp_path / "ve.jsonl"), rows)), "--out", out])
+    _nothing_left(out)
+    captions = [{"id": "", "image": "im0", "caption": "a dog"}, {"id": "c1", "image": "im0", "caption": "a dog"}]
+    with pytest.warns(UserWarning, match="captions line 1: text id '' is empty"):
+        report = build_dbs(write_jsonl(str(tmp_path / "c.jsonl"), captions), *_inputs(tmp_path / "x"), out)
+    assert report["texts"] == 1 and report["skipped_texts"]["malformed_line"] == 1

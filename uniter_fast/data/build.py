@@ -58,8 +58,12 @@ def _write_captions(path: str, toker: WordPiece, images: set[str], writer: TxtDb
             counts["missing_image"] += 1
             warnings.warn(f"caption {id_!r}: image {image!r} has no usable features; skipped", stacklevel=2)
             continue
-        if not writer.add(id_, toker.encode(caption), image, sent=caption):
-            warnings.warn(f"caption {id_!r}: empty after tokenisation or duplicate id; skipped", stacklevel=2)
+        try:
+            if not writer.add(id_, toker.encode(caption), image, sent=caption):
+                warnings.warn(f"caption {id_!r}: empty after tokenisation or duplicate id; skipped", stacklevel=2)
+        except DataError as exc:
+            counts["malformed_line"] += 1
+            warnings.warn(f"captions line {lineno}: {exc}; skipped", stacklevel=2)
     return counts
 
 

@@ -141,8 +141,8 @@ class DetectFeatLmdb:
             name = "all_compressed" if compress else "all"
             if not os.path.isdir(os.path.join(path, name)):
                 raise DataError(
-                    f"img_db {path!r} has neither the box-count file {os.path.basename(nbb_path)!r} nor an {name!r} "
-                    "database (are conf_th, max_bb and min_bb the ones it was built with?)"
+                    f"img_db {path!r} has neither the box-count file {nbb_path!r} nor an {name!r} database (are "
+                    "conf_th, max_bb and min_bb the ones it was built with?)"
                 )
         self.db = LazyReader(os.path.join(path, name))
         if self.name2nbb is None:
@@ -185,6 +185,13 @@ class DetectFeatLmdb:
         except Exception as exc:
             raise DataError(f"img_db {self.path!r}: image {name!r} is corrupted ({exc})") from exc
 
+    def _validate(self, name: str, dump: Any, soft_labels: bool) -> int:
+        """:func:`validate_dump` with the database named in its error."""
+        try:
+            return validate_dump(name, dump, need_soft_labels=soft_labels)
+        except DataError as exc:
+            raise DataError(f"img_db {self.path!r}: {exc}") from None
+
     def _nbb(self, name: str, rows: int) -> int:
         """The box count of ``name``, whose record holds ``rows`` boxes (with ``conf_th`` -1, ``num_bb`` is a cap)."""
         nbb = self.name2nbb.get(name)
@@ -205,13 +212,13 @@ class DetectFeatLmdb:
         raw = self._raw(name)
         found = None if self.compress else array_views(raw, fields)
         dump = found if found is not None else self._load(name, raw)
-        nbb = self._nbb(name, validate_dump(name, dump, need_soft_labels="soft_labels" in fields))
+        nbb = self._nbb(name, self._validate(name, dump, "soft_labels" in fields))
         return {k: dump[k][:nbb] for k in fields}
 
     def get_dump(self, name: str, soft_labels: bool = True) -> dict[str, np.ndarray]:
         """float32 arrays of ``name`` cut to its nbb rows; DataError naming the image if it is missing or bad."""
         dump = self._load(name)
-        nbb = self._nbb(name, validate_dump(name, dump, need_soft_labels=soft_labels))
+        nbb = self._nbb(name, self._validate(name, dump, soft_labels))
         keys = FIELDS if soft_labels else ("features", "norm_bb")
         return {k: dump[k][:nbb].astype(np.float32) for k in keys}
 

@@ -25,6 +25,8 @@ MAP_SIZE = 4 * 1024**4
 """Map size of written databases (4 TiB, as the original ``TxtLmdb``); LMDB files are sparse, so this costs nothing."""
 
 DATA_FILE = "data.mdb"
+MAX_KEY_BYTES = 511
+"""The longest key LMDB stores (its default ``MDB_MAXKEYSIZE``); an empty key is refused too."""
 
 
 _OPEN: dict[str, _Handle] = {}

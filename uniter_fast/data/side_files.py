@@ -14,8 +14,9 @@ def read_side_file(path: str, what: str) -> Any:
     or invalid file is a DataError naming it."""
     try:
         return read_json(path, what)
-    except (OSError, ValueError) as exc:
-        raise DataError(str(exc)) from None
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8, not JSON
+        message = str(exc)
+        raise DataError(message if repr(path) in message else f"{what} {path!r} cannot be read ({message})") from None
 
 
 def count_table(path: str, what: str, minimum: int = 0) -> dict[str, int]:

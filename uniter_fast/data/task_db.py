@@ -76,6 +76,10 @@ def write_records(out: str, meta: dict[str, Any], records: Iterable[Record], des
     came from. Returns the number of records."""
     with TxtDbWriter(out, meta) as writer:
         for where, id_, input_ids, img_fname, fields in tqdm(records, desc=desc):
-            if not writer.add(id_, input_ids, img_fname, **fields):
+            try:
+                added = writer.add(id_, input_ids, img_fname, **fields)
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            if not added:
                 raise DataError(f"{where}: duplicate id {id_!r}")
         return len(writer.id2len)

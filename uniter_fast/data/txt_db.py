@@ -13,7 +13,7 @@ import lz4.frame
 import msgpack
 import torch
 
-from uniter_fast.data.lmdb_env import LazyReader, Writer
+from uniter_fast.data.lmdb_env import MAX_KEY_BYTES, LazyReader, Writer
 from uniter_fast.data.side_files import count_table, read_side_file
 from uniter_fast.errors import DataError
 from uniter_fast.files import write_json_atomic
@@ -117,8 +117,9 @@ class TxtTokLmdb:
 class TxtDbWriter:
     """Writes a txt_db in the original layout; side files are written (atomically) on close.
 
-    ``add(id_, input_ids, img_fname, **extra)`` stores one record; empty ``input_ids`` is skipped with a count in
-    ``skipped`` (the caller reports it). Use as a context manager.
+    ``add(id_, input_ids, img_fname, **extra)`` stores one record; empty ``input_ids`` or a duplicate id is skipped
+    with a count in ``skipped`` (the caller reports it), an id LMDB cannot store is a DataError. Use as a context
+    manager.
     """
 
     def __init__(self, path: str, meta: dict[str, Any]) -> None:
@@ -136,6 +137,8 @@ class TxtDbWriter:
     def add(self, id_: str, input_ids: list[int], img_fname: Union[str, list[str]], **extra: Any) -> bool:
         """Store one text; returns False (and counts it) when it is skipped. ``img_fname`` is one image key, or a list
         of them for texts about several images (NLVR2's pair, VCR's GT-box and detected-box images)."""
+        if not id_ or len(id_.encode("utf-8")) > MAX_KEY_BYTES:
+            raise DataError(f"text id {id_[:40]!r} is empty or longer than {MAX_KEY_BYTES} bytes (an LMDB key)")
         if id_ in self.id2len:
             self.skipped["duplicate_id"] += 1
             return False
