@@ -244,7 +244,7 @@ def test_not_a_database(tmp_path) -> None:
 @pytest.mark.parametrize(
     "file, content, message",
     [
-        ("meta.json", "{", r"txt_db meta file '.*meta.json' is not valid JSON: .*line 1 column 2"),
+        ("meta.json", "{", r"txt_db meta file '.*meta.json' is not valid JSON: .*line 1,? column 2"),
         ("meta.json", {**META, "CLS": "2"}, r"txt_db meta file '.*meta.json': 'CLS' must be an integer id, got '2'"),
         ("meta.json", {**META, "v_range": [5]}, r"'v_range' must be \[lo, hi\] with 0 <= lo <= hi, got \[5\]"),
         ("id2len.json", ["t0"], r"txt_db length file '.*id2len.json' must be a JSON object of name -> count, got list"),
