@@ -186,6 +186,10 @@ def test_bad_records_raise_naming_the_record(tmp_path):
     with pytest.warns(UserWarning, match="1 texts"):
         ds = MlmDataset(txt, img)
     assert ds.skipped == {"missing_image": 1} and "orphan" not in ds.ids
+    from uniter_fast.data import lmdb_env
+
+    lmdb_env.close_reader(txt_dir)  # the readers opened both databases: close them before rewriting in place
+    lmdb_env.close_reader(os.path.join(img_dir, "feat_th0.2_max100_min10"))
     env = lmdb.open(txt_dir, map_size=1 << 30)
     with env.begin(write=True) as t:
         t.put(b"t1", b"not lz4 at all")
@@ -203,10 +207,6 @@ def test_bad_records_raise_naming_the_record(tmp_path):
             ),
         )
     env.close()
-    from uniter_fast.data import lmdb_env
-
-    lmdb_env.close_reader(txt_dir)
-    lmdb_env.close_reader(os.path.join(img_dir, "feat_th0.2_max100_min10"))
     pos = {id_: i for i, id_ in enumerate(ds.ids)}
     with pytest.raises(DataError, match="'t0'.*'im0.npz'.*corrupted"):
         ds[pos["t0"]]

@@ -4,7 +4,8 @@
 captions.jsonl: one ``{"id", "image", "caption"}`` object a line (``image`` = the .npz name, ".npz" optional).
 feats_dir: one ``.npz`` per image with ``features`` [n, 2048], ``norm_bb`` [n, 6], ``conf`` [n], ``soft_labels``
 [n, 1601] (BUTD ``generate_npz.py`` output). Writes ``db/txt`` and ``db/img`` (the directory appears atomically).
-Bad records are skipped with a warning and counted; the counts are printed as JSON at the end.
+Bad records are skipped with a warning and counted; the counts are printed as JSON at the end. A build that would
+write no image or no caption is a :class:`~uniter_fast.errors.DataError` saying why, and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -15,40 +16,38 @@ import os
 import warnings
 from typing import Any, Optional
 
-import numpy as np
 from tqdm import tqdm
 
-from uniter_fast.data.img_db import ImgDbWriter
+from uniter_fast.data.img_db import ImgDbWriter, load_npz
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter
+from uniter_fast.errors import DataError
 from uniter_fast.files import atomic_directory
 
 
 def _write_images(feats_dir: str, writer: ImgDbWriter) -> int:
     paths = sorted(glob.glob(os.path.join(feats_dir, "*.npz")))
     if not paths:
-        raise ValueError(f"features: no .npz files in {feats_dir!r}")
+        raise DataError(f"features: no .npz files in {feats_dir!r}")
     corrupt = 0
     for path in tqdm(paths, desc="images"):
-        name = os.path.basename(path)
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in ("features", "norm_bb", "conf", "soft_labels")}
-        except Exception as exc:  # any unreadable file is a skipped record, as convert_imgdir.py does
+            arrays = load_npz(path)
+        except DataError as exc:  # an unreadable file is a skipped record, as convert_imgdir.py does
             corrupt += 1
-            warnings.warn(f"features: {path!r} is unreadable or lacks a field ({exc}); skipped", stacklevel=2)
+            warnings.warn(f"{exc}; skipped", stacklevel=2)
             continue
-        writer.add(name, **arrays)
+        writer.add(os.path.basename(path), **arrays)
     return corrupt
 
 
 def _write_captions(path: str, toker: WordPiece, images: set[str], writer: TxtDbWriter) -> dict[str, int]:
     counts = {"malformed_line": 0, "missing_image": 0}
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         lines = [line for line in f if line.strip()]
     for lineno, line in enumerate(tqdm(lines, desc="captions"), 1):
         try:
-            rec = json.loads(line)
+            rec = json.loads(line.decode("utf-8"))
             id_, image, caption = str(rec["id"]), str(rec["image"]), str(rec["caption"])
         except (ValueError, KeyError, TypeError) as exc:
             counts["malformed_line"] += 1
@@ -59,8 +58,12 @@ def _write_captions(path: str, toker: WordPiece, images: set[str], writer: TxtDb
             counts["missing_image"] += 1
             warnings.warn(f"caption {id_!r}: image {image!r} has no usable features; skipped", stacklevel=2)
             continue
-        if not writer.add(id_, toker.encode(caption), image, sent=caption):
-            warnings.warn(f"caption {id_!r}: empty after tokenisation or duplicate id; skipped", stacklevel=2)
+        try:
+            if not writer.add(id_, toker.encode(caption), image, sent=caption):
+                warnings.warn(f"caption {id_!r}: empty after tokenisation or duplicate id; skipped", stacklevel=2)
+        except DataError as exc:
+            counts["malformed_line"] += 1
+            warnings.warn(f"captions line {lineno}: {exc}; skipped", stacklevel=2)
     return counts
 
 
@@ -87,13 +90,28 @@ def build_dbs(
     toker = WordPiece(vocab)
     with atomic_directory(out) as tmp:
         with ImgDbWriter(os.path.join(tmp, "img"), conf_th, max_bb, min_bb, num_bb, compress) as img_w:
-            corrupt = _write_images(features, img_w)
+            unreadable = _write_images(features, img_w)
+        skipped_images = {**img_w.skipped, "unreadable": unreadable}
+        if not img_w.name2nbb:
+            raise DataError(
+                f"features: none of the .npz files in {features!r} is usable (skipped: {_counts(skipped_images)}; the "
+                "warnings name each file); nothing written"
+            )
         meta = toker.meta(toker_name or os.path.basename(os.path.dirname(os.path.abspath(vocab))) or "wordpiece")
         with TxtDbWriter(os.path.join(tmp, "txt"), meta) as txt_w:
-            txt_counts = _write_captions(captions, toker, set(img_w.name2nbb), txt_w)
+            caption_counts = _write_captions(captions, toker, set(img_w.name2nbb), txt_w)
+        skipped_texts = {**txt_w.skipped, **caption_counts}
+        if not txt_w.id2len:
+            why = f"skipped: {_counts(skipped_texts)}" if _counts(skipped_texts) else "the file holds none"
+            raise DataError(f"captions {captions!r}: no caption is usable ({why}); nothing written")
     return {
         "images": len(img_w.name2nbb),
         "texts": len(txt_w.id2len),
-        "skipped_images": {**img_w.skipped, "unreadable": corrupt},
-        "skipped_texts": {**txt_w.skipped, **txt_counts},
+        "skipped_images": skipped_images,
+        "skipped_texts": skipped_texts,
     }
+
+
+def _counts(skipped: dict[str, int]) -> str:
+    """The non-zero counts of ``skipped`` as "name n, ..." (a builder's reason for writing nothing)."""
+    return ", ".join(f"{name} {n}" for name, n in skipped.items() if n)

@@ -24,10 +24,28 @@ from tqdm import tqdm
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data.lmdb_env import LazyReader, Writer
 from uniter_fast.data.record_views import array_views
+from uniter_fast.data.side_files import count_table
 from uniter_fast.errors import DataError
-from uniter_fast.files import read_json, write_json_atomic
+from uniter_fast.files import write_json_atomic
 
 FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}
+NPZ_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+    """The arrays :data:`NPZ_FIELDS` of one image's ``.npz`` file (BUTD / ``python -m uniter_fast.extract`` output),
+    unchecked; an unreadable file (not a zip, a damaged member, a pickled array) or a missing array is a DataError
+    naming the file."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in NPZ_FIELDS if k not in npz.files]
+            if missing:
+                raise DataError(f"features: {path!r} lacks the arrays {missing}")
+            return {k: npz[k] for k in NPZ_FIELDS}
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile, zlib, numpy format and OS errors alike mean "cannot be read"
+        raise DataError(f"features: {path!r} is unreadable ({type(exc).__name__}: {exc})") from None
 
 
 def compute_num_bb(conf: np.ndarray, conf_th: float, min_bb: int, max_bb: int, num_bb: int = 36) -> int:
@@ -65,6 +83,11 @@ def decode_img_record(raw: bytes, compress: bool) -> dict[str, np.ndarray]:
     return msgpack.unpackb(raw, object_hook=msgpack_numpy.decode, raw=False)
 
 
+def _kind(value: Any) -> str:
+    """What ``value`` is, for messages: an array's dtype or a Python type's name."""
+    return f"dtype {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__
+
+
 def validate_dump(name: str, dump: dict[str, Any], need_soft_labels: bool = True) -> int:
     """Check one image's arrays; returns the number of boxes n, or raises DataError naming the image."""
     if not isinstance(dump, dict) or "features" not in dump or "norm_bb" not in dump:
@@ -75,6 +98,8 @@ def validate_dump(name: str, dump: dict[str, Any], need_soft_labels: bool = True
         arr = dump.get(key)
         if arr is None:
             raise DataError(f"image {name!r}: record lacks {key!r}")
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind != "f":
+            raise DataError(f"image {name!r}: {key} must be a floating-point array, got {_kind(arr)}")
         if arr.ndim != 2 or arr.shape[1] != FIELDS[key]:
             raise DataError(f"image {name!r}: {key} must have shape [n, {FIELDS[key]}], got {tuple(arr.shape)}")
         if n is not None and arr.shape[0] != n:
@@ -111,9 +136,14 @@ class DetectFeatLmdb:
         nbb_path = os.path.join(path, nbb_name(conf_th, max_bb, min_bb))
         self.name2nbb: Optional[dict[str, int]] = None
         if conf_th != -1 and os.path.exists(nbb_path):
-            self.name2nbb = read_json(nbb_path)
+            self.name2nbb = count_table(nbb_path, "img_db box-count file", minimum=1)
         elif conf_th != -1:
             name = "all_compressed" if compress else "all"
+            if not os.path.isdir(os.path.join(path, name)):
+                raise DataError(
+                    f"img_db {path!r} has neither the box-count file {nbb_path!r} nor an {name!r} database (are "
+                    "conf_th, max_bb and min_bb the ones it was built with?)"
+                )
         self.db = LazyReader(os.path.join(path, name))
         if self.name2nbb is None:
             self.name2nbb = self._compute_nbb()
@@ -122,7 +152,13 @@ class DetectFeatLmdb:
         raw = self.db.get("__keys__")
         if raw is None:
             raise DataError(f"img_db {self.db.path!r} has no '__keys__' record")
-        return json.loads(raw)
+        try:
+            keys = json.loads(raw)
+        except ValueError as exc:
+            raise DataError(f"img_db {self.db.path!r}: the '__keys__' record is not JSON ({exc})") from None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise DataError(f"img_db {self.db.path!r}: the '__keys__' record must be a JSON list of image names")
+        return keys
 
     def _compute_nbb(self) -> dict[str, int]:
         if self.conf_th == -1:
@@ -149,10 +185,20 @@ class DetectFeatLmdb:
         except Exception as exc:
             raise DataError(f"img_db {self.path!r}: image {name!r} is corrupted ({exc})") from exc
 
-    def _nbb(self, name: str) -> int:
+    def _validate(self, name: str, dump: Any, soft_labels: bool) -> int:
+        """:func:`validate_dump` with the database named in its error."""
+        try:
+            return validate_dump(name, dump, need_soft_labels=soft_labels)
+        except DataError as exc:
+            raise DataError(f"img_db {self.path!r}: {exc}") from None
+
+    def _nbb(self, name: str, rows: int) -> int:
+        """The box count of ``name``, whose record holds ``rows`` boxes (with ``conf_th`` -1, ``num_bb`` is a cap)."""
         nbb = self.name2nbb.get(name)
         if nbb is None:
             raise DataError(f"img_db {self.path!r}: image {name!r} has no entry in the nbb file")
+        if nbb > rows and self.conf_th != -1:
+            raise DataError(f"img_db {self.path!r}: image {name!r} has {rows} boxes, its nbb file entry says {nbb}")
         return nbb
 
     def views(self, name: str, fields: tuple[str, ...] = ("features", "norm_bb")) -> dict[str, np.ndarray]:
@@ -166,15 +212,13 @@ class DetectFeatLmdb:
         raw = self._raw(name)
         found = None if self.compress else array_views(raw, fields)
         dump = found if found is not None else self._load(name, raw)
-        validate_dump(name, dump, need_soft_labels="soft_labels" in fields)
-        nbb = self._nbb(name)
+        nbb = self._nbb(name, self._validate(name, dump, "soft_labels" in fields))
         return {k: dump[k][:nbb] for k in fields}
 
     def get_dump(self, name: str, soft_labels: bool = True) -> dict[str, np.ndarray]:
         """float32 arrays of ``name`` cut to its nbb rows; DataError naming the image if it is missing or bad."""
         dump = self._load(name)
-        validate_dump(name, dump, need_soft_labels=soft_labels)
-        nbb = self._nbb(name)
+        nbb = self._nbb(name, self._validate(name, dump, soft_labels))
         keys = FIELDS if soft_labels else ("features", "norm_bb")
         return {k: dump[k][:nbb].astype(np.float32) for k in keys}
 
@@ -212,37 +256,49 @@ class ImgDbWriter:
         self.skipped: dict[str, int] = {"bad_shape": 0, "non_finite": 0, "duplicate": 0}
 
     def add(
-        self, name: str, features: np.ndarray, norm_bb: np.ndarray, conf: np.ndarray, soft_labels: np.ndarray
+        self,
+        name: str,
+        features: np.ndarray,
+        norm_bb: np.ndarray,
+        conf: np.ndarray,
+        soft_labels: np.ndarray,
+        strict: bool = False,
     ) -> bool:
         """Store one image (features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601]; any float dtype).
 
-        Returns False, with a warning and a count, when the image is skipped.
+        Returns False, with a warning and a count, when the image is skipped (duplicate name, missing or misshapen
+        array, not floating point, NaN/inf after the fp16 cast); with ``strict``, raises a DataError saying why.
         """
         dump = {"features": features, "norm_bb": norm_bb, "soft_labels": soft_labels}
         dump = {k: np.asarray(v) for k, v in dump.items()}
         conf = np.asarray(conf).reshape(-1)
         if name in self.name2nbb:
-            self.skipped["duplicate"] += 1
-            warnings.warn(f"img_db writer: duplicate image {name!r} skipped", stacklevel=2)
-            return False
+            return self._skip("duplicate", f"duplicate image {name!r}", strict)
         try:
             n = validate_dump(name, dump)
-            if conf.shape[0] != n:
-                raise DataError(f"image {name!r}: conf has {conf.shape[0]} values, features has {n} rows")
+            if conf.dtype.kind != "f" or conf.shape[0] != n:
+                raise DataError(
+                    f"image {name!r}: conf must be {n} floating-point values, got {conf.shape[0]} of {_kind(conf)}"
+                )
         except DataError as exc:
-            self.skipped["bad_shape"] += 1
-            warnings.warn(f"img_db writer: skipped ({exc})", stacklevel=2)
-            return False
-        if not all(np.isfinite(a).all() for a in (*dump.values(), conf)):
-            self.skipped["non_finite"] += 1
-            warnings.warn(f"img_db writer: image {name!r} has NaN/inf values, skipped", stacklevel=2)
-            return False
+            return self._skip("bad_shape", str(exc), strict)
         nbb = min(n, compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb, self.num_bb))
         dump["conf"] = conf
-        stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
+        with np.errstate(over="ignore"):  # values beyond float16 become inf, refused just below
+            stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
+        if not all(np.isfinite(a).all() for a in (*dump.values(), *stored.values())):
+            return self._skip("non_finite", f"image {name!r} has NaN/inf values (or values beyond float16)", strict)
         self._writer.put(name, encode_img_record(stored, self.compress))
         self.name2nbb[name] = nbb
         return True
+
+    def _skip(self, kind: str, reason: str, strict: bool) -> bool:
+        """Count and warn about a skipped image (False), or raise ``reason`` as a DataError when ``strict``."""
+        if strict:
+            raise DataError(reason)
+        self.skipped[kind] += 1
+        warnings.warn(f"img_db writer: skipped ({reason})", stacklevel=3)
+        return False
 
     def close(self, exc: Optional[BaseException] = None) -> None:
         """Write ``__keys__``, commit, and write the nbb side file."""

@@ -21,12 +21,13 @@ from typing import Any
 
 import numpy as np
 
+from uniter_fast.data.side_files import read_side_file
 from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import encode, field
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter, TxtTokLmdb
 from uniter_fast.errors import DataError
-from uniter_fast.files import read_json, write_json_atomic
+from uniter_fast.files import write_json_atomic
 
 RE_SIDE_FILES = ("refs", "annotations", "categories", "images")
 REF_FIELDS = {
@@ -65,7 +66,7 @@ def read_re_annotations(directory: str) -> dict[str, list[dict[str, Any]]]:
         raise FileNotFoundError(
             f"annotations: RE takes a directory of {[n + '.json' for n in RE_SIDE_FILES]}, got {directory!r}"
         )
-    side = {n: read_json(os.path.join(directory, f"{n}.json")) for n in RE_SIDE_FILES}
+    side = {n: read_side_file(os.path.join(directory, f"{n}.json"), "RE annotation file") for n in RE_SIDE_FILES}
     for name in RE_SIDE_FILES:
         check_side_file(os.path.join(directory, f"{name}.json"), name, side[name])
     return {**side, "where": directory}
@@ -147,7 +148,7 @@ class ReTxtTokLmdb(TxtTokLmdb):
         side = {}
         for name in RE_SIDE_FILES:
             file = os.path.join(path, f"{name}.json")
-            side[name] = read_json(file)
+            side[name] = read_side_file(file, "RE txt_db side file")
             check_side_file(file, name, side[name])
         self.ref_ids = [ref["ref_id"] for ref in side["refs"]]
         self.Refs = {ref["ref_id"]: ref for ref in side["refs"]}

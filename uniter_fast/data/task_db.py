@@ -14,14 +14,12 @@ import json
 import os
 from typing import Any, Iterable, Union
 
-import numpy as np
 from tqdm import tqdm
 
-from uniter_fast.data.img_db import ImgDbWriter
+from uniter_fast.data.img_db import ImgDbWriter, load_npz
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.errors import DataError
 
-NPZ_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 GT_BOX_SETTINGS = (-1.0, 100, 10, 100)  # GT-box img_dbs keep every stored box (conf_th -1, up to 100), as the original
 
 # one txt_db record: (where (file and line, for errors), id, input_ids, img_fname (a key or a list of keys), fields)
@@ -33,13 +31,15 @@ def read_jsonl(path: str) -> list[tuple[str, dict[str, Any]]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"annotations file {path!r} does not exist")
     out = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             where = f"{path} line {lineno}"
             try:
-                out.append((where, json.loads(line)))
+                out.append((where, json.loads(line.decode("utf-8"))))
+            except UnicodeDecodeError as err:
+                raise DataError(f"{where}: not UTF-8 text ({err})") from None
             except json.JSONDecodeError as err:
                 raise DataError(f"{where}: not valid JSON ({err})") from None
     return out
@@ -62,13 +62,11 @@ def write_img_db(out: str, features: str, files: dict[str, str], box_settings: t
             path = os.path.join(features, stem if stem.endswith(".npz") else stem + ".npz")
             if not os.path.isfile(path):
                 raise DataError(f"features: {path!r} is missing (needed for image {key!r})")
-            with np.load(path, allow_pickle=False) as npz:
-                try:
-                    arrays = {k: npz[k] for k in NPZ_FIELDS}
-                except KeyError as err:
-                    raise DataError(f"features: {path!r} lacks the array {err.args[0]!r}") from None
-            if not writer.add(key, **arrays):
-                raise DataError(f"features: {path!r} was rejected (see the warning above)")
+            arrays = load_npz(path)
+            try:
+                writer.add(key, **arrays, strict=True)
+            except DataError as exc:
+                raise DataError(f"features: {path!r} is rejected ({exc})") from None
             rows[key] = len(arrays["features"])
     return rows
 
@@ -78,6 +76,10 @@ def write_records(out: str, meta: dict[str, Any], records: Iterable[Record], des
     came from. Returns the number of records."""
     with TxtDbWriter(out, meta) as writer:
         for where, id_, input_ids, img_fname, fields in tqdm(records, desc=desc):
-            if not writer.add(id_, input_ids, img_fname, **fields):
+            try:
+                added = writer.add(id_, input_ids, img_fname, **fields)
+            except DataError as exc:
+                raise DataError(f"{where}: {exc}") from None
+            if not added:
                 raise DataError(f"{where}: duplicate id {id_!r}")
         return len(writer.id2len)

@@ -13,9 +13,12 @@ import lz4.frame
 import msgpack
 import torch
 
-from uniter_fast.data.lmdb_env import LazyReader, Writer
+from uniter_fast.data.lmdb_env import MAX_KEY_BYTES, LazyReader, Writer
+from uniter_fast.data.side_files import count_table, read_side_file
 from uniter_fast.errors import DataError
-from uniter_fast.files import read_json, write_json_atomic
+from uniter_fast.files import write_json_atomic
+
+SPECIAL_IDS = ("CLS", "SEP", "MASK", "UNK")
 
 
 def encode_txt_record(record: dict[str, Any]) -> bytes:
@@ -38,6 +41,23 @@ class TokenIds(NamedTuple):
     v_range: tuple[int, int]
 
 
+def check_meta(meta: Any, path: str) -> dict[str, Any]:
+    """``meta`` (a txt_db's ``meta.json``) if it holds the integer ids ``CLS``, ``SEP``, ``MASK``, ``UNK`` and
+    ``v_range`` = [lo, hi] with 0 <= lo <= hi; DataError naming the db otherwise."""
+    where = f"txt_db meta file {os.path.join(path, 'meta.json')!r}"
+    if not isinstance(meta, dict):
+        raise DataError(f"{where} must be a JSON object, got {type(meta).__name__}")
+    for key in SPECIAL_IDS:
+        if type(meta.get(key)) is not int:
+            raise DataError(f"{where}: {key!r} must be an integer id, got {meta.get(key)!r}")
+    v_range = meta.get("v_range")
+    if not (isinstance(v_range, list) and len(v_range) == 2 and all(type(v) is int for v in v_range)) or not (
+        0 <= v_range[0] <= v_range[1]
+    ):
+        raise DataError(f"{where}: 'v_range' must be [lo, hi] with 0 <= lo <= hi, got {v_range!r}")
+    return meta
+
+
 class TxtTokLmdb:
     """Reader of a txt_db, as the original ``TxtTokLmdb``.
 
@@ -49,11 +69,10 @@ class TxtTokLmdb:
         if not isinstance(max_txt_len, int) or (max_txt_len < 1 and max_txt_len != -1):
             raise ValueError(f"max_txt_len must be a positive int or -1, got {max_txt_len!r}")
         self.path = path
-        id2len: dict[str, int] = read_json(os.path.join(path, "id2len.json"))
+        id2len = count_table(os.path.join(path, "id2len.json"), "txt_db length file")
         self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
         self.db = LazyReader(path)
-        meta = read_json(os.path.join(path, "meta.json"))
-        self.meta = meta
+        self.meta = meta = check_meta(read_side_file(os.path.join(path, "meta.json"), "txt_db meta file"), path)
         self.cls_: int = meta["CLS"]
         self.sep: int = meta["SEP"]
         self.mask: int = meta["MASK"]
@@ -71,8 +90,13 @@ class TxtTokLmdb:
             raise DataError(f"txt_db {self.path!r}: record {id_!r} is corrupted ({exc})") from exc
         if not isinstance(record, dict) or "input_ids" not in record or "img_fname" not in record:
             raise DataError(f"txt_db {self.path!r}: record {id_!r} lacks 'input_ids' or 'img_fname'")
-        if len(record["input_ids"]) == 0:
+        ids, fname = record["input_ids"], record["img_fname"]
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise DataError(f"txt_db {self.path!r}: record {id_!r}: 'input_ids' must be a list of integers")
+        if len(ids) == 0:
             raise DataError(f"txt_db {self.path!r}: record {id_!r} has an empty caption (no wordpieces)")
+        if not isinstance(fname, str) and not (isinstance(fname, list) and all(isinstance(n, str) for n in fname)):
+            raise DataError(f"txt_db {self.path!r}: record {id_!r}: 'img_fname' must be a name or a list of names")
         return record
 
     def combine_inputs(self, inputs: list[int]) -> torch.Tensor:
@@ -82,23 +106,24 @@ class TxtTokLmdb:
     @property
     def txt2img(self) -> dict[str, str]:
         """Text id -> image key."""
-        return read_json(os.path.join(self.path, "txt2img.json"))
+        return read_side_file(os.path.join(self.path, "txt2img.json"), "txt_db side file")
 
     @property
     def img2txts(self) -> dict[str, list[str]]:
         """Image key -> text ids."""
-        return read_json(os.path.join(self.path, "img2txts.json"))
+        return read_side_file(os.path.join(self.path, "img2txts.json"), "txt_db side file")
 
 
 class TxtDbWriter:
     """Writes a txt_db in the original layout; side files are written (atomically) on close.
 
-    ``add(id_, input_ids, img_fname, **extra)`` stores one record; empty ``input_ids`` is skipped with a count in
-    ``skipped`` (the caller reports it). Use as a context manager.
+    ``add(id_, input_ids, img_fname, **extra)`` stores one record; empty ``input_ids`` or a duplicate id is skipped
+    with a count in ``skipped`` (the caller reports it), an id LMDB cannot store is a DataError. Use as a context
+    manager.
     """
 
     def __init__(self, path: str, meta: dict[str, Any]) -> None:
-        for key in ("CLS", "SEP", "MASK", "UNK", "v_range"):
+        for key in (*SPECIAL_IDS, "v_range"):
             if key not in meta:
                 raise ValueError(f"meta must contain {key!r}, got keys {sorted(meta)}")
         self.path = path
@@ -112,6 +137,8 @@ class TxtDbWriter:
     def add(self, id_: str, input_ids: list[int], img_fname: Union[str, list[str]], **extra: Any) -> bool:
         """Store one text; returns False (and counts it) when it is skipped. ``img_fname`` is one image key, or a list
         of them for texts about several images (NLVR2's pair, VCR's GT-box and detected-box images)."""
+        if not id_ or len(id_.encode("utf-8")) > MAX_KEY_BYTES:
+            raise DataError(f"text id {id_[:40]!r} is empty or longer than {MAX_KEY_BYTES} bytes (an LMDB key)")
         if id_ in self.id2len:
             self.skipped["duplicate_id"] += 1
             return False

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import os
 
+from uniter_fast.data.side_files import count_table
 from uniter_fast.data.txt_db import TxtTokLmdb
 from uniter_fast.errors import DataError
-from uniter_fast.files import read_json
 
 VCR_TASKS = ("qa", "qar", "qa,qar")
 NUM_SPECIAL_TOKENS = 81
@@ -34,11 +34,13 @@ class VcrTxtTokLmdb(TxtTokLmdb):
             raise ValueError(f"task must be one of {VCR_TASKS}, got {task!r}")
         super().__init__(path, -1)
         self.task = task
-        id2len = read_json(os.path.join(path, f"id2len_{'qar' if task == 'qa,qar' else task}.json"))
+        id2len = count_table(
+            os.path.join(path, f"id2len_{'qar' if task == 'qa,qar' else task}.json"), "VCR length file"
+        )
         self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
         for key in ("special_token_base", "num_special_tokens"):
-            if key not in self.meta:
-                raise DataError(f"{os.path.join(path, 'meta.json')}: VCR txt_db meta lacks {key!r}")
+            if type(self.meta.get(key)) is not int:
+                raise DataError(f"{os.path.join(path, 'meta.json')}: VCR txt_db meta lacks the integer {key!r}")
         self.special_token_base = int(self.meta["special_token_base"])
         self.num_special_tokens = int(self.meta["num_special_tokens"])
 

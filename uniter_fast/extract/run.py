@@ -3,8 +3,10 @@
 Images are decoded in DataLoader workers; the detector runs a batch of images at a time; npz files are compressed
 and written by a small thread pool (zlib releases the GIL). Files that exist are skipped (writes are atomic), so an
 interrupted run continues where it stopped. An unreadable image is reported with its path (warning, summary and
-``failed[.rankN].txt``) and the run goes on. Under ``torchrun``/``deepspeed`` (``RANK``/``WORLD_SIZE`` set) each
-rank takes every WORLD_SIZE-th image of the sorted list and, on CUDA, the GPU ``LOCAL_RANK``.
+``failed[.rankN].txt``) and the run goes on; a rank that ends with no npz for any of its images (every one failed)
+raises a :class:`~uniter_fast.errors.DataError` saying why, as does a source without images. Under
+``torchrun``/``deepspeed`` (``RANK``/``WORLD_SIZE`` set) each rank takes every WORLD_SIZE-th image of the sorted list
+and, on CUDA, the GPU ``LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Optional, Union
 import torch
 from tqdm import tqdm
 
+from uniter_fast.errors import DataError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
-from uniter_fast.extract.images import ImageFiles, collate_images, list_images, output_names
+from uniter_fast.extract.images import IMAGE_EXTENSIONS, ImageFiles, collate_images, list_images, output_names
 from uniter_fast.extract.weights import WeightsSource
 from uniter_fast.extract.writer import npz_path, remove_stale_temps, write_npz
 
@@ -88,6 +91,9 @@ def extract_folder(
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     rank, world, _ = rank_and_world()
     paths = list_images(images)
+    if not paths:
+        kinds = ", ".join(IMAGE_EXTENSIONS)
+        raise DataError(f"images: {images!r} names no image (extensions {kinds}); nothing written")
     names = [prefix + n for n in output_names(paths, images)]
     mine = list(range(rank, len(paths), world))
     os.makedirs(out, exist_ok=True)
@@ -112,6 +118,12 @@ def extract_folder(
     if failed:
         with open(_failed_file(out, rank, world), "w", encoding="utf-8") as f:
             f.writelines(f"{path}\t{reason}\n" for path, reason in failed)
+    if mine and written == 0 and len(todo) == len(mine):
+        (path, reason), where = failed[0], _failed_file(out, rank, world)
+        raise DataError(
+            f"images: none of the {len(mine)} images of {images!r} could be extracted (the first, {path!r}: "
+            f"{reason}; all {len(failed)} listed in {where!r}); nothing written"
+        )
     return RunSummary(rank, len(mine), len(mine) - len(todo), written, failed, time.perf_counter() - start)
 
 

@@ -21,6 +21,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_db import GT_BOX_SETTINGS, read_jsonl, write_img_db
 from uniter_fast.data.task_records import field, image_key
 from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.errors import DataError
 from uniter_fast.files import atomic_directory
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
@@ -221,12 +222,14 @@ class Task:
         options: Optional[dict[str, Any]] = None,
     ) -> dict[str, int]:
         """``out/txt``, ``out/img`` (and ``out/img_gt``) from the annotation file ``annotations`` and the per-image
-        ``.npz`` directories, written under a temporary name and renamed at the end (``out`` must not exist);
-        returns the counts."""
+        ``.npz`` directories, written under a temporary name and renamed at the end (``out`` must not exist; nothing
+        is left behind when the build fails); returns the counts. Annotations without a record are a DataError."""
         if self.gt_features and not gt_features:
             raise ValueError(f"task {self.name!r} needs --gt_features (the GT-box features)")
         records = self.read_annotations(annotations)
         det_files, gt_files = self.annotation_images(records)
+        if not det_files and not gt_files:
+            raise DataError(f"annotations {annotations!r}: no {self.name} record (an empty file?); nothing written")
         with atomic_directory(out) as tmp:
             rows = write_img_db(os.path.join(tmp, "img"), features, det_files, box_settings)
             gt_rows = (
@@ -235,6 +238,8 @@ class Task:
             count = self.write_txt_db(
                 records, toker, os.path.join(tmp, "txt"), set(rows), gt_rows, meta_name, options or {}
             )
+            if count == 0:
+                raise DataError(f"annotations {annotations!r}: no {self.name} text record to write; nothing written")
         return {"texts": count, "images": len(rows), "gt_images": len(gt_rows)}
 
     # ------------------------------------------------------------------ bundled synthetic set
