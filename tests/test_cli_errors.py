@@ -152,6 +152,32 @@ def test_every_cli_gives_one_line_for_bad_input(capsys, tmp_path) -> None:
         assert expected in stderr.rstrip().splitlines()[-1], (argv, stderr)
 
 
+def test_builders_and_the_extractor_that_write_nothing_exit_2(capsys, tmp_path) -> None:
+    """Nothing written is a failure (one line, exit 2) and leaves no output directory."""
+    from uniter_fast.build import main as build
+    from uniter_fast.extract.cli import main as extract
+
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "noimgs").mkdir()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a"]) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    common = ["--features", str(tmp_path / "feats"), "--vocab", str(vocab)]
+    cases = [
+        (build, ["--task", "ve", "--annotations", str(empty), *common, "--out", str(tmp_path / "o1")], "no ve record"),
+        (
+            extract,
+            ["--images", str(tmp_path / "noimgs"), "--weights", "w", "--out", str(tmp_path / "o2")],
+            "names no image",
+        ),
+    ]
+    for main, argv, expected in cases:
+        line = run_failing(capsys, main, argv)
+        assert expected in line and "nothing written" in line, (argv, line)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
 def test_a_non_finite_loss_fails_the_run(tmp_path) -> None:
     """The loop's non-finite loss is a ``RunFailed`` (exit status 1)."""
 
