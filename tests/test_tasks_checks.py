@@ -1,6 +1,6 @@
 """Checkpoint against databases (what ``evaluate.py`` and ``finetune.py`` do before building the model: the task's
 ``data_options``, then ``load_task_model``): answer maps (VQA, VE), VCR's object tags, the word vocabulary, the
-original checkpoints without ``task.json``."""
+original checkpoints without ``task.json``; and the head-initialisation log of a pretrained start."""
 
 from __future__ import annotations
 
@@ -168,3 +168,28 @@ def test_a_fine_tuned_word_table_must_cover_the_db_vocabulary(tmp_path) -> None:
     assert model.uniter.embeddings.word_embeddings.num_embeddings == 100
     fits = export("nlvr2", data_options("nlvr2", [txt]), str(tmp_path / "fits"), vocab_size=158)
     load_task_model(get_task("nlvr2"), fits, data_options("nlvr2", [txt]))
+
+
+def test_pretrained_itm_start_logs_what_was_loaded(tmp_path, caplog) -> None:
+    """From a pretraining checkpoint the log names itm_output as loaded and rank_output as its row 1, only the first
+    stage as freshly initialised, and the pretraining heads as skipped; the model is marked first-stage untrained."""
+    state = original_checkpoint(tiny_config(), {"itm_output.weight": (2, H), "itm_output.bias": (2,)})
+    state["cls.predictions.bias"] = torch.zeros(tiny_config().vocab_size).half()
+    torch.save(state, tmp_path / "pretrained.pt")
+    with caplog.at_level(logging.INFO):
+        model, _ = load_task_model(get_task("itm"), str(tmp_path / "pretrained.pt"), {}, tiny_config())
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        line.endswith("itm_output of UniterForImageTextRetrieval from the checkpoint's itm_output") for line in lines
+    )
+    assert any(
+        "rank_output of UniterForImageTextRetrieval from row 1 (match) of the checkpoint's itm_output" in line
+        for line in lines
+    )
+    (fresh,) = [line for line in lines if "initialised freshly" in line]
+    assert fresh.endswith("['img_proj.bias', 'img_proj.weight', 'txt_proj.bias', 'txt_proj.weight']")
+    (skipped,) = [line for line in lines if "skipped" in line]
+    assert skipped.endswith("['cls.predictions.bias']")
+    assert model.first_stage_untrained
+    model, _ = load_task_model(get_task("itm"), str(tmp_path / "pretrained.pt"), {"first_stage_dim": 0}, tiny_config())
+    assert not model.first_stage_untrained  # no first stage to train

@@ -21,7 +21,7 @@ the first stage's ``top_k`` images per text and ``top_k`` texts per image and re
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -96,7 +96,24 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             heads += [self.txt_proj, self.img_proj]
         self.margin, self.hard_neg_size, self.first_stage_dim = margin, hard_neg_size, first_stage_dim
         self.first_stage_weight, self.temperature = first_stage_weight, temperature
+        self._fresh_first_stage: Optional[torch.Tensor] = None  # see mark_first_stage_fresh
         self.init_head_weights(*heads)
+
+    def mark_first_stage_fresh(self) -> None:
+        """Remember the first stage's weights as freshly initialised (a pretrained checkpoint, which has none, was
+        loaded): :attr:`first_stage_untrained` holds until they change (a training step, or trained weights loaded
+        into the model or its engine)."""
+        self._fresh_first_stage = self.txt_proj.weight.detach().clone() if self.first_stage_dim else None
+
+    @property
+    def first_stage_untrained(self) -> bool:
+        """Whether the first stage still holds the fresh init of :meth:`mark_first_stage_fresh` (fast evaluation
+        refuses such a model: its candidates would be random)."""
+        fresh, weight = self._fresh_first_stage, getattr(self, "txt_proj", None)
+        if fresh is None or weight is None or weight.weight.shape != fresh.shape:
+            return False
+        current = weight.weight.detach()
+        return torch.equal(fresh.to(current.device, current.dtype), current)
 
     def init_output(self) -> None:
         """``rank_output`` = row 1 (match) of ``itm_output``, as the original after ``from_pretrained`` (a copy: the
@@ -375,13 +392,20 @@ class ItmTask(Task):
             fast,
         )
 
-    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> None:
-        """Take the pretrained ``itm_output`` (when the checkpoint has it) and copy its row 1 into ``rank_output``."""
+    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Take the pretrained ``itm_output`` (when the checkpoint has it) and copy its row 1 into ``rank_output``; the
+        first stage (a pretrained checkpoint has none) keeps its fresh init and is marked untrained."""
+        derived = {}
         if "itm_output.weight" in state:
             with torch.no_grad():
                 model.itm_output.weight.copy_(state["itm_output.weight"])
                 model.itm_output.bias.copy_(state["itm_output.bias"])
+            derived["itm_output"] = "the checkpoint's itm_output"
         model.init_output()
+        origin = "the checkpoint's" if derived else "the freshly initialised"
+        derived["rank_output"] = f"row 1 (match) of {origin} itm_output (init_output)"
+        model.mark_first_stage_fresh()
+        return derived
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         return ItmRankDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["negative_size"], seed)
