@@ -13,6 +13,7 @@ from tasks_helpers import compare_fast_reference, encoder_keys, original_checkpo
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.data import collate_rows
 from uniter_fast.tasks.itm import (
     ItmEvalDataset,
     ItmHardNegDataset,
@@ -158,6 +159,57 @@ def test_training_groups_follow_the_original_layout(train_db) -> None:
     assert batch["sample_size"] == 5 and batch["input_ids"].size(0) == 20 and batch["pair_rows"].tolist() == [0, 10]
     with pytest.raises(ValueError, match="negative images"):
         ItmRankDataset(txt_db, img_db, negative_size=30)[0]
+
+
+def test_hard_negative_loss_is_the_originals_sum_of_both_sides(train_db) -> None:
+    """The original (train_itm_hard_negatives.py with model/itm.py's HardNeg model) back-propagates per text, each
+    over train_batch_size texts: the image side's hinge mean (sample_from='i'), then the text side's ('t'), each of
+    its positive and the hard_size best-scoring candidates (scored in eval mode, no gradient). Written out here
+    group by group: the loss, every gradient and the clipped norm equal one forward of the collated itm-hn batch."""
+    txt_db, img_db = train_db
+    hard, items = 2, 3
+    data = ItmHardNegDataset(txt_db, img_db, negative_size=5, seed=1)
+    batch = data.collate([data[i] for i in range(items)])
+    torch.manual_seed(0)
+    model = perturb(UniterForImageTextRetrieval(tiny_config(vocab_size=1100), hard_neg_size=hard, fast=True))
+    model.train()
+    out = model(batch)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total, sides = 0.0, {"t": [], "i": []}
+    for k in range(items):
+        rows = data[k]["rows"]
+        for side, group in (("i", rows[6:]), ("t", rows[:6])):  # the original: image side first
+            with torch.no_grad():
+                model.eval()
+                scores = model.rank_scores(collate_rows(group, "itm"))
+                model.train()
+            keep = [0] + (scores[1:].topk(hard).indices + 1).tolist()
+            picked = torch.sigmoid(model.rank_scores(collate_rows([group[i] for i in keep], "itm")))
+            rank_loss = torch.clamp(0.2 + picked[1:] - picked[:1], min=0)  # model/itm.py's triplet loss
+            (rank_loss.mean() / items).backward()  # loss.mean() / opts.train_batch_size
+            total += float(rank_loss.detach().mean()) / items
+            sides[side].append(float(rank_loss.detach().mean()))
+    assert out["loss"].item() == pytest.approx(total, rel=1e-5) and total > 0
+    assert out["text_side_loss"].item() == pytest.approx(np.mean(sides["t"]), rel=1e-5)
+    assert out["image_side_loss"].item() == pytest.approx(np.mean(sides["i"]), rel=1e-5)
+    want = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(want) == set(grads)
+    for name, grad in want.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)
+    for name, param in model.named_parameters():
+        if param.grad is not None:
+            param.grad.copy_(grads[name])
+    assert float(torch.nn.utils.clip_grad_norm_(model.parameters(), 2.0)) == pytest.approx(float(norm), rel=1e-5)
+    # the itm task's single-sided groups keep their plain mean
+    ranked = ItmRankDataset(txt_db, img_db, negative_size=2, seed=1)
+    plain = ranked.collate([ranked[i] for i in range(items)])
+    scores = model(plain, compute_loss=False)["scores"]
+    assert "sides" not in plain and "text_side_loss" not in model(plain)
+    model.eval()
+    torch.testing.assert_close(model(plain)["loss"], triplet_loss(scores, 5, 0.2).mean())
 
 
 def test_short_finetuning_lifts_recall(train_db) -> None:

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from itm_helpers import small_itm_db
-from tasks_helpers import perturb, tiny_config
+from tasks_helpers import original_checkpoint, perturb, tiny_config
 
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.errors import CheckpointError
 from uniter_fast.tasks import get_task
-from uniter_fast.tasks.itm import ItmEvalDataset
+from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.itm import ItmEvalDataset, ItmRankDataset
 from uniter_fast.tasks.itm_eval import candidate_pairs, evaluate_retrieval, itm_recall
 
 
@@ -80,6 +82,29 @@ def test_recall_on_a_hand_made_matrix() -> None:
     assert got["txt_r5"] == pytest.approx(1.0)
 
 
+def test_ties_rank_the_lower_index_first() -> None:
+    """Equal scores rank by lower column (text -> image) and lower row (image -> text): on a constant matrix a
+    text's image ranks at its column index and an image's texts at their row indices. An fp16 matrix, as the
+    original stores, turns scores closer than its resolution into such ties (here all of them)."""
+    gt = [7, 0, 3, 1, 0, 2, 9, 4, 5, 6, 8, 11, 10, 2, 7]
+    txt_ids, img_ids = [f"t{i}" for i in range(len(gt))], [f"i{j}" for j in range(12)]
+    txt2img = {t: f"i{g}" for t, g in zip(txt_ids, gt)}
+    first_row = {j: min(t for t, g in enumerate(gt) if g == j) for j in range(12)}
+    for scores in (
+        torch.full((len(gt), 12), 0.25),
+        (5.0 + 1e-4 * torch.rand(len(gt), 12, generator=torch.Generator().manual_seed(0))).half(),
+    ):
+        assert scores.unique().numel() == 1
+        got = itm_recall(scores, txt_ids, img_ids, txt2img)
+        for k in (1, 5, 10):
+            assert got[f"img_r{k}"] == pytest.approx(np.mean([g < k for g in gt]))
+            assert got[f"txt_r{k}"] == pytest.approx(np.mean([first_row[j] < k for j in range(12)]))
+    # a tie at the true image: it ranks above the equal scores of higher columns only
+    scores = torch.tensor([[0.5, 0.9, 0.9, 0.1], [0.2, 0.7, 0.7, 0.7]])
+    got = itm_recall(scores, ["a", "b"], ["i0", "i1", "i2", "i3"], {"a": "i2", "b": "i1"})
+    assert got["img_r1"] == pytest.approx(0.5)  # a: i1 (column 1) ties with its i2 and ranks first; b: its i1 first
+
+
 def test_recall_equals_the_original_formula_up_to_its_row_index_count() -> None:
     rng = np.random.default_rng(0)
     gt = [j for j in range(40) for _ in range(5)]
@@ -136,10 +161,35 @@ def test_fast_with_k_covering_the_gallery_equals_exact(small_eval) -> None:
 def test_fast_needs_the_first_stage_and_bad_splits_are_named(small_eval, tmp_path) -> None:
     task = get_task("itm")
     model = task.build_model(tiny_config(vocab_size=1100), task.check_options({"first_stage_dim": 0}, "t"), True)
-    with pytest.raises(ValueError, match="first stage"):
+    with pytest.raises(CheckpointError, match="first stage"):
         evaluate_retrieval(model, small_eval, 2048, "fast", top_k=2)
     with pytest.raises(ValueError, match="eval_mode must be one of"):
         task.check_options({"eval_mode": "approx"}, "test config")
+
+
+def test_fast_refuses_a_first_stage_that_was_never_trained(small_eval, tmp_path) -> None:
+    """A pretraining checkpoint has no first stage: loaded for itm, its txt_proj / img_proj are fresh, so fast
+    evaluation (chance-level candidates) is refused with how to train one; exact evaluation works, and a training
+    step lifts the refusal (as trained weights loaded on resume do)."""
+    config = tiny_config(vocab_size=1100)
+    h = config.hidden_size
+    state = original_checkpoint(config, {"itm_output.weight": (2, h), "itm_output.bias": (2,)})
+    torch.save(state, tmp_path / "pretrained.pt")
+    model, _ = load_task_model(get_task("itm"), str(tmp_path / "pretrained.pt"), {"first_stage_dim": 16}, config)
+    with pytest.raises(CheckpointError) as err:
+        evaluate_retrieval(model, small_eval, 2048, "fast", top_k=2)
+    message = str(err.value)
+    assert "txt_proj / img_proj were initialised freshly from a pretrained checkpoint" in message
+    assert "finetune.py --task itm --checkpoint <it>, first_stage_dim 16, first_stage_weight > 0" in message
+    assert "--eval-mode exact" in message and "\n" not in message
+    assert evaluate_retrieval(model, small_eval, 2048, "exact").metrics["cross_pairs"] == 30 * 6
+    ranked = ItmRankDataset(small_eval.txt_db, small_eval.img_db, 1)
+    model.train()
+    model(ranked.collate([ranked[i] for i in range(0, 30, 5)]))["loss"].backward()  # texts of 6 images
+    assert model.first_stage_untrained  # gradients are no training yet
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert not model.first_stage_untrained
+    assert evaluate_retrieval(model, small_eval, 2048, "fast", top_k=2).metrics["cross_pairs"] < 30 * 6
 
 
 def test_a_text_whose_image_is_missing_is_named(tmp_path) -> None:

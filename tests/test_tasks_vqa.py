@@ -26,7 +26,7 @@ from uniter_fast.build import main as build_main
 from uniter_fast.data import TxtDbWriter, TxtTokLmdb
 from uniter_fast.data.task_records import vqa_soft_scores
 from uniter_fast.data.tokenizer import SPECIAL_TOKENS
-from uniter_fast.errors import DataError
+from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled
@@ -297,5 +297,5 @@ def test_a_head_with_the_wrong_number_of_answers_is_refused(tmp_path) -> None:
     state = model(num_answers=11).state_dict()
     torch.save(state, tmp_path / "vqa11.pt")
     options = {"ans2label_table": {"yes": 0, "no": 1, "two": 2, "red": 3}, "num_answers": 4}
-    with pytest.raises(ValueError, match="the model has 11 answers but ans2label has 4"):
+    with pytest.raises(CheckpointError, match=r"the head of .*vqa11.pt has 11 answers, the databases' map .* has 4"):
         load_task_model(get_task("vqa"), str(tmp_path / "vqa11.pt"), options)

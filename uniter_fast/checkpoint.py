@@ -371,6 +371,7 @@ def load_state(
     source: str = "checkpoint",
     encoder_only: bool = False,
     strict: bool = True,
+    log: bool = True,
 ) -> LoadReport:
     """Copy ``state`` (original names: ``uniter.*`` + heads) into ``model``, cast to each tensor's dtype, in place
     (tied parameters stay tied). ``model`` is a bare ``UniterModel`` (its keys are the ``uniter.*`` keys without the
@@ -379,7 +380,8 @@ def load_state(
     ``encoder_only``: only the encoder is copied; the checkpoint's other keys (heads) are skipped and the model's
     other keys keep their fresh init (both logged). Otherwise every key of ``state`` must be the model's (BERT's NSP
     head excepted). Unknown keys and shape mismatches are errors naming them; a model key the checkpoint lacks is an
-    error when ``strict``, else keeps its init (logged)."""
+    error when ``strict``, else keeps its init (logged). ``log=False``: the caller logs the report
+    (:func:`log_load`), e.g. after setting heads from the skipped keys."""
     expected = model.state_dict()
     name = type(model).__name__
     bare = not any(k.startswith(ENCODER_PREFIX) for k in expected)  # a UniterModel: its keys lack the prefix
@@ -414,15 +416,33 @@ def load_state(
     with torch.no_grad():
         for key, value in wanted.items():
             expected[key].copy_(value.to(expected[key].dtype))
-    fresh = sorted(set(expected) - set(wanted))
-    logger.info("%s: loaded %d keys into %s", source, len(wanted), name)
+    report = LoadReport(loaded=list(wanted), fresh=sorted(set(expected) - set(wanted)), skipped=sorted(skipped))
+    if log:
+        log_load(report, source, name)
+    return report
+
+
+def log_load(report: LoadReport, source: str, name: str, derived: Optional[dict[str, str]] = None) -> None:
+    """Log what a load did: the keys loaded into model ``name``, the checkpoint's keys not used, and the model's keys
+    initialised freshly (a warning). ``derived``: {module: where its weights came from} of the modules set after the
+    load from the checkpoint's other keys (ITM: ``rank_output`` from row 1 of the pretrained ``itm_output``); their
+    keys count as neither fresh nor skipped."""
+    derived = derived or {}
+
+    def module_of(key: str) -> str:
+        return key.split(".", 1)[0]
+
+    skipped = [k for k in report.skipped if module_of(k) not in derived]
+    fresh = [k for k in report.fresh if module_of(k) not in derived]
+    logger.info("%s: loaded %d keys into %s", source, len(report.loaded), name)
+    for module, origin in derived.items():
+        logger.info("%s: %s of %s from %s", source, module, name, origin)
     if skipped:
-        logger.info("%s: skipped %d keys that are not loaded into %s: %s", source, len(skipped), name, sorted(skipped))
+        logger.info("%s: skipped %d keys that are not loaded into %s: %s", source, len(skipped), name, skipped)
     if fresh:
         logger.warning(
             "%s: %d keys of %s not in the checkpoint are initialised freshly: %s", source, len(fresh), name, fresh
         )
-    return LoadReport(loaded=list(wanted), fresh=fresh, skipped=sorted(skipped))
 
 
 def load_checkpoint(model: nn.Module, path: PathLike, encoder_only: bool = False, strict: bool = True) -> LoadReport:

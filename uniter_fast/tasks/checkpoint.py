@@ -14,6 +14,11 @@ keys of a checkpoint in the original names:
   and the task head keeps its fresh init (both logged), then the task grows its tables (NLVR2 / VCR type rows, VCR
   tags) as the original calls ``init_type_embedding`` after ``from_pretrained``.
 
+Before the model is built, the checkpoint is checked against what the databases fix (``Task.check_data`` with the
+``DataFacts`` of ``Task.data_options``: answer maps, VCR's object tags, the word vocabulary), a ``CheckpointError``
+naming both files on a mismatch. The load log names what was loaded, what the task derived from the checkpoint's
+other keys (ITM's ``itm_output`` / ``rank_output``), what was skipped and what was initialised freshly.
+
 The model config is the one given, else the checkpoint's own (``config.json`` of an export or beside a file, the
 original's ``../log/model.json``), else read off the weights (heads = H / 64, as every UNITER/BERT size); the
 embedding-table sizes always come from the weights.
@@ -33,13 +38,14 @@ from uniter_fast.checkpoint import (
     export_original_checkpoint,
     infer_config,
     load_state,
+    log_load,
     read_checkpoint,
     resolve_config,
     save_pretrained,
 )
 from uniter_fast.config import UniterConfig
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks.spec import Task
+from uniter_fast.tasks.spec import DATA_FACTS, CheckpointView, Task
 
 logger = logging.getLogger(__name__)
 
@@ -73,9 +79,13 @@ def load_task_model(
 ) -> tuple[UniterPreTrainedModel, dict[str, Any]]:
     """The task model initialised from ``checkpoint`` (a path, or a checkpoint already read; None: fresh, from
     ``config``, default the ``tiny`` preset), and the options completed by the checkpoint (head-fixed options win
-    over ``options``, with a warning when they differ)."""
+    over ``options``, with a warning when they differ). ``options`` may hold what ``task.data_options`` read off the
+    databases: the checkpoint is checked against it first (``Task.check_data``: answer maps, special tokens, the
+    vocabulary), a ``CheckpointError`` naming both files on a mismatch; the returned options no longer hold
+    :data:`DATA_FACTS`."""
     overrides = dict(config_overrides or {})
     options = {**task.options, **options}  # the task's defaults for options not given
+    data = options.pop(DATA_FACTS, None)
     if checkpoint is None:
         base = resolve_config(config or "tiny")
         model = task.build_model(UniterConfig.from_dict({**base.to_dict(), **overrides}), options, fast)
@@ -86,8 +96,18 @@ def load_task_model(
     checkpoint = ckpt.path
     state = ckpt.state
     finetuned = head_keys(task, state)
+    view = checkpoint_view(ckpt, bool(finetuned))
+    if finetuned and view.task_file is None:
+        logger.info(
+            "%s: no %s (an original train_%s.py checkpoint): the options it was trained with are unknown, only "
+            "what its weights fix is checked against the databases",
+            checkpoint,
+            TASK_FILE,
+            task.name,
+        )
+    task.check_data(view, options, data)
     if finetuned:
-        saved = (ckpt.side_file(TASK_FILE) or {}).get("options", {})
+        saved = view.saved_options
         if task.checkpoint_options is not None:
             saved = {k: v for k, v in saved.items() if k in task.checkpoint_options}
         fixed = {**saved, **task.options_from_state(state)}
@@ -111,10 +131,22 @@ def load_task_model(
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
     # a BERT-style file has no image embedder: it keeps its fresh init (logged), as in the original's loose load
-    load_state(model, state, checkpoint, encoder_only=True, strict=ckpt.layout != "bert")
-    task.init_from_pretrained(model, state)
+    report = load_state(model, state, checkpoint, encoder_only=True, strict=ckpt.layout != "bert", log=False)
+    derived = task.init_from_pretrained(model, state)
+    log_load(report, checkpoint, type(model).__name__, derived)
     task.prepare_model(model, options)
     return model, options
+
+
+def checkpoint_view(ckpt: Checkpoint, finetuned: bool) -> CheckpointView:
+    """``ckpt`` as ``Task.check_data`` sees it: with its ``task.json`` and the options saved there (a fine-tuned
+    directory checkpoint of ours; none for a single file or a pretrained checkpoint)."""
+    record = ckpt.side_file(TASK_FILE) if finetuned else None
+    if record is None:
+        return CheckpointView(ckpt.path, ckpt.state, finetuned)
+    return CheckpointView(
+        ckpt.path, ckpt.state, finetuned, os.path.join(ckpt.path, TASK_FILE), dict(record.get("options", {}))
+    )
 
 
 def save_task_model(

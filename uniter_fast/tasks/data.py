@@ -52,11 +52,17 @@ class DbCache:
         """Every txt_db opened so far."""
         return list(self._txt.values())
 
+    @staticmethod
+    def txt_dir(path: str) -> str:
+        """``path``, checked to be a directory (``FileNotFoundError`` naming the txt_db otherwise)."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"txt_db directory {path!r} does not exist")
+        return path
+
     def txt(self, cls: type, path: str, training: bool, **kwargs: Any) -> TxtTokLmdb:
         """A ``cls`` (TxtTokLmdb or a task subclass) over ``path``: the ``max_txt_len`` filter for training, none for
         evaluation (as the original scripts)."""
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"txt_db directory {path!r} does not exist")
+        self.txt_dir(path)
         max_len = self.settings.max_txt_len if training else -1
         key = (cls, os.path.abspath(path), max_len, tuple(sorted(kwargs.items())))
         if key not in self._txt:

@@ -49,6 +49,14 @@ def triplet_loss(scores: torch.Tensor, sample_size: int, margin: float) -> torch
     return torch.clamp(margin + grouped[:, 1:] - grouped[:, :1], min=0)
 
 
+def side_means(terms: torch.Tensor, sides: int) -> torch.Tensor:
+    """[sides] the mean of each side's hinge terms ``terms`` [G, n], whose groups come example by example, ``sides``
+    groups each (``itm-hn``: the text side, then the image side)."""
+    if terms.size(0) % sides:
+        raise ValueError(f"{terms.size(0)} groups do not form examples of {sides} sides")
+    return terms.reshape(-1, sides, terms.size(1)).mean(dim=(0, 2))
+
+
 def contrastive_loss(txt: torch.Tensor, img: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
     """In-batch contrastive loss (mean of text->image and image->text cross-entropy) of matching rows of ``txt`` /
     ``img`` [G, D] (L2-normalised); off-diagonal pairs of the same image (``groups`` int64 [G]) are masked out."""
@@ -96,7 +104,24 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             heads += [self.txt_proj, self.img_proj]
         self.margin, self.hard_neg_size, self.first_stage_dim = margin, hard_neg_size, first_stage_dim
         self.first_stage_weight, self.temperature = first_stage_weight, temperature
+        self._fresh_first_stage: Optional[torch.Tensor] = None  # see mark_first_stage_fresh
         self.init_head_weights(*heads)
+
+    def mark_first_stage_fresh(self) -> None:
+        """Remember the first stage's weights as freshly initialised (a pretrained checkpoint, which has none, was
+        loaded): :attr:`first_stage_untrained` holds until they change (a training step, or trained weights loaded
+        into the model or its engine)."""
+        self._fresh_first_stage = self.txt_proj.weight.detach().clone() if self.first_stage_dim else None
+
+    @property
+    def first_stage_untrained(self) -> bool:
+        """Whether the first stage still holds the fresh init of :meth:`mark_first_stage_fresh` (fast evaluation
+        refuses such a model: its candidates would be random)."""
+        fresh, weight = self._fresh_first_stage, getattr(self, "txt_proj", None)
+        if fresh is None or weight is None or weight.weight.shape != fresh.shape:
+            return False
+        current = weight.weight.detach()
+        return torch.equal(fresh.to(current.device, current.dtype), current)
 
     def init_output(self) -> None:
         """``rank_output`` = row 1 (match) of ``itm_output``, as the original after ``from_pretrained`` (a copy: the
@@ -111,16 +136,22 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         return self.rank_output(self._pooled(batch, self._encode(batch))).squeeze(1)
 
     def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
-        """``{"scores": [B]}``, or ``{"loss", "rank_loss"[, "first_stage_loss"]}`` (0-dim, means) for a batch of
-        ``sample_size`` groups."""
+        """``{"scores": [B]}``, or ``{"loss", "rank_loss"[, "first_stage_loss"]}`` (0-dim) for a batch of
+        ``sample_size`` groups: ``rank_loss`` is the mean hinge term of each side summed over the batch's ``sides``
+        (``itm``: one side, the mean; ``itm-hn``: text side + image side, as the original back-propagates them
+        separately), with ``text_side_loss`` / ``image_side_loss`` when there are two."""
         if not compute_loss:
             return {"scores": self.rank_scores(batch)}
         require(batch, ("sample_size",), "itm")
-        sample_size = int(batch["sample_size"])
+        sample_size, sides = int(batch["sample_size"]), int(batch.get("sides", 1))
         if self.hard_neg_size and self.training:
             batch, sample_size = self.hard_batch(batch, sample_size), self.hard_neg_size + 1
-        rank_loss = triplet_loss(self.rank_scores(batch), sample_size, self.margin).mean()
+        terms = triplet_loss(self.rank_scores(batch), sample_size, self.margin)
+        rank_loss = terms.mean() * sides  # every side has as many terms: the sum of the sides' means
         out = {"loss": rank_loss, "rank_loss": rank_loss.detach()}
+        if sides == 2:
+            per_side = side_means(terms.detach(), sides)
+            out.update(text_side_loss=per_side[0], image_side_loss=per_side[1])
         if self.first_stage_dim and self.first_stage_weight > 0:
             require(batch, ("pair_rows", "pair_images"), "itm", "the first-stage loss")
             pairs = select_rows(batch, batch["pair_rows"])
@@ -278,11 +309,11 @@ class ItmHardNegDataset(ItmNegativesBase):
         return {"rows": rows, "positive_image": self.images.index(image)}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Joint layout of the groups (text side, image side, per item), ``sample_size`` = 1 + n, and the first
-        stage's ``pair_rows`` (the text-side positives) / ``pair_images``."""
+        """Joint layout of the groups (text side, image side, per item), ``sample_size`` = 1 + n, ``sides`` = 2, and
+        the first stage's ``pair_rows`` (the text-side positives) / ``pair_images``."""
         size = len(items[0]["rows"]) // 2
         batch = collate_rows([r for it in items for r in it["rows"]], self.task)
-        batch["sample_size"] = size
+        batch["sample_size"], batch["sides"] = size, 2
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * 2 * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
         return batch
@@ -375,13 +406,20 @@ class ItmTask(Task):
             fast,
         )
 
-    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> None:
-        """Take the pretrained ``itm_output`` (when the checkpoint has it) and copy its row 1 into ``rank_output``."""
+    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, str]:
+        """Take the pretrained ``itm_output`` (when the checkpoint has it) and copy its row 1 into ``rank_output``; the
+        first stage (a pretrained checkpoint has none) keeps its fresh init and is marked untrained."""
+        derived = {}
         if "itm_output.weight" in state:
             with torch.no_grad():
                 model.itm_output.weight.copy_(state["itm_output.weight"])
                 model.itm_output.bias.copy_(state["itm_output.bias"])
+            derived["itm_output"] = "the checkpoint's itm_output"
         model.init_output()
+        origin = "the checkpoint's" if derived else "the freshly initialised"
+        derived["rank_output"] = f"row 1 (match) of {origin} itm_output (init_output)"
+        model.mark_first_stage_fresh()
+        return derived
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         return ItmRankDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["negative_size"], seed)

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.errors import CheckpointError
 from uniter_fast.files import atomic_write, write_json_atomic
 from uniter_fast.training.distributed import is_distributed, lockstep, rank_and_world
 
@@ -132,9 +133,16 @@ def first_stage_embeddings(
     a shard, then they are summed over ranks)."""
     module = getattr(model, "module", model)
     if not getattr(module, "first_stage_dim", 0):
-        raise ValueError(
+        raise CheckpointError(
             "fast evaluation needs the first stage (txt_proj / img_proj), which this model lacks (an original "
             "checkpoint?); fine-tune with first_stage_dim > 0 or use --eval-mode exact"
+        )
+    if module.first_stage_untrained:
+        raise CheckpointError(
+            "fast evaluation needs a trained first stage, but this model's txt_proj / img_proj were initialised "
+            "freshly from a pretrained checkpoint (it has none) and never trained, so its candidates would be "
+            f"random: train one (finetune.py --task itm --checkpoint <it>, first_stage_dim {module.first_stage_dim}, "
+            "first_stage_weight > 0) and evaluate its export, or use --eval-mode exact"
         )
     device = next(module.parameters()).device
     rank, world = rank_and_world()

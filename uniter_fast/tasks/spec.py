@@ -11,6 +11,7 @@ config, and no code outside ``tasks/`` tests a task's name (``docs/adding-a-task
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Optional
 
@@ -21,12 +22,60 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_db import GT_BOX_SETTINGS, read_jsonl, write_img_db
 from uniter_fast.data.task_records import field, image_key
 from uniter_fast.data.tokenizer import WordPiece
-from uniter_fast.errors import DataError
-from uniter_fast.files import atomic_directory
+from uniter_fast.errors import CheckpointError, DataError
+from uniter_fast.files import atomic_directory, read_json
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
 from uniter_fast.tasks.evaluation import evaluate
 from uniter_fast.tasks.synthetic.text import texts_of
+
+DATA_FACTS = "data_facts"
+"""The key under which :meth:`Task.data_options` returns the :class:`DataFacts` of the databases; ``load_task_model``
+takes it out of the options (it is never saved with them)."""
+WORD_TABLE = "uniter.embeddings.word_embeddings.weight"
+TYPE_TABLE = "uniter.embeddings.token_type_embeddings.weight"
+
+
+@dataclasses.dataclass
+class DataFacts:
+    """What a task's databases fix that a checkpoint must fit, with the files that say it (for the messages).
+
+    ``vocab_size``: the word ids the text dbs may hold (the largest ``meta.json`` ``v_range`` end; 0: none read) and
+    ``vocab_file`` that ``meta.json``; ``files``: {option: the file it was read from} of the options that
+    :meth:`Task.data_options` read off the databases (e.g. ``ans2label_table`` -> ``<txt_db>/ans2label.json``)."""
+
+    vocab_size: int = 0
+    vocab_file: str = ""
+    files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def data_file(data: Optional[DataFacts], option: str) -> str:
+    """The file that option ``option`` was read from according to ``data``, or a phrase naming the option when none
+    was recorded (the caller gave the option itself)."""
+    return data.files.get(option, f"the {option!r} option") if data is not None else f"the {option!r} option"
+
+
+@dataclasses.dataclass
+class CheckpointView:
+    """A checkpoint as :meth:`Task.check_data` sees it: its ``path``, ``state`` (original names), whether the task's
+    head keys are in it (``finetuned``), and its ``task.json`` (``task_file``, None when it has none: an original
+    ``train_<task>.py`` checkpoint or a pretrained one) with the options saved there (``saved_options``)."""
+
+    path: str
+    state: dict[str, torch.Tensor]
+    finetuned: bool
+    task_file: Optional[str] = None
+    saved_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def rows(self, key: str) -> Optional[int]:
+        """The first dimension of ``state[key]`` (e.g. :data:`WORD_TABLE`: the word table's rows); None if absent."""
+        value = self.state.get(key)
+        return int(value.shape[0]) if value is not None else None
+
+    @property
+    def options_file(self) -> str:
+        """Where the checkpoint's options are read from, for messages: its task.json, else the checkpoint."""
+        return self.task_file or self.path
 
 
 class Task:
@@ -88,13 +137,41 @@ class Task:
     def prepare_model(self, model: UniterPreTrainedModel, options: dict[str, Any]) -> None:
         """Grow the embedding tables the task needs (after a pretrained checkpoint is loaded); default nothing."""
 
-    def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> None:
+    def init_from_pretrained(
+        self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]
+    ) -> Optional[dict[str, str]]:
         """Initialise the head from a pretrained checkpoint's ``state`` after the encoder is loaded (ITM: the
-        pretrained ``itm_output`` and ``init_output``); default nothing (the head keeps its fresh init)."""
+        pretrained ``itm_output`` and ``init_output``); returns {module: where its weights came from} for the load
+        log (modules not named keep their fresh init and are logged so). Default nothing (None)."""
+        return None
 
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
-        """Options read off the task's databases (e.g. the answer vocabulary); default none."""
-        return {}
+        """Options read off the task's databases ``txt_paths`` (e.g. the answer vocabulary). The base gives
+        :data:`DATA_FACTS`, the :class:`DataFacts` that :meth:`check_data` checks a checkpoint against (the word
+        vocabulary); overrides add theirs to ``super().data_options(...)`` and name their files in its ``files``."""
+        vocab_size, vocab_file = 0, ""
+        for path in txt_paths:
+            meta_path = os.path.join(dbs.txt_dir(path), "meta.json")
+            end = int(read_json(meta_path, "txt_db meta")["v_range"][1])
+            if end > vocab_size:
+                vocab_size, vocab_file = end, meta_path
+        return {DATA_FACTS: DataFacts(vocab_size, vocab_file)}
+
+    def check_data(self, checkpoint: CheckpointView, options: dict[str, Any], data: Optional[DataFacts]) -> None:
+        """``CheckpointError`` naming both files when ``checkpoint`` cannot serve the databases: ``options`` hold
+        what :meth:`data_options` read off them (``data`` names the files; None when the caller read none). The base
+        checks the word vocabulary: a fine-tuned checkpoint's word table (which does not grow) must cover the dbs'
+        word ids. Overrides (answer maps, special tokens) call it too."""
+        words = checkpoint.rows(WORD_TABLE)
+        if data is None or not checkpoint.finetuned or self.grows_loaded_heads or words is None:
+            return
+        if words < data.vocab_size:
+            raise CheckpointError(
+                f"vocabulary mismatch: {checkpoint.path} has a word table of {words} rows, but the text db's "
+                f"{data.vocab_file} (v_range end {data.vocab_size}) gives word ids up to {data.vocab_size - 1}; a "
+                "fine-tuned model's word table does not grow: use databases built with the vocabulary it was "
+                "trained with (python -m uniter_fast.build --vocab)"
+            )
 
     # ------------------------------------------------------------------ data
     def train_dataset(

@@ -33,7 +33,7 @@ from uniter_fast.data import DetectFeatLmdb
 from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import field, image_key, vcr_lengths, vcr_record
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
-from uniter_fast.errors import DataError
+from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.files import write_json_atomic
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (
@@ -45,7 +45,18 @@ from uniter_fast.tasks.data import (
     random_rows,
     row,
 )
-from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.spec import (
+    DATA_FACTS,
+    TYPE_TABLE,
+    WORD_TABLE,
+    CheckpointView,
+    DataFacts,
+    Task,
+    data_file,
+    ratio,
+    require,
+    scores_of,
+)
 from uniter_fast.tasks.synthetic.vcr import vcr_annotations
 
 BERT_BASE_CASED_VOCAB = 28996  # the default special_token_base: bert-base-cased's word table, as the original's
@@ -79,40 +90,89 @@ class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
         return {"loss": F.cross_entropy(rank_scores.float(), batch["targets"])}
 
 
+def check_vcr_tables(type_rows: int, words: int, base: int, finished: bool = False) -> None:
+    """``ValueError`` unless a model with ``type_rows`` type rows and ``words`` word rows can take VCR's tables for
+    object tags from id ``base``: pretrained tables (2 type rows) with at most ``base`` words or ``base`` + 81, or VCR
+    tables (4 type rows) with ``base`` (+ 81) words; ``finished``: the VCR tables already (4 rows, ``base`` + 81, a
+    fine-tuned VCR model)."""
+    if type_rows not in (2, len(TYPE_ROWS)) or (finished and type_rows != len(TYPE_ROWS)):
+        wanted = f"{len(TYPE_ROWS)}" if finished else f"2 (pretrained) or {len(TYPE_ROWS)}"
+        raise ValueError(f"a VCR model has {wanted} type rows, this one has {type_rows}")
+    if type_rows == 2 and words < base:
+        return  # grown to the db's words first
+    if words != base + NUM_SPECIAL_TOKENS and (finished or words != base):
+        raise ValueError(
+            f"the VCR db's object tags start at id {base} (meta.json special_token_base), so the model "
+            f"needs {base} words before the {NUM_SPECIAL_TOKENS} tags are added; it has {words}. "
+            f"Rebuild the db with --special_token_base {words - NUM_SPECIAL_TOKENS if finished else words}, or use "
+            "a model of that vocabulary"
+        )
+
+
 def prepare_vcr_tables(model: UniterPreTrainedModel, special_token_base: int) -> None:
     """Grow a pretrained model's tables for VCR: 4 type rows and ``special_token_base`` + 81 words (a pretrained word
     table smaller than ``special_token_base`` first grows to it, with a warning: the db's words beyond the pretraining
     vocabulary get fresh rows). Tables that already have those sizes (a VCR checkpoint) are kept; any other size is
-    an error naming both."""
+    an error naming both (:func:`check_vcr_tables`)."""
     rows = model.uniter.embeddings.token_type_embeddings.num_embeddings
-    pretrained = rows == 2
-    if pretrained:
-        model.init_type_embedding(TYPE_ROWS)
-    elif rows != len(TYPE_ROWS):
-        raise ValueError(f"a VCR model has 2 (pretrained) or 4 type rows, this one has {rows}")
     words = model.uniter.embeddings.word_embeddings.num_embeddings
-    if pretrained and words < special_token_base:
-        logger.warning(
-            "word table grown from %d to %d rows (the VCR db's words) before the tags", words, special_token_base
-        )
-        model.init_word_embedding(special_token_base - words)
-        words = special_token_base
+    check_vcr_tables(rows, words, special_token_base)
+    if rows == 2:
+        model.init_type_embedding(TYPE_ROWS)
+        if words < special_token_base:
+            logger.warning(
+                "word table grown from %d to %d rows (the VCR db's words) before the tags", words, special_token_base
+            )
+            model.init_word_embedding(special_token_base - words)
+            words = special_token_base
     if words == special_token_base:
         model.init_word_embedding(NUM_SPECIAL_TOKENS)
-    elif words != special_token_base + NUM_SPECIAL_TOKENS:
-        raise ValueError(
-            f"the VCR db's object tags start at id {special_token_base} (meta.json special_token_base), so the model "
-            f"needs {special_token_base} words before the {NUM_SPECIAL_TOKENS} tags are added; it has {words}. "
-            f"Rebuild the db with --special_token_base {words}, or use a model of that vocabulary"
-        )
 
 
 def special_token_base(dbs: DbCache, txt_paths: list[str]) -> int:
-    """The id of object tag 0 shared by the VCR txt_dbs (``meta.json``); ``DataError`` when they disagree."""
-    bases = {dbs.txt(VcrTxtTokLmdb, p, False).special_token_base for p in txt_paths}
+    """The id of object tag 0 shared by the VCR txt_dbs (``meta.json``); ``DataError`` when they disagree or hold
+    more tags than a VCR model's 81 rows."""
+    opened = [dbs.txt(VcrTxtTokLmdb, p, False) for p in txt_paths]
+    bases = {db.special_token_base for db in opened}
     if len(bases) != 1:
         raise DataError(f"the VCR dbs {txt_paths} disagree on meta.json special_token_base: {sorted(bases)}")
+    for db in opened:
+        if db.num_special_tokens > NUM_SPECIAL_TOKENS:
+            raise DataError(
+                f"{os.path.join(db.path, 'meta.json')}: num_special_tokens is {db.num_special_tokens}, but a VCR "
+                f"model has {NUM_SPECIAL_TOKENS} object-tag rows (the original's)"
+            )
     return bases.pop()
+
+
+def with_special_tokens(out: dict[str, Any], dbs: DbCache, txt_paths: list[str]) -> dict[str, Any]:
+    """The VCR tasks' ``data_options``: the base's ``out`` and ``special_token_base`` (the dbs' meta.json)."""
+    out[DATA_FACTS].files["special_token_base"] = os.path.join(txt_paths[0], "meta.json")
+    return {**out, "special_token_base": special_token_base(dbs, txt_paths)}
+
+
+def check_special_tokens(
+    checkpoint: CheckpointView, options: dict[str, Any], data: Optional[DataFacts], finished: bool
+) -> None:
+    """``CheckpointError`` naming the checkpoint and the db's meta.json unless the checkpoint's tables fit the db's
+    object tags (``check_vcr_tables``; ``finished``: they must be VCR's already) and its task.json, if any, saved the
+    db's ``special_token_base``."""
+    base = options.get("special_token_base")
+    words, rows = checkpoint.rows(WORD_TABLE), checkpoint.rows(TYPE_TABLE)
+    if base is None or words is None or rows is None:
+        return
+    meta = data_file(data, "special_token_base")
+    saved = checkpoint.saved_options.get("special_token_base")
+    if saved is not None and saved != base:
+        raise CheckpointError(
+            f"VCR special tokens mismatch: the checkpoint's object tags start at id {saved} ({checkpoint.task_file} "
+            f"special_token_base), the databases' at {base} ({meta} special_token_base): rebuild the dbs with "
+            f"--special_token_base {saved}"
+        )
+    try:
+        check_vcr_tables(rows, words, base, finished)
+    except ValueError as err:
+        raise CheckpointError(f"VCR special tokens mismatch: {checkpoint.path} and {meta}: {err}") from None
 
 
 class VcrDataset(TaskDataset):
@@ -220,7 +280,13 @@ class VcrTask(Task):
     headline = "acc_qa"
 
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
-        return {"special_token_base": special_token_base(dbs, txt_paths)}
+        return with_special_tokens(super().data_options(dbs, txt_paths, options), dbs, txt_paths)
+
+    def check_data(self, checkpoint: CheckpointView, options: dict[str, Any], data: Optional[DataFacts]) -> None:
+        """The base checks, then the object tags: a fine-tuned VCR checkpoint holds VCR's tables for the db's
+        ``special_token_base``, a pretrained one can grow to them."""
+        super().check_data(checkpoint, options, data)
+        check_special_tokens(checkpoint, options, data, finished=checkpoint.finetuned)
 
     def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
         return UniterForVisualCommonsenseReasoning(config, fast)

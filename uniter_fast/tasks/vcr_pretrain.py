@@ -27,8 +27,16 @@ from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.model import UniterForPretraining, task_kind
 from uniter_fast.pretraining.validate import validate
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, box_inputs, collate_rows, eval_batches
-from uniter_fast.tasks.spec import Task
-from uniter_fast.tasks.vcr import ANSWER, QUESTION, RATIONALE, VcrDataset, prepare_vcr_tables, special_token_base
+from uniter_fast.tasks.spec import CheckpointView, DataFacts, Task
+from uniter_fast.tasks.vcr import (
+    ANSWER,
+    QUESTION,
+    RATIONALE,
+    VcrDataset,
+    check_special_tokens,
+    prepare_vcr_tables,
+    with_special_tokens,
+)
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl")
@@ -132,7 +140,13 @@ class VcrPretrainTask(Task):
         return out
 
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
-        return {"special_token_base": special_token_base(dbs, txt_paths)}
+        return with_special_tokens(super().data_options(dbs, txt_paths, options), dbs, txt_paths)
+
+    def check_data(self, checkpoint: CheckpointView, options: dict[str, Any], data: Optional[DataFacts]) -> None:
+        """The base checks, then the object tags: the checkpoint's tables can grow to VCR's for the db's
+        ``special_token_base`` (or are VCR's already)."""
+        super().check_data(checkpoint, options, data)
+        check_special_tokens(checkpoint, options, data, finished=False)
 
     def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
         return UniterForPretraining(config, fast=fast)

@@ -14,8 +14,10 @@ from typing import Any, Optional
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_records import VE_ENT2IDX, ve_record
+from uniter_fast.errors import DataError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache
+from uniter_fast.tasks.spec import DATA_FACTS
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, ve_annotations
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaTask
 
@@ -34,8 +36,18 @@ class VeTask(VqaTask):
     options: dict[str, Any] = {}
     head_lr_mul = False
 
+    original_ans2label = dict(VE_ENT2IDX)
+
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
-        return {"ans2label_table": dict(VE_ENT2IDX), "num_answers": len(VE_ENT2IDX)}
+        """The three classes: the dbs' ``ans2label.json`` where they keep one (all must agree), else the original's
+        (contradiction 0, entailment 1, neutral 2)."""
+        out = super().data_options(dbs, txt_paths, options)
+        if out["num_answers"] != len(VE_ENT2IDX):
+            raise DataError(
+                f"{out[DATA_FACTS].files['ans2label_table']}: a VE model has {len(VE_ENT2IDX)} classes "
+                f"{sorted(VE_ENT2IDX)}, this answer map has {out['num_answers']}"
+            )
+        return out
 
     def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
         if options.get("num_answers", 3) != 3:

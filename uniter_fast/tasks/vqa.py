@@ -11,6 +11,7 @@ the score of the argmax answer, averaged (``compute_score_with_logits``). Predic
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Optional
 
@@ -23,7 +24,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.task_db import check_image, write_records
 from uniter_fast.data.task_records import build_ans2label, vqa_record
-from uniter_fast.errors import DataError
+from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.files import read_json, write_json_atomic
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (
@@ -35,10 +36,22 @@ from uniter_fast.tasks.data import (
     random_rows,
     row,
 )
-from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.spec import (
+    DATA_FACTS,
+    CheckpointView,
+    DataFacts,
+    Task,
+    data_file,
+    ratio,
+    require,
+    scores_of,
+)
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, VQA_ANSWERS, vqa_annotations
 
 ANS2LABEL = "ans2label.json"
+HEAD_OUTPUT = "vqa_output.3.weight"  # [num_answers, 2H]: the head's answer count
+
+logger = logging.getLogger(__name__)
 
 
 class UniterForVisualQuestionAnswering(UniterPreTrainedModel):
@@ -148,6 +161,22 @@ def read_ans2label(txt_path: str) -> dict[str, int]:
     return ans2label
 
 
+def has_ans2label(txt_path: str) -> bool:
+    """Whether the txt_db at ``txt_path`` keeps its own answer map (``ans2label.json``)."""
+    return os.path.isfile(os.path.join(txt_path, ANS2LABEL))
+
+
+def map_difference(first: dict[str, int], second: dict[str, int], shown: int = 3) -> str:
+    """The first labels whose answers differ between two answer maps ({answer: label}), e.g. ``label 5: 'two' vs
+    'three'`` (None: no such label), and how many more."""
+    answers_1 = {label: answer for answer, label in first.items()}
+    answers_2 = {label: answer for answer, label in second.items()}
+    labels = sorted(set(answers_1) | set(answers_2))
+    differing = [label for label in labels if answers_1.get(label) != answers_2.get(label)]
+    text = "; ".join(f"label {lab}: {answers_1.get(lab)!r} vs {answers_2.get(lab)!r}" for lab in differing[:shown])
+    return text + (f" (and {len(differing) - shown} more labels)" if len(differing) > shown else "")
+
+
 def qid_value(qid: str) -> Any:
     """A question id as the original writes it: an int when it is one."""
     return int(qid) if qid.lstrip("-").isdigit() else qid
@@ -163,29 +192,69 @@ class VqaTask(Task):
     sums = ("loss", "score", "count")
     headline = "acc"
 
+    original_ans2label: Optional[dict[str, int]] = None
+    """The answer map of an original checkpoint (no ``task.json``) and of databases without ``ans2label.json``, when
+    the task fixes it (VE); None: unknown (the original VQA checkpoints were trained on ``utils/ans2label.json``,
+    which the weights do not name)."""
+
     def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {"num_answers": int(state["vqa_output.3.weight"].shape[0])} if "vqa_output.3.weight" in state else {}
+        return {"num_answers": int(state[HEAD_OUTPUT].shape[0])} if HEAD_OUTPUT in state else {}
 
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
-        """The answer vocabulary: ``options["ans2label"]`` (a JSON path) or the txt_dbs' (all must agree)."""
-        if options.get("ans2label"):
-            ans2label = read_json(options["ans2label"])
-        else:
-            tables = [(p, read_ans2label(p)) for p in txt_paths]
-            for path, table in tables[1:]:
-                if table != tables[0][1]:
-                    raise DataError(f"{path}/{ANS2LABEL} differs from {tables[0][0]}/{ANS2LABEL}")
-            ans2label = tables[0][1]
-        return {"ans2label_table": ans2label, "num_answers": len(ans2label)}
+        """The answer vocabulary: ``options["ans2label"]`` (a JSON path) or the txt_dbs' (all must agree, and agree
+        with the given one: their records' labels index their own map)."""
+        out = super().data_options(dbs, txt_paths, options)
+        given = options.get("ans2label")
+        tables = [(given, read_json(given, "ans2label"))] if given else []
+        for path in txt_paths:  # VQA: each db keeps its map unless one is given; VE: the fixed classes by default
+            if has_ans2label(path) or not (given or self.original_ans2label):
+                tables.append((os.path.join(path, ANS2LABEL), read_ans2label(path)))
+        tables = tables or [(f"the original {self.name} classes", dict(self.original_ans2label or {}))]
+        for path, table in tables[1:]:
+            if table != tables[0][1]:
+                raise DataError(
+                    f"answer maps differ: {path} and {tables[0][0]}: {map_difference(table, tables[0][1])}; the "
+                    "records' labels index their db's own ans2label.json, so every db (and the 'ans2label' option) "
+                    "must share one map"
+                )
+        source, ans2label = tables[0]
+        out[DATA_FACTS].files["ans2label_table"] = source
+        return {**out, "ans2label_table": ans2label, "num_answers": len(ans2label)}
 
-    def check_num_answers(self, options: dict[str, Any]) -> None:
-        """``ValueError`` when the checkpoint's head and the answer vocabulary disagree in size."""
+    def check_data(self, checkpoint: CheckpointView, options: dict[str, Any], data: Optional[DataFacts]) -> None:
+        """The fine-tuned checkpoint's answer map (its task.json ``ans2label_table``, or :attr:`original_ans2label`
+        for an original checkpoint) must be the databases' and its head as large (``CheckpointError`` naming both
+        files and the first differing answers); then the base checks."""
+        super().check_data(checkpoint, options, data)
         table = options.get("ans2label_table")
-        if table is not None and options.get("num_answers") not in (None, len(table)):
-            raise ValueError(f"the model has {options['num_answers']} answers but ans2label has {len(table)}")
+        head = checkpoint.rows(HEAD_OUTPUT)
+        if not checkpoint.finetuned or table is None or head is None:
+            return
+        db_file = data_file(data, "ans2label_table")
+        saved = checkpoint.saved_options.get("ans2label_table")
+        if saved is None and checkpoint.task_file is None:
+            saved = self.original_ans2label
+        if saved is not None and saved != table:
+            raise CheckpointError(
+                f"answer map mismatch: the checkpoint's ({checkpoint.options_file}, {len(saved)} answers) and the "
+                f"databases' ({db_file}, {len(table)} answers) differ: {map_difference(saved, table)} (checkpoint vs "
+                "databases); its predictions would be scored against other answers: use databases built with the "
+                "checkpoint's answer map"
+            )
+        if head != len(table):
+            raise CheckpointError(
+                f"answer map mismatch: the head of {checkpoint.path} has {head} answers, the databases' map "
+                f"({db_file}) has {len(table)}: use databases built with the checkpoint's answer map"
+            )
+        if saved is None:
+            logger.info(
+                "%s: its answer map is unknown (no task.json): only its size (%d answers, as %s) is checked",
+                checkpoint.path,
+                head,
+                db_file,
+            )
 
     def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
-        self.check_num_answers(options)
         return UniterForVisualQuestionAnswering(config, options["num_answers"], fast)
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
