@@ -72,6 +72,13 @@ class UniterModel(nn.Module):
         for layer in self.encoder.layer:
             layer.attention.self.backend = backend
 
+    # ------------------------------------------------------------------ DeepSpeed ZeRO-3
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where ``module``'s forward reads ``parameter`` outside its owning module's
+        forward, which DeepSpeed ZeRO-3 must be told of (``uniter_fast.training.zero.register_external_parameters``):
+        the region embedder zeroes row 0 of ``mask_embedding.weight`` before calling ``mask_embedding``."""
+        return [(self.img_embeddings, self.img_embeddings.mask_embedding.weight)]
+
     # ------------------------------------------------------------------ embeddings
     def _compute_txt_embeddings(
         self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], txt_type_ids: Optional[torch.Tensor]

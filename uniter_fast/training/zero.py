@@ -1,4 +1,5 @@
-"""The weights of a DeepSpeed checkpoint as one fp32 model, whatever the ZeRO stage (the export of every recipe)."""
+"""DeepSpeed ZeRO helpers: the parameters ZeRO-3 must gather outside their owners' forwards, and the weights of a
+DeepSpeed checkpoint as one fp32 model, whatever the ZeRO stage (the export of every recipe)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,19 @@ import torch
 from torch import nn
 
 from uniter_fast.checkpoint import read_deepspeed
+from uniter_fast.model.base import UniterPreTrainedModel
+
+
+def register_external_parameters(model: UniterPreTrainedModel) -> int:
+    """Register with DeepSpeed ZeRO-3 every (module, parameter) pair of ``model.external_parameters()`` (a parameter
+    that ``module``'s forward reads outside its owning module's forward), so that ZeRO-3 gathers it for that module's
+    forward and backward (``deepspeed.zero.register_external_parameter``). Only for ZeRO-3; returns the count."""
+    import deepspeed
+
+    pairs = model.external_parameters()
+    for module, param in pairs:
+        deepspeed.zero.register_external_parameter(module, param)
+    return len(pairs)
 
 
 def load_consolidated_zero(model: nn.Module, checkpoint_dir: str, tag: str) -> None:
