@@ -11,7 +11,10 @@ optimise, is the global batch's mean loss, and W ranks must follow the same traj
 ``python tests/pretrain_worker.py accum OUT`` (one rank) runs one optimizer step of each task with
 ``gradient_accumulation_steps`` = 3 through ``Trainer.train_step`` and saves, in ``OUT/grads.pt``, the gradients
 the engine hands to its optimizer at the accumulation boundary and the original's: the sum of the three
-micro-batches' gradients, by plain autograd on a copy of the model.
+micro-batches' gradients, by plain autograd on a copy of the model. Each step follows validation forwards of its
+task (``compute_loss=False``, which call the heads' own modules). ``zero3`` does the same under ZeRO-3, then saves a
+checkpoint and adds to ``grads.pt`` its consolidated weights (``exported``) and the engine's gathered ones
+(``trained``).
 """
 
 from __future__ import annotations
@@ -48,15 +51,15 @@ def training_config(output_dir: str, steps: int) -> Any:
     return parse_training_config(raw, os.path.join(REPO, "configs"))
 
 
-def ds_config(cfg: Any, grad_accum: int) -> dict:
-    """``ds.json`` in fp32 (rounding to bf16 would hide what the comparison measures) with ZeRO-2."""
+def ds_config(cfg: Any, grad_accum: int, stage: int = 2) -> dict:
+    """``ds.json`` in fp32 (rounding to bf16 would hide what the comparison measures) with ZeRO ``stage``."""
     from uniter_fast.training.engine import complete_ds_config
 
     with open(os.path.join(REPO, "ds.json"), encoding="utf-8") as f:
         ds = json.load(f)
     ds["bf16"] = {"enabled": False}
     ds["gradient_accumulation_steps"] = grad_accum
-    ds["zero_optimization"]["stage"] = 2
+    ds["zero_optimization"]["stage"] = stage
     return complete_ds_config(ds, cfg)
 
 
@@ -164,7 +167,7 @@ class FixedStream:
         self.position = int(state["position"])
 
 
-def build(out_dir: str, steps: int, grad_accum: int) -> tuple[Any, Any, Any, Any]:
+def build(out_dir: str, steps: int, grad_accum: int, stage: int = 2) -> tuple[Any, Any, Any, Any]:
     """(training config, model before the engine, its untouched copy, engine) with the same init on every rank."""
     from uniter_fast.config import UniterConfig
     from uniter_fast.pretraining.model import UniterForPretraining
@@ -181,7 +184,7 @@ def build(out_dir: str, steps: int, grad_accum: int) -> tuple[Any, Any, Any, Any
     model_config = UniterConfig.from_dict({**UniterConfig.preset(cfg.model).to_dict(), **cfg.model_overrides})
     model = UniterForPretraining(model_config, fast=cfg.fast, itm_ot_lambda=cfg.itm_ot_lambda, ot_settings=vars(cfg.ot))
     reference = copy.deepcopy(model)
-    engine = build_engine(model, cfg, ds_config(cfg, grad_accum))
+    engine = build_engine(model, cfg, ds_config(cfg, grad_accum, stage))
     return cfg, model, reference, engine
 
 
@@ -203,12 +206,31 @@ def _grad(param: torch.Tensor, grad: Any) -> torch.Tensor:
     return torch.zeros_like(param) if grad is None else grad.detach().clone()
 
 
-def run_accum(out_dir: str) -> None:
+def full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of ``model.state_dict()`` with every parameter whole (gathered under ZeRO-3)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters())):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def validation_forwards(engine: Any, task: str, batch: dict) -> None:
+    """Two validation forwards (``compute_loss=False``, as validation runs its batches). Under ZeRO-3 the second
+    one leaves DeepSpeed a trace of the modules they call, by which it prefetches them in the next forward."""
+    engine.eval()
+    with torch.no_grad():
+        for _ in range(2):
+            engine(batch, task, compute_loss=False)
+    engine.train()
+
+
+def run_accum(out_dir: str, stage: int = 2) -> None:
     from deepspeed.utils import safe_get_full_grad
 
+    from uniter_fast.checkpoint import read_deepspeed
     from uniter_fast.training.loop import Trainer
 
-    cfg, model, reference, engine = build(out_dir, len(TASKS), grad_accum=ACCUM)
+    cfg, model, reference, engine = build(out_dir, len(TASKS), grad_accum=ACCUM, stage=stage)
     stream = iter(FixedStream(datasets(cfg), cfg, len(TASKS), rank=0, world=1, micro=ACCUM))
     trainer = Trainer(engine, cfg, stream, validate=lambda engine, step: {}, export=lambda *_: None)
     captured: dict[str, dict[str, torch.Tensor]] = {}
@@ -223,18 +245,23 @@ def run_accum(out_dir: str) -> None:
     expected = {}
     for task in TASKS:
         micro_batches = [next(stream) for _ in range(ACCUM)]
+        validation_forwards(engine, task, micro_batches[0][1])
         reference.zero_grad(set_to_none=True)
-        reference.load_state_dict(model.state_dict())
+        reference.load_state_dict(full_state(model))
         for _, batch in micro_batches:
             reference(batch, task)["loss"].backward()  # the original: plain backward, .grad accumulates (sums)
         expected[task] = {n: _grad(p, p.grad) for n, p in reference.named_parameters()}
         current = task
         trainer.train_step(micro_batches)
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({"engine": captured, "original": expected}, os.path.join(out_dir, "grads.pt"))
+    saved: dict[str, Any] = {"engine": captured, "original": expected}
+    if stage == 3:
+        engine.save_checkpoint(os.path.join(out_dir, "ckpt"), tag="end")
+        saved.update(exported=read_deepspeed(os.path.join(out_dir, "ckpt"), "end"), trained=full_state(model))
+    torch.save(saved, os.path.join(out_dir, "grads.pt"))
 
 
 if __name__ == "__main__":
     sys.path.insert(0, REPO)
     mode, out = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    {"ranks": run_ranks, "accum": run_accum}[mode](out)
+    {"ranks": run_ranks, "accum": run_accum, "zero3": lambda d: run_accum(d, stage=3)}[mode](out)

@@ -155,11 +155,8 @@ def test_two_ranks_follow_one_rank_on_the_same_global_batches(tmp_path) -> None:
         torch.testing.assert_close(w_two[key], w_one[key], rtol=0, atol=1e-4, msg=key)
 
 
-def test_gradient_accumulation_sums_micro_batches_like_the_original(tmp_path) -> None:
-    """3 micro-batches per step through Trainer.train_step: the gradient at the accumulation boundary equals the sum of
-    the micro-batches' gradients of plain autograd (the original's apex delay_unscale accumulation), not their mean."""
-    run_worker(launcher("python"), "accum", str(tmp_path))
-    grads = torch.load(tmp_path / "grads.pt", weights_only=True)
+def _assert_engine_grads_are_the_originals(grads: dict) -> None:
+    """Per task, every gradient the engine handed its optimizer equals plain autograd's sum (rtol 1e-5)."""
     assert set(grads["engine"]) == set(grads["original"]) == {"itm", "mlm", "mrfr", "mrckl"}
     for task, expected in grads["original"].items():
         got = grads["engine"][task]
@@ -167,6 +164,28 @@ def test_gradient_accumulation_sums_micro_batches_like_the_original(tmp_path) ->
         assert max(float(g.abs().max()) for g in expected.values()) > 0, task
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-8, msg=f"{task} {name}")
+
+
+def test_gradient_accumulation_sums_micro_batches_like_the_original(tmp_path) -> None:
+    """3 micro-batches per step through Trainer.train_step: the gradient at the accumulation boundary equals the sum of
+    the micro-batches' gradients of plain autograd (the original's apex delay_unscale accumulation), not their mean."""
+    run_worker(launcher("python"), "accum", str(tmp_path))
+    _assert_engine_grads_are_the_originals(torch.load(tmp_path / "grads.pt", weights_only=True))
+
+
+def test_zero3_gathers_the_weights_the_heads_hand_to_the_losses(tmp_path) -> None:
+    """The accumulation check under ZeRO-3 (one rank, fp32), each step after validation forwards of its task. The
+    MLM / MRFR / MRC-kl forwards hand tied and head weights to the loss functions outside their modules' forwards,
+    which ZeRO-3 gathers for backward only when registered (``external_parameters``; unregistered, the MRC-kl
+    backward after validation fails). The parameters a task does not reach must get zero, not the gradient of the
+    last step that reached them (``clear_zero3_gradients``; without it the MLM step hands ITM's head its ITM
+    gradient again). The ZeRO-3 checkpoint (one model-state file per rank) consolidates to the engine's weights."""
+    run_worker(launcher("python"), "zero3", str(tmp_path))
+    saved = torch.load(tmp_path / "grads.pt", weights_only=True)
+    _assert_engine_grads_are_the_originals(saved)
+    assert saved["exported"].keys() == saved["trained"].keys()
+    for name, value in saved["trained"].items():
+        assert torch.equal(saved["exported"][name], value), name
 
 
 @pytest.mark.slow

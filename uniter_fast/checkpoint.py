@@ -4,7 +4,8 @@ original names, copy it into a model with checks, and write ours (``save_pretrai
 Containers: a ``torch.save`` file (``.pt`` / ``.bin``), a ``.safetensors`` file, a directory holding
 ``model.safetensors`` (with ``config.json`` and side files such as ``task.json``: ``Model.save_pretrained`` and the
 pretraining / fine-tuning exports), and a DeepSpeed checkpoint directory (a ``latest`` file naming the tag, or a tag
-directory holding ``mp_rank_00_model_states.pt``), consolidated to fp32 by ``deepspeed.utils.zero_to_fp32``.
+directory holding ``mp_rank_00_model_states.pt``, under ZeRO-3 ``zero_pp_rank_0_mp_rank_00_model_states.pt``),
+consolidated to fp32 by ``deepspeed.utils.zero_to_fp32``.
 
 Layouts, told apart by the keys (old BERT LayerNorm names ``gamma`` / ``beta`` become ``weight`` / ``bias`` first, as
 the original loader does):
@@ -47,6 +48,7 @@ WEIGHTS_NAME = "model.safetensors"
 ORIGINAL_CONFIG = os.path.join(os.pardir, "log", "model.json")  # the original's output layout: ckpt/ beside log/
 DS_LATEST = "latest"
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
+DS_ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3 writes one per rank instead
 ENCODER_PREFIX = "uniter."
 PRETRAINING_HEAD_PREFIXES = ("cls.", "feat_regress.", "region_classifier.", "itm_output.")
 NSP_PREFIX = "cls.seq_relationship."  # BERT's next-sentence head: no UNITER model has it
@@ -125,13 +127,18 @@ def _reading(path: str) -> Iterator[None]:
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(err).__name__}: {err})") from err
 
 
+def _is_deepspeed_tag(tag_dir: str) -> bool:
+    """Whether ``tag_dir`` holds a DeepSpeed model-state file (ZeRO-0/1/2: one; ZeRO-3: one per rank)."""
+    return any(os.path.isfile(os.path.join(tag_dir, name)) for name in (DS_MODEL_STATES, DS_ZERO3_MODEL_STATES))
+
+
 def _deepspeed_location(path: str) -> Optional[tuple[str, str]]:
     """(checkpoint dir, tag) when ``path`` is a DeepSpeed checkpoint (the dir with ``latest``, or a tag dir)."""
     latest = os.path.join(path, DS_LATEST)
     if os.path.isfile(latest):
         with open(latest, encoding="utf-8") as f:
             return path, f.read().strip()
-    if os.path.isfile(os.path.join(path, DS_MODEL_STATES)):
+    if _is_deepspeed_tag(path):
         tag_dir = os.path.abspath(path)
         return os.path.dirname(tag_dir), os.path.basename(tag_dir)
     return None
@@ -141,8 +148,10 @@ def read_deepspeed(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """The fp32 weights of DeepSpeed checkpoint ``checkpoint_dir/tag``: consolidated by
     ``deepspeed.utils.zero_to_fp32`` for ZeRO checkpoints (any stage), the saved module otherwise."""
     tag_dir = os.path.join(checkpoint_dir, tag)
-    if not os.path.isfile(os.path.join(tag_dir, DS_MODEL_STATES)):
-        raise FileNotFoundError(f"DeepSpeed checkpoint {tag_dir!r} has no {DS_MODEL_STATES}")
+    if not _is_deepspeed_tag(tag_dir):
+        raise FileNotFoundError(
+            f"DeepSpeed checkpoint {tag_dir!r} has no {DS_MODEL_STATES} (ZeRO-3: {DS_ZERO3_MODEL_STATES})"
+        )
     if any(name.endswith("optim_states.pt") for name in os.listdir(tag_dir)):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

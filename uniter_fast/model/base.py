@@ -44,6 +44,14 @@ class UniterPreTrainedModel(nn.Module):
     def check_values(self, value: Optional[bool]) -> None:
         self._check_values = value
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where ``module``'s forward reads ``parameter`` outside its owning module's
+        forward (a tied weight, a head's projection handed to a loss function): the encoder's
+        (:meth:`Model.external_parameters`) plus the heads' (subclasses extend it). DeepSpeed ZeRO-3 gathers a
+        parameter only inside its owner's forward and backward unless told, so the training engine registers these
+        under ZeRO-3 (``uniter_fast.training.zero.register_external_parameters``); nothing else reads them."""
+        return self.uniter.external_parameters()
+
     # ------------------------------------------------------------------ encoder and readouts
     def _uses_packed(self, batch: dict) -> bool:
         return self.fast and "packed" in batch

@@ -28,6 +28,12 @@ def init_uniter_weights(module: nn.Module, initializer_range: float = 0.02) -> N
         module.bias.data.zero_()
 
 
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of ``module``'s first parameter, read through ``parameters()``: reading the parameter as an attribute
+    (``module.weight``) outside ``module``'s forward counts, under DeepSpeed ZeRO-3, as a use that gathers it."""
+    return next(module.parameters()).dtype
+
+
 def additive_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[B, L] 1/0 mask -> the original additive mask (1 - m) * -10000, shaped [B, 1, 1, L], in ``dtype``."""
     extended = attention_mask[:, None, None, :].to(dtype=dtype)
@@ -72,6 +78,13 @@ class UniterModel(nn.Module):
         for layer in self.encoder.layer:
             layer.attention.self.backend = backend
 
+    # ------------------------------------------------------------------ DeepSpeed ZeRO-3
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where ``module``'s forward reads ``parameter`` outside its owning module's
+        forward, which DeepSpeed ZeRO-3 must be told of (``uniter_fast.training.zero.register_external_parameters``):
+        the region embedder zeroes row 0 of ``mask_embedding.weight`` before calling ``mask_embedding``."""
+        return [(self.img_embeddings, self.img_embeddings.mask_embedding.weight)]
+
     # ------------------------------------------------------------------ embeddings
     def _compute_txt_embeddings(
         self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], txt_type_ids: Optional[torch.Tensor]
@@ -90,7 +103,7 @@ class UniterModel(nn.Module):
         if img_type_ids is None:
             img_type_ids = torch.ones(img_feat.shape[:-1], dtype=torch.long, device=img_feat.device)
         type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)
-        dtype = self.img_embeddings.img_linear.weight.dtype
+        dtype = parameter_dtype(self.img_embeddings.img_linear)
         return self.img_embeddings(img_feat.to(dtype), img_pos_feat.to(dtype), type_embeddings, img_masks)
 
     def embed(
@@ -155,7 +168,7 @@ class UniterModel(nn.Module):
             self.config.img_dim,
             self.check_values,
         )
-        dtype = self.embeddings.word_embeddings.weight.dtype
+        dtype = parameter_dtype(self.embeddings.word_embeddings)
         additive_mask = additive_attention_mask(attention_mask, dtype)
         embedding_output = self.embed(
             input_ids, position_ids, img_feat, img_pos_feat, gather_index, img_masks, txt_type_ids, img_type_ids
@@ -216,7 +229,7 @@ class UniterModel(nn.Module):
             text first then regions; heads read ``out[packed["mlm_index"]]``, ``out[packed["cls_index"]]`` etc.
         """
         device = packed["cu_seqlens"].device
-        dtype = self.embeddings.word_embeddings.weight.dtype
+        dtype = parameter_dtype(self.embeddings.word_embeddings)
         if torch.is_autocast_enabled(device.type):  # attention then sees q/k/v in the autocast dtype
             dtype = torch.get_autocast_dtype(device.type)
         dropout_p = self.config.attention_probs_dropout_prob if self.training else 0.0

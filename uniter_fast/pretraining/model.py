@@ -73,6 +73,14 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.cls.predictions.decoder.weight = self.uniter.embeddings.word_embeddings.weight
         self.feat_regress.weight = self.uniter.img_embeddings.img_linear.weight
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """The encoder's pairs plus the head parameters that :meth:`forward` reads itself, to hand them to the loss
+        functions or to project outside the heads' forwards: the MLM decoder weight (the word embeddings) and bias,
+        the MRFR weight (``img_linear.weight``) and bias, and the region classifier's output Linear."""
+        predictions, regress, output = self.cls.predictions, self.feat_regress, self.region_classifier.output
+        used = (predictions.decoder.weight, predictions.bias, regress.weight, regress.bias, output.weight, output.bias)
+        return super().external_parameters() + [(self, param) for param in used]
+
     @property
     def backend(self) -> str:
         """The loss / OT backend this mode uses: ``"auto"`` when fast, else ``"reference"``."""

@@ -113,6 +113,12 @@ class UniterForNlvr2PairedAttn(_Nlvr2Model):
         self.nlvr2_output = nn.Linear(2 * hidden, 2)
         self.init_head_weights(self.attn1, self.attn2, self.fc, self.attn_pool, self.nlvr2_output)
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """The encoder's pairs plus ``out_proj``'s weight and bias of each ``nn.MultiheadAttention``, which its
+        forward reads without calling ``out_proj``."""
+        out = [(attn, p) for attn in (self.attn1, self.attn2) for p in (attn.out_proj.weight, attn.out_proj.bias)]
+        return super().external_parameters() + out
+
     def scores(self, batch: dict[str, Any], sequence_output: torch.Tensor) -> torch.Tensor:
         sequence = self._padded_sequence(batch, sequence_output)
         pairs, length, hidden = sequence.size(0) // 2, sequence.size(1), sequence.size(2)

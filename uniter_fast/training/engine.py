@@ -16,9 +16,11 @@ from typing import Any
 import torch
 
 from uniter_fast.files import read_json
+from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.ds_keys import check_with_deepspeed
 from uniter_fast.training.optim import build_scheduler, param_groups
+from uniter_fast.training.zero import register_external_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def build_engine(
-    model: torch.nn.Module,
+    model: UniterPreTrainedModel,
     cfg: RunConfig,
     ds_config: dict[str, Any],
     lr_mul: float = 1.0,
@@ -117,7 +119,8 @@ def build_engine(
 ) -> Any:
     """``deepspeed.initialize`` with the original's no-decay parameter groups and LR schedule (``cfg`` needs
     ``learning_rate``, ``warmup_steps`` and ``num_train_steps``); ``lr_mul`` / ``head_names`` give task heads their
-    own learning-rate multiplier (see :func:`param_groups`). Returns the engine."""
+    own learning-rate multiplier (see :func:`param_groups`). Under ZeRO-3 the model's external parameters are
+    registered (:func:`uniter_fast.training.zero.register_external_parameters`). Returns the engine."""
     import deepspeed
 
     weight_decay = float(ds_config["optimizer"]["params"].get("weight_decay", 0.0))
@@ -127,4 +130,6 @@ def build_engine(
         config=ds_config,
         lr_scheduler=lambda opt: build_scheduler(opt, cfg.learning_rate, cfg.warmup_steps, cfg.num_train_steps),
     )
+    if engine.zero_optimization_partition_weights():
+        register_external_parameters(model)
     return engine

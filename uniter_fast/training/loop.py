@@ -35,6 +35,7 @@ from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import barrier, rank_and_world
 from uniter_fast.training.logs import STEP_LOG, VAL_LOG, append_jsonl, logged_results, truncate_log
 from uniter_fast.training.rng import rng_state, set_rng_state
+from uniter_fast.training.zero import clear_zero3_gradients
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the newest complete checkpoint of this run
         self.rank = rank_and_world()[0]
         self.recent: dict[str, list[float]] = defaultdict(list)
+        self.zero3 = engine.zero_optimization_partition_weights()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -173,6 +175,8 @@ class Trainer:
         micro-batches and the ranks), read back from the device once per step."""
         task = micro_batches[0][0]
         sums: dict[str, torch.Tensor] = {}
+        if self.zero3:  # the parameters this task does not reach get a zero gradient, as under ZeRO-1/2
+            clear_zero3_gradients(self.engine)
         for name, batch in micro_batches:
             if name != task:
                 raise RuntimeError(f"one task per optimizer step: got {name!r} within a {task!r} cycle")

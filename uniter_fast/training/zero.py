@@ -1,4 +1,6 @@
-"""The weights of a DeepSpeed checkpoint as one fp32 model, whatever the ZeRO stage (the export of every recipe)."""
+"""DeepSpeed ZeRO helpers: what ZeRO-3 needs (the parameters it must gather outside their owners' forwards, zero
+gradients for the parameters a step does not reach), and the weights of a DeepSpeed checkpoint as one fp32 model,
+whatever the ZeRO stage (the export of every recipe)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,36 @@ import torch
 from torch import nn
 
 from uniter_fast.checkpoint import read_deepspeed
+from uniter_fast.model.base import UniterPreTrainedModel
+
+
+def register_external_parameters(model: UniterPreTrainedModel) -> int:
+    """Register with DeepSpeed ZeRO-3 every (module, parameter) pair of ``model.external_parameters()`` (a parameter
+    that ``module``'s forward reads outside its owning module's forward), so that ZeRO-3 gathers it for that module's
+    forward and backward (``deepspeed.zero.register_external_parameter``). Only for ZeRO-3; returns the count."""
+    import deepspeed
+
+    pairs = model.external_parameters()
+    for module, param in pairs:
+        deepspeed.zero.register_external_parameter(module, param)
+    return len(pairs)
+
+
+def clear_zero3_gradients(engine: Any) -> None:
+    """Zero the gradient partitions that ZeRO-3 keeps from one optimizer step to the next; call it under ZeRO-3
+    before the first backward of each step.
+
+    DeepSpeed (0.19.8) holds each parameter's reduced gradient partition in one flat buffer (with the optimizer
+    offloaded to the CPU, also in the fp32 groups' ``.grad``). The first micro-batch of a step overwrites the
+    partitions of the parameters it reaches and nothing clears the others, so a parameter that the step's task does
+    not reach (another task's head) would be stepped again with its last gradient, which also enters the clipping
+    norm. ZeRO-1/2 give such a parameter a zero gradient; so does this. One memset per step, no host sync."""
+    optimizer = engine.optimizer
+    optimizer.grad_partitions_flat_buffer.zero_()
+    if optimizer.offload_optimizer:
+        for group in optimizer.fp32_partitioned_groups_flat:
+            if group.grad is not None:
+                group.grad.zero_()
 
 
 def load_consolidated_zero(model: nn.Module, checkpoint_dir: str, tag: str) -> None:
