@@ -193,6 +193,9 @@ def test_a_non_finite_loss_fails_the_run(tmp_path) -> None:
         def step(self) -> None:
             pass
 
+        def zero_optimization_partition_weights(self) -> bool:
+            return False
+
     trainer = Trainer(Engine(), RunConfig(output_dir=str(tmp_path)), None, None, None)
     with pytest.raises(RunFailed, match=r"step 1, task itm: non-finite loss \{'loss': nan\}"):
         trainer.train_step([("itm", {})])
@@ -266,6 +269,26 @@ def test_good_input_reaches_start_up(no_start, tmp_path) -> None:
         finetune(["--config", finetune_config(tmp_path), "--checkpoint", checkpoint])
     with pytest.raises(Started):
         pretrain(["--config", pretrain_config(tmp_path), "--checkpoint", checkpoint])
+
+
+def test_a_checkpoint_given_on_the_command_line_replaces_the_configs(no_start, tmp_path) -> None:
+    """A config naming a checkpoint that is gone is refused, unless ``--checkpoint`` replaces it (then the file's is
+    not read); ``evaluate`` always takes its ``--checkpoint``."""
+    from uniter_fast.evaluate import main as evaluate
+    from uniter_fast.finetune import main as finetune
+    from uniter_fast.pretrain import main as pretrain
+
+    checkpoint, gone = tiny_checkpoint(tmp_path, "tiny.pt"), str(tmp_path / "gone.pt")
+    for main, config in (
+        (finetune, finetune_config(tmp_path, checkpoint=gone)),
+        (pretrain, pretrain_config(tmp_path, checkpoint=gone)),
+    ):
+        with pytest.raises(FileNotFoundError, match=f"checkpoint '{gone}' does not exist"):
+            main(["--config", config])
+        with pytest.raises(Started):
+            main(["--config", config, "--checkpoint", checkpoint])
+    with pytest.raises(FileNotFoundError, match="txt_db meta .* does not exist"):  # past the config, at the dbs
+        evaluate(["--task", "vqa", "--config", finetune_config(tmp_path, checkpoint=gone), "--checkpoint", checkpoint])
 
 
 def test_training_clis_check_everything_before_start_up(no_start, capsys, tmp_path) -> None:

@@ -117,7 +117,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     if args.batch_size is not None and args.batch_size <= 0:
         raise ValueError(f"--batch_size must be > 0, got {args.batch_size}")
     task = get_task(_task_name(args))
-    cfg = load_finetune_config(args.config or default_config(task.name))
+    cfg = load_finetune_config(args.config or default_config(task.name), checkpoint_given=True)
     if args.txt_db:
         splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
     else:

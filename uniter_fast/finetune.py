@@ -44,7 +44,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from uniter_fast.finetuning.run import check_finetuning, finetune
     from uniter_fast.training.run import run_recipe
 
-    cfg = load_finetune_config(args.config or default_config(args.task))
+    cfg = load_finetune_config(args.config or default_config(args.task), args.checkpoint is not None)
     if args.task is not None and args.task != cfg.task:
         raise ValueError(f"--task {args.task} but the config {args.config!r} is for task {cfg.task!r}")
     return run_recipe(cfg, args, finetune, check_finetuning)

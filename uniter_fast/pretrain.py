@@ -36,7 +36,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     from uniter_fast.pretraining.run import check_pretraining, pretrain
     from uniter_fast.training.run import run_recipe
 
-    return run_recipe(load_training_config(args.config), args, pretrain, check_pretraining)
+    cfg = load_training_config(args.config, args.checkpoint is not None)
+    return run_recipe(cfg, args, pretrain, check_pretraining)
 
 
 if __name__ == "__main__":

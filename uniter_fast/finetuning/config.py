@@ -174,8 +174,10 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     return cfg
 
 
-def load_finetune_config(path: str) -> FinetuneConfig:
-    """Read and validate a fine-tuning config JSON (relative paths are relative to the file's directory)."""
-    return parse_finetune_config(
-        read_json(path, "fine-tuning config"), os.path.dirname(os.path.abspath(path)), where=path
-    )
+def load_finetune_config(path: str, checkpoint_given: bool = False) -> FinetuneConfig:
+    """Read and validate a fine-tuning config JSON (relative paths are relative to the file's directory). With
+    ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces it) the file's ``checkpoint`` is not read."""
+    raw = read_json(path, "fine-tuning config")
+    if checkpoint_given and isinstance(raw, dict):
+        raw.pop("checkpoint", None)
+    return parse_finetune_config(raw, os.path.dirname(os.path.abspath(path)), where=path)

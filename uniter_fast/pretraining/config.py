@@ -195,6 +195,10 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     return cfg
 
 
-def load_training_config(path: str) -> TrainingConfig:
-    """Read and validate a training config JSON; relative paths in it are relative to the file's directory."""
-    return parse_training_config(read_json(path, "training config"), os.path.dirname(os.path.abspath(path)), path)
+def load_training_config(path: str, checkpoint_given: bool = False) -> TrainingConfig:
+    """Read and validate a training config JSON; relative paths in it are relative to the file's directory. With
+    ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces it) the file's ``checkpoint`` is not read."""
+    raw = read_json(path, "training config")
+    if checkpoint_given and isinstance(raw, dict):
+        raw.pop("checkpoint", None)
+    return parse_training_config(raw, os.path.dirname(os.path.abspath(path)), path)

@@ -88,7 +88,6 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the newest complete checkpoint of this run
         self.rank = rank_and_world()[0]
         self.recent: dict[str, list[float]] = defaultdict(list)
-        self.zero3 = engine.zero_optimization_partition_weights()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -175,7 +174,8 @@ class Trainer:
         micro-batches and the ranks), read back from the device once per step."""
         task = micro_batches[0][0]
         sums: dict[str, torch.Tensor] = {}
-        if self.zero3:  # the parameters this task does not reach get a zero gradient, as under ZeRO-1/2
+        # under ZeRO-3 the parameters this task does not reach get a zero gradient, as under ZeRO-1/2
+        if self.engine.zero_optimization_partition_weights():
             clear_zero3_gradients(self.engine)
         for name, batch in micro_batches:
             if name != task:
