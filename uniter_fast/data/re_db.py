@@ -150,6 +150,19 @@ class ReTxtTokLmdb(TxtTokLmdb):
             file = os.path.join(path, f"{name}.json")
             side[name] = read_side_file(file, "RE txt_db side file")
             check_side_file(file, name, side[name])
+        self._set_side(side)
+
+    @classmethod
+    def from_writer(cls, writer: Any, store: Any, side: dict[str, list[dict[str, Any]]]) -> ReTxtTokLmdb:
+        """An in-memory RE txt_db (``TxtTokLmdb.from_writer``) with the side tables ``side`` (checked)."""
+        reader = super().from_writer(writer, store)
+        for name in RE_SIDE_FILES:
+            check_side_file(f"{writer.path}/{name}.json", name, side.get(name))
+        reader._set_side(side)
+        return reader
+
+    def _set_side(self, side: dict[str, list[dict[str, Any]]]) -> None:
+        """The side tables by id."""
         self.ref_ids = [ref["ref_id"] for ref in side["refs"]]
         self.Refs = {ref["ref_id"]: ref for ref in side["refs"]}
         self.Anns = {ann["id"]: ann for ann in side["annotations"]}
