@@ -1,0 +1,176 @@
+"""Same answer both ways: ``uniter_fast.Pipeline`` (photos and text in memory) against the LMDB route (``python -m
+uniter_fast.extract`` -> the task's database build -> the task's evaluation dataset and collate -> the model) on
+the photos bundled with matplotlib and scikit-image, for every task, with a small random detector and tiny
+fine-tuned exports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
+from uniter_fast import Pipeline, UniterConfig
+from uniter_fast.data.build import build_dbs
+from uniter_fast.data.task_records import VE_ENT2IDX
+from uniter_fast.data.tokenizer import WordPiece, build_vocab
+from uniter_fast.extract import Extractor
+from uniter_fast.extract.cli import main as extract_main
+from uniter_fast.inference.pipeline import BOX_SETTINGS
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
+from uniter_fast.tasks.data import DbCache
+from uniter_fast.tasks.spec import scores_of
+
+SETTINGS = type("S", (), dict(max_txt_len=60, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36))()
+QUESTIONS = ["What is the woman wearing ?", "Is there a cat on the table ?", "What color is the cup ?"]
+ANSWERS = ["a cup", "a cat", "a rocket", "nothing"]
+RATIONALES = ["it is on the table", "the man holds it", "it is red", "there is a photo"]
+VQA_ANSWERS = {"cup": 0, "cat": 1, "red": 2, "yes": 3, "no": 4, "rocket": 5}
+TEXTS = QUESTIONS + ANSWERS + RATIONALES + ["The left photo shows a cat .", "A woman in a uniform ."]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Any]:
+    """Three photos, their features through the extract CLI, a vocabulary, a detector and tiny exports."""
+    root = tmp_path_factory.mktemp("pipeline")
+    photos = photo_paths()[:3]
+    if len(photos) < 3:  # matplotlib's photo only: three crops of it, as files
+        from PIL import Image
+
+        with Image.open(photos[0]) as im:
+            for i, box in enumerate([(0, 0, 300, 300), (100, 100, 400, 500), (200, 0, 512, 400)][len(photos) - 1 :]):
+                im.crop(box).save(root / f"crop{i}.png")
+                photos.append(str(root / f"crop{i}.png"))
+    weights = str(root / "tiny-milvlg.pth")
+    torch.save(tiny_weights("milvlg"), weights)
+    listing = root / "photos.txt"
+    listing.write_text("\n".join(photos) + "\n")
+    feats = str(root / "feats")
+    extract_main(["--images", str(listing), "--weights", weights, "--out", feats, "--no-progress", "--workers", "0",
+                  *TINY_CLI])  # fmt: skip
+    names = [os.path.splitext(os.path.basename(p))[0] for p in photos]
+    assert sorted(os.listdir(feats)) == sorted(n + ".npz" for n in names)
+    vocab = str(root / "vocab.txt")
+    size = build_vocab(TEXTS, vocab)
+    config = UniterConfig.tiny(vocab_size=size)
+    options = {
+        "vqa": {"ans2label_table": VQA_ANSWERS, "num_answers": len(VQA_ANSWERS)},
+        "ve": {"ans2label_table": dict(VE_ENT2IDX), "num_answers": 3},
+        "nlvr2": {},
+        "itm": {},
+        "vcr": {"special_token_base": size},
+    }
+    exports = {}
+    for name, given in options.items():
+        task = get_task(name)
+        torch.manual_seed(0)
+        model, full = load_task_model(task, None, given, config)
+        exports[name] = str(root / f"finetuned-{name}")
+        save_task_model(model, task, full, exports[name])
+    extractor = Extractor(weights, config=TINY)
+    return dict(root=root, photos=photos, names=names, feats=feats, vocab=vocab, exports=exports, extractor=extractor)
+
+
+def lmdb_results(world: dict, task_name: str, records: list[dict], top_k: int = 3, **build: Any) -> list[dict]:
+    """The results of the LMDB route: the task's build from ``records`` (its annotation format) and the npz files
+    of the extract CLI, the task's evaluation dataset, collate and the exported model."""
+    task = get_task(task_name)
+    out = str(world["root"] / f"db-{task_name}")
+    annotations = world["root"] / f"{task_name}.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in records))
+    settings = tuple(BOX_SETTINGS)
+    if task_name == "itm":  # ITM reads caption dbs (python -m uniter_fast.build --captions)
+        build_dbs(str(annotations), world["feats"], world["vocab"], out, *settings)
+    else:
+        gt = world["feats"] if task.gt_features else None
+        task.build_dbs(str(annotations), world["feats"], out, WordPiece(world["vocab"]), "t", settings, gt, build)
+    model, options = load_task_model(task, world["exports"][task_name], {})
+    img = f"{out}/img_gt;{out}/img" if task.gt_features else f"{out}/img"
+    dataset = task.eval_dataset(DbCache(SETTINGS), f"{out}/txt", img, options, "test")
+    batch = task.query_batch(dataset)
+    with torch.no_grad():
+        scores = scores_of(model.eval(), batch)
+    return task.query_results(scores, batch, options, top_k)
+
+
+def assert_same(got: Any, expected: Any, where: str = "result") -> None:
+    """Equal structure and strings, numbers within 1e-5."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected), where
+        for key in expected:
+            assert_same(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), where
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_same(g, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert math.isfinite(got) and abs(got - expected) <= 1e-5, f"{where}: {got} vs {expected}"
+    else:
+        assert got == expected, f"{where}: {got!r} vs {expected!r}"
+
+
+def pipeline(world: dict, task: str, **settings: Any) -> Pipeline:
+    return Pipeline.from_pretrained(task, world["exports"][task], world["extractor"], world["vocab"], **settings)
+
+
+def test_vqa(world) -> None:
+    records = [{"question_id": str(i), "image": n, "question": q, "answers": {}}
+               for i, (n, q) in enumerate(zip(world["names"], QUESTIONS))]  # fmt: skip
+    expected = lmdb_results(world, "vqa", records, ans2label=str(dump(world, "ans2label.json", VQA_ANSWERS)))
+    pipe = pipeline(world, "vqa", top_k=3)
+    got = pipe(world["photos"], QUESTIONS)
+    assert_same(got, expected)
+    assert [len(r["answers"]) for r in got] == [3, 3, 3]
+    assert all(a["answer"] in VQA_ANSWERS for r in got for a in r["answers"])
+    single = pipe(world["photos"][1], QUESTIONS[1])  # one question: one result, the same
+    assert_same(single, expected[1])
+
+
+def dump(world: dict, name: str, value: Any) -> str:
+    path = world["root"] / name
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def test_ve(world) -> None:
+    records = [{"id": str(i), "image": n, "hypothesis": q, "label": "neutral"}
+               for i, (n, q) in enumerate(zip(world["names"], QUESTIONS))]  # fmt: skip
+    expected = lmdb_results(world, "ve", records)
+    got = pipeline(world, "ve")(world["photos"], QUESTIONS)
+    assert_same(got, expected)
+    assert all(set(r["probs"]) == set(VE_ENT2IDX) and abs(sum(r["probs"].values()) - 1) < 1e-5 for r in got)
+
+
+def test_nlvr2(world) -> None:
+    names, photos = world["names"], world["photos"]
+    statements = ["The left photo shows a cat .", "A woman in a uniform ."]
+    records = [{"identifier": str(i), "images": [names[i], names[i + 1]], "sentence": s, "label": True}
+               for i, s in enumerate(statements)]  # fmt: skip
+    expected = lmdb_results(world, "nlvr2", records)
+    got = pipeline(world, "nlvr2")([[photos[0], photos[1]], [photos[1], photos[2]]], statements)
+    assert_same(got, expected)
+
+
+def test_itm(world) -> None:
+    captions = ["A woman in a uniform .", "a cat on the table", "a red cup"]
+    records = [{"id": str(i), "image": n, "caption": c} for i, (n, c) in enumerate(zip(world["names"], captions))]
+    expected = lmdb_results(world, "itm", records)
+    got = pipeline(world, "itm")(world["photos"], captions)
+    assert_same(got, expected)
+
+
+def test_vcr(world) -> None:
+    records = [
+        {"annot_id": str(i), "image": n, "question": [q], "answer_choices": [[a] for a in ANSWERS],
+         "rationale_choices": [[r] for r in RATIONALES], "answer_label": -1, "rationale_label": -1}
+        for i, (n, q) in enumerate(zip(world["names"][:2], QUESTIONS))
+    ]  # fmt: skip
+    expected = lmdb_results(world, "vcr", records, special_token_base=WordPiece(world["vocab"]).meta("v")["v_range"][1])
+    got = pipeline(world, "vcr")(world["photos"][:2], QUESTIONS[:2], answers=ANSWERS, rationales=RATIONALES)
+    assert_same(got, expected)
+    assert all(len(r["answer_probs"]) == 4 and len(r["rationale_probs"]) == 4 for r in got)
