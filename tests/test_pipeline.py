@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.build import build_dbs
+from uniter_fast.data.img_db import load_npz
 from uniter_fast.data.task_records import VE_ENT2IDX
 from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.extract import Extractor
@@ -40,8 +42,6 @@ def world(tmp_path_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pipeline")
     photos = photo_paths()[:3]
     if len(photos) < 3:  # matplotlib's photo only: three crops of it, as files
-        from PIL import Image
-
         with Image.open(photos[0]) as im:
             for i, box in enumerate([(0, 0, 300, 300), (100, 100, 400, 500), (200, 0, 512, 400)][len(photos) - 1 :]):
                 im.crop(box).save(root / f"crop{i}.png")
@@ -63,6 +63,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
         "ve": {"ans2label_table": dict(VE_ENT2IDX), "num_answers": 3},
         "nlvr2": {},
         "itm": {},
+        "re": {},
         "vcr": {"special_token_base": size},
     }
     exports = {}
@@ -174,3 +175,38 @@ def test_vcr(world) -> None:
     got = pipeline(world, "vcr")(world["photos"][:2], QUESTIONS[:2], answers=ANSWERS, rationales=RATIONALES)
     assert_same(got, expected)
     assert all(len(r["answer_probs"]) == 4 and len(r["rationale_probs"]) == 4 for r in got)
+
+
+def test_re_over_detected_boxes(world) -> None:
+    """RE on the LMDB route: each photo as an image whose objects are its boxes (the GT-box db from the same npz)."""
+    side = {"refs": [], "annotations": [], "categories": [{"id": 0, "name": "object"}], "images": []}
+    expressions = ["the woman on the left", "the cat", "the red cup"]
+    for i, (name, photo) in enumerate(zip(world["names"], world["photos"])):
+        with Image.open(photo) as im:
+            width, height = im.size
+        arrays = load_npz(os.path.join(world["feats"], name + ".npz"))
+        rows = min(len(arrays["conf"]), 100)  # what a GT-box img_db keeps
+        ann_ids = [1000 * i + k for k in range(rows)]
+        side["annotations"] += [{"id": a, "bbox": [0, 0, 1, 1], "image_id": i, "category_id": 0} for a in ann_ids]
+        side["images"].append(
+            {"id": i, "file_name": name + ".png", "ann_ids": ann_ids, "height": height, "width": width}
+        )
+        side["refs"].append({"ref_id": i, "sent_ids": [str(i)], "ann_id": ann_ids[0], "image_id": i,
+                             "sentences": [{"sent_id": str(i), "sent": expressions[i]}]})  # fmt: skip
+    refs = world["root"] / "refs"
+    refs.mkdir()
+    for key, rows in side.items():
+        (refs / f"{key}.json").write_text(json.dumps(rows))
+    task = get_task("re")
+    out = str(world["root"] / "db-re")
+    task.build_dbs(str(refs), world["feats"], out, WordPiece(world["vocab"]), "t", BOX_SETTINGS, world["feats"])
+    model, options = load_task_model(task, world["exports"]["re"], {})
+    dataset = task.eval_dataset(DbCache(SETTINGS), f"{out}/txt", f"{out}/img", options, "test")
+    batch = task.query_batch(dataset)
+    with torch.no_grad():
+        expected = task.query_results(scores_of(model.eval(), batch), batch, options, 1)
+    got = pipeline(world, "re")(world["photos"], expressions)
+    assert_same(got, expected)
+    for result, n in zip(got, batch["num_bbs"].tolist()):
+        assert len(result["probs"]) == n and abs(sum(result["probs"]) - 1) < 1e-5
+        assert result["probs"][result["index"]] == max(result["probs"])

@@ -112,16 +112,20 @@ class Pipeline:
             extractor = Extractor(detector, device=device, config=detector_config)
         return cls(task_spec, model, options, extractor, toker, device, **settings)
 
-    def features(self, images: Sequence[Any], progress: bool = False) -> dict[str, dict[str, np.ndarray]]:
-        """{image key: the extractor's npz fields} of ``images`` (decoded by ``to_bgr``), ``batch_size`` at a
-        time."""
-        out: dict[str, dict[str, np.ndarray]] = {}
+    def features(
+        self, images: Sequence[Any], progress: bool = False
+    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, tuple[int, int]]]:
+        """({image key: the extractor's npz fields}, {image key: (height, width)}) of ``images`` (decoded by
+        ``to_bgr``), ``batch_size`` at a time."""
+        records: dict[str, dict[str, np.ndarray]] = {}
+        sizes: dict[str, tuple[int, int]] = {}
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc="images", unit="batch", disable=not progress):
             chunk = [to_bgr(image) for image in images[start : start + self.batch_size]]
-            for offset, record in enumerate(self.extractor.extract(chunk)):
-                out[image_key(start + offset)] = record
-        return out
+            for offset, (bgr, record) in enumerate(zip(chunk, self.extractor.extract(chunk))):
+                records[image_key(start + offset)] = record
+                sizes[image_key(start + offset)] = (int(bgr.shape[0]), int(bgr.shape[1]))
+        return records, sizes
 
     @torch.no_grad()
     def __call__(
@@ -135,7 +139,9 @@ class Pipeline:
     ) -> Union[dict[str, Any], list[dict[str, Any]]]:
         """The task's result for ``text`` about ``image`` (a dict), or one per text when ``text`` is a list."""
         batch = make_queries(self.task, image, text, answers, rationales)
-        features = self.features(batch.images, progress)
+        features, sizes = self.features(batch.images, progress)
+        for query in batch.queries:
+            query.sizes = [sizes[key] for key in query.images]
         results: list[dict[str, Any]] = []
         starts = range(0, len(batch.queries), self.batch_size)
         for start in tqdm(starts, desc="queries", unit="batch", disable=not progress):

@@ -88,13 +88,14 @@ class Query:
 
     ``id``: the text id; ``images``: img_db keys, :attr:`Task.query_images` of them (NLVR2: left, right); ``text``:
     the question (VQA, VCR), hypothesis (VE), statement (NLVR2), caption (ITM) or expression (RE); ``answers`` and
-    ``rationales``: VCR's four choices each."""
+    ``rationales``: VCR's four choices each; ``sizes``: (height, width) in pixels of each image (RE's boxes)."""
 
     id: str
     images: list[str]
     text: str
     answers: list[str] = dataclasses.field(default_factory=list)
     rationales: list[str] = dataclasses.field(default_factory=list)
+    sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
 
 class Task:
