@@ -35,14 +35,14 @@ def checkpoint_vocab(checkpoint: str, vocab: Optional[str]) -> str:
     naming both when there is neither."""
     if vocab is not None:
         if not os.path.isfile(vocab):
-            raise FileNotFoundError(f"vocab: {vocab!r} is not a file (expected a WordPiece vocab.txt)")
+            raise FileNotFoundError(f"vocab (--vocab): expected a WordPiece vocab.txt file, got {vocab!r}")
         return vocab
     beside = os.path.join(checkpoint, VOCAB_FILE) if os.path.isdir(checkpoint) else ""
     if beside and os.path.isfile(beside):
         return beside
     raise ConfigError(
-        f"vocab: the checkpoint {checkpoint!r} carries no {VOCAB_FILE}; give vocab=<the WordPiece vocab.txt it was "
-        "trained with> (bert-base-cased's vocab.txt for the released UNITER checkpoints)"
+        f"vocab (--vocab): the checkpoint {checkpoint!r} carries no {VOCAB_FILE}; give the WordPiece vocab.txt it was "
+        "trained with (bert-base-cased's vocab.txt for the released UNITER checkpoints)"
     )
 
 

@@ -419,8 +419,8 @@ class VcrTask(Task):
         for q in queries:
             if len(q.answers) != 4 or len(q.rationales) != 4:
                 raise ValueError(
-                    f"query {q.id!r}: VCR takes 4 answers and 4 rationales, got {len(q.answers)} and "
-                    f"{len(q.rationales)}"
+                    f"answers / rationales (--answer / --rationale): VCR takes 4 of each per question, got "
+                    f"{len(q.answers)} and {len(q.rationales)} for question {q.text!r}"
                 )
             raw = {
                 "annot_id": q.id,
