@@ -210,3 +210,52 @@ def test_re_over_detected_boxes(world) -> None:
     for result, n in zip(got, batch["num_bbs"].tolist()):
         assert len(result["probs"]) == n and abs(sum(result["probs"]) - 1) < 1e-5
         assert result["probs"][result["index"]] == max(result["probs"])
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``python -m uniter_fast.predict`` run in-process."""
+    from uniter_fast.entry import run_command
+    from uniter_fast.predict import main
+
+    try:
+        run_command(main, argv)
+        status = 0
+    except SystemExit as done:
+        status = int(done.code)
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_predict_cli(world, tmp_path, capsys) -> None:
+    detector = str(world["root"] / "tiny-milvlg.pth")
+    common = ["--task", "vqa", "--checkpoint", world["exports"]["vqa"], "--detector", detector,
+              "--vocab", world["vocab"], *TINY_CLI, "--top-k", "2", "--no-progress"]  # fmt: skip
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(
+        "".join(json.dumps({"image": p, "text": q}) + "\n" for p, q in zip(world["photos"], QUESTIONS))
+    )
+    status, stdout, _ = run_cli(
+        [*common, "--questions", str(questions), "--out", str(tmp_path / "answers.json")], capsys
+    )
+    assert status == 0
+    printed = json.loads(stdout)
+    assert json.loads((tmp_path / "answers.json").read_text()) == printed
+    expected = pipeline(world, "vqa", top_k=2)(world["photos"], QUESTIONS)
+    assert [r["image"] for r in printed] == world["photos"] and [r["text"] for r in printed] == QUESTIONS
+    assert_same([{"answers": r["answers"]} for r in printed], expected)
+    status, stdout, _ = run_cli([*common, "--image", world["photos"][0], "--text", QUESTIONS[0]], capsys)
+    assert status == 0 and json.loads(stdout)[0]["answers"] == printed[0]["answers"]
+    for argv, message in [
+        (["--image", str(tmp_path / "missing.jpg"), "--text", "what ?"], "--image: expected an image file"),
+        (["--text", "what ?"], "--image: expected at least one"),
+        (["--questions", str(questions), "--image", world["photos"][0]], "--questions: expected either"),
+        (
+            ["--image", world["photos"][0], "--text", "what ?", "--top-k", "0"],
+            "--top-k: expected an integer >= 1, got 0",
+        ),
+    ]:
+        status, stdout, stderr = run_cli([*common, *argv], capsys)
+        assert status == 2 and stdout == "" and stderr.count("\n") == 1 and message in stderr, stderr
+    no_vocab = [a for a in common if a not in ("--vocab", world["vocab"])]
+    status, _, stderr = run_cli([*no_vocab, "--image", world["photos"][0], "--text", "what ?"], capsys)
+    assert status == 2 and "vocab (--vocab): the checkpoint" in stderr and "carries no vocab.txt" in stderr

@@ -48,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="a task option (repeatable)")
     ap.add_argument("--test-scale", type=int, default=600, help="detector: shorter image side (Caffe: 600)")
     ap.add_argument("--max-size", type=int, default=1000, help="detector: cap on the longer side (Caffe: 1000)")
+    ap.add_argument("--pre-nms", type=int, default=6000, help="detector: RPN proposals before NMS (Caffe: 6000)")
     ap.add_argument("--proposals", type=int, default=300, help="detector: RoIs per image (Caffe: 300)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar for batches")
     return ap
@@ -145,7 +146,12 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     for flag, path in (("--checkpoint", args.checkpoint), ("--detector", args.detector)):
         if not os.path.exists(path):
             raise ConfigError(f"{flag}: expected an existing path, got {path!r}")
-    detector = DetectorConfig(test_scale=args.test_scale, max_size=args.max_size, rpn_post_nms_top_n=args.proposals)
+    detector = DetectorConfig(
+        test_scale=args.test_scale,
+        max_size=args.max_size,
+        rpn_pre_nms_top_n=args.pre_nms,
+        rpn_post_nms_top_n=args.proposals,
+    )
     pipe = Pipeline.from_pretrained(
         args.task,
         args.checkpoint,
