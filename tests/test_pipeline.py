@@ -17,7 +17,7 @@ from PIL import Image
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.build import build_dbs
-from uniter_fast.data.img_db import load_npz
+from uniter_fast.data.img_db import compute_num_bb, load_npz
 from uniter_fast.data.task_records import VE_ENT2IDX
 from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.extract import Extractor
@@ -259,3 +259,15 @@ def test_predict_cli(world, tmp_path, capsys) -> None:
     no_vocab = [a for a in common if a not in ("--vocab", world["vocab"])]
     status, _, stderr = run_cli([*no_vocab, "--image", world["photos"][0], "--text", "what ?"], capsys)
     assert status == 2 and "vocab (--vocab): the checkpoint" in stderr and "carries no vocab.txt" in stderr
+
+
+def test_alignment_picture(world, tmp_path) -> None:
+    pipe = pipeline(world, "itm")
+    out = pipe.alignment(world["photos"][0], "A woman in a uniform .", str(tmp_path / "wra.png"))
+    with Image.open(out["path"]) as im:
+        assert im.format == "PNG" and im.size[0] > 500
+    plan = torch.tensor(out["plan"])
+    assert out["words"][0] == "[CLS]" and out["words"][-1] == "[SEP]" and plan.shape[0] == len(out["words"])
+    assert (plan >= 0).all() and math.isfinite(out["ot_distance"]) and plan.sum() > 0
+    conf = load_npz(os.path.join(world["feats"], world["names"][0] + ".npz"))["conf"]  # the img_db's box count
+    assert plan.shape[1] == min(len(conf), compute_num_bb(conf, 0.2, 10, 100))

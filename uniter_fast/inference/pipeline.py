@@ -18,6 +18,7 @@ from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.errors import ConfigError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
+from uniter_fast.inference.alignment import plot_wra
 from uniter_fast.inference.inputs import image_key, make_queries, to_bgr
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks import TASKS, get_task
@@ -152,3 +153,16 @@ class Pipeline:
             scores = scores_of(self.model, move_to_device(inputs, self.device)).cpu()
             results += self.task.query_results(scores, inputs, self.options, top_k or self.top_k)
         return results[0] if batch.single else results
+
+    def alignment(self, image: Any, text: str, path: str) -> dict[str, Any]:
+        """The word-region alignment of ``text`` and one ``image`` as a picture (PNG at ``path``): the IPOT plan of
+        the model's encoder drawn over the photo beside the words x regions heatmap; returns {"path", "words",
+        "plan", "ot_distance"} (``uniter_fast.inference.alignment.plot_wra``)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected one string, got {type(text).__name__}")
+        bgr = to_bgr(image)
+        record = self.extractor.extract([bgr])[0]
+        encoder = self.model.uniter
+        return plot_wra(
+            encoder, self.toker, text, np.ascontiguousarray(bgr[:, :, ::-1]), record, self.box_settings, path
+        )
