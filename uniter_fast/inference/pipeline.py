@@ -18,7 +18,6 @@ from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.errors import ConfigError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
-from uniter_fast.inference.alignment import plot_wra
 from uniter_fast.inference.inputs import image_key, make_queries, to_bgr
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks import TASKS, get_task
@@ -158,6 +157,8 @@ class Pipeline:
         """The word-region alignment of ``text`` and one ``image`` as a picture (PNG at ``path``): the IPOT plan of
         the model's encoder drawn over the photo beside the words x regions heatmap; returns {"path", "words",
         "plan", "ot_distance"} (``uniter_fast.inference.alignment.plot_wra``)."""
+        from uniter_fast.inference.alignment import plot_wra  # matplotlib: only for pictures
+
         if not isinstance(text, str):
             raise TypeError(f"text: expected one string, got {type(text).__name__}")
         bgr = to_bgr(image)
