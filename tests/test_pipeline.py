@@ -271,3 +271,16 @@ def test_alignment_picture(world, tmp_path) -> None:
     assert (plan >= 0).all() and math.isfinite(out["ot_distance"]) and plan.sum() > 0
     conf = load_npz(os.path.join(world["feats"], world["names"][0] + ".npz"))["conf"]  # the img_db's box count
     assert plan.shape[1] == min(len(conf), compute_num_bb(conf, 0.2, 10, 100))
+
+
+def test_a_checkpoint_of_another_task_or_without_a_head_is_refused(world, tmp_path) -> None:
+    with pytest.raises(ValueError, match="task: the checkpoint .* is a 'vqa' model, got task 'itm'"):
+        pipeline_of(world, "itm", world["exports"]["vqa"])
+    model, _ = load_task_model(get_task("vqa"), None, {"num_answers": 2}, UniterConfig.tiny(vocab_size=200))
+    model.uniter.save_pretrained(str(tmp_path / "pretrained"))  # the encoder only: no VQA head
+    with pytest.raises(ValueError, match="expected a fine-tuned vqa model"):
+        pipeline_of(world, "vqa", str(tmp_path / "pretrained"))
+
+
+def pipeline_of(world: dict, task: str, checkpoint: str) -> Pipeline:
+    return Pipeline.from_pretrained(task, checkpoint, world["extractor"], world["vocab"])

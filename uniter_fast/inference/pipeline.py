@@ -13,15 +13,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from uniter_fast.checkpoint import read_checkpoint
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.data.tokenizer import WordPiece
-from uniter_fast.errors import ConfigError
+from uniter_fast.errors import CheckpointError, ConfigError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
 from uniter_fast.inference.inputs import image_key, make_queries, to_bgr
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks import TASKS, get_task
-from uniter_fast.tasks.checkpoint import load_task_model
+from uniter_fast.tasks.checkpoint import TASK_FILE, head_keys, load_task_model
 from uniter_fast.tasks.spec import DATA_FACTS, DataFacts, Task, scores_of
 from uniter_fast.training.config import RunConfig
 
@@ -103,7 +104,17 @@ class Pipeline:
         toker = WordPiece(vocab_path)
         given = task_spec.check_options(dict(options or {}), "options")
         words = DataFacts(len(toker.vocab), vocab_path)  # the model's word table must cover the vocabulary
-        model, options = load_task_model(task_spec, checkpoint, {**given, DATA_FACTS: words}, fast=fast)
+        ckpt = read_checkpoint(checkpoint)
+        saved = ckpt.side_file(TASK_FILE) or {}
+        if saved.get("task", task_spec.name) != task_spec.name:
+            raise ConfigError(f"task: the checkpoint {checkpoint!r} is a {saved['task']!r} model, got task {task!r}")
+        if not head_keys(task_spec, ckpt.state):
+            heads = ", ".join(task_spec.finetuned_heads or task_spec.heads)
+            raise CheckpointError(
+                f"checkpoint: expected a fine-tuned {task_spec.name} model (with its {heads} weights), got "
+                f"{checkpoint!r}, which has none (a pretrained checkpoint?)"
+            )
+        model, options = load_task_model(task_spec, ckpt, {**given, DATA_FACTS: words}, fast=fast)
         if isinstance(detector, Extractor):
             extractor = detector
         else:
