@@ -90,7 +90,7 @@ class VeTask(VqaTask):
     def query_results(self, scores, batch, options, top_k):
         """The probability of each class (softmax over the three logits), in the classes' order (contradiction,
         entailment, neutral), and the most likely one."""
-        label2ans = {v: k for k, v in options["ans2label_table"].items()}
+        label2ans = {v: k for k, v in self.answer_map(options).items()}
         probs = torch.softmax(scores, dim=1).tolist()
         return [
             {

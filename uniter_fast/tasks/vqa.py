@@ -348,21 +348,30 @@ class VqaTask(Task):
 
     def query_dataset(self, queries, toker, features, box_settings, options):
         """Records of :meth:`txt_records` over the checkpoint's answer map, read by ``VqaDataset`` (evaluation)."""
-        if options.get("ans2label_table") is None:
-            raise CheckpointError(
-                f"task {self.name}: the checkpoint names no answer map (no task.json with 'ans2label_table'): give "
-                "the options {'ans2label': <the ans2label.json it was trained with>}"
-            )
         annotations = [(f"query {q.id!r}", self.query_annotation(q)) for q in queries]
         img_db = memory_img_db(features, box_settings)
-        records = self.txt_records(annotations, toker, set(img_db.name2nbb), options["ans2label_table"])
+        records = self.txt_records(annotations, toker, set(img_db.name2nbb), self.answer_map(options))
         txt_db = TxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records))
         return VqaDataset(txt_db, img_db, options["num_answers"], eval=True)
+
+    def answer_map(self, options: dict[str, Any]) -> dict[str, int]:
+        """The loaded checkpoint's answer map: its task.json ``ans2label_table``, else the ``ans2label`` option (a
+        JSON file), else the task's fixed one (VE); a CheckpointError saying what to give when there is none."""
+        table = options.get("ans2label_table")
+        if table is None and options.get("ans2label"):
+            table = read_json(options["ans2label"], "ans2label")
+        table = table or self.original_ans2label
+        if not table:
+            raise CheckpointError(
+                f"task {self.name}: the checkpoint names no answer map (no task.json with 'ans2label_table'): give "
+                "the option ans2label (--option ans2label=<the ans2label.json it was trained with>)"
+            )
+        return table
 
     def query_results(self, scores, batch, options, top_k):
         """The ``top_k`` answers of each question with their probabilities (sigmoid of the logits: the head is
         trained with binary cross-entropy against soft scores), best first."""
-        label2ans = {v: k for k, v in options["ans2label_table"].items()}
+        label2ans = {v: k for k, v in self.answer_map(options).items()}
         probs = torch.sigmoid(scores)
         best = probs.topk(min(top_k, probs.size(1)), dim=1)
         return [
