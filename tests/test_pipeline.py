@@ -10,6 +10,7 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -284,3 +285,33 @@ def test_a_checkpoint_of_another_task_or_without_a_head_is_refused(world, tmp_pa
 
 def pipeline_of(world: dict, task: str, checkpoint: str) -> Pipeline:
     return Pipeline.from_pretrained(task, checkpoint, world["extractor"], world["vocab"])
+
+
+def test_images_as_paths_pil_images_and_rgb_arrays_decode_alike() -> None:
+    from uniter_fast.inference.inputs import to_bgr
+
+    path = photo_paths()[0]
+    from_file = to_bgr(path)
+    with Image.open(path) as im:
+        assert np.array_equal(to_bgr(im), from_file)
+        rgb = np.asarray(im.convert("RGB"))
+    assert np.array_equal(to_bgr(rgb), from_file) and np.array_equal(to_bgr(np.dstack([rgb, rgb[:, :, :1]])), from_file)
+    assert np.array_equal(to_bgr(rgb[:, :, 0]), np.repeat(rgb[:, :, :1], 3, axis=2))
+    with pytest.raises(ValueError, match=r"uint8 \[H, W\]"):
+        to_bgr(rgb.astype(np.float32))
+    with pytest.raises(FileNotFoundError, match="image: 'nope.jpg' is not a file"):
+        to_bgr("nope.jpg")
+    with pytest.raises(TypeError, match="expected a path, a PIL image or a numpy array, got int"):
+        to_bgr(3)
+
+
+def test_answer_maps_of_checkpoints_without_task_json(tmp_path) -> None:
+    from uniter_fast.errors import CheckpointError
+
+    table = tmp_path / "ans2label.json"
+    table.write_text(json.dumps(VQA_ANSWERS))
+    assert get_task("vqa").answer_map({"ans2label": str(table)}) == VQA_ANSWERS
+    assert get_task("vqa").answer_map({"ans2label_table": {"x": 0}, "ans2label": str(table)}) == {"x": 0}
+    assert get_task("ve").answer_map({}) == VE_ENT2IDX
+    with pytest.raises(CheckpointError, match="give the option ans2label"):
+        get_task("vqa").answer_map({})
