@@ -110,6 +110,54 @@ def validate_dump(name: str, dump: dict[str, Any], need_soft_labels: bool = True
     return int(n)
 
 
+class RejectedImage(DataError):
+    """An image the img_db writers refuse; ``kind`` is the skip count it goes to ("bad_shape", "non_finite")."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+def stored_image(
+    name: str,
+    features: np.ndarray,
+    norm_bb: np.ndarray,
+    conf: np.ndarray,
+    soft_labels: np.ndarray,
+    settings: tuple[float, int, int, int],
+) -> dict[str, np.ndarray]:
+    """What an img_db stores for one image (``convert_imgdir.py``): the arrays features [n, 2048], norm_bb [n, 6],
+    conf [n] and soft_labels [n, 1601] (any float dtype) checked, cut to the image's nbb rows (:func:`compute_num_bb`
+    with ``settings`` = (conf_th, max_bb, min_bb, num_bb)) and cast to float16. :class:`RejectedImage` says why an
+    image cannot be stored (misshapen or non-float arrays, NaN/inf after the cast)."""
+    conf_th, max_bb, min_bb, num_bb = settings
+    dump = {"features": features, "norm_bb": norm_bb, "soft_labels": soft_labels}
+    dump = {k: np.asarray(v) for k, v in dump.items()}
+    conf = np.asarray(conf).reshape(-1)
+    try:
+        n = validate_dump(name, dump)
+    except DataError as exc:
+        raise RejectedImage("bad_shape", str(exc)) from None
+    if conf.dtype.kind != "f" or conf.shape[0] != n:
+        raise RejectedImage(
+            "bad_shape", f"image {name!r}: conf must be {n} floating-point values, got {conf.shape[0]} of {_kind(conf)}"
+        )
+    nbb = min(n, compute_num_bb(conf, conf_th, min_bb, max_bb, num_bb))
+    dump["conf"] = conf
+    with np.errstate(over="ignore"):  # values beyond float16 become inf, refused just below
+        stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
+    if not all(np.isfinite(a).all() for a in (*dump.values(), *stored.values())):
+        raise RejectedImage("non_finite", f"image {name!r} has NaN/inf values (or values beyond float16)")
+    return stored
+
+
+def image_tensors(stored: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(img_feat float32 [n, 2048], img_pos_feat float32 [n, 7]) of an image's stored arrays, as the readers give
+    them to the datasets (``DetectFeatLmdb[name]``)."""
+    features = torch.from_numpy(np.asarray(stored["features"], dtype=np.float32))
+    return features, box_7d(torch.from_numpy(np.asarray(stored["norm_bb"], dtype=np.float32)))
+
+
 class DetectFeatLmdb:
     """Reader of an img_db, as the original ``DetectFeatLmdb`` (``path`` is the image dir holding the LMDB).
 
@@ -147,6 +195,18 @@ class DetectFeatLmdb:
         self.db = LazyReader(os.path.join(path, name))
         if self.name2nbb is None:
             self.name2nbb = self._compute_nbb()
+
+    @classmethod
+    def from_store(
+        cls, store: Any, name2nbb: dict[str, int], settings: tuple[float, int, int, int], compress: bool = False
+    ) -> DetectFeatLmdb:
+        """A reader of the images an in-memory ``store`` (``uniter_fast.data.memory_db.MemoryStore``) holds, with
+        their box counts ``name2nbb`` and the box ``settings`` (conf_th, max_bb, min_bb, num_bb) they were stored
+        with: the same arrays and checks as a reader of the LMDB would give, without a file."""
+        reader = cls.__new__(cls)
+        reader.path, reader.db, reader.compress, reader.name2nbb = store.path, store, compress, dict(name2nbb)
+        reader.conf_th, reader.max_bb, reader.min_bb, reader.num_bb = settings
+        return reader
 
     def _keys(self) -> list[str]:
         raw = self.db.get("__keys__")
@@ -223,8 +283,7 @@ class DetectFeatLmdb:
         return {k: dump[k][:nbb].astype(np.float32) for k in keys}
 
     def __getitem__(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        dump = self.get_dump(name, soft_labels=False)
-        return torch.from_numpy(dump["features"]), box_7d(torch.from_numpy(dump["norm_bb"]))
+        return image_tensors(self.get_dump(name, soft_labels=False))
 
 
 def box_7d(norm_bb: torch.Tensor) -> torch.Tensor:
@@ -237,6 +296,8 @@ class ImgDbWriter:
 
     ``add(name, features, norm_bb, conf, soft_labels)`` validates and stores one image; bad images (wrong shapes,
     zero boxes, non-finite values) are skipped with a warning and counted in ``skipped``. Use as a context manager.
+    ``store``: an in-memory store (``uniter_fast.data.memory_db.MemoryStore``) that takes the records instead of an
+    LMDB under ``path``; nothing is written to disk then.
     """
 
     def __init__(
@@ -247,11 +308,15 @@ class ImgDbWriter:
         min_bb: int = 10,
         num_bb: int = 36,
         compress: bool = False,
+        store: Any = None,
     ) -> None:
         self.path = path
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
         self.compress = compress
-        self._writer = Writer(os.path.join(path, db_name(conf_th, max_bb, min_bb, num_bb, compress)))
+        self._on_disk = store is None
+        self._writer = (
+            Writer(os.path.join(path, db_name(conf_th, max_bb, min_bb, num_bb, compress))) if store is None else store
+        )
         self.name2nbb: dict[str, int] = {}
         self.skipped: dict[str, int] = {"bad_shape": 0, "non_finite": 0, "duplicate": 0}
 
@@ -269,27 +334,15 @@ class ImgDbWriter:
         Returns False, with a warning and a count, when the image is skipped (duplicate name, missing or misshapen
         array, not floating point, NaN/inf after the fp16 cast); with ``strict``, raises a DataError saying why.
         """
-        dump = {"features": features, "norm_bb": norm_bb, "soft_labels": soft_labels}
-        dump = {k: np.asarray(v) for k, v in dump.items()}
-        conf = np.asarray(conf).reshape(-1)
         if name in self.name2nbb:
             return self._skip("duplicate", f"duplicate image {name!r}", strict)
+        settings = (self.conf_th, self.max_bb, self.min_bb, self.num_bb)
         try:
-            n = validate_dump(name, dump)
-            if conf.dtype.kind != "f" or conf.shape[0] != n:
-                raise DataError(
-                    f"image {name!r}: conf must be {n} floating-point values, got {conf.shape[0]} of {_kind(conf)}"
-                )
-        except DataError as exc:
-            return self._skip("bad_shape", str(exc), strict)
-        nbb = min(n, compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb, self.num_bb))
-        dump["conf"] = conf
-        with np.errstate(over="ignore"):  # values beyond float16 become inf, refused just below
-            stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
-        if not all(np.isfinite(a).all() for a in (*dump.values(), *stored.values())):
-            return self._skip("non_finite", f"image {name!r} has NaN/inf values (or values beyond float16)", strict)
+            stored = stored_image(name, features, norm_bb, conf, soft_labels, settings)
+        except RejectedImage as exc:
+            return self._skip(exc.kind, str(exc), strict)
         self._writer.put(name, encode_img_record(stored, self.compress))
-        self.name2nbb[name] = nbb
+        self.name2nbb[name] = int(stored["features"].shape[0])
         return True
 
     def _skip(self, kind: str, reason: str, strict: bool) -> bool:
@@ -301,7 +354,9 @@ class ImgDbWriter:
         return False
 
     def close(self, exc: Optional[BaseException] = None) -> None:
-        """Write ``__keys__``, commit, and write the nbb side file."""
+        """Write ``__keys__``, commit, and write the nbb side file (an in-memory store: nothing to do)."""
+        if not self._on_disk:
+            return
         if exc is None:
             self._writer.put("__keys__", json.dumps(list(self.name2nbb)).encode("utf-8"))
         self._writer.close(commit=exc is None)

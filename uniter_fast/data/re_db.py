@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from uniter_fast.data.side_files import read_side_file
-from uniter_fast.data.task_db import check_image
+from uniter_fast.data.task_db import Record, add_records, check_image
 from uniter_fast.data.task_records import encode, field
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter, TxtTokLmdb
@@ -96,46 +96,59 @@ def write_re_txt_db(
     meta_name: str = "wordpiece",
     where: str = "annotations",
 ) -> int:
-    """Write an RE txt_db: one record per sentence of ``side["refs"]`` (each ref with ``sentences``
-    [{sent_id, sent}]), plus the four side files. ``gt_rows`` (GT image key -> boxes) must match each image's
-    ``ann_ids``. Returns the number of sentences."""
+    """Write an RE txt_db: the records of :func:`re_records`, plus the four side files. Returns the number of
+    sentences."""
+    records = re_records(side, toker, images, gt_images, gt_rows, where)
+    with TxtDbWriter(out, toker.meta(meta_name)) as writer:
+        add_records(writer, records)
+        count = len(writer.id2len)
+    write_re_side_files(out, side)
+    return count
+
+
+def re_records(
+    side: dict[str, list[dict[str, Any]]],
+    toker: WordPiece,
+    images: set[str],
+    gt_images: set[str],
+    gt_rows: dict[str, int],
+    where: str = "annotations",
+) -> list[Record]:
+    """One record per sentence of ``side["refs"]`` (each ref with ``sentences`` [{sent_id, sent}]); ``gt_rows`` (GT
+    image key -> boxes) must match each image's ``ann_ids``, the image keys must be in ``images`` / ``gt_images``."""
     for name in RE_SIDE_FILES:
         check_side_file(f"{where}/{name}.json", name, side.get(name))
     anns = {a["id"]: a for a in side["annotations"]}
     imgs = {i["id"]: i for i in side["images"]}
-    with TxtDbWriter(out, toker.meta(meta_name)) as writer:
-        for r, ref in enumerate(side["refs"]):
-            at = f"{where}/refs.json record {r}"
-            image = imgs.get(ref["image_id"])
-            if image is None or ref["ann_id"] not in image["ann_ids"] or ref["ann_id"] not in anns:
-                raise DataError(
-                    f"{at}: ann_id {ref['ann_id']} of image {ref['image_id']} is not in images.json "
-                    "ann_ids / annotations.json"
-                )
-            gt_name, det_name = gt_image_name(image["id"]), det_image_name(image["id"])
-            check_image(gt_name, gt_images, "GT-box", at)
-            check_image(det_name, images, "detected-box", at)
-            if gt_rows[gt_name] != len(image["ann_ids"]):
-                raise DataError(
-                    f"{at}: image {image['id']} has {len(image['ann_ids'])} ann_ids but "
-                    f"{gt_rows[gt_name]} GT-box features"
-                )
-            for sentence in field(ref, "sentences", list, at):
-                sent_id = str(field(sentence, "sent_id", (str, int), at))
-                sent = field(sentence, "sent", str, at)
-                fields = {
-                    "sent_id": sent_id,
-                    "sent": sent,
-                    "ref_id": ref["ref_id"],
-                    "ann_id": ref["ann_id"],
-                    "image_id": image["id"],
-                    "bbox": anns[ref["ann_id"]]["bbox"],
-                }
-                if not writer.add(sent_id, encode(toker, sent, "sent", at), gt_name, **fields):
-                    raise DataError(f"{at}: duplicate sent_id {sent_id!r}")
-        count = len(writer.id2len)
-    write_re_side_files(out, side)
-    return count
+    records: list[Record] = []
+    for r, ref in enumerate(side["refs"]):
+        at = f"{where}/refs.json record {r}"
+        image = imgs.get(ref["image_id"])
+        if image is None or ref["ann_id"] not in image["ann_ids"] or ref["ann_id"] not in anns:
+            raise DataError(
+                f"{at}: ann_id {ref['ann_id']} of image {ref['image_id']} is not in images.json "
+                "ann_ids / annotations.json"
+            )
+        gt_name, det_name = gt_image_name(image["id"]), det_image_name(image["id"])
+        check_image(gt_name, gt_images, "GT-box", at)
+        check_image(det_name, images, "detected-box", at)
+        if gt_rows[gt_name] != len(image["ann_ids"]):
+            raise DataError(
+                f"{at}: image {image['id']} has {len(image['ann_ids'])} ann_ids but {gt_rows[gt_name]} GT-box features"
+            )
+        for sentence in field(ref, "sentences", list, at):
+            sent_id = str(field(sentence, "sent_id", (str, int), at))
+            sent = field(sentence, "sent", str, at)
+            fields = {
+                "sent_id": sent_id,
+                "sent": sent,
+                "ref_id": ref["ref_id"],
+                "ann_id": ref["ann_id"],
+                "image_id": image["id"],
+                "bbox": anns[ref["ann_id"]]["bbox"],
+            }
+            records.append((at, sent_id, encode(toker, sent, "sent", at), gt_name, fields))
+    return records
 
 
 class ReTxtTokLmdb(TxtTokLmdb):
@@ -150,6 +163,19 @@ class ReTxtTokLmdb(TxtTokLmdb):
             file = os.path.join(path, f"{name}.json")
             side[name] = read_side_file(file, "RE txt_db side file")
             check_side_file(file, name, side[name])
+        self._set_side(side)
+
+    @classmethod
+    def from_writer(cls, writer: Any, store: Any, side: dict[str, list[dict[str, Any]]]) -> ReTxtTokLmdb:
+        """An in-memory RE txt_db (``TxtTokLmdb.from_writer``) with the side tables ``side`` (checked)."""
+        reader = super().from_writer(writer, store)
+        for name in RE_SIDE_FILES:
+            check_side_file(f"{writer.path}/{name}.json", name, side.get(name))
+        reader._set_side(side)
+        return reader
+
+    def _set_side(self, side: dict[str, list[dict[str, Any]]]) -> None:
+        """The side tables by id."""
         self.ref_ids = [ref["ref_id"] for ref in side["refs"]]
         self.Refs = {ref["ref_id"]: ref for ref in side["refs"]}
         self.Anns = {ann["id"]: ann for ann in side["annotations"]}

@@ -75,11 +75,17 @@ def write_records(out: str, meta: dict[str, Any], records: Iterable[Record], des
     """A txt_db at ``out`` (``meta.json`` = ``meta``) of ``records``; a duplicate id is a DataError naming where it
     came from. Returns the number of records."""
     with TxtDbWriter(out, meta) as writer:
-        for where, id_, input_ids, img_fname, fields in tqdm(records, desc=desc):
-            try:
-                added = writer.add(id_, input_ids, img_fname, **fields)
-            except DataError as exc:
-                raise DataError(f"{where}: {exc}") from None
-            if not added:
-                raise DataError(f"{where}: duplicate id {id_!r}")
+        add_records(writer, tqdm(records, desc=desc))
         return len(writer.id2len)
+
+
+def add_records(writer: TxtDbWriter, records: Iterable[Record]) -> None:
+    """``writer.add`` of every record; a rejected record or a duplicate id is a DataError naming where it came
+    from (the checks of every task txt_db, on disk or in memory)."""
+    for where, id_, input_ids, img_fname, fields in records:
+        try:
+            added = writer.add(id_, input_ids, img_fname, **fields)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if not added:
+            raise DataError(f"{where}: duplicate id {id_!r}")

@@ -57,6 +57,13 @@ def encode(toker: WordPiece, text: str, name: str, where: str) -> list[int]:
     return ids
 
 
+def caption_record(raw: dict[str, Any], toker: WordPiece, where: str) -> Record:
+    """A caption record (pretraining and ITM txt_dbs): ``{"id", "image", "caption"}`` -> ``sent`` = the caption."""
+    id_ = str(field(raw, "id", (str, int), where))
+    caption = field(raw, "caption", str, where)
+    return id_, encode(toker, caption, "caption", where), image_key(field(raw, "image", str, where)), {"sent": caption}
+
+
 def vqa_soft_scores(answers: list[str]) -> dict[str, float]:
     """The VQA soft score of each answer given by annotators: min(1, 0.3 * count) (0.3 / 0.6 / 0.9 / 1)."""
     return {a: min(1.0, round(0.3 * n, 1)) for a, n in Counter(answers).items()}

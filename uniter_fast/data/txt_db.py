@@ -72,7 +72,24 @@ class TxtTokLmdb:
         id2len = count_table(os.path.join(path, "id2len.json"), "txt_db length file")
         self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
         self.db = LazyReader(path)
-        self.meta = meta = check_meta(read_side_file(os.path.join(path, "meta.json"), "txt_db meta file"), path)
+        self._set_meta(check_meta(read_side_file(os.path.join(path, "meta.json"), "txt_db meta file"), path))
+
+    side_tables: Optional[dict[str, dict[str, Any]]] = None
+    """``txt2img`` / ``img2txts`` of a reader over an in-memory store (None: read from the side files)."""
+
+    @classmethod
+    def from_writer(cls, writer: TxtDbWriter, store: Any) -> TxtTokLmdb:
+        """A reader of what ``writer`` put into the in-memory ``store`` (``TxtDbWriter(path, meta, store=store)``),
+        without a file: the same records, checks and ``combine_inputs`` as a reader of the LMDB would give."""
+        reader = cls.__new__(cls)
+        reader.path, reader.id2len, reader.db = writer.path, dict(writer.id2len), store
+        reader.side_tables = {"txt2img": dict(writer.txt2img), "img2txts": dict(writer.img2txts)}
+        TxtTokLmdb._set_meta(reader, check_meta(dict(writer.meta), writer.path))
+        return reader
+
+    def _set_meta(self, meta: dict[str, Any]) -> None:
+        """The special ids of ``meta`` (checked) as attributes."""
+        self.meta = meta
         self.cls_: int = meta["CLS"]
         self.sep: int = meta["SEP"]
         self.mask: int = meta["MASK"]
@@ -106,29 +123,37 @@ class TxtTokLmdb:
     @property
     def txt2img(self) -> dict[str, str]:
         """Text id -> image key."""
+        if self.side_tables is not None:
+            return self.side_tables["txt2img"]
         return read_side_file(os.path.join(self.path, "txt2img.json"), "txt_db side file")
 
     @property
     def img2txts(self) -> dict[str, list[str]]:
         """Image key -> text ids."""
+        if self.side_tables is not None:
+            return self.side_tables["img2txts"]
         return read_side_file(os.path.join(self.path, "img2txts.json"), "txt_db side file")
 
 
 class TxtDbWriter:
     """Writes a txt_db in the original layout; side files are written (atomically) on close.
 
+    ``store``: an in-memory store (``uniter_fast.data.memory_db.MemoryStore``) that takes the records instead of an
+    LMDB at ``path``; nothing is written to disk then, and the side tables stay on the writer.
+
     ``add(id_, input_ids, img_fname, **extra)`` stores one record; empty ``input_ids`` or a duplicate id is skipped
     with a count in ``skipped`` (the caller reports it), an id LMDB cannot store is a DataError. Use as a context
     manager.
     """
 
-    def __init__(self, path: str, meta: dict[str, Any]) -> None:
+    def __init__(self, path: str, meta: dict[str, Any], store: Any = None) -> None:
         for key in (*SPECIAL_IDS, "v_range"):
             if key not in meta:
                 raise ValueError(f"meta must contain {key!r}, got keys {sorted(meta)}")
         self.path = path
         self.meta = meta
-        self._writer = Writer(path)
+        self._writer = Writer(path) if store is None else store
+        self._on_disk = store is None
         self.id2len: dict[str, int] = {}
         self.txt2img: dict[str, str] = {}
         self.img2txts: dict[str, list[str]] = {}
@@ -154,7 +179,9 @@ class TxtDbWriter:
         return True
 
     def close(self, exc: Optional[BaseException] = None) -> None:
-        """Commit the LMDB and write the side files."""
+        """Commit the LMDB and write the side files (nothing to do for an in-memory store)."""
+        if not self._on_disk:
+            return
         self._writer.close(commit=exc is None)
         if exc is None:
             write_json_atomic(os.path.join(self.path, "meta.json"), self.meta)

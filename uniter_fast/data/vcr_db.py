@@ -15,6 +15,7 @@ in the joint sequence, then the detected ones.
 from __future__ import annotations
 
 import os
+from typing import Any, Optional
 
 from uniter_fast.data.side_files import count_table
 from uniter_fast.data.txt_db import TxtTokLmdb
@@ -33,14 +34,25 @@ class VcrTxtTokLmdb(TxtTokLmdb):
         if task not in VCR_TASKS:
             raise ValueError(f"task must be one of {VCR_TASKS}, got {task!r}")
         super().__init__(path, -1)
-        self.task = task
         id2len = count_table(
             os.path.join(path, f"id2len_{'qar' if task == 'qa,qar' else task}.json"), "VCR length file"
         )
-        self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
+        self._read_as(task, id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len})
+
+    @classmethod
+    def from_writer(cls, writer: Any, store: Any, id2len_qar: Optional[dict[str, int]] = None) -> VcrTxtTokLmdb:
+        """An in-memory VCR txt_db (``TxtTokLmdb.from_writer``) read for evaluation ("qa,qar", the qar lengths
+        ``id2len_qar``)."""
+        reader = super().from_writer(writer, store)
+        reader._read_as("qa,qar", dict(id2len_qar or {}))
+        return reader
+
+    def _read_as(self, task: str, id2len: dict[str, int]) -> None:
+        """Read the db for ``task`` with the lengths ``id2len``; the tag range from ``meta.json``."""
+        self.task, self.id2len = task, id2len
         for key in ("special_token_base", "num_special_tokens"):
             if type(self.meta.get(key)) is not int:
-                raise DataError(f"{os.path.join(path, 'meta.json')}: VCR txt_db meta lacks the integer {key!r}")
+                raise DataError(f"{os.path.join(self.path, 'meta.json')}: VCR txt_db meta lacks the integer {key!r}")
         self.special_token_base = int(self.meta["special_token_base"])
         self.num_special_tokens = int(self.meta["num_special_tokens"])
 

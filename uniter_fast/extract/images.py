@@ -8,7 +8,7 @@ palette images converted to RGB, 16-bit images scaled to 8 bits (>> 8, as IMREAD
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -25,20 +25,27 @@ def _pil():
 
 def load_bgr(path: str) -> np.ndarray:
     """The image at ``path`` as [H, W, 3] uint8 BGR after EXIF rotation; raises OSError/ValueError if unreadable."""
-    image_mod, image_ops = _pil()
+    image_mod, _ = _pil()
     with image_mod.open(path) as im:
         im.load()
-        im = image_ops.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
-            rgb = np.repeat(grey[:, :, None], 3, axis=2)
-        elif im.mode == "F":
-            grey = np.asarray(im).clip(0, 255).astype(np.uint8)
-            rgb = np.repeat(grey[:, :, None], 3, axis=2)
-        else:
-            rgb = np.asarray(im.convert("RGB"))
+        return pil_to_bgr(im, repr(path))
+
+
+def pil_to_bgr(im: Any, name: str = "image") -> np.ndarray:
+    """A loaded PIL image as [H, W, 3] uint8 BGR after EXIF rotation, as :func:`load_bgr` decodes files (``name``
+    names it in the error of an image without pixels)."""
+    _, image_ops = _pil()
+    im = image_ops.exif_transpose(im)
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    elif im.mode == "F":
+        grey = np.asarray(im).clip(0, 255).astype(np.uint8)
+        rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    else:
+        rgb = np.asarray(im.convert("RGB"))
     if rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
-        raise ValueError(f"image {path!r} has no pixels (shape {rgb.shape})")
+        raise ValueError(f"image {name} has no pixels (shape {rgb.shape})")
     return np.ascontiguousarray(rgb[:, :, ::-1])
 
 

@@ -44,6 +44,11 @@ def _require(batch: dict, keys: tuple[str, ...], task: str, packed_keys: tuple[s
         raise ValueError(f"batch for task {task!r} lacks the keys {missing}")
 
 
+OT_DEFAULTS = {"beta": 0.5, "iteration": 50, "k": 1}
+"""The IPOT settings of WRA (the original's ``ot_pos_reg``-free defaults): step ``beta``, ``iteration``s, inner
+steps ``k``."""
+
+
 class UniterForPretraining(UniterPreTrainedModel):
     """UNITER with its pretraining heads; ``state_dict`` keys are the original ones (``uniter.*``, ``cls.*``,
     ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``; the tied tensors appear under both names)."""
@@ -64,7 +69,7 @@ class UniterForPretraining(UniterPreTrainedModel):
         self.itm_output = nn.Linear(config.hidden_size, 2)
         self.init_head_weights(self.cls, self.feat_regress, self.region_classifier, self.itm_output)
         self.itm_ot_lambda = itm_ot_lambda
-        self.ot_settings = {"beta": 0.5, "iteration": 50, "k": 1, **(ot_settings or {})}
+        self.ot_settings = {**OT_DEFAULTS, **(ot_settings or {})}
 
     # ------------------------------------------------------------------ weights
     def tie_weights(self) -> None:

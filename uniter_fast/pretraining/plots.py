@@ -155,22 +155,41 @@ def alignment(
     )
     batch = collate("itm", [record], Draws(), dataset.token_ids, layout="padded")
     model.eval()
-    sequence_output = model.uniter.forward_batch(batch).float()
-    n_words, n_regions = int(batch["txt_lens"][0]), int(batch["num_bbs"][0])
-    txt = sequence_output[:, :n_words]
-    img = sequence_output[:, n_words : n_words + n_regions]
-    cost = cost_matrix_cosine(txt, img)
-    no_pad_txt = torch.zeros(1, n_words, dtype=torch.bool)
-    no_pad_img = torch.zeros(1, n_regions, dtype=torch.bool)
-    plan = ipot(cost, no_pad_txt, no_pad_img, **model.ot_settings, backend="reference")
+    plan, dist, sequence_output = wra_plan(model.uniter, batch, model.ot_settings)
     scores = model.itm_output(model.uniter.pooler(sequence_output))
     return {
-        "plan": plan[0],
-        "dist": float((cost * plan).sum()),
+        "plan": plan,
+        "dist": dist,
         "p_match": float(scores.softmax(-1)[0, 1]),
         "input_ids": batch["input_ids"][0],
         "soft_labels": torch.from_numpy(arrays["soft_labels"].astype(np.float32)),
     }
+
+
+@torch.no_grad()
+def wra_plan(encoder: Any, batch: dict[str, Any], ot_settings: dict[str, Any]) -> tuple[torch.Tensor, float, Any]:
+    """(IPOT plan float32 [words, regions] of the first pair of the padded joint ``batch``, over its text tokens
+    ([CLS]/[SEP] included) and regions; the OT distance Σ cost ⊙ plan; the encoder's sequence output
+    [1, L, H] float32) with the UNITER ``encoder`` and the IPOT ``ot_settings`` (beta, iteration, k)."""
+    sequence_output = encoder.forward_batch(batch).float()
+    n_words, n_regions = int(batch["txt_lens"][0]), int(batch["num_bbs"][0])
+    txt = sequence_output[:1, :n_words]
+    img = sequence_output[:1, n_words : n_words + n_regions]
+    cost = cost_matrix_cosine(txt, img)
+    no_pad_txt = torch.zeros(1, n_words, dtype=torch.bool)
+    no_pad_img = torch.zeros(1, n_regions, dtype=torch.bool)
+    plan = ipot(cost, no_pad_txt, no_pad_img, **ot_settings, backend="reference")
+    return plan[0], float((cost * plan).sum()), sequence_output[:1]
+
+
+def draw_plan(ax: Any, plan: np.ndarray, words: list[str], regions: list[str], title: str) -> Any:
+    """The transport plan [words, regions] as a heatmap on the matplotlib axes ``ax`` (normalised by its maximum),
+    words as rows and ``regions`` labels as columns, with ``title``; returns the image (for a colour bar)."""
+    image = ax.imshow(plan / plan.max(), cmap="viridis", aspect="auto", vmin=0, vmax=1)
+    ax.set_yticks(range(len(words)), words, fontsize=7)
+    ax.set_xticks(range(plan.shape[1]), regions, rotation=90, fontsize=6)
+    ax.set_title(title, fontsize=9)
+    return image
 
 
 def plot_alignment(
@@ -193,13 +212,11 @@ def plot_alignment(
     for r, row in enumerate(panels):
         for c, panel in enumerate(row):
             ax = fig.add_subplot(len(pairs), 2, 2 * r + c + 1)
-            plan = panel["plan"].numpy()
-            image = ax.imshow(plan / plan.max(), cmap="viridis", aspect="auto", vmin=0, vmax=1)
             words = [token(t) for t in panel["input_ids"].tolist()]
-            ax.set_yticks(range(len(words)), words, fontsize=7)
-            ax.set_xticks(range(plan.shape[1]), _region_labels(panel["soft_labels"], names), rotation=90, fontsize=6)
             kind = "matched" if c == 0 else "mismatched"
-            ax.set_title(f"{kind}: OT distance {panel['dist']:.3f}, P(match) {panel['p_match']:.2f}", fontsize=9)
+            title = f"{kind}: OT distance {panel['dist']:.3f}, P(match) {panel['p_match']:.2f}"
+            regions = _region_labels(panel["soft_labels"], names)
+            image = draw_plan(ax, panel["plan"].numpy(), words, regions, title)
             if c == 1:
                 fig.colorbar(image, ax=ax, label="transport plan / max", shrink=0.8)
     fig.suptitle("Word-region alignment (WRA): IPOT plan of validation captions with their image and another image")

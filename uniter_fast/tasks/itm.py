@@ -30,11 +30,14 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
+from uniter_fast.data.task_db import check_image
+from uniter_fast.data.task_records import caption_record
 from uniter_fast.errors import DataError
 from uniter_fast.layout import pack_batch
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
-from uniter_fast.tasks.spec import Task, require
+from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
 
 PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
 EVAL_MODES = ("exact", "fast")
@@ -453,6 +456,30 @@ class ItmTask(Task):
         """``{stem}_<mode>.pt`` (score matrix [texts, images] + ids) and ``{stem}_<mode>.json`` (recall table), named
         by the evaluation mode (``exact``, ``fast_k<k>``) and each recording ``meta``, the mode and k."""
         return predictions[0].save(os.path.join(directory, stem), meta)
+
+    # ------------------------------------------------------------------ new images
+    def query_dataset(self, queries, toker, features, box_settings, options):
+        """Each caption with its image as a caption record (``caption_record``, as ``python -m uniter_fast.build``
+        writes captions), read by ``ItmEvalDataset``."""
+        img_db = memory_img_db(features, box_settings)
+        records = []
+        for q in queries:
+            where = f"query {q.id!r}"
+            raw = {"id": q.id, "image": q.images[0], "caption": q.text}
+            id_, ids, image, fields = caption_record(raw, toker, where)
+            check_image(image, set(img_db.name2nbb), "detected-box", where)
+            records.append((where, id_, ids, image, fields))
+        txt_db = TxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records))
+        return ItmEvalDataset(txt_db, img_db)
+
+    def query_batch(self, dataset: TaskDataset) -> dict[str, Any]:
+        """The pairs (each text, its image) of an ``ItmEvalDataset``, texts in order."""
+        images = [dataset.all_img_ids.index(dataset.txt2img[i]) for i in dataset.ids]
+        return dataset.pairs_batch(np.arange(len(dataset.ids)), np.array(images, dtype=np.int64))
+
+    def query_results(self, scores, batch, options, top_k):
+        """The match score of each (caption, image) pair: the cross-encoder's logit and its sigmoid."""
+        return [{"score": float(torch.sigmoid(s)), "logit": float(s)} for s in scores]
 
 
 class ItmHardNegTask(ItmTask):

@@ -27,7 +27,8 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
+from uniter_fast.data.task_db import Record, check_image, write_records
 from uniter_fast.data.task_records import field, image_key, nlvr2_record
 from uniter_fast.errors import DataError
 from uniter_fast.model.base import UniterPreTrainedModel
@@ -40,7 +41,7 @@ from uniter_fast.tasks.data import (
     random_rows,
     row,
 )
-from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.nlvr2 import BUNDLED_SENTENCES, nlvr2_annotations
 
 VARIANTS = ("paired", "triplet", "paired-attn")
@@ -295,14 +296,40 @@ class Nlvr2Task(Task):
         return {k: k for k in keys}, {}
 
     def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
-        """Records of ``nlvr2_record`` (``img_fname`` = [left, right], ``target`` 1 / 0)."""
+        """Records of :meth:`txt_records`."""
+        records = self.txt_records(annotations, toker, images)
+        return write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
+
+    def txt_records(self, annotations: Any, toker: Any, images: set[str]) -> list[Record]:
+        """Records of ``nlvr2_record`` (``img_fname`` = [left, right], ``target`` 1 / 0), image keys checked
+        against ``images``."""
         records = []
         for where, raw in annotations:
             id_, ids, names, fields = nlvr2_record(raw, toker, where)
             for name in names:
                 check_image(name, images, "detected-box", where)
             records.append((where, id_, ids, names, fields))
-        return write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
+        return records
+
+    # ------------------------------------------------------------------ new images
+    query_images = 2
+
+    def query_dataset(self, queries, toker, features, box_settings, options):
+        """Statements about (left, right) as annotations (the converter needs a label, which the scores never
+        read: false stands for "unknown"), through :meth:`txt_records`, read by ``Nlvr2Dataset``."""
+        annotations = [
+            (f"query {q.id!r}", {"identifier": q.id, "images": q.images, "sentence": q.text, "label": False})
+            for q in queries
+        ]
+        img_db = memory_img_db(features, box_settings)
+        records = self.txt_records(annotations, toker, set(img_db.name2nbb))
+        txt_db = TxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records))
+        return Nlvr2Dataset(txt_db, img_db, options["model"] != "triplet", options["use_img_type"])
+
+    def query_results(self, scores, batch, options, top_k):
+        """P(the statement is true) (softmax over the head's two logits, false and true) and the verdict."""
+        true = torch.softmax(scores, dim=1)[:, 1].tolist()
+        return [{"label": p > 0.5, "prob_true": p} for p in true]
 
     def bundled_split(self, scenes, rng, split):
         """``nlvr2_annotations``: sentences about image pairs of the split."""

@@ -27,22 +27,26 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb
+from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
 from uniter_fast.data.re_db import (
     ReTxtTokLmdb,
     det_image_name,
     gt_image_name,
     re_image_files,
+    re_records,
     read_re_annotations,
     write_re_txt_db,
 )
+from uniter_fast.data.task_db import GT_BOX_SETTINGS
 from uniter_fast.errors import DataError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
-from uniter_fast.tasks.spec import Task, ratio, require, scores_of
+from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.re import re_annotations
 from uniter_fast.tasks.synthetic.text import texts_of
 
 NOT_A_REGION = -1e4
+QUERY_ANN_STRIDE = 1000  # ann id of box k of query image i: i * QUERY_ANN_STRIDE + k (more than any box count)
 
 
 class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
@@ -262,6 +266,49 @@ class ReTask(Task):
         """One record per sentence, plus the side files (``uniter_fast.data.re_db.write_re_txt_db``)."""
         where = annotations.get("where", "annotations")
         return write_re_txt_db(annotations, toker, out, images, set(gt_rows), gt_rows, meta_name, where)
+
+    # ------------------------------------------------------------------ new images
+    def query_dataset(self, queries, toker, features, box_settings, options):
+        """Expressions over each image's detected boxes: the image as an RE annotation whose objects are its
+        detected boxes (``ann_ids`` in their row order, ``bbox`` in pixels; stored as a GT-box img_db keeps them),
+        the referent unknown (the converter needs one: object 0 stands for it, the scores never read it), through
+        ``re_records``, read by ``ReDataset`` over the detected boxes (evaluation)."""
+        ids = {key: i for i, key in enumerate(dict.fromkeys(k for q in queries for k in q.images))}
+        sizes = {key: size for q in queries for key, size in zip(q.images, q.sizes)}
+        detected = {det_image_name(i): features[key] for key, i in ids.items()}
+        img_db = memory_img_db(detected, box_settings)
+        gt_db = memory_img_db({gt_image_name(i): features[key] for key, i in ids.items()}, GT_BOX_SETTINGS)
+        side: dict[str, list[dict[str, Any]]] = {"refs": [], "annotations": [], "categories": [], "images": []}
+        for key, i in ids.items():
+            if key not in sizes:
+                raise ValueError(f"RE query on image {key!r}: its size (height, width) is needed for the boxes")
+            height, width = sizes[key]
+            norm_bb = features[key]["norm_bb"][: gt_db.name2nbb[gt_image_name(i)]].astype(np.float64)
+            boxes = norm_bb[:, [0, 1, 4, 5]] * [width, height, width, height]
+            ann_ids = [i * QUERY_ANN_STRIDE + k for k in range(len(boxes))]
+            side["annotations"] += [
+                {"id": a, "bbox": b.tolist(), "image_id": i, "category_id": 0} for a, b in zip(ann_ids, boxes)
+            ]
+            side["images"].append({"id": i, "file_name": key, "ann_ids": ann_ids, "height": height, "width": width})
+        for q in queries:
+            image = ids[q.images[0]]
+            ref = {"ref_id": q.id, "sent_ids": [q.id], "ann_id": image * QUERY_ANN_STRIDE, "image_id": image}
+            side["refs"].append({**ref, "sentences": [{"sent_id": q.id, "sent": q.text}]})
+        records = re_records(side, toker, set(img_db.name2nbb), set(gt_db.name2nbb), gt_db.name2nbb, "queries")
+        txt_db = ReTxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records), side)
+        return ReDataset(txt_db, img_db, gt=False, eval=True)
+
+    def query_results(self, scores, batch, options, top_k):
+        """The referred box [x, y, w, h] (pixels) with its index and probability (softmax over the image's
+        regions; the head is trained with cross-entropy over them) and every region's probability, in box order."""
+        results = []
+        for row_scores, n, boxes in zip(scores, batch["num_bbs"].tolist(), batch["obj_boxes"]):
+            probs = torch.softmax(row_scores[:n], dim=0)
+            best = int(probs.argmax())
+            results.append(
+                {"index": best, "box": boxes[best].tolist(), "prob": float(probs[best]), "probs": probs.tolist()}
+            )
+        return results
 
     def bundled_split(self, scenes, rng, split):
         """``re_annotations``: expressions for objects of the split's scenes, in the side files' layout."""

@@ -78,6 +78,26 @@ class CheckpointView:
         return self.task_file or self.path
 
 
+QUERY_VOCAB_NAME = "query"
+"""The tokenizer name in the ``meta.json`` of the in-memory txt_db of :meth:`Task.query_dataset` (read by nothing)."""
+
+
+@dataclasses.dataclass
+class Query:
+    """One question about new images (``uniter_fast.inference``), for :meth:`Task.query_dataset`.
+
+    ``id``: the text id; ``images``: img_db keys, :attr:`Task.query_images` of them (NLVR2: left, right); ``text``:
+    the question (VQA, VCR), hypothesis (VE), statement (NLVR2), caption (ITM) or expression (RE); ``answers`` and
+    ``rationales``: VCR's four choices each; ``sizes``: (height, width) in pixels of each image (RE's boxes)."""
+
+    id: str
+    images: list[str]
+    text: str
+    answers: list[str] = dataclasses.field(default_factory=list)
+    rationales: list[str] = dataclasses.field(default_factory=list)
+    sizes: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
 class Task:
     """Base of the task definitions; subclasses set the class attributes and implement the methods."""
 
@@ -318,6 +338,41 @@ class Task:
             if count == 0:
                 raise DataError(f"annotations {annotations!r}: no {self.name} text record to write; nothing written")
         return {"texts": count, "images": len(rows), "gt_images": len(gt_rows)}
+
+    # ------------------------------------------------------------------ new images (uniter_fast.inference)
+    query_images = 1
+    """How many images one query is about (NLVR2: 2)."""
+
+    @property
+    def answers_queries(self) -> bool:
+        """Whether the task answers queries on new images (it implements :meth:`query_dataset`)."""
+        return type(self).query_dataset is not Task.query_dataset
+
+    def query_dataset(
+        self,
+        queries: list[Query],
+        toker: WordPiece,
+        features: dict[str, dict[str, np.ndarray]],
+        box_settings: tuple[float, int, int, int],
+        options: dict[str, Any],
+    ) -> TaskDataset:
+        """The evaluation dataset of ``queries`` on new images, in memory: the records the task's database build
+        writes for annotations of them (the same converters and writers, ``uniter_fast.data.memory_db``), over the
+        img_db that ``features`` ({image key: the extractor's npz fields}) give with ``box_settings`` (conf_th,
+        max_bb, min_bb, num_bb), read by the task's evaluation dataset. ``options``: the loaded model's."""
+        raise NotImplementedError(f"task {self.name!r} does not answer queries on new images")
+
+    def query_batch(self, dataset: TaskDataset) -> dict[str, Any]:
+        """The one batch of every example of a :meth:`query_dataset` (or of the same examples read from the
+        LMDB databases), in order; default: the dataset's collate."""
+        return dataset.collate([dataset[i] for i in range(len(dataset))])
+
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
+        """One JSON-ready result per example of ``batch`` from the model's ``compute_loss=False`` scores (fp32,
+        CPU); ``top_k``: how many answers a result lists where there are many (VQA)."""
+        raise NotImplementedError(f"task {self.name!r} does not answer queries on new images")
 
     # ------------------------------------------------------------------ bundled synthetic set
     def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:

@@ -30,7 +30,8 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb
-from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
+from uniter_fast.data.task_db import GT_BOX_SETTINGS, Record, check_image, write_records
 from uniter_fast.data.task_records import field, image_key, vcr_lengths, vcr_record
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.errors import CheckpointError, DataError
@@ -47,6 +48,7 @@ from uniter_fast.tasks.data import (
 )
 from uniter_fast.tasks.spec import (
     DATA_FACTS,
+    QUERY_VOCAB_NAME,
     TYPE_TABLE,
     WORD_TABLE,
     CheckpointView,
@@ -383,21 +385,78 @@ class VcrTask(Task):
         return {k: k for k in det}, {k: k for k in gt}
 
     def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
-        """Records of ``vcr_record`` (object references as tag ids from ``special_token_base``), the tag range in
-        ``meta.json`` and the ``id2len_qa.json`` / ``id2len_qar.json`` length tables."""
+        """Records of :meth:`txt_records`, the tag range in ``meta.json`` and the ``id2len_qa.json`` /
+        ``id2len_qar.json`` length tables."""
         base = int(options.get("special_token_base", BERT_BASE_CASED_VOCAB))
+        meta, records, lengths = self.txt_records(annotations, toker, images, set(gt_rows), meta_name, base)
+        count = write_records(out, meta, records, desc=f"{self.name} texts")
+        for key, table in lengths.items():
+            write_json_atomic(os.path.join(out, f"id2len_{key}.json"), table)
+        return count
+
+    def txt_records(
+        self, annotations: Any, toker: Any, images: set[str], gt_images: set[str], meta_name: str, base: int
+    ) -> tuple[dict[str, Any], list[Record], dict[str, dict[str, int]]]:
+        """(meta.json, records of ``vcr_record`` with object references as tag ids from ``base``, the "qa" / "qar"
+        length tables); image keys checked against ``images`` (detected boxes) and ``gt_images``."""
         meta = {**toker.meta(meta_name), "special_token_base": base, "num_special_tokens": NUM_SPECIAL_TOKENS}
         records, lengths = [], {"qa": {}, "qar": {}}
         for where, raw in annotations:
             id_, ids, names, fields = vcr_record(raw, toker, base, NUM_SPECIAL_TOKENS, where)
             lengths["qa"][id_], lengths["qar"][id_] = vcr_lengths(ids, fields)
-            check_image(names[0], gt_rows, "GT-box", where)
+            check_image(names[0], gt_images, "GT-box", where)
             check_image(names[1], images, "detected-box", where)
             records.append((where, id_, ids, names, fields))
-        count = write_records(out, meta, records, desc=f"{self.name} texts")
-        for key, table in lengths.items():
-            write_json_atomic(os.path.join(out, f"id2len_{key}.json"), table)
-        return count
+        return meta, records, lengths
+
+    # ------------------------------------------------------------------ new images
+    def query_dataset(self, queries, toker, features, box_settings, options):
+        """A question with four answers and four rationales as a test-split annotation (labels -1), through
+        :meth:`txt_records` with the checkpoint's ``special_token_base``, read by ``VcrDataset`` ("test": every
+        answer, then every rationale after each answer). The image's detected boxes stand in for VCR's GT boxes
+        too (stored as a GT-box img_db keeps them), as new photos have no annotated boxes."""
+        annotations = []
+        for q in queries:
+            if len(q.answers) != 4 or len(q.rationales) != 4:
+                raise ValueError(
+                    f"answers / rationales (--answer / --rationale): VCR takes 4 of each per question, got "
+                    f"{len(q.answers)} and {len(q.rationales)} for question {q.text!r}"
+                )
+            raw = {
+                "annot_id": q.id,
+                "image": q.images[0],
+                "question": [q.text],
+                "answer_choices": [[a] for a in q.answers],
+                "rationale_choices": [[r] for r in q.rationales],
+                "answer_label": -1,
+                "rationale_label": -1,
+            }
+            annotations.append((f"query {q.id!r}", raw))
+        img_db = memory_img_db(features, box_settings)
+        gt_db = memory_img_db(features, GT_BOX_SETTINGS, "<memory GT-box img_db>")
+        meta, records, lengths = self.txt_records(
+            annotations,
+            toker,
+            set(img_db.name2nbb),
+            set(gt_db.name2nbb),
+            QUERY_VOCAB_NAME,
+            options["special_token_base"],
+        )
+        txt_db = VcrTxtTokLmdb.from_writer(*memory_txt_writer(meta, records), lengths["qar"])
+        return VcrDataset(txt_db, gt_db, img_db, eval_mode="test")
+
+    def query_results(self, scores, batch, options, top_k):
+        """The probability of each answer (softmax over the four Q->A scores), the chosen answer, and the
+        probability of each rationale given that answer (softmax over its four QA->R scores)."""
+        per_question = scores.reshape(len(batch["qids"]), -1)
+        answer_probs = torch.softmax(per_question[:, :4], dim=1)
+        chosen = answer_probs.argmax(dim=1)
+        _, rationale_scores = vcr_scores(per_question, chosen)
+        rationale_probs = torch.softmax(rationale_scores, dim=1)
+        return [
+            {"answer": int(a), "answer_probs": p.tolist(), "rationale": int(r.argmax()), "rationale_probs": r.tolist()}
+            for a, p, r in zip(chosen.tolist(), answer_probs, rationale_probs)
+        ]
 
     def bundled_split(self, scenes, rng, split):
         """``vcr_annotations`` of the split (none for test, as VCR's test labels are hidden); tags after the tiny

@@ -12,12 +12,14 @@ import json
 import os
 from typing import Any, Optional
 
+import torch
+
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_records import VE_ENT2IDX, ve_record
 from uniter_fast.errors import DataError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache
-from uniter_fast.tasks.spec import DATA_FACTS
+from uniter_fast.tasks.spec import DATA_FACTS, Query
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, ve_annotations
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaTask
 
@@ -79,6 +81,24 @@ class VeTask(VqaTask):
     def convert(self, raw: dict[str, Any], toker: Any, ans2label: dict[str, int], where: str) -> tuple:
         """One annotation -> (id, input_ids, image key, fields) with a one-hot ``target`` (``ve_record``)."""
         return ve_record(raw, toker, where)
+
+    def query_annotation(self, query: Query) -> dict[str, Any]:
+        """A query as a VE annotation; the converter needs a label, which evaluation never reads (the first class
+        stands for "unknown")."""
+        return {"id": query.id, "image": query.images[0], "hypothesis": query.text, "label": next(iter(VE_ENT2IDX))}
+
+    def query_results(self, scores, batch, options, top_k):
+        """The probability of each class (softmax over the three logits), in the classes' order (contradiction,
+        entailment, neutral), and the most likely one."""
+        label2ans = {v: k for k, v in self.answer_map(options).items()}
+        probs = torch.softmax(scores, dim=1).tolist()
+        return [
+            {
+                "label": label2ans[max(range(len(p)), key=p.__getitem__)],
+                "probs": {label2ans[i]: v for i, v in enumerate(p)},
+            }
+            for p in probs
+        ]
 
     def bundled_split(self, scenes, rng, split):
         """``ve_annotations`` of the split's scenes (2-3 hypotheses an image)."""

@@ -22,7 +22,8 @@ from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
-from uniter_fast.data.task_db import check_image, write_records
+from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
+from uniter_fast.data.task_db import Record, check_image, write_records
 from uniter_fast.data.task_records import build_ans2label, vqa_record
 from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.files import read_json, write_json_atomic
@@ -38,8 +39,10 @@ from uniter_fast.tasks.data import (
 )
 from uniter_fast.tasks.spec import (
     DATA_FACTS,
+    QUERY_VOCAB_NAME,
     CheckpointView,
     DataFacts,
+    Query,
     Task,
     data_file,
     ratio,
@@ -321,17 +324,60 @@ class VqaTask(Task):
         return vqa_record(raw, toker, ans2label, where)
 
     def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
-        """Records of :meth:`convert` (``target`` over :meth:`answer_table`), and the table as ``ans2label.json``
-        beside them."""
+        """Records of :meth:`txt_records` (``target`` over :meth:`answer_table`), and the table as
+        ``ans2label.json`` beside them."""
         ans2label = self.answer_table(annotations, options)
+        records = self.txt_records(annotations, toker, images, ans2label)
+        count = write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
+        write_json_atomic(os.path.join(out, ANS2LABEL), ans2label)
+        return count
+
+    def txt_records(self, annotations: Any, toker: Any, images: set[str], ans2label: dict[str, int]) -> list[Record]:
+        """The txt_db records of ``annotations`` (:meth:`convert`), each image key checked against ``images``."""
         records = []
         for where, raw in annotations:
             id_, ids, image, fields = self.convert(raw, toker, ans2label, where)
             check_image(image, images, "detected-box", where)
             records.append((where, id_, ids, image, fields))
-        count = write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
-        write_json_atomic(os.path.join(out, ANS2LABEL), ans2label)
-        return count
+        return records
+
+    # ------------------------------------------------------------------ new images
+    def query_annotation(self, query: Query) -> dict[str, Any]:
+        """A query as a VQA annotation (no answers: an empty target)."""
+        return {"question_id": query.id, "image": query.images[0], "question": query.text, "answers": {}}
+
+    def query_dataset(self, queries, toker, features, box_settings, options):
+        """Records of :meth:`txt_records` over the checkpoint's answer map, read by ``VqaDataset`` (evaluation)."""
+        annotations = [(f"query {q.id!r}", self.query_annotation(q)) for q in queries]
+        img_db = memory_img_db(features, box_settings)
+        records = self.txt_records(annotations, toker, set(img_db.name2nbb), self.answer_map(options))
+        txt_db = TxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records))
+        return VqaDataset(txt_db, img_db, options["num_answers"], eval=True)
+
+    def answer_map(self, options: dict[str, Any]) -> dict[str, int]:
+        """The loaded checkpoint's answer map: its task.json ``ans2label_table``, else the ``ans2label`` option (a
+        JSON file), else the task's fixed one (VE); a CheckpointError saying what to give when there is none."""
+        table = options.get("ans2label_table")
+        if table is None and options.get("ans2label"):
+            table = read_json(options["ans2label"], "ans2label")
+        table = table or self.original_ans2label
+        if not table:
+            raise CheckpointError(
+                f"task {self.name}: the checkpoint names no answer map (no task.json with 'ans2label_table'): give "
+                "the option ans2label (--option ans2label=<the ans2label.json it was trained with>)"
+            )
+        return table
+
+    def query_results(self, scores, batch, options, top_k):
+        """The ``top_k`` answers of each question with their probabilities (sigmoid of the logits: the head is
+        trained with binary cross-entropy against soft scores), best first."""
+        label2ans = {v: k for k, v in self.answer_map(options).items()}
+        probs = torch.sigmoid(scores)
+        best = probs.topk(min(top_k, probs.size(1)), dim=1)
+        return [
+            {"answers": [{"answer": label2ans[int(i)], "score": float(p)} for p, i in zip(values, indices)]}
+            for values, indices in zip(best.values.tolist(), best.indices.tolist())
+        ]
 
     def bundled_split(self, scenes, rng, split):
         """``vqa_annotations`` of the split's scenes (2-3 questions an image), over the bundled answer list."""
