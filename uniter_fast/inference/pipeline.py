@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uniter_fast.checkpoint import read_checkpoint
+from uniter_fast.checkpoint import Checkpoint, read_checkpoint
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.errors import CheckpointError, ConfigError
@@ -45,6 +45,40 @@ def checkpoint_vocab(checkpoint: str, vocab: Optional[str]) -> str:
         f"vocab (--vocab): the checkpoint {checkpoint!r} carries no {VOCAB_FILE}; give the WordPiece vocab.txt it was "
         "trained with (bert-base-cased's vocab.txt for the released UNITER checkpoints)"
     )
+
+
+def load_query_model(
+    task_spec: Task,
+    checkpoint: Union[str, Checkpoint],
+    vocab: Optional[str],
+    options: Optional[dict[str, Any]],
+    fast: bool = True,
+) -> tuple[UniterPreTrainedModel, dict[str, Any], WordPiece]:
+    """(the fine-tuned ``task_spec`` model of ``checkpoint`` (a path, or a checkpoint already read) on the CPU, its
+    options, the WordPiece of ``vocab``, default the checkpoint folder's): the checks of
+    :meth:`Pipeline.from_pretrained` (a checkpoint of this task, holding the task's heads, whose word table covers
+    the vocabulary)."""
+    if isinstance(checkpoint, str) and not os.path.exists(checkpoint):
+        raise FileNotFoundError(f"checkpoint: {checkpoint!r} does not exist")
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    checkpoint = ckpt.path
+    vocab_path = checkpoint_vocab(checkpoint, vocab)
+    toker = WordPiece(vocab_path)
+    given = task_spec.check_options(dict(options or {}), "options")
+    words = DataFacts(len(toker.vocab), vocab_path)  # the model's word table must cover the vocabulary
+    saved = ckpt.side_file(TASK_FILE) or {}
+    if saved.get("task", task_spec.name) != task_spec.name:
+        raise ConfigError(
+            f"task: the checkpoint {checkpoint!r} is a {saved['task']!r} model, got task {task_spec.name!r}"
+        )
+    if not head_keys(task_spec, ckpt.state):
+        heads = ", ".join(task_spec.finetuned_heads or task_spec.heads)
+        raise CheckpointError(
+            f"checkpoint: expected a fine-tuned {task_spec.name} model (with its {heads} weights), got "
+            f"{checkpoint!r}, which has none (a pretrained checkpoint?)"
+        )
+    model, options = load_task_model(task_spec, ckpt, {**given, DATA_FACTS: words}, fast=fast)
+    return model, options, toker
 
 
 class Pipeline:
@@ -98,23 +132,7 @@ class Pipeline:
         folder's); ``device``: where the model (and a detector made here) run; ``detector_config``: the detector's
         test-time settings (Caffe's by default); ``settings``: ``box_settings``, ``top_k``, ``batch_size``."""
         task_spec = get_task(task)
-        if not os.path.exists(checkpoint):
-            raise FileNotFoundError(f"checkpoint: {checkpoint!r} does not exist")
-        vocab_path = checkpoint_vocab(checkpoint, vocab)
-        toker = WordPiece(vocab_path)
-        given = task_spec.check_options(dict(options or {}), "options")
-        words = DataFacts(len(toker.vocab), vocab_path)  # the model's word table must cover the vocabulary
-        ckpt = read_checkpoint(checkpoint)
-        saved = ckpt.side_file(TASK_FILE) or {}
-        if saved.get("task", task_spec.name) != task_spec.name:
-            raise ConfigError(f"task: the checkpoint {checkpoint!r} is a {saved['task']!r} model, got task {task!r}")
-        if not head_keys(task_spec, ckpt.state):
-            heads = ", ".join(task_spec.finetuned_heads or task_spec.heads)
-            raise CheckpointError(
-                f"checkpoint: expected a fine-tuned {task_spec.name} model (with its {heads} weights), got "
-                f"{checkpoint!r}, which has none (a pretrained checkpoint?)"
-            )
-        model, options = load_task_model(task_spec, ckpt, {**given, DATA_FACTS: words}, fast=fast)
+        model, options, toker = load_query_model(task_spec, checkpoint, vocab, options, fast)
         if isinstance(detector, Extractor):
             extractor = detector
         else:

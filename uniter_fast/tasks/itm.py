@@ -322,6 +322,16 @@ class ItmHardNegDataset(ItmNegativesBase):
         return batch
 
 
+def images_batch(images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The first stage's image batch of ``images`` [(img_feat float32 [n_i, 2048], img_pos_feat float32 [n_i, 7])]:
+    ``img_feat`` [B, Nb, 2048], ``img_pos_feat`` [B, Nb, 7] (zero-padded) and ``num_bbs`` int64 [B]."""
+    return {
+        "img_feat": nn.utils.rnn.pad_sequence([f for f, _ in images], batch_first=True),
+        "img_pos_feat": nn.utils.rnn.pad_sequence([p for _, p in images], batch_first=True),
+        "num_bbs": torch.tensor([f.size(0) for f, _ in images], dtype=torch.long),
+    }
+
+
 class ItmEvalDataset(ItmPairsBase):
     """Every text and every image of a split (``all_img_ids`` = the images that have texts, as the original's
     ``img2txts`` keys), for the score matrix of ``uniter_fast.tasks.itm_eval``; items are texts."""
@@ -351,12 +361,7 @@ class ItmEvalDataset(ItmPairsBase):
 
     def images_batch(self, img_index: np.ndarray) -> dict[str, torch.Tensor]:
         """``img_feat`` [B, Nb, 2048], ``img_pos_feat`` [B, Nb, 7] (zero-padded) and ``num_bbs`` [B]."""
-        feats = [self.image(self.all_img_ids[i]) for i in img_index.tolist()]
-        return {
-            "img_feat": nn.utils.rnn.pad_sequence([f for f, _ in feats], batch_first=True),
-            "img_pos_feat": nn.utils.rnn.pad_sequence([p for _, p in feats], batch_first=True),
-            "num_bbs": torch.tensor([f.size(0) for f, _ in feats], dtype=torch.long),
-        }
+        return images_batch([self.image(self.all_img_ids[i]) for i in img_index.tolist()])
 
 
 # ---------------------------------------------------------------------- task
