@@ -122,7 +122,7 @@ def test_floors_import_only_downwards() -> None:
         ("uniter_fast.extract", "uniter_fast.inference"),
     ]
     assert [edge for pair in forbidden for edge in floor_imports(graph, *pair)] == []
-    scripts = {f"uniter_fast.{name}" for name in ("pretrain", "finetune", "evaluate", "build", "info", "predict")}
+    scripts = {f"uniter_fast.{name}" for name in ("pretrain", "finetune", "evaluate", "build", "info", "predict", "search")}
     assert [(a, b) for a, b in graph.edges if b in scripts] == []  # no script imports a script
 
 
@@ -155,7 +155,7 @@ def test_scripts_run_from_inside_the_package_shadow_nothing() -> None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-2000:]
-    for name in ("pretrain.py", "finetune.py", "evaluate.py", "build.py", "predict.py"):
+    for name in ("pretrain.py", "finetune.py", "evaluate.py", "build.py", "predict.py", "search.py"):
         with open(os.path.join(REPO, "uniter_fast", name), encoding="utf-8") as f:
             assert "sys.path" not in f.read(), name
 

@@ -31,8 +31,14 @@ from uniter_fast.files import TMP_PREFIX, atomic_write, read_json, write_json_at
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-IDENTITY = ("checkpoint", "detector", "detector_config", "box_settings")
-"""The ``made_with`` entries an index and its use must agree on (paths are compared by their digests)."""
+IDENTITY = {
+    "checkpoint": "--checkpoint",
+    "detector": "--detector",
+    "detector_config": "the detector settings (--test-scale, --max-size, --pre-nms, --proposals)",
+    "box_settings": "the img_db box settings",
+}
+"""The ``made_with`` entries an index and its use must agree on (paths are compared by their digests), and what
+names them in a message."""
 
 
 def file_digest(path: str) -> str:
@@ -66,7 +72,7 @@ def check_made_with(index_path: str, saved: dict[str, Any], given: dict[str, Any
             same = saved[key] == given[key]
         if not same:
             raise ConfigError(
-                f"--{key.replace('_', '-')}: the index {index_path!r} was made with {key} {describe(saved, key)}, "
+                f"{IDENTITY[key]}: the index {index_path!r} was made with {key} {describe(saved, key)}, "
                 f"got {describe(given, key)}; use the same {key.replace('_', ' ')}, or make a new index (--out)"
             )
 

@@ -8,6 +8,7 @@ evaluation) re-ranks the shortlist. ``index_gallery`` fills a :class:`~uniter_fa
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Optional, Sequence
@@ -200,7 +201,7 @@ def made_with(
         "checkpoint_sha256": file_digest(checkpoint),
         "detector": os.path.abspath(detector),
         "detector_sha256": file_digest(detector),
-        "detector_config": dataclasses.asdict(extractor.config),
+        "detector_config": json.loads(json.dumps(dataclasses.asdict(extractor.config))),  # as the manifest holds it
         "box_settings": list(BOX_SETTINGS),
         "first_stage_dim": first_stage_dim,
         "vocab": os.path.abspath(vocab) if vocab else None,
