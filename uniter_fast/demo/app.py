@@ -4,6 +4,7 @@ builds the page."""
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Any, Callable
 
@@ -21,6 +22,8 @@ PROMPTS = {
     "vcr": ("VCR", "question", "Why is she smiling?"),
 }
 """Per task: (tab title, what the text is, an example)."""
+IMAGE_HEIGHT = 360
+"""Pixels: the height of the photos on the page."""
 USER_MISTAKES = (ValueError, TypeError, FileNotFoundError)
 
 
@@ -51,21 +54,25 @@ def task_tab(gr: ModuleType, pipe: Pipeline) -> None:
     _, kind, example = PROMPTS[task]
     count = pipe.task.query_images
     with gr.Row():
-        images = [
-            gr.Image(type="pil", label=f"image {i + 1}" if count > 1 else "image", elem_id=f"{task}-image{i}")
-            for i in range(count)
-        ]
-    text = gr.Textbox(label=kind, placeholder=example, elem_id=f"{task}-text")
-    extra = []
-    if task == "vcr":
-        extra = [
-            gr.Textbox(label="the 4 answers, one a line", lines=4, elem_id="vcr-answers"),
-            gr.Textbox(label="the 4 rationales, one a line", lines=4, elem_id="vcr-rationales"),
-        ]
-    button = gr.Button("Ask", variant="primary", elem_id=f"{task}-run")
-    answer = gr.Textbox(label="answer", interactive=False, elem_id=f"{task}-answer")
-    boxed = gr.Image(label="the referred box", interactive=False, elem_id="re-box", visible=task == "re")
-    details = gr.JSON(label="full result", elem_id=f"{task}-result")
+        with gr.Column():
+            images = [
+                gr.Image(type="pil", label=f"image {i + 1}" if count > 1 else "image", height=IMAGE_HEIGHT,
+                         elem_id=f"{task}-image{i}")
+                for i in range(count)
+            ]  # fmt: skip
+            text = gr.Textbox(label=kind, placeholder=example, elem_id=f"{task}-text")
+            extra = []
+            if task == "vcr":
+                extra = [
+                    gr.Textbox(label="the 4 answers, one a line", lines=4, elem_id="vcr-answers"),
+                    gr.Textbox(label="the 4 rationales, one a line", lines=4, elem_id="vcr-rationales"),
+                ]
+            button = gr.Button("Ask", variant="primary", elem_id=f"{task}-run")
+        with gr.Column():
+            answer = gr.Textbox(label="answer", interactive=False, elem_id=f"{task}-answer")
+            boxed = gr.Image(label="the referred box", interactive=False, height=IMAGE_HEIGHT, elem_id="re-box",
+                             visible=task == "re")  # fmt: skip
+            details = gr.JSON(label="full result", elem_id=f"{task}-result")
 
     def answer_fn(*values: Any) -> tuple[Any, ...]:
         found = values[:count]
@@ -82,9 +89,11 @@ def alignment_tab(gr: ModuleType, pipe: Pipeline) -> None:
         "words and the photo's detected regions; each region's box in the colour of the word that sends it the most "
         "mass, beside the words x regions plan."
     )
-    image = gr.Image(type="pil", label="image", elem_id="alignment-image0")
-    text = gr.Textbox(label="text", placeholder="A woman in a uniform.", elem_id="alignment-text")
-    button = gr.Button("Align", variant="primary", elem_id="alignment-run")
+    with gr.Row():
+        image = gr.Image(type="pil", label="image", height=IMAGE_HEIGHT, elem_id="alignment-image0")
+        with gr.Column():
+            text = gr.Textbox(label="text", placeholder="A woman in a uniform.", elem_id="alignment-text")
+            button = gr.Button("Align", variant="primary", elem_id="alignment-run")
     distance = gr.Textbox(label="OT distance", interactive=False, elem_id="alignment-answer")
     picture = gr.Image(label="alignment", interactive=False, elem_id="alignment-picture")
     button.click(shown_errors(gr, lambda im, t: align(pipe, im, t)), inputs=[image, text], outputs=[picture, distance])
@@ -94,7 +103,7 @@ def build_app(pipelines: dict[str, Pipeline], sources: dict[str, str]) -> Any:
     """The page (a ``gradio.Blocks``) of ``pipelines`` ({task: pipeline}); ``sources``: {task: checkpoint path},
     named on the page."""
     gr = require_gradio()
-    loaded = ", ".join(f"{task}: `{path}`" for task, path in sources.items())
+    loaded = ", ".join(f"{task}: `{os.path.basename(os.path.normpath(path))}`" for task, path in sources.items())
     with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
         gr.Markdown(
             f"# {TITLE}\nUpload a photo, type a text, press the button. Checkpoints: {loaded}. "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 BOX_COLOUR = (255, 40, 40)
 
@@ -41,8 +41,9 @@ def draw_box(image: Image.Image, box: list[float], label: str) -> Image.Image:
     x, y, w, h = box
     width = max(2, round(min(out.size) / 150))
     draw.rectangle([x, y, x + w, y + h], outline=BOX_COLOUR, width=width)
-    origin = (x, max(0.0, y - draw.textbbox((0, 0), label)[3] - 2 * width))  # above the box, inside the image
-    left, top, right, bottom = draw.textbbox(origin, label)
+    font = ImageFont.load_default(size=max(12, min(out.size) // 25))
+    origin = (x, max(0.0, y - draw.textbbox((0, 0), label, font=font)[3] - 2 * width))  # above the box, in the image
+    left, top, right, bottom = draw.textbbox(origin, label, font=font)
     draw.rectangle([left - width, top - width, right + width, bottom + width], fill=BOX_COLOUR)
-    draw.text(origin, label, fill=(255, 255, 255))
+    draw.text(origin, label, fill=(255, 255, 255), font=font)
     return out
