@@ -28,7 +28,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.tokenizer import build_vocab
-from uniter_fast.demo.answers import align, ask
+from uniter_fast.demo.answers import align, ask, lines_of
 from uniter_fast.demo.cli import checkpoint_tasks, main
 from uniter_fast.demo.render import BOX_COLOUR, draw_box, summary
 from uniter_fast.entry import run_command
@@ -100,6 +100,17 @@ def test_user_mistakes_are_one_line(world, capsys, monkeypatch) -> None:
     assert status == 2 and err.count("\n") == 1 and 'pip install -e ".[demo]"' in err, err
 
 
+def test_a_taken_port_is_one_line(world, capsys) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--checkpoint", world["exports"]["itm"], "--detector", world["weights"], "--vocab", world["vocab"],
+                "--port", str(port), *TINY_CLI]  # fmt: skip
+        status, err = run_cli(argv, capsys)
+    assert status == 2 and err.count("\n") == 1 and f"cannot serve on 127.0.0.1:{port}" in err, err
+
+
 def test_summary_lines_and_the_drawn_box() -> None:
     vqa = {"answers": [{"answer": "cup", "score": 0.75}, {"answer": "cat", "score": 0.5}]}
     assert summary("vqa", vqa) == "answer: cup (0.750), cat (0.500)"
@@ -128,6 +139,14 @@ def test_a_click_gives_the_pipelines_answer(world) -> None:
         ask(vqa, [None], QUESTION)
     with pytest.raises(ValueError, match="type a text first"):
         ask(vqa, [photo], "  ")
+    with pytest.raises(ValueError, match="answers: expected 4 lines, one each, got 2"):
+        lines_of("a cup\n\n a cat ", "answers", 4)
+
+
+def test_a_missing_browser_fails_and_says_what_to_install(monkeypatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y chromium chromium-driver"):
+        browser_paths()
 
 
 def browser_paths() -> tuple[str, str]:
@@ -152,12 +171,11 @@ def serve(world: dict, port: int) -> subprocess.Popen:
             f"itm={exports['itm']}", "--checkpoint", f"re={exports['re']}", "--detector", world["weights"],
             "--vocab", world["vocab"], "--port", str(port), "--top-k", "3", *TINY_CLI]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": REPO, "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
-    log = open(world["root"] / "demo.log", "w")  # noqa: SIM115  (closed with the process)
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(world["root"] / "demo.log", "w") as log:  # the child keeps its own handle
+        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            log.close()
             pytest.fail(f"the demo exited with {proc.returncode}:\n{(world['root'] / 'demo.log').read_text()[-3000:]}")
         try:
             with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
