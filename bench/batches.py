@@ -8,14 +8,14 @@ pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like dete
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from harness import IMG_RANGE, TXT_RANGE
 
 from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM, IMG_POS_DIM
-from uniter_fast.data import move_to_device
+from uniter_fast.data import TokenBucketSampler, move_to_device
 from uniter_fast.data.reference import itm_collate, mlm_collate, mrm_collate
 from uniter_fast.layout import joint_layout
 from uniter_fast.tasks import get_task
@@ -63,16 +63,23 @@ def random_items(
     rng: np.random.Generator,
     txt_range: tuple[int, int] = TXT_RANGE,
     img_range: tuple[int, int] = IMG_RANGE,
+    lengths: Optional[list[tuple[int, int]]] = None,
 ) -> list[dict[str, Any]]:
     """``size`` dataset items of ``task`` (one of :data:`PRETRAIN_TASKS`) in the collate format of
     ``uniter_fast.data.collate``: 15% masking with at least one masked token/region, detector-like soft labels,
-    alternating ITM targets."""
+    alternating ITM targets. Lengths (text incl. [CLS]/[SEP], regions) are ``lengths`` when given (``size`` pairs,
+    text >= 3), else drawn uniformly from the ranges."""
     if task not in PRETRAIN_TASKS:
         raise ValueError(f"task must be one of {PRETRAIN_TASKS}, got {task!r}")
+    if lengths is not None and len(lengths) != size:
+        raise ValueError(f"lengths must hold {size} (text, regions) pairs, got {len(lengths)}")
     items = []
     for i in range(size):
-        t = int(rng.integers(max(3, txt_range[0]), txt_range[1] + 1))
-        n = int(rng.integers(img_range[0], img_range[1] + 1))
+        if lengths is None:
+            t = int(rng.integers(max(3, txt_range[0]), txt_range[1] + 1))
+            n = int(rng.integers(img_range[0], img_range[1] + 1))
+        else:
+            t, n = lengths[i]
         item = {
             "input_ids": torch.from_numpy(rng.integers(5, vocab, t)),
             "img_feat": torch.from_numpy(rng.standard_normal((n, IMG_DIM), dtype=np.float32)).relu(),
@@ -141,3 +148,34 @@ def task_datasets(name: str) -> tuple[Any, dict[str, TaskDataset]]:
         parts = getattr(dataset, "parts", None)
         out.update({f"{key} {i}": part for i, part in enumerate(parts)} if parts else {key: dataset})
     return cfg, out
+
+
+def length_corpus(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A corpus of ``size`` UNITER-shaped examples, as lengths: text [N] int64 (incl. [CLS]/[SEP], in
+    :data:`TXT_RANGE`) and regions [N] int64 (in :data:`IMG_RANGE`), drawn uniformly (seeded)."""
+    rng = np.random.default_rng([seed, size])
+    return rng.integers(TXT_RANGE[0], TXT_RANGE[1] + 1, size), rng.integers(IMG_RANGE[0], IMG_RANGE[1] + 1, size)
+
+
+def sampled_batches(
+    task: str,
+    count: int,
+    batch_tokens: int,
+    size_multiple: int,
+    vocab: int,
+    seed: int,
+    device: torch.device,
+    corpus_size: int = 8192,
+) -> list[dict[str, Any]]:
+    """The first ``count`` batches of epoch 0 that the token-bucket sampler (``uniter_fast.data.sampler``, the
+    original's algorithm) draws from :func:`length_corpus` with the token budget ``batch_tokens`` and
+    ``size_multiple``, each collated from random ``task`` items of the sampled lengths and moved to ``device``. The
+    sampler's lengths are wordpieces + regions, as the original's (text minus [CLS]/[SEP])."""
+    txt, img = length_corpus(corpus_size, seed)
+    sampler = TokenBucketSampler(txt - 2 + img, batch_size=batch_tokens, size_multiple=size_multiple, seed=seed)
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for indices in sampler.batches(0)[:count]:
+        lengths = [(int(txt[i]), int(img[i])) for i in indices]
+        out.append(move_to_device(collate(task, random_items(task, len(indices), vocab, rng, lengths=lengths)), device))
+    return out

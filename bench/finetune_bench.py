@@ -1,6 +1,10 @@
-"""One fine-tuning optimizer step per task head: the reference path (padded encoder) vs the fast path (packed
-encoder), same weights, same AdamW, on batches built by the task collates from UNITER-shaped random rows (text 10-60
-tokens incl. [CLS]/[SEP], 10-100 regions): every task that provides ``Task.example`` batches. Heads: VQA (3129
+"""One fine-tuning optimizer step per task head on three paths of the same weights: ``original`` (the original
+UNITER step's maths and habits, bench/original_path.py: eager attention, the written-out erf GELU, the per-parameter
+AdamW loop, clipping at 2.0 as the original train-*.json recipes, fp16 autocast + dynamic loss scaling on CUDA, fp32 on
+CPU), ``reference`` (padded encoder, SDPA attention, torch AdamW, bf16 autocast on CUDA) and ``fast`` (packed encoder,
+same optimizer and autocast as ``reference``), on batches built by the task collates from UNITER-shaped random rows
+(text 10-60 tokens incl. [CLS]/[SEP], 10-100 regions): every task that provides ``Task.example`` batches. The columns
+``vs_original`` / ``vs_reference`` are speedups measured in the same rounds. Heads: VQA (3129
 answers), VE (the VQA head with 3), NLVR2 paired-attn (two sequences per example), RE (scores on every region, cls
 loss), VCR (four sequences per example, 4 type rows, 81 tag words).
 
@@ -12,10 +16,8 @@ loss), VCR (four sequences per example, 4 type rows, 81 tag words).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
-from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from harness import (
     time_fn,
     write_json,
 )
+from original_path import PATHS, make_optimizer, make_step
 from tqdm import tqdm
 
 from uniter_fast.config import UniterConfig
@@ -39,7 +42,6 @@ from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.training.optim import param_groups
 
 BENCHED = [name for name, task in TASKS.items() if task.has_example]  # the tasks that provide example batches
-PATHS = ("reference", "fast")
 
 
 def build(name: str, config: UniterConfig, rng: np.random.Generator, size: int) -> tuple[torch.nn.Module, dict]:
@@ -49,26 +51,6 @@ def build(name: str, config: UniterConfig, rng: np.random.Generator, size: int) 
     model = task.build_model(config, options, fast=False)
     task.prepare_model(model, options)
     return model, batch
-
-
-def make_step(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, Any],
-    fast: bool,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> Callable[[], None]:
-    """One optimizer step on ``batch`` on the reference (``fast=False``) or the fast path."""
-
-    def step() -> None:
-        model.fast = fast
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = model(batch)["loss"]
-        loss.backward()
-        optimizer.step()
-
-    return step
 
 
 def main() -> None:
@@ -96,24 +78,24 @@ def main() -> None:
     config = UniterConfig.preset(args.config)
     dtype = torch.bfloat16 if gpu else torch.float32
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast("cuda", dtype=torch.bfloat16) if gpu else contextlib.nullcontext()
-
     samples: dict[tuple[str, str], list[float]] = {}
     batches = {}
     for task in tqdm(args.tasks, desc="tasks"):  # one model alive at a time (memory)
         model, batch = build(task, config, rng, args.batch_size)
         model = model.to(device).train()
         model.uniter.check_values = False
-        optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=gpu)
+        optimizers = {p: make_optimizer(model, p, param_groups(model, 0.01), device) for p in PATHS}
         batches[task] = move_to_device(batch, device)
-        steps = {(task, p): make_step(model, optimizer, batches[task], p == "fast", autocast) for p in PATHS}
+        steps = {
+            (task, p): make_step(model, optimizers[p], p, lambda m=model, b=batches[task]: m(b)["loss"], device)
+            for p in PATHS
+        }
         for round_ in range(args.warmup + args.repeats):
-            for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit both alike
+            for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit all alike
                 seconds = time_fn(step, device, warmup=0, repeats=1)
                 if round_ >= args.warmup:
                     samples.setdefault(key, []).append(seconds)
-        del model, optimizer, steps
+        del model, optimizers, steps
         if gpu:
             torch.cuda.empty_cache()
 
@@ -131,16 +113,25 @@ def main() -> None:
                 "padded_tokens": batch["attn_masks"].numel(),
                 "ms": seconds * 1e3,
                 "tokens_per_s": tokens / seconds,
-                "speedup": statistics.median(samples[(task, "reference")]) / seconds,
+                "vs_original": statistics.median(samples[(task, "original")]) / seconds,
+                "vs_reference": statistics.median(samples[(task, "reference")]) / seconds,
             }
         )
-    print(f"\nfine-tuning step, {args.config}, on {device_name(device)}, {dtype}, load {os.getloadavg()[0]}")
-    print_table(rows, ["task", "path", "sequences", "valid_tokens", "padded_tokens", "ms", "tokens_per_s", "speedup"])
-    meta = run_meta(args, dtype, config=args.config, step="zero_grad + forward + backward + AdamW step")
+    precision = "original fp16 autocast + loss scaling, others bf16 autocast" if gpu else "fp32 (every path)"
+    print(f"\nfine-tuning step, {args.config}, on {device_name(device)}, {precision}, load {os.getloadavg()[0]}")
+    columns = ["task", "path", "sequences", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
+    print_table(rows, columns + ["vs_original", "vs_reference"])
+    total = {p: sum(r["ms"] for r in rows if r["path"] == p) for p in PATHS}
+    print(
+        f"all tasks: fast/original {total['original'] / total['fast']:.2f}x, fast/reference "
+        f"{total['reference'] / total['fast']:.2f}x, reference/original {total['original'] / total['reference']:.2f}x"
+    )
+    step = "zero_grad + forward + backward (+ clip at 2.0, original) + optimizer step"
+    meta = run_meta(args, dtype, config=args.config, precision=precision, step=step)
     out = output_dir(args)
     print(write_json("finetune_bench", device, rows, meta, out))
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in PATHS}
-    title = f"UNITER-{args.config} fine-tuning step: reference vs fast"
+    title = f"UNITER-{args.config} fine-tuning step: original vs reference vs fast"
     tasks = list(args.tasks)
     print(plot_grouped_bars("finetune_bench", device, tasks, series, "valid tokens / s", title, False, out))
 

@@ -1,26 +1,36 @@
-"""One pretraining optimizer step per task: the reference path vs everything fast.
+"""One pretraining optimizer step per task on three paths of the same model: the original UNITER's step, the
+reference path and everything fast, on batches the token-bucket sampler draws from a UNITER-shaped corpus.
 
-Reference (``UniterForPretraining(fast=False)``): the padded encoder forward, the ``"reference"`` losses and IPOT.
-Fast (``fast=True``): the packed encoder (``forward_packed``), the ``"auto"`` losses (fused kernels) and the ``"auto"``
-IPOT backend. Both run the same weights and the same AdamW (the original parameter groups), one step = forward +
-backward + ``optimizer.step()``, on batches built by the real collates from UNITER-shaped random items (text 10-60
-tokens incl. [CLS]/[SEP], 10-100 regions, 15% masking). Tasks: MLM, MRFR, MRC, MRC-kl, ITM+WRA (OT lambda 0.1).
+Paths (bench/original_path.py): ``original`` (the original's maths and habits: padded encoder, eager attention, the
+written-out erf GELU, plain losses and IPOT, the per-parameter AdamW loop of its optim/adamw.py, clipping at 2.0; on
+CUDA fp16 autocast with dynamic loss scaling as apex O2, on CPU fp32), ``reference`` (``UniterForPretraining
+(fast=False)``: padded encoder with SDPA attention, one-kernel GELU, the ``"reference"`` losses and IPOT,
+``torch.optim.AdamW``, fused on CUDA, bf16 autocast on CUDA) and ``fast`` (``fast=True``: the packed encoder, the
+``"auto"`` losses and IPOT backends, same optimizer and autocast as ``reference``). One step = zero_grad + forward +
+backward (+ clipping) + optimizer step, the three paths in turn each round; the table holds medians after warm-up.
 
-    python bench/pretrain_bench.py                      # CPU: base, fp32, batch 4 (about 2 minutes on 2 cores)
-    python bench/pretrain_bench.py --full               # CPU: batch 16, more repeats
-    python bench/pretrain_bench.py --device cuda        # GPU: bf16 autocast, batch 80
+Batches: a corpus of 8192 examples with UNITER-shaped lengths (the original's config/pretrain-*.json: text 10-60
+tokens incl. [CLS]/[SEP], 10-100 regions, drawn uniformly), batched by the token-bucket sampler
+(``uniter_fast.data.sampler``, the original's algorithm) with a token budget; each task times the first batch of
+its own epoch (seed + task index), collated from random items of those lengths (15% masking). ``bound`` is the
+batch's padded encoder FLOPs / valid encoder FLOPs: what packing alone can gain over a padded path.
+Tasks: MLM, MRFR, MRC, MRC-kl, ITM+WRA (OT lambda 0.1).
+
+    python bench/pretrain_bench.py                      # CPU: base, fp32, 640-token batches (about 3 minutes)
+    python bench/pretrain_bench.py --full               # CPU: the original's multiple of 8, 2048 tokens, 5 repeats
+    python bench/pretrain_bench.py --device cuda        # GPU: 10240-token batches (the original's), multiple of 8
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
-from batches import PRETRAIN_TASKS, task_batch
+from batches import PRETRAIN_TASKS, sampled_batches
+from encoder_bench import encoder_flops
 from harness import (
     add_output_arguments,
     device_name,
@@ -32,69 +42,65 @@ from harness import (
     time_fn,
     write_json,
 )
+from original_path import PATHS, make_optimizer, make_step
 from tqdm import tqdm
 
-from uniter_fast.config import UniterConfig
+from uniter_fast.config import SIZE_MULTIPLE, UniterConfig
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.training.optim import param_groups
 
 
-def make_step(
-    model: UniterForPretraining,
-    optimizer: torch.optim.Optimizer,
-    batch: dict[str, Any],
-    task: str,
-    fast: bool,
-    autocast: Callable[[], contextlib.AbstractContextManager],
-) -> Callable[[], None]:
-    """One optimizer step of ``task`` on ``batch``, on the reference (``fast=False``) or the fast path."""
-
-    def step() -> None:
-        model.fast = fast
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = model(batch, task)["loss"]
-        loss.backward()
-        optimizer.step()
-
-    return step
+def padded_and_valid_flops(config: UniterConfig, batch: dict[str, Any]) -> tuple[float, float]:
+    """Encoder forward FLOPs of a collated batch (``txt_lens``/``num_bbs`` [B], ``attn_masks`` [B, L]) padded (every
+    sequence at the joint length L, every image at the longest region count) and valid (each at its own length);
+    their ratio is the batch's padding bound."""
+    size, joint = batch["attn_masks"].shape
+    padded = encoder_flops(config, size * int(batch["num_bbs"].max()), torch.full((size,), joint))
+    valid = encoder_flops(config, int(batch["num_bbs"].sum()), batch["txt_lens"] + batch["num_bbs"])
+    return padded, valid
 
 
-def autocast_for(device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """bf16 autocast on CUDA (as DeepSpeed's bf16 training computes), no autocast (fp32) on CPU."""
-    if device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def ratio_columns(samples: dict[tuple[str, str], list[float]], task: str, path: str) -> dict[str, float]:
+    """``vs_original`` / ``vs_reference``: the original's / the reference's median time over ``path``'s (speedups)."""
+    seconds = statistics.median(samples[(task, path)])
+    return {
+        "vs_original": statistics.median(samples[(task, "original")]) / seconds,
+        "vs_reference": statistics.median(samples[(task, "reference")]) / seconds,
+    }
 
 
 def measure_steps(
     config_name: str,
-    batch_size: int,
+    batch_tokens: int,
+    size_multiple: int,
     tasks: tuple[str, ...],
     device: torch.device,
     warmup: int,
     repeats: int,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Rows (task × path, plus the whole mix ``all``) of the median step time, valid tokens/s, peak memory and the
-    speedup of the fast path over the reference path, both timed in turn in the same rounds."""
+    """Rows (task × path, plus the whole mix ``all``) of the median step time, valid tokens/s, peak memory (CUDA),
+    the batch's padding bound and the speedups over the original and the reference paths, all three paths timed in
+    turn in the same rounds on the same sampled batch and weights."""
     torch.manual_seed(seed)
     config = UniterConfig.preset(config_name)
     model = UniterForPretraining(config).to(device).train()
     model.uniter.check_values = False
-    optimizer = torch.optim.AdamW(
-        param_groups(model, 0.01), lr=5e-5, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda"
-    )
-    autocast = autocast_for(device)
-    batches = {t: task_batch(t, batch_size, config.vocab_size, seed + i, device) for i, t in enumerate(tasks)}
+    optimizers = {path: make_optimizer(model, path, param_groups(model, 0.01), device) for path in PATHS}
+    batches = {}
+    for i, task in enumerate(tasks):
+        batches[task] = sampled_batches(task, 1, batch_tokens, size_multiple, config.vocab_size, seed + i, device)[0]
+    flops = {task: padded_and_valid_flops(config, batch) for task, batch in batches.items()}  # counted first
     steps = {
-        (task, path): make_step(model, optimizer, batches[task], task, path == "fast", autocast)
+        (task, path): make_step(
+            model, optimizers[path], path, lambda b=batches[task], t=task: model(b, t)["loss"], device
+        )
         for task in tasks
-        for path in ("reference", "fast")
+        for path in PATHS
     }
     samples: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
     for round_ in tqdm(range(warmup + repeats), desc=f"{config_name} step rounds", leave=False):
-        for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit both alike
+        for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit all alike
             seconds = time_fn(step, device, warmup=0, repeats=1)
             if round_ >= warmup:
                 samples[key].append(seconds)
@@ -104,66 +110,118 @@ def measure_steps(
         seconds = statistics.median(values)
         batch = batches[task]
         tokens = int((batch["txt_lens"] + batch["num_bbs"]).sum())
-        reference = statistics.median(samples[(task, "reference")])
         rows.append(
             {
                 "task": task,
                 "path": path,
-                "batch": batch_size,
+                "sequences": batch["attn_masks"].size(0),
                 "valid_tokens": tokens,
                 "padded_tokens": batch["attn_masks"].numel(),
+                "bound": flops[task][0] / flops[task][1],
                 "ms": seconds * 1e3,
                 "tokens_per_s": tokens / seconds,
                 "peak_mem_mb": _mb(peak_memory(steps[(task, path)], device)),
-                "speedup": reference / seconds,
+                **ratio_columns(samples, task, path),
             }
         )
-    for path in ("reference", "fast"):  # the whole mix: one step of each task
-        total = sum(statistics.median(samples[(t, path)]) for t in tasks)
-        reference = sum(statistics.median(samples[(t, "reference")]) for t in tasks)
+    totals = {path: sum(statistics.median(samples[(t, path)]) for t in tasks) for path in PATHS}
+    padded, valid = (sum(f[i] for f in flops.values()) for i in (0, 1))
+    for path in PATHS:  # the whole mix: one step of each task
         tokens = sum(r["valid_tokens"] for r in rows if r["path"] == path)
         rows.append(
-            {"task": "all", "path": path, "valid_tokens": tokens, "ms": total * 1e3, "tokens_per_s": tokens / total}
+            {
+                "task": "all",
+                "path": path,
+                "valid_tokens": tokens,
+                "padded_tokens": sum(r["padded_tokens"] for r in rows if r["path"] == path),
+                "bound": padded / valid,
+                "ms": totals[path] * 1e3,
+                "tokens_per_s": tokens / totals[path],
+                "vs_original": totals["original"] / totals[path],
+                "vs_reference": totals["reference"] / totals[path],
+            }
         )
-        rows[-1]["speedup"] = reference / total
     return rows
 
 
-COLUMNS = ["task", "path", "valid_tokens", "padded_tokens", "ms", "tokens_per_s", "peak_mem_mb", "speedup"]
+COLUMNS = ["task", "path", "sequences", "valid_tokens", "padded_tokens", "bound", "ms", "tokens_per_s", "peak_mem_mb"]
+COLUMNS += ["vs_original", "vs_reference"]
+
+
+def summary_line(rows: list[dict[str, Any]]) -> str:
+    """The three ratios of the task mix (fast/original, fast/reference, reference/original) and its padding bound."""
+    mix = {r["path"]: r for r in rows if r["task"] == "all"}
+    fast, reference = mix["fast"], mix["reference"]
+    return (
+        f"task mix: fast/original {fast['vs_original']:.2f}x, fast/reference {fast['vs_reference']:.2f}x, "
+        f"reference/original {reference['vs_original']:.2f}x; padding bound {fast['bound']:.3f} "
+        f"(fast/original at {fast['vs_original'] / fast['bound']:.2f} of it)"
+    )
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Parse arguments, time every task on both paths, print the table, write JSON + PNG."""
+    """Parse arguments, time every task on the three paths, print the table, write JSON + PNG."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--config", default="base", choices=["tiny", "base", "large"])
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (default: 4 CPU, 80 GPU)")
+    parser.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="token budget per batch (default: 640 CPU, 2048 --full, 10240 GPU)",
+    )
+    parser.add_argument(
+        "--size-multiple",
+        type=int,
+        default=None,
+        help=f"examples per batch are a multiple of it (CPU 4, else {SIZE_MULTIPLE})",
+    )
     parser.add_argument("--tasks", nargs="+", default=list(PRETRAIN_TASKS), choices=list(PRETRAIN_TASKS))
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
-    parser.add_argument("--full", action="store_true", help="CPU: batch 16 and 5 repeats (about 15 minutes)")
+    parser.add_argument("--full", action="store_true", help="CPU: 2048-token batches, multiple of 8, 5 repeats")
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    args.batch_size = args.batch_size or (80 if gpu else 16 if args.full else 4)
+    args.batch_tokens = args.batch_tokens or (10240 if gpu else 2048 if args.full else 640)
+    args.size_multiple = args.size_multiple or (SIZE_MULTIPLE if gpu or args.full else 4)
+    args.batch_size = None  # examples per batch: the sampler's (the table's "sequences")
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    args.repeats = args.repeats or (10 if gpu else 5 if args.full else 3)
+    args.repeats = args.repeats or (10 if gpu else 5 if args.full else 2)
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = torch.bfloat16 if gpu else torch.float32
-    rows = measure_steps(args.config, args.batch_size, tuple(args.tasks), device, args.warmup, args.repeats, args.seed)
+    rows = measure_steps(
+        args.config,
+        args.batch_tokens,
+        args.size_multiple,
+        tuple(args.tasks),
+        device,
+        args.warmup,
+        args.repeats,
+        args.seed,
+    )
 
-    print(f"\npretraining step, {args.config}, on {device_name(device)}, {dtype}, load {os.getloadavg()[0]}")
+    dtypes = "original fp16 autocast + loss scaling, others bf16 autocast" if gpu else "fp32 (every path)"
+    print(f"\npretraining step, {args.config}, on {device_name(device)}, {dtypes}, load {os.getloadavg()[0]}")
     print_table(rows, COLUMNS)
-    meta = run_meta(args, dtype, config=args.config, step="zero_grad + forward + backward + AdamW step")
+    print(summary_line(rows))
+    meta = run_meta(
+        args,
+        torch.bfloat16 if gpu else torch.float32,
+        config=args.config,
+        precision=dtypes,
+        batch_tokens=args.batch_tokens,
+        size_multiple=args.size_multiple,
+        step="zero_grad + forward + backward (+ clip at 2.0, original) + optimizer step",
+    )
     out = output_dir(args)
     print(write_json("pretrain_bench", device, rows, meta, out))
     groups = [r["task"] for r in rows if r["path"] == "reference"]
-    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("reference", "fast")}
-    title = f"UNITER-{args.config} pretraining step: reference vs fast"
+    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in PATHS}
+    title = f"UNITER-{args.config} pretraining step: original vs reference vs fast"
     print(plot_grouped_bars("pretrain_bench", device, groups, series, "valid tokens / s", title, False, out))
 
 

@@ -122,9 +122,36 @@ def test_floors_import_only_downwards() -> None:
         ("uniter_fast.extract", "uniter_fast.inference"),
     ]
     assert [edge for pair in forbidden for edge in floor_imports(graph, *pair)] == []
-    names = ("pretrain", "finetune", "evaluate", "build", "info", "predict", "search")
-    scripts = {f"uniter_fast.{name}" for name in names}
-    assert [(a, b) for a, b in graph.edges if b in scripts] == []  # no script imports a script
+    scripts = {
+        f"uniter_fast.{name}"
+        for name in ("pretrain", "finetune", "evaluate", "build", "info", "predict", "search", "demo.cli")
+    }
+    runs = lambda a, b: a == b.rpartition(".")[0] + ".__main__"  # noqa: E731  (python -m pkg runs pkg's command)
+    assert [(a, b) for a, b in graph.edges if b in scripts and not runs(a, b)] == []  # no script imports a script
+    assert graph.has_edge("uniter_fast.demo.__main__", "uniter_fast.demo.cli")
+
+
+def gradio_imports(path: str) -> list[tuple[int, bool]]:
+    """(line, whether at module level) of every ``import gradio`` / ``from gradio ...`` in the file ``path``."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        if any(name.split(".")[0] == "gradio" for name in names):
+            found.append((node.lineno, id(node) in top))
+    return found
+
+
+def test_only_the_demo_imports_gradio_and_only_when_it_runs() -> None:
+    """gradio (the ``[demo]`` extra) is imported by ``uniter_fast/demo/`` alone, inside functions, so the package
+    imports without it and a missing gradio is the demo's own one-line error."""
+    found = {name: gradio_imports(path) for name, path in package_modules().items() if path}
+    found = {name: lines for name, lines in found.items() if lines}
+    assert set(found) == {"uniter_fast.demo.app"}, found
+    assert not any(top for _, top in found["uniter_fast.demo.app"]), found
 
 
 SHADOWED = """

@@ -26,7 +26,9 @@ class UniterConfig:
     ``attention_backend`` (the padded forward's attention core) and ``packed_attention_backend`` (``forward_packed``'s
     varlen attention) are ours, not in the original files (which ignore them): ``"auto"`` (default, the fastest exact
     kernel for the device and dtype), ``"reference"`` (the original math; ``"eager"``, its older name, is accepted) or
-    a kernel name of components ``"attention"`` / ``"packed_attention"`` of :mod:`uniter_fast.backends`.
+    a kernel name of components ``"attention"`` / ``"packed_attention"`` of :mod:`uniter_fast.backends`. ``gelu``
+    is ours too: the written form of the erf GELU, ``"fused"`` (one kernel, default) or ``"original"`` (the formula as
+    the original code writes it), see :mod:`uniter_fast.model.activations`.
     """
 
     vocab_size: int = 28996
@@ -44,6 +46,7 @@ class UniterConfig:
     img_dim: int = IMG_DIM
     attention_backend: str = "auto"
     packed_attention_backend: str = "auto"
+    gelu: str = "fused"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads != 0:
@@ -57,6 +60,8 @@ class UniterConfig:
             )
         check_name("attention", self.attention_backend, "attention_backend")
         check_name("packed_attention", self.packed_attention_backend, "packed_attention_backend")
+        if self.gelu not in ("fused", "original"):
+            raise ValueError(f"gelu must be 'fused' or 'original', got {self.gelu!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -8,11 +8,11 @@ by a :class:`~uniter_fast.model.attention.VarlenBatch`).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uniter_fast import backends
 from uniter_fast.config import UniterConfig
+from uniter_fast.model.activations import Gelu
 from uniter_fast.model.attention import PADDED_ATTENTION, VARLEN_ATTENTION, VarlenBatch
 
 
@@ -89,15 +89,16 @@ class BertAttention(nn.Module):
 
 
 class BertIntermediate(nn.Module):
-    """dense (H -> I) followed by the exact (erf) GELU."""
+    """dense (H -> I) followed by the exact (erf) GELU in the written form ``config.gelu``."""
 
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = Gelu(config.gelu)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[..., H] -> [..., I]."""
-        return F.gelu(self.dense(hidden_states))
+        return self.intermediate_act_fn(self.dense(hidden_states))
 
 
 class BertLayer(nn.Module):

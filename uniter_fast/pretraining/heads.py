@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from uniter_fast.config import IMG_LABEL_DIM, UniterConfig
+from uniter_fast.model.activations import Gelu
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -20,7 +21,7 @@ class BertPredictionHeadTransform(nn.Module):
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.transform_act_fn = nn.GELU()
+        self.transform_act_fn = Gelu(config.gelu)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -59,7 +60,7 @@ def small_transform(config: UniterConfig) -> list[nn.Module]:
     """Linear(H, H), GELU, LayerNorm(H): the ``net.0``/``net.1``/``net.2`` layers of the region heads."""
     return [
         nn.Linear(config.hidden_size, config.hidden_size),
-        nn.GELU(),
+        Gelu(config.gelu),
         nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps),
     ]
 

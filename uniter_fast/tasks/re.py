@@ -39,6 +39,7 @@ from uniter_fast.data.re_db import (
 )
 from uniter_fast.data.task_db import GT_BOX_SETTINGS
 from uniter_fast.errors import DataError
+from uniter_fast.model.activations import Gelu
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of
@@ -68,7 +69,7 @@ class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
         elif mlp == 2:
             self.re_output = nn.Sequential(
                 nn.Linear(hidden, hidden),
-                nn.GELU(),
+                Gelu(config.gelu),
                 nn.LayerNorm(hidden, eps=config.layer_norm_eps),
                 nn.Linear(hidden, 1),
             )

@@ -27,6 +27,7 @@ from uniter_fast.data.task_db import Record, check_image, write_records
 from uniter_fast.data.task_records import build_ans2label, vqa_record
 from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.files import read_json, write_json_atomic
+from uniter_fast.model.activations import Gelu
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (
     DbCache,
@@ -65,7 +66,7 @@ class UniterForVisualQuestionAnswering(UniterPreTrainedModel):
         hidden = config.hidden_size
         self.vqa_output = nn.Sequential(
             nn.Linear(hidden, hidden * 2),
-            nn.GELU(),
+            Gelu(config.gelu),
             nn.LayerNorm(hidden * 2, eps=config.layer_norm_eps),
             nn.Linear(hidden * 2, num_answer),
         )
