@@ -163,6 +163,16 @@ def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train
     assert not torch.allclose(grads["distill"][encoder], grads["contrastive"][encoder])
     with pytest.raises(ValueError, match=r"lacks the keys \['cross_pairs'\] \(first_stage_loss 'distill'\)"):
         _distill_models(True)(plain_batch)
+    # itm-hn: the teacher pairs survive the hard-negative selection
+    hard = ItmHardNegDataset(txt_db, img_db, negative_size=4, seed=3, cross_pairs=True)
+    hard_batch = hard.collate([hard[i] for i in range(3)])
+    assert hard_batch["cross_pairs"]["input_ids"].size(0) == 9
+    torch.manual_seed(0)
+    model = UniterForImageTextRetrieval(
+        tiny_config(vocab_size=1100), hard_neg_size=2, first_stage_dim=16, first_stage_loss="distill"
+    )
+    out = perturb(model).train()(hard_batch)
+    assert torch.isfinite(out["first_stage_loss"]) and out["first_stage_loss"] > 0 and model.training
 
 
 def test_first_stage_loss_options_are_checked() -> None:
