@@ -105,9 +105,8 @@ def test_distill_loss_against_the_direct_formula_with_gradients() -> None:
     assert float(distill_loss(emb, emb, emb @ emb.t() / 0.1, 0.1, 1.0)) < 1e-6
 
 
-def _distill_models(distill: bool) -> UniterForImageTextRetrieval:
+def _distill_models(loss: str) -> UniterForImageTextRetrieval:
     torch.manual_seed(0)
-    loss = "distill" if distill else "contrastive"
     model = UniterForImageTextRetrieval(tiny_config(vocab_size=1100), first_stage_dim=16, first_stage_loss=loss)
     return perturb(model)
 
@@ -135,14 +134,14 @@ def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train
     assert torch.equal(cross["img_feat"][i * items + j, : positives[j]["img_feat"].size(0)], positives[j]["img_feat"])
 
     grads, outs = {}, {}
-    for name in ("contrastive", "distill"):
-        model = _distill_models(name == "distill")
+    for name in ("contrastive", "distill", "contrastive+distill"):
+        model = _distill_models(name)
         model.eval()  # no dropout: the two options see the same encoder outputs
         out = model(batch)
         out["loss"].backward()
         outs[name] = out
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        if name == "distill":
+        if name != "contrastive":
             pairs = select_rows(batch, batch["pair_rows"])
             with torch.no_grad():
                 teacher = model.rank_scores(cross).view(items, items)
@@ -150,19 +149,22 @@ def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train
                 img = model.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
                 scores = model(batch, compute_loss=False)["scores"]
             want = distill_loss(txt, img, teacher, 0.05, 1.0)
+            if name == "contrastive+distill":
+                want = want + contrastive_loss(txt, img, batch["pair_images"], 0.05)
             torch.testing.assert_close(out["first_stage_loss"], want, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(out["rank_loss"], triplet_loss(scores, 5, 0.2).mean(), rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(out["loss"], out["rank_loss"] + want, rtol=1e-5, atol=1e-6)
             assert model.training is False  # teacher_scores restores the mode it found
-    torch.testing.assert_close(outs["distill"]["rank_loss"], outs["contrastive"]["rank_loss"])
-    for head in ("rank_output.weight", "rank_output.bias"):
-        torch.testing.assert_close(grads["distill"][head], grads["contrastive"][head], rtol=0, atol=0)
+    for name in ("distill", "contrastive+distill"):
+        torch.testing.assert_close(outs[name]["rank_loss"], outs["contrastive"]["rank_loss"])
+        for head in ("rank_output.weight", "rank_output.bias"):
+            torch.testing.assert_close(grads[name][head], grads["contrastive"][head], rtol=0, atol=0)
     assert "itm_output.weight" not in grads["distill"]
     assert grads["distill"]["txt_proj.weight"].abs().sum() > 0 and grads["distill"]["img_proj.weight"].abs().sum() > 0
     encoder = "uniter.embeddings.word_embeddings.weight"
     assert not torch.allclose(grads["distill"][encoder], grads["contrastive"][encoder])
     with pytest.raises(ValueError, match=r"lacks the keys \['cross_pairs'\] \(first_stage_loss 'distill'\)"):
-        _distill_models(True)(plain_batch)
+        _distill_models("distill")(plain_batch)
     # itm-hn: the teacher pairs survive the hard-negative selection
     hard = ItmHardNegDataset(txt_db, img_db, negative_size=4, seed=3, cross_pairs=True)
     hard_batch = hard.collate([hard[i] for i in range(3)])
@@ -182,7 +184,8 @@ def test_first_stage_loss_options_are_checked() -> None:
     model = itm.build_model(tiny_config(), itm.check_options({"first_stage_loss": "distill"}, "t"), True)
     assert model.first_stage_loss == "distill"
     with pytest.raises(
-        ValueError, match=r"cfg: first_stage_loss must be one of \('contrastive', 'distill'\), got 'kl'"
+        ValueError,
+        match=r"cfg: first_stage_loss must be one of \('contrastive', 'distill', 'contrastive\+distill'\), got 'kl'",
     ):
         itm.check_options({"first_stage_loss": "kl"}, "cfg")
     with pytest.raises(ValueError, match="cfg: distill_temperature must be a number > 0, got 0"):

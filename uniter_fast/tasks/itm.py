@@ -14,8 +14,9 @@ First stage (ours, LightningDOT-style; off with ``first_stage_dim`` 0, as origin
 on the [CLS] output of a text-only UNITER pass and ``img_proj`` on the mean region output of an image-only pass, both
 L2-normalised; trained alongside the triplet loss, weighted by ``first_stage_weight``, with ``first_stage_loss``
 "contrastive" (in-batch contrastive loss, both directions, temperature ``temperature``, other captions of the same
-image masked out) or "distill" (``distill_loss``: KL from the cross-encoder's scores of every in-batch text x image,
-scored without gradient in eval mode, to the first stage's similarities, both directions). Evaluation
+image masked out), "distill" (``distill_loss``: KL from the cross-encoder's scores of every in-batch text x image,
+scored without gradient in eval mode, to the first stage's similarities, both directions) or their sum
+"contrastive+distill". Evaluation
 (``uniter_fast.tasks.itm_eval``): ``exact`` scores every text x image pair with the cross-encoder; ``fast`` takes
 the first stage's ``top_k`` images per text and ``top_k`` texts per image and re-ranks only those pairs.
 """
@@ -40,7 +41,7 @@ from uniter_fast.tasks.spec import Task, require
 
 PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
 EVAL_MODES = ("exact", "fast")
-FIRST_STAGE_LOSSES = ("contrastive", "distill")
+FIRST_STAGE_LOSSES = ("contrastive", "distill", "contrastive+distill")
 
 
 def triplet_loss(scores: torch.Tensor, sample_size: int, margin: float) -> torch.Tensor:
@@ -181,11 +182,13 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             pairs = select_rows(batch, batch["pair_rows"])
             txt = self.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
             img = self.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
-            if self.first_stage_loss == "distill":
+            parts = []
+            if "contrastive" in self.first_stage_loss:
+                parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature))
+            if "distill" in self.first_stage_loss:
                 teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
-                first = distill_loss(txt, img, teacher, self.temperature, self.distill_temperature)
-            else:
-                first = contrastive_loss(txt, img, batch["pair_images"], self.temperature)
+                parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
+            first = sum(parts[1:], parts[0])
             out["loss"] = rank_loss + self.first_stage_weight * first
             out["first_stage_loss"] = first.detach()
         return out
@@ -484,7 +487,7 @@ class ItmTask(Task):
         return derived
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
-        txt_db, distill = dbs.txt(TxtTokLmdb, txt_path, True), options["first_stage_loss"] == "distill"
+        txt_db, distill = dbs.txt(TxtTokLmdb, txt_path, True), "distill" in options["first_stage_loss"]
         return ItmRankDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)
 
     def eval_dataset(
@@ -532,5 +535,5 @@ class ItmHardNegTask(ItmTask):
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
-        distill = options["first_stage_loss"] == "distill"
+        distill = "distill" in options["first_stage_loss"]
         return ItmHardNegDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)
