@@ -20,6 +20,8 @@ from uniter_fast.tasks.itm import (
     ItmRankDataset,
     UniterForImageTextRetrieval,
     contrastive_loss,
+    distill_loss,
+    select_rows,
     triplet_loss,
 )
 from uniter_fast.tasks.itm_eval import evaluate_retrieval
@@ -70,6 +72,124 @@ def test_contrastive_loss_masks_captions_of_the_same_image() -> None:
             keep = [j for j in range(4) if j == i or groups[j] != groups[i]]
             want += -torch.log_softmax(mat[i, keep], 0)[keep.index(i)] / 8
     torch.testing.assert_close(contrastive_loss(txt, img, groups, 0.1), want)
+
+
+def test_distill_loss_against_the_direct_formula_with_gradients() -> None:
+    """KL(softmax(teacher / tau_t) || softmax(sim / tau)) per text over the images and per image over the texts,
+    written out in float64 with sums of p * (log p - log q); the loss and the gradients of both embeddings at fp32
+    1e-5, and none reaches the teacher's scores."""
+    gen = torch.Generator().manual_seed(7)
+    for groups, dim, tau, tau_t in ((5, 7, 0.05, 1.0), (9, 3, 0.2, 0.5), (2, 16, 0.1, 2.0)):
+        txt0 = torch.nn.functional.normalize(torch.randn(groups, dim, generator=gen), dim=-1)
+        img0 = torch.nn.functional.normalize(torch.randn(groups, dim, generator=gen), dim=-1)
+        teacher = (torch.randn(groups, groups, generator=gen) * 3).requires_grad_()
+        txt, img = txt0.clone().requires_grad_(), img0.clone().requires_grad_()
+        got = distill_loss(txt, img, teacher, tau, tau_t)
+        got.backward()
+        txt64, img64 = txt0.double().requires_grad_(), img0.double().requires_grad_()
+        sim, target = txt64 @ img64.t() / tau, teacher.detach().double() / tau_t
+        want = 0.0
+        for s_mat, t_mat in ((sim, target), (sim.t(), target.t())):
+            for i in range(groups):
+                p = torch.exp(t_mat[i]) / torch.exp(t_mat[i]).sum()
+                log_q = s_mat[i] - torch.log(torch.exp(s_mat[i]).sum())
+                want = want + (p * (torch.log(p) - log_q)).sum() / (2 * groups)
+        want.backward()
+        assert got.dtype == torch.float32 and float(want.detach()) > 0
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(txt.grad.double(), txt64.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(img.grad.double(), img64.grad, rtol=1e-5, atol=1e-5)
+        assert teacher.grad is None
+    # a student that reproduces the teacher's logits has nothing to learn
+    emb = torch.nn.functional.normalize(torch.randn(4, 6, generator=gen), dim=-1)
+    assert float(distill_loss(emb, emb, emb @ emb.t() / 0.1, 0.1, 1.0)) < 1e-6
+
+
+def _distill_models(loss: str) -> UniterForImageTextRetrieval:
+    torch.manual_seed(0)
+    model = UniterForImageTextRetrieval(tiny_config(vocab_size=1100), first_stage_dim=16, first_stage_loss=loss)
+    return perturb(model)
+
+
+def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train_db) -> None:
+    """With first_stage_loss "distill" the batch carries every text x image of its positives; the loss is the
+    triplet mean plus the weighted distill_loss of the first-stage embeddings against those pairs' cross-encoder
+    scores (eval mode, no gradient); rank_output and itm_output get exactly the gradients of the contrastive option
+    (the cross-encoder's own training is untouched), and the shared encoder also learns from the distillation."""
+    txt_db, img_db = train_db
+    items = 5
+    plain = ItmRankDataset(txt_db, img_db, negative_size=2, seed=3)
+    crossed = ItmRankDataset(txt_db, img_db, negative_size=2, seed=3, cross_pairs=True)
+    batch = crossed.collate([crossed[i] for i in range(items)])
+    plain_batch = plain.collate([plain[i] for i in range(items)])
+    assert "cross_pairs" not in plain_batch and set(plain_batch) == set(batch) - {"cross_pairs"}
+    for key in plain_batch:
+        if isinstance(plain_batch[key], torch.Tensor):
+            assert torch.equal(plain_batch[key], batch[key]), key
+    cross = batch["cross_pairs"]
+    assert cross["input_ids"].size(0) == items * items
+    positives = [crossed[i]["rows"][0] for i in range(items)]
+    i, j = 3, 1  # row i * items + j: text of item i, image of item j
+    assert torch.equal(cross["input_ids"][i * items + j, : cross["txt_lens"][i * items + j]], positives[i]["input_ids"])
+    assert torch.equal(cross["img_feat"][i * items + j, : positives[j]["img_feat"].size(0)], positives[j]["img_feat"])
+
+    grads, outs = {}, {}
+    for name in ("contrastive", "distill", "contrastive+distill"):
+        model = _distill_models(name)
+        model.eval()  # no dropout: the two options see the same encoder outputs
+        out = model(batch)
+        out["loss"].backward()
+        outs[name] = out
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        if name != "contrastive":
+            pairs = select_rows(batch, batch["pair_rows"])
+            with torch.no_grad():
+                teacher = model.rank_scores(cross).view(items, items)
+                txt = model.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
+                img = model.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
+                scores = model(batch, compute_loss=False)["scores"]
+            want = distill_loss(txt, img, teacher, 0.05, 1.0)
+            if name == "contrastive+distill":
+                want = want + contrastive_loss(txt, img, batch["pair_images"], 0.05)
+            torch.testing.assert_close(out["first_stage_loss"], want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out["rank_loss"], triplet_loss(scores, 5, 0.2).mean(), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(out["loss"], out["rank_loss"] + want, rtol=1e-5, atol=1e-6)
+            assert model.training is False  # teacher_scores restores the mode it found
+    for name in ("distill", "contrastive+distill"):
+        torch.testing.assert_close(outs[name]["rank_loss"], outs["contrastive"]["rank_loss"])
+        for head in ("rank_output.weight", "rank_output.bias"):
+            torch.testing.assert_close(grads[name][head], grads["contrastive"][head], rtol=0, atol=0)
+    assert "itm_output.weight" not in grads["distill"]
+    assert grads["distill"]["txt_proj.weight"].abs().sum() > 0 and grads["distill"]["img_proj.weight"].abs().sum() > 0
+    encoder = "uniter.embeddings.word_embeddings.weight"
+    assert not torch.allclose(grads["distill"][encoder], grads["contrastive"][encoder])
+    with pytest.raises(ValueError, match=r"lacks the keys \['cross_pairs'\] \(first_stage_loss 'distill'\)"):
+        _distill_models("distill")(plain_batch)
+    # itm-hn: the teacher pairs survive the hard-negative selection
+    hard = ItmHardNegDataset(txt_db, img_db, negative_size=4, seed=3, cross_pairs=True)
+    hard_batch = hard.collate([hard[i] for i in range(3)])
+    assert hard_batch["cross_pairs"]["input_ids"].size(0) == 9
+    torch.manual_seed(0)
+    model = UniterForImageTextRetrieval(
+        tiny_config(vocab_size=1100), hard_neg_size=2, first_stage_dim=16, first_stage_loss="distill"
+    )
+    out = perturb(model).train()(hard_batch)
+    assert torch.isfinite(out["first_stage_loss"]) and out["first_stage_loss"] > 0 and model.training
+
+
+def test_first_stage_loss_options_are_checked() -> None:
+    itm = get_task("itm")
+    options = itm.check_options({}, "test")
+    assert (options["first_stage_loss"], options["distill_temperature"]) == ("contrastive", 1.0)
+    model = itm.build_model(tiny_config(), itm.check_options({"first_stage_loss": "distill"}, "t"), True)
+    assert model.first_stage_loss == "distill"
+    with pytest.raises(
+        ValueError,
+        match=r"cfg: first_stage_loss must be one of \('contrastive', 'distill', 'contrastive\+distill'\), got 'kl'",
+    ):
+        itm.check_options({"first_stage_loss": "kl"}, "cfg")
+    with pytest.raises(ValueError, match="cfg: distill_temperature must be a number > 0, got 0"):
+        get_task("itm-hn").check_options({"distill_temperature": 0}, "cfg")
 
 
 def test_init_output_copies_the_positive_row_and_pretrained_checkpoints_use_it(tmp_path) -> None:

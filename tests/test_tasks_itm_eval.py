@@ -17,7 +17,14 @@ from uniter_fast.errors import CheckpointError
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.itm import ItmEvalDataset, ItmRankDataset
-from uniter_fast.tasks.itm_eval import candidate_pairs, evaluate_retrieval, itm_recall
+from uniter_fast.tasks.itm_eval import (
+    candidate_pairs,
+    evaluate_retrieval,
+    first_stage_embeddings,
+    first_stage_recall_of_exact,
+    gallery_k,
+    itm_recall,
+)
 
 
 def brute_force_recall(scores: np.ndarray, gt: list[int]) -> dict[str, float]:
@@ -121,6 +128,53 @@ def test_recall_equals_the_original_formula_up_to_its_row_index_count() -> None:
     assert 0 < got["img_r1"] < 1 and 0 < got["txt_r1"] <= 1
 
 
+def test_first_stage_recall_of_exact_top_on_a_hand_made_case() -> None:
+    """Top 2 of 4 images per text; first stage at k = 1 (25 %) and 2 (50 %); the tie of text 1's first-stage scores
+    ranks image 2 first (lower index)."""
+    exact = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]])
+    first = torch.tensor([[0.9, 0.1, 0.8, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    got = first_stage_recall_of_exact(exact, first, top=2, percents=(25, 50))
+    # text 0: top {0, 1}, first stage 0, 2, ..: 1/2 at k 1 and 2; text 1: top {3, 2}, first stage 2, 3, ..: 1/2, 2/2
+    assert got["first_stage_img_top2_k25pct"] == 0.5 and got["first_stage_img_top2_k50pct"] == 0.75
+    assert (got["first_stage_img_k25pct"], got["first_stage_img_k50pct"]) == (1.0, 2.0)
+    # per image over the 2 texts: the top 2 is both texts, k = 1 keeps one of them
+    assert got["first_stage_txt_top2_k25pct"] == got["first_stage_txt_top2_k50pct"] == 0.5
+    assert (got["first_stage_txt_k25pct"], got["first_stage_txt_k50pct"]) == (1.0, 1.0)
+    # the default names: top 10 at 2 / 5 / 10 % of the gallery; k < 10 caps the share at k / 10
+    wide = torch.randn(3, 150, generator=torch.Generator().manual_seed(0))
+    default = first_stage_recall_of_exact(wide, wide)
+    assert [default[f"first_stage_img_k{p}pct"] for p in (2, 5, 10)] == [3.0, 8.0, 15.0]
+    assert default["first_stage_img_top10_k2pct"] == pytest.approx(0.3) and default["first_stage_img_top10_k10pct"] == 1
+    assert (gallery_k(150, 2), gallery_k(750, 5), gallery_k(7, 2)) == (3, 38, 1)
+    with pytest.raises(ValueError, match="equal 2-d shapes"):
+        first_stage_recall_of_exact(exact, first[:, :3])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_first_stage_recall_of_exact_top_matches_brute_force(ties: bool) -> None:
+    gen = torch.Generator().manual_seed(11 + ties)
+    for num_txt, num_img in ((23, 37), (41, 12), (9, 130)):
+        exact = torch.randn(num_txt, num_img, generator=gen)
+        first = torch.randn(num_txt, num_img, generator=gen)
+        if ties:
+            exact, first = (exact * 2).round(), (first * 2).round()
+        got = first_stage_recall_of_exact(exact, first)
+        e, f = exact.numpy(), first.numpy()
+        for side, queries, gallery, score in (
+            ("img", num_txt, num_img, lambda m, q, g: m[q, g]),
+            ("txt", num_img, num_txt, lambda m, q, g: m[g, q]),
+        ):
+            for percent in (2, 5, 10):
+                k = max(1, int(np.ceil(gallery * percent / 100 - 1e-9)))
+                shares = []
+                for q in range(queries):
+                    by_exact = sorted(range(gallery), key=lambda g: (-score(e, q, g), g))[: min(10, gallery)]
+                    by_first = set(sorted(range(gallery), key=lambda g: (-score(f, q, g), g))[:k])
+                    shares.append(np.mean([g in by_first for g in by_exact]))
+                assert got[f"first_stage_{side}_k{percent}pct"] == k
+                assert got[f"first_stage_{side}_top10_k{percent}pct"] == pytest.approx(np.mean(shares), abs=1e-6)
+
+
 def test_candidate_pairs_are_the_union_of_both_top_k() -> None:
     sim = torch.randn(17, 6, generator=torch.Generator().manual_seed(1))
     rows, cols = candidate_pairs(sim, 2)
@@ -156,6 +210,24 @@ def test_fast_with_k_covering_the_gallery_equals_exact(small_eval) -> None:
     assert few.metrics["cross_pairs"] < 30 * 6 and torch.isfinite(few.score_matrix).all()
     with pytest.raises(ValueError, match="top_k must lie in"):
         evaluate_retrieval(model, small_eval, 2048, "fast", top_k=7)
+
+
+def test_exact_evaluation_reports_the_first_stages_recall_of_its_top_10(small_eval) -> None:
+    """Exact evaluation of a model with a trained first stage adds first_stage_recall_of_exact of its own score
+    matrix and the first stage's similarities; without a first stage, or with a fresh one, the keys are absent."""
+    task = get_task("itm")
+    model = perturb(
+        task.build_model(tiny_config(vocab_size=1100), task.check_options({"first_stage_dim": 16}, "t"), True)
+    )
+    exact = evaluate_retrieval(model, small_eval, 2048, "exact")
+    txt, img = first_stage_embeddings(model, small_eval, 2048, lambda b: b)
+    want = first_stage_recall_of_exact(exact.score_matrix, txt @ img.t())
+    assert len(want) == 12 and {k: exact.metrics[k] for k in want} == want
+    assert exact.metrics["first_stage_img_k5pct"] == 1 and exact.metrics["first_stage_txt_k5pct"] == 2  # 6 / 30
+    model.mark_first_stage_fresh()
+    assert not any(k.startswith("first_stage") for k in evaluate_retrieval(model, small_eval, 2048, "exact").metrics)
+    fast = evaluate_retrieval(perturb(model), small_eval, 2048, "fast", top_k=2).metrics
+    assert "first_stage_img_top10_k5pct" not in fast
 
 
 def test_fast_needs_the_first_stage_and_bad_splits_are_named(small_eval, tmp_path) -> None:

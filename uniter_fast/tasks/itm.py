@@ -12,8 +12,11 @@ negatives of each group are trained on (``UniterForImageTextRetrievalHardNeg``).
 
 First stage (ours, LightningDOT-style; off with ``first_stage_dim`` 0, as original checkpoints have it): ``txt_proj``
 on the [CLS] output of a text-only UNITER pass and ``img_proj`` on the mean region output of an image-only pass, both
-L2-normalised; trained alongside the triplet loss with an in-batch contrastive loss (both directions, temperature
-``temperature``, other captions of the same image masked out) weighted by ``first_stage_weight``. Evaluation
+L2-normalised; trained alongside the triplet loss, weighted by ``first_stage_weight``, with ``first_stage_loss``
+"contrastive" (in-batch contrastive loss, both directions, temperature ``temperature``, other captions of the same
+image masked out), "distill" (``distill_loss``: KL from the cross-encoder's scores of every in-batch text x image,
+scored without gradient in eval mode, to the first stage's similarities, both directions) or their sum
+"contrastive+distill". Evaluation
 (``uniter_fast.tasks.itm_eval``): ``exact`` scores every text x image pair with the cross-encoder; ``fast`` takes
 the first stage's ``top_k`` images per text and ``top_k`` texts per image and re-ranks only those pairs.
 """
@@ -41,6 +44,7 @@ from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
 
 PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
 EVAL_MODES = ("exact", "fast")
+FIRST_STAGE_LOSSES = ("contrastive", "distill", "contrastive+distill")
 
 
 def triplet_loss(scores: torch.Tensor, sample_size: int, margin: float) -> torch.Tensor:
@@ -70,6 +74,22 @@ def contrastive_loss(txt: torch.Tensor, img: torch.Tensor, groups: torch.Tensor,
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
 
 
+def distill_loss(
+    txt: torch.Tensor, img: torch.Tensor, teacher: torch.Tensor, temperature: float, teacher_temperature: float
+) -> torch.Tensor:
+    """Distillation of the cross-encoder into the first stage: mean over both directions (each text over the batch's
+    images, each image over its texts) of KL(softmax(``teacher`` / ``teacher_temperature``) || softmax(``txt`` @
+    ``img``.T / ``temperature``)), per query, averaged over queries. ``txt`` / ``img`` [G, D] (L2-normalised),
+    ``teacher`` [G, G] cross-encoder scores of (text i, image j), no gradient taken through it; fp32 0-dim."""
+    student = txt.float() @ img.float().t() / temperature
+    target = teacher.detach().float() / teacher_temperature
+    per_dir = [
+        F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
+        for s, t in ((student, target), (student.t(), target.t()))
+    ]
+    return (per_dir[0] + per_dir[1]) / 2
+
+
 def select_rows(batch: dict[str, Any], rows: torch.Tensor) -> dict[str, Any]:
     """The pairs ``rows`` (int64 [R]) of a joint batch, padded keys sliced and the packed layout rebuilt."""
     out = {k: v for k, v in batch.items() if k not in PADDED_ROW_KEYS and k != "packed"}
@@ -93,6 +113,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         first_stage_weight: float = 1.0,
         temperature: float = 0.05,
         fast: bool = False,
+        first_stage_loss: str = "contrastive",
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__(config, fast)
         hidden = config.hidden_size
@@ -101,12 +123,15 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         heads: list[nn.Module] = [self.itm_output, self.rank_output]
         if first_stage_dim < 0 or hard_neg_size < 0:
             raise ValueError(f"first_stage_dim and hard_neg_size must be >= 0, got {first_stage_dim}, {hard_neg_size}")
+        if first_stage_loss not in FIRST_STAGE_LOSSES:
+            raise ValueError(f"first_stage_loss must be one of {FIRST_STAGE_LOSSES}, got {first_stage_loss!r}")
         if first_stage_dim:
             self.txt_proj = nn.Linear(hidden, first_stage_dim)
             self.img_proj = nn.Linear(hidden, first_stage_dim)
             heads += [self.txt_proj, self.img_proj]
         self.margin, self.hard_neg_size, self.first_stage_dim = margin, hard_neg_size, first_stage_dim
         self.first_stage_weight, self.temperature = first_stage_weight, temperature
+        self.first_stage_loss, self.distill_temperature = first_stage_loss, distill_temperature
         self._fresh_first_stage: Optional[torch.Tensor] = None  # see mark_first_stage_fresh
         self.init_head_weights(*heads)
 
@@ -160,10 +185,28 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             pairs = select_rows(batch, batch["pair_rows"])
             txt = self.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
             img = self.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
-            first = contrastive_loss(txt, img, batch["pair_images"], self.temperature)
+            parts = []
+            if "contrastive" in self.first_stage_loss:
+                parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature))
+            if "distill" in self.first_stage_loss:
+                teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
+                parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
+            first = sum(parts[1:], parts[0])
             out["loss"] = rank_loss + self.first_stage_weight * first
             out["first_stage_loss"] = first.detach()
         return out
+
+    def teacher_scores(self, batch: dict[str, Any], groups: int) -> torch.Tensor:
+        """Cross-encoder scores float32 [G, G] of ``batch["cross_pairs"]`` (every text of the batch's ``groups``
+        positives with every positive image, row-major), without gradient in eval mode (no dropout), as
+        ``hard_batch`` scores its candidates."""
+        require(batch, ("cross_pairs",), "itm", "first_stage_loss 'distill'")
+        was_training = self.training
+        with torch.no_grad():
+            self.eval()
+            scores = self.rank_scores(batch["cross_pairs"]).float()
+            self.train(was_training)
+        return scores.view(groups, groups)
 
     def hard_batch(self, batch: dict[str, Any], sample_size: int) -> dict[str, Any]:
         """Score every pair without gradient in eval mode (as the original), keep each group's positive and its
@@ -262,11 +305,22 @@ class ItmPairsBase(TaskDataset):
 class ItmNegativesBase(ItmPairsBase):
     """Training groups around one text: ``negative_size`` other images and texts drawn per item."""
 
-    def __init__(self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0, cross_pairs: bool = False
+    ) -> None:
         if negative_size < 1:
             raise ValueError(f"negative_size must be >= 1, got {negative_size}")
         super().__init__(txt_db, img_db, seed)
-        self.negative_size = negative_size
+        self.negative_size, self.cross_pairs = negative_size, cross_pairs
+
+    def add_cross_pairs(self, batch: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
+        """With ``cross_pairs`` (``first_stage_loss`` "distill"), ``batch["cross_pairs"]``: the joint layout of every
+        item's text with every item's image (row-major, G x G rows; the items' first row is their positive pair)."""
+        if self.cross_pairs:
+            positives = [it["rows"][0] for it in items]
+            rows = [row(t["input_ids"], i["img_feat"], i["img_pos_feat"]) for t in positives for i in positives]
+            batch["cross_pairs"] = collate_rows(rows, self.task)
+        return batch
 
     def negatives(self, index: int) -> tuple[str, str, list[str], list[str]]:
         """Text ``index``, its image, ``negative_size`` other images and as many texts of other images (seeded by
@@ -294,7 +348,7 @@ class ItmRankDataset(ItmNegativesBase):
         batch["sample_size"] = size
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
-        return batch
+        return self.add_cross_pairs(batch, items)
 
 
 class ItmHardNegDataset(ItmNegativesBase):
@@ -319,7 +373,7 @@ class ItmHardNegDataset(ItmNegativesBase):
         batch["sample_size"], batch["sides"] = size, 2
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * 2 * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
-        return batch
+        return self.add_cross_pairs(batch, items)
 
 
 def images_batch(images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -379,6 +433,8 @@ class ItmTask(Task):
         "first_stage_dim": 64,
         "first_stage_weight": 1.0,
         "temperature": 0.05,
+        "first_stage_loss": "contrastive",
+        "distill_temperature": 1.0,
         "eval_mode": "exact",
         "top_k": 16,
     }
@@ -393,6 +449,13 @@ class ItmTask(Task):
         for key in ("negative_size", "top_k"):
             if not isinstance(out[key], int) or out[key] < 1:
                 raise ValueError(f"{where}: {key} must be an int >= 1, got {out[key]!r}")
+        if out["first_stage_loss"] not in FIRST_STAGE_LOSSES:
+            raise ValueError(
+                f"{where}: first_stage_loss must be one of {FIRST_STAGE_LOSSES}, got {out['first_stage_loss']!r}"
+            )
+        for key in ("temperature", "distill_temperature"):
+            if not isinstance(out[key], (int, float)) or not out[key] > 0:
+                raise ValueError(f"{where}: {key} must be a number > 0, got {out[key]!r}")
         if out["hard_neg_size"] > out["negative_size"]:
             raise ValueError(
                 f"{where}: hard_neg_size={out['hard_neg_size']} exceeds negative_size={out['negative_size']}"
@@ -412,6 +475,8 @@ class ItmTask(Task):
             options["first_stage_weight"],
             options["temperature"],
             fast,
+            options["first_stage_loss"],
+            options["distill_temperature"],
         )
 
     def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -430,7 +495,8 @@ class ItmTask(Task):
         return derived
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
-        return ItmRankDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["negative_size"], seed)
+        txt_db, distill = dbs.txt(TxtTokLmdb, txt_path, True), "distill" in options["first_stage_loss"]
+        return ItmRankDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
@@ -501,4 +567,5 @@ class ItmHardNegTask(ItmTask):
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
-        return ItmHardNegDataset(txt_db, dbs.img(img_path), options["negative_size"], seed)
+        distill = "distill" in options["first_stage_loss"]
+        return ItmHardNegDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)

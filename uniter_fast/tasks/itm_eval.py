@@ -14,6 +14,10 @@ and recall R@1/5/10 in both directions, as the original ``utils/itm_eval.py``.
   pairs goes through the cross-encoder. Pairs outside it rank below every candidate, in first-stage order. Reports
   the first stage's recall at k: ``first_stage_img_r{k}`` (texts whose image is among their candidates) and
   ``first_stage_txt_r{k}`` (images with one of their texts among theirs). With k = #images it equals ``exact``.
+* ``first_stage_recall_of_exact`` (exact mode, when the model has a trained first stage): the share of the exact
+  cross-encoder's top 10 of each query that the first stage's top k holds, at k = 2 %, 5 % and 10 % of the gallery
+  (``first_stage_img_top10_k{p}pct``: images per text; ``first_stage_txt_top10_k{p}pct``: texts per image; the k
+  used in ``first_stage_{img,txt}_k{p}pct``). At k < 10 it is at most k / 10.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ from uniter_fast.files import atomic_write, write_json_atomic
 from uniter_fast.training.distributed import is_distributed, lockstep, rank_and_world
 
 RECALL_AT = (1, 5, 10)
+EXACT_TOP = 10  # the exact ranking's head that the first stage should keep
+GALLERY_PERCENTS = (2, 5, 10)  # first-stage k as a share of the gallery
 
 
 # ---------------------------------------------------------------------- recall
@@ -75,6 +81,40 @@ def itm_recall(
         out[f"{side}_r_mean"] = sum(out[f"{side}_r{k}"] for k in RECALL_AT) / len(RECALL_AT)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return {k: out[k] for k in sorted(out)}
+
+
+def gallery_k(gallery: int, percent: int) -> int:
+    """``percent`` % of ``gallery`` rounded up (integer arithmetic), at least 1."""
+    return max(1, -(-gallery * percent // 100))
+
+
+@torch.no_grad()
+def first_stage_recall_of_exact(
+    exact: torch.Tensor, similarity: torch.Tensor, top: int = EXACT_TOP, percents: tuple[int, ...] = GALLERY_PERCENTS
+) -> dict[str, float]:
+    """How much of the exact ranking's head the first stage keeps: for each text (row of ``exact`` / ``similarity``
+    [T, I], any float dtype) the share of its ``top`` best images by ``exact`` that are among its k best by
+    ``similarity``, averaged over texts (``first_stage_img_top{top}_k{p}pct``), and the same per image over texts
+    (``first_stage_txt_top{top}_k{p}pct``), at k = ``gallery_k(gallery, p)`` (recorded as ``first_stage_{img,txt}
+    _k{p}pct``); ``top`` is capped at the gallery. Ties rank the lower index first, as ``itm_recall``."""
+    if exact.shape != similarity.shape or exact.dim() != 2:
+        raise ValueError(
+            f"exact and similarity must be equal 2-d shapes, got {tuple(exact.shape)} and {tuple(similarity.shape)}"
+        )
+    out = {}
+    for side, dim in (("img", 1), ("txt", 0)):
+        gallery = exact.size(dim)
+        head = torch.sort(exact.float(), dim=dim, descending=True, stable=True).indices.narrow(
+            dim, 0, min(top, gallery)
+        )
+        order = torch.sort(similarity.float(), dim=dim, descending=True, stable=True).indices
+        position = order.argsort(dim=dim)  # the first-stage rank of every item (inverse permutation)
+        head_position = position.gather(dim, head)
+        for percent in percents:
+            k = gallery_k(gallery, percent)
+            out[f"first_stage_{side}_top{top}_k{percent}pct"] = float((head_position < k).float().mean())
+            out[f"first_stage_{side}_k{percent}pct"] = float(k)
+    return out
 
 
 # ---------------------------------------------------------------------- scoring
@@ -182,6 +222,16 @@ def candidate_pairs(similarity: torch.Tensor, top_k: int) -> tuple[np.ndarray, n
     return flat // num_img, flat % num_img
 
 
+def trained_first_stage(model: Any) -> bool:
+    """Whether ``model`` (or the module of its engine) has a trained first stage that can be called directly: not
+    under ZeRO-3, whose partitioned weights only the engine's forward gathers."""
+    module = getattr(model, "module", model)
+    partitioned = getattr(model, "zero_optimization_partition_weights", None)
+    if partitioned is not None and partitioned():
+        return False
+    return bool(getattr(module, "first_stage_dim", 0)) and not module.first_stage_untrained
+
+
 @dataclasses.dataclass
 class RetrievalResult:
     """A split's score matrix [T, I] (float32, CPU), its ids, the metrics and the cost, and the evaluation that made
@@ -233,10 +283,14 @@ def evaluate_retrieval(
     rank, world = rank_and_world()
     num_txt, num_img = len(dataset.ids), len(dataset.all_img_ids)
     extra: dict[str, float] = {}
+    similarity: Optional[torch.Tensor] = None
+    first_stage: Optional[torch.Tensor] = None
     if mode == "exact":
         flat = np.arange(num_txt * num_img, dtype=np.int64)
         txt_index, img_index = flat // num_img, flat % num_img
-        similarity = None
+        if trained_first_stage(model):  # for the first stage's recall of the exact top 10
+            txt_emb, img_emb = first_stage_embeddings(model, dataset, batch_size, to_device)
+            first_stage = (txt_emb @ img_emb.t()).cpu()
     else:
         txt_emb, img_emb = first_stage_embeddings(model, dataset, batch_size, to_device)
         similarity = (txt_emb @ img_emb.t()).cpu()
@@ -266,6 +320,8 @@ def evaluate_retrieval(
     if similarity is not None:  # non-candidates below every candidate, in first-stage order
         floor = float(matrix[torch.isfinite(matrix)].min()) - 3.0
         matrix = torch.where(torch.isfinite(matrix), matrix, floor + similarity)
+    elif first_stage is not None:
+        extra.update(first_stage_recall_of_exact(matrix, first_stage))
     metrics = itm_recall(matrix, dataset.ids, dataset.all_img_ids, dataset.txt2img)
     metrics.update(extra)
     metrics.update(cross_pairs=float(len(txt_index)), pairs=float(num_txt * num_img))
