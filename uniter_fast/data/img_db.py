@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
+from uniter_fast.config import GIVEN_BOXES_FIELD, IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data.lmdb_env import LazyReader, Writer
 from uniter_fast.data.record_views import array_views
 from uniter_fast.data.side_files import count_table
@@ -32,16 +32,18 @@ FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}
 NPZ_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 
 
-def load_npz(path: str) -> dict[str, np.ndarray]:
+def load_npz(path: str) -> dict[str, Any]:
     """The arrays :data:`NPZ_FIELDS` of one image's ``.npz`` file (BUTD / ``python -m uniter_fast.extract`` output),
-    unchecked; an unreadable file (not a zip, a damaged member, a pickled array) or a missing array is a DataError
-    naming the file."""
+    unchecked, and ``keep_all``: True when the file holds given boxes (its ``given_boxes`` flag), whose rows are all
+    kept. An unreadable file (not a zip, a damaged member, a pickled array) or a missing array is a DataError naming
+    the file."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_FIELDS if k not in npz.files]
             if missing:
                 raise DataError(f"features: {path!r} lacks the arrays {missing}")
-            return {k: npz[k] for k in NPZ_FIELDS}
+            keep_all = GIVEN_BOXES_FIELD in npz.files and bool(npz[GIVEN_BOXES_FIELD].all())
+            return {**{k: npz[k] for k in NPZ_FIELDS}, "keep_all": keep_all}
     except DataError:
         raise
     except Exception as exc:  # zipfile, zlib, numpy format and OS errors alike mean "cannot be read"
@@ -263,8 +265,12 @@ class ImgDbWriter:
         conf: np.ndarray,
         soft_labels: np.ndarray,
         strict: bool = False,
+        keep_all: bool = False,
     ) -> bool:
         """Store one image (features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601]; any float dtype).
+
+        ``keep_all`` (given boxes): every row is used, whatever conf_th, min_bb and max_bb say (with conf_th -1,
+        ``num_bb`` still caps every image: that db keeps no per-image count).
 
         Returns False, with a warning and a count, when the image is skipped (duplicate name, missing or misshapen
         array, not floating point, NaN/inf after the fp16 cast); with ``strict``, raises a DataError saying why.
@@ -282,7 +288,8 @@ class ImgDbWriter:
                 )
         except DataError as exc:
             return self._skip("bad_shape", str(exc), strict)
-        nbb = min(n, compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb, self.num_bb))
+        counted = compute_num_bb(conf, self.conf_th, self.min_bb, self.max_bb, self.num_bb)
+        nbb = n if keep_all and self.conf_th != -1 else min(n, counted)
         dump["conf"] = conf
         with np.errstate(over="ignore"):  # values beyond float16 become inf, refused just below
             stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
