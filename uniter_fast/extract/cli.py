@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
         "--batch-size", type=int, default=None, help="images per detector call (default 1 on CPU, 4 on GPU)"
     )
     ap.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers")
-    ap.add_argument("--chunk", type=int, default=256, help="RoIs per res5 call (lower it if memory is short)")
+    ap.add_argument("--chunk", type=int, default=None, help="RoIs per res5 call (default 64 on CPU, 256 on GPU)")
     ap.add_argument("--ops", default="auto", choices=OPS, help="RoI pooling / RPN NMS: torchvision or plain torch")
     ap.add_argument("--reference", action="store_true", help="the reference path: unfolded BN, plain-torch ops")
     ap.add_argument(

@@ -26,6 +26,7 @@ from uniter_fast.extract.weights import WeightsSource, load_detector
 
 OPS = ("auto", "torch", "torchvision")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHUNK_CPU, CHUNK_GPU = 64, 256  # default RoIs per res5 call: on a CPU a larger chunk is no faster, only bigger
 
 
 def resolve_ops(ops: str, fast: bool) -> str:
@@ -43,7 +44,8 @@ class Extractor:
     """BUTD region features for UNITER from a checkpoint file (any supported layout) or a state dict.
 
     ``config``: test-time settings (Caffe's by default; depth and attribute head come from the weights);
-    ``chunk``: RoIs per res5 call (memory vs speed); ``allow_pickle``: accept pickled checkpoints (trusted files).
+    ``chunk``: RoIs per res5 call (memory vs speed; default 64 on a CPU, 256 on a GPU); ``allow_pickle``: accept
+    pickled checkpoints (trusted files).
     """
 
     def __init__(
@@ -54,10 +56,11 @@ class Extractor:
         config: Optional[DetectorConfig] = None,
         fast: bool = True,
         ops: str = "auto",
-        chunk: int = 256,
+        chunk: Optional[int] = None,
         allow_pickle: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        chunk = chunk if chunk is not None else (CHUNK_CPU if self.device.type == "cpu" else CHUNK_GPU)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if self.dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")

@@ -80,7 +80,7 @@ def extract_folder(
     num_workers: int = 2,
     fast: bool = True,
     ops: str = "auto",
-    chunk: int = 256,
+    chunk: Optional[int] = None,
     attributes: bool = False,
     prefix: str = "",
     overwrite: bool = False,
