@@ -126,8 +126,10 @@ def test_cli_writes_given_boxes_and_build_keeps_them(tmp_path) -> None:
                                    0.4 / 1.5, 0.2, 0.2 / 1.5]], atol=1e-3)  # fmt: skip
         assert bool(npz["given_boxes"]) and npz["attr_prob"].shape == (2, 401)
     (tmp_path / "captions.jsonl").write_text(
-        "".join(json.dumps({"id": i, "image": name, "caption": "a photo"}) + "\n" for i, name in enumerate(["one",
-                "sub__two"]))  # fmt: skip
+        "".join(
+            json.dumps({"id": i, "image": name, "caption": "a photo"}) + "\n"
+            for i, name in enumerate(["one", "sub__two"])
+        )  # fmt: skip
     )
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join([*SPECIAL_TOKENS, "a", "photo"]) + "\n")
