@@ -3,10 +3,12 @@
 The detector is the full ResNet-101 with random weights in the MILVLG layout (the real loader reads them), at
 Caffe's settings (600/1000 resize, 6000 -> 300 proposals, 14x14 RoIs through res5, 1,600-class max-confidence loop).
 
-CPU (default; under 3 minutes on 2 idle cores): one bundled photo (grace_hopper.jpg, 600 x 512 resized to 703 x 600):
-trunk + RPN timed on the whole image, the RoI head on a chunk of ``--rois`` RoIs and scaled to 300, the max-confidence
-loop and box selection on 300 RoIs; images/s = 1 / the sum. Both wall time and process CPU time are recorded (the
-machine may be shared). The floor is the image's FLOPs over this machine's measured fp32 matmul rate. ``--full`` adds a
+CPU (default; a few minutes on 2 cores): one bundled photo (grace_hopper.jpg, 600 x 512 resized to 703 x 600):
+trunk + RPN timed on the whole image, RoI pooling of its 300 RoIs, res5 + class head on a chunk of ``--rois`` RoIs
+scaled to 300, the max-confidence loop and box selection on 300 RoIs; images/s = 1 / the sum. Then the fast path end
+to end (``Extractor.extract`` on the photo, after one warm-up run) in a fresh process, which also reports its peak
+resident memory (weights, torch and the extraction). Both wall time and process CPU time are recorded (the machine
+may be shared). The floor is the image's FLOPs over this machine's measured fp32 matmul rate. ``--full`` adds a
 measured end-to-end run on the bundled photos.
 
 GPU (``--device cuda``): :func:`gpu_check`, also callable from a GPU suite: end-to-end images/s at batch 1/8/32 in
@@ -135,14 +137,14 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int
 
 
 def stage_fns(extractor: Extractor, image: np.ndarray, rois: int) -> dict[str, Callable[[], Any]]:
-    """Callables for each stage of one image; the RoI head on its first ``rois`` proposals."""
+    """Callables for each stage of one image: RoI pooling of all its proposals, res5 + heads on the first ``rois``."""
     det = extractor.detector
     blobs, scales = extractor.blobs([image])
     size = tuple(blobs[0].shape[1:])
     x = blobs[0][None].contiguous(memory_format=extractor.memory_format)
     fmap = det.backbone(x)
     proposals = det.proposal_generator(fmap, size, scales, extractor.ops)
-    boxes = proposals[0][:rois]
+    pooled = det.roi_heads.pool([fmap[0]], proposals, extractor.ops)[:rois]
     count = proposals[0].shape[0]
     logits = torch.randn(count, NUM_CLASSES, generator=torch.Generator().manual_seed(0)).to(x.device)
     raw_all = RawDetections(proposals[0], x.new_zeros(count, IMG_FEAT_DIM).float(), torch.softmax(4 * logits, 1))
@@ -151,19 +153,24 @@ def stage_fns(extractor: Extractor, image: np.ndarray, rois: int) -> dict[str, C
         with torch.no_grad():
             det.proposal_generator(det.backbone(x), size, scales, extractor.ops)
 
+    def roi_pool() -> None:
+        det.roi_heads.pool([fmap[0]], proposals, extractor.ops)
+
     def roi_head() -> None:
         with torch.no_grad():
-            det.roi_heads([fmap[0]], [boxes], extractor.ops, extractor.chunk, False, extractor.memory_format)
+            feat = det.roi_heads.res5(pooled.contiguous(memory_format=extractor.memory_format)).mean(dim=(2, 3))
+            det.roi_heads.box_predictor(feat)
 
     def post() -> None:
         for d in finalize([raw_all], scales, [image.shape[:2]], extractor.config.nms_thresh):
             npz_record(d, extractor.config)
 
-    return {"preprocess": lambda: extractor.blobs([image]), "trunk_rpn": trunk_rpn, "roi_head": roi_head, "post": post}
+    stages = {"preprocess": lambda: extractor.blobs([image]), "trunk_rpn": trunk_rpn, "roi_pool": roi_pool}
+    return {**stages, "roi_head": roi_head, "post": post}
 
 
 def cpu_rows(args: argparse.Namespace, weights: dict, image: np.ndarray) -> list[dict[str, Any]]:
-    """Stage times of the reference and fast paths on one image; the RoI head scaled to 300 RoIs."""
+    """Stage times of the reference and fast paths on one image; res5 + heads scaled to 300 RoIs."""
     device = torch.device("cpu")
     rows = []
     for path, fast in (("reference", False), ("fast", True)):
@@ -184,6 +191,47 @@ def cpu_rows(args: argparse.Namespace, weights: dict, image: np.ndarray) -> list
                 }
             )
     return rows
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: ``VmHWM`` of /proc/self/status (reset by exec, unlike ``ru_maxrss``,
+    which a spawned child inherits from the parent it was forked from), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _end_to_end_child(weights_path: str, image: np.ndarray, results: Any) -> None:
+    """In a fresh process: load the weights, extract ``image`` once (warm-up) and once timed; put (wall s, CPU s,
+    peak RSS bytes) on ``results``."""
+    extractor = Extractor(weights_path, "cpu", torch.float32, CONFIG)
+    extractor.extract([image])
+    start, cpu = time.perf_counter(), time.process_time()
+    extractor.extract([image])
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    results.put((wall, cpu, peak_rss_bytes()))
+
+
+def end_to_end(weights: dict, image: np.ndarray, directory: str) -> dict[str, Any]:
+    """The fast path end to end on ``image`` in a fresh (spawned) process: its row, with the process's peak RSS."""
+    import multiprocessing
+    import tempfile
+
+    context = multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        path = os.path.join(tmp, "weights.pth")
+        torch.save(weights, path)
+        results = context.Queue()
+        child = context.Process(target=_end_to_end_child, args=(path, image, results))
+        child.start()
+        wall, cpu, peak = results.get()
+        child.join()
+    return {"path": "fast_end_to_end", "stage": "total", "ms": 1e3 * wall, "cpu_ms": 1e3 * cpu,
+            "images_per_s": 1 / wall, "images_per_cpu_s": 1 / cpu, "peak_rss_mb": peak / 2**20}  # fmt: skip
 
 
 def throughput(extractor: Extractor, images: Sequence[np.ndarray], batch_size: int, warmup: int, repeats: int) -> float:
@@ -307,6 +355,7 @@ def main() -> None:
         return
     weights = random_state_dict("milvlg", CONFIG, args.seed)
     image = sample_images(1, args.seed)[0]
+    measured_end_to_end = end_to_end(weights, image, out)  # first: a fresh process, while this one is small
     height, width = image.shape[:2]
     scale = 600 / min(height, width)
     size = (round(height * scale), round(width * scale))
@@ -329,12 +378,13 @@ def main() -> None:
         )
     floor = (flops["trunk_rpn"] + flops["roi_head"]) / rate
     totals.append({"path": "floor", "stage": "total", "ms": 1e3 * floor, "images_per_s": 1 / floor})
+    totals.append(measured_end_to_end)
     if args.full:
         photos = sample_images(6, args.seed)
         ips = throughput(Extractor(weights, device, torch.float32, CONFIG), photos, 2, 0, 1)
-        totals.append({"path": "fast_end_to_end", "stage": "total", "ms": 1e3 / ips, "images_per_s": ips})
+        totals.append({"path": "fast_6_photos_batch_2", "stage": "total", "ms": 1e3 / ips, "images_per_s": ips})
     rows += totals
-    print_table(rows, ["path", "ops", "stage", "ms", "cpu_ms", "images_per_s", "images_per_cpu_s"])
+    print_table(rows, ["path", "ops", "stage", "ms", "cpu_ms", "images_per_s", "images_per_cpu_s", "peak_rss_mb"])
     meta = {
         "image": [height, width],
         "resized": list(size),
@@ -348,10 +398,12 @@ def main() -> None:
         "load_average_1min_at_end": os.getloadavg()[0],
     }
     print("wrote", write_json("extract_bench", device, rows, meta, out))
-    stages = ["preprocess", "trunk_rpn", "roi_head", "post", "total"]
+    stages = ["preprocess", "trunk_rpn", "roi_pool", "roi_head", "post", "total"]
     series = {p: [next((r["ms"] for r in rows if r["path"] == p and r["stage"] == s), 0.0) for s in stages]
               for p in ("reference", "fast")}  # fmt: skip
-    series["floor"] = [0.0] * 4 + [1e3 * floor]
+    series["floor"] = [0.0] * (len(stages) - 1) + [1e3 * floor]
+    measured = next(r["ms"] for r in totals if r["path"] == "fast_end_to_end")
+    series["fast end to end"] = [0.0] * (len(stages) - 1) + [measured]
     print(
         "wrote",
         plot_grouped_bars(
@@ -360,7 +412,7 @@ def main() -> None:
             stages,
             series,
             "ms per image",
-            "BUTD extractor, ResNet-101, 300 RoIs (RoI head scaled from a chunk)",
+            "BUTD extractor, ResNet-101, 300 RoIs (res5 + heads scaled from a chunk)",
             directory=out,
         ),
     )

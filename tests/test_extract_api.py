@@ -88,3 +88,17 @@ def test_degenerate_images_fail_by_name_and_the_run_goes_on(tmp_path) -> None:
     reasons = dict(summary.failed)
     assert "no region proposal survived" in reasons[str(images / "dot.png")]
     assert "resizes to 0 x 214" in reasons[str(images / "line.png")]
+
+
+def test_cpu_progress_bar_moves_per_image(tmp_path, capsys) -> None:
+    """On the CPU a run takes one image per detector call (batch size 1 by default), so the bar shows 1/2 before 2/2."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(2):
+        Image.fromarray(synthetic_image(30 + i, 80, 100)).save(images / f"im{i}.png")
+    weights = tmp_path / "w.pth"
+    torch.save(tiny_weights(), weights)
+    summary = extract_folder(str(images), str(weights), str(tmp_path / "feats"), "cpu", config=TINY, num_workers=0)
+    assert summary.written == 2
+    err = capsys.readouterr().err
+    assert "1/2" in err and "2/2" in err, err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests import extract_reference as ref
-from uniter_fast.extract.roi_pool import roi_pool, roi_pool_torch, torchvision_ops_available
+from uniter_fast.extract.roi_pool import roi_pool, roi_pool_torch, torchvision_ops_available, window_maxima
 
 
 def fresh_map(rng: np.random.Generator, channels: int, height: int, width: int) -> np.ndarray:
@@ -31,6 +31,17 @@ def test_vectorised_equals_caffe_loop(shape: tuple, size: int) -> None:
     boxes = random_rois(rng, 25, shape[1], shape[2])
     got = roi_pool_torch(torch.from_numpy(fmap), torch.from_numpy(boxes), size, 1 / 16)
     np.testing.assert_array_equal(got.numpy(), ref.roi_pool(fmap, boxes, size, 1 / 16))
+
+
+@pytest.mark.parametrize("shape,windows", [((4, 9, 13), (3, 5)), ((2, 1, 7), (1, 4)), ((3, 6, 2), (6, 2))])
+def test_window_maxima_equal_max_pool(shape: tuple, windows: tuple) -> None:
+    """maps[kh - 1, kw - 1] = stride-1 max pooling with a kh x kw window, channels last, wherever the window fits."""
+    fmap = torch.from_numpy(fresh_map(np.random.default_rng(len(shape) + sum(windows)), *shape))
+    maps = window_maxima(fmap, *windows)
+    for kh in range(1, windows[0] + 1):
+        for kw in range(1, windows[1] + 1):
+            pooled = torch.nn.functional.max_pool2d(fmap[None], (kh, kw), stride=1)[0].permute(1, 2, 0)
+            assert torch.equal(maps[kh - 1, kw - 1, : shape[1] - kh + 1, : shape[2] - kw + 1], pooled), (kh, kw)
 
 
 def test_half_pixel_corners_round_away_from_zero() -> None:

@@ -15,6 +15,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 IMG_DIM = 2048
 IMG_POS_DIM = 7
 IMG_LABEL_DIM = 1601
+GIVEN_BOXES_FIELD = "given_boxes"  # npz field (0-d bool) of given-box features: build keeps every box
 BUCKET_SIZE = 8192
 SIZE_MULTIPLE = 8  # a token-bucket batch holds a multiple of 8 examples (the original's size_multiple)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uniter_fast.config import IMG_DIM, IMG_LABEL_DIM
+from uniter_fast.config import GIVEN_BOXES_FIELD, IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data.lmdb_env import LazyReader, Writer
 from uniter_fast.data.record_views import array_views
 from uniter_fast.data.side_files import count_table
@@ -32,16 +32,18 @@ FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}
 NPZ_FIELDS = ("features", "norm_bb", "conf", "soft_labels")
 
 
-def load_npz(path: str) -> dict[str, np.ndarray]:
+def load_npz(path: str) -> dict[str, Any]:
     """The arrays :data:`NPZ_FIELDS` of one image's ``.npz`` file (BUTD / ``python -m uniter_fast.extract`` output),
-    unchecked; an unreadable file (not a zip, a damaged member, a pickled array) or a missing array is a DataError
-    naming the file."""
+    unchecked, and ``keep_all``: True when the file holds given boxes (its ``given_boxes`` flag), whose rows are all
+    kept. An unreadable file (not a zip, a damaged member, a pickled array) or a missing array is a DataError naming
+    the file."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             missing = [k for k in NPZ_FIELDS if k not in npz.files]
             if missing:
                 raise DataError(f"features: {path!r} lacks the arrays {missing}")
-            return {k: npz[k] for k in NPZ_FIELDS}
+            keep_all = GIVEN_BOXES_FIELD in npz.files and bool(npz[GIVEN_BOXES_FIELD].all())
+            return {**{k: npz[k] for k in NPZ_FIELDS}, "keep_all": keep_all}
     except DataError:
         raise
     except Exception as exc:  # zipfile, zlib, numpy format and OS errors alike mean "cannot be read"
@@ -125,11 +127,13 @@ def stored_image(
     conf: np.ndarray,
     soft_labels: np.ndarray,
     settings: tuple[float, int, int, int],
+    keep_all: bool = False,
 ) -> dict[str, np.ndarray]:
     """What an img_db stores for one image (``convert_imgdir.py``): the arrays features [n, 2048], norm_bb [n, 6],
     conf [n] and soft_labels [n, 1601] (any float dtype) checked, cut to the image's nbb rows (:func:`compute_num_bb`
-    with ``settings`` = (conf_th, max_bb, min_bb, num_bb)) and cast to float16. :class:`RejectedImage` says why an
-    image cannot be stored (misshapen or non-float arrays, NaN/inf after the cast)."""
+    with ``settings`` = (conf_th, max_bb, min_bb, num_bb); every row with ``keep_all``, for given boxes, unless conf_th
+    is -1, when num_bb caps every image) and cast to float16. :class:`RejectedImage` says why an image cannot be
+    stored (misshapen or non-float arrays, NaN/inf after the cast)."""
     conf_th, max_bb, min_bb, num_bb = settings
     dump = {"features": features, "norm_bb": norm_bb, "soft_labels": soft_labels}
     dump = {k: np.asarray(v) for k, v in dump.items()}
@@ -142,7 +146,8 @@ def stored_image(
         raise RejectedImage(
             "bad_shape", f"image {name!r}: conf must be {n} floating-point values, got {conf.shape[0]} of {_kind(conf)}"
         )
-    nbb = min(n, compute_num_bb(conf, conf_th, min_bb, max_bb, num_bb))
+    counted = compute_num_bb(conf, conf_th, min_bb, max_bb, num_bb)
+    nbb = n if keep_all and conf_th != -1 else min(n, counted)
     dump["conf"] = conf
     with np.errstate(over="ignore"):  # values beyond float16 become inf, refused just below
         stored = {k: a[:nbb].astype(np.float16) for k, a in dump.items()}
@@ -328,8 +333,12 @@ class ImgDbWriter:
         conf: np.ndarray,
         soft_labels: np.ndarray,
         strict: bool = False,
+        keep_all: bool = False,
     ) -> bool:
         """Store one image (features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601]; any float dtype).
+
+        ``keep_all`` (given boxes): every row is used, whatever conf_th, min_bb and max_bb say (with conf_th -1,
+        ``num_bb`` still caps every image: that db keeps no per-image count).
 
         Returns False, with a warning and a count, when the image is skipped (duplicate name, missing or misshapen
         array, not floating point, NaN/inf after the fp16 cast); with ``strict``, raises a DataError saying why.
@@ -338,7 +347,7 @@ class ImgDbWriter:
             return self._skip("duplicate", f"duplicate image {name!r}", strict)
         settings = (self.conf_th, self.max_bb, self.min_bb, self.num_bb)
         try:
-            stored = stored_image(name, features, norm_bb, conf, soft_labels, settings)
+            stored = stored_image(name, features, norm_bb, conf, soft_labels, settings, keep_all)
         except RejectedImage as exc:
             return self._skip(exc.kind, str(exc), strict)
         self._writer.put(name, encode_img_record(stored, self.compress))

@@ -5,7 +5,8 @@
 
 Writes ``feats/<name>.npz`` per image (features [n, 2048], norm_bb [n, 6], conf [n], soft_labels [n, 1601], all
 float16), which ``python -m uniter_fast.build --features feats/`` reads. Re-running skips finished images;
-unreadable images are listed in ``feats/failed.txt``; a JSON summary is printed at the end.
+unreadable images are listed in ``feats/failed.txt``; a JSON summary is printed at the end. ``--boxes boxes.json``
+computes the features of given boxes instead (``uniter_fast.extract.given_boxes`` has the schema).
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", required=True, help="output folder for the npz files (created; finished files skipped)")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision (bf16: CUDA)")
-    ap.add_argument("--batch-size", type=int, default=4, help="images per detector call")
+    ap.add_argument(
+        "--batch-size", type=int, default=None, help="images per detector call (default 1 on CPU, 4 on GPU)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="image-decoding DataLoader workers")
-    ap.add_argument("--chunk", type=int, default=256, help="RoIs per res5 call (lower it if memory is short)")
+    ap.add_argument("--chunk", type=int, default=None, help="RoIs per res5 call (default 64 on CPU, 256 on GPU)")
     ap.add_argument("--ops", default="auto", choices=OPS, help="RoI pooling / RPN NMS: torchvision or plain torch")
     ap.add_argument("--reference", action="store_true", help="the reference path: unfolded BN, plain-torch ops")
     ap.add_argument(
@@ -49,6 +52,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-size", type=int, default=1000, help="cap on the longer side (Caffe: 1000)")
     ap.add_argument("--pre-nms", type=int, default=6000, help="RPN proposals before NMS (Caffe: 6000)")
     ap.add_argument("--proposals", type=int, default=300, help="RPN proposals after NMS = RoIs (Caffe: 300)")
+    ap.add_argument(
+        "--boxes",
+        default=None,
+        help='boxes.json {"image path relative to --images": [[x1, y1, x2, y2], ...]} (original pixels): features of '
+        "these boxes (all kept, in order) instead of detections, for the images it names",
+    )
     ap.add_argument("--attributes", action="store_true", help="also store attr_prob [n, 401] in each npz")
     ap.add_argument("--prefix", default="", help="prepended to every npz name (UNITER's NLVR2 files: 'nlvr2_')")
     ap.add_argument("--overwrite", action="store_true", help="redo images whose npz exists")
@@ -89,6 +98,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         progress=not args.no_progress,
+        boxes=args.boxes,
     ).as_dict()
     print(json.dumps(summary, indent=2))
     return summary

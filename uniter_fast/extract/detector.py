@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -66,17 +66,52 @@ class Detector(nn.Module):
 
         ``ops``: "torch" (plain-PyTorch RoI pooling and NMS) or "torchvision"; ``chunk``: RoIs per res5 call.
         """
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for index, blob in enumerate(blobs):
-            groups[tuple(blob.shape[1:])].append(index)
         fmaps: list[Optional[torch.Tensor]] = [None] * len(blobs)
         rois: list[Optional[torch.Tensor]] = [None] * len(blobs)
-        for size, members in groups.items():
-            x = torch.stack([blobs[i] for i in members]).contiguous(memory_format=memory_format)
-            fmap = self.backbone(x)
+        for size, members, fmap in self.trunk_by_shape(blobs, memory_format):
             proposals = self.proposal_generator(fmap, size, [scales[i] for i in members], ops)
             for slot, index in enumerate(members):
                 fmaps[index], rois[index] = fmap[slot], proposals[slot]
+        return self.heads(fmaps, rois, ops, chunk, attributes, memory_format)
+
+    @torch.no_grad()
+    def forward_boxes(
+        self,
+        blobs: Sequence[torch.Tensor],
+        rois: Sequence[torch.Tensor],
+        ops: str = "torch",
+        chunk: int = 256,
+        attributes: bool = False,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> list[RawDetections]:
+        """Given-box mode: the RoI head on ``rois`` (per image [R_i, 4] float32, resized-image pixels), no RPN."""
+        fmaps: list[Optional[torch.Tensor]] = [None] * len(blobs)
+        for _, members, fmap in self.trunk_by_shape(blobs, memory_format):
+            for slot, index in enumerate(members):
+                fmaps[index] = fmap[slot]
+        return self.heads(fmaps, rois, ops, chunk, attributes, memory_format)
+
+    def trunk_by_shape(
+        self, blobs: Sequence[torch.Tensor], memory_format: torch.memory_format
+    ) -> Iterator[tuple[tuple[int, int], list[int], torch.Tensor]]:
+        """The trunk on images grouped by resized shape: yields ((H', W'), image indices, fmap [B, 1024, Hf, Wf])."""
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, blob in enumerate(blobs):
+            groups[tuple(blob.shape[1:])].append(index)
+        for size, members in groups.items():
+            x = torch.stack([blobs[i] for i in members]).contiguous(memory_format=memory_format)
+            yield size, members, self.backbone(x)
+
+    def heads(
+        self,
+        fmaps: Sequence[torch.Tensor],
+        rois: Sequence[torch.Tensor],
+        ops: str,
+        chunk: int,
+        attributes: bool,
+        memory_format: torch.memory_format,
+    ) -> list[RawDetections]:
+        """The RoI head on every image's RoIs at once, split back per image."""
         features, cls_prob, attr_prob = self.roi_heads(fmaps, rois, ops, chunk, attributes, memory_format)
         counts = [r.shape[0] for r in rois]
         split = [t.split(counts) if t is not None else [None] * len(counts) for t in (features, cls_prob, attr_prob)]

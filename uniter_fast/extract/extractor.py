@@ -18,13 +18,15 @@ import torch
 
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.detector import RawDetections
+from uniter_fast.extract.given_boxes import check_boxes, check_inside, project_boxes
 from uniter_fast.extract.preprocess import image_blob, resize_scale
 from uniter_fast.extract.roi_pool import torchvision_ops_available
-from uniter_fast.extract.select import Detections, finalize, npz_record
+from uniter_fast.extract.select import Detections, finalize, given_box_record, npz_record
 from uniter_fast.extract.weights import WeightsSource, load_detector
 
 OPS = ("auto", "torch", "torchvision")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHUNK_CPU, CHUNK_GPU = 64, 256  # default RoIs per res5 call: on a CPU a larger chunk is no faster, only bigger
 
 
 def resolve_ops(ops: str, fast: bool) -> str:
@@ -42,7 +44,8 @@ class Extractor:
     """BUTD region features for UNITER from a checkpoint file (any supported layout) or a state dict.
 
     ``config``: test-time settings (Caffe's by default; depth and attribute head come from the weights);
-    ``chunk``: RoIs per res5 call (memory vs speed); ``allow_pickle``: accept pickled checkpoints (trusted files).
+    ``chunk``: RoIs per res5 call (memory vs speed; default 64 on a CPU, 256 on a GPU); ``allow_pickle``: accept
+    pickled checkpoints (trusted files).
     """
 
     def __init__(
@@ -53,10 +56,11 @@ class Extractor:
         config: Optional[DetectorConfig] = None,
         fast: bool = True,
         ops: str = "auto",
-        chunk: int = 256,
+        chunk: Optional[int] = None,
         allow_pickle: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        chunk = chunk if chunk is not None else (CHUNK_CPU if self.device.type == "cpu" else CHUNK_GPU)
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         if self.dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
@@ -100,3 +104,33 @@ class Extractor:
     def extract(self, images: Sequence[np.ndarray], attributes: bool = False) -> list[dict[str, np.ndarray]]:
         """UNITER's npz fields per image (float16): features, norm_bb, conf, soft_labels (+ attr_prob if asked)."""
         return [npz_record(det, self.config, attributes) for det in self.detect(images, attributes)]
+
+    def detect_boxes(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], attributes: bool = False
+    ) -> list[Detections]:
+        """Given-box mode: per image, its ``boxes`` [n_i, 4] (x1, y1, x2, y2 in original pixels, float64 or any
+        numeric type; 0 <= x1 < x2 <= W, 0 <= y1 < y2 <= H) scaled to the resized image, RoI-pooled, through res5 and
+        the class (and attribute) heads; no RPN, no NMS. ``conf`` [n_i] is each box's best object-class probability.
+        """
+        if attributes and not self.config.attributes:
+            raise ValueError("attributes=True but the weights have no attribute head (violetteshev layout)")
+        if len(boxes) != len(images):
+            raise ValueError(f"got {len(images)} images but {len(boxes)} box arrays")
+        checked = [check_boxes(np.asarray(b, dtype=np.float64).tolist(), f"image {i}") for i, b in enumerate(boxes)]
+        for i, (image, image_boxes) in enumerate(zip(images, checked)):
+            check_inside(image_boxes, *np.shape(image)[:2], f"image {i}")
+        blobs, scales = self.blobs(images)
+        rois = [project_boxes(b, s, self.device) for b, s in zip(checked, scales)]
+        raw = self.detector.forward_boxes(blobs, rois, self.ops, self.chunk, attributes, self.memory_format)
+        return [
+            Detections(torch.from_numpy(b).float().to(self.device), r.features, r.cls_prob,
+                       r.cls_prob[:, 1:].max(dim=1).values, r.attr_prob, tuple(image.shape[:2]))
+            for b, r, image in zip(checked, raw, images)
+        ]  # fmt: skip
+
+    def extract_boxes(
+        self, images: Sequence[np.ndarray], boxes: Sequence[np.ndarray], attributes: bool = False
+    ) -> list[dict[str, np.ndarray]]:
+        """The npz fields of :meth:`extract` for the given ``boxes`` (see :meth:`detect_boxes`), every box kept in
+        the given order, plus ``given_boxes`` = True (a 0-d bool array: ``build`` then keeps every row)."""
+        return [given_box_record(det, attributes) for det in self.detect_boxes(images, boxes, attributes)]

@@ -4,15 +4,15 @@ Per RoI: corners ``round(x * spatial_scale)`` (halves away from zero), size ``ma
 ``float32(size) / P``; bin ph covers rows ``[floor(ph * bin), ceil((ph + 1) * bin))`` shifted by the start and
 clipped to the map; an empty bin gives 0. (RoIAlign would be wrong here.)
 
-The plain-PyTorch path is vectorised: a bin of ``kh x kw`` cells starting at (h, w) is one element of
-``max_pool2d(features, (kh, kw), stride=1)``, so each image's maps for every bin shape in use are stacked once and
-all bins of all its RoIs are one gather. Max is exact, so the result equals the loop definition bit for bit.
+The plain-PyTorch path is vectorised: a bin of ``kh x kw`` cells starting at (h, w) is one element of the
+stride-1 window maximum of that size, so each image's maps for every bin shape in use are built once (running
+elementwise maxima, channels last) and all bins of all its RoIs are one gather. Max is exact, so the result
+equals the loop definition bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from uniter_fast.extract.boxes import round_half_away
 
@@ -45,18 +45,31 @@ def roi_pool_torch(fmap: torch.Tensor, boxes: torch.Tensor, size: int, spatial_s
     len_w = (wend - wstart).clamp(min=0)[:, None, :].expand(num, size, size)
     empty = (len_h == 0) | (len_w == 0)
     max_h, max_w = max(int(len_h.max()), 1), max(int(len_w.max()), 1)
-    # maps[kh - 1, kw - 1, h, w, :] = max of the kh x kw cells from (h, w); zero where the window leaves the map
-    maps = fmap.new_zeros(max_h, max_w, height, width, channels)
-    for kh in range(1, max_h + 1):
-        for kw in range(1, max_w + 1):
-            pooled = F.max_pool2d(fmap[None], (kh, kw), stride=1)[0]
-            maps[kh - 1, kw - 1, : height - kh + 1, : width - kw + 1] = pooled.permute(1, 2, 0)
+    maps = window_maxima(fmap, max_h, max_w)
     lh, lw = len_h.clamp(min=1) - 1, len_w.clamp(min=1) - 1
     hs = hstart[:, :, None].clamp(max=height - 1)
     ws = wstart[:, None, :].clamp(max=width - 1)
     flat = ((lh * max_w + lw) * height + hs) * width + ws
-    out = maps.view(-1, channels)[flat.reshape(-1)].view(num, size, size, channels)
+    out = maps.view(-1, channels).index_select(0, flat.reshape(-1)).view(num, size, size, channels)
     return out.masked_fill_(empty[..., None], 0).permute(0, 3, 1, 2)
+
+
+def window_maxima(fmap: torch.Tensor, max_h: int, max_w: int) -> torch.Tensor:
+    """maps [max_h, max_w, H, W, C] in fmap's dtype: ``maps[kh - 1, kw - 1, h, w]`` = max of ``fmap[:, h : h + kh,
+    w : w + kw]`` for fmap [C, H, W], defined where the window fits (h <= H - kh, w <= W - kw; elsewhere unset and
+    never read by :func:`roi_pool_torch`). Running maxima, one elementwise ``maximum`` per window size (exact)."""
+    channels, height, width = fmap.shape
+    maps = fmap.new_empty(max_h, max_w, height, width, channels)
+    hwc = fmap.permute(1, 2, 0)
+    maps[0, 0] = hwc
+    for kh in range(1, max_h + 1):
+        rows = maps[kh - 1, 0, : height - kh + 1]  # the max over kh rows from each h: [H - kh + 1, W, C]
+        if kh > 1:
+            torch.maximum(maps[kh - 2, 0, : height - kh + 1], hwc[kh - 1 :], out=rows)
+        for kw in range(2, max_w + 1):
+            window = maps[kh - 1, kw - 1, : height - kh + 1, : width - kw + 1]
+            torch.maximum(maps[kh - 1, kw - 2, : height - kh + 1, : width - kw + 1], rows[:, kw - 1 :], out=window)
+    return maps
 
 
 def torchvision_ops_available() -> bool:

@@ -19,12 +19,14 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from uniter_fast.errors import DataError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
+from uniter_fast.extract.given_boxes import boxes_for_images
 from uniter_fast.extract.images import IMAGE_EXTENSIONS, ImageFiles, collate_images, list_images, output_names
 from uniter_fast.extract.weights import WeightsSource
 from uniter_fast.extract.writer import npz_path, remove_stale_temps, write_npz
@@ -74,19 +76,27 @@ def extract_folder(
     device: Union[str, torch.device, None] = None,
     dtype: Union[torch.dtype, str] = torch.float32,
     config: Optional[DetectorConfig] = None,
-    batch_size: int = 4,
+    batch_size: Optional[int] = None,
     num_workers: int = 2,
     fast: bool = True,
     ops: str = "auto",
-    chunk: int = 256,
+    chunk: Optional[int] = None,
     attributes: bool = False,
     prefix: str = "",
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    boxes: Optional[str] = None,
 ) -> RunSummary:
-    """Write ``out/<prefix><name>.npz`` for every image of ``images`` (folder or list file); see the module doc."""
+    """Write ``out/<prefix><name>.npz`` for every image of ``images`` (folder or list file); see the module doc.
+
+    ``boxes``: a ``boxes.json`` file (:mod:`~uniter_fast.extract.given_boxes`): features of the given boxes of the
+    images it names instead of detections. ``batch_size`` None: 1 on the CPU (the progress bar moves per image; the
+    RoI head batches RoIs anyway), 4 on a GPU.
+    """
     start = time.perf_counter()
+    device = torch.device(device or default_device())
+    batch_size = batch_size if batch_size is not None else (1 if device.type == "cpu" else 4)
     if batch_size < 1 or num_workers < 0:
         raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     rank, world, _ = rank_and_world()
@@ -95,18 +105,23 @@ def extract_folder(
         kinds = ", ".join(IMAGE_EXTENSIONS)
         raise DataError(f"images: {images!r} names no image (extensions {kinds}); nothing written")
     names = [prefix + n for n in output_names(paths, images)]
-    mine = list(range(rank, len(paths), world))
+    given: dict[int, np.ndarray] = {}
+    if boxes is not None:
+        given = dict(zip(*boxes_for_images(boxes, paths, images)))
+    shard = sorted(given) if boxes is not None else range(len(paths))
+    mine = list(shard[rank::world])
     os.makedirs(out, exist_ok=True)
     remove_stale_temps(out, rank)
     todo = [i for i in mine if overwrite or not os.path.exists(npz_path(out, names[i]))]
     failed: list = []
     written = 0
     if todo:
-        extractor = Extractor(weights, device or default_device(), dtype, config, fast, ops, chunk, allow_pickle)
+        extractor = Extractor(weights, device, dtype, config, fast, ops, chunk, allow_pickle)
         written = _run(
             extractor,
             [paths[i] for i in todo],
             [names[i] for i in todo],
+            [given[i] for i in todo] if boxes is not None else None,
             out,
             rank,
             batch_size,
@@ -131,6 +146,7 @@ def _run(
     extractor: Extractor,
     paths: list,
     names: list,
+    boxes: Optional[list],
     out: str,
     rank: int,
     batch_size: int,
@@ -139,7 +155,9 @@ def _run(
     failed: list,
     progress: bool,
 ) -> int:
-    """The loop: decode (workers) -> detect (device) -> write (threads); returns the number of files written."""
+    """The loop: decode (workers) -> detect (device) -> write (threads); returns the number of files written.
+
+    ``boxes``: per image its given boxes [n, 4] float64 (given-box mode), or None (detections)."""
     loader = torch.utils.data.DataLoader(
         ImageFiles(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images
     )
@@ -153,7 +171,7 @@ def _run(
                     good.append((index, image))
                 else:
                     _fail(failed, paths[index], error)
-            for index, record in _extract_batch(extractor, paths, good, attributes, failed):
+            for index, record in _extract_batch(extractor, paths, boxes, good, attributes, failed):
                 if record["features"].shape[0] == 0:
                     _fail(failed, paths[index], "no region proposal survived the size filter (image too small?)")
                     continue
@@ -168,12 +186,21 @@ def _run(
     return written
 
 
-def _extract_batch(extractor: Extractor, paths: list, good: list, attributes: bool, failed: list) -> list:
+def _extract_batch(
+    extractor: Extractor, paths: list, boxes: Optional[list], good: list, attributes: bool, failed: list
+) -> list:
     """Records for a batch; if the batch fails, image by image, so that the failing file is named."""
     if not good:
         return []
+
+    def extract(batch: list) -> list:
+        images = [image for _, image in batch]
+        if boxes is None:
+            return extractor.extract(images, attributes)
+        return extractor.extract_boxes(images, [boxes[i] for i, _ in batch], attributes)
+
     try:
-        return list(zip([i for i, _ in good], extractor.extract([im for _, im in good], attributes)))
+        return list(zip([i for i, _ in good], extract(good)))
     except Exception as exc:  # retried per image below to find and name the culprit
         if len(good) == 1:
             _fail(failed, paths[good[0][0]], f"{type(exc).__name__}: {exc}")
@@ -181,7 +208,7 @@ def _extract_batch(extractor: Extractor, paths: list, good: list, attributes: bo
     results = []
     for index, image in good:
         try:
-            results.append((index, extractor.extract([image], attributes)[0]))
+            results.append((index, extract([(index, image)])[0]))
         except Exception as exc:  # the run goes on without this image
             _fail(failed, paths[index], f"{type(exc).__name__}: {exc}")
     return results

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from uniter_fast.config import GIVEN_BOXES_FIELD
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.detector import RawDetections
 from uniter_fast.extract.nms import max_confidence
@@ -90,7 +91,17 @@ def finalize(
 def npz_record(det: Detections, config: DetectorConfig, attributes: bool = False) -> dict[str, np.ndarray]:
     """UNITER's npz fields of one image after box selection, float16 numpy arrays."""
     min_boxes, max_boxes = config.box_range
-    keep = select_boxes(det.conf, config.conf_thresh, min_boxes, max_boxes)
+    return record_of(det, select_boxes(det.conf, config.conf_thresh, min_boxes, max_boxes), attributes)
+
+
+def given_box_record(det: Detections, attributes: bool = False) -> dict[str, np.ndarray]:
+    """The npz fields of every box of ``det`` in order (given-box mode), plus ``given_boxes`` = True (0-d bool)."""
+    keep = torch.arange(det.boxes.shape[0], device=det.boxes.device)
+    return {**record_of(det, keep, attributes), GIVEN_BOXES_FIELD: np.array(True)}
+
+
+def record_of(det: Detections, keep: torch.Tensor, attributes: bool) -> dict[str, np.ndarray]:
+    """The rows ``keep`` [n] int64 of ``det`` as UNITER's npz fields, float16 numpy arrays."""
     record = {
         "features": det.features[keep],
         "norm_bb": normalized_boxes(det.boxes[keep], *det.size),
