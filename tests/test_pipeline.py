@@ -78,19 +78,23 @@ def world(tmp_path_factory) -> dict[str, Any]:
     return dict(root=root, photos=photos, names=names, feats=feats, vocab=vocab, exports=exports, extractor=extractor)
 
 
-def lmdb_results(world: dict, task_name: str, records: list[dict], top_k: int = 3, **build: Any) -> list[dict]:
+def lmdb_results(
+    world: dict, task_name: str, records: list[dict], top_k: int = 3, feats: str = "", **build: Any
+) -> list[dict]:
     """The results of the LMDB route: the task's build from ``records`` (its annotation format) and the npz files
-    of the extract CLI, the task's evaluation dataset, collate and the exported model."""
+    of the extract CLI (``feats``, default the detected boxes'), the task's evaluation dataset, collate and the
+    exported model."""
     task = get_task(task_name)
-    out = str(world["root"] / f"db-{task_name}")
+    feats = feats or world["feats"]
+    out = str(world["root"] / f"db-{task_name}{'-' + os.path.basename(feats) if feats != world['feats'] else ''}")
     annotations = world["root"] / f"{task_name}.jsonl"
     annotations.write_text("".join(json.dumps(r) + "\n" for r in records))
     settings = tuple(BOX_SETTINGS)
     if task_name == "itm":  # ITM reads caption dbs (python -m uniter_fast.build --captions)
-        build_dbs(str(annotations), world["feats"], world["vocab"], out, *settings)
+        build_dbs(str(annotations), feats, world["vocab"], out, *settings)
     else:
-        gt = world["feats"] if task.gt_features else None
-        task.build_dbs(str(annotations), world["feats"], out, WordPiece(world["vocab"]), "t", settings, gt, build)
+        gt = feats if task.gt_features else None
+        task.build_dbs(str(annotations), feats, out, WordPiece(world["vocab"]), "t", settings, gt, build)
     model, options = load_task_model(task, world["exports"][task_name], {})
     img = f"{out}/img_gt;{out}/img" if task.gt_features else f"{out}/img"
     dataset = task.eval_dataset(DbCache(SETTINGS), f"{out}/txt", img, options, "test")
@@ -178,39 +182,130 @@ def test_vcr(world) -> None:
     assert all(len(r["answer_probs"]) == 4 and len(r["rationale_probs"]) == 4 for r in got)
 
 
-def test_re_over_detected_boxes(world) -> None:
-    """RE on the LMDB route: each photo as an image whose objects are its boxes (the GT-box db from the same npz)."""
+def re_lmdb_results(world: dict, feats: str, boxes: list[list[list[float]]], expressions: list[str], name: str):
+    """(RE results of the LMDB route, its batch): each photo an image whose objects are the rows of its npz in
+    ``feats`` with the bboxes ``boxes`` ([x, y, w, h] pixels per row), the GT-box db from the same npz files."""
     side = {"refs": [], "annotations": [], "categories": [{"id": 0, "name": "object"}], "images": []}
-    expressions = ["the woman on the left", "the cat", "the red cup"]
-    for i, (name, photo) in enumerate(zip(world["names"], world["photos"])):
+    for i, (stem, photo) in enumerate(zip(world["names"], world["photos"])):
         with Image.open(photo) as im:
             width, height = im.size
-        arrays = load_npz(os.path.join(world["feats"], name + ".npz"))
-        rows = min(len(arrays["conf"]), 100)  # what a GT-box img_db keeps
-        ann_ids = [1000 * i + k for k in range(rows)]
-        side["annotations"] += [{"id": a, "bbox": [0, 0, 1, 1], "image_id": i, "category_id": 0} for a in ann_ids]
+        ann_ids = [1000 * i + k for k in range(len(boxes[i]))]
+        side["annotations"] += [
+            {"id": a, "bbox": b, "image_id": i, "category_id": 0} for a, b in zip(ann_ids, boxes[i])
+        ]
         side["images"].append(
-            {"id": i, "file_name": name + ".png", "ann_ids": ann_ids, "height": height, "width": width}
+            {"id": i, "file_name": stem + ".png", "ann_ids": ann_ids, "height": height, "width": width}
         )
         side["refs"].append({"ref_id": i, "sent_ids": [str(i)], "ann_id": ann_ids[0], "image_id": i,
                              "sentences": [{"sent_id": str(i), "sent": expressions[i]}]})  # fmt: skip
-    refs = world["root"] / "refs"
+    refs = world["root"] / f"refs-{name}"
     refs.mkdir()
     for key, rows in side.items():
         (refs / f"{key}.json").write_text(json.dumps(rows))
     task = get_task("re")
-    out = str(world["root"] / "db-re")
-    task.build_dbs(str(refs), world["feats"], out, WordPiece(world["vocab"]), "t", BOX_SETTINGS, world["feats"])
+    out = str(world["root"] / f"db-{name}")
+    task.build_dbs(str(refs), feats, out, WordPiece(world["vocab"]), "t", BOX_SETTINGS, feats)
     model, options = load_task_model(task, world["exports"]["re"], {})
     dataset = task.eval_dataset(DbCache(SETTINGS), f"{out}/txt", f"{out}/img", options, "test")
     batch = task.query_batch(dataset)
     with torch.no_grad():
-        expected = task.query_results(scores_of(model.eval(), batch), batch, options, 1)
-    got = pipeline(world, "re")(world["photos"], expressions)
+        return task.query_results(scores_of(model.eval(), batch), batch, options, 1), batch
+
+
+EXPRESSIONS = ["the woman on the left", "the cat", "the red cup"]
+
+
+def test_re_over_detected_boxes(world) -> None:
+    """RE on the LMDB route: each photo as an image whose objects are its boxes (the GT-box db from the same npz)."""
+    rows = [min(len(load_npz(os.path.join(world["feats"], n + ".npz"))["conf"]), 100) for n in world["names"]]
+    boxes = [[[0, 0, 1, 1]] * n for n in rows]  # what a GT-box img_db keeps
+    expected, batch = re_lmdb_results(world, world["feats"], boxes, EXPRESSIONS, "re")
+    got = pipeline(world, "re")(world["photos"], EXPRESSIONS)
     assert_same(got, expected)
     for result, n in zip(got, batch["num_bbs"].tolist()):
         assert len(result["probs"]) == n and abs(sum(result["probs"]) - 1) < 1e-5
         assert result["probs"][result["index"]] == max(result["probs"])
+
+
+def given_boxes(world: dict) -> list[list[list[float]]]:
+    """12 boxes [x1, y1, x2, y2] inside each photo (more than min_bb: a detected-box img_db would keep 10)."""
+    rng = np.random.default_rng(0)
+    out = []
+    for photo in world["photos"]:
+        with Image.open(photo) as im:
+            width, height = im.size
+        x = np.sort(rng.uniform(0, width, size=(12, 2)), axis=1).round(1)
+        y = np.sort(rng.uniform(0, height, size=(12, 2)), axis=1).round(1)
+        out.append(np.stack([x[:, 0], y[:, 0], x[:, 1] + 1, y[:, 1] + 1], axis=1).clip(0, [width, height] * 2).tolist())
+    out[0][-1] = [0, 0, *Image.open(world["photos"][0]).size]  # the whole photo
+    return out
+
+
+def test_re_over_given_boxes(world) -> None:
+    """``pipe(image, text, boxes=...)`` equals extract --boxes -> build -> RE evaluation; every box kept, in order."""
+    from uniter_fast.extract.given_boxes import image_key as boxes_key
+
+    boxes = given_boxes(world)
+    listing = world["root"] / "photos.txt"
+    boxes_file = world["root"] / "boxes.json"
+    boxes_file.write_text(json.dumps({boxes_key(p, str(world["root"])): b for p, b in zip(world["photos"], boxes)}))
+    feats = str(world["root"] / "feats-given")
+    extract_main(["--images", str(listing), "--weights", str(world["root"] / "tiny-milvlg.pth"), "--out", feats,
+                  "--boxes", str(boxes_file), "--no-progress", "--workers", "0", *TINY_CLI])  # fmt: skip
+    xywh = [[[x1, y1, x2 - x1, y2 - y1] for x1, y1, x2, y2 in image] for image in boxes]
+    expected, batch = re_lmdb_results(world, feats, xywh, EXPRESSIONS, "re-given")
+    assert batch["num_bbs"].tolist() == [12, 12, 12]
+    pipe = pipeline(world, "re")
+    got = pipe(world["photos"], EXPRESSIONS, boxes=boxes)
+    for g, e, image in zip(got, expected, xywh):  # the box: the user's own, not its fp16 copy in norm_bb
+        assert g["box"] == image[g["index"]] and np.allclose(e["box"], g["box"], atol=1.0)
+    assert_same([{**g, "box": None} for g in got], [{**e, "box": None} for e in expected])
+    single = pipe(world["photos"][0], EXPRESSIONS[0], boxes=np.asarray(boxes[0]))  # one image: one list (or array)
+    assert_same(single, got[0])
+    records, _ = pipe.features(world["photos"], boxes=[np.asarray(b) for b in boxes])
+    for i, stem in enumerate(world["names"]):  # the stored regions: the npz of extract --boxes
+        stored = load_npz(os.path.join(feats, stem + ".npz"))
+        assert stored["keep_all"] and len(stored["conf"]) == 12
+        for field in ("features", "norm_bb", "conf", "soft_labels"):
+            assert np.allclose(records[f"image{i}.npz"][field], stored[field], atol=1e-2), field
+    questions = [{"question_id": str(i), "image": n, "question": q, "answers": {}}
+                 for i, (n, q) in enumerate(zip(world["names"], QUESTIONS))]  # fmt: skip
+    ans2label = str(dump(world, "ans2label.json", VQA_ANSWERS))
+    vqa = lmdb_results(world, "vqa", questions, feats=feats, ans2label=ans2label)  # another task over given boxes
+    assert_same(pipeline(world, "vqa", top_k=3)(world["photos"], QUESTIONS, boxes=boxes), vqa)
+    from uniter_fast.data.memory_db import memory_img_db
+
+    low = {**records["image0.npz"], "conf": np.full(12, 0.05, np.float16)}  # below conf_th: 10 kept (min_bb) ...
+    detected = {k: v for k, v in low.items() if k != "given_boxes"}
+    assert memory_img_db({"a": low, "b": detected}, BOX_SETTINGS).name2nbb == {"a": 12, "b": 10}  # ... unless given
+
+
+def test_bad_given_boxes_are_one_line_errors(world, capsys) -> None:
+    from uniter_fast.errors import DataError
+
+    pipe = pipeline(world, "re")
+    with pytest.raises(DataError, match=r"boxes: box 0 \[10, 10, 5, 5\] is empty"):
+        pipe(world["photos"][0], "the cat", boxes=[[10, 10, 5, 5]])
+    with pytest.raises(DataError, match=r"boxes: box 1 \[0.0, 0.0, 100000.0, 5.0\] lies outside"):
+        pipe(world["photos"][0], "the cat", boxes=[[0, 0, 5, 5], [0, 0, 1e5, 5]])
+    with pytest.raises(ValueError, match="boxes: given boxes are for one-image tasks"):
+        pipeline(world, "nlvr2")([world["photos"][0], world["photos"][1]], "a cat", boxes=[[0, 0, 5, 5]])
+    detector = str(world["root"] / "tiny-milvlg.pth")
+    common = ["--task", "re", "--checkpoint", world["exports"]["re"], "--detector", detector, "--vocab", world["vocab"],
+              *TINY_CLI, "--no-progress", "--image", world["photos"][0], "--text", "the cat"]  # fmt: skip
+    for boxes, message in [
+        ("[[10, 10, 5, 5]]", "--boxes: box 0 [10, 10, 5, 5] is empty"),
+        ("[[0, 0, 100000, 5]]", "--boxes (" + world["photos"][0] + "): box 0 [0.0, 0.0, 100000.0, 5.0] lies outside"),
+        ("[1, 2, 3, 4]", "--boxes: box 0 must be 4 numbers"),
+        ("boxes.json", "--boxes: expected a JSON list"),
+    ]:
+        status, stdout, stderr = run_cli([*common, "--boxes", boxes], capsys)
+        assert status == 2 and stdout == "" and stderr.count("\n") == 1 and message in stderr, stderr
+    status, stdout, _ = run_cli([*common, "--boxes", "[[0, 0, 50, 40], [10, 10, 60, 70]]"], capsys)
+    printed = json.loads(stdout)[0]
+    assert status == 0 and len(printed["probs"]) == 2 and printed["box"] in ([0, 0, 50, 40], [10, 10, 50, 60])
+    assert_same({k: printed[k] for k in ("index", "prob", "probs", "box")},
+                pipe(world["photos"][0], "the cat", boxes=[[0, 0, 50, 40], [10, 10, 60, 70]]))  # fmt: skip
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

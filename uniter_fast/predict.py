@@ -6,10 +6,14 @@
     python -m uniter_fast.predict --task vcr ... --image p.jpg --text "Why?" --answer A1 ... --rationale R1 ...
     python -m uniter_fast.predict --task vqa ... --image photos/ --text "What is this?"     # every image of a folder
     python -m uniter_fast.predict --task vqa ... --questions questions.jsonl --out answers.json
+    python -m uniter_fast.predict --task re ... --image photo.jpg --text "the man on the left" \\
+        --boxes '[[10, 20, 200, 180], [300, 40, 620, 470]]'                           # or --boxes boxes.json
 
 Prints a JSON list, one result per text and image (the task's fields, with "image" and "text"). A questions file
 holds one {"image", "text"} object a line ("image": a path, relative to the file's folder, or a [left, right]
-pair for NLVR2; VCR adds "answers" and "rationales"). What each task returns: docs/own-images.md.
+pair for NLVR2; VCR adds "answers" and "rationales"; any one-image task may add "boxes"). ``--boxes``: the regions
+[[x1, y1, x2, y2], ...] (pixels of each --image, a JSON list or a JSON file holding one) instead of the detector's,
+features as ``python -m uniter_fast.extract --boxes`` computes them. What each task returns: docs/own-images.md.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--text", action="append", default=[], help="the question / statement / caption (repeatable)")
     ap.add_argument("--answer", action="append", default=[], help="vcr: one of the 4 answers (give 4)")
     ap.add_argument("--rationale", action="append", default=[], help="vcr: one of the 4 rationales (give 4)")
+    ap.add_argument(
+        "--boxes",
+        default=None,
+        help="the regions of every --image instead of the detector's: a JSON list [[x1, y1, x2, y2], ...] (pixels) "
+        "or a JSON file holding one (re: the candidates)",
+    )
     ap.add_argument("--questions", default=None, help='a JSON-lines file of {"image", "text"} objects (a batch)')
     ap.add_argument("--out", default=None, help="also write the JSON results to this file")
     ap.add_argument("--top-k", type=int, default=5, help="vqa: answers per question")
@@ -73,6 +83,38 @@ def expand_images(values: Sequence[str]) -> list[str]:
     return paths
 
 
+def read_boxes(value: str) -> list[list[float]]:
+    """``--boxes``: a JSON list of [x1, y1, x2, y2] boxes, or the path of a JSON file holding one; checked by
+    ``given_boxes.check_boxes`` (a DataError naming --boxes)."""
+    from uniter_fast.extract.given_boxes import check_boxes
+
+    text = value
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        boxes = json.loads(text)
+    except json.JSONDecodeError:
+        raise ConfigError(
+            f"--boxes: expected a JSON list [[x1, y1, x2, y2], ...] or a JSON file holding one, got {value[:60]!r}"
+        ) from None
+    return check_boxes(boxes, "--boxes").tolist()
+
+
+def check_image_boxes(boxes: list[list[float]], path: str, where: str) -> None:
+    """``given_boxes.check_inside`` for the image file ``path`` (its decoded size; unreadable: left to the
+    extraction)."""
+    import numpy as np
+
+    from uniter_fast.extract.given_boxes import check_inside, decoded_size
+
+    try:
+        height, width = decoded_size(path)
+    except (OSError, ValueError):
+        return
+    check_inside(np.asarray(boxes, dtype=np.float64), height, width, where)
+
+
 def read_questions(path: str) -> list[dict[str, Any]]:
     """The queries of a questions file (see the module docstring), image paths made relative to its folder."""
     from uniter_fast.data.task_db import read_jsonl
@@ -91,6 +133,11 @@ def read_questions(path: str) -> list[dict[str, Any]]:
             if not os.path.isfile(resolve(p)):
                 raise DataError(f"--questions {where}: image {p!r} is not a file (looked for {resolve(p)!r})")
         resolved = [resolve(p) for p in images]
+        if "boxes" in raw:
+            from uniter_fast.extract.given_boxes import check_boxes
+
+            raw["boxes"] = check_boxes(raw["boxes"], f"--questions {where}: boxes").tolist()
+            check_image_boxes(raw["boxes"], resolved[0], f"--questions {where}: boxes")
         queries.append({**raw, "image": resolved[0] if isinstance(image, str) else resolved})
     if not queries:
         raise DataError(f"--questions {path!r}: no question in the file")
@@ -101,8 +148,8 @@ def command_queries(args: argparse.Namespace, per_text: int) -> list[dict[str, A
     """The queries of the command line: the questions file, or every --text about the --image list (each image in
     turn; ``per_text`` > 1: the images together, NLVR2's left and right)."""
     if args.questions:
-        if args.image or args.text:
-            raise ConfigError("--questions: expected either a questions file or --image/--text, got both")
+        if args.image or args.text or args.boxes is not None:
+            raise ConfigError("--questions: expected either a questions file or --image/--text/--boxes, got both")
         return read_questions(args.questions)
     if not args.image or not args.text:
         missing = "--image" if not args.image else "--text"
@@ -114,7 +161,15 @@ def command_queries(args: argparse.Namespace, per_text: int) -> list[dict[str, A
         groups: list[Any] = [images]
     else:
         groups = images
-    extra = {"answers": args.answer, "rationales": args.rationale} if args.answer or args.rationale else {}
+    extra: dict[str, Any] = (
+        {"answers": args.answer, "rationales": args.rationale} if args.answer or args.rationale else {}
+    )
+    if args.boxes is not None:
+        extra["boxes"] = read_boxes(args.boxes)
+        if per_text > 1:
+            raise ConfigError(f"--boxes: given boxes are for one-image tasks; --task {args.task} takes {per_text}")
+        for image in images:
+            check_image_boxes(extra["boxes"], image, f"--boxes ({image})")
     return [{"image": image, "text": text, **extra} for text in args.text for image in groups]
 
 
@@ -165,11 +220,13 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     )
     answers = [q.get("answers") for q in queries] if any("answers" in q for q in queries) else None
     rationales = [q.get("rationales") for q in queries] if any("rationales" in q for q in queries) else None
+    boxes = [q.get("boxes") for q in queries] if any("boxes" in q for q in queries) else None
     results = pipe(
         [q["image"] for q in queries],
         [q["text"] for q in queries],
         answers=answers,
         rationales=rationales,
+        boxes=boxes,
         progress=len(queries) > 1 and not args.no_progress,
     )
     out = [{"image": q["image"], "text": q["text"], **r} for q, r in zip(queries, results)]

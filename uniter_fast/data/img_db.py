@@ -42,12 +42,18 @@ def load_npz(path: str) -> dict[str, Any]:
             missing = [k for k in NPZ_FIELDS if k not in npz.files]
             if missing:
                 raise DataError(f"features: {path!r} lacks the arrays {missing}")
-            keep_all = GIVEN_BOXES_FIELD in npz.files and bool(npz[GIVEN_BOXES_FIELD].all())
-            return {**{k: npz[k] for k in NPZ_FIELDS}, "keep_all": keep_all}
+            return {**{k: npz[k] for k in NPZ_FIELDS}, "keep_all": given_boxes_flag(npz)}
     except DataError:
         raise
     except Exception as exc:  # zipfile, zlib, numpy format and OS errors alike mean "cannot be read"
         raise DataError(f"features: {path!r} is unreadable ({type(exc).__name__}: {exc})") from None
+
+
+def given_boxes_flag(arrays: Any) -> bool:
+    """Whether the npz fields ``arrays`` (an open npz or a dict, as ``Extractor.extract_boxes`` gives them) hold
+    given boxes (the 0-d bool ``given_boxes``), whose rows the img_db writer all keeps (``keep_all``)."""
+    names = arrays.files if hasattr(arrays, "files") else arrays
+    return GIVEN_BOXES_FIELD in names and bool(np.asarray(arrays[GIVEN_BOXES_FIELD]).all())
 
 
 def compute_num_bb(conf: np.ndarray, conf_th: float, min_bb: int, max_bb: int, num_bb: int = 36) -> int:

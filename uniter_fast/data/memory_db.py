@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from uniter_fast.data.img_db import DetectFeatLmdb, ImgDbWriter
+from uniter_fast.data.img_db import NPZ_FIELDS, DetectFeatLmdb, ImgDbWriter, given_boxes_flag
 from uniter_fast.data.task_db import Record, add_records
 from uniter_fast.data.txt_db import TxtDbWriter
 
@@ -40,13 +40,14 @@ def memory_img_db(
     records: dict[str, dict[str, np.ndarray]], settings: tuple[float, int, int, int], path: str = "<memory img_db>"
 ) -> DetectFeatLmdb:
     """An img_db reader of ``records`` ({image key: npz fields features [n, 2048], norm_bb [n, 6], conf [n],
-    soft_labels [n, 1601]}, as ``Extractor.extract`` gives them) stored with ``settings`` (conf_th, max_bb, min_bb,
-    num_bb) by ``ImgDbWriter``; an image it refuses is a DataError saying why."""
+    soft_labels [n, 1601]}, as ``Extractor.extract`` / ``extract_boxes`` give them) stored with ``settings`` (conf_th,
+    max_bb, min_bb, num_bb) by ``ImgDbWriter``, given boxes all kept (``keep_all``, as ``python -m uniter_fast.build``
+    keeps them); an image it refuses is a DataError saying why."""
     store = MemoryStore(path)
     with ImgDbWriter(path, *settings, store=store) as writer:
         for name, arrays in records.items():
-            fields = {k: arrays[k] for k in ("features", "norm_bb", "conf", "soft_labels")}
-            writer.add(name, **fields, strict=True)
+            fields = {k: arrays[k] for k in NPZ_FIELDS}
+            writer.add(name, **fields, strict=True, keep_all=given_boxes_flag(arrays))
     return DetectFeatLmdb.from_store(store, writer.name2nbb, settings)
 
 

@@ -10,6 +10,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from uniter_fast.extract.given_boxes import check_boxes
 from uniter_fast.extract.images import load_bgr, pil_to_bgr
 from uniter_fast.tasks.spec import Query, Task
 
@@ -41,11 +42,13 @@ def to_bgr(image: Any) -> np.ndarray:
 @dataclasses.dataclass
 class QueryBatch:
     """Queries over image keys: ``queries`` (``Query.images`` are keys ``image<i>.npz``), ``images`` (the distinct
-    inputs, key i = ``images[i]``), ``single`` (the caller gave one query: one result, not a list)."""
+    inputs, key i = ``images[i]``), ``single`` (the caller gave one query: one result, not a list), ``boxes``: per
+    distinct image its given boxes [n, 4] float64 (x1, y1, x2, y2 pixels) or None (detected boxes)."""
 
     queries: list[Query]
     images: list[Any]
     single: bool
+    boxes: list[Optional[np.ndarray]] = dataclasses.field(default_factory=list)
 
 
 def image_key(index: int) -> str:
@@ -68,16 +71,35 @@ def _per_query(value: Any, count: int, one: Any, name: str) -> list[Any]:
     return list(value)
 
 
+def as_lists(value: Any) -> Any:
+    """``value`` with numpy arrays and tuples turned into (nested) lists of Python numbers, for ``check_boxes``."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [as_lists(v) for v in value]
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _is_box_list(value: Any) -> bool:
+    """Whether ``value`` is one image's boxes (a list of [x1, y1, x2, y2]), not a list of such (or None) per text."""
+    first = value[0] if isinstance(value, list) and value else []
+    return not (first is None or (isinstance(first, list) and first and isinstance(first[0], list)))
+
+
 def make_queries(
     task: Task,
     image: Any,
     text: Any,
     answers: Optional[Sequence[Any]] = None,
     rationales: Optional[Sequence[Any]] = None,
+    boxes: Optional[Any] = None,
 ) -> QueryBatch:
     """The queries of one pipeline call. ``text``: a string (one query) or a list of strings (a batch); ``image``:
     one image, or one per text (NLVR2: a (left, right) pair, or one pair per text); one image (pair) with several
-    texts is asked every text. VCR: ``answers`` / ``rationales`` four strings each (or a list of such per text)."""
+    texts is asked every text. VCR: ``answers`` / ``rationales`` four strings each (or a list of such per text).
+    ``boxes``: the image's regions instead of the detector's, [[x1, y1, x2, y2], ...] in original pixels (one list
+    for every text, or one list (or None: detected boxes) per text; one-image tasks), checked by
+    ``given_boxes.check_boxes``."""
     single = isinstance(text, str)
     texts = [text] if single else list(text)
     if not texts or not all(isinstance(t, str) for t in texts):
@@ -100,16 +122,27 @@ def make_queries(
             continue
         four = lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)  # noqa: E731
         choices.append([list(v) for v in _per_query(value, len(texts), four, name)])
+    given: list[Optional[np.ndarray]] = [None] * len(texts)
+    if boxes is not None:
+        if per > 1:
+            raise ValueError(f"boxes: given boxes are for one-image tasks; task {task.name} takes {per} per text")
+        per_box = _per_query(as_lists(boxes), len(texts), _is_box_list, "boxes")
+        given = [None if b is None else check_boxes(b, "boxes") for b in per_box]
     keys: dict[Any, int] = {}
     distinct: list[Any] = []
+    distinct_boxes: list[Optional[np.ndarray]] = []
     queries = []
-    for i, (t, images, a, r) in enumerate(zip(texts, per_text, *choices)):
+    for i, (t, images, a, r, b) in enumerate(zip(texts, per_text, *choices, given)):
         names = []
         for im in [images] if per == 1 else images:
-            ident = os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im)
+            ident = (
+                os.fspath(im) if isinstance(im, (str, os.PathLike)) else id(im),
+                None if b is None else tuple(b.ravel().tolist()),
+            )
             if ident not in keys:
                 keys[ident] = len(distinct)
                 distinct.append(im)
+                distinct_boxes.append(b)
             names.append(image_key(keys[ident]))
         queries.append(Query(str(i), names, t, a, r))
-    return QueryBatch(queries, distinct, single)
+    return QueryBatch(queries, distinct, single, distinct_boxes)

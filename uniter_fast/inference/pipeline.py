@@ -19,6 +19,7 @@ from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.errors import CheckpointError, ConfigError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
+from uniter_fast.extract.given_boxes import check_inside
 from uniter_fast.inference.inputs import image_key, make_queries, to_bgr
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks import TASKS, get_task
@@ -87,7 +88,9 @@ class Pipeline:
 
     Images are paths, PIL images or RGB uint8 arrays; ``text`` a string (one result, a dict) or a list of strings (a
     list of results; one image for all, or one per text). NLVR2 takes a (left, right) pair per text; VCR also
-    ``answers`` and ``rationales`` (four strings each). What each task returns: docs/own-images.md.
+    ``answers`` and ``rationales`` (four strings each). ``boxes=[[x1, y1, x2, y2], ...]`` (original pixels; one list,
+    or one per text) are the image's regions instead of the detector's (RE: the candidates, ``index`` and ``box`` of
+    the result refer to them). What each task returns: docs/own-images.md.
     """
 
     def __init__(
@@ -142,18 +145,28 @@ class Pipeline:
         return cls(task_spec, model, options, extractor, toker, device, **settings)
 
     def features(
-        self, images: Sequence[Any], progress: bool = False
+        self, images: Sequence[Any], progress: bool = False, boxes: Optional[Sequence[Optional[np.ndarray]]] = None
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, tuple[int, int]]]:
         """({image key: the extractor's npz fields}, {image key: (height, width)}) of ``images`` (decoded by
-        ``to_bgr``), ``batch_size`` at a time."""
+        ``to_bgr``), ``batch_size`` at a time; an image with ``boxes[i]`` ([n, 4] pixels, not None) gets the
+        features of those boxes (``Extractor.extract_boxes``, as ``python -m uniter_fast.extract --boxes``)."""
+        given = list(boxes) if boxes is not None else [None] * len(images)
         records: dict[str, dict[str, np.ndarray]] = {}
         sizes: dict[str, tuple[int, int]] = {}
         starts = range(0, len(images), self.batch_size)
         for start in tqdm(starts, desc="images", unit="batch", disable=not progress):
-            chunk = [to_bgr(image) for image in images[start : start + self.batch_size]]
-            for offset, (bgr, record) in enumerate(zip(chunk, self.extractor.extract(chunk))):
-                records[image_key(start + offset)] = record
-                sizes[image_key(start + offset)] = (int(bgr.shape[0]), int(bgr.shape[1]))
+            index = range(start, min(start + self.batch_size, len(images)))
+            bgr = {i: to_bgr(images[i]) for i in index}
+            detect = [i for i in index if given[i] is None]
+            chosen = [i for i in index if given[i] is not None]
+            for i in chosen:
+                check_inside(given[i], *bgr[i].shape[:2], "boxes")
+            found = self.extractor.extract([bgr[i] for i in detect]) if detect else []
+            if chosen:
+                found += self.extractor.extract_boxes([bgr[i] for i in chosen], [given[i] for i in chosen])
+            for i, record in zip(detect + chosen, found):
+                records[image_key(i)] = record
+                sizes[image_key(i)] = (int(bgr[i].shape[0]), int(bgr[i].shape[1]))
         return records, sizes
 
     @torch.no_grad()
@@ -165,10 +178,12 @@ class Pipeline:
         rationales: Optional[Sequence[Any]] = None,
         top_k: Optional[int] = None,
         progress: bool = False,
+        boxes: Optional[Any] = None,
     ) -> Union[dict[str, Any], list[dict[str, Any]]]:
-        """The task's result for ``text`` about ``image`` (a dict), or one per text when ``text`` is a list."""
-        batch = make_queries(self.task, image, text, answers, rationales)
-        features, sizes = self.features(batch.images, progress)
+        """The task's result for ``text`` about ``image`` (a dict), or one per text when ``text`` is a list;
+        ``boxes``: the regions [[x1, y1, x2, y2], ...] (pixels) instead of the detected ones (see the class)."""
+        batch = make_queries(self.task, image, text, answers, rationales, boxes)
+        features, sizes = self.features(batch.images, progress, batch.boxes)
         for query in batch.queries:
             query.sizes = [sizes[key] for key in query.images]
         results: list[dict[str, Any]] = []
@@ -180,6 +195,12 @@ class Pipeline:
             inputs = self.task.query_batch(dataset)
             scores = scores_of(self.model, move_to_device(inputs, self.device)).cpu()
             results += self.task.query_results(scores, inputs, self.options, top_k or self.top_k)
+        given_boxes = {image_key(i): b for i, b in enumerate(batch.boxes)}
+        for query, result in zip(batch.queries, results):
+            given = given_boxes.get(query.images[0])
+            if given is not None and "box" in result:  # RE: the user's box itself, not its fp16 copy in norm_bb
+                x1, y1, x2, y2 = given[result["index"]].tolist()
+                result["box"] = [x1, y1, x2 - x1, y2 - y1]
         return results[0] if batch.single else results
 
     def alignment(self, image: Any, text: str, path: str) -> dict[str, Any]:
