@@ -13,6 +13,7 @@ exception is a bug and keeps Python's traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -96,3 +97,18 @@ def run_command(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] 
         if launcher_rank() == 0:
             print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
         raise SystemExit(status) from None
+
+
+def parse_key_values(values: Sequence[str], flag: str) -> dict[str, Any]:
+    """Repeated ``FLAG KEY=JSON`` values as a dict (a value that is not JSON stays a string); a value without ``=``
+    is a ConfigError naming ``flag``."""
+    out: dict[str, Any] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{flag}: expected KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

@@ -12,12 +12,11 @@ Runs on one process, or on several under ``torchrun`` (each rank a shard, metric
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-from typing import Any, Optional
+from typing import Optional
 
-from uniter_fast.entry import CommandParser, run_command
+from uniter_fast.entry import CommandParser, parse_key_values, run_command
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS
 
@@ -82,19 +81,6 @@ def _task_name(args: argparse.Namespace) -> str:
     raise ValueError(f"--task is needed: {args.checkpoint!r} has no task.json (an original checkpoint?)")
 
 
-def _options(values: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--option must be KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     """Evaluate; returns {split: {metric: value}}."""
     args = parse_args(argv)
@@ -123,7 +109,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     else:
         splits = cfg.eval_sets()
     dbs = DbCache(cfg)
-    options = {**task.check_options(_options(args.option), "--option")}
+    options = {**task.check_options(parse_key_values(args.option, "--option"), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
     model, options = load_task_model(task, args.checkpoint, options, args.model_config, fast=not args.reference)
     if args.eval_mode is not None or args.top_k is not None:  # evaluation settings, not fixed by the checkpoint

@@ -23,8 +23,9 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-from uniter_fast.entry import CommandParser, run_command
+from uniter_fast.entry import CommandParser, parse_key_values, run_command
 from uniter_fast.errors import ConfigError, DataError
+from uniter_fast.extract.config import add_detector_arguments, detector_config
 from uniter_fast.files import write_text_atomic
 
 
@@ -56,10 +57,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--batch-size", type=int, default=16, help="images per detector call and queries per forward")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="a task option (repeatable)")
-    ap.add_argument("--test-scale", type=int, default=600, help="detector: shorter image side (Caffe: 600)")
-    ap.add_argument("--max-size", type=int, default=1000, help="detector: cap on the longer side (Caffe: 1000)")
-    ap.add_argument("--pre-nms", type=int, default=6000, help="detector: RPN proposals before NMS (Caffe: 6000)")
-    ap.add_argument("--proposals", type=int, default=300, help="detector: RoIs per image (Caffe: 300)")
+    add_detector_arguments(ap)
     ap.add_argument("--no-progress", action="store_true", help="no progress bar for batches")
     return ap
 
@@ -173,27 +171,12 @@ def command_queries(args: argparse.Namespace, per_text: int) -> list[dict[str, A
     return [{"image": image, "text": text, **extra} for text in args.text for image in groups]
 
 
-def parse_options(values: Sequence[str]) -> dict[str, Any]:
-    """``--option KEY=JSON`` values as a dict (a value that is not JSON stays a string)."""
-    out = {}
-    for item in values:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--option: expected KEY=VALUE, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     """Answer the queries; prints (and with --out writes) and returns the results."""
     args = parser().parse_args(argv)
     for name in ("top_k", "batch_size"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {getattr(args, name)}")
-    from uniter_fast.extract.config import DetectorConfig
     from uniter_fast.inference import Pipeline
     from uniter_fast.tasks import get_task
 
@@ -201,19 +184,14 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     for flag, path in (("--checkpoint", args.checkpoint), ("--detector", args.detector)):
         if not os.path.exists(path):
             raise ConfigError(f"{flag}: expected an existing path, got {path!r}")
-    detector = DetectorConfig(
-        test_scale=args.test_scale,
-        max_size=args.max_size,
-        rpn_pre_nms_top_n=args.pre_nms,
-        rpn_post_nms_top_n=args.proposals,
-    )
+    detector = detector_config(args)
     pipe = Pipeline.from_pretrained(
         args.task,
         args.checkpoint,
         args.detector,
         vocab=args.vocab,
         device=args.device,
-        options=parse_options(args.option),
+        options=parse_key_values(args.option, "--option"),
         detector_config=detector,
         top_k=args.top_k,
         batch_size=args.batch_size,

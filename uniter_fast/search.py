@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 from uniter_fast.entry import CommandParser, run_command
 from uniter_fast.errors import ConfigError
+from uniter_fast.extract.config import add_detector_arguments, detector_config
 from uniter_fast.files import write_text_atomic
 
 
@@ -39,10 +40,7 @@ def parser() -> argparse.ArgumentParser:
     index.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     index.add_argument("--batch-size", type=int, default=8, help="images per detector call")
     index.add_argument("--shard-size", type=int, default=64, help="images per shard (the unit of resuming)")
-    index.add_argument("--test-scale", type=int, default=600, help="detector: shorter image side (Caffe: 600)")
-    index.add_argument("--max-size", type=int, default=1000, help="detector: cap on the longer side (Caffe: 1000)")
-    index.add_argument("--pre-nms", type=int, default=6000, help="detector: RPN proposals before NMS (Caffe: 6000)")
-    index.add_argument("--proposals", type=int, default=300, help="detector: RoIs per image (Caffe: 300)")
+    add_detector_arguments(index)
     index.add_argument("--no-progress", action="store_true", help="no progress bar")
     query = sub.add_parser("query", help="the best images of an index for a text")
     query.add_argument("--index", required=True, help="an index folder made by `search index`")
@@ -74,18 +72,12 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"--images: expected a folder of images, got {args.images!r} (not a folder)")
     if not os.path.isfile(args.detector):
         raise ConfigError(f"--detector: expected a BUTD weights file, got {args.detector!r} (not a file)")
-    from uniter_fast.extract.config import DetectorConfig
     from uniter_fast.extract.extractor import Extractor
     from uniter_fast.inference.gallery import GalleryIndex
     from uniter_fast.inference.gallery_search import index_gallery, load_retrieval_model, made_with
 
     model, _ = load_retrieval_model(args.checkpoint, args.vocab, args.device)
-    config = DetectorConfig(
-        test_scale=args.test_scale,
-        max_size=args.max_size,
-        rpn_pre_nms_top_n=args.pre_nms,
-        rpn_post_nms_top_n=args.proposals,
-    )
+    config = detector_config(args)
     extractor = Extractor(args.detector, device=args.device, config=config)
     identity = made_with(args.checkpoint, args.detector, extractor, model.first_stage_dim, args.vocab)
     index = GalleryIndex.create_or_resume(args.out, args.images, identity)

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from uniter_fast.entry import CommandParser
 from uniter_fast.errors import ConfigError, closest
+from uniter_fast.extract.config import add_detector_arguments, detector_config
 
 
 def answering_tasks() -> list[str]:
@@ -44,10 +45,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=7860, help="port to serve on")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--top-k", type=int, default=5, help="vqa: answers shown")
-    ap.add_argument("--test-scale", type=int, default=600, help="detector: shorter image side (Caffe: 600)")
-    ap.add_argument("--max-size", type=int, default=1000, help="detector: cap on the longer side (Caffe: 1000)")
-    ap.add_argument("--pre-nms", type=int, default=6000, help="detector: RPN proposals before NMS (Caffe: 6000)")
-    ap.add_argument("--proposals", type=int, default=300, help="detector: RoIs per image (Caffe: 300)")
+    add_detector_arguments(ap)
     return ap
 
 
@@ -101,16 +99,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
     if not os.path.isfile(args.detector):
         raise ConfigError(f"--detector: expected a weights file, got {args.detector!r} (not found)")
-    from uniter_fast.extract.config import DetectorConfig
     from uniter_fast.extract.extractor import Extractor
     from uniter_fast.inference import Pipeline
 
-    config = DetectorConfig(
-        test_scale=args.test_scale,
-        max_size=args.max_size,
-        rpn_pre_nms_top_n=args.pre_nms,
-        rpn_post_nms_top_n=args.proposals,
-    )
+    config = detector_config(args)
     extractor = Extractor(args.detector, device=args.device, config=config)  # one detector for every task
     pipelines = {
         task: Pipeline.from_pretrained(task, path, extractor, vocab=args.vocab, device=args.device, top_k=args.top_k)

@@ -17,7 +17,7 @@ import logging
 from typing import Optional, Sequence
 
 from uniter_fast.entry import CommandParser
-from uniter_fast.extract.config import BOX_SELECTIONS, DetectorConfig
+from uniter_fast.extract.config import BOX_SELECTIONS, add_detector_arguments, detector_config
 from uniter_fast.extract.extractor import DTYPES, OPS
 from uniter_fast.extract.run import default_device, extract_folder
 
@@ -48,10 +48,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--min-boxes", type=int, default=-1, help="override MIN_BOXES of the selection")
     ap.add_argument("--max-boxes", type=int, default=-1, help="override MAX_BOXES of the selection")
     ap.add_argument("--conf-thresh", type=float, default=0.2)
-    ap.add_argument("--test-scale", type=int, default=600, help="shorter image side after resizing (Caffe: 600)")
-    ap.add_argument("--max-size", type=int, default=1000, help="cap on the longer side (Caffe: 1000)")
-    ap.add_argument("--pre-nms", type=int, default=6000, help="RPN proposals before NMS (Caffe: 6000)")
-    ap.add_argument("--proposals", type=int, default=300, help="RPN proposals after NMS = RoIs (Caffe: 300)")
+    add_detector_arguments(ap, help_prefix="")
     ap.add_argument(
         "--boxes",
         default=None,
@@ -71,11 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Run the extraction; prints and returns the summary of this rank."""
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = DetectorConfig(
-        test_scale=args.test_scale,
-        max_size=args.max_size,
-        rpn_pre_nms_top_n=args.pre_nms,
-        rpn_post_nms_top_n=args.proposals,
+    config = detector_config(
+        args,
         conf_thresh=args.conf_thresh,
         box_selection=args.box_selection,
         min_boxes=args.min_boxes,

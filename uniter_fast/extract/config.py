@@ -8,8 +8,9 @@ Every default is the value of the Caffe test pipeline UNITER's docker runs (``li
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from typing import Tuple
+from typing import Any, Tuple
 
 # float32 BGR means subtracted from the 0-255 pixels (cfg.PIXEL_MEANS); no std scaling.
 PIXEL_MEANS_BGR = (102.9801, 115.9465, 122.7717)
@@ -72,3 +73,26 @@ class DetectorConfig:
 #: A small detector for smoke runs and tests: one bottleneck per stage (full widths, so features stay 2048-d and
 #: every weight has its real shape), a 128-pixel shorter side and 16 RoIs; about a second per image on a CPU.
 TINY = DetectorConfig(blocks=(1, 1, 1, 1), test_scale=128, max_size=214, rpn_pre_nms_top_n=600, rpn_post_nms_top_n=16)
+
+
+def add_detector_arguments(parser: Any, help_prefix: str = "detector: ") -> None:
+    """The detector's test-time settings as command-line options (``--test-scale``, ``--max-size``, ``--pre-nms``,
+    ``--proposals``; Caffe's values as defaults) on ``parser`` (an ``argparse`` parser or sub-parser)."""
+    parser.add_argument("--test-scale", type=int, default=600, help=f"{help_prefix}shorter image side (Caffe: 600)")
+    parser.add_argument("--max-size", type=int, default=1000, help=f"{help_prefix}cap on the longer side (Caffe: 1000)")
+    parser.add_argument(
+        "--pre-nms", type=int, default=6000, help=f"{help_prefix}RPN proposals before NMS (Caffe: 6000)"
+    )
+    parser.add_argument("--proposals", type=int, default=300, help=f"{help_prefix}RoIs per image (Caffe: 300)")
+
+
+def detector_config(args: argparse.Namespace, **selection: Any) -> DetectorConfig:
+    """The :class:`DetectorConfig` of the options :func:`add_detector_arguments` added, with ``selection`` (the box
+    selection fields) set as given."""
+    return DetectorConfig(
+        test_scale=args.test_scale,
+        max_size=args.max_size,
+        rpn_pre_nms_top_n=args.pre_nms,
+        rpn_post_nms_top_n=args.proposals,
+        **selection,
+    )
