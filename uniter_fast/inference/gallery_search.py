@@ -34,7 +34,7 @@ from uniter_fast.inference.pipeline import BOX_SETTINGS, load_query_model
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import row
 from uniter_fast.tasks.itm import UniterForImageTextRetrieval, images_batch
-from uniter_fast.tasks.itm_eval import score_pairs, token_batches
+from uniter_fast.tasks.itm_eval import embed_batched, score_pairs
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME
 
 HOW_TO_TRAIN = (
@@ -87,15 +87,13 @@ def embed_images(
     batch_size: int = TOKENS_PER_BATCH,
 ) -> torch.Tensor:
     """float32 [k, D] (CPU, L2-normalised): the first-stage embeddings of ``images`` [(img_feat [n, 2048],
-    img_pos_feat [n, 7])], padded as fast evaluation pads them, ``batch_size`` regions a forward."""
+    img_pos_feat [n, 7])], padded and batched as fast evaluation (``itm_eval.embed_batched``), ``batch_size``
+    regions a forward, in the model's dtype (float32; no bf16 autocast, unlike evaluation on GPU)."""
     device = next(model.parameters()).device
-    out = torch.empty(len(images), model.first_stage_dim)
     num_bbs = np.array([f.size(0) for f, _ in images], dtype=np.int64)
-    for chunk in token_batches(num_bbs, batch_size):
-        batch = move_to_device(images_batch([images[i] for i in chunk.tolist()]), device)
-        emb = model.image_embeddings(batch["img_feat"], batch["img_pos_feat"], batch["num_bbs"])
-        out[torch.from_numpy(chunk)] = emb.float().cpu()
-    return out
+    batch_of = lambda chunk: images_batch([images[i] for i in chunk.tolist()])  # noqa: E731
+    to_device = lambda b: move_to_device(b, device)  # noqa: E731
+    return embed_batched(model, "image", num_bbs, batch_of, batch_size, to_device, autocast=False).cpu()
 
 
 class GalleryPairs:

@@ -22,6 +22,7 @@ and recall R@1/5/10 in both directions, as the original ``utils/itm_eval.py``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -166,6 +167,39 @@ def score_pairs(
 
 
 @torch.no_grad()
+def embed_batched(
+    module: Any,
+    side: str,
+    lengths: np.ndarray,
+    batch_of: Callable[[np.ndarray], dict[str, torch.Tensor]],
+    batch_size: int,
+    to_device: Callable[[dict[str, Any]], dict[str, Any]],
+    autocast: bool = True,
+) -> torch.Tensor:
+    """First-stage embeddings float32 [N, D] (L2-normalised, on the model's device) of N items, ``side`` "text"
+    (``module.text_embeddings``) or "image" (``module.image_embeddings``), ``module`` an itm model (not an engine).
+    ``lengths`` int64 [N]: each item's tokens (text tokens or regions), cut into consecutive batches of at most
+    ``batch_size`` (``token_batches``). ``batch_of(positions int64 [B])`` gives the padded CPU batch of those items:
+    text ``input_ids`` int64 [B, Lt] and ``txt_lens`` int64 [B]; image ``img_feat`` [B, Nb, 2048], ``img_pos_feat``
+    [B, Nb, 7] (float, zero-padded; ``tasks.itm.images_batch``) and ``num_bbs`` int64 [B]; ``to_device`` moves it.
+    ``autocast``: the forwards run under bf16 autocast on GPU (evaluation); False: in the model's dtype (float32
+    for search, as its index is built). The embeddings are float32 either way (the projections' output, cast)."""
+    if side not in ("text", "image"):
+        raise ValueError(f"side must be 'text' or 'image', got {side!r}")
+    device = next(module.parameters()).device
+    out = torch.empty(len(lengths), module.first_stage_dim, device=device)
+    with _autocast(device) if autocast else contextlib.nullcontext():
+        for chunk in token_batches(lengths, batch_size):
+            b = to_device(batch_of(chunk))
+            if side == "text":
+                emb = module.text_embeddings(b["input_ids"], b["txt_lens"])
+            else:
+                emb = module.image_embeddings(b["img_feat"], b["img_pos_feat"], b["num_bbs"])
+            out[torch.from_numpy(chunk).to(device)] = emb.float()
+    return out
+
+
+@torch.no_grad()
 def first_stage_embeddings(
     model: Any, dataset: Any, batch_size: int, to_device: Callable[[dict[str, Any]], dict[str, Any]]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,14 +224,12 @@ def first_stage_embeddings(
     img = torch.zeros(len(dataset.all_img_ids), module.first_stage_dim, device=device)
     mine_t = np.arange(len(dataset.ids))[rank::world]
     mine_i = np.arange(len(dataset.all_img_ids))[rank::world]
-    with _autocast(device):
-        for chunk in token_batches(dataset.txt_lens[mine_t], batch_size):
-            b = to_device(dataset.texts_batch(mine_t[chunk]))
-            txt[torch.from_numpy(mine_t[chunk]).to(device)] = module.text_embeddings(b["input_ids"], b["txt_lens"])
-        for chunk in token_batches(dataset.num_bbs[mine_i], batch_size):
-            b = to_device(dataset.images_batch(mine_i[chunk]))
-            emb = module.image_embeddings(b["img_feat"], b["img_pos_feat"], b["num_bbs"])
-            img[torch.from_numpy(mine_i[chunk]).to(device)] = emb
+    txt[torch.from_numpy(mine_t).to(device)] = embed_batched(
+        module, "text", dataset.txt_lens[mine_t], lambda c: dataset.texts_batch(mine_t[c]), batch_size, to_device
+    )
+    img[torch.from_numpy(mine_i).to(device)] = embed_batched(
+        module, "image", dataset.num_bbs[mine_i], lambda c: dataset.images_batch(mine_i[c]), batch_size, to_device
+    )
     if is_distributed():
         dist.all_reduce(txt)
         dist.all_reduce(img)
