@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import queue
 import statistics
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -37,6 +38,7 @@ from harness import (
     output_dir,
     plot_grouped_bars,
     print_table,
+    proc_status,
     synchronize,
     time_fn,
     write_json,
@@ -193,13 +195,15 @@ def cpu_rows(args: argparse.Namespace, weights: dict, image: np.ndarray) -> list
     return rows
 
 
+END_TO_END_TIMEOUT_S = 1800  # a spawned extraction that dies (out of memory, bad weights) puts nothing
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory: ``VmHWM`` of /proc/self/status (reset by exec, unlike ``ru_maxrss``,
     which a spawned child inherits from the parent it was forked from), else ``ru_maxrss``."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
+        return proc_status("VmHWM")
+    except (OSError, RuntimeError):
         import resource
 
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -228,7 +232,13 @@ def end_to_end(weights: dict, image: np.ndarray, directory: str) -> dict[str, An
         results = context.Queue()
         child = context.Process(target=_end_to_end_child, args=(path, image, results))
         child.start()
-        wall, cpu, peak = results.get()
+        try:
+            wall, cpu, peak = results.get(timeout=END_TO_END_TIMEOUT_S)
+        except queue.Empty:
+            child.kill()
+            raise RuntimeError(
+                f"the end-to-end child process gave no result in {END_TO_END_TIMEOUT_S} s (exit code {child.exitcode})"
+            ) from None
         child.join()
     return {"path": "fast_end_to_end", "stage": "total", "ms": 1e3 * wall, "cpu_ms": 1e3 * cpu,
             "images_per_s": 1 / wall, "images_per_cpu_s": 1 / cpu, "peak_rss_mb": peak / 2**20}  # fmt: skip

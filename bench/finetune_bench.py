@@ -84,7 +84,7 @@ def main() -> None:
         model, batch = build(task, config, rng, args.batch_size)
         model = model.to(device).train()
         model.uniter.check_values = False
-        optimizers = {p: make_optimizer(model, p, param_groups(model, 0.01), device) for p in PATHS}
+        optimizers = {p: make_optimizer(p, param_groups(model, 0.01), device) for p in PATHS}
         batches[task] = move_to_device(batch, device)
         steps = {
             (task, p): make_step(model, optimizers[p], p, lambda m=model, b=batches[task]: m(b)["loss"], device)

@@ -72,6 +72,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def proc_status(key: str) -> int:
+    """A byte count of this process from /proc/self/status (``VmRSS``, ``VmHWM``: Linux)."""
+    with open("/proc/self/status", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
 def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeats: int = 10) -> float:
     """Median time of ``fn()`` in seconds over ``repeats`` runs after ``warmup`` runs.
 

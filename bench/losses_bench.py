@@ -21,7 +21,16 @@ import sys
 from typing import Callable, Optional
 
 import torch
-from harness import add_output_arguments, device_name, output_dir, plot_grouped_bars, print_table, time_fn, write_json
+from harness import (
+    add_output_arguments,
+    device_name,
+    output_dir,
+    plot_grouped_bars,
+    print_table,
+    proc_status,
+    time_fn,
+    write_json,
+)
 from harness import peak_memory as cuda_peak_memory
 from tqdm import tqdm
 
@@ -31,25 +40,16 @@ CLASSES = {"mlm": 28996, "mrfr": 2048, "mrc": 1601, "mrckl": 1601}
 FUNCTIONS = {"mlm": losses.mlm_loss, "mrfr": losses.mrfr_loss, "mrc": losses.mrc_loss, "mrckl": losses.mrc_kl_loss}
 
 
-def _proc_status(key: str) -> int:
-    """A byte count from /proc/self/status (``VmRSS``, ``VmHWM``)."""
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def cpu_peak_memory(fn: Callable[[], object]) -> Optional[int]:
     """Peak resident bytes above the start during one call of ``fn`` (Linux; None where the counters are missing)."""
     try:
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")  # resets VmHWM to the current RSS
-        base = _proc_status("VmRSS")
+        base = proc_status("VmRSS")
     except OSError:
         return None
     fn()
-    return max(0, _proc_status("VmHWM") - base)
+    return max(0, proc_status("VmHWM") - base)
 
 
 def return_freed_memory_to_os() -> None:

@@ -92,7 +92,7 @@ def autocast_for(path: str, device: torch.device) -> Callable[[], contextlib.Abs
     return lambda: torch.autocast("cuda", dtype=dtype)
 
 
-def make_optimizer(model: nn.Module, path: str, groups: list[dict[str, Any]], device: torch.device) -> Any:
+def make_optimizer(path: str, groups: list[dict[str, Any]], device: torch.device) -> Any:
     """The optimizer of ``path`` over ``groups`` (the original parameter groups), lr 5e-5, betas (0.9, 0.98), eps
     1e-6: :class:`OriginalAdamW` for ``original``, else ``torch.optim.AdamW`` (fused on CUDA)."""
     if path == "original":

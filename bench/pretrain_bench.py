@@ -86,7 +86,7 @@ def measure_steps(
     config = UniterConfig.preset(config_name)
     model = UniterForPretraining(config).to(device).train()
     model.uniter.check_values = False
-    optimizers = {path: make_optimizer(model, path, param_groups(model, 0.01), device) for path in PATHS}
+    optimizers = {path: make_optimizer(path, param_groups(model, 0.01), device) for path in PATHS}
     batches = {}
     for i, task in enumerate(tasks):
         batches[task] = sampled_batches(task, 1, batch_tokens, size_multiple, config.vocab_size, seed + i, device)[0]

@@ -20,6 +20,15 @@ BUCKET_SIZE = 8192
 SIZE_MULTIPLE = 8  # a token-bucket batch holds a multiple of 8 examples (the original's size_multiple)
 
 
+GELU_VARIANTS = ("fused", "original")  # the one-kernel GELU, or the erf form written out as the original code
+
+
+def check_gelu(variant: str) -> None:
+    """``ValueError`` unless ``variant`` is one of :data:`GELU_VARIANTS`."""
+    if variant not in GELU_VARIANTS:
+        raise ValueError(f"gelu must be one of {GELU_VARIANTS}, got {variant!r}")
+
+
 @dataclasses.dataclass
 class UniterConfig:
     """Hyper-parameters of a UNITER encoder, field for field those of the original config JSON.
@@ -61,8 +70,7 @@ class UniterConfig:
             )
         check_name("attention", self.attention_backend, "attention_backend")
         check_name("packed_attention", self.packed_attention_backend, "packed_attention_backend")
-        if self.gelu not in ("fused", "original"):
-            raise ValueError(f"gelu must be 'fused' or 'original', got {self.gelu!r}")
+        check_gelu(self.gelu)
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

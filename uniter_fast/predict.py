@@ -34,10 +34,9 @@ def parser() -> argparse.ArgumentParser:
     ap = CommandParser(
         prog="python -m uniter_fast.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    from uniter_fast.tasks import TASKS
+    from uniter_fast.tasks import answering_tasks
 
-    answering = sorted(name for name, task in TASKS.items() if task.answers_queries)
-    ap.add_argument("--task", required=True, choices=answering, help="the checkpoint's task")
+    ap.add_argument("--task", required=True, choices=answering_tasks(), help="the checkpoint's task")
     ap.add_argument("--checkpoint", required=True, help="finetune.py export folder (or an original model_step_N.pt)")
     ap.add_argument("--detector", required=True, help="BUTD Faster R-CNN weights (docs/extract.md lists them)")
     ap.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: the checkpoint folder's vocab.txt)")

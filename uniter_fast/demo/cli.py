@@ -20,13 +20,6 @@ from uniter_fast.errors import ConfigError, closest
 from uniter_fast.extract.config import add_detector_arguments, detector_config
 
 
-def answering_tasks() -> list[str]:
-    """The tasks that answer queries on new images (``Task.answers_queries``)."""
-    from uniter_fast.tasks import TASKS
-
-    return sorted(name for name, task in TASKS.items() if task.answers_queries)
-
-
 def parser() -> argparse.ArgumentParser:
     """The command-line options (see ``--help``)."""
     ap = CommandParser(
@@ -63,6 +56,8 @@ def saved_task(path: str) -> Optional[str]:
 def checkpoint_tasks(values: Sequence[str]) -> dict[str, str]:
     """{task: checkpoint path} of the ``--checkpoint`` values (``TASK=PATH`` or a folder whose task.json names its
     task); a ConfigError naming the value that is neither, a path that does not exist, or a task given twice."""
+    from uniter_fast.tasks import answering_tasks
+
     tasks = answering_tasks()
     found: dict[str, str] = {}
     for value in values:

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from uniter_fast.checkpoint import read_checkpoint
 from uniter_fast.data.collate import collate_rows
-from uniter_fast.data.img_db import image_tensors
+from uniter_fast.data.img_db import NPZ_FIELDS, image_tensors, stored_image
 from uniter_fast.data.loader import move_to_device
-from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
+from uniter_fast.data.memory_db import memory_txt_writer
 from uniter_fast.data.task_records import caption_record
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtTokLmdb
@@ -230,8 +230,8 @@ def index_gallery(
                 records = extractor.extract([to_bgr(p) for p in chunk])
                 for path, record in zip(chunk, records):
                     name = os.path.relpath(path, folder)
-                    img_db = memory_img_db({name: record}, BOX_SETTINGS)  # the build's box selection, fp16
-                    regions.append(dict(img_db.views(name, ("features", "norm_bb"))))
+                    stored = stored_image(name, *(record[k] for k in NPZ_FIELDS), BOX_SETTINGS)  # the build's rows
+                    regions.append({k: stored[k] for k in ("features", "norm_bb")})
                     names.append(name)
                     bar.update(1)
             embeddings = embed_images(model, [image_tensors(r) for r in regions])

@@ -22,7 +22,7 @@ from uniter_fast.extract.extractor import Extractor
 from uniter_fast.extract.given_boxes import check_inside
 from uniter_fast.inference.inputs import image_key, make_queries, to_bgr
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.tasks import TASKS, get_task
+from uniter_fast.tasks import answering_tasks, get_task
 from uniter_fast.tasks.checkpoint import TASK_FILE, head_keys, load_task_model
 from uniter_fast.tasks.spec import DATA_FACTS, DataFacts, Task, scores_of
 from uniter_fast.training.config import RunConfig
@@ -106,8 +106,9 @@ class Pipeline:
         batch_size: int = 16,
     ) -> None:
         if not task.answers_queries:
-            answering = sorted(name for name, t in TASKS.items() if t.answers_queries)
-            raise ConfigError(f"task: {task.name!r} does not answer queries on new images; expected one of {answering}")
+            raise ConfigError(
+                f"task: {task.name!r} does not answer queries on new images; expected one of {answering_tasks()}"
+            )
         if top_k < 1 or batch_size < 1:
             raise ConfigError(f"top_k and batch_size must be >= 1, got top_k={top_k}, batch_size={batch_size}")
         self.task, self.options, self.extractor, self.toker = task, options, extractor, toker

@@ -13,18 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GELU_VARIANTS = ("fused", "original")
+from uniter_fast.config import check_gelu
 
 
 def original_gelu(x: torch.Tensor) -> torch.Tensor:
     """The erf GELU written out as the original code does. x: any shape and float dtype; returns the same."""
     return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def check_gelu(variant: str) -> None:
-    """``ValueError`` unless ``variant`` is one of :data:`GELU_VARIANTS`."""
-    if variant not in GELU_VARIANTS:
-        raise ValueError(f"gelu must be one of {GELU_VARIANTS}, got {variant!r}")
 
 
 class Gelu(nn.Module):

@@ -44,4 +44,9 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-__all__ = ["TASKS", "Task", "get_task", "register"]
+def answering_tasks() -> list[str]:
+    """The names of the tasks that answer queries on new images (``Task.answers_queries``), sorted."""
+    return sorted(name for name, task in TASKS.items() if task.answers_queries)
+
+
+__all__ = ["TASKS", "Task", "answering_tasks", "get_task", "register"]
