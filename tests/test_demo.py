@@ -25,13 +25,13 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from tests.cli_helpers import run_cli
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.tokenizer import build_vocab
 from uniter_fast.demo.answers import align, ask, lines_of
 from uniter_fast.demo.cli import checkpoint_tasks, main
 from uniter_fast.demo.render import BOX_COLOUR, draw_box, summary
-from uniter_fast.entry import run_command
 from uniter_fast.extract import Extractor
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
@@ -68,16 +68,6 @@ def pipeline(world: dict, task: str) -> Pipeline:
     return Pipeline.from_pretrained(task, world["exports"][task], extractor, world["vocab"])
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit status, stderr) of ``python -m uniter_fast.demo`` run in-process (for arguments it refuses)."""
-    try:
-        run_command(main, argv)
-        status = 0
-    except SystemExit as done:
-        status = int(done.code)
-    return status, capsys.readouterr().err
-
-
 def test_checkpoints_by_task_json_or_task_prefix(world) -> None:
     exports = world["exports"]
     assert checkpoint_tasks([exports["vqa"], f"itm={exports['itm']}"]) == {"vqa": exports["vqa"], "itm": exports["itm"]}
@@ -91,23 +81,23 @@ def test_checkpoints_by_task_json_or_task_prefix(world) -> None:
             checkpoint_tasks(values)
 
 
-def test_user_mistakes_are_one_line(world, capsys, monkeypatch) -> None:
+def test_user_mistakes_are_one_line(world, monkeypatch) -> None:
     common = ["--detector", world["weights"], "--vocab", world["vocab"]]
-    status, err = run_cli(["--checkpoint", str(world["root"]), *common], capsys)
+    status, _, err = run_cli(main, ["--checkpoint", str(world["root"]), *common])
     assert status == 2 and err.count("\n") == 1 and "has no task.json" in err, err
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed: import gradio fails
-    status, err = run_cli(["--checkpoint", world["exports"]["vqa"], *common], capsys)
+    status, _, err = run_cli(main, ["--checkpoint", world["exports"]["vqa"], *common])
     assert status == 2 and err.count("\n") == 1 and 'pip install -e ".[demo]"' in err, err
 
 
-def test_a_taken_port_is_one_line(world, capsys) -> None:
+def test_a_taken_port_is_one_line(world) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         argv = ["--checkpoint", world["exports"]["itm"], "--detector", world["weights"], "--vocab", world["vocab"],
                 "--port", str(port), *TINY_CLI]  # fmt: skip
-        status, err = run_cli(argv, capsys)
+        status, _, err = run_cli(main, argv)
     assert status == 2 and err.count("\n") == 1 and f"cannot serve on 127.0.0.1:{port}" in err, err
 
 

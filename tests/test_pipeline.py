@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.cli_helpers import run_cli
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.build import build_dbs
@@ -24,6 +25,7 @@ from uniter_fast.data.tokenizer import WordPiece, build_vocab
 from uniter_fast.extract import Extractor
 from uniter_fast.extract.cli import main as extract_main
 from uniter_fast.inference.pipeline import BOX_SETTINGS
+from uniter_fast.predict import main as predict_main
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
 from uniter_fast.tasks.data import DbCache
@@ -280,7 +282,7 @@ def test_re_over_given_boxes(world) -> None:
     assert memory_img_db({"a": low, "b": detected}, BOX_SETTINGS).name2nbb == {"a": 12, "b": 10}  # ... unless given
 
 
-def test_bad_given_boxes_are_one_line_errors(world, capsys) -> None:
+def test_bad_given_boxes_are_one_line_errors(world) -> None:
     from uniter_fast.errors import DataError
 
     pipe = pipeline(world, "re")
@@ -299,30 +301,16 @@ def test_bad_given_boxes_are_one_line_errors(world, capsys) -> None:
         ("[1, 2, 3, 4]", "--boxes: box 0 must be 4 numbers"),
         ("boxes.json", "--boxes: expected a JSON list"),
     ]:
-        status, stdout, stderr = run_cli([*common, "--boxes", boxes], capsys)
+        status, stdout, stderr = run_cli(predict_main, [*common, "--boxes", boxes])
         assert status == 2 and stdout == "" and stderr.count("\n") == 1 and message in stderr, stderr
-    status, stdout, _ = run_cli([*common, "--boxes", "[[0, 0, 50, 40], [10, 10, 60, 70]]"], capsys)
+    status, stdout, _ = run_cli(predict_main, [*common, "--boxes", "[[0, 0, 50, 40], [10, 10, 60, 70]]"])
     printed = json.loads(stdout)[0]
     assert status == 0 and len(printed["probs"]) == 2 and printed["box"] in ([0, 0, 50, 40], [10, 10, 50, 60])
     assert_same({k: printed[k] for k in ("index", "prob", "probs", "box")},
                 pipe(world["photos"][0], "the cat", boxes=[[0, 0, 50, 40], [10, 10, 60, 70]]))  # fmt: skip
 
 
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``python -m uniter_fast.predict`` run in-process."""
-    from uniter_fast.entry import run_command
-    from uniter_fast.predict import main
-
-    try:
-        run_command(main, argv)
-        status = 0
-    except SystemExit as done:
-        status = int(done.code)
-    out = capsys.readouterr()
-    return status, out.out, out.err
-
-
-def test_predict_cli(world, tmp_path, capsys) -> None:
+def test_predict_cli(world, tmp_path) -> None:
     detector = str(world["root"] / "tiny-milvlg.pth")
     common = ["--task", "vqa", "--checkpoint", world["exports"]["vqa"], "--detector", detector,
               "--vocab", world["vocab"], *TINY_CLI, "--top-k", "2", "--no-progress"]  # fmt: skip
@@ -331,7 +319,7 @@ def test_predict_cli(world, tmp_path, capsys) -> None:
         "".join(json.dumps({"image": p, "text": q}) + "\n" for p, q in zip(world["photos"], QUESTIONS))
     )
     status, stdout, _ = run_cli(
-        [*common, "--questions", str(questions), "--out", str(tmp_path / "answers.json")], capsys
+        predict_main, [*common, "--questions", str(questions), "--out", str(tmp_path / "answers.json")]
     )
     assert status == 0
     printed = json.loads(stdout)
@@ -339,7 +327,7 @@ def test_predict_cli(world, tmp_path, capsys) -> None:
     expected = pipeline(world, "vqa", top_k=2)(world["photos"], QUESTIONS)
     assert [r["image"] for r in printed] == world["photos"] and [r["text"] for r in printed] == QUESTIONS
     assert_same([{"answers": r["answers"]} for r in printed], expected)
-    status, stdout, _ = run_cli([*common, "--image", world["photos"][0], "--text", QUESTIONS[0]], capsys)
+    status, stdout, _ = run_cli(predict_main, [*common, "--image", world["photos"][0], "--text", QUESTIONS[0]])
     assert status == 0 and json.loads(stdout)[0]["answers"] == printed[0]["answers"]
     for argv, message in [
         (["--image", str(tmp_path / "missing.jpg"), "--text", "what ?"], "--image: expected an image file"),
@@ -350,10 +338,10 @@ def test_predict_cli(world, tmp_path, capsys) -> None:
             "--top-k: expected an integer >= 1, got 0",
         ),
     ]:
-        status, stdout, stderr = run_cli([*common, *argv], capsys)
+        status, stdout, stderr = run_cli(predict_main, [*common, *argv])
         assert status == 2 and stdout == "" and stderr.count("\n") == 1 and message in stderr, stderr
     no_vocab = [a for a in common if a not in ("--vocab", world["vocab"])]
-    status, _, stderr = run_cli([*no_vocab, "--image", world["photos"][0], "--text", "what ?"], capsys)
+    status, _, stderr = run_cli(predict_main, [*no_vocab, "--image", world["photos"][0], "--text", "what ?"])
     assert status == 2 and "vocab (--vocab): the checkpoint" in stderr and "carries no vocab.txt" in stderr
 
 

@@ -6,8 +6,6 @@ detector than the index's is refused."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
@@ -18,12 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.cli_helpers import run_cli
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.img_db import image_tensors
 from uniter_fast.data.memory_db import memory_img_db
 from uniter_fast.data.tokenizer import build_vocab
-from uniter_fast.entry import run_command
 from uniter_fast.extract import Extractor
 from uniter_fast.inference.gallery import GalleryIndex
 from uniter_fast.inference.gallery_search import index_gallery, load_retrieval_model, made_with, search
@@ -65,7 +63,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
     size = build_vocab(TEXTS, vocab)
     export = export_itm(root, "itm", size, 0)
     index = str(root / "index")
-    status, out, err = run_cli(["index", "--images", str(gallery), "--checkpoint", export, "--detector", weights,
+    status, out, err = run_cli(main, ["index", "--images", str(gallery), "--checkpoint", export, "--detector", weights,
                                 "--vocab", vocab, "--out", index, "--shard-size", "2", "--no-progress",
                                 *TINY_CLI])  # fmt: skip
     assert status == 0, err
@@ -75,20 +73,8 @@ def world(tmp_path_factory) -> dict[str, Any]:
                 extractor=extractor)  # fmt: skip
 
 
-def run_cli(argv: list[str]) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``python -m uniter_fast.search`` run in-process."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_command(main, argv)
-            status = 0
-        except SystemExit as done:
-            status = int(done.code)
-    return status, out.getvalue(), err.getvalue()
-
-
 def query(world: dict, *argv: str) -> list[dict[str, Any]]:
-    status, out, err = run_cli(["query", "--index", world["index"], *argv])
+    status, out, err = run_cli(main, ["query", "--index", world["index"], *argv])
     assert status == 0, err
     return json.loads(out)
 
@@ -191,7 +177,7 @@ def test_a_checkpoint_without_a_first_stage_is_refused(world, tmp_path) -> None:
     model, _ = load_task_model(get_task("itm"), None, {}, UniterConfig.tiny(vocab_size=world["size"]))
     model.uniter.save_pretrained(str(tmp_path / "pretrained"))  # an encoder only, as a pretraining export
     for checkpoint in (no_stage, str(tmp_path / "pretrained")):
-        status, out, err = run_cli(["index", "--images", world["gallery"], "--checkpoint", checkpoint,
+        status, out, err = run_cli(main, ["index", "--images", world["gallery"], "--checkpoint", checkpoint,
                                     "--detector", world["weights"], "--vocab", world["vocab"],
                                     "--out", str(tmp_path / "i")])  # fmt: skip
         assert status == 2 and out == "" and err.count("\n") == 1, err
@@ -202,17 +188,18 @@ def test_a_checkpoint_without_a_first_stage_is_refused(world, tmp_path) -> None:
 
 def test_another_checkpoint_or_detector_than_the_index_is_refused(world, tmp_path) -> None:
     other = export_itm(tmp_path, "other", world["size"], 1)
-    status, out, err = run_cli(["query", "--index", world["index"], "--text", "a cat", "--checkpoint", other])
+    status, out, err = run_cli(main, ["query", "--index", world["index"], "--text", "a cat", "--checkpoint", other])
     assert status == 2 and out == "" and err.count("\n") == 1, err
     assert f"--checkpoint: the index {world['index']!r} was made with checkpoint {world['export']!r}" in err
     assert f"got {other!r}" in err
     detector = str(tmp_path / "other.pth")
     torch.save(tiny_weights("milvlg", seed=1), detector)
-    status, _, err = run_cli(["index", "--images", world["gallery"], "--checkpoint", world["export"], "--detector",
-                              detector, "--vocab", world["vocab"], "--out", world["index"], *TINY_CLI])  # fmt: skip
+    argv = ["index", "--images", world["gallery"], "--checkpoint", world["export"], "--detector", detector,
+            "--vocab", world["vocab"], "--out", world["index"], *TINY_CLI]  # fmt: skip
+    status, _, err = run_cli(main, argv)
     assert status == 2 and f"--detector: the index {world['index']!r} was made with detector" in err
     assert world["weights"] in err and detector in err
-    status, _, err = run_cli(["query", "--index", world["index"], "--text", "a cat", "--detector", detector])
+    status, _, err = run_cli(main, ["query", "--index", world["index"], "--text", "a cat", "--detector", detector])
     assert status == 2 and "--detector: the index" in err
     for argv, message in [
         (["query", "--index", str(tmp_path / "none"), "--text", "x"], "index manifest (--index)"),
@@ -220,5 +207,5 @@ def test_another_checkpoint_or_detector_than_the_index_is_refused(world, tmp_pat
         (["index", "--images", str(tmp_path / "none"), "--checkpoint", world["export"], "--detector", detector,
           "--out", str(tmp_path / "x")], "--images: expected a folder of images"),
     ]:  # fmt: skip
-        status, out, err = run_cli(argv)
+        status, out, err = run_cli(main, argv)
         assert status == 2 and out == "" and err.count("\n") == 1 and message in err, err
