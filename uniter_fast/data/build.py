@@ -14,11 +14,12 @@ import glob
 import json
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from tqdm import tqdm
 
 from uniter_fast.data.img_db import ImgDbWriter, load_npz
+from uniter_fast.data.task_db import Imported
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.errors import DataError
@@ -41,17 +42,28 @@ def _write_images(feats_dir: str, writer: ImgDbWriter) -> int:
     return corrupt
 
 
-def _write_captions(path: str, toker: WordPiece, images: set[str], writer: TxtDbWriter) -> dict[str, int]:
-    counts = {"malformed_line": 0, "missing_image": 0}
+def _caption_lines(path: str) -> list[tuple[str, Any]]:
+    """(where, the line's JSON object, or the line's bytes when it is not JSON) per non-empty line of ``path``."""
+    out: list[tuple[str, Any]] = []
     with open(path, "rb") as f:
-        lines = [line for line in f if line.strip()]
-    for lineno, line in enumerate(tqdm(lines, desc="captions"), 1):
+        for lineno, line in enumerate((line for line in f if line.strip()), 1):
+            try:
+                out.append((f"captions line {lineno}", json.loads(line.decode("utf-8"))))
+            except ValueError:
+                out.append((f"captions line {lineno}", line))
+    return out
+
+
+def _write_captions(
+    captions: list[tuple[str, Any]], toker: WordPiece, images: set[str], writer: TxtDbWriter
+) -> dict[str, int]:
+    counts = {"malformed_line": 0, "missing_image": 0}
+    for where, rec in tqdm(captions, desc="captions"):
         try:
-            rec = json.loads(line.decode("utf-8"))
             id_, image, caption = str(rec["id"]), str(rec["image"]), str(rec["caption"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError, IndexError) as exc:
             counts["malformed_line"] += 1
-            warnings.warn(f"captions line {lineno}: not a {{id, image, caption}} object ({exc}); skipped", stacklevel=2)
+            warnings.warn(f"{where}: not a {{id, image, caption}} object ({exc!r}); skipped", stacklevel=2)
             continue
         image = image if image.endswith(".npz") else image + ".npz"
         if image not in images:
@@ -63,12 +75,12 @@ def _write_captions(path: str, toker: WordPiece, images: set[str], writer: TxtDb
                 warnings.warn(f"caption {id_!r}: empty after tokenisation or duplicate id; skipped", stacklevel=2)
         except DataError as exc:
             counts["malformed_line"] += 1
-            warnings.warn(f"captions line {lineno}: {exc}; skipped", stacklevel=2)
+            warnings.warn(f"{where}: {exc}; skipped", stacklevel=2)
     return counts
 
 
 def build_dbs(
-    captions: str,
+    captions: Union[str, Imported],
     features: str,
     vocab: str,
     out: str,
@@ -79,10 +91,12 @@ def build_dbs(
     compress: bool = False,
     toker_name: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Write ``out/txt`` and ``out/img``; returns the written and skipped counts. ``out`` must not exist."""
+    """Write ``out/txt`` and ``out/img`` from the captions file ``captions`` (or caption records an importer read);
+    returns the written and skipped counts. ``out`` must not exist."""
     if os.path.exists(out):
         raise FileExistsError(f"out {out!r} already exists; choose a new directory")
-    for name, path in (("captions", captions), ("vocab", vocab)):
+    files = [("vocab", vocab)] if isinstance(captions, Imported) else [("captions", captions), ("vocab", vocab)]
+    for name, path in files:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{name} file {path!r} does not exist")
     if not os.path.isdir(features):
@@ -99,11 +113,13 @@ def build_dbs(
             )
         meta = toker.meta(toker_name or os.path.basename(os.path.dirname(os.path.abspath(vocab))) or "wordpiece")
         with TxtDbWriter(os.path.join(tmp, "txt"), meta) as txt_w:
-            caption_counts = _write_captions(captions, toker, set(img_w.name2nbb), txt_w)
+            records = captions.annotations if isinstance(captions, Imported) else _caption_lines(captions)
+            caption_counts = _write_captions(records, toker, set(img_w.name2nbb), txt_w)
         skipped_texts = {**txt_w.skipped, **caption_counts}
         if not txt_w.id2len:
             why = f"skipped: {_counts(skipped_texts)}" if _counts(skipped_texts) else "the file holds none"
-            raise DataError(f"captions {captions!r}: no caption is usable ({why}); nothing written")
+            source = captions.source if isinstance(captions, Imported) else captions
+            raise DataError(f"captions {source!r}: no caption is usable ({why}); nothing written")
     return {
         "images": len(img_w.name2nbb),
         "texts": len(txt_w.id2len),

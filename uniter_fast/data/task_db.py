@@ -10,6 +10,7 @@ the records to :func:`write_records`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Iterable, Union
@@ -21,6 +22,17 @@ from uniter_fast.data.txt_db import TxtDbWriter
 from uniter_fast.errors import DataError
 
 GT_BOX_SETTINGS = (-1.0, 100, 10, 100)  # GT-box img_dbs keep every stored box (conf_th -1, up to 100), as the original
+
+
+@dataclasses.dataclass(frozen=True)
+class Imported:
+    """Annotations already read (by an importer of ``uniter_fast.importers``) in the form a builder reads them:
+    ``annotations`` as ``Task.read_annotations`` returns them (pretraining: ``(where, {"id", "image", "caption"})``
+    pairs); ``source`` names the files they came from, for messages."""
+
+    source: str
+    annotations: Any
+
 
 # one txt_db record: (where (file and line, for errors), id, input_ids, img_fname (a key or a list of keys), fields)
 Record = tuple[str, str, list[int], Union[str, list[str]], dict[str, Any]]

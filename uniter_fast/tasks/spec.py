@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.data.task_db import GT_BOX_SETTINGS, read_jsonl, write_img_db
+from uniter_fast.data.task_db import GT_BOX_SETTINGS, Imported, read_jsonl, write_img_db
 from uniter_fast.data.task_records import field, image_key
 from uniter_fast.data.tokenizer import WordPiece
 from uniter_fast.errors import CheckpointError, DataError
@@ -309,7 +309,7 @@ class Task:
 
     def build_dbs(
         self,
-        annotations: str,
+        annotations: Union[str, Imported],
         features: str,
         out: str,
         toker: WordPiece,
@@ -318,12 +318,16 @@ class Task:
         gt_features: Optional[str] = None,
         options: Optional[dict[str, Any]] = None,
     ) -> dict[str, int]:
-        """``out/txt``, ``out/img`` (and ``out/img_gt``) from the annotation file ``annotations`` and the per-image
-        ``.npz`` directories, written under a temporary name and renamed at the end (``out`` must not exist; nothing
-        is left behind when the build fails); returns the counts. Annotations without a record are a DataError."""
+        """``out/txt``, ``out/img`` (and ``out/img_gt``) from the annotation file ``annotations`` (or annotations
+        already read, e.g. by an importer of ``uniter_fast.importers``) and the per-image ``.npz`` directories, written
+        under a temporary name and renamed at the end (``out`` must not exist; nothing is left behind when the build
+        fails); returns the counts. Annotations without a record are a DataError."""
         if self.gt_features and not gt_features:
             raise ValueError(f"task {self.name!r} needs --gt_features (the GT-box features)")
-        records = self.read_annotations(annotations)
+        if isinstance(annotations, Imported):
+            records, annotations = annotations.annotations, annotations.source
+        else:
+            records = self.read_annotations(annotations)
         det_files, gt_files = self.annotation_images(records)
         if not det_files and not gt_files:
             raise DataError(f"annotations {annotations!r}: no {self.name} record (an empty file?); nothing written")
