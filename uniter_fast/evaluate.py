@@ -7,6 +7,11 @@ The checkpoint is a ``finetune.py`` export directory or a file saved by the orig
 any database instead, ``--config`` takes the splits and box settings of another fine-tuning config. Prints a table
 of the task's metrics; predictions go to ``--output_dir`` (default: ``results_eval/`` beside the checkpoint).
 Runs on one process, or on several under ``torchrun`` (each rank a shard, metrics and predictions gathered).
+
+``--benchmark DIR`` evaluates every benchmark of the UNITER paper whose checkpoint and databases ``DIR`` holds (the
+layout is in ``uniter_fast/benchmark.py`` and ``docs/datasets.md``) and prints the paper's base / large figures
+beside the measured ones, "-" where the folder lacks the data; predictions go to ``DIR/results`` (or
+``--output_dir``), in the evaluation servers' formats for VQA test and VCR test.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = CommandParser(
         prog="python -m uniter_fast.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, help="finetune.py export dir or original model_step_N.pt")
+    parser.add_argument("--checkpoint", help="finetune.py export dir or original model_step_N.pt")
+    parser.add_argument(
+        "--benchmark",
+        default=None,
+        help="a benchmark folder: evaluate every task of the UNITER paper's table it holds, print the table",
+    )
     parser.add_argument(
         "--task", default=None, choices=sorted(TASKS), help="the task (default: the export's task.json)"
     )
@@ -66,7 +76,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     )
     parser.add_argument("--output_dir", default=None, help="where predictions go (default: beside the checkpoint)")
     parser.add_argument("--reference", action="store_true", help="reference path (padded encoder)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if (args.checkpoint is None) == (args.benchmark is None):
+        parser.error("give --checkpoint (one task) or --benchmark (the paper's table), not both or neither")
+    if args.benchmark is not None:
+        single = [f"--{name}" for name in ("task", "config", "txt_db", "img_db", "option") if getattr(args, name)]
+        if single:
+            parser.error(f"--benchmark takes the tasks, splits and checkpoints from its folder; drop {single}")
+    return args
 
 
 def _task_name(args: argparse.Namespace) -> str:
@@ -81,37 +98,34 @@ def _task_name(args: argparse.Namespace) -> str:
     raise ValueError(f"--task is needed: {args.checkpoint!r} has no task.json (an original checkpoint?)")
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
-    """Evaluate; returns {split: {metric: value}}."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def evaluate_splits(
+    args: argparse.Namespace,
+    task_name: str,
+    checkpoint: str,
+    splits: dict[str, tuple[str, str]],
+    out_dir: str,
+    stem_prefix: str = "",
+) -> dict[str, tuple[dict[str, float], list[str]]]:
+    """Evaluate ``checkpoint`` as ``task_name`` on ``splits`` ({split: (txt_db, img_db)}) with the settings of
+    ``args`` (``--config``, ``--option``, ``--model_config``, ``--batch_size``, ``--eval-mode``, ``--top-k``,
+    ``--reference``); rank 0 writes each split's predictions under ``out_dir`` as
+    ``<stem_prefix><split>_results.*``. Returns {split: (metrics, files)}
+    (files: rank 0's). Under ``torchrun`` the process group starts after every check of the input."""
     import torch
 
     from uniter_fast.data.loader import move_to_device
     from uniter_fast.finetuning.config import default_config, load_finetune_config
     from uniter_fast.tasks import get_task
-    from uniter_fast.tasks.bundled import resolve_bundled
     from uniter_fast.tasks.checkpoint import load_task_model
     from uniter_fast.tasks.data import DbCache
     from uniter_fast.training.distributed import init_launched_process_group
-    from uniter_fast.training.logs import format_table
 
-    if not os.path.exists(args.checkpoint):
-        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
-    if args.txt_db and not args.img_db:
-        raise ValueError("--txt_db needs --img_db")
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise ValueError(f"--batch_size must be > 0, got {args.batch_size}")
-    task = get_task(_task_name(args))
+    task = get_task(task_name)
     cfg = load_finetune_config(args.config or default_config(task.name), checkpoint_given=True)
-    if args.txt_db:
-        splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
-    else:
-        splits = cfg.eval_sets()
     dbs = DbCache(cfg)
     options = {**task.check_options(parse_key_values(args.option, "--option"), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
-    model, options = load_task_model(task, args.checkpoint, options, args.model_config, fast=not args.reference)
+    model, options = load_task_model(task, checkpoint, options, args.model_config, fast=not args.reference)
     if args.eval_mode is not None or args.top_k is not None:  # evaluation settings, not fixed by the checkpoint
         options = task.check_options(
             {**options, **{k: v for k, v in (("eval_mode", args.eval_mode), ("top_k", args.top_k)) if v is not None}},
@@ -120,7 +134,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     rank, world = init_launched_process_group()  # after every check of the input
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     model.to(device)
-    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
     batch_size = args.batch_size or cfg.val_batch_size
     results = {}
     for split, (txt_path, img_path) in splits.items():
@@ -128,16 +141,85 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         metrics, predictions = task.evaluate_split(
             model, dataset, batch_size, options, rank, world, lambda b: move_to_device(b, device), desc=split
         )
-        results[split] = metrics
+        files: list[str] = []
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
-            meta = {"task": task.name, "split": split, "checkpoint": os.path.abspath(args.checkpoint)}
-            files = task.write_predictions(predictions, out_dir, f"{split}_results", meta)
+            meta = {"task": task.name, "split": split, "checkpoint": os.path.abspath(checkpoint)}
+            files = task.write_predictions(predictions, out_dir, f"{stem_prefix}{split}_results", meta)
             logger.info("%s: %d predictions written to %s", split, len(predictions), files)
-    if rank == 0:
-        keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k != task.headline, k))
+        results[split] = (metrics, files)
+    return results
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """``--benchmark``: evaluate every row of the paper's table the folder holds (each checkpoint and split once)
+    and print the table (rank 0); returns {"<evaluation name>_<split>": metrics}."""
+    from uniter_fast.benchmark import PAPER_TABLE, measured_cell, paper_cell, row_evaluation
+    from uniter_fast.training.distributed import rank_and_world
+    from uniter_fast.training.logs import format_table
+
+    root = args.benchmark
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"--benchmark {root!r} is not a directory")
+    out_dir = args.output_dir or os.path.join(root, "results")
+    planned = {row.label: row_evaluation(root, row) for row in PAPER_TABLE}
+    done: dict[tuple[str, str], tuple[dict[str, float], list[str]]] = {}
+    for evaluation in planned.values():
+        if evaluation is None or (evaluation.name, evaluation.split) in done:
+            continue
+        logger.info("benchmark: %s (%s, %s)", evaluation.name, evaluation.task, evaluation.checkpoint)
+        splits = {evaluation.split: (evaluation.txt_db, evaluation.img_db)}
+        prefix = evaluation.name + "_"  # several rows share a split name: one file name per evaluation
+        out = evaluate_splits(args, evaluation.task, evaluation.checkpoint, splits, out_dir, prefix)
+        done[evaluation.name, evaluation.split] = out[evaluation.split]
+    if not done:
+        raise FileNotFoundError(
+            f"--benchmark {root!r}: no benchmark of the paper's table is there (e.g. {root}/nlvr2/checkpoint with "
+            f"{root}/nlvr2/dev/txt and img; see docs/datasets.md)"
+        )
+    if rank_and_world()[0] == 0:
+        rows = []
+        for row in PAPER_TABLE:
+            evaluation = planned[row.label]
+            metrics, files = done[evaluation.name, evaluation.split] if evaluation else (None, None)
+            rows.append([row.label, paper_cell(row.base), paper_cell(row.large), measured_cell(row, metrics, files)])
+        print(f"\nUNITER paper (Table 3) and {root}:")
+        print(format_table(rows, ["benchmark", "paper base", "paper large", "measured"]))
+    return {f"{name}_{split}": metrics for (name, split), (metrics, _) in done.items()}
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
+    """Evaluate; returns {split: {metric: value}} (``--benchmark``: {evaluation: {metric: value}})."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from uniter_fast.tasks import get_task
+    from uniter_fast.tasks.bundled import resolve_bundled
+    from uniter_fast.training.distributed import rank_and_world
+    from uniter_fast.training.logs import format_table
+
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise ValueError(f"--batch_size must be > 0, got {args.batch_size}")
+    if args.benchmark is not None:
+        return run_benchmark(args)
+    if not os.path.exists(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint!r} does not exist")
+    if args.txt_db and not args.img_db:
+        raise ValueError("--txt_db needs --img_db")
+    task_name = _task_name(args)
+    if args.txt_db:
+        splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
+    else:
+        from uniter_fast.finetuning.config import default_config, load_finetune_config
+
+        splits = load_finetune_config(args.config or default_config(task_name), checkpoint_given=True).eval_sets()
+    out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
+    evaluated = evaluate_splits(args, task_name, args.checkpoint, splits, out_dir)
+    results = {split: metrics for split, (metrics, _) in evaluated.items()}
+    if rank_and_world()[0] == 0:
+        headline = get_task(task_name).headline
+        keys = sorted({k for m in results.values() for k in m}, key=lambda k: (k != headline, k))
         rows = [[split, *(f"{m[k]:.4f}" for k in keys)] for split, m in results.items()]
-        print(f"\n{task.name} evaluation of {args.checkpoint}:")
+        print(f"\n{task_name} evaluation of {args.checkpoint}:")
         print(format_table(rows, ["split", *keys]))
     return results
 
