@@ -10,13 +10,27 @@ VCR do (written once here; the original repeats them in five classes).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.model.uniter import Model, init_uniter_weights
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[nn.Module]:
+    """Put ``model`` (a module, or a DeepSpeed engine around one: its ``module``) in eval mode (no dropout) for the
+    ``with`` block and back to the mode it had, also when the block raises; yields the module."""
+    module = getattr(model, "module", model)
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 class UniterPreTrainedModel(nn.Module):

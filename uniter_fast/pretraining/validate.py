@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from uniter_fast.model.base import eval_mode
 from uniter_fast.pretraining.model import task_kind
 from uniter_fast.training.distributed import is_distributed, lockstep
 
@@ -94,23 +95,20 @@ def validate(
     ``model`` is a UniterForPretraining or a DeepSpeed engine wrapping one; it is put in eval mode and back. Returns
     ``{task_name: {"loss": ..., "acc": ..., ...}}``, identical on all ranks.
     """
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
     results = {}
-    for name, loader in loaders.items():
-        kind = task_kind(name)
-        keys = SUMS[kind]
-        totals = dict.fromkeys(keys, 0.0)
+    with eval_mode(model) as module:
         device = next(module.parameters()).device
-        for batch, counts in lockstep(loader, device):
-            sums = batch_sums(kind, model(to_device(batch), name, compute_loss=False))
-            for key, value in sums.items():
-                totals[key] += value if counts else 0.0
-        if is_distributed():
-            vector = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
-            dist.all_reduce(vector)
-            totals = dict(zip(keys, vector.tolist()))
-        results[name] = metrics_from_sums(kind, totals)
-    module.train(was_training)
+        for name, loader in loaders.items():
+            kind = task_kind(name)
+            keys = SUMS[kind]
+            totals = dict.fromkeys(keys, 0.0)
+            for batch, counts in lockstep(loader, device):
+                sums = batch_sums(kind, model(to_device(batch), name, compute_loss=False))
+                for key, value in sums.items():
+                    totals[key] += value if counts else 0.0
+            if is_distributed():
+                vector = torch.tensor([totals[k] for k in keys], dtype=torch.float64, device=device)
+                dist.all_reduce(vector)
+                totals = dict(zip(keys, vector.tolist()))
+            results[name] = metrics_from_sums(kind, totals)
     return results

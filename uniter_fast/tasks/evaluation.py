@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.model.base import eval_mode
 from uniter_fast.training.distributed import is_distributed, lockstep
 
 
@@ -30,19 +31,17 @@ def evaluate(
 
     ``model`` is the task model or a DeepSpeed engine around it; it is put in eval mode and back.
     """
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
-    device = next(module.parameters()).device
     totals = dict.fromkeys(task.sums, 0.0)
     predictions: list[Any] = []
     quiet = is_distributed() and dist.get_rank() != 0
-    for batch, counts in tqdm(lockstep(batches, device), desc=desc, disable=quiet, leave=False):
-        sums, preds = task.eval_batch(model, to_device(batch), options)
-        if counts:
-            for key in task.sums:
-                totals[key] += sums[key]
-            predictions += preds
+    with eval_mode(model) as module:
+        device = next(module.parameters()).device
+        for batch, counts in tqdm(lockstep(batches, device), desc=desc, disable=quiet, leave=False):
+            sums, preds = task.eval_batch(model, to_device(batch), options)
+            if counts:
+                for key in task.sums:
+                    totals[key] += sums[key]
+                predictions += preds
     if is_distributed():
         vector = torch.tensor([totals[k] for k in task.sums], dtype=torch.float64, device=device)
         dist.all_reduce(vector)
@@ -50,5 +49,4 @@ def evaluate(
         gathered: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, predictions)
         predictions = [p for part in gathered for p in part]
-    module.train(was_training)
     return task.metrics(totals, predictions), predictions

@@ -38,7 +38,7 @@ from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import caption_record
 from uniter_fast.errors import DataError
 from uniter_fast.layout import pack_batch
-from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
 
@@ -201,11 +201,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         positives with every positive image, row-major), without gradient in eval mode (no dropout), as
         ``hard_batch`` scores its candidates."""
         require(batch, ("cross_pairs",), "itm", "first_stage_loss 'distill'")
-        was_training = self.training
-        with torch.no_grad():
-            self.eval()
+        with torch.no_grad(), eval_mode(self):
             scores = self.rank_scores(batch["cross_pairs"]).float()
-            self.train(was_training)
         return scores.view(groups, groups)
 
     def hard_batch(self, batch: dict[str, Any], sample_size: int) -> dict[str, Any]:
@@ -213,10 +210,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         ``hard_neg_size`` best-scoring negatives; the kept pairs, positives first, ``pair_rows`` remapped."""
         if sample_size - 1 < self.hard_neg_size:
             raise ValueError(f"hard_neg_size={self.hard_neg_size} is larger than the {sample_size - 1} candidates")
-        with torch.no_grad():
-            self.eval()
+        with torch.no_grad(), eval_mode(self):
             scores = self.rank_scores(batch).float().view(-1, sample_size)
-            self.train()
         hard = scores[:, 1:].topk(self.hard_neg_size, dim=1).indices + 1
         keep = torch.cat([torch.zeros_like(hard[:, :1]), hard], dim=1)
         starts = torch.arange(scores.size(0), device=keep.device)[:, None] * sample_size

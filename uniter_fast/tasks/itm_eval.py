@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from uniter_fast.errors import CheckpointError
 from uniter_fast.files import atomic_write, write_json_atomic
+from uniter_fast.model.base import eval_mode
 from uniter_fast.training.distributed import is_distributed, lockstep, rank_and_world
 
 RECALL_AT = (1, 5, 10)
@@ -307,58 +308,55 @@ def evaluate_retrieval(
     every rank. ``model`` is the retrieval model or its DeepSpeed engine (put in eval mode and back)."""
     if mode not in ("exact", "fast"):
         raise ValueError(f"mode must be 'exact' or 'fast', got {mode!r}")
-    module = getattr(model, "module", model)
-    was_training = module.training
-    module.eval()
-    start = time.perf_counter()
-    device = next(module.parameters()).device
-    rank, world = rank_and_world()
-    num_txt, num_img = len(dataset.ids), len(dataset.all_img_ids)
-    extra: dict[str, float] = {}
-    similarity: Optional[torch.Tensor] = None
-    first_stage: Optional[torch.Tensor] = None
-    if mode == "exact":
-        flat = np.arange(num_txt * num_img, dtype=np.int64)
-        txt_index, img_index = flat // num_img, flat % num_img
-        if trained_first_stage(model):  # for the first stage's recall of the exact top 10
+    with eval_mode(model) as module:
+        start = time.perf_counter()
+        device = next(module.parameters()).device
+        rank, world = rank_and_world()
+        num_txt, num_img = len(dataset.ids), len(dataset.all_img_ids)
+        extra: dict[str, float] = {}
+        similarity: Optional[torch.Tensor] = None
+        first_stage: Optional[torch.Tensor] = None
+        if mode == "exact":
+            flat = np.arange(num_txt * num_img, dtype=np.int64)
+            txt_index, img_index = flat // num_img, flat % num_img
+            if trained_first_stage(model):  # for the first stage's recall of the exact top 10
+                txt_emb, img_emb = first_stage_embeddings(model, dataset, batch_size, to_device)
+                first_stage = (txt_emb @ img_emb.t()).cpu()
+        else:
             txt_emb, img_emb = first_stage_embeddings(model, dataset, batch_size, to_device)
-            first_stage = (txt_emb @ img_emb.t()).cpu()
-    else:
-        txt_emb, img_emb = first_stage_embeddings(model, dataset, batch_size, to_device)
-        similarity = (txt_emb @ img_emb.t()).cpu()
-        txt_index, img_index = candidate_pairs(similarity, top_k)
-        gt = ground_truth(dataset.ids, dataset.all_img_ids, dataset.txt2img)
-        is_candidate = torch.zeros(num_txt, num_img, dtype=torch.bool)
-        is_candidate[torch.from_numpy(txt_index), torch.from_numpy(img_index)] = True
-        by_text = torch.zeros_like(is_candidate)
-        by_text.scatter_(1, similarity.topk(top_k, dim=1).indices, True)
-        by_image = torch.zeros_like(is_candidate)
-        by_image.scatter_(0, similarity.topk(min(top_k, num_txt), dim=0).indices, True)
-        gt_mask = torch.zeros_like(is_candidate)
-        gt_mask[torch.arange(num_txt), torch.from_numpy(gt)] = True
-        extra[f"first_stage_img_r{top_k}"] = float((by_text & gt_mask).any(1).float().mean())
-        extra[f"first_stage_txt_r{top_k}"] = float((by_image & gt_mask).any(0).float().mean())
-    # contiguous shards of the (row-major) pairs, so each rank's batches hold few distinct texts
-    bounds = np.linspace(0, len(txt_index), world + 1).astype(np.int64)
-    mine = slice(int(bounds[rank]), int(bounds[rank + 1]))
-    scores = score_pairs(model, dataset, txt_index[mine], img_index[mine], batch_size, to_device, f"{desc} {mode}")
-    matrix = torch.full((num_txt, num_img), float("-inf"), device=device)
-    matrix[torch.from_numpy(txt_index[mine]).to(device), torch.from_numpy(img_index[mine]).to(device)] = scores.to(
-        device
-    )
-    if is_distributed():
-        dist.all_reduce(matrix, op=dist.ReduceOp.MAX)
-    matrix = matrix.cpu()
-    if similarity is not None:  # non-candidates below every candidate, in first-stage order
-        floor = float(matrix[torch.isfinite(matrix)].min()) - 3.0
-        matrix = torch.where(torch.isfinite(matrix), matrix, floor + similarity)
-    elif first_stage is not None:
-        extra.update(first_stage_recall_of_exact(matrix, first_stage))
-    metrics = itm_recall(matrix, dataset.ids, dataset.all_img_ids, dataset.txt2img)
-    metrics.update(extra)
-    metrics.update(cross_pairs=float(len(txt_index)), pairs=float(num_txt * num_img))
-    metrics["seconds"] = time.perf_counter() - start
-    module.train(was_training)
+            similarity = (txt_emb @ img_emb.t()).cpu()
+            txt_index, img_index = candidate_pairs(similarity, top_k)
+            gt = ground_truth(dataset.ids, dataset.all_img_ids, dataset.txt2img)
+            is_candidate = torch.zeros(num_txt, num_img, dtype=torch.bool)
+            is_candidate[torch.from_numpy(txt_index), torch.from_numpy(img_index)] = True
+            by_text = torch.zeros_like(is_candidate)
+            by_text.scatter_(1, similarity.topk(top_k, dim=1).indices, True)
+            by_image = torch.zeros_like(is_candidate)
+            by_image.scatter_(0, similarity.topk(min(top_k, num_txt), dim=0).indices, True)
+            gt_mask = torch.zeros_like(is_candidate)
+            gt_mask[torch.arange(num_txt), torch.from_numpy(gt)] = True
+            extra[f"first_stage_img_r{top_k}"] = float((by_text & gt_mask).any(1).float().mean())
+            extra[f"first_stage_txt_r{top_k}"] = float((by_image & gt_mask).any(0).float().mean())
+        # contiguous shards of the (row-major) pairs, so each rank's batches hold few distinct texts
+        bounds = np.linspace(0, len(txt_index), world + 1).astype(np.int64)
+        mine = slice(int(bounds[rank]), int(bounds[rank + 1]))
+        scores = score_pairs(model, dataset, txt_index[mine], img_index[mine], batch_size, to_device, f"{desc} {mode}")
+        matrix = torch.full((num_txt, num_img), float("-inf"), device=device)
+        matrix[torch.from_numpy(txt_index[mine]).to(device), torch.from_numpy(img_index[mine]).to(device)] = scores.to(
+            device
+        )
+        if is_distributed():
+            dist.all_reduce(matrix, op=dist.ReduceOp.MAX)
+        matrix = matrix.cpu()
+        if similarity is not None:  # non-candidates below every candidate, in first-stage order
+            floor = float(matrix[torch.isfinite(matrix)].min()) - 3.0
+            matrix = torch.where(torch.isfinite(matrix), matrix, floor + similarity)
+        elif first_stage is not None:
+            extra.update(first_stage_recall_of_exact(matrix, first_stage))
+        metrics = itm_recall(matrix, dataset.ids, dataset.all_img_ids, dataset.txt2img)
+        metrics.update(extra)
+        metrics.update(cross_pairs=float(len(txt_index)), pairs=float(num_txt * num_img))
+        metrics["seconds"] = time.perf_counter() - start
     if math.isnan(metrics["r_mean"]):
         raise FloatingPointError("the recall table has NaN entries")
     k = top_k if mode == "fast" else None
