@@ -1,5 +1,5 @@
-"""Shared helpers of the task tests: tiny models with non-trivial parameters, random rows, original-layout
-checkpoints, fast-vs-reference comparison and a short learning loop on a bundled set."""
+"""Shared helpers of the task tests: tiny models with non-trivial parameters, tiny task exports, random rows,
+original-layout checkpoints, fast-vs-reference comparison and a short learning loop on a bundled set."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import torch
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.model import Model
+from uniter_fast.tasks import get_task
+from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
 from uniter_fast.tasks.data import collate_rows, row
 
 VOCAB = 200
@@ -28,6 +30,20 @@ def perturb(model: torch.nn.Module, scale: float = 0.1) -> torch.nn.Module:
         for param in model.parameters():
             param.add_(scale * torch.randn_like(param))
     return model
+
+
+def export_task_model(
+    task_name: str, options: dict[str, Any], config: UniterConfig, path: str, seed: int = 0, noise: float = 0.0
+) -> str:
+    """A fresh ``task_name`` model of ``config`` (``torch.manual_seed(seed)``; every parameter perturbed by ``noise``
+    when > 0) exported to ``path`` as ``finetune.py`` exports it (``task.json`` with the options); returns ``path``."""
+    task = get_task(task_name)
+    torch.manual_seed(seed)
+    model, full = load_task_model(task, None, options, config)
+    if noise > 0:
+        perturb(model, noise)
+    save_task_model(model, task, full, path)
+    return path
 
 
 def random_row(

@@ -14,6 +14,7 @@ import torch
 
 from tests.cli_helpers import run_cli
 from tests.damage_helpers import write_jsonl, write_npz_dir
+from tests.tasks_helpers import export_task_model
 from uniter_fast.benchmark import PAPER_TABLE
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.build import build_dbs
@@ -24,7 +25,6 @@ from uniter_fast.finetuning.config import default_config, load_finetune_config
 from uniter_fast.model import UniterModel
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled, task_sets
-from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
 from uniter_fast.tasks.data import DbCache
 
 # benchmark folder -> (task, {split folder: (bundled txt_db, bundled img_db(s))})
@@ -34,6 +34,7 @@ LAYOUT = {
                         "test1": ("nlvr2/txt_test", {"img": "pool/img_det"})}),
     "refcoco+": ("re", {"val": ("re/txt_val", {"img": "pool/img_det", "img_gt": "pool/img_gt"})}),
 }  # fmt: skip
+NOISE = 0.05  # the exports' parameters are perturbed off the init: every score differs
 ITM_TEXTS = 12  # Flickr30K: a small caption db built from the bundled test captions (the bundled one is 750 x 150)
 
 
@@ -58,11 +59,7 @@ def folder(tmp_path_factory) -> str:
         cfg = load_finetune_config(default_config(task_name), checkpoint_given=True)
         txt_paths = [os.path.join(root, bench, split, "txt") for split in splits]
         options = task.data_options(DbCache(cfg), txt_paths, {})
-        torch.manual_seed(len(bench))
-        model, full = load_task_model(task, None, options, config)
-        for p in model.parameters():  # not the init: every score differs
-            p.data.add_(torch.randn_like(p) * 0.05)
-        save_task_model(model, task, full, os.path.join(root, bench, "checkpoint"))
+        export_task_model(task_name, options, config, os.path.join(root, bench, "checkpoint"), len(bench), NOISE)
     _small_itm_set(os.path.join(root, "flickr30k", "test"), str(tmp_path_factory.mktemp("itm")), config)
     torch.manual_seed(7)
     UniterModel(config).save_pretrained(os.path.join(root, "pretrained"))
@@ -84,12 +81,7 @@ def _small_itm_set(out: str, work: str, config: UniterConfig) -> None:
     write_npz_dir(os.path.join(work, "feats"), images)
     build_dbs(write_jsonl(os.path.join(work, "captions.jsonl"), captions), os.path.join(work, "feats"),
               os.path.join(task_sets(), "vocab.txt"), out)  # fmt: skip
-    task = get_task("itm")
-    torch.manual_seed(3)
-    model, full = load_task_model(task, None, {}, config)
-    for p in model.parameters():
-        p.data.add_(torch.randn_like(p) * 0.05)
-    save_task_model(model, task, full, os.path.join(os.path.dirname(out), "checkpoint"))
+    export_task_model("itm", {}, config, os.path.join(os.path.dirname(out), "checkpoint"), 3, NOISE)
 
 
 def _single(folder: str, bench: str, split: str, img: str, tmp_path: Any) -> dict[str, float]:

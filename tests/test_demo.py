@@ -27,14 +27,13 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.cli_helpers import run_cli
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
+from tests.tasks_helpers import export_task_model
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.tokenizer import build_vocab
 from uniter_fast.demo.answers import align, ask, lines_of
 from uniter_fast.demo.cli import checkpoint_tasks, main
 from uniter_fast.demo.render import BOX_COLOUR, draw_box, summary
 from uniter_fast.extract import Extractor
-from uniter_fast.tasks import get_task
-from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUESTION = "What is the woman wearing ?"
@@ -52,14 +51,9 @@ def world(tmp_path_factory) -> dict[str, Any]:
     torch.save(tiny_weights("milvlg"), weights)
     vocab = str(root / "vocab.txt")
     size = build_vocab([QUESTION, EXPRESSION, "A woman in a uniform .", *VQA_ANSWERS], vocab)
-    exports = {}
-    for name, given in {"vqa": {"ans2label_table": VQA_ANSWERS, "num_answers": len(VQA_ANSWERS)}, "itm": {},
-                        "re": {}}.items():  # fmt: skip
-        task = get_task(name)
-        torch.manual_seed(0)
-        model, full = load_task_model(task, None, given, UniterConfig.tiny(vocab_size=size))
-        exports[name] = str(root / f"finetuned-{name}")
-        save_task_model(model, task, full, exports[name])
+    given = {"vqa": {"ans2label_table": VQA_ANSWERS, "num_answers": len(VQA_ANSWERS)}, "itm": {}, "re": {}}
+    config = UniterConfig.tiny(vocab_size=size)
+    exports = {name: export_task_model(name, o, config, str(root / f"finetuned-{name}")) for name, o in given.items()}
     return dict(root=root, weights=weights, vocab=vocab, exports=exports, photo=photo_paths()[0])
 
 

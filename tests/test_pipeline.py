@@ -17,6 +17,7 @@ from PIL import Image
 
 from tests.cli_helpers import run_cli
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
+from tests.tasks_helpers import export_task_model
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.build import build_dbs
 from uniter_fast.data.img_db import compute_num_bb, load_npz
@@ -27,7 +28,7 @@ from uniter_fast.extract.cli import main as extract_main
 from uniter_fast.inference.pipeline import BOX_SETTINGS
 from uniter_fast.predict import main as predict_main
 from uniter_fast.tasks import get_task
-from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
+from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.spec import scores_of
 
@@ -69,13 +70,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
         "re": {},
         "vcr": {"special_token_base": size},
     }
-    exports = {}
-    for name, given in options.items():
-        task = get_task(name)
-        torch.manual_seed(0)
-        model, full = load_task_model(task, None, given, config)
-        exports[name] = str(root / f"finetuned-{name}")
-        save_task_model(model, task, full, exports[name])
+    exports = {name: export_task_model(name, o, config, str(root / f"finetuned-{name}")) for name, o in options.items()}
     extractor = Extractor(weights, config=TINY)
     return dict(root=root, photos=photos, names=names, feats=feats, vocab=vocab, exports=exports, extractor=extractor)
 

@@ -18,6 +18,7 @@ from PIL import Image
 
 from tests.cli_helpers import run_cli
 from tests.extract_helpers import TINY, TINY_CLI, photo_paths, tiny_weights
+from tests.tasks_helpers import export_task_model
 from uniter_fast import Pipeline, UniterConfig
 from uniter_fast.data.img_db import image_tensors
 from uniter_fast.data.memory_db import memory_img_db
@@ -29,7 +30,7 @@ from uniter_fast.inference.inputs import image_key, to_bgr
 from uniter_fast.inference.pipeline import BOX_SETTINGS
 from uniter_fast.search import main
 from uniter_fast.tasks import get_task
-from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
+from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.spec import Query
 
 TEXTS = ["A woman in a uniform .", "a cat on the table", "a red cup", "a rocket in the sky"]
@@ -37,13 +38,8 @@ TEXTS = ["A woman in a uniform .", "a cat on the table", "a red cup", "a rocket 
 
 def export_itm(root: Any, name: str, size: int, seed: int, first_stage_dim: int = 16) -> str:
     """A tiny itm export (random weights, ``first_stage_dim`` first stage) under ``root``."""
-    task = get_task("itm")
-    torch.manual_seed(seed)
-    model, options = load_task_model(
-        task, None, {"first_stage_dim": first_stage_dim}, UniterConfig.tiny(vocab_size=size)
-    )
-    save_task_model(model, task, options, str(root / name))
-    return str(root / name)
+    config = UniterConfig.tiny(vocab_size=size)
+    return export_task_model("itm", {"first_stage_dim": first_stage_dim}, config, str(root / name), seed)
 
 
 @pytest.fixture(scope="module")
