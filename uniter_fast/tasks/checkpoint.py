@@ -130,8 +130,9 @@ def load_task_model(
             )
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
-    # a BERT-style file has no image embedder: it keeps its fresh init (logged), as in the original's loose load
-    report = load_state(model, state, checkpoint, encoder_only=True, strict=ckpt.layout != "bert", log=False)
+    # a BERT-style file (or LightningDOT's text tower) has no image embedder: it keeps its fresh init (logged), as in
+    # the original's loose load
+    report = load_state(model, state, checkpoint, encoder_only=True, strict=not ckpt.text_only, log=False)
     derived = task.init_from_pretrained(model, state)
     log_load(report, checkpoint, type(model).__name__, derived)
     task.prepare_model(model, options)
