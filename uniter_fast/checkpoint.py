@@ -170,7 +170,7 @@ class Checkpoint:
         """Whether the checkpoint has no image embedder by nature: a BERT file, LightningDOT's text tower (read from
         the LightningDOT file, or a folder converted from it, whose ``conversion.json`` says so)."""
         source = self.conversion.source if self.conversion else {}
-        saved = (self.side_file(CONVERSION_NAME) or {}).get("source", {})
+        saved = (self.side_file(CONVERSION_NAME) or {}).get("source_layout", {})
         return self.layout == "bert" or "text" in (source.get("tower"), saved.get("tower"))
 
     @property
@@ -633,10 +633,11 @@ def save_state(
     side_files: Optional[dict[str, Any]] = None,
     provenance: Optional[dict[str, Any]] = None,
 ) -> None:
-    """:func:`save_pretrained` of a state_dict (CPU, contiguous, no shared storage; stored as given, dtypes kept)
-    and its model ``config``."""
+    """:func:`save_pretrained` of a state_dict (dtypes kept; tied tensors stored under each name) and its model
+    ``config``."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
+    state = _detached(state, None)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     config.to_json_file(os.path.join(directory, CONFIG_NAME))
     for name, content in (side_files or {}).items():
