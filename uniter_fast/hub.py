@@ -18,8 +18,9 @@ HUB_FILES = ["*.json", "*.safetensors", "*.md"]  # what a save_pretrained folder
 
 
 def is_hub_id(path: str) -> bool:
-    """Whether ``path`` reads as a Hub model id ``org/name`` (and not as a relative or absolute path)."""
-    return bool(HUB_ID.match(path)) and not path.startswith(".") and ".." not in path
+    """Whether ``path`` reads as a Hub model id ``org/name``: not an absolute or dotted path, and its ``org`` is no
+    local directory (``output/typo`` is a missing local path)."""
+    return bool(HUB_ID.match(path)) and ".." not in path and not os.path.isdir(path.split("/", 1)[0])
 
 
 def resolve(path: str, local_files_only: bool = False) -> str:
