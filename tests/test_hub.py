@@ -17,6 +17,7 @@ import torch
 from tests.foreign_layouts import randomized
 from uniter_fast import Model, UniterConfig
 from uniter_fast.errors import CheckpointError
+from uniter_fast.training.config import RunConfig, parse_run_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -41,6 +42,9 @@ def test_a_hub_id_loads_from_the_local_cache_with_local_files_only(tmp_path, mon
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(CheckpointError, match=r"^org/other: no such file or directory, nor a model in the local"):
         Model.from_pretrained("org/other", local_files_only=True)
+    raw = {"output_dir": "out", "checkpoint": "org/name"}  # a run config's checkpoint: its snapshot folder
+    cfg = parse_run_config(RunConfig, raw, "run.json", str(tmp_path), resolve=os.path.abspath)
+    assert cfg.checkpoint.endswith(os.path.join("models--org--name", "snapshots", REVISION))
     monkeypatch.chdir(tmp_path)  # a local folder of that name wins over the hub
     (tmp_path / "org").mkdir()
     shutil.copytree(tmp_path / "folder", tmp_path / "org" / "name")

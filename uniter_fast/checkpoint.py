@@ -312,11 +312,6 @@ def detect_layout(keys: list[str], source: str = "checkpoint") -> Layout:
     )
 
 
-def convert_keys(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """``state`` (LayerNorm-renamed keys of ``layout``) under the original ``uniter`` names."""
-    return to_original(state, layout).state
-
-
 def to_original(
     state: dict[str, torch.Tensor], layout: Layout, tower: str = "image", keep_heads: bool = True, source: str = ""
 ) -> Conversion:
