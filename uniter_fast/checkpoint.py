@@ -56,9 +56,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-CONVERSION_NAME = (
-    "conversion.json"  # a converted folder's provenance: source layout, checksum, renamed and dropped keys
-)
+CONVERSION_NAME = "conversion.json"  # a converted folder's report: source, layout, checksum, key changes
 ORIGINAL_CONFIG = os.path.join(os.pardir, "log", "model.json")  # the original's output layout: ckpt/ beside log/
 DS_LATEST = "latest"
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -349,7 +347,7 @@ def from_original(
         return dict(state)
     if layout.name == "model":
         return {(k[len(ENCODER_PREFIX) :] if k.startswith(ENCODER_PREFIX) else k): v for k, v in state.items()}
-    raise CheckpointError(f"--to: cannot write the {layout.name!r} layout; expected one of {list(EXPORT_LAYOUTS)}")
+    raise CheckpointError(f"layout: cannot write {layout.name!r}; the layouts written are {list(EXPORT_LAYOUTS)}")
 
 
 EXPORT_LAYOUTS = ("uniter", "model", "mmf", "lightningdot")
