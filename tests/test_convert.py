@@ -96,6 +96,17 @@ def test_mmf_pretraining_heads_are_the_originals(tmp_path, mmf) -> None:
     torch.testing.assert_close(model.feat_regress(hidden), want)
 
 
+def test_mmf_pretrained_file_starts_a_task_model(tmp_path, mmf, caplog) -> None:
+    """What ``finetune.py --checkpoint uniter.pretrained.pth`` does: the encoder loads, the task head starts fresh."""
+    src = saved(mmf.state_dict(), tmp_path / "mmf.pth")
+    with caplog.at_level(logging.INFO, logger="uniter_fast.checkpoint"):
+        model, _ = load_task_model(get_task("vqa"), src, {"num_answers": 3}, config=TINY)
+    assert any("layout 'mmf'" in r.getMessage() for r in caplog.records)
+    base = mmf.uniter.uniter
+    assert torch.equal(model.uniter.img_embeddings.LayerNorm.weight, base.img_embeddings.final_layer_norm.weight)
+    assert torch.equal(model.uniter.embeddings.word_embeddings.weight, base.text_embeddings.word_embeddings.weight)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_mmf_round_trip_is_bit_for_bit(tmp_path, mmf, dtype) -> None:
     src = saved(mmf.state_dict(), tmp_path / "mmf.pth", dtype)
@@ -215,6 +226,18 @@ def test_converted_folder_holds_the_task_head_task_json_and_a_model_card(tmp_pat
     assert_bitwise({k: v.half() for k, v in loaded.state_dict().items()}, {k: v for k, v in torch.load(src).items()})
     export(str(tmp_path / "re"), str(tmp_path / "back.pt"), "uniter")
     assert_bitwise(torch.load(tmp_path / "back.pt"), torch.load(src))
+
+
+def test_a_head_shared_by_several_tasks_needs_task(tmp_path) -> None:
+    model, _ = load_task_model(get_task("vqa"), None, {"num_answers": 3}, config=TINY)
+    src = saved(randomized(model, seed=7).state_dict(), tmp_path / "model_step_9.pt")
+    with pytest.raises(
+        CheckpointError, match=r"--task: the checkpoint's heads \['vqa_output'\] fit the tasks \['ve', 'vqa'\]"
+    ):
+        convert(src, str(tmp_path / "any"), config=TINY)
+    assert not (tmp_path / "any").exists()
+    assert convert(src, str(tmp_path / "vqa"), task="vqa", config=TINY)["task"] == "vqa"
+    assert json.loads((tmp_path / "vqa" / "task.json").read_text()) == {"task": "vqa", "options": {"num_answers": 3}}
 
 
 # ---------------------------------------------------------------------------------------------------- the CLI
