@@ -116,6 +116,16 @@ def test_mmf_round_trip_is_bit_for_bit(tmp_path, mmf, dtype) -> None:
     assert_bitwise(torch.load(tmp_path / "back.pth"), torch.load(src))
 
 
+def test_encoder_only_drops_the_heads_under_their_file_names(tmp_path, mmf) -> None:
+    src = saved(mmf.state_dict(), tmp_path / "mmf.pth")
+    report = convert(src, str(tmp_path / "encoder"), encoder_only=True, config=TINY)
+    heads = sorted(k for k in torch.load(src) if k.startswith("uniter.heads."))
+    assert sorted(k for k in report["dropped"] if k.startswith("uniter.heads.")) == heads and len(heads) == 12
+    assert not any(k.startswith("uniter.heads.") for k in report["renamed"])
+    export(str(tmp_path / "encoder"), str(tmp_path / "back.pth"), "mmf")
+    assert_bitwise(torch.load(tmp_path / "back.pth"), {k: v for k, v in torch.load(src).items() if k not in heads})
+
+
 def test_mmf_classification_head_is_refused_unless_encoder_only(tmp_path) -> None:
     vqa = randomized(MmfUniter(TINY, heads="vqa2"), seed=3)
     src = saved(vqa.state_dict(), tmp_path / "vqa.pth")
@@ -125,6 +135,7 @@ def test_mmf_classification_head_is_refused_unless_encoder_only(tmp_path) -> Non
         load_task_model(get_task("vqa"), src, {})
     report = convert(src, str(tmp_path / "encoder"), encoder_only=True, config=TINY)
     assert report["task"] is None and "uniter.heads.vqa2.classifier.2.weight" in report["dropped"]
+    assert all(k.startswith("uniter.uniter.") for k in report["renamed"])  # the encoder's renames only
     model = Model.from_pretrained(tmp_path / "encoder").eval()  # the folder alone, its config.json
     batch = full_batch(TINY)
     want = vqa.uniter.uniter(

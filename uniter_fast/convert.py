@@ -80,9 +80,11 @@ def convert(
     conversion = ckpt.conversion
     state = dict(ckpt.state)
     if encoder_only:
+        file_key = {original: key for key, original in conversion.renamed.items()}
         for key in [k for k in state if not k.startswith(ENCODER_PREFIX)]:
             del state[key]
-            conversion.dropped[key] = "a head (--encoder-only)"
+            conversion.renamed.pop(file_key.get(key, key), None)
+            conversion.dropped[file_key.get(key, key)] = "a head (--encoder-only)"
     model_config = checkpoint_config(ckpt, config)
     head_task = checkpoint_task(state, task)
     options = _check_loads(ckpt, state, model_config, head_task)

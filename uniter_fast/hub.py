@@ -15,12 +15,18 @@ from uniter_fast.errors import CheckpointError
 CARD_NAME = "README.md"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name: one slash, no path syntax
 HUB_FILES = ["*.json", "*.safetensors", "*.md"]  # what a save_pretrained folder holds
+FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json")  # a missing file, never a Hub id
 
 
 def is_hub_id(path: str) -> bool:
-    """Whether ``path`` reads as a Hub model id ``org/name``: not an absolute or dotted path, and its ``org`` is no
-    local directory (``output/typo`` is a missing local path)."""
-    return bool(HUB_ID.match(path)) and ".." not in path and not os.path.isdir(path.split("/", 1)[0])
+    """Whether ``path`` reads as a Hub model id ``org/name``: not an absolute or dotted path, no checkpoint file name
+    (``ckpt/model.pt``), and its ``org`` is no local directory (``output/typo`` is a missing local path)."""
+    return (
+        bool(HUB_ID.match(path))
+        and ".." not in path
+        and not path.endswith(FILE_SUFFIXES)
+        and not os.path.isdir(path.split("/", 1)[0])
+    )
 
 
 def resolve(path: str, local_files_only: bool = False) -> str:
