@@ -28,6 +28,7 @@ from uniter_fast.checkpoint import (
     CONVERSION_NAME,
     ENCODER_PREFIX,
     EXPORT_LAYOUTS,
+    WEIGHTS_NAME,
     Checkpoint,
     checkpoint_config,
     file_sha256,
@@ -90,7 +91,7 @@ def convert(
     options = _check_loads(ckpt, state, model_config, head_task)
     report = {
         "source": os.path.abspath(ckpt.path),
-        "sha256": file_sha256(ckpt.path) if os.path.isfile(ckpt.path) else None,
+        "sha256": _source_sha256(ckpt),
         "container": ckpt.container,
         "layout": ckpt.layout,
         "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state.values()}),
@@ -108,6 +109,15 @@ def convert(
     with atomic_directory(out) as tmp:
         save_state(state, model_config, tmp, side_files, card)
     return report
+
+
+def _source_sha256(ckpt: Checkpoint) -> Optional[str]:
+    """The sha256 of the file the weights were read from: the file, a folder's ``model.safetensors``; None for a
+    DeepSpeed directory (many files)."""
+    if os.path.isfile(ckpt.path):
+        return file_sha256(ckpt.path)
+    weights = os.path.join(ckpt.path, WEIGHTS_NAME)
+    return file_sha256(weights) if ckpt.container == "directory" and os.path.isfile(weights) else None
 
 
 def _check_loads(
