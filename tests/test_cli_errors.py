@@ -117,6 +117,7 @@ def test_usage_errors_take_the_same_path(capsys) -> None:
 # ------------------------------------------------------------------------------------------------ every CLI, in-process
 def test_every_cli_gives_one_line_for_bad_input(capsys, tmp_path) -> None:
     from uniter_fast.build import main as build
+    from uniter_fast.convert import main as convert
     from uniter_fast.evaluate import main as evaluate
     from uniter_fast.extract.cli import main as extract
     from uniter_fast.finetune import main as finetune
@@ -125,6 +126,8 @@ def test_every_cli_gives_one_line_for_bad_input(capsys, tmp_path) -> None:
 
     gone = str(tmp_path / "gone")
     cases = [
+        (convert, [gone, "--out", str(tmp_path / "o")], f"no checkpoint file or directory at {gone!r}"),
+        (convert, [gone, "--out", "o", "--from", "hf"], "argument --from: invalid choice: 'hf'"),
         (
             build,
             ["--task", "vqa", "--annotations", "a", "--features", "f", "--vocab", gone, "--out", "o"],
@@ -470,6 +473,7 @@ def test_entry_points_exit_2_with_one_line(tmp_path) -> None:
     finetune, pretrain = (os.path.join(REPO, "uniter_fast", f"{name}.py") for name in ("finetune", "pretrain"))
     cases = [
         (["-m", "uniter_fast.info", "--jsn"], "unrecognized arguments: --jsn"),
+        (["-m", "uniter_fast.convert", gone, "--out", "o"], "no checkpoint file or directory at"),
         (
             [
                 "-m",

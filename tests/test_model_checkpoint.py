@@ -107,7 +107,9 @@ def test_legacy_gamma_beta_names_are_renamed(tmp_path) -> None:
 def test_save_pretrained_round_trip(tmp_path) -> None:
     source = Model(UniterConfig.tiny(attention_backend="eager")).eval()
     source.save_pretrained(tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (tmp_path / "ckpt" / "README.md").read_text()  # the model card: provenance and the config
+    assert "- source: Model.save_pretrained" in card and '"hidden_size": 64' in card
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["attention_backend"] == "eager"
     loaded = Model.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.config == source.config

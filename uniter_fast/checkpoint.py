@@ -16,6 +16,13 @@ the original loader does):
   as ``Model.save_pretrained`` writes it.
 * ``bert``: BERT-style (``bert.*``, e.g. pytorch_pretrained_bert's ``bert-base-cased``): every ``bert`` in a key
   becomes ``uniter``, as the original ``scripts/convert_ckpt.py`` does.
+* ``mmf`` (MMF's UNITER: the zoo's ``uniter.pretrained`` / ``villa.pretrained``) and ``lightningdot`` (a tower of
+  LightningDOT's bi-encoder): other projects' names of the same weights, mapped by
+  :mod:`uniter_fast.checkpoint_layouts`; ``volta`` (e-bug/volta's UNITER, another architecture) is detected and
+  refused.
+
+A path that is not on disk but looks like ``org/name`` is a Hugging Face Hub model, resolved through
+``huggingface_hub`` when it is installed (:mod:`uniter_fast.hub`).
 
 Every layout is converted to the ``uniter`` names; :func:`load_state` maps them onto a bare ``UniterModel`` or a
 model with heads. This module imports nothing from ``uniter_fast.model`` (models are plain ``nn.Module`` here), so
@@ -27,24 +34,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import logging
 import os
 import pickle
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from uniter_fast import checkpoint_layouts as foreign
+from uniter_fast import hub
+from uniter_fast.checkpoint_layouts import Conversion
 from uniter_fast.config import PathLike, UniterConfig
 from uniter_fast.errors import CheckpointError
-from uniter_fast.files import atomic_write, read_json, write_json_atomic
+from uniter_fast.files import atomic_write, read_json, write_json_atomic, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CONVERSION_NAME = "conversion.json"  # a converted folder's report: source, layout, checksum, key changes
 ORIGINAL_CONFIG = os.path.join(os.pardir, "log", "model.json")  # the original's output layout: ckpt/ beside log/
 DS_LATEST = "latest"
 DS_MODEL_STATES = "mp_rank_00_model_states.pt"
@@ -63,22 +75,76 @@ MARKERS = (  # keys every UNITER encoder has, shown when a file's layout is unkn
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """A known key layout: its name, the prefix of its encoder keys, and what writes it."""
+    """A known key layout: its name, the prefix of its encoder keys, what writes it, and (for another project's
+    layout) sample keys for messages, its detector and whether it is refused."""
 
     name: str
     prefix: str
     description: str
+    samples: tuple[str, ...] = ()
+    detector: Optional[Callable[[list[str]], bool]] = None
+    refused: bool = False
 
     def expected_keys(self) -> list[str]:
         """Encoder keys a checkpoint of this layout has (a sample, for messages)."""
+        if self.samples:
+            return list(self.samples)
         return [self.prefix + m for m in MARKERS if not (self.name == "bert" and m.startswith("img_"))]
 
+    def matches(self, keys: list[str]) -> bool:
+        """Whether ``keys`` (LayerNorm-renamed) are of this layout."""
+        if self.detector is not None:
+            return self.detector(keys)
+        parts = (self.prefix,) if self.prefix else MODEL_PARTS
+        return any(k.startswith(parts) for k in keys)
 
-LAYOUTS = (
+
+LAYOUTS = (  # detection order: the other projects' layouts first (their keys may start with 'uniter.' or 'bert.')
+    Layout(
+        "volta",
+        "bert.",
+        "e-bug/volta's UNITER: another architecture, refused",
+        ("bert.embeddings.image_embeddings.weight", "bert.encoder.layer.0.attention_self.query.weight"),
+        foreign.is_volta,
+        refused=True,
+    ),
+    Layout(
+        "mmf",
+        "uniter.uniter.",
+        "MMF's UNITER (mmf/models/uniter.py): text_embeddings, img_embeddings.final_layer_norm, heads.<task>",
+        (
+            "uniter.uniter.text_embeddings.word_embeddings.weight",
+            "uniter.uniter.img_embeddings.final_layer_norm.weight",
+            "uniter.uniter.encoder.layer.0.attention.self.query.weight",
+            "uniter.uniter.pooler.dense.weight",
+        ),
+        foreign.is_mmf,
+    ),
+    Layout(
+        "lightningdot",
+        "img_model.bert.",
+        "LightningDOT's bi-encoder (dvl/models/bi_encoder.py): img_model.bert / txt_model.bert towers",
+        (
+            "img_model.bert.embeddings.word_embeddings.weight",
+            "img_model.bert.img_embeddings.img_linear.weight",
+            "img_model.encode_proj.0.weight",
+            "txt_model.bert.embeddings.word_embeddings.weight",
+        ),
+        foreign.is_lightningdot,
+    ),
     Layout("uniter", ENCODER_PREFIX, "original UNITER names: encoder under 'uniter.', heads under their own names"),
     Layout("model", "", "a bare UniterModel state_dict, as Model.save_pretrained writes it"),
     Layout("bert", "bert.", "BERT-style names, 'bert' becomes 'uniter' as the original scripts/convert_ckpt.py"),
 )
+LAYOUT_NAMES = tuple(layout.name for layout in LAYOUTS)
+
+
+def layout_named(name: str) -> Layout:
+    """The :data:`LAYOUTS` entry called ``name``; ``CheckpointError`` listing the names otherwise."""
+    for layout in LAYOUTS:
+        if layout.name == name:
+            return layout
+    raise CheckpointError(f"layout: expected one of {list(LAYOUT_NAMES)}, got {name!r}")
 
 
 @dataclasses.dataclass
@@ -94,6 +160,16 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
     config: Optional[UniterConfig] = None
     config_path: Optional[str] = None
+    conversion: Optional[Conversion] = None
+    """How ``state`` was made from the file's keys (renamed and dropped keys, what an export back needs)."""
+
+    @property
+    def text_only(self) -> bool:
+        """Whether the checkpoint has no image embedder by nature: a BERT file, LightningDOT's text tower (read from
+        the LightningDOT file, or a folder converted from it, whose ``conversion.json`` says so)."""
+        source = self.conversion.source if self.conversion else {}
+        saved = (self.side_file(CONVERSION_NAME) or {}).get("source_layout", {})
+        return self.layout == "bert" or "text" in (source.get("tower"), saved.get("tower"))
 
     @property
     def encoder_state(self) -> dict[str, torch.Tensor]:
@@ -209,8 +285,7 @@ def detect_layout(keys: list[str], source: str = "checkpoint") -> Layout:
     """The :data:`LAYOUTS` entry of a state_dict's (LayerNorm-renamed) keys; an unknown layout is a ``ValueError``
     naming the closest known layout and the keys it expects."""
     for layout in LAYOUTS:
-        parts = (layout.prefix,) if layout.prefix else MODEL_PARTS
-        if any(k.startswith(parts) for k in keys):
+        if layout.matches(keys):
             return layout
     sample = keys[:1000] or [""]
 
@@ -227,7 +302,7 @@ def detect_layout(keys: list[str], source: str = "checkpoint") -> Layout:
         expected = layout.expected_keys()
         return sum(closeness(e) for e in expected) / len(expected)
 
-    closest = max(LAYOUTS, key=score)
+    closest = max((layout for layout in LAYOUTS if not layout.refused), key=score)
     raise ValueError(
         f"{source}: unknown checkpoint layout (keys {sorted(keys)[:4]}{' ...' if len(keys) > 4 else ''}); the closest "
         f"known layout is {closest.name!r} ({closest.description}), which expects keys such as "
@@ -235,13 +310,57 @@ def detect_layout(keys: list[str], source: str = "checkpoint") -> Layout:
     )
 
 
-def convert_keys(state: dict[str, torch.Tensor], layout: Layout) -> dict[str, torch.Tensor]:
-    """``state`` (LayerNorm-renamed keys of ``layout``) under the original ``uniter`` names."""
-    if layout.name == "bert":
-        return {k.replace("bert", "uniter"): v for k, v in state.items()}
+def to_original(
+    state: dict[str, torch.Tensor], layout: Layout, tower: str = "image", keep_heads: bool = True, source: str = ""
+) -> Conversion:
+    """``state`` (LayerNorm-renamed keys of ``layout``) under the original names, with the renamed and dropped keys.
+    ``tower``: LightningDOT's tower to convert (``image`` / ``text``); ``keep_heads``: a head of another project
+    that is not the original's is a ``CheckpointError`` (True) or dropped and reported (False); a refused layout
+    (volta) is a ``CheckpointError`` naming ``source`` and the differences."""
+    if layout.refused:
+        foreign.refuse_volta(list(state), source or "checkpoint")
+    if layout.name == "mmf":
+        return foreign.mmf_to_original(state, keep_heads)
+    if layout.name == "lightningdot":
+        return foreign.ldot_to_original(state, tower)
+    out = Conversion({})
+    for key, value in state.items():
+        if layout.name == "bert":
+            out.put(key, key.replace("bert", "uniter"), value)
+        elif layout.name == "model" and key.startswith(MODEL_PARTS):
+            out.put(key, ENCODER_PREFIX + key, value)
+        else:
+            out.put(key, key, value)
+    return out
+
+
+def from_original(
+    state: dict[str, torch.Tensor], layout: Union[str, Layout], source: Optional[dict[str, Any]] = None
+) -> dict[str, torch.Tensor]:
+    """``state`` (original names) under the keys of ``layout`` (``uniter``, ``model``, ``mmf``, ``lightningdot``),
+    the tensors themselves (same dtype, same bits); ``source``: what the conversion from that layout recorded
+    (``Conversion.source``: prefixes, head names, buffers), else that layout's defaults."""
+    layout = layout_named(layout) if isinstance(layout, str) else layout
+    if layout.name in foreign.FROM_ORIGINAL:
+        return foreign.FROM_ORIGINAL[layout.name](state, source or {})
+    if layout.name == "uniter":
+        return dict(state)
     if layout.name == "model":
-        return {(ENCODER_PREFIX + k if k.startswith(MODEL_PARTS) else k): v for k, v in state.items()}
-    return dict(state)
+        return {(k[len(ENCODER_PREFIX) :] if k.startswith(ENCODER_PREFIX) else k): v for k, v in state.items()}
+    raise CheckpointError(f"layout: cannot write {layout.name!r}; the layouts written are {list(EXPORT_LAYOUTS)}")
+
+
+EXPORT_LAYOUTS = ("uniter", "model", "mmf", "lightningdot")
+"""The layouts :func:`from_original` writes."""
+
+
+def file_sha256(path: str) -> str:
+    """The sha256 hex digest of the file at ``path`` (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def saved_config_path(folder: str, container: str) -> Optional[str]:
@@ -253,13 +372,20 @@ def saved_config_path(folder: str, container: str) -> Optional[str]:
     return next((c for c in candidates if os.path.isfile(c)), None)
 
 
-def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Read the checkpoint at ``path`` (any container, any layout), log one line naming its layout, and convert its
-    keys to the original names; with the model config saved beside it, if any."""
-    path = os.fspath(path)
+def read_checkpoint(
+    path: PathLike, tower: str = "image", keep_heads: bool = True, local_files_only: bool = False
+) -> Checkpoint:
+    """Read the checkpoint at ``path`` (any container, any layout; ``org/name``: a Hugging Face Hub model, see
+    :func:`uniter_fast.hub.resolve`), log one line naming its layout, and convert its keys to the original names;
+    with the model config saved beside it, if any. ``tower`` and ``keep_heads``: see :func:`to_original`."""
+    path = hub.resolve(os.fspath(path), local_files_only)
     raw, container, folder = read_state_dict(path)
-    renamed = {rename_legacy_layer_norm(k): v for k, v in raw.items()}
-    layout = detect_layout(list(renamed), path)
+    legacy = {rename_legacy_layer_norm(k): k for k in raw}  # renamed key -> the file's key
+    layout = detect_layout(list(legacy), path)
+    conversion = to_original({k: raw[k_file] for k, k_file in legacy.items()}, layout, tower, keep_heads, path)
+    final = {k_file: conversion.renamed.get(k, k) for k, k_file in legacy.items() if k not in conversion.dropped}
+    conversion.renamed = {k_file: k for k_file, k in final.items() if k != k_file}  # the file's key -> original
+    conversion.dropped = {legacy[k]: why for k, why in conversion.dropped.items()}
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in raw.values()})
     logger.info(
         "%s: %s checkpoint, layout %r (%s), %d tensors (%s)",
@@ -270,11 +396,15 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         len(raw),
         ", ".join(dtypes),
     )
+    if conversion.dropped:
+        logger.info("%s: dropped %d keys: %s", path, len(conversion.dropped), conversion.dropped)
+    for note in conversion.notes:
+        logger.warning("%s: %s", path, note)
     config_path = saved_config_path(folder, container)
     config = UniterConfig.from_json_file(config_path) if config_path else None
     if config_path:
         logger.info("%s: model config from %s", path, config_path)
-    return Checkpoint(path, container, layout.name, convert_keys(renamed, layout), config, config_path)
+    return Checkpoint(path, container, layout.name, conversion.state, config, config_path, conversion)
 
 
 # ---------------------------------------------------------------------------------------------------- configs
@@ -480,32 +610,49 @@ def save_pretrained(
     directory: PathLike,
     dtype: Optional[torch.dtype] = None,
     side_files: Optional[dict[str, Any]] = None,
+    provenance: Optional[dict[str, Any]] = None,
 ) -> None:
     """Write ``config.json`` (``model.config``) and ``model.safetensors`` (every ``state_dict`` key, tied tensors
     stored under each name; floating tensors in ``dtype``, default the model's) into ``directory`` (created if
-    needed), plus each ``side_files`` entry as JSON (``{"task.json": {...}}``); every file is written atomically."""
+    needed), plus each ``side_files`` entry as JSON (``{"task.json": {...}}``) and, with ``provenance``, the model
+    card ``README.md`` (:func:`uniter_fast.hub.model_card`); every file is written atomically."""
+    save_state(_detached(model.state_dict(), dtype), model.config, directory, side_files, provenance)
+
+
+def save_state(
+    state: dict[str, torch.Tensor],
+    config: UniterConfig,
+    directory: PathLike,
+    side_files: Optional[dict[str, Any]] = None,
+    provenance: Optional[dict[str, Any]] = None,
+) -> None:
+    """:func:`save_pretrained` of a state_dict (dtypes kept; tied tensors stored under each name) and its model
+    ``config``."""
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    state = _detached(model.state_dict(), dtype)
+    state = _detached(state, None)
     atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    model.config.to_json_file(os.path.join(directory, CONFIG_NAME))
+    config.to_json_file(os.path.join(directory, CONFIG_NAME))
     for name, content in (side_files or {}).items():
         write_json_atomic(os.path.join(directory, name), content, indent=2, sort_keys=True)
+    if provenance is not None:
+        card = hub.model_card(config.to_dict(), provenance, WEIGHTS_NAME)
+        write_text_atomic(os.path.join(directory, hub.CARD_NAME), card)
 
 
 def export_original_checkpoint(
     state_dict: dict[str, torch.Tensor],
     path: PathLike,
     prefix: str = ENCODER_PREFIX,
-    dtype: torch.dtype = torch.float16,
+    dtype: Optional[torch.dtype] = torch.float16,
 ) -> None:
     """Write ``state_dict`` the way the original code saved ``uniter-base.pt``: keys prefixed with ``uniter.``
     (for UniterModel keys; keys that already carry it, or head keys given with their own names, are kept), tensors
-    cast to fp16 on the CPU, one ``torch.save`` file, written atomically. Readable by the original loader and by
-    :func:`read_checkpoint`."""
+    cast to fp16 on the CPU (``dtype=None``: as given), one ``torch.save`` file, written atomically. Readable by the
+    original loader and by :func:`read_checkpoint`."""
     out = {}
     for key, value in state_dict.items():
         name = key if key.startswith(prefix) or key.startswith(PRETRAINING_HEAD_PREFIXES) else prefix + key
         tensor = value.detach().cpu()
-        out[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        out[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     atomic_write(os.fspath(path), lambda tmp: torch.save(out, tmp))

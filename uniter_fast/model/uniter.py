@@ -249,6 +249,7 @@ class UniterModel(nn.Module):
         config: Optional[Union[UniterConfig, str, PathLike]] = None,
         dtype: Optional[torch.dtype] = None,
         strict: bool = True,
+        local_files_only: bool = False,
         **config_overrides: Any,
     ) -> UniterModel:
         """Load the encoder of any checkpoint :func:`uniter_fast.checkpoint.read_checkpoint` reads.
@@ -256,27 +257,34 @@ class UniterModel(nn.Module):
         Args:
             path: a :meth:`save_pretrained` directory, a pretraining / fine-tuning export, an original UNITER file
                 (``uniter-base.pt``: ``uniter.``-prefixed keys, fp16, pretraining heads included), a bare UniterModel
-                state_dict, a BERT-style file (with ``strict=False``: it has no image embedder) or a DeepSpeed
-                checkpoint directory. Head keys are skipped and listed in the log.
+                state_dict, a BERT-style file (with ``strict=False``: it has no image embedder), a DeepSpeed
+                checkpoint directory, an MMF UNITER file (the zoo's ``uniter.pretrained`` / ``villa.pretrained``), a
+                LightningDOT checkpoint (its image tower) or a Hugging Face Hub id ``org/name`` of a
+                :meth:`save_pretrained` folder (through ``huggingface_hub``). Head keys are skipped and listed in the
+                log; another project's heads that are not the original's are dropped (logged).
             config: a ``UniterConfig``, a preset name or a config JSON path; by default the config saved with the
                 checkpoint, else the sizes read off the weights (heads = hidden_size / 64, as in every released
                 UNITER; a warning says so).
             dtype: parameter dtype (default float32); checkpoint tensors are cast to it.
             strict: when False, encoder keys missing from the file keep their random init (logged), as when
                 starting from a BERT checkpoint that has no image embedder. Unknown keys are always an error.
+            local_files_only: a Hub id is looked up in the local Hugging Face cache only (also ``HF_HUB_OFFLINE=1``).
             config_overrides: config fields to override (e.g. ``attention_backend="eager"``, dropout probs).
         """
-        checkpoint = read_checkpoint(path)
+        checkpoint = read_checkpoint(path, keep_heads=False, local_files_only=local_files_only)
         model = cls(checkpoint_config(checkpoint, config, config_overrides))
         if dtype is not None:
             model.to(dtype)
         load_state(model, checkpoint.state, checkpoint.path, encoder_only=True, strict=strict)
         return model
 
-    def save_pretrained(self, directory: PathLike, dtype: Optional[torch.dtype] = None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (in ``dtype``, default the model's) to ``directory``,
-        atomically (:func:`uniter_fast.checkpoint.save_pretrained`)."""
-        save_pretrained(self, directory, dtype)
+    def save_pretrained(
+        self, directory: PathLike, dtype: Optional[torch.dtype] = None, provenance: Optional[dict[str, Any]] = None
+    ) -> None:
+        """Write ``config.json``, ``model.safetensors`` (in ``dtype``, default the model's) and the model card
+        ``README.md`` (``provenance``: where the weights come from, default "saved by Model.save_pretrained") to
+        ``directory``, atomically (:func:`uniter_fast.checkpoint.save_pretrained`): a folder to upload to the Hub."""
+        save_pretrained(self, directory, dtype, provenance=provenance or {"source": "Model.save_pretrained"})
 
 
 Model = UniterModel

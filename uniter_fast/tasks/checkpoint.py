@@ -33,6 +33,8 @@ from typing import Any, Optional, Union
 import torch
 
 from uniter_fast.checkpoint import (
+    ENCODER_PREFIX,
+    PRETRAINING_HEAD_PREFIXES,
     Checkpoint,
     checkpoint_config,
     export_original_checkpoint,
@@ -44,7 +46,9 @@ from uniter_fast.checkpoint import (
     save_pretrained,
 )
 from uniter_fast.config import UniterConfig
+from uniter_fast.errors import CheckpointError
 from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.tasks import TASKS
 from uniter_fast.tasks.spec import DATA_FACTS, CheckpointView, Task
 
 logger = logging.getLogger(__name__)
@@ -56,6 +60,21 @@ def head_keys(task: Task, state: dict[str, torch.Tensor]) -> list[str]:
     """Keys of ``state`` that mark a fine-tuned ``task`` checkpoint (its :attr:`~Task.finetuned_heads`, or any head)."""
     heads = task.finetuned_heads or task.heads
     return sorted(k for k in state if k.split(".", 1)[0] in heads)
+
+
+def checkpoint_task(state: dict[str, torch.Tensor], name: Optional[str] = None) -> Optional[Task]:
+    """The task whose fine-tuned head ``state`` holds (pretraining heads do not count), None when it holds none;
+    ``name`` picks among the tasks sharing the head's names (VQA / VE, ITM / ITM-hn) and must be one of them. A
+    ``CheckpointError`` when several tasks fit and ``name`` is not given."""
+    heads = {k.split(".", 1)[0] for k in state if not k.startswith((ENCODER_PREFIX, *PRETRAINING_HEAD_PREFIXES))}
+    fits = sorted(n for n, task in TASKS.items() if heads & set(task.finetuned_heads or task.heads))
+    if name is not None:
+        if name not in fits:
+            raise CheckpointError(f"--task: the checkpoint's heads {sorted(heads)} fit {fits}, not {name!r}")
+        return TASKS[name]
+    if len(fits) > 1:
+        raise CheckpointError(f"--task: the checkpoint's heads {sorted(heads)} fit the tasks {fits}; name one")
+    return TASKS[fits[0]] if fits else None
 
 
 def task_model_config(
@@ -130,8 +149,9 @@ def load_task_model(
             )
         logger.info("%s: loaded the fine-tuned %s model (%d keys)", checkpoint, task.name, len(state))
         return model, options
-    # a BERT-style file has no image embedder: it keeps its fresh init (logged), as in the original's loose load
-    report = load_state(model, state, checkpoint, encoder_only=True, strict=ckpt.layout != "bert", log=False)
+    # a BERT-style file (or LightningDOT's text tower) has no image embedder: it keeps its fresh init (logged), as in
+    # the original's loose load
+    report = load_state(model, state, checkpoint, encoder_only=True, strict=not ckpt.text_only, log=False)
     derived = task.init_from_pretrained(model, state)
     log_load(report, checkpoint, type(model).__name__, derived)
     task.prepare_model(model, options)

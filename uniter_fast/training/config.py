@@ -15,6 +15,7 @@ import dataclasses
 import os
 from typing import Any, Callable, ClassVar, Optional, TypeVar
 
+from uniter_fast import hub
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError, closest
 
@@ -146,7 +147,8 @@ def parse_run_config(
 ) -> C:
     """``cls(**raw)`` after the shared checks: ``raw`` a JSON object with only ``cls``'s fields and every one of
     ``cls.required``; the shared values (:func:`check_run_fields`); ``checkpoint`` resolved (by ``resolve``, else
-    relative to ``base_dir``) and required to exist. The recipe checks its own fields afterwards."""
+    relative to ``base_dir``; a Hugging Face Hub id ``org/name``: its local snapshot) and required to exist. The
+    recipe checks its own fields afterwards."""
     check_keys(where, raw, cls)
     missing = sorted(set(cls.required) - set(raw))
     if missing:
@@ -157,7 +159,9 @@ def parse_run_config(
     except ValueError as err:
         raise ConfigError(f"{where}: {err}") from None
     if cfg.checkpoint:
-        cfg.checkpoint = (resolve or (lambda p: resolve_path(p, base_dir)))(cfg.checkpoint)
+        given, cfg.checkpoint = cfg.checkpoint, (resolve or (lambda p: resolve_path(p, base_dir)))(cfg.checkpoint)
+        if not os.path.exists(cfg.checkpoint) and hub.is_hub_id(given):  # a Hub model: its local snapshot folder
+            cfg.checkpoint = hub.resolve(given)
         if not os.path.exists(cfg.checkpoint):
             raise FileNotFoundError(f"{where}: checkpoint {cfg.checkpoint!r} does not exist")
     return cfg
