@@ -11,6 +11,7 @@ by a digit goes), and ``re.UNICODE`` is passed where ``re.sub`` takes its count 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Iterable
 
@@ -177,8 +178,10 @@ def digits_and_articles(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
+@functools.cache
 def normalize_answer(answer: str) -> str:
-    """An answer as the answer vocabulary and the soft targets compare it (``preprocess_answer``)."""
+    """An answer as the answer vocabulary and the soft targets compare it (``preprocess_answer``); cached, as answers
+    repeat (VQA v2 has 10 answers to each of its 658,111 train + val questions)."""
     return digits_and_articles(strip_punctuation(answer)).replace(",", "")
 
 
