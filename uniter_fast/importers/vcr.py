@@ -7,7 +7,8 @@ As the original's VCR databases: a reference to a ``person`` object k becomes th
 ``special_token_base + k``; the 81 tags person_0..person_80), a reference to any other object becomes its category
 name as a word; a missing label is -1. Images: detected boxes ``vcr_<split>_<image>.npz``, GT boxes
 ``vcr_gt_<split>_<image>.npz``, ``<split>`` the annotation file's name without its extension (train / val / test)
-and ``<image>`` the file name of ``img_fn`` without its extension.
+and ``<image>`` the file name of ``img_fn`` without its extension (``{img_fn}``, the whole ``img_fn`` without its
+extension, names features extracted from VCR's image folder as it is published).
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str,
             objects = field(raw, "objects", list, where)
             if not all(isinstance(o, str) for o in objects):
                 raise DataError(f"{where}: field 'objects' must be a list of category names, got {objects!r}")
-            image = os.path.splitext(os.path.basename(field(raw, "img_fn", str, where)))[0]
+            img_fn = os.path.splitext(field(raw, "img_fn", str, where))[0]
+            names = {"split": split, "image": os.path.basename(img_fn), "img_fn": img_fn}
             record = {
                 "annot_id": field(raw, "annot_id", str, where),
-                "image": image_name(options["image_pattern"], "image_pattern", split=split, image=image),
-                "gt_image": image_name(options["gt_image_pattern"], "gt_image_pattern", split=split, image=image),
+                "image": image_name(options["image_pattern"], "image_pattern", **names),
+                "gt_image": image_name(options["gt_image_pattern"], "gt_image_pattern", **names),
                 "question": _tokens(field(raw, "question", list, where), objects, "question", where),
                 "answer_choices": _choices(raw, objects, "answer_choices", where),
                 "rationale_choices": _choices(raw, objects, "rationale_choices", where),
@@ -90,7 +92,7 @@ IMPORTER = Importer(
             str,
             "vcr_{split}_{image}",
             "img_db key of the detected boxes ({split}: the file name "
-            "without extension; {image}: img_fn's file name without extension)",
+            "without extension; {image}: img_fn's file name without extension; {img_fn}: img_fn without extension)",
         ),
         "gt_image_pattern": (str, "vcr_gt_{split}_{image}", "img_db key of the GT boxes (fields as --image_pattern)"),
     },
