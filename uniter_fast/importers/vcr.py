@@ -7,8 +7,8 @@ As the original's VCR databases: a reference to a ``person`` object k becomes th
 ``special_token_base + k``; the 81 tags person_0..person_80), a reference to any other object becomes its category
 name as a word; a missing label is -1. Images: detected boxes ``vcr_<split>_<image>.npz``, GT boxes
 ``vcr_gt_<split>_<image>.npz``, ``<split>`` the annotation file's name without its extension (train / val / test)
-and ``<image>`` the file name of ``img_fn`` without its extension (``{img_fn}``, the whole ``img_fn`` without its
-extension, names features extracted from VCR's image folder as it is published).
+and ``<image>`` the file name of ``img_fn`` without its extension. ``{img_fn}`` in a pattern is the whole ``img_fn``
+without its extension, ``/`` as ``__``: the name ``python -m uniter_fast.extract --images vcr1images/`` gives.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str,
             if not all(isinstance(o, str) for o in objects):
                 raise DataError(f"{where}: field 'objects' must be a list of category names, got {objects!r}")
             img_fn = os.path.splitext(field(raw, "img_fn", str, where))[0]
-            names = {"split": split, "image": os.path.basename(img_fn), "img_fn": img_fn}
+            names = {"split": split, "image": os.path.basename(img_fn), "img_fn": img_fn.replace("/", "__")}
             record = {
                 "annot_id": field(raw, "annot_id", str, where),
                 "image": image_name(options["image_pattern"], "image_pattern", **names),
@@ -91,8 +91,8 @@ IMPORTER = Importer(
         "image_pattern": (
             str,
             "vcr_{split}_{image}",
-            "img_db key of the detected boxes ({split}: the file name "
-            "without extension; {image}: img_fn's file name without extension; {img_fn}: img_fn without extension)",
+            "img_db key of the detected boxes ({split}: the file name without extension; {image}: img_fn's file "
+            "name without extension; {img_fn}: img_fn without extension, / as __)",
         ),
         "gt_image_pattern": (str, "vcr_gt_{split}_{image}", "img_db key of the GT boxes (fields as --image_pattern)"),
     },
