@@ -120,11 +120,14 @@ def test_min_answer_count_counts_distinct_questions(tmp_path) -> None:
     assert record["img_fname"] == "coco_val2014_000000000003.npz"
 
 
-def test_val_and_test_reuse_the_training_map(tmp_path) -> None:
+def test_val_and_test_reuse_the_training_map(tmp_path, caplog) -> None:
     train = _write(tmp_path, "train2014", TRAIN)
     assert _build(tmp_path, train, "train", "--min_answer_count", "1")[0] == 0
     table = str(tmp_path / "train" / "txt" / "ans2label.json")
     val = _write(tmp_path, "val2014", VAL)
+    assert not caplog.records
+    assert _build(tmp_path, val, "val_own_map", "--min_answer_count", "1")[0] == 0
+    assert "answer vocabulary built from val2014 alone" in caplog.text and "--ans2label" in caplog.text
     assert _build(tmp_path, val, "val", "--ans2label", table)[0] == 0
     assert json.load(open(tmp_path / "val" / "txt" / "ans2label.json")) == json.load(open(table))
     # "2" is in the training map (5 annotators: 1); "cat" and "kitten" are not: question 20 has no target

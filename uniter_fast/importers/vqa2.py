@@ -14,7 +14,7 @@ digits>.npz``, the folder being the subtype's COCO image folder (test-dev2015's 
 
 from __future__ import annotations
 
-import os
+import logging
 from typing import Any
 
 from uniter_fast.data.task_db import Imported
@@ -26,6 +26,8 @@ from uniter_fast.importers import Importer
 from uniter_fast.importers.published import image_name
 
 IMAGE_FOLDERS = {"test-dev2015": "test2015"}  # other subtypes name their own COCO folder
+
+logger = logging.getLogger(__name__)
 
 Files = dict[str, tuple[str, list]]  # data_subtype -> (path, its questions or annotations)
 
@@ -133,7 +135,13 @@ def read(paths: list[str], options: dict[str, Any]) -> Imported:
             )
         records += _records(subtype, questions[subtype], annotations.get(subtype), options["image_pattern"])
     fixed = {} if options.get("ans2label") else {"ans2label": _vocabulary(annotations, options["min_answer_count"])}
-    return Imported(" ".join(os.path.basename(p) for p in paths), records, fixed)
+    if fixed and not any(s.startswith("train") for s in annotations):
+        logger.warning(
+            "vqa2: answer vocabulary built from %s alone; a val / test db should take the training db's map "
+            "(--ans2label <train db>/txt/ans2label.json)",
+            ", ".join(sorted(annotations)),
+        )
+    return Imported(" ".join(paths), records, fixed)
 
 
 IMPORTER = Importer(
