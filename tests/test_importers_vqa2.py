@@ -125,7 +125,7 @@ def test_val_and_test_reuse_the_training_map(tmp_path, caplog) -> None:
     assert _build(tmp_path, train, "train", "--min_answer_count", "1")[0] == 0
     table = str(tmp_path / "train" / "txt" / "ans2label.json")
     val = _write(tmp_path, "val2014", VAL)
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.name == "uniter_fast.importers.vqa2"]  # train + its map: no warning
     assert _build(tmp_path, val, "val_own_map", "--min_answer_count", "1")[0] == 0
     assert "answer vocabulary built from val2014 alone" in caplog.text and "--ans2label" in caplog.text
     assert _build(tmp_path, val, "val", "--ans2label", table)[0] == 0
