@@ -171,6 +171,13 @@ def test_errors_name_the_file_and_the_record(tmp_path) -> None:
     bad.write_text(json.dumps(annotations))
     status, _, err = _build(tmp_path, [files[0], str(bad)], "db2")
     assert status == 2 and f"{files[0]} questions[3]: question_id 13 has no annotation in {bad}" in err
+    annotations = json.load(open(files[1]))
+    annotations["annotations"][3]["question_id"] = 10
+    bad.write_text(json.dumps(annotations))
+    status, _, err = _build(tmp_path, [files[0], str(bad)], "db7")
+    assert (
+        status == 2 and f"{bad} annotations[3]: question_id 10 is annotated twice (first: {bad} annotations[0])" in err
+    )
     status, _, err = _build(tmp_path, [files[0]], "db3")
     assert status == 2 and "questions of 'train2014' without their annotations file" in err
     status, _, err = _build(tmp_path, files, "db4", "--split", "val2014")
@@ -181,4 +188,4 @@ def test_errors_name_the_file_and_the_record(tmp_path) -> None:
     other.write_text(json.dumps({"images": []}))
     status, _, err = _build(tmp_path, [str(other)], "db6")
     assert status == 2 and f"{other}: not a VQA v2 questions or annotations file" in err
-    assert not any(os.path.exists(tmp_path / f"db{i}") for i in range(1, 7))
+    assert not any(os.path.exists(tmp_path / f"db{i}") for i in range(1, 8))

@@ -15,7 +15,7 @@ digits>.npz``, the folder being the subtype's COCO image folder (test-dev2015's 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from uniter_fast.data.task_db import Imported
 from uniter_fast.data.task_records import field
@@ -77,18 +77,20 @@ def _answers(raw: dict[str, Any], where: str) -> list[str]:
     return [normalize_answer(field(a, "answer", str, f"{where} answers[{j}]")) for j, a in enumerate(answers)]
 
 
-def _records(subtype: str, questions: tuple[str, list], annotations: Any, pattern: str) -> list[tuple[str, dict]]:
-    """The VQA annotations of one subtype's questions (with the annotators' answers when ``annotations`` is a
-    (path, rows) pair, none when it is None)."""
+def _records(
+    subtype: str, questions: tuple[str, list], annotations: Optional[tuple[str, list]], pattern: str
+) -> list[tuple[str, dict]]:
+    """The VQA annotations of one subtype's questions (with the annotators' answers when ``annotations``, the
+    subtype's (path, annotations), is given)."""
     path, rows = questions
     by_id: dict[int, tuple[str, dict]] = {}
     if annotations is not None:
-        ann_path, ann_rows = annotations
-        for i, raw in enumerate(ann_rows):
-            by_id[field(raw, "question_id", int, f"{ann_path} annotations[{i}]")] = (
-                f"{ann_path} annotations[{i}]",
-                raw,
-            )
+        for i, raw in enumerate(annotations[1]):
+            where = f"{annotations[0]} annotations[{i}]"
+            qid = field(raw, "question_id", int, where)
+            if qid in by_id:
+                raise DataError(f"{where}: question_id {qid} is annotated twice (first: {by_id[qid][0]})")
+            by_id[qid] = (where, raw)
     folder = IMAGE_FOLDERS.get(subtype, subtype)
     out = []
     for i, raw in enumerate(rows):
