@@ -7,7 +7,9 @@ Without ``--task`` (or with ``--task pretrain``): pretraining dbs from captions 
 ``--task <name>``: the task's dbs from its annotations (``Task.build_dbs``; formats in ``docs/data.md``), with the
 task's own options (``--task vqa --help`` lists them, e.g. ``--ans2label``). With ``--from <format>``: the
 annotations are a public dataset's files as published (``uniter_fast.importers``; ``docs/datasets.md``), read by
-that format's importer (its options: ``--from <format> --help``) into the databases of the task it feeds.
+that format's importer (its options: ``--from <format> --help``) into the databases of the task it feeds; the
+importer reads its own options and the task's (e.g. ``--ans2label``) and may return an ``Imported`` whose options
+(e.g. the answer vocabulary VQA v2's files define) the task's builder takes over the command line's.
 
 Writes ``out/txt`` and ``out/img`` (+ ``out/img_gt``, the GT-box features of RE and VCR) under a temporary name,
 renamed at the end; prints the counts as JSON.
@@ -91,8 +93,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if importer is not None:
         if not args.annotations:
             parser.error(f"--from {importer.name} needs --annotations {importer.files}")
-        options = {name: getattr(args, name) for name in importer.options}
-        annotations = Imported(" ".join(args.annotations), importer.read(args.annotations, options))
+        given = [*importer.options, *(task.build_options if task is not None and task.builds_dbs else {})]
+        read = importer.read(args.annotations, {name: getattr(args, name) for name in given})
+        annotations = read if isinstance(read, Imported) else Imported(" ".join(args.annotations), read)
     elif args.annotations:
         annotations = args.annotations[0]
     toker_name = args.toker_name or os.path.basename(os.path.dirname(os.path.abspath(args.vocab))) or "wordpiece"

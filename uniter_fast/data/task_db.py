@@ -28,10 +28,12 @@ GT_BOX_SETTINGS = (-1.0, 100, 10, 100)  # GT-box img_dbs keep every stored box (
 class Imported:
     """Annotations already read (by an importer of ``uniter_fast.importers``) in the form a builder reads them:
     ``annotations`` as ``Task.read_annotations`` returns them (pretraining: ``(where, {"id", "image", "caption"})``
-    pairs); ``source`` names the files they came from, for messages."""
+    pairs); ``source`` names the files they came from, for messages; ``options``: task build options the files fix
+    (e.g. VQA v2's answer vocabulary, ``{"ans2label": {answer: label}}``), over those given on the command line."""
 
     source: str
     annotations: Any
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 # one txt_db record: (where (file and line, for errors), id, input_ids, img_fname (a key or a list of keys), fields)

@@ -19,7 +19,7 @@ from uniter_fast.errors import ConfigError, closest
 PRETRAIN = "pretrain"
 """The ``task`` of an importer that feeds the pretraining databases (caption records)."""
 
-MODULES: tuple[str, ...] = ()
+MODULES: tuple[str, ...] = ("vqa2", "snli_ve", "nlvr2", "vcr")
 """The importer modules of this package (each defines ``IMPORTER``)."""
 
 

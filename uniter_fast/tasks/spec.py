@@ -325,6 +325,7 @@ class Task:
         if self.gt_features and not gt_features:
             raise ValueError(f"task {self.name!r} needs --gt_features (the GT-box features)")
         if isinstance(annotations, Imported):
+            options = {**(options or {}), **annotations.options}
             records, annotations = annotations.annotations, annotations.source
         else:
             records = self.read_annotations(annotations)
