@@ -243,6 +243,11 @@ def test_vg_regions_records_and_exclusion_through_image_data(tmp_path) -> None:
     status, txt, stderr = build(tmp_path, "vg-regions", [regions_path, data_path], keys, "--exclude", exclude)
     assert status == 0, stderr
     assert records(txt) == {k: v for k, v in want.items() if v[0] == "vg_000000000001.npz"}
+    status, txt, stderr = build(
+        tmp_path, "vg-regions", [regions_path], keys, "--exclude", write(tmp_path / "vg.txt", "vg:1\n")
+    )
+    assert status == 0, stderr
+    assert records(txt) == {k: v for k, v in want.items() if v[0] != "vg_000000000001.npz"}
 
 
 def one_line_error(status: int, stderr: str, *parts: str) -> None:

@@ -225,7 +225,7 @@ def test_mistakes_are_one_line(tmp_path) -> None:
     one_line_error(
         *build(tmp_path, files, "--split", "val", "--dataset", "refcoc")[::2], "--dataset 'refcoc'", "'refcoco'"
     )
-    one_line_error(*build(tmp_path, files)[::2], "--split None")
+    one_line_error(*build(tmp_path, files)[::2], "--split is required", "'testA'")
     one_line_error(*build(tmp_path, [refs_path], "--split", "val")[::2], "--annotations", "instances.json")
     one_line_error(*build(tmp_path, files, "--split", "testB")[::2], "no ref of split 'testB'", "'testA'")
     del refs[2]["sentences"][1]["sent"]

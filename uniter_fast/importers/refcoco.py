@@ -118,7 +118,9 @@ def read(paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
     dataset, split = options["dataset"], options["split"]
     if dataset not in SPLITS:
         raise ConfigError(f"--dataset {dataset!r}: unknown{closest(dataset, SPLITS)}; expected one of {list(SPLITS)}")
-    if split is None or split not in SPLITS[dataset]:
+    if split is None:
+        raise ConfigError(f"--split is required: one of {list(SPLITS[dataset])} ({dataset})")
+    if split not in SPLITS[dataset]:
         raise ConfigError(f"--split {split!r}: {dataset} has the splits {list(SPLITS[dataset])}")
     if len(paths) not in (2, 3):
         raise ConfigError(
