@@ -1,9 +1,9 @@
-"""The refcoco importer: refer's ``refs(unc).p`` (a pickle written here as refer's Python 2 tooling writes it,
-protocol 2) and COCO's ``instances.json`` with their published fields, built into the RE dbs through ``python -m
-uniter_fast.build --from refcoco``, the records and side tables checked against the original ``prepro.py`` rule
-(refs of exactly the split, their images with every annotation, ``ann_ids`` in instances order or MAttNet's
-``iid_to_ann_ids.json`` order, one record per sentence with its ``sent``); the restricted unpickler; the GT boxes
-to extract; the user's mistakes."""
+"""The refcoco importer: refer's ``refs(unc).p`` (a pickle written here in protocol 2, and in the protocol 0 with
+8-bit strings of Python 2's default) and COCO's ``instances.json`` with their published fields, built into the RE
+dbs through ``python -m uniter_fast.build --from refcoco``, the records and side tables checked against the
+original ``prepro.py`` rule (refs of exactly the split, their images with every annotation, ``ann_ids`` in
+instances order or MAttNet's ``iid_to_ann_ids.json`` order, one record per sentence with its ``sent``); the
+restricted unpickler; the GT boxes to extract; the user's mistakes."""
 
 from __future__ import annotations
 
@@ -207,6 +207,42 @@ def test_refs_pickle_naming_a_function_is_refused_before_it_runs(tmp_path) -> No
     bad.write_bytes(pickle.dumps([{"ref_id": 0, "x": {1, 2}}], protocol=2))  # a set is plain data: read, then checked
     with pytest.raises(DataError, match=r"ref 0: missing field 'ann_id'"):
         load_refs(str(bad))
+
+
+def python2_pickle(value) -> bytes:
+    """``value`` (lists, dicts, ints, floats, strings) as Python 2's default ``pickle.dump`` writes it: protocol 0,
+    text as 8-bit ``str`` (``S'...'``); refer's files come from Python 2 code."""
+    out = []
+
+    def put(item) -> None:
+        if isinstance(item, dict):
+            out.append(b"(d")
+            for key, val in item.items():
+                put(key), put(val), out.append(b"s")
+        elif isinstance(item, list):
+            out.append(b"(l")
+            for val in item:
+                put(val), out.append(b"a")
+        elif isinstance(item, bool) or item is None:
+            raise TypeError(item)
+        elif isinstance(item, int):
+            out.append(b"I%d\n" % item)
+        elif isinstance(item, float):
+            out.append(b"F%r\n" % item)
+        else:
+            out.append(b"S'" + item.encode("utf-8").replace(b"\\", b"\\\\").replace(b"'", b"\\'") + b"'\n")
+
+    put(value)
+    return b"".join(out) + b"."
+
+
+def test_python2_pickle_of_refs_reads_as_its_data(tmp_path) -> None:
+    _, _, _, refs = refer_files(str(tmp_path))
+    refs[0]["sentences"][0]["raw"] = "The man's red cat"  # a quote inside the 8-bit string
+    refs[0]["area"] = 12.5
+    py2 = tmp_path / "py2.p"
+    py2.write_bytes(python2_pickle(refs))
+    assert load_refs(str(py2)) == refs
 
 
 def one_line_error(status: int, stderr: str, *parts: str) -> None:

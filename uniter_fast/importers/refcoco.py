@@ -21,7 +21,6 @@ one txt_db record per sentence, its text ``sent``. ``ann_ids`` (the GT-box featu
 from __future__ import annotations
 
 import builtins
-import io
 import os
 import pickle
 from typing import Any, Optional
@@ -62,13 +61,12 @@ def load_refs(path: str) -> list[dict[str, Any]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"refs pickle {path!r} does not exist")
     with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        refs = _PlainDataUnpickler(io.BytesIO(raw), path).load()
-    except DataError:
-        raise
-    except Exception as exc:  # any corruption: truncated, not a pickle, bad text
-        raise DataError(f"refs pickle {path!r} cannot be read ({type(exc).__name__}: {exc})") from None
+        try:
+            refs = _PlainDataUnpickler(f, path).load()
+        except DataError:
+            raise
+        except Exception as exc:  # any corruption: truncated, not a pickle, text that is not UTF-8
+            raise DataError(f"refs pickle {path!r} cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(refs, list):
         raise DataError(f"refs pickle {path!r}: expected a list of refs, got {type(refs).__name__}")
     for i, ref in enumerate(refs):
