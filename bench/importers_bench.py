@@ -1,6 +1,6 @@
 """Reading time of the public-file importers at the published sizes (``uniter_fast.importers``).
 
-    python bench/importers_bench.py            # about a minute on 2 CPU cores; --vg-scale 1 for all 5.4M VG regions
+    python bench/importers_bench.py            # under two minutes on 2 CPU cores; --vg-scale 1: all 5.4M VG regions
 
 Writes, in a temporary directory, files of each published schema with the published numbers of images and texts
 (synthetic short texts; Visual Genome at ``--vg-scale`` of its 108,077 images x 50 regions), then times each

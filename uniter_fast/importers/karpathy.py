@@ -1,5 +1,5 @@
 """Karpathy's splits of COCO and Flickr30k (``dataset_coco.json``, ``dataset_flickr30k.json`` of
-https://cs.stanford.edu/people/karpathy/deepimagesent/, the files neuraltalk2's ``prepro.py`` reads): one caption
+https://cs.stanford.edu/people/karpathy/deepimagesent/, ``caption_datasets.zip``): one caption
 record per sentence of the images of the chosen splits, for the retrieval tasks (``itm``, ``itm-hn``) and COCO
 pretraining.
 
