@@ -48,6 +48,7 @@ class _PlainDataUnpickler(pickle.Unpickler):
         self.path = path
 
     def find_class(self, module: str, name: str) -> Any:
+        """The builtin data type ``module.name``; a DataError for anything else (nothing is imported or run)."""
         if module in ("builtins", "__builtin__") and name in SAFE_BUILTINS:
             return getattr(builtins, name)
         raise DataError(
