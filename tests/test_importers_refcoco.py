@@ -272,6 +272,10 @@ def test_mistakes_are_one_line(tmp_path) -> None:
     )
     broken.write_bytes(b"not a pickle")
     one_line_error(*build(tmp_path, [str(broken), instances_path], "--split", "val")[::2], "broken.p", "cannot be read")
+    instances["annotations"][3]["bbox"] = [1.0, 2.0, 3.0]
+    bad_instances = tmp_path / "bad_instances.json"
+    bad_instances.write_text(json.dumps(instances))
+    one_line_error(*build(tmp_path, [refs_path, str(bad_instances)], "--split", "val")[::2], "annotations[3]", "bbox")
     order = tmp_path / "order.json"
     order.write_text(json.dumps({"iid_to_ann_ids": {"9": [1]}}))
     one_line_error(*build(tmp_path, [*files, str(order)], "--split", "val")[::2], "iid_to_ann_ids", "image")

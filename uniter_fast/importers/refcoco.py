@@ -98,6 +98,9 @@ def image_ann_ids(instances: dict[str, Any], order: Optional[dict[str, list[int]
     for i, ann in enumerate(instances["annotations"]):
         at = f"{where} annotations[{i}]"
         found.setdefault(field(ann, "image_id", int, at), []).append(field(ann, "id", int, at))
+        bbox = field(ann, "bbox", list, at)
+        if len(bbox) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+            raise DataError(f"{at}: bbox must be 4 numbers [x, y, w, h], got {bbox!r}")
     if order is None:
         return found
     out = {}
