@@ -1,15 +1,15 @@
 """Karpathy's splits of COCO and Flickr30k (``dataset_coco.json``, ``dataset_flickr30k.json`` of
-https://cs.stanford.edu/people/karpathy/deepimagesent/, ``caption_datasets.zip``): one caption
-record per sentence of the images of the chosen splits, for the retrieval tasks (``itm``, ``itm-hn``) and COCO
-pretraining.
+https://cs.stanford.edu/people/karpathy/deepimagesent/, ``caption_datasets.zip``): one caption record per sentence
+of the images of the chosen splits, for the retrieval tasks (``itm``, ``itm-hn``) and COCO pretraining.
 
 The file: ``{"dataset": "coco" | "flickr30k", "images": [{"split": "train" | "restval" | "val" | "test",
 "filename", "imgid", "sentences": [{"raw", "tokens", "sentid", "imgid"}], "sentids", ...}]}``; COCO images also
 have ``filepath`` (``train2014`` / ``val2014``) and ``cocoid``. A record: id = ``sentid``, caption = ``raw`` (the
-sentence as written, cased: the original tokenizes with bert-base-cased; ``tokens`` is lower-cased and stripped of
-punctuation), image = the ``--image_key`` pattern. ``--split train`` takes Karpathy's train and restval images, as
-UNITER trained on both (its ``itm_coco_train`` and ``itm_coco_restval`` dbs); COCO has 113,287 images there, 5,000
-in val and 5,000 in test, Flickr30k 29,000 / 1,014 / 1,000.
+sentence as written, cased, for the original's bert-base-cased tokenizer; the script of the original's retrieval
+txt_dbs is not public; ``tokens`` is lower-cased and stripped of punctuation), image = the ``--image_key``
+pattern. ``--split train`` takes Karpathy's train and restval images, as UNITER trained on both (its
+``itm_coco_train`` and ``itm_coco_restval`` dbs); COCO has 113,287 images there, 5,000 in val and 5,000 in test,
+Flickr30k 29,000 / 1,014 / 1,000.
 """
 
 from __future__ import annotations
