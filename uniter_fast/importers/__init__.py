@@ -19,7 +19,17 @@ from uniter_fast.errors import ConfigError, closest
 PRETRAIN = "pretrain"
 """The ``task`` of an importer that feeds the pretraining databases (caption records)."""
 
-MODULES: tuple[str, ...] = ("vqa2", "snli_ve", "nlvr2", "vcr")
+MODULES: tuple[str, ...] = (
+    "vqa2",
+    "snli_ve",
+    "nlvr2",
+    "vcr",
+    "karpathy_coco",
+    "karpathy_flickr30k",
+    "coco_captions",
+    "vg_regions",
+    "refcoco",
+)
 """The importer modules of this package (each defines ``IMPORTER``)."""
 
 

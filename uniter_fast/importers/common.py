@@ -1,0 +1,111 @@
+"""What the importers of public files share: reading a published JSON file, naming images in the img_db by a
+pattern (``--image_key``), the exclusion lists of pretraining (``--exclude``) and the ``--split`` lists.
+
+Image keys are Python format patterns over the fields each importer documents (e.g. ``coco_{subset}_{id:012}``
+gives ``coco_train2014_000000581857``); ".npz" is appended by the builders. An exclusion list is a text file, one
+``<dataset>:<id>`` a line (``coco:581857``, ``flickr30k:1000092795``, ``vg:2345678``; ``#`` starts a comment).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Iterable, Optional
+
+from uniter_fast.errors import ConfigError, DataError, closest
+from uniter_fast.files import read_json
+
+EXCLUDE_DATASETS = ("coco", "flickr30k", "vg")
+COCO_FILE = re.compile(r"COCO_(?P<subset>[a-z]+\d+)_(?P<id>\d+)$")
+"""A COCO image file stem (``COCO_train2014_000000581857``): its subset and image id."""
+
+Caption = tuple[str, dict[str, str]]
+"""One pretraining caption record: (where it came from, ``{"id", "image", "caption"}``)."""
+
+
+def load_json(path: str, what: str) -> Any:
+    """The JSON content of the published file ``path`` (``what`` names the format in errors); a missing file is a
+    ``FileNotFoundError``, a file that is not JSON a DataError naming it."""
+    try:
+        return read_json(path, what)
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
+
+
+def json_object(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The published JSON object ``path`` holding the list fields ``keys``; a DataError naming the file otherwise."""
+    data = load_json(path, what)
+    if not isinstance(data, dict):
+        raise DataError(f"{what} {path!r}: expected a JSON object with {list(keys)}, got {type(data).__name__}")
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{what} {path!r}: expected a list under {key!r}, got {type(data.get(key)).__name__}")
+    return data
+
+
+def image_key(pattern: str, fields: dict[str, Any], where: str) -> str:
+    """``pattern`` (the ``--image_key`` option) formatted with ``fields``; a ConfigError naming the option when the
+    pattern uses a field this format does not have, or a format spec that does not fit the field's value."""
+    try:
+        key = pattern.format(**fields)
+    except KeyError as exc:
+        name = str(exc.args[0])
+        raise ConfigError(
+            f"--image_key {pattern!r}: unknown field {name!r}{closest(name, fields)}; this format has {sorted(fields)}"
+        ) from None
+    except (ValueError, IndexError) as exc:
+        raise ConfigError(f"--image_key {pattern!r}: cannot format {where} ({exc}); fields {fields}") from None
+    if not key or "/" in key:
+        raise ConfigError(f"--image_key {pattern!r}: gives {key!r} for {where}; expected a file name without '/'")
+    return key
+
+
+def coco_fields(file_name: str, where: str) -> dict[str, str]:
+    """``subset`` and ``stem`` of a COCO image file name (``COCO_train2014_000000581857.jpg``); DataError otherwise."""
+    stem = os.path.splitext(file_name)[0]
+    match = COCO_FILE.match(stem)
+    if match is None:
+        raise DataError(f"{where}: file name {file_name!r} is not a COCO image name (COCO_<subset>_<id>.jpg)")
+    return {"subset": match["subset"], "stem": stem}
+
+
+def read_exclusions(path: Optional[str]) -> dict[str, set[int]]:
+    """The ``--exclude`` file ``path``: dataset -> image ids (empty when ``path`` is None); a line that is not
+    ``<dataset>:<id>`` is a DataError naming the file and the line."""
+    found: dict[str, set[int]] = {name: set() for name in EXCLUDE_DATASETS}
+    if path is None:
+        return found
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--exclude file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            entry = line.split("#", 1)[0].strip()
+            if not entry:
+                continue
+            dataset, _, number = entry.partition(":")
+            if dataset not in found or not number.strip().isdigit():
+                raise DataError(
+                    f"--exclude {path!r} line {n}: expected '<dataset>:<image id>' with dataset one of "
+                    f"{list(EXCLUDE_DATASETS)}, got {entry!r}"
+                )
+            found[dataset].add(int(number))
+    return found
+
+
+def split_names(value: Optional[str], known: Iterable[str], aliases: dict[str, tuple[str, ...]]) -> set[str]:
+    """The splits of the ``--split`` value (comma-separated names of ``known``; an alias stands for its tuple); a
+    ConfigError naming the option when a name is unknown or none is given."""
+    known = sorted(known)
+    if not value:
+        raise ConfigError(f"--split is required: one or more of {known} (comma-separated)")
+    out: set[str] = set()
+    for name in (n.strip() for n in value.split(",")):
+        if name not in known:
+            raise ConfigError(f"--split {value!r}: unknown split {name!r}{closest(name, known)}; expected {known}")
+        out.update(aliases.get(name, (name,)))
+    return out
+
+
+def caption(where: str, id_: Any, image: str, text: str) -> Caption:
+    """A pretraining caption record: ``id`` and ``image`` as strings, ``caption`` the text as published."""
+    return where, {"id": str(id_), "image": image, "caption": text}
