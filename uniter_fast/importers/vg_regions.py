@@ -4,7 +4,8 @@ https://visualgenome.org/api/v0/api_home.html, version 1.2; the file visual_geno
 
 The file: a list of images ``[{"id" (or "image_id"), "regions": [{"region_id", "image_id", "phrase", "x", "y",
 "width", "height"}]}]``. A record per region: id = ``region_id``, caption = ``phrase`` as written, image = the
-``--image_key`` pattern (field ``id``, the VG image id; default ``vg_{id:012}``).
+``--image_key`` pattern (fields ``id``, the VG image id, and ``stem``, the name of its file ``<id>.jpg``; default
+``vg_{id:012}``).
 
 The original UNITER removed from pretraining the images of the downstream val / test sets (and the Flickr30k
 overlaps). ``--exclude`` drops the images it lists: ``vg:<id>`` lines directly, and ``coco:<id>`` /
@@ -73,7 +74,7 @@ def read(paths: list[str], options: dict[str, Any]) -> list[Caption]:
         regions = field(image, "regions", list, where)
         if image_id in excluded:
             continue
-        key = image_key(options["image_key"], {"id": image_id}, where)
+        key = image_key(options["image_key"], {"id": image_id, "stem": str(image_id)}, where)
         for j, region in enumerate(regions):
             at = f"{where} regions[{j}]"
             if field(region, "image_id", int, at) != image_id:
@@ -90,7 +91,11 @@ IMPORTER = Importer(
     description="Visual Genome region descriptions (region_descriptions.json): pretraining caption records",
     files="region_descriptions.json [image_data.json]",
     options={
-        "image_key": (str, "vg_{id:012}", "img_db key pattern; field id (the VG image id)"),
+        "image_key": (
+            str,
+            "vg_{id:012}",
+            "img_db key pattern; fields id (the VG image id), stem (its file name, <id>)",
+        ),
         "exclude": (str, None, "file of images to leave out, one vg:<id> / coco:<id> / flickr30k:<id> a line"),
     },
     read=read,
