@@ -50,6 +50,14 @@ def json_object(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return data
 
 
+def json_list(path: str, what: str, items: str) -> list[Any]:
+    """The published JSON list ``path`` (of ``items``, for the error); a DataError naming the file otherwise."""
+    data = load_json(path, what)
+    if not isinstance(data, list):
+        raise DataError(f"{what} {path!r}: expected a JSON list of {items}, got {type(data).__name__}")
+    return data
+
+
 def image_key(pattern: str, fields: dict[str, Any], where: str, option: str = "image_key") -> str:
     """The img_db key of an image: ``pattern`` (the ``--<option>`` value) formatted with ``fields``, ".npz" appended
     when missing; a ConfigError naming the option when the pattern uses a field this format does not have, a format

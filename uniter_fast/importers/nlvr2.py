@@ -19,7 +19,7 @@ from uniter_fast.data.task_db import read_jsonl
 from uniter_fast.data.task_records import field
 from uniter_fast.errors import DataError
 from uniter_fast.importers import Importer
-from uniter_fast.importers.common import image_key, load_json
+from uniter_fast.importers.common import image_key, json_list
 
 LABELS = {"True": 1, "False": 0}
 
@@ -30,9 +30,9 @@ def _missing(path: Any) -> set[str]:
     """The image keys of a ``--missing_images`` JSON list (none without one)."""
     if not path:
         return set()
-    names = load_json(path, "--missing_images file")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DataError(f"--missing_images {path}: expected a JSON list of image keys, got {type(names).__name__}")
+    names = json_list(path, "--missing_images file", "image keys")
+    if not all(isinstance(n, str) for n in names):
+        raise DataError(f"--missing_images file {path!r}: expected a JSON list of image keys (strings)")
     return {task_records.image_key(name) for name in names}
 
 

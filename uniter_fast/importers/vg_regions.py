@@ -20,7 +20,7 @@ from typing import Any
 from uniter_fast.data.task_records import field
 from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.importers import PRETRAIN, Importer
-from uniter_fast.importers.common import Caption, caption, image_key, load_json, read_exclusions
+from uniter_fast.importers.common import Caption, caption, image_key, json_list, read_exclusions
 
 SOURCES = {"coco": "coco_id", "flickr30k": "flickr_id"}
 
@@ -30,14 +30,6 @@ def _image_id(image: Any, where: str) -> int:
     if isinstance(image, dict) and "id" not in image and "image_id" in image:
         return field(image, "image_id", int, where)
     return field(image, "id", int, where)
-
-
-def _json_list(path: str, what: str) -> list[Any]:
-    """The published JSON list ``path``; DataError naming the file otherwise."""
-    data = load_json(path, what)
-    if not isinstance(data, list):
-        raise DataError(f"{what} {path!r}: expected a JSON list of images, got {type(data).__name__}")
-    return data
 
 
 def excluded_images(paths: list[str], exclude: dict[str, set[int]]) -> set[int]:
@@ -52,7 +44,7 @@ def excluded_images(paths: list[str], exclude: dict[str, set[int]]) -> set[int]:
             f"--exclude names {wanted} images: give VG's image_data.json as the second --annotations file (it maps "
             "VG images to COCO / Flickr photos)"
         )
-    for i, image in enumerate(_json_list(paths[1], "VG image data file")):
+    for i, image in enumerate(json_list(paths[1], "VG image data file", "images")):
         where = f"{paths[1]}[{i}]"
         vg_id = _image_id(image, where)
         for source, key in SOURCES.items():
@@ -68,7 +60,7 @@ def read(paths: list[str], options: dict[str, Any]) -> list[Caption]:
         raise ConfigError(f"--annotations: expected region_descriptions.json [image_data.json], got {len(paths)} files")
     excluded = excluded_images(paths, read_exclusions(options["exclude"]))
     records: list[Caption] = []
-    for i, image in enumerate(_json_list(paths[0], "VG region descriptions file")):
+    for i, image in enumerate(json_list(paths[0], "VG region descriptions file", "images")):
         where = f"{paths[0]}[{i}]"
         image_id = _image_id(image, where)
         regions = field(image, "regions", list, where)
