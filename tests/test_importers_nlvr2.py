@@ -65,6 +65,15 @@ def test_missing_images_drop_their_examples(tmp_path) -> None:
     status, out, err = _build(tmp_path, path, "db", "--missing_images", str(missing))
     assert status == 0, err
     assert sorted(TxtTokLmdb(str(tmp_path / "db" / "txt")).id2len) == ["dev-850-0-0", "dev-850-0-1"]
+    missing.write_text(json.dumps(["nlvr2_dev-851-2-img1"]))  # a key without .npz names the same image
+    status, out, err = _build(tmp_path, path, "db2", "--missing_images", str(missing))
+    assert status == 0, err
+    assert sorted(TxtTokLmdb(str(tmp_path / "db2" / "txt")).id2len) == ["dev-850-0-0", "dev-850-0-1"]
+    missing.write_text(json.dumps({"nlvr2_dev-851-2-img1.npz": 1}))
+    status, _, err = _build(tmp_path, path, "db3", "--missing_images", str(missing))
+    assert (
+        status == 2 and f"--missing_images file {str(missing)!r}: expected a JSON list of image keys, got dict" in err
+    )
 
 
 def test_errors_name_the_file_and_the_line(tmp_path) -> None:

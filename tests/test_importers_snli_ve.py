@@ -73,6 +73,6 @@ def test_errors_name_the_file_and_the_line(tmp_path) -> None:
     rows[2] = {**_line(*LINES[2]), "Flikr30kID": "img.png"}
     write_jsonl(path, rows)
     status, _, err = _build(tmp_path, path, "db3")
-    assert status == 2 and f"{path} line 3: field 'Flikr30kID' must be a Flickr30k file name" in err
+    assert status == 2 and f"{path} line 3 field 'Flikr30kID': 'img.png' is not a Flickr30k file name" in err
     status, _, err = _build(tmp_path, str(tmp_path / "absent.jsonl"), "db4")
     assert status == 2 and "absent.jsonl" in err and "does not exist" in err

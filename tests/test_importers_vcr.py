@@ -103,14 +103,12 @@ def test_errors_name_the_file_and_the_line(tmp_path) -> None:
     assert status == 2 and f"{path} line 1: field 'question': token [81]" in err and "[0, 81)" in err
 
 
-def test_image_patterns_name_the_extractors_files(tmp_path) -> None:
+def test_stem_keys_name_the_extractors_files(tmp_path) -> None:
     write_vocab(str(tmp_path / "vocab.txt"))
     name = IMG_FN[: -len(".jpg")].replace("/", "__")  # extract --images vcr1images/ names
     for folder in ("feats_test", "gt_test"):
         write_npz_dir(str(tmp_path / folder), [name])
     path = write_jsonl(str(tmp_path / "test.jsonl"), [_line("test-0", labels=False)])
-    status, _, err = _build(
-        tmp_path, path, "test", "db", "--image_pattern", "{img_fn}", "--gt_image_pattern", "{img_fn}"
-    )
+    status, _, err = _build(tmp_path, path, "test", "db", "--image_key", "{stem}", "--gt_image_key", "{stem}")
     assert status == 0, err
     assert VcrTxtTokLmdb(str(tmp_path / "db" / "txt"))["test-0"]["img_fname"] == [f"{name}.npz"] * 2

@@ -182,8 +182,8 @@ def test_errors_name_the_file_and_the_record(tmp_path) -> None:
     assert status == 2 and "questions of 'train2014' without their annotations file" in err
     status, _, err = _build(tmp_path, files, "db4", "--split", "val2014")
     assert status == 2 and "--split 'val2014': expected the data_subtype of a questions file given" in err
-    status, _, err = _build(tmp_path, files, "db5", "--image_pattern", "coco_{split}_{image_id}")
-    assert status == 2 and "--image_pattern 'coco_{split}_{image_id}': unknown field {split}" in err
+    status, _, err = _build(tmp_path, files, "db5", "--image_key", "coco_{split}_{id}")
+    assert status == 2 and "--image_key 'coco_{split}_{id}': unknown field 'split'" in err
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"images": []}))
     status, _, err = _build(tmp_path, [str(other)], "db6")

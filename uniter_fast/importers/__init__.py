@@ -39,9 +39,15 @@ class Importer:
 
     ``name``: the ``--from`` value; ``task``: the task whose databases it feeds (:data:`PRETRAIN` for captions);
     ``files``: what ``--annotations`` takes (for ``--help`` and errors); ``options``: its own command-line options,
-    ``{name: (type, default, help)}`` as ``Task.build_options``; ``read(paths, options)``: the annotations of the
-    files ``paths`` in the form the task's builder reads (``Task.read_annotations``; for :data:`PRETRAIN`, a list of
-    ``(where, {"id", "image", "caption"})`` pairs), a ``DataError`` naming the file and the record on bad input."""
+    ``{name: (type, default, help)}`` as ``Task.build_options``.
+
+    ``read(paths, options)`` receives the ``--annotations`` files ``paths`` and ``options``, the command line's
+    values of the importer's own options and of the task's build options (e.g. vqa's ``ans2label``), by name. It
+    returns the annotations in the form the task's builder reads (``Task.read_annotations``; for :data:`PRETRAIN`, a
+    list of ``(where, {"id", "image", "caption"})`` pairs), or an ``Imported`` (``uniter_fast.data.task_db``) of
+    them with the build options the files fix (VQA v2's answer vocabulary as ``ans2label``), which the builder takes
+    over the command line's. Bad input is a ``DataError`` naming the file and the record, a bad option value a
+    ``ConfigError`` naming the option."""
 
     name: str
     task: str

@@ -19,7 +19,15 @@ from typing import Any
 from uniter_fast.data.task_records import field
 from uniter_fast.errors import DataError
 from uniter_fast.importers import PRETRAIN, Importer
-from uniter_fast.importers.common import Caption, caption, coco_fields, image_key, json_object, read_exclusions
+from uniter_fast.importers.common import (
+    COCO_KEY,
+    Caption,
+    caption,
+    coco_fields,
+    image_key,
+    json_object,
+    read_exclusions,
+)
 
 
 def read(paths: list[str], options: dict[str, Any]) -> list[Caption]:
@@ -32,7 +40,7 @@ def read(paths: list[str], options: dict[str, Any]) -> list[Caption]:
         for i, image in enumerate(data["images"]):
             where = f"{path} images[{i}]"
             image_id = field(image, "id", int, where)
-            fields = {"id": image_id, **coco_fields(field(image, "file_name", str, where), where)}
+            fields = {**coco_fields(field(image, "file_name", str, where), where), "id": image_id}
             keys[image_id] = image_key(options["image_key"], fields, where)
         for i, ann in enumerate(data["annotations"]):
             where = f"{path} annotations[{i}]"
@@ -53,7 +61,7 @@ IMPORTER = Importer(
     description="COCO captions (captions_{train,val}2014.json): pretraining caption records",
     files="captions_train2014.json [captions_val2014.json]",
     options={
-        "image_key": (str, "coco_{subset}_{id:012}", "img_db key pattern; fields id, subset, stem"),
+        "image_key": (str, COCO_KEY, "img_db key pattern; fields id, subset, stem"),
         "exclude": (str, None, "file of images to leave out, one coco:<image id> a line"),
     },
     read=read,

@@ -1,9 +1,11 @@
 """What the importers of public files share: reading a published JSON file, naming images in the img_db by a
-pattern (``--image_key``), the exclusion lists of pretraining (``--exclude``) and the ``--split`` lists.
+pattern (``--image_key``; the fields of COCO and Flickr30k images and their default keys, the same in every
+importer that reads them), the exclusion lists of pretraining (``--exclude``) and the ``--split`` lists.
 
 Image keys are Python format patterns over the fields each importer documents (e.g. ``coco_{subset}_{id:012}``
-gives ``coco_train2014_000000581857``); ".npz" is appended by the builders. An exclusion list is a text file, one
-``<dataset>:<id>`` a line (``coco:581857``, ``flickr30k:1000092795``, ``vg:2345678``; ``#`` starts a comment).
+gives ``coco_train2014_000000581857.npz``); ``{stem}``, the image file's name without its extension, gives the
+names ``python -m uniter_fast.extract`` writes. An exclusion list is a text file, one ``<dataset>:<id>`` a line
+(``coco:581857``, ``flickr30k:1000092795``, ``vg:2345678``; ``#`` starts a comment).
 """
 
 from __future__ import annotations
@@ -12,10 +14,15 @@ import os
 import re
 from typing import Any, Iterable, Optional
 
+from uniter_fast.data import task_records
 from uniter_fast.errors import ConfigError, DataError, closest
 from uniter_fast.files import read_json
 
 EXCLUDE_DATASETS = ("coco", "flickr30k", "vg")
+COCO_KEY = "coco_{subset}_{id:012}"
+"""The default key of a COCO image (fields of :func:`coco_fields`): the original img_dbs' names."""
+FLICKR30K_KEY = "flickr30k_{id:012}"
+"""The default key of a Flickr30k image (fields of :func:`flickr30k_fields`): the photo id, 12 digits, as COCO's."""
 COCO_FILE = re.compile(r"COCO_(?P<subset>[a-z]+\d+)_(?P<id>\d+)$")
 """A COCO image file stem (``COCO_train2014_000000581857``): its subset and image id."""
 
@@ -43,30 +50,54 @@ def json_object(path: str, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
     return data
 
 
-def image_key(pattern: str, fields: dict[str, Any], where: str) -> str:
-    """``pattern`` (the ``--image_key`` option) formatted with ``fields``; a ConfigError naming the option when the
-    pattern uses a field this format does not have, or a format spec that does not fit the field's value."""
+def json_list(path: str, what: str, items: str) -> list[Any]:
+    """The published JSON list ``path`` (of ``items``, for the error); a DataError naming the file otherwise."""
+    data = load_json(path, what)
+    if not isinstance(data, list):
+        raise DataError(f"{what} {path!r}: expected a JSON list of {items}, got {type(data).__name__}")
+    return data
+
+
+def image_key(pattern: str, fields: dict[str, Any], where: str, option: str = "image_key") -> str:
+    """The img_db key of an image: ``pattern`` (the ``--<option>`` value) formatted with ``fields``, ".npz" appended
+    when missing; a ConfigError naming the option when the pattern uses a field this format does not have, a format
+    spec that does not fit a field's value, or gives a name with a "/"."""
     try:
         key = pattern.format(**fields)
     except KeyError as exc:
         name = str(exc.args[0])
         raise ConfigError(
-            f"--image_key {pattern!r}: unknown field {name!r}{closest(name, fields)}; this format has {sorted(fields)}"
+            f"--{option} {pattern!r}: unknown field {name!r}{closest(name, fields)}; this format has {sorted(fields)}"
         ) from None
     except (ValueError, IndexError) as exc:
-        raise ConfigError(f"--image_key {pattern!r}: cannot format {where} ({exc}); fields {fields}") from None
+        raise ConfigError(f"--{option} {pattern!r}: cannot format {where} ({exc}); fields {fields}") from None
     if not key or "/" in key:
-        raise ConfigError(f"--image_key {pattern!r}: gives {key!r} for {where}; expected a file name without '/'")
-    return key
+        raise ConfigError(f"--{option} {pattern!r}: gives {key!r} for {where}; expected a file name without '/'")
+    return task_records.image_key(key)
 
 
-def coco_fields(file_name: str, where: str) -> dict[str, str]:
-    """``subset`` and ``stem`` of a COCO image file name (``COCO_train2014_000000581857.jpg``); DataError otherwise."""
+def coco_fields(file_name: str, where: str) -> dict[str, Any]:
+    """``id``, ``subset`` and ``stem`` of a COCO image file name (``COCO_train2014_000000581857.jpg``); DataError
+    otherwise."""
     stem = os.path.splitext(file_name)[0]
     match = COCO_FILE.match(stem)
     if match is None:
         raise DataError(f"{where}: file name {file_name!r} is not a COCO image name (COCO_<subset>_<id>.jpg)")
-    return {"subset": match["subset"], "stem": stem}
+    return {"id": int(match["id"]), "subset": match["subset"], "stem": stem}
+
+
+def coco_image(image_id: int, subset: str) -> dict[str, Any]:
+    """``id``, ``subset`` and ``stem`` of COCO image ``image_id`` of the folder ``subset`` (``train2014``): the
+    fields :func:`coco_fields` reads from its file name."""
+    return {"id": image_id, "subset": subset, "stem": f"COCO_{subset}_{image_id:012d}"}
+
+
+def flickr30k_fields(file_name: str, where: str) -> dict[str, Any]:
+    """``id`` (the photo id) and ``stem`` of a Flickr30k image file name (``1000092795.jpg``); DataError otherwise."""
+    stem = os.path.splitext(file_name)[0]
+    if not stem.isdigit():
+        raise DataError(f"{where}: {file_name!r} is not a Flickr30k file name (<photo id>.jpg, e.g. '1000092795.jpg')")
+    return {"id": int(stem), "stem": stem}
 
 
 def read_exclusions(path: Optional[str]) -> dict[str, set[int]]:

@@ -14,7 +14,6 @@ Flickr30k 29,000 / 1,014 / 1,000.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 from uniter_fast.data.task_records import field
@@ -24,6 +23,7 @@ from uniter_fast.importers.common import (
     Caption,
     caption,
     coco_fields,
+    flickr30k_fields,
     image_key,
     json_object,
     read_exclusions,
@@ -37,18 +37,18 @@ SPLIT_ALIASES = {"train": ("train", "restval")}
 def _coco_image(image: dict[str, Any], where: str) -> tuple[dict[str, Any], tuple[str, int]]:
     """Key fields (``id`` = cocoid, ``subset`` = filepath, ``stem``, ``imgid``) and the exclusion id of a COCO image."""
     cocoid = field(image, "cocoid", int, where)
-    stem = coco_fields(field(image, "filename", str, where), where)["stem"]
-    fields = {"id": cocoid, "subset": field(image, "filepath", str, where), "stem": stem, "imgid": image.get("imgid")}
+    fields = coco_fields(field(image, "filename", str, where), where)
+    fields.update(id=cocoid, subset=field(image, "filepath", str, where), imgid=image.get("imgid"))
     return fields, ("coco", cocoid)
 
 
 def _flickr_image(image: dict[str, Any], where: str) -> tuple[dict[str, Any], tuple[str, int]]:
     """Key fields (``id`` = the Flickr photo id, the file name's digits; ``stem``; ``imgid``) and the exclusion id."""
-    filename = field(image, "filename", str, where)
-    stem = os.path.splitext(filename)[0]
-    if not stem.isdigit():
-        raise DataError(f"{where}: filename {filename!r} is not a Flickr30k photo (<photo id>.jpg)")
-    return {"id": int(stem), "stem": stem, "imgid": image.get("imgid")}, ("flickr30k", int(stem))
+    fields = {
+        **flickr30k_fields(field(image, "filename", str, where), f"{where} filename"),
+        "imgid": image.get("imgid"),
+    }
+    return fields, ("flickr30k", fields["id"])
 
 
 IMAGE_FIELDS = {"coco": _coco_image, "flickr30k": _flickr_image}

@@ -2,9 +2,11 @@
 ("True"/"False"), "directory", "left_url", "right_url", "writer", "synset", "query", ...}`` -> NLVR2 annotations.
 
 As the original's ``prepro.py``: the id is ``identifier`` (``<split>-<set>-<pair>-<sentence>``), the target 1 when
-``label`` is "True" and 0 when "False", and the two images ``nlvr2_<identifier without its last -N>-img0.npz`` and
-``...-img1.npz`` (left, right). ``--missing_images`` drops the examples whose images are listed, as the original's
-``--missing_imgs`` (``missing_nlvr2_imgs.json``, image keys whose features were corrupted).
+``label`` is "True" and 0 when "False", and the two images (left, right) the ``--image_key`` pattern over ``pair``
+(the identifier without its last -N), ``side`` (0, 1) and ``stem`` (``<pair>-img<side>``, the image file's name), by
+default ``nlvr2_<pair>-img0.npz`` and ``...-img1.npz``. ``--missing_images`` drops the examples whose images are
+listed, as the original's ``--missing_imgs`` (``missing_nlvr2_imgs.json``, image keys whose features were
+corrupted).
 """
 
 from __future__ import annotations
@@ -12,12 +14,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from uniter_fast.data import task_records
 from uniter_fast.data.task_db import read_jsonl
 from uniter_fast.data.task_records import field
 from uniter_fast.errors import DataError
-from uniter_fast.files import read_json
 from uniter_fast.importers import Importer
-from uniter_fast.importers.published import image_name
+from uniter_fast.importers.common import image_key, json_list
 
 LABELS = {"True": 1, "False": 0}
 
@@ -28,10 +30,10 @@ def _missing(path: Any) -> set[str]:
     """The image keys of a ``--missing_images`` JSON list (none without one)."""
     if not path:
         return set()
-    names = read_json(path, "--missing_images")
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise DataError(f"--missing_images {path}: expected a JSON list of image keys, got {type(names).__name__}")
-    return set(names)
+    names = json_list(path, "--missing_images file", "image keys")
+    if not all(isinstance(n, str) for n in names):
+        raise DataError(f"--missing_images file {path!r}: expected a JSON list of image keys (strings)")
+    return {task_records.image_key(name) for name in names}
 
 
 def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -49,7 +51,8 @@ def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str,
             if label not in LABELS:
                 raise DataError(f"{where}: field 'label' must be 'True' or 'False', got {label!r}")
             pair = identifier.rsplit("-", 1)[0]
-            images = [image_name(options["image_pattern"], "image_pattern", pair=pair, side=s) for s in (0, 1)]
+            sides = [{"pair": pair, "side": s, "stem": f"{pair}-img{s}"} for s in (0, 1)]
+            images = [image_key(options["image_key"], fields, where) for fields in sides]
             if missing.intersection(images):
                 dropped += 1
                 continue
@@ -66,15 +69,17 @@ IMPORTER = Importer(
     description="NLVR2 JSON lines (identifier, sentence, label); the image pair from the identifier",
     files="<split>.json [...] (lil-lab/nlvr's nlvr2/data files, one JSON object a line)",
     options={
-        "image_pattern": (
+        "image_key": (
             str,
             "nlvr2_{pair}-img{side}",
-            "img_db key of an image ({pair}: the identifier without its last -N; {side}: 0 left, 1 right)",
+            "img_db key pattern; fields pair (the identifier without its last -N), side (0 left, 1 right), stem "
+            "(<pair>-img<side>, the image file's name)",
         ),
         "missing_images": (
             str,
             None,
-            "JSON list of image keys whose examples are left out (the original's missing_nlvr2_imgs.json)",
+            "JSON list of image keys (.npz optional) whose examples are left out (the original's "
+            "missing_nlvr2_imgs.json)",
         ),
     },
     read=read,

@@ -3,7 +3,9 @@ premise added as ``Flikr30kID`` (sic, e.g. "3416050480.jpg"): ``{"pairID", "Flik
 hypothesis), "gold_label", "sentence1", "annotator_labels", ...}`` -> VE annotations.
 
 As the original's databases: the id is ``pairID``, the text ``sentence2``, the class ``gold_label``
-(contradiction 0, entailment 1, neutral 2), the image ``flickr30k_<image id, 12 digits>.npz``.
+(contradiction 0, entailment 1, neutral 2), the image the ``--image_key`` pattern over the Flickr30k fields of
+``Flikr30kID`` (``common.flickr30k_fields``: ``id``, the photo id; ``stem``), by default ``flickr30k_<id, 12
+digits>.npz``, as ``karpathy-flickr30k``.
 """
 
 from __future__ import annotations
@@ -14,18 +16,7 @@ from uniter_fast.data.task_db import read_jsonl
 from uniter_fast.data.task_records import VE_ENT2IDX, field
 from uniter_fast.errors import DataError
 from uniter_fast.importers import Importer
-from uniter_fast.importers.published import image_name
-
-
-def _image_id(raw: dict[str, Any], where: str) -> int:
-    """The Flickr30k id of ``Flikr30kID`` ("<digits>.jpg")."""
-    name = field(raw, "Flikr30kID", str, where)
-    stem = name.split(".")[0]
-    if not stem.isdigit():
-        raise DataError(
-            f"{where}: field 'Flikr30kID' must be a Flickr30k file name like '3416050480.jpg', got {name!r}"
-        )
-    return int(stem)
+from uniter_fast.importers.common import FLICKR30K_KEY, flickr30k_fields, image_key
 
 
 def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -39,7 +30,8 @@ def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str,
                     f"{where}: field 'gold_label' must be one of {sorted(VE_ENT2IDX)}, got {label!r} "
                     "(SNLI-VE keeps the pairs with a gold label)"
                 )
-            image = image_name(options["image_pattern"], "image_pattern", image_id=_image_id(raw, where))
+            fields = flickr30k_fields(field(raw, "Flikr30kID", str, where), f"{where} field 'Flikr30kID'")
+            image = image_key(options["image_key"], fields, where)
             record = {
                 "id": field(raw, "pairID", str, where),
                 "image": image,
@@ -56,7 +48,7 @@ IMPORTER = Importer(
     description="SNLI-VE JSON lines (pairID, Flikr30kID, sentence2, gold_label)",
     files="snli_ve_<split>.jsonl [...]",
     options={
-        "image_pattern": (str, "flickr30k_{image_id:012d}", "img_db key of an image ({image_id}: the Flickr30k id)"),
+        "image_key": (str, FLICKR30K_KEY, "img_db key pattern; fields id (the Flickr30k photo id), stem"),
     },
     read=read,
 )

@@ -5,10 +5,11 @@ a word, or a list of indices into ``objects`` -> VCR annotations.
 
 As the original's VCR databases: a reference to a ``person`` object k becomes the person tag k (the task's tag id
 ``special_token_base + k``; the 81 tags person_0..person_80), a reference to any other object becomes its category
-name as a word; a missing label is -1. Images: detected boxes ``vcr_<split>_<image>.npz``, GT boxes
-``vcr_gt_<split>_<image>.npz``, ``<split>`` the annotation file's name without its extension (train / val / test)
-and ``<image>`` the file name of ``img_fn`` without its extension. ``{img_fn}`` in a pattern is the whole ``img_fn``
-without its extension, ``/`` as ``__``: the name ``python -m uniter_fast.extract --images vcr1images/`` gives.
+name as a word; a missing label is -1. Images: the ``--image_key`` (detected boxes) and ``--gt_image_key`` (GT
+boxes) patterns over ``split`` (the annotation file's name without its extension: train / val / test), ``image``
+(the file name of ``img_fn`` without its extension) and ``stem`` (the whole ``img_fn`` without its extension, ``/``
+as ``__``: the name ``python -m uniter_fast.extract --images vcr1images/`` gives), by default
+``vcr_<split>_<image>.npz`` and ``vcr_gt_<split>_<image>.npz``, the original's names.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from uniter_fast.data.task_db import read_jsonl
 from uniter_fast.data.task_records import NUM_CHOICES, field
 from uniter_fast.errors import DataError
 from uniter_fast.importers import Importer
-from uniter_fast.importers.published import image_name
+from uniter_fast.importers.common import image_key
 
 PERSON = "person"
 
@@ -67,11 +68,11 @@ def read(paths: list[str], options: dict[str, Any]) -> list[tuple[str, dict[str,
             if not all(isinstance(o, str) for o in objects):
                 raise DataError(f"{where}: field 'objects' must be a list of category names, got {objects!r}")
             img_fn = os.path.splitext(field(raw, "img_fn", str, where))[0]
-            names = {"split": split, "image": os.path.basename(img_fn), "img_fn": img_fn.replace("/", "__")}
+            fields = {"split": split, "image": os.path.basename(img_fn), "stem": img_fn.replace("/", "__")}
             record = {
                 "annot_id": field(raw, "annot_id", str, where),
-                "image": image_name(options["image_pattern"], "image_pattern", **names),
-                "gt_image": image_name(options["gt_image_pattern"], "gt_image_pattern", **names),
+                "image": image_key(options["image_key"], fields, where),
+                "gt_image": image_key(options["gt_image_key"], fields, where, option="gt_image_key"),
                 "question": _tokens(field(raw, "question", list, where), objects, "question", where),
                 "answer_choices": _choices(raw, objects, "answer_choices", where),
                 "rationale_choices": _choices(raw, objects, "rationale_choices", where),
@@ -88,13 +89,13 @@ IMPORTER = Importer(
     description="VCR JSON lines (annot_id, img_fn, objects, question, answer/rationale choices and labels)",
     files="<split>.jsonl [...] (VCR's train.jsonl / val.jsonl / test.jsonl)",
     options={
-        "image_pattern": (
+        "image_key": (
             str,
             "vcr_{split}_{image}",
-            "img_db key of the detected boxes ({split}: the file name without extension; {image}: img_fn's file "
-            "name without extension; {img_fn}: img_fn without extension, / as __)",
+            "img_db key pattern of the detected boxes; fields split (the file name without extension), image "
+            "(img_fn's file name without extension), stem (img_fn without extension, / as __)",
         ),
-        "gt_image_pattern": (str, "vcr_gt_{split}_{image}", "img_db key of the GT boxes (fields as --image_pattern)"),
+        "gt_image_key": (str, "vcr_gt_{split}_{image}", "img_db key pattern of the GT boxes (fields as --image_key)"),
     },
     read=read,
 )

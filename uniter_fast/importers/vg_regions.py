@@ -4,7 +4,8 @@ https://visualgenome.org/api/v0/api_home.html, version 1.2; the file visual_geno
 
 The file: a list of images ``[{"id" (or "image_id"), "regions": [{"region_id", "image_id", "phrase", "x", "y",
 "width", "height"}]}]``. A record per region: id = ``region_id``, caption = ``phrase`` as written, image = the
-``--image_key`` pattern (field ``id``, the VG image id; default ``vg_{id:012}``).
+``--image_key`` pattern (fields ``id``, the VG image id, and ``stem``, the name of its file ``<id>.jpg``; default
+``vg_{id:012}``).
 
 The original UNITER removed from pretraining the images of the downstream val / test sets (and the Flickr30k
 overlaps). ``--exclude`` drops the images it lists: ``vg:<id>`` lines directly, and ``coco:<id>`` /
@@ -19,7 +20,7 @@ from typing import Any
 from uniter_fast.data.task_records import field
 from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.importers import PRETRAIN, Importer
-from uniter_fast.importers.common import Caption, caption, image_key, load_json, read_exclusions
+from uniter_fast.importers.common import Caption, caption, image_key, json_list, read_exclusions
 
 SOURCES = {"coco": "coco_id", "flickr30k": "flickr_id"}
 
@@ -29,14 +30,6 @@ def _image_id(image: Any, where: str) -> int:
     if isinstance(image, dict) and "id" not in image and "image_id" in image:
         return field(image, "image_id", int, where)
     return field(image, "id", int, where)
-
-
-def _json_list(path: str, what: str) -> list[Any]:
-    """The published JSON list ``path``; DataError naming the file otherwise."""
-    data = load_json(path, what)
-    if not isinstance(data, list):
-        raise DataError(f"{what} {path!r}: expected a JSON list of images, got {type(data).__name__}")
-    return data
 
 
 def excluded_images(paths: list[str], exclude: dict[str, set[int]]) -> set[int]:
@@ -51,7 +44,7 @@ def excluded_images(paths: list[str], exclude: dict[str, set[int]]) -> set[int]:
             f"--exclude names {wanted} images: give VG's image_data.json as the second --annotations file (it maps "
             "VG images to COCO / Flickr photos)"
         )
-    for i, image in enumerate(_json_list(paths[1], "VG image data file")):
+    for i, image in enumerate(json_list(paths[1], "VG image data file", "images")):
         where = f"{paths[1]}[{i}]"
         vg_id = _image_id(image, where)
         for source, key in SOURCES.items():
@@ -67,13 +60,13 @@ def read(paths: list[str], options: dict[str, Any]) -> list[Caption]:
         raise ConfigError(f"--annotations: expected region_descriptions.json [image_data.json], got {len(paths)} files")
     excluded = excluded_images(paths, read_exclusions(options["exclude"]))
     records: list[Caption] = []
-    for i, image in enumerate(_json_list(paths[0], "VG region descriptions file")):
+    for i, image in enumerate(json_list(paths[0], "VG region descriptions file", "images")):
         where = f"{paths[0]}[{i}]"
         image_id = _image_id(image, where)
         regions = field(image, "regions", list, where)
         if image_id in excluded:
             continue
-        key = image_key(options["image_key"], {"id": image_id}, where)
+        key = image_key(options["image_key"], {"id": image_id, "stem": str(image_id)}, where)
         for j, region in enumerate(regions):
             at = f"{where} regions[{j}]"
             if field(region, "image_id", int, at) != image_id:
@@ -90,7 +83,11 @@ IMPORTER = Importer(
     description="Visual Genome region descriptions (region_descriptions.json): pretraining caption records",
     files="region_descriptions.json [image_data.json]",
     options={
-        "image_key": (str, "vg_{id:012}", "img_db key pattern; field id (the VG image id)"),
+        "image_key": (
+            str,
+            "vg_{id:012}",
+            "img_db key pattern; fields id (the VG image id), stem (its file name, <id>)",
+        ),
         "exclude": (str, None, "file of images to leave out, one vg:<id> / coco:<id> / flickr30k:<id> a line"),
     },
     read=read,

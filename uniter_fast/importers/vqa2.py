@@ -8,8 +8,9 @@ The answer vocabulary (when ``--ans2label`` is not given): the normalised ``mult
 val2014, as bottom-up-attention-vqa concatenates them), labelled in order of first occurrence
 (``uniter_fast.data.vqa_answers``; over train2014 + val2014 the original's 3,129 answers). The soft targets: each
 annotator answer normalised the same way, counted, scored 0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ annotators
-(``task_records.vqa_soft_scores``), answers outside the vocabulary dropped. Image keys: ``coco_<folder>_<image id, 12
-digits>.npz``, the folder being the subtype's COCO image folder (test-dev2015's images are test2015's).
+(``task_records.vqa_soft_scores``), answers outside the vocabulary dropped. Image keys: the ``--image_key`` pattern
+over the COCO fields of ``common.coco_image`` (``subset``: the subtype's COCO image folder, test-dev2015's images
+being test2015's; ``id``: ``image_id``; ``stem``), by default ``coco_<subset>_<id, 12 digits>.npz``.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from uniter_fast.data.task_db import Imported
 from uniter_fast.data.task_records import field
 from uniter_fast.data.vqa_answers import answer_vocabulary, normalize_answer
 from uniter_fast.errors import ConfigError, DataError
-from uniter_fast.files import read_json
 from uniter_fast.importers import Importer
-from uniter_fast.importers.published import image_name
+from uniter_fast.importers.common import COCO_KEY, coco_image, image_key, load_json
 
 IMAGE_FOLDERS = {"test-dev2015": "test2015"}  # other subtypes name their own COCO folder
 
@@ -36,7 +36,7 @@ def _read_files(paths: list[str]) -> tuple[Files, Files]:
     """(questions files, annotations files) by data_subtype; each file told by its content."""
     found: dict[str, Files] = {"questions": {}, "annotations": {}}
     for path in paths:
-        data = read_json(path, "VQA v2 file")
+        data = load_json(path, "VQA v2 file")
         kind = next((k for k in found if isinstance(data, dict) and isinstance(data.get(k), list)), None)
         if kind is None:
             raise DataError(
@@ -99,7 +99,7 @@ def _records(
         image_id = field(raw, "image_id", int, where)
         record = {
             "question_id": qid,
-            "image": image_name(pattern, "image_pattern", folder=folder, image_id=image_id),
+            "image": image_key(pattern, coco_image(image_id, folder), where),
             "question": field(raw, "question", str, where),
             "answers": {},
         }
@@ -135,7 +135,7 @@ def read(paths: list[str], options: dict[str, Any]) -> Imported:
                 f"{questions[subtype][0]}: questions of {subtype!r} without their annotations file "
                 f"(v2_mscoco_{subtype}_annotations.json) among --annotations"
             )
-        records += _records(subtype, questions[subtype], annotations.get(subtype), options["image_pattern"])
+        records += _records(subtype, questions[subtype], annotations.get(subtype), options["image_key"])
     fixed = {} if options.get("ans2label") else {"ans2label": _vocabulary(annotations, options["min_answer_count"])}
     if fixed and not any(s.startswith("train") for s in annotations):
         logger.warning(
@@ -158,10 +158,11 @@ IMPORTER = Importer(
             9,
             "answer vocabulary: answers of at least this many questions (ignored with --ans2label)",
         ),
-        "image_pattern": (
+        "image_key": (
             str,
-            "coco_{folder}_{image_id:012d}",
-            "img_db key of an image ({folder}: the COCO image folder, train2014 / val2014 / test2015; {image_id})",
+            COCO_KEY,
+            "img_db key pattern; fields id (image_id), subset (the COCO image folder: train2014 / val2014 / "
+            "test2015), stem (COCO_<subset>_<id, 12 digits>, the image file's name)",
         ),
     },
     read=read,
