@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
+from tests.pretrain_runs import REPO
 from tests.tasks_helpers import perturb, random_batch, tiny_config
 from tests.test_tasks_e2e import finetune, step_log, write_config
 from uniter_fast.errors import ConfigError
@@ -277,7 +279,11 @@ def test_released_settings_configs_parse(name) -> None:
 
 
 # ---------------------------------------------------------------------- through finetune.py: exact resume
-def test_resume_with_the_block_is_exact(tmp_path) -> None:
+def test_resume_with_the_block_is_exact(tmp_path, monkeypatch) -> None:
+    """``finetune.py`` with an ``adversarial`` block (alter mode, random init: every RNG draw matters) stopped after
+    step 2 and resumed logs and exports exactly what the uninterrupted run does."""
+    monkeypatch.setenv("PYTHONPATH", REPO)  # the package of this checkout in the child processes
+
     def edit(cfg: dict) -> None:
         cfg.pop("test_txt_db"), cfg.pop("test_img_db")
         cfg["adversarial"] = {"adv_modality": "alter", "adv_lr_txt": 1e-2, "adv_lr_img": 1e-1, "adv_init_mag": 1e-3}
@@ -290,7 +296,5 @@ def test_resume_with_the_block_is_exact(tmp_path) -> None:
     finetune(configs[1], "--resume", ranks=[sys.executable])
     records = step_log(configs[0])
     assert records == step_log(configs[1]) and {"adv_task_loss", "adv_kl"} <= set(records[0])
-    from safetensors.torch import load_file
-
     got, want = (load_file(os.path.join(d, "out", "finetuned", "model.safetensors")) for d in (split, whole))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
