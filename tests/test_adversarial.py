@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from tests.pretrain_runs import REPO
 from tests.tasks_helpers import perturb, random_batch, tiny_config
-from tests.test_tasks_e2e import finetune, step_log, write_config
+from tests.test_tasks_e2e import finetune, run, step_log, write_config
 from uniter_fast.errors import ConfigError
 from uniter_fast.finetuning.config import parse_finetune_config
 from uniter_fast.model.perturbation import with_deltas
@@ -298,3 +298,19 @@ def test_resume_with_the_block_is_exact(tmp_path, monkeypatch) -> None:
     assert records == step_log(configs[1]) and {"adv_task_loss", "adv_kl"} <= set(records[0])
     got, want = (load_file(os.path.join(d, "out", "finetuned", "model.safetensors")) for d in (split, whole))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------------- through DeepSpeed engines
+def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
+    """ZeRO-0 and ZeRO-2, one or two micro-batches: the gradients an engine holds before its update are the bare
+    model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last backward may be one)."""
+    run(
+        [sys.executable, os.path.join(REPO, "tests", "adversarial_engine.py"), str(tmp_path)],
+        str(tmp_path),
+        timeout=300,
+    )
+    with open(tmp_path / "engine.json", encoding="utf-8") as f:
+        results = json.load(f)
+    assert [(r["stage"], r["accum"]) for r in results] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    for result in results:
+        assert result["max_grad"] > 1 and result["max_diff"] <= 1e-6 * result["max_grad"], result

@@ -137,6 +137,16 @@ class LossScale:
         self.value = grad.detach().float()
 
 
+def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
+    """``engine.backward(loss)`` (gradients summed) for one of several backward passes of a micro-batch: on a DeepSpeed
+    engine only the ``last`` may be a gradient-accumulation boundary (where ZeRO reduces the summed gradients into its
+    partitions); the others are marked as within the accumulation, as the micro-batches before a boundary are."""
+    if hasattr(engine, "set_gradient_accumulation_boundary"):
+        natural = (engine.micro_steps + 1) % engine.gradient_accumulation_steps() == 0
+        engine.set_gradient_accumulation_boundary(natural and last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
 class AdversarialStep:
     """The AFT micro-batch step for the training loop (``Trainer(micro_step=...)``): ``step(engine, batch, task)``
     runs the forwards and backwards of one micro-batch and returns ``loss`` (the sum of the K step losses: the
@@ -172,7 +182,7 @@ class AdversarialStep:
                 task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
             loss = loss / count
             scale = LossScale(loss)
-            engine.backward(loss, scale_wrt_gas=False)
+            backward(engine, loss, last=False)
             total = total + loss.detach()
             clean_grad += clean.grad / scale.value
             clean.grad = None
@@ -183,7 +193,7 @@ class AdversarialStep:
             if astep + 1 < cfg.adv_steps:
                 branches = [self._ascended(deltas, scale.value) for deltas in branches]
         # the KL's gradient through the clean logits, summed over the K steps, back-propagated once
-        engine.backward((clean_logits.float() * clean_grad).sum(), scale_wrt_gas=False)
+        backward(engine, (clean_logits.float() * clean_grad).sum(), last=True)
         return {"loss": total, "adv_task_loss": task_sum / count, "adv_kl": kl_sum / count}
 
     def _initial(self, batch: dict, text: bool, image: bool) -> dict[str, torch.Tensor]:
