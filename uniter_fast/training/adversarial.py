@@ -213,5 +213,7 @@ class AdversarialStep:
         cfg, out = self.cfg, {}
         for key, delta in deltas.items():
             lr = cfg.adv_lr_txt if key == "txt" else cfg.adv_lr_img
-            out[key] = ascend(delta.detach(), delta.grad.float() / scale, lr, cfg.norm_type, cfg.adv_max_norm)
+            grad = delta.grad.float() / scale
+            grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))  # an fp16 overflow (step skipped)
+            out[key] = ascend(delta.detach(), grad, lr, cfg.norm_type, cfg.adv_max_norm)
         return out
