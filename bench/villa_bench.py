@@ -9,7 +9,8 @@ summed over the K steps, one backward through the clean graph); on ``original`` 
 (:func:`original_path.original_adversarial_step`: ``retain_graph=True`` on every backward, so the clean graph is
 back-propagated K times). Columns: ms per step (median after warm-up), ``aft_vs_plain`` (the AFT step's time over
 the plain step's on the same path; goal <= 3.5 on ``fast``), ``vs_original`` / ``vs_reference`` (AFT speedups
-measured in the same rounds) and, on CUDA, the AFT step's peak memory.
+measured in the same rounds), ``graph_peak_mib`` (the peak of the tensors autograd graphs hold during the step, on
+any device: :func:`graph_peak_bytes`) and, on CUDA, the AFT step's allocator peak ``peak_mib``.
 
     python bench/villa_bench.py                        # CPU: VQA, base, 2 examples, 1 warm-up + 3 rounds (< 2 min)
     python bench/villa_bench.py --tasks vqa nlvr2 vcr  # more heads
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -64,6 +66,43 @@ class ModelEngine:
         loss.backward(retain_graph=retain_graph)
 
 
+def graph_peak_bytes(fn: Callable[[], Any], model: torch.nn.Module) -> int:
+    """The peak bytes of the tensors autograd graphs hold for backward during ``fn()``, on any device: each saved
+    tensor's storage counted once while some graph holds it (``torch.autograd.graph.saved_tensors_hooks``), the
+    parameters' storages left out. What a step keeps alive between its forwards and backwards; the CUDA allocator's
+    peak adds the transient buffers."""
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    live: dict[int, list[int]] = {}  # storage pointer -> [graph references, bytes]
+    state = {"now": 0, "peak": 0}
+
+    class Saved:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+    def release(pointer: int) -> None:
+        live[pointer][0] -= 1
+        if live[pointer][0] == 0:
+            state["now"] -= live.pop(pointer)[1]
+
+    def pack(tensor: torch.Tensor) -> Saved:
+        saved = Saved(tensor)
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer in excluded or pointer == 0:
+            return saved
+        if pointer not in live:
+            live[pointer] = [0, storage.nbytes()]
+            state["now"] += storage.nbytes()
+            state["peak"] = max(state["peak"], state["now"])
+        live[pointer][0] += 1
+        weakref.finalize(saved, release, pointer)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+        fn()
+    return state["peak"]
+
+
 def make_steps(model: torch.nn.Module, batch: dict, task: str, path: str, device: torch.device) -> dict[str, Any]:
     """{"plain": step, "aft": step} of ``path`` (fp32 on CPU; bf16 autocast on CUDA, also for ``original`` here,
     since the released AFT code's fp16 loss scaling is not what is compared)."""
@@ -96,6 +135,7 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
     model_config = UniterConfig.preset(config)
     samples: dict[tuple[str, str, str], list[float]] = {}
     memory: dict[tuple[str, str], Any] = {}
+    graphs: dict[tuple[str, str, str], int] = {}
     sizes = {}
     for name in tasks:
         task = get_task(name)
@@ -114,11 +154,14 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
                     samples.setdefault(key, []).append(seconds)
         for p in PATHS:
             memory[(name, p)] = peak_memory(steps[(name, p, "aft")], device)
+            for kind in ("plain", "aft"):
+                graphs[(name, p, kind)] = graph_peak_bytes(steps[(name, p, kind)], model)
         del model, steps
     median = {key: statistics.median(values) for key, values in samples.items()}
     rows = []
     for (name, path, kind), seconds in median.items():
         row = {"task": name, "path": path, "step": kind, "valid_tokens": sizes[name], "ms": seconds * 1e3}
+        row["graph_peak_mib"] = graphs[(name, path, kind)] / 2**20
         if kind == "aft":
             row["aft_vs_plain"] = seconds / median[(name, path, "plain")]
             row["vs_original"] = median[(name, "original", "aft")] / seconds
@@ -151,6 +194,7 @@ def main() -> None:
     precision = "bf16 autocast (every path)" if gpu else "fp32 (every path)"
     print(f"\nAFT vs plain step, {args.config}, on {device_name(device)}, {precision}, load {os.getloadavg()[0]}")
     columns = ["task", "path", "step", "valid_tokens", "ms", "aft_vs_plain", "vs_original", "vs_reference"]
+    columns.append("graph_peak_mib")
     print_table(rows, columns + (["peak_mib"] if gpu else []))
     meta = run_meta(
         args,
