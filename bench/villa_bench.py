@@ -12,9 +12,10 @@ the plain step's on the same path; goal <= 3.5 on ``fast``), ``vs_original`` / `
 measured in the same rounds), ``graph_peak_mib`` (the peak of the tensors autograd graphs hold during the step, on
 any device: :func:`graph_peak_bytes`) and, on CUDA, the AFT step's allocator peak ``peak_mib``.
 
-    python bench/villa_bench.py                        # CPU: VQA, base, 2 examples, 1 warm-up + 3 rounds (< 2 min)
+    python bench/villa_bench.py                        # CPU: VQA, tiny, 8 examples, 1 warm-up + 9 rounds (< 1 min)
+    python bench/villa_bench.py --config base          # CPU: UNITER-base, 2 examples, 3 rounds (about 4 min)
     python bench/villa_bench.py --tasks vqa nlvr2 vcr  # more heads
-    python bench/villa_bench.py --device cuda          # GPU: bf16 autocast, 32 examples
+    python bench/villa_bench.py --device cuda          # GPU: UNITER-base, bf16 autocast, 32 examples
 """
 
 from __future__ import annotations
@@ -174,9 +175,9 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--config", default="base", choices=["tiny", "base", "large"])
+    parser.add_argument("--config", default=None, choices=["tiny", "base", "large"], help="CPU tiny, GPU base")
     parser.add_argument("--tasks", nargs="+", default=["vqa"], choices=BENCHED)
-    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (CPU 2, GPU 32)")
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (CPU tiny 8, base 2; GPU 32)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -185,9 +186,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     gpu = device.type == "cuda"
-    args.batch_size = args.batch_size or (32 if gpu else 2)
+    args.config = args.config or ("base" if gpu else "tiny")
+    args.batch_size = args.batch_size or (32 if gpu else 8 if args.config == "tiny" else 2)
     args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
-    args.repeats = args.repeats or (10 if gpu else 3)
+    args.repeats = args.repeats or (10 if gpu or args.config == "tiny" else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = villa_speed(device, args.tasks, args.config, args.batch_size, args.warmup, args.repeats, args.seed)
