@@ -219,6 +219,33 @@ def test_step_equals_the_released_algorithm(modality, norm_type) -> None:
         assert_grads_close(grads, want_grads)
 
 
+class ScaledEngine(ModuleEngine):
+    """An engine with a static loss scale of 1024, as DeepSpeed's fp16 scaler multiplies the loss before backward."""
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = False) -> None:
+        (loss * 1024.0).backward()
+
+
+def test_a_loss_scale_scales_the_parameter_gradients_only() -> None:
+    """Under a loss scale the parameter gradients are the scale times those without one (the optimizer unscales
+    them) and the perturbations ascend as without one: the clean logits' gradients, back-propagated once at the end,
+    are unscaled with the scale the step reads off each backward."""
+    fast, _, batch = task_models("vqa")
+    cfg = AdversarialConfig(adv_modality="alter", norm_type="linf", adv_lr_txt=0.05, adv_lr_img=0.5)
+    plain = run_step(fast, batch, cfg, "vqa")
+    fast.zero_grad()
+    step = AdversarialStep(cfg, fast.config.hidden_size)
+    step.trace = []
+    torch.manual_seed(1)
+    step(ScaledEngine(fast), batch, "vqa")
+    for got, want in zip(step.trace, plain[2]):
+        for deltas_got, deltas_want in zip(got["deltas"], want["deltas"]):
+            for key in deltas_want:
+                torch.testing.assert_close(deltas_got[key], deltas_want[key], rtol=1e-5, atol=1e-7)
+    grads = {n: p.grad / 1024.0 for n, p in fast.named_parameters() if p.grad is not None}
+    assert_grads_close(grads, plain[1])
+
+
 # ---------------------------------------------------------------------- K = 0
 def test_zero_steps_is_plain_finetuning_exactly() -> None:
     fast, _, batch = task_models("nlvr2")
