@@ -15,6 +15,7 @@ rest still runs; a part that times out keeps what it finished):
     losses       fused losses vs reference: time and peak memory
     encoder      padded vs packed encoder, base and large: valid tokens/s and MFU
     pretrain     one optimizer step per task, original vs reference vs fast path: tokens/s, padding bound
+    villa        VILLA's adversarial fine-tuning step (K = 3) vs a plain step, original vs reference vs fast, VQA
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
     extract      the BUTD region-feature extractor: images/s against its floor, CPU vs device agreement
 
@@ -46,6 +47,7 @@ CAPS = {
     "syncs": (60, 25),
     "encoder": (90, 25),
     "pretrain": (120, 40),
+    "villa": (120, 40),
     "ipot": (100, 40),
     "losses": (90, 20),
     "deepspeed": (150, 75),
@@ -328,6 +330,14 @@ def part_pretrain(device: Any, quick: bool, out: str, save: Callable[..., None])
     save(rows=rows, goals=goals)
 
 
+def part_villa(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
+    """VILLA's adversarial fine-tuning step against a plain step, three paths."""
+    from speed import villa_aft_speed
+
+    rows, goals = villa_aft_speed(device, quick, out)
+    save(rows=rows, goals=goals)
+
+
 def part_deepspeed(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
     """A short DeepSpeed ZeRO-2 bf16 run of the bundled default."""
     from speed import deepspeed_run
@@ -351,6 +361,7 @@ PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "losses": part_losses,
     "encoder": part_encoder,
     "pretrain": part_pretrain,
+    "villa": part_villa,
     "deepspeed": part_deepspeed,
     "extract": part_extract,
 }

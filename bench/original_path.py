@@ -129,3 +129,30 @@ def make_step(
             optimizer.step()
 
     return step
+
+
+def original_adversarial_step(engine: Any, batch: dict, task: str, cfg: Any, hidden_size: int) -> None:
+    """One AFT micro-step with the released ``train_*_adv.py`` loop's habits (github.com/zhegan27/VILLA), for timing:
+    the clean logits keep their graph and every backward is ``retain_graph=True``, so the KL back-propagates through
+    the clean graph at each of the K steps (K + 1 forwards, 2K backward passes); the ascent is the released one
+    (``uniter_fast.training.adversarial.ascend``). ``cfg``: an ``AdversarialConfig`` (not ``alter``); ``engine``:
+    ``__call__(batch, task, with_logits=True)`` and ``backward(loss, retain_graph=...)``."""
+    from uniter_fast.model.perturbation import with_deltas
+    from uniter_fast.training.adversarial import ascend, symmetric_kl
+
+    clean = engine(batch, task, with_logits=True)["logits"]
+    ((text, image),) = cfg.branches
+    deltas = {}
+    if text:
+        deltas["txt"] = torch.zeros(*batch["input_ids"].shape, hidden_size, device=batch["input_ids"].device)
+    if image:
+        deltas["img"] = torch.zeros_like(batch["img_feat"], dtype=torch.float32)
+    for astep in range(cfg.adv_steps):
+        for delta in deltas.values():
+            delta.requires_grad_()
+        out = engine(with_deltas(batch, deltas.get("txt"), deltas.get("img")), task, with_logits=True)
+        loss = (out["loss"].float() + cfg.adv_kl_weight * symmetric_kl(clean, out["logits"])) / cfg.adv_steps
+        engine.backward(loss, retain_graph=True)
+        if astep + 1 < cfg.adv_steps:
+            lrs = {"txt": cfg.adv_lr_txt, "img": cfg.adv_lr_img}
+            deltas = {k: ascend(d.detach(), d.grad, lrs[k], cfg.norm_type, cfg.adv_max_norm) for k, d in deltas.items()}

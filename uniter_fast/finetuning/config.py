@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Optional
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.tasks.bundled import BUNDLED_PREFIX, resolve_bundled
+from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial
 from uniter_fast.training.cli import REPO_ROOT
 from uniter_fast.training.config import RunConfig, field_names, parse_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -43,7 +44,9 @@ IGNORED_KEYS = {
 class FinetuneConfig(RunConfig):
     """A fine-tuning config: the shared run fields (:class:`~uniter_fast.training.config.RunConfig`, whose defaults
     are the original ``train_*.py`` argument defaults) and fine-tuning's own: the task, its databases, the model
-    config and checkpoint source, ``lr_mul``, ``dropout`` and the task's options (the config's other keys)."""
+    config and checkpoint source, ``lr_mul``, ``dropout``, the optional ``adversarial`` block (VILLA's adversarial
+    fine-tuning, :mod:`uniter_fast.training.adversarial`; absent or null: plain fine-tuning) and the task's options
+    (the config's other keys)."""
 
     task: str = ""
     train_txt_dbs: list[str] = dataclasses.field(default_factory=list)
@@ -57,6 +60,7 @@ class FinetuneConfig(RunConfig):
     compressed_db: bool = False
     lr_mul: float = 1.0
     dropout: float = 0.1
+    adversarial: Optional[AdversarialConfig] = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     required: ClassVar[tuple[str, ...]] = (
@@ -144,6 +148,9 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     fields = set(field_names(FinetuneConfig)) - {"options"}
     options = {k: raw.pop(k) for k in list(raw) if k not in fields}
     raw["options"] = task.check_options(options, where)
+    if raw.get("adversarial") is not None:
+        raw["adversarial"] = parse_adversarial(raw["adversarial"], where)
+        task.check_adversarial(raw["options"], where)
     auto = os.path.abspath(auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where))  # the working directory's
     if raw.get("checkpoint") == "auto":
         raw["checkpoint"] = auto if os.path.isdir(auto) else None

@@ -25,6 +25,7 @@ from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model, save_task_model, task_model_config
 from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.spec import Task
+from uniter_fast.training.adversarial import AdversarialStep
 from uniter_fast.training.logs import format_table
 from uniter_fast.training.loop import Results, Trainer
 from uniter_fast.training.run import Run, fit, summary_heading
@@ -118,6 +119,7 @@ def finetune(
             save_task_model(trained, task, options, directory, cfg.num_train_steps)
 
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
+    micro_step = None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model.config.hidden_size)
     trainer, results = fit(
         run,
         model,
@@ -130,6 +132,7 @@ def finetune(
         progress_name=f"finetune {task.name}",
         lr_mul=lr_mul,
         head_names=heads,
+        micro_step=micro_step,
     )
     lines = ["", summary_heading(f"{task.name} metrics", trainer, run), summary_table(task, trainer, results)]
     if trainer.step == cfg.num_train_steps:

@@ -23,16 +23,21 @@ class UniterTextEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        token_type_ids: Optional[torch.Tensor] = None,
+        word_delta: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """input_ids: [B, Lt] int64; position_ids: [1 or B, Lt]; token_type_ids: [B, Lt] (default 0). -> [B, Lt, H]."""
+        """input_ids: [B, Lt] int64; position_ids: [1 or B, Lt]; token_type_ids: [B, Lt] (default 0); word_delta:
+        [B, Lt, H] float, a perturbation added to the word embeddings after the lookup, before the position and type
+        embeddings and LayerNorm (VILLA's adversarial training). -> [B, Lt, H]. Packed inputs ([St]) work alike."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        embeddings = (
-            self.word_embeddings(input_ids)
-            + self.position_embeddings(position_ids)
-            + self.token_type_embeddings(token_type_ids)
-        )
+        words = self.word_embeddings(input_ids)
+        if word_delta is not None:
+            words = words + word_delta.to(words.dtype)
+        embeddings = words + self.position_embeddings(position_ids) + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(embeddings))
 
 

@@ -65,10 +65,17 @@ def check_packed(packed: dict[str, Any], img_dim: int, check_values: bool) -> No
 def packed_embeddings(model: torch.nn.Module, packed: dict[str, Any]) -> torch.Tensor:
     """Embeddings of the valid tokens only: [T, H] in the parameter dtype, text and regions at their packed
     positions (``txt_index`` / ``img_index``), with the type ids of ``txt_type_ids`` / ``img_type_ids`` when given
-    (defaults 0 / 1). ``model`` is a :class:`~uniter_fast.model.uniter.UniterModel`."""
-    txt_emb = model.embeddings(packed["txt_ids"], packed["txt_position_ids"], packed.get("txt_type_ids"))
+    (defaults 0 / 1) and the perturbations ``txt_delta`` [St, H] / ``img_delta`` [Sn, 2048] when given (adversarial
+    training). ``model`` is a :class:`~uniter_fast.model.uniter.UniterModel`."""
+    txt_emb = model.embeddings(
+        packed["txt_ids"], packed["txt_position_ids"], packed.get("txt_type_ids"), packed.get("txt_delta")
+    )
     img_emb = model._compute_img_embeddings(
-        packed["img_feat"], packed["img_pos_feat"], packed.get("img_masks"), packed.get("img_type_ids")
+        packed["img_feat"],
+        packed["img_pos_feat"],
+        packed.get("img_masks"),
+        packed.get("img_type_ids"),
+        packed.get("img_delta"),
     )
     positions = torch.cat([packed["txt_index"], packed["img_index"]])
     order = torch.empty_like(positions).scatter_(0, positions, torch.arange(positions.numel(), device=positions.device))

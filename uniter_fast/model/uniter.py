@@ -87,11 +87,15 @@ class UniterModel(nn.Module):
 
     # ------------------------------------------------------------------ embeddings
     def _compute_txt_embeddings(
-        self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], txt_type_ids: Optional[torch.Tensor]
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor],
+        txt_type_ids: Optional[torch.Tensor],
+        txt_delta: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if position_ids is None:
             position_ids = torch.arange(input_ids.size(1), device=input_ids.device)[None]
-        return self.embeddings(input_ids, position_ids, txt_type_ids)
+        return self.embeddings(input_ids, position_ids, txt_type_ids, txt_delta)
 
     def _compute_img_embeddings(
         self,
@@ -99,10 +103,13 @@ class UniterModel(nn.Module):
         img_pos_feat: torch.Tensor,
         img_masks: Optional[torch.Tensor],
         img_type_ids: Optional[torch.Tensor],
+        img_delta: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         if img_type_ids is None:
             img_type_ids = torch.ones(img_feat.shape[:-1], dtype=torch.long, device=img_feat.device)
         type_embeddings = self.embeddings.token_type_embeddings(img_type_ids)
+        if img_delta is not None:  # on the raw region features, before img_linear
+            img_feat = img_feat.float() + img_delta.float()
         dtype = parameter_dtype(self.img_embeddings.img_linear)
         return self.img_embeddings(img_feat.to(dtype), img_pos_feat.to(dtype), type_embeddings, img_masks)
 
@@ -116,14 +123,18 @@ class UniterModel(nn.Module):
         img_masks: Optional[torch.Tensor] = None,
         txt_type_ids: Optional[torch.Tensor] = None,
         img_type_ids: Optional[torch.Tensor] = None,
+        txt_delta: Optional[torch.Tensor] = None,
+        img_delta: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """The joint input sequence [B, L, H]: text, then each row's regions right after its own text."""
+        """The joint input sequence [B, L, H]: text, then each row's regions right after its own text.
+        ``txt_delta`` [B, Lt, H] / ``img_delta`` [B, Nb, 2048]: optional perturbations of the word embeddings and of
+        the raw region features (VILLA's adversarial training, ``uniter_fast.training.adversarial``)."""
         if input_ids is None:
-            return self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids)
-        txt_emb = self._compute_txt_embeddings(input_ids, position_ids, txt_type_ids)
+            return self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids, img_delta)
+        txt_emb = self._compute_txt_embeddings(input_ids, position_ids, txt_type_ids, txt_delta)
         if img_feat is None:
             return txt_emb
-        img_emb = self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids)
+        img_emb = self._compute_img_embeddings(img_feat, img_pos_feat, img_masks, img_type_ids, img_delta)
         index = gather_index.unsqueeze(-1).expand(-1, -1, self.config.hidden_size)
         return torch.gather(torch.cat([txt_emb, img_emb], dim=1), dim=1, index=index)
 
@@ -140,6 +151,8 @@ class UniterModel(nn.Module):
         output_all_encoded_layers: bool = True,
         txt_type_ids: Optional[torch.Tensor] = None,
         img_type_ids: Optional[torch.Tensor] = None,
+        txt_delta: Optional[torch.Tensor] = None,
+        img_delta: Optional[torch.Tensor] = None,
     ) -> Union[list[torch.Tensor], torch.Tensor]:
         """The original forward.
 
@@ -153,6 +166,8 @@ class UniterModel(nn.Module):
             img_masks: [B, Nb] bool, regions masked for MRM (their features already zeroed by the collate).
             output_all_encoded_layers: return every layer's output (list) or only the last one (tensor).
             txt_type_ids / img_type_ids: [B, Lt] / [B, Nb] int64 type ids (defaults 0 / 1).
+            txt_delta / img_delta: [B, Lt, H] / [B, Nb, 2048] float perturbations added to the word embeddings after
+                the lookup and to the raw region features (adversarial training; default none).
 
         Returns:
             list of [B, L, H] tensors (one per layer), or the last one when ``output_all_encoded_layers`` is False.
@@ -171,7 +186,16 @@ class UniterModel(nn.Module):
         dtype = parameter_dtype(self.embeddings.word_embeddings)
         additive_mask = additive_attention_mask(attention_mask, dtype)
         embedding_output = self.embed(
-            input_ids, position_ids, img_feat, img_pos_feat, gather_index, img_masks, txt_type_ids, img_type_ids
+            input_ids,
+            position_ids,
+            img_feat,
+            img_pos_feat,
+            gather_index,
+            img_masks,
+            txt_type_ids,
+            img_type_ids,
+            txt_delta,
+            img_delta,
         )
         encoded_layers = self.encoder(embedding_output, additive_mask, output_all_encoded_layers)
         if not output_all_encoded_layers:
@@ -195,8 +219,8 @@ class UniterModel(nn.Module):
     ) -> Union[list[torch.Tensor], torch.Tensor]:
         """The padded forward on a collated batch dict (keys ``input_ids``, ``position_ids``, ``img_feat``,
         ``img_pos_feat``, ``attn_masks``, ``gather_index``, as the data collates produce; optional ``txt_type_ids``
-        [B, Lt] and ``img_type_ids`` [B, Nb] for NLVR2 / VCR). Returns [B, L, H] (last layer) or every layer's
-        output."""
+        [B, Lt] and ``img_type_ids`` [B, Nb] for NLVR2 / VCR, ``txt_delta`` [B, Lt, H] and ``img_delta`` [B, Nb, 2048]
+        for adversarial training). Returns [B, L, H] (last layer) or every layer's output."""
         return self(
             batch["input_ids"],
             batch["position_ids"],
@@ -208,6 +232,8 @@ class UniterModel(nn.Module):
             output_all_encoded_layers=output_all_encoded_layers,
             txt_type_ids=batch.get("txt_type_ids"),
             img_type_ids=batch.get("img_type_ids"),
+            txt_delta=batch.get("txt_delta"),
+            img_delta=batch.get("img_delta"),
         )
 
     def forward_packed(

@@ -36,7 +36,7 @@ from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
 from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import caption_record
-from uniter_fast.errors import DataError
+from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.layout import pack_batch
 from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
@@ -163,20 +163,27 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         """Cross-encoder scores [B] (logits before the sigmoid) of the joint pairs of ``batch``."""
         return self.rank_output(self._pooled(batch, self._encode(batch))).squeeze(1)
 
-    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
         """``{"scores": [B]}``, or ``{"loss", "rank_loss"[, "first_stage_loss"]}`` (0-dim) for a batch of
         ``sample_size`` groups: ``rank_loss`` is the mean hinge term of each side summed over the batch's ``sides``
         (``itm``: one side, the mean; ``itm-hn``: text side + image side, as the original back-propagates them
-        separately), with ``text_side_loss`` / ``image_side_loss`` when there are two."""
+        separately), with ``text_side_loss`` / ``image_side_loss`` when there are two. ``with_logits`` adds
+        ``"logits"``, the scores [G, sample_size] of each group's candidates (positive first; adversarial training's
+        KL is over their softmax within the group)."""
         if not compute_loss:
             return {"scores": self.rank_scores(batch)}
         require(batch, ("sample_size",), "itm")
         sample_size, sides = int(batch["sample_size"]), int(batch.get("sides", 1))
         if self.hard_neg_size and self.training:
             batch, sample_size = self.hard_batch(batch, sample_size), self.hard_neg_size + 1
-        terms = triplet_loss(self.rank_scores(batch), sample_size, self.margin)
+        scores = self.rank_scores(batch)
+        terms = triplet_loss(scores, sample_size, self.margin)
         rank_loss = terms.mean() * sides  # every side has as many terms: the sum of the sides' means
         out = {"loss": rank_loss, "rank_loss": rank_loss.detach()}
+        if with_logits:
+            out["logits"] = scores.view(-1, sample_size)
         if sides == 2:
             per_side = side_means(terms.detach(), sides)
             out.update(text_side_loss=per_side[0], image_side_loss=per_side[1])
@@ -417,6 +424,7 @@ class ItmEvalDataset(ItmPairsBase):
 class ItmTask(Task):
     """Image-text retrieval with random negatives (``train_itm.py``)."""
 
+    adversarial = True
     name = "itm"
     heads = ("itm_output", "rank_output", "txt_proj", "img_proj")
     finetuned_heads = ("rank_output",)  # a pretrained checkpoint has itm_output too
@@ -546,6 +554,15 @@ class ItmTask(Task):
     def query_results(self, scores, batch, options, top_k):
         """The match score of each (caption, image) pair: the cross-encoder's logit and its sigmoid."""
         return [{"score": float(torch.sigmoid(s)), "logit": float(s)} for s in scores]
+
+    def check_adversarial(self, options: dict[str, Any], where: str) -> None:
+        """Adversarial fine-tuning perturbs the rows of the batch it is given; hard negatives are chosen inside the
+        forward from those rows (by perturbed scores), so clean and perturbed scores would compare different
+        candidates: refused with ``hard_neg_size`` > 0."""
+        if options.get("hard_neg_size", 0) > 0:
+            raise ConfigError(
+                f"{where}: 'adversarial' needs hard_neg_size 0 (random negatives), got {options['hard_neg_size']}"
+            )
 
 
 class ItmHardNegTask(ItmTask):

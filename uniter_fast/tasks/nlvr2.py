@@ -64,13 +64,17 @@ class AttentionPool(nn.Module):
 
 
 class _Nlvr2Model(UniterPreTrainedModel):
-    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
-        """``{"loss": 0-dim}`` (CE, mean over pairs) or ``{"scores": [B, 2]}`` (index 1 = true)."""
+    def forward(
+        self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss": 0-dim}`` (CE, mean over pairs) or ``{"scores": [B, 2]}`` (index 1 = true); ``with_logits`` adds
+        ``"logits"``, the scores [B, 2] (adversarial training's KL is over their softmax, as VILLA)."""
         scores = self.scores(batch, self._encode(batch))
         if not compute_loss:
             return {"scores": scores}
         require(batch, ("targets",), "nlvr2")
-        return {"loss": F.cross_entropy(scores.float(), batch["targets"])}
+        loss = F.cross_entropy(scores.float(), batch["targets"])
+        return {"loss": loss, **({"logits": scores} if with_logits else {})}
 
     def scores(self, batch: dict[str, Any], sequence_output: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -209,6 +213,7 @@ def consistency(predictions: list[dict[str, Any]]) -> float:
 class Nlvr2Task(Task):
     """NLVR2: ``model`` (paired / triplet / paired-attn), ``use_img_type``."""
 
+    adversarial = True
     name = "nlvr2"
     heads = ("nlvr2_output", "attn1", "attn2", "fc", "attn_pool")
     options = {"model": "paired-attn", "use_img_type": True}

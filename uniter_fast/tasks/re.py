@@ -80,20 +80,25 @@ class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
         self.loss, self.margin, self.hard_ratio = loss, margin, hard_ratio
         self.init_head_weights(self.re_output)
 
-    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
-        """``{"loss": 0-dim}`` (summed over expressions) or ``{"scores": [B, Nb]}`` (-1e4 at non-regions)."""
+    def forward(
+        self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss": 0-dim}`` (summed over expressions) or ``{"scores": [B, Nb]}`` (-1e4 at non-regions);
+        ``with_logits`` adds ``"logits"``, those scores (adversarial training's KL is over their softmax over the
+        regions, where the non-regions get probability 0)."""
         regions = self._region_hidden(batch, self._encode(batch))
         scores = self.re_output(regions).squeeze(2).masked_fill(batch["obj_masks"], NOT_A_REGION)
         if not compute_loss:
             return {"scores": scores}
         require(batch, ("targets",), "re")
         targets = batch["targets"]
+        logits = {"logits": scores} if with_logits else {}
         if self.loss == "cls":
-            return {"loss": F.cross_entropy(scores.float(), targets, reduction="sum")}
+            return {"loss": F.cross_entropy(scores.float(), targets, reduction="sum"), **logits}
         negatives = self.sample_negatives(scores.detach(), targets, batch["num_bbs"])
         positive = torch.sigmoid(scores.gather(1, targets[:, None]).squeeze(1).float())
         negative = torch.sigmoid(scores.gather(1, negatives[:, None]).squeeze(1).float())
-        return {"loss": torch.clamp(self.margin + negative - positive, min=0).sum()}
+        return {"loss": torch.clamp(self.margin + negative - positive, min=0).sum(), **logits}
 
     def sample_negatives(self, scores: torch.Tensor, targets: torch.Tensor, num_bbs: torch.Tensor) -> torch.Tensor:
         """[B] one region != target per row: with ``hard_ratio`` the best-scoring other region, else a uniform
@@ -179,6 +184,7 @@ def compute_iou(box1: np.ndarray, box2: np.ndarray) -> float:
 class ReTask(Task):
     """Referring expressions: ``train_loss`` (cls / rank), ``margin``, ``hard_ratio``, ``mlp``."""
 
+    adversarial = True
     name = "re"
     heads = ("re_output",)
     options = {"train_loss": "cls", "margin": 0.2, "hard_ratio": 0.3, "mlp": 1}

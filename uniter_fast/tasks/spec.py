@@ -22,7 +22,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_db import GT_BOX_SETTINGS, Imported, read_jsonl, write_img_db
 from uniter_fast.data.task_records import field, image_key
 from uniter_fast.data.tokenizer import WordPiece
-from uniter_fast.errors import CheckpointError, DataError
+from uniter_fast.errors import CheckpointError, ConfigError, DataError
 from uniter_fast.files import atomic_directory, read_json
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
@@ -134,6 +134,9 @@ class Task:
     bundled_stream: Optional[int] = None
     """The seed stream of the task's bundled synthetic set (``uniter_fast.tasks.bundled``); None: no bundled set
     built with the others."""
+    adversarial = False
+    """True when the task model's forward takes ``with_logits`` (the logits of its loss, for the KL term of VILLA's
+    adversarial fine-tuning, ``uniter_fast.training.adversarial``)."""
 
     # ------------------------------------------------------------------ options and model
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -145,6 +148,11 @@ class Task:
                 f"options are {sorted(self.options)})"
             )
         return {**self.options, **options}
+
+    def check_adversarial(self, options: dict[str, Any], where: str) -> None:
+        """``ConfigError`` naming ``where`` unless adversarial fine-tuning applies to this task with ``options``."""
+        if not self.adversarial:
+            raise ConfigError(f"{where}: 'adversarial' is not available for task {self.name!r} (it has no task logits)")
 
     def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Options that a checkpoint's head keys and shapes fix (e.g. the NLVR2 variant); default none."""

@@ -82,14 +82,18 @@ class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
         )
         self.init_head_weights(self.vcr_output)
 
-    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
         """``{"loss": 0-dim}`` (CE mean over sequences) or ``{"scores": [N, 1]}`` (class-1 logits, as the
-        original's ``rank_scores[:, 1:]``)."""
+        original's ``rank_scores[:, 1:]``); ``with_logits`` adds ``"logits"``, the two-class scores [N, 2] of each
+        (question, choice) sequence, which the loss takes (adversarial training's KL is over their softmax)."""
         rank_scores = self.vcr_output(self._pooled(batch, self._encode(batch)))
         if not compute_loss:
             return {"scores": rank_scores[:, 1:]}
         require(batch, ("targets",), "vcr")
-        return {"loss": F.cross_entropy(rank_scores.float(), batch["targets"])}
+        loss = F.cross_entropy(rank_scores.float(), batch["targets"])
+        return {"loss": loss, **({"logits": rank_scores} if with_logits else {})}
 
 
 def check_vcr_tables(type_rows: int, words: int, base: int, finished: bool = False) -> None:
@@ -275,6 +279,7 @@ def vcr_scores(scores: torch.Tensor, qa_targets: torch.Tensor) -> tuple[torch.Te
 class VcrTask(Task):
     """VCR fine-tuning (Q->A and QA->R)."""
 
+    adversarial = True
     name = "vcr"
     heads = ("vcr_output",)
     head_lr_mul = True

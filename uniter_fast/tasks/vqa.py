@@ -72,14 +72,17 @@ class UniterForVisualQuestionAnswering(UniterPreTrainedModel):
         )
         self.init_head_weights(self.vqa_output)
 
-    def forward(self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True) -> dict[str, torch.Tensor]:
-        """``{"loss": 0-dim}`` (BCE mean x num_answers) or ``{"scores": [B, num_answers]}`` logits."""
+    def forward(
+        self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``{"loss": 0-dim}`` (BCE mean x num_answers) or ``{"scores": [B, num_answers]}`` logits; ``with_logits``
+        adds ``"logits"``, the scores [B, num_answers] (adversarial training's KL is over their softmax, as VILLA)."""
         scores = self.vqa_output(self._pooled(batch, self._encode(batch)))
         if not compute_loss:
             return {"scores": scores}
         require(batch, ("targets",), "vqa")
         loss = F.binary_cross_entropy_with_logits(scores.float(), batch["targets"], reduction="mean")
-        return {"loss": loss * scores.size(1)}
+        return {"loss": loss * scores.size(1), **({"logits": scores} if with_logits else {})}
 
 
 def soft_target(record: dict[str, Any], num_answers: int) -> torch.Tensor:
@@ -189,6 +192,7 @@ def qid_value(qid: str) -> Any:
 class VqaTask(Task):
     """VQA: ``vqa_output`` head with lr_mul, soft-score accuracy, ``results.json``."""
 
+    adversarial = True
     name = "vqa"
     heads = ("vqa_output",)
     options = {"ans2label": None}

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError, RunFailed
 from uniter_fast.files import atomic_write, write_text_atomic
+from uniter_fast.training.adversarial import MicroStep, plain_step
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import barrier, rank_and_world
 from uniter_fast.training.logs import STEP_LOG, VAL_LOG, append_jsonl, logged_results, truncate_log
@@ -66,7 +67,9 @@ class TaskStream(Protocol):
 
 class Trainer:
     """Runs ``engine`` on ``stream`` for ``cfg.num_train_steps`` optimizer steps, validating every
-    ``cfg.valid_steps`` (and at step 0 with ``validate_at_start``) and checkpointing every ``cfg.save_steps``."""
+    ``cfg.valid_steps`` (and at step 0 with ``validate_at_start``) and checkpointing every ``cfg.save_steps``.
+    ``micro_step(engine, batch, task)`` runs the forward(s) and backward(s) of one micro-batch (default
+    :func:`~uniter_fast.training.adversarial.plain_step`; VILLA's adversarial step for an ``adversarial`` block)."""
 
     def __init__(
         self,
@@ -78,8 +81,10 @@ class Trainer:
         writer: Optional[Any] = None,
         progress_name: str = "train",
         validate_at_start: bool = False,
+        micro_step: Optional[MicroStep] = None,
     ) -> None:
         self.engine, self.cfg, self.stream, self.writer = engine, cfg, stream, writer
+        self.micro_step = micro_step or plain_step
         self.validate, self.export = validate, export
         self.progress_name, self.validate_at_start = progress_name, validate_at_start
         self.output_dir = cfg.output_dir
@@ -180,8 +185,7 @@ class Trainer:
         for name, batch in micro_batches:
             if name != task:
                 raise RuntimeError(f"one task per optimizer step: got {name!r} within a {task!r} cycle")
-            out = self.engine(move_to_device(batch, self.engine.device), task)
-            self.engine.backward(out["loss"], scale_wrt_gas=False)
+            out = self.micro_step(self.engine, move_to_device(batch, self.engine.device), task)
             self.engine.step()
             for key, value in out.items():
                 sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float()

@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional
 
 from uniter_fast.checkpoint import CONFIG_NAME, Checkpoint, read_checkpoint
 from uniter_fast.model.base import UniterPreTrainedModel
+from uniter_fast.training.adversarial import MicroStep
 from uniter_fast.training.cli import apply_run_arguments
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import init_ranks, setup_environment
@@ -95,9 +96,11 @@ def fit(
     validate_at_start: bool = False,
     lr_mul: float = 1.0,
     head_names: tuple[str, ...] = (),
+    micro_step: Optional[MicroStep] = None,
 ) -> tuple[Trainer, Results]:
     """Train ``model`` on ``stream`` as ``cfg`` says (the engine with the original's optimizer groups; ``lr_mul`` for
-    the parameters under ``head_names``), resuming from ``output_dir`` with ``resume``; returns the trainer (its
+    the parameters under ``head_names``; ``micro_step``: the micro-batch step, default forward + backward), resuming
+    from ``output_dir`` with ``resume``; returns the trainer (its
     ``step``, ``recent`` losses, ``engine``) and the final validation results. ``model.config`` is written beside
     the checkpoints (``ckpt/config.json``), so a DeepSpeed checkpoint loads with its model's sizes."""
     writer = open_output_dir(cfg.output_dir, run.rank)
@@ -105,7 +108,7 @@ def fit(
         os.makedirs(os.path.join(cfg.output_dir, CKPT_SUBDIR), exist_ok=True)
         model.config.to_json_file(os.path.join(cfg.output_dir, CKPT_SUBDIR, CONFIG_NAME))
     engine = build_engine(model, cfg, run.ds_config, lr_mul=lr_mul, head_names=head_names)
-    trainer = Trainer(engine, cfg, stream, validate, export, writer, progress_name, validate_at_start)
+    trainer = Trainer(engine, cfg, stream, validate, export, writer, progress_name, validate_at_start, micro_step)
     if resume:
         trainer.resume()
     try:

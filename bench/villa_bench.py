@@ -1,0 +1,216 @@
+"""VILLA's adversarial fine-tuning (AFT) step against a plain fine-tuning step, on the three paths of the same weights
+(bench/finetune_bench.py's ``original``, ``reference``, ``fast``; bench/original_path.py).
+
+Each step is one optimizer step on one batch of ``Task.example`` rows (UNITER-shaped: text 10-60 tokens, 10-100
+regions): ``plain`` = zero_grad, forward, backward, optimizer step; ``aft`` = zero_grad, the AFT micro-step with the
+released settings (K = 3, L2, zero init, ``text+image`` so both perturbations ascend), optimizer step. On ``fast`` and
+``reference`` the AFT micro-step is ``uniter_fast.training.adversarial.AdversarialStep`` (the clean-logit gradients
+summed over the K steps, one backward through the clean graph); on ``original`` it is the released loop's habits
+(:func:`original_path.original_adversarial_step`: ``retain_graph=True`` on every backward, so the clean graph is
+back-propagated K times). Columns: ms per step (median after warm-up), ``aft_vs_plain`` (the AFT step's time over
+the plain step's on the same path; goal <= 3.5 on ``fast``), ``vs_original`` / ``vs_reference`` (AFT speedups
+measured in the same rounds), ``graph_peak_mib`` (the peak of the tensors autograd graphs hold during the step, on
+any device: :func:`graph_peak_bytes`) and, on CUDA, the AFT step's allocator peak ``peak_mib``.
+
+    python bench/villa_bench.py                        # CPU: VQA, tiny, 8 examples, 1 warm-up + 9 rounds (< 1 min)
+    python bench/villa_bench.py --config base          # CPU: UNITER-base, 2 examples, 3 rounds (about 4 min)
+    python bench/villa_bench.py --tasks vqa nlvr2 vcr  # more heads
+    python bench/villa_bench.py --device cuda          # GPU: UNITER-base, bf16 autocast, 32 examples
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from harness import (
+    IMG_RANGE,
+    TXT_RANGE,
+    add_output_arguments,
+    device_name,
+    output_dir,
+    peak_memory,
+    plot_grouped_bars,
+    print_table,
+    run_meta,
+    time_fn,
+    write_json,
+)
+from original_path import PATHS, autocast_for, make_optimizer, original_adversarial_step, use_path
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data.loader import move_to_device
+from uniter_fast.tasks import TASKS, get_task
+from uniter_fast.training.adversarial import AdversarialConfig, AdversarialStep
+from uniter_fast.training.optim import param_groups
+
+BENCHED = [name for name, task in TASKS.items() if task.has_example and task.adversarial]
+SETTINGS = AdversarialConfig(adv_modality="text+image")  # the released K, norm, init; both deltas ascend
+
+
+class ModelEngine:
+    """The engine interface of the AFT step over a bare model: forward under the path's autocast, plain backward."""
+
+    def __init__(self, model: torch.nn.Module, autocast: Callable[[], Any]) -> None:
+        self.model, self.autocast = model, autocast
+
+    def __call__(self, batch: dict, task: str, **kwargs: Any) -> dict:
+        with self.autocast():
+            return self.model(batch, task, **kwargs)
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = False, retain_graph: bool = False) -> None:
+        loss.backward(retain_graph=retain_graph)
+
+
+def graph_peak_bytes(fn: Callable[[], Any], model: torch.nn.Module) -> int:
+    """The peak bytes of the tensors autograd graphs hold for backward during ``fn()``, on any device: each saved
+    tensor's storage counted once while some graph holds it (``torch.autograd.graph.saved_tensors_hooks``), the
+    parameters' storages left out. What a step keeps alive between its forwards and backwards; the CUDA allocator's
+    peak adds the transient buffers."""
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    live: dict[int, list[int]] = {}  # storage pointer -> [graph references, bytes]
+    state = {"now": 0, "peak": 0}
+
+    class Saved:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+    def release(pointer: int) -> None:
+        live[pointer][0] -= 1
+        if live[pointer][0] == 0:
+            state["now"] -= live.pop(pointer)[1]
+
+    def pack(tensor: torch.Tensor) -> Saved:
+        saved = Saved(tensor)
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer in excluded or pointer == 0:
+            return saved
+        if pointer not in live:
+            live[pointer] = [0, storage.nbytes()]
+            state["now"] += storage.nbytes()
+            state["peak"] = max(state["peak"], state["now"])
+        live[pointer][0] += 1
+        weakref.finalize(saved, release, pointer)
+        return saved
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
+        fn()
+    return state["peak"]
+
+
+def make_steps(model: torch.nn.Module, batch: dict, task: str, path: str, device: torch.device) -> dict[str, Any]:
+    """{"plain": step, "aft": step} of ``path`` (fp32 on CPU; bf16 autocast on CUDA, also for ``original`` here,
+    since the released AFT code's fp16 loss scaling is not what is compared)."""
+    optimizer = make_optimizer("reference" if path == "original" else path, param_groups(model, 0.01), device)
+    engine = ModelEngine(model, autocast_for("reference", device))
+    aft = AdversarialStep(SETTINGS, model.config.hidden_size)
+
+    def plain() -> None:
+        use_path(model, path)
+        optimizer.zero_grad()
+        engine.backward(engine(batch, task)["loss"])
+        optimizer.step()
+
+    def adversarial() -> None:
+        use_path(model, path)
+        optimizer.zero_grad()
+        if path == "original":
+            original_adversarial_step(engine, batch, task, SETTINGS, model.config.hidden_size)
+        else:
+            aft(engine, batch, task)
+        optimizer.step()
+
+    return {"plain": plain, "aft": adversarial}
+
+
+def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, warmup: int, repeats: int, seed: int):
+    """Rows {task, path, step, ms, ...} of the plain and AFT steps of every path, timed in turns (see module doc)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model_config = UniterConfig.preset(config)
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    memory: dict[tuple[str, str], Any] = {}
+    graphs: dict[tuple[str, str, str], int] = {}
+    sizes = {}
+    for name in tasks:
+        task = get_task(name)
+        options, batch = task.example(model_config, size, rng, TXT_RANGE, IMG_RANGE)
+        model = task.build_model(model_config, options, fast=False)
+        task.prepare_model(model, options)
+        model = model.to(device).train()
+        model.uniter.check_values = False
+        batch = move_to_device(batch, device)
+        sizes[name] = int((batch["txt_lens"] + batch["num_bbs"]).sum())
+        steps = {(name, p, kind): fn for p in PATHS for kind, fn in make_steps(model, batch, name, p, device).items()}
+        for round_ in range(warmup + repeats):
+            for key, step in steps.items():
+                seconds = time_fn(step, device, warmup=0, repeats=1)
+                if round_ >= warmup:
+                    samples.setdefault(key, []).append(seconds)
+        for p in PATHS:
+            memory[(name, p)] = peak_memory(steps[(name, p, "aft")], device)
+            for kind in ("plain", "aft"):
+                graphs[(name, p, kind)] = graph_peak_bytes(steps[(name, p, kind)], model)
+        del model, steps
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    rows = []
+    for (name, path, kind), seconds in median.items():
+        row = {"task": name, "path": path, "step": kind, "valid_tokens": sizes[name], "ms": seconds * 1e3}
+        row["graph_peak_mib"] = graphs[(name, path, kind)] / 2**20
+        if kind == "aft":
+            row["aft_vs_plain"] = seconds / median[(name, path, "plain")]
+            row["vs_original"] = median[(name, "original", "aft")] / seconds
+            row["vs_reference"] = median[(name, "reference", "aft")] / seconds
+            row["peak_mib"] = None if memory[(name, path)] is None else memory[(name, path)] / 2**20
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--config", default=None, choices=["tiny", "base", "large"], help="CPU tiny, GPU base")
+    parser.add_argument("--tasks", nargs="+", default=["vqa"], choices=BENCHED)
+    parser.add_argument("--batch-size", type=int, default=None, help="examples per batch (CPU tiny 8, base 2; GPU 32)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    add_output_arguments(parser)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.config = args.config or ("base" if gpu else "tiny")
+    args.batch_size = args.batch_size or (32 if gpu else 8 if args.config == "tiny" else 2)
+    args.warmup = args.warmup if args.warmup is not None else (3 if gpu else 1)
+    args.repeats = args.repeats or (10 if gpu or args.config == "tiny" else 3)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = villa_speed(device, args.tasks, args.config, args.batch_size, args.warmup, args.repeats, args.seed)
+    precision = "bf16 autocast (every path)" if gpu else "fp32 (every path)"
+    print(f"\nAFT vs plain step, {args.config}, on {device_name(device)}, {precision}, load {os.getloadavg()[0]}")
+    columns = ["task", "path", "step", "valid_tokens", "ms", "aft_vs_plain", "vs_original", "vs_reference"]
+    columns.append("graph_peak_mib")
+    print_table(rows, columns + (["peak_mib"] if gpu else []))
+    meta = run_meta(
+        args,
+        torch.bfloat16 if gpu else torch.float32,
+        config=args.config,
+        precision=precision,
+        adversarial=vars(SETTINGS),
+    )
+    out = output_dir(args)
+    print(write_json("villa_bench", device, rows, meta, out))
+    series = {p: [r["ms"] for r in rows if r["path"] == p and r["step"] == "aft"] for p in PATHS}
+    title = f"UNITER-{args.config} AFT step (K=3): original vs reference vs fast"
+    print(plot_grouped_bars("villa_bench", device, list(args.tasks), series, "ms per AFT step", title, False, out))
+
+
+if __name__ == "__main__":
+    main()

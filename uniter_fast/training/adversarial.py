@@ -1,0 +1,219 @@
+"""VILLA's adversarial fine-tuning (AFT; Gan et al., NeurIPS 2020, arXiv 2006.06195; the released
+``train_{vqa,nlvr2,ve,vcr}_adv.py`` of github.com/zhegan27/VILLA): the config block and the micro-batch step.
+
+Per micro-batch: a clean forward with gradient (its logits ``z``), then K = ``adv_steps`` perturbed forwards, each
+with loss ``(task_loss(adv) + adv_kl_weight * SKL(z, z_adv)) / K`` and a backward, the parameter gradients summing
+over the K steps (one optimizer step per batch). ``SKL`` is the symmetric KL of the softmax of the logits, summed
+over the classes and averaged over the rows (VILLA's ``kl.sum(1).mean()``, equal to its VQA ``.mean() x #answers``).
+Between steps each perturbation ascends, ``delta += lr * g / ||g||`` (per row of the batch over all its positions,
+L2 or L-inf), ``g`` unscaled from the loss scale, then is projected to ``adv_max_norm`` (0: none). Perturbations:
+``uniter_fast.model.perturbation`` (word embeddings after the lookup; raw region features before ``img_linear``).
+
+The KL back-propagates through the clean logits too, as in the released code. Rather than keep every graph with
+``retain_graph=True`` (VILLA issue #4) and run the clean graph's backward K times, the step takes the KL against a
+detached copy of ``z``, sums the gradients that reach it over the K steps, and back-propagates that sum through the
+clean graph once at the end: the same gradients (backward is linear), one backward fewer per step, and only the clean
+graph and the current perturbed graph alive at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from uniter_fast.errors import ConfigError
+from uniter_fast.model.perturbation import delta_slots, with_deltas
+
+MODALITIES = ("text", "image", "text+image", "alter")
+NORM_TYPES = ("l2", "linf")
+MicroStep = Callable[[Any, dict, str], dict]
+"""``micro_step(engine, batch, task) -> {name: 0-dim tensor}``: forward(s) and backward(s) of one micro-batch."""
+
+
+@dataclasses.dataclass
+class AdversarialConfig:
+    """The ``adversarial`` block of a fine-tuning config (VILLA's option names; defaults: the released configs')."""
+
+    adv_steps: int = 3
+    adv_lr_txt: float = 1e-3
+    adv_lr_img: float = 1e-3
+    adv_kl_weight: float = 1.5
+    adv_max_norm: float = 0.0
+    adv_init_mag: float = 0.0
+    norm_type: str = "l2"
+    adv_modality: str = "text"
+
+    @property
+    def branches(self) -> list[tuple[bool, bool]]:
+        """(perturb text, perturb image) of each perturbed forward of a step: one, or two for ``alter``."""
+        if self.adv_modality == "alter":
+            return [(True, False), (False, True)]
+        return [("text" in self.adv_modality, "image" in self.adv_modality)]
+
+
+def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
+    """The ``adversarial`` block ``raw`` (a JSON object) checked; one-line ``ConfigError`` naming the field."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: 'adversarial' must be a JSON object, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(AdversarialConfig)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown} in 'adversarial'; valid keys are {sorted(fields)}")
+    cfg = AdversarialConfig(**raw)
+    for name, value in dataclasses.asdict(cfg).items():
+        key = f"{where}: adversarial.{name}"
+        if name == "adv_steps":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{key} must be an integer >= 0, got {value!r}")
+        elif name == "norm_type":
+            if value not in NORM_TYPES:
+                raise ConfigError(f"{key} must be one of {list(NORM_TYPES)}, got {value!r}")
+        elif name == "adv_modality":
+            if value not in MODALITIES:
+                raise ConfigError(f"{key} must be one of {list(MODALITIES)}, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+    return cfg
+
+
+def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) + KL(q || p) of p = softmax(clean), q = softmax(adv) over the last dim, summed over it and averaged
+    over the rows; [R, C] logits (any float dtype) -> fp32 0-dim. Entries of -1e4 (RE's non-regions) get p = q = 0."""
+    clean, adv = clean.float(), adv.float()
+    log_p, log_q = clean.log_softmax(-1), adv.log_softmax(-1)
+    return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1).mean()
+
+
+def ascend(delta: torch.Tensor, grad: torch.Tensor, lr: float, norm_type: str, max_norm: float) -> torch.Tensor:
+    """One ascent of ``delta`` [B, ...] along ``grad`` (same shape, unscaled): ``delta + lr * g / ||g||`` with the
+    norm per row over all its positions (L2, or L-inf), clamped at 1e-8; then projected to ``max_norm`` (L2: rows
+    longer than it rescaled to it; L-inf: entries clamped to +-max_norm; 0: none). Returns a new detached tensor."""
+    rows = grad.flatten(1)
+    norm = rows.norm(dim=1) if norm_type == "l2" else rows.abs().amax(dim=1)
+    shape = (-1,) + (1,) * (delta.dim() - 1)
+    delta = (delta + lr * grad / norm.clamp(min=1e-8).view(shape)).detach()
+    if max_norm > 0:
+        if norm_type == "l2":
+            length = delta.flatten(1).norm(dim=1)
+            delta = delta * torch.where(length > max_norm, max_norm / length, torch.ones_like(length)).view(shape)
+        else:
+            delta = delta.clamp(-max_norm, max_norm)
+    return delta
+
+
+def initial_delta(shape: torch.Size, valid: torch.Tensor, init_mag: float, norm_type: str) -> torch.Tensor:
+    """fp32 zeros of ``shape`` [B, N, D] (``init_mag`` 0, VILLA's released setting), else uniform noise at the
+    ``valid`` [B, N] positions as FreeLB initialises it: L2, U(-1, 1) x init_mag / sqrt(valid positions x D) per
+    row; L-inf, U(-init_mag, init_mag)."""
+    delta = torch.zeros(shape, device=valid.device)
+    if init_mag == 0:
+        return delta
+    mask = valid[..., None].float()
+    if norm_type == "l2":
+        dims = (valid.sum(1).float() * shape[-1]).clamp(min=1).view(-1, 1, 1)
+        return delta.uniform_(-1, 1) * mask * (init_mag / dims.sqrt())
+    return delta.uniform_(-init_mag, init_mag) * mask
+
+
+def plain_step(engine: Any, batch: dict, task: str) -> dict:
+    """The plain micro-batch step: forward, backward (gradients summed over micro-batches); the forward's outputs."""
+    out = engine(batch, task)
+    engine.backward(out["loss"], scale_wrt_gas=False)
+    return out
+
+
+class LossScale:
+    """Records the gradient that reaches a loss in backward: the loss scale the engine multiplied it by (1 in fp32 /
+    bf16, the dynamic scale in fp16), read whatever scaler the engine uses."""
+
+    def __init__(self, loss: torch.Tensor) -> None:
+        self.value = torch.ones((), device=loss.device)
+        loss.register_hook(self._record)
+
+    def _record(self, grad: torch.Tensor) -> None:
+        self.value = grad.detach().float()
+
+
+def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
+    """``engine.backward(loss)`` (gradients summed) for one of several backward passes of a micro-batch: on a DeepSpeed
+    engine only the ``last`` may be a gradient-accumulation boundary (where ZeRO reduces the summed gradients into its
+    partitions); the others are marked as within the accumulation, as the micro-batches before a boundary are."""
+    if hasattr(engine, "set_gradient_accumulation_boundary"):
+        natural = (engine.micro_steps + 1) % engine.gradient_accumulation_steps() == 0
+        engine.set_gradient_accumulation_boundary(natural and last)
+    engine.backward(loss, scale_wrt_gas=False)
+
+
+class AdversarialStep:
+    """The AFT micro-batch step for the training loop (``Trainer(micro_step=...)``): ``step(engine, batch, task)``
+    runs the forwards and backwards of one micro-batch and returns ``loss`` (the sum of the K step losses: the
+    objective whose gradient was accumulated), ``adv_task_loss`` and ``adv_kl`` (their means over the perturbed
+    forwards), detached 0-dim tensors. ``engine`` is a DeepSpeed engine or anything with its ``__call__(batch, task,
+    with_logits=...)`` and ``backward(loss, scale_wrt_gas=False)``; the task model's forward must take
+    ``with_logits``. ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step."""
+
+    def __init__(self, cfg: AdversarialConfig, hidden_size: int) -> None:
+        self.cfg, self.hidden_size = cfg, hidden_size
+        self.trace: Optional[list[dict[str, Any]]] = None  # set to [] to record the perturbations (tests)
+
+    def __call__(self, engine: Any, batch: dict, task: str) -> dict:
+        cfg = self.cfg
+        if cfg.adv_steps == 0:
+            return plain_step(engine, batch, task)
+        clean_logits = engine(batch, task, with_logits=True)["logits"]
+        clean = clean_logits.detach().float().requires_grad_()
+        clean_grad = torch.zeros_like(clean)
+        slots = delta_slots(batch) if "packed" in batch else None
+        branches = [self._initial(batch, text, image) for text, image in cfg.branches]
+        count = cfg.adv_steps * len(branches)
+        total = torch.zeros((), device=clean.device)
+        task_sum, kl_sum = torch.zeros_like(total), torch.zeros_like(total)
+        for astep in range(cfg.adv_steps):
+            loss = torch.zeros((), device=clean.device)
+            for deltas in branches:
+                for delta in deltas.values():
+                    delta.requires_grad_()
+                out = engine(with_deltas(batch, deltas.get("txt"), deltas.get("img"), slots), task, with_logits=True)
+                kl = symmetric_kl(clean, out["logits"])
+                loss = loss + out["loss"].float() + cfg.adv_kl_weight * kl
+                task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
+            loss = loss / count
+            scale = LossScale(loss)
+            backward(engine, loss, last=False)
+            total = total + loss.detach()
+            clean_grad += clean.grad / scale.value
+            clean.grad = None
+            if self.trace is not None:
+                self.trace.append(
+                    {"loss": loss.detach(), "deltas": [{k: d.detach() for k, d in b.items()} for b in branches]}
+                )
+            if astep + 1 < cfg.adv_steps:
+                branches = [self._ascended(deltas, scale.value) for deltas in branches]
+        # the KL's gradient through the clean logits, summed over the K steps, back-propagated once
+        backward(engine, (clean_logits.float() * clean_grad).sum(), last=True)
+        return {"loss": total, "adv_task_loss": task_sum / count, "adv_kl": kl_sum / count}
+
+    def _initial(self, batch: dict, text: bool, image: bool) -> dict[str, torch.Tensor]:
+        cfg, out = self.cfg, {}
+        if text:
+            ids = batch["input_ids"]
+            valid = torch.arange(ids.size(1), device=ids.device)[None] < batch["txt_lens"].to(ids.device)[:, None]
+            shape = torch.Size((*ids.shape, self.hidden_size))
+            out["txt"] = initial_delta(shape, valid, cfg.adv_init_mag, cfg.norm_type)
+        if image:
+            feat = batch["img_feat"]
+            valid = torch.arange(feat.size(1), device=feat.device)[None] < batch["num_bbs"].to(feat.device)[:, None]
+            out["img"] = initial_delta(feat.shape, valid, cfg.adv_init_mag, cfg.norm_type)
+        return out
+
+    def _ascended(self, deltas: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg, out = self.cfg, {}
+        for key, delta in deltas.items():
+            lr = cfg.adv_lr_txt if key == "txt" else cfg.adv_lr_img
+            grad = delta.grad.float() / scale
+            grad = torch.where(torch.isfinite(grad), grad, torch.zeros_like(grad))  # an fp16 overflow (step skipped)
+            out[key] = ascend(delta.detach(), grad, lr, cfg.norm_type, cfg.adv_max_norm)
+        return out
