@@ -28,9 +28,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.data.buckets import Buckets
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError, RunFailed
 from uniter_fast.files import atomic_write, write_text_atomic
+from uniter_fast.training.capture import CapturedStep
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import barrier, rank_and_world
 from uniter_fast.training.logs import STEP_LOG, VAL_LOG, append_jsonl, logged_results, truncate_log
@@ -88,6 +90,16 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the newest complete checkpoint of this run
         self.rank = rank_and_world()[0]
         self.recent: dict[str, list[float]] = defaultdict(list)
+        self.captured: Optional[CapturedStep] = None
+        if cfg.capture:
+            buckets = Buckets.for_run(cfg.max_txt_len, cfg.max_bb, cfg.num_bb)
+            self.captured = CapturedStep(engine.module, engine.device, buckets, engine)
+
+    def forward(self, batch: dict, task: str) -> dict[str, torch.Tensor]:
+        """The model's outputs on one host micro-batch: the captured step's (``cfg.capture``) or the engine's."""
+        if self.captured is not None:
+            return self.captured(batch, task)
+        return self.engine(move_to_device(batch, self.engine.device), task)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -180,7 +192,7 @@ class Trainer:
         for name, batch in micro_batches:
             if name != task:
                 raise RuntimeError(f"one task per optimizer step: got {name!r} within a {task!r} cycle")
-            out = self.engine(move_to_device(batch, self.engine.device), task)
+            out = self.forward(batch, task)
             self.engine.backward(out["loss"], scale_wrt_gas=False)
             self.engine.step()
             for key, value in out.items():
