@@ -46,6 +46,7 @@ CAPS = {
     "syncs": (60, 25),
     "encoder": (90, 25),
     "pretrain": (120, 40),
+    "capture": (120, 60),
     "ipot": (100, 40),
     "losses": (90, 20),
     "deepspeed": (150, 75),
@@ -328,6 +329,14 @@ def part_pretrain(device: Any, quick: bool, out: str, save: Callable[..., None])
     save(rows=rows, goals=goals)
 
 
+def part_capture(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
+    """The captured step (CUDA graphs on fixed-shape batches) vs the eager fast step: tokens/s, memory, equality."""
+    from speed import capture_speed
+
+    rows, goals, meta = capture_speed(device, quick, out)
+    save(rows=rows, goals=goals, meta=meta)
+
+
 def part_deepspeed(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
     """A short DeepSpeed ZeRO-2 bf16 run of the bundled default."""
     from speed import deepspeed_run
@@ -351,6 +360,7 @@ PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "losses": part_losses,
     "encoder": part_encoder,
     "pretrain": part_pretrain,
+    "capture": part_capture,
     "deepspeed": part_deepspeed,
     "extract": part_extract,
 }

@@ -29,7 +29,15 @@ from uniter_fast.data import (
     batch_loader,
     default_corpus,
 )
-from uniter_fast.data.buckets import Buckets, NotCapturable, pad_batch, padding_cost, round_up, shape_key
+from uniter_fast.data.buckets import (
+    Buckets,
+    NotCapturable,
+    pad_batch,
+    padding_cost,
+    round_coarse,
+    round_up,
+    shape_key,
+)
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError
 from uniter_fast.layout import pad_masks, padded_slots
@@ -91,6 +99,25 @@ def assert_same_step(model: torch.nn.Module, batch: dict[str, Any], task: str, g
 
 
 # ------------------------------------------------------------------------------------------------- the bucketing
+def test_coarse_rounding_has_four_steps_per_octave() -> None:
+    assert [round_coarse(v, 16) for v in (1, 16, 17, 20, 21, 129, 160, 161, 256, 257)] == [
+        16,
+        16,
+        20,
+        20,
+        24,
+        160,
+        160,
+        192,
+        256,
+        320,
+    ]
+    for value in range(1, 3000):
+        rounded = round_coarse(value, 1)
+        assert value <= rounded <= 1.25 * value
+    assert len({round_coarse(v, 64) for v in range(200, 500)}) == 6  # 224, 256, 320, 384, 448, 512
+
+
 def test_token_counts_round_up_and_padding_sits_after_the_last_example() -> None:
     batch = corpus_batches("mlm", count=1)[0]
     packed = batch["packed"]
@@ -116,21 +143,21 @@ def test_token_counts_round_up_and_padding_sits_after_the_last_example() -> None
     assert tail[-1] == txt_b + img_b and all(0 <= b - a <= SMALL.max_seqlen for a, b in zip(tail, tail[1:]))
     dummies = sum(b > a for a, b in zip(tail, tail[1:]))
     assert dummies == -(-(txt_b + img_b - total) // SMALL.max_seqlen)
-    assert cu.numel() == round_up(examples + dummies, 8) + 1
+    assert cu.numel() == round_coarse(examples, 8) + 2 + 1  # room for 2 * 127 padding tokens in 162-token dummies
     assert fixed["max_seqlen"] == 62 + 100
     # per-example and masked rows
-    assert fixed["cls_index"].numel() == round_up(examples, 8) and not fixed["cls_index"][examples:].any()
+    assert fixed["cls_index"].numel() == round_coarse(examples, 8) and not fixed["cls_index"][examples:].any()
     rows = packed["mlm_index"].numel()
-    assert fixed["mlm_index"].numel() == round_up(rows, 16) == fixed["mlm_labels"].numel()
+    assert fixed["mlm_index"].numel() == round_coarse(rows, 16) == fixed["mlm_labels"].numel()
     assert torch.equal(fixed["mlm_labels"][:rows], packed["mlm_labels"]) and not fixed["mlm_labels"][rows:].any()
-    assert torch.equal(fixed["mlm_weights"], (torch.arange(round_up(rows, 16)) < rows).float())
+    assert torch.equal(fixed["mlm_weights"], (torch.arange(round_coarse(rows, 16)) < rows).float())
 
 
 def test_masked_regions_targets_and_example_weights() -> None:
     batch = corpus_batches("mrckl", count=1)[0]
     fixed = pad_batch(batch, SMALL)
     rows, examples = batch["feat_targets"].size(0), batch["packed"]["cls_index"].numel()
-    padded_rows = round_up(rows, 16)
+    padded_rows = round_coarse(rows, 16)
     for key in ("feat_targets", "label_targets"):
         assert fixed[key].shape == (padded_rows, batch[key].size(1))
         assert torch.equal(fixed[key][:rows], batch[key]) and not fixed[key][rows:].any()
@@ -138,7 +165,7 @@ def test_masked_regions_targets_and_example_weights() -> None:
     num_img = batch["packed"]["img_masks"].numel()
     assert torch.equal(fixed["packed"]["img_masks"][:num_img], batch["packed"]["img_masks"])
     assert not fixed["packed"]["img_masks"][num_img:].any()
-    assert torch.equal(fixed["example_weights"], (torch.arange(round_up(examples, 8)) < examples).float())
+    assert torch.equal(fixed["example_weights"], (torch.arange(round_coarse(examples, 8)) < examples).float())
     assert "txt_lens" not in fixed and "num_bbs" not in fixed  # host-only keys stay out of a captured step
 
 
@@ -147,7 +174,7 @@ def test_itm_ot_grids_are_fixed_and_padding_goes_to_the_spare_row() -> None:
     fixed = pad_batch(batch, SMALL)
     ot, packed = fixed["ot_inputs"], fixed["packed"]
     examples = batch["packed"]["cls_index"].numel()
-    padded_examples = round_up(examples, 8)
+    padded_examples = round_coarse(examples, 8)
     assert ot["txt_pad"].shape == (padded_examples, 62) and ot["img_pad"].shape == (padded_examples, 100)
     txt_lens, img_lens = batch["ot_inputs"]["txt_lens"], batch["ot_inputs"]["img_lens"]
     assert torch.equal(ot["txt_lens"], torch.cat([txt_lens, torch.ones(padded_examples - examples, dtype=torch.long)]))
@@ -263,10 +290,13 @@ def test_on_cpu_the_step_runs_eagerly_and_says_why_once(caplog: pytest.LogCaptur
 
 
 class FakeEngine:
-    """What capture_blocker reads of a DeepSpeed engine."""
+    """What capture_blocker and the Trainer's forward read of a DeepSpeed engine."""
 
-    def __init__(self, zero3: bool = False, autocast: bool = False) -> None:
-        self.zero3, self.autocast = zero3, autocast
+    def __init__(self, zero3: bool = False, autocast: bool = False, module: Any = None) -> None:
+        self.zero3, self.autocast, self.module, self.device = zero3, autocast, module, torch.device("cpu")
+
+    def __call__(self, batch: dict[str, Any], task: str) -> dict[str, torch.Tensor]:
+        return self.module(batch, task)
 
     def zero_optimization_partition_weights(self) -> bool:
         return self.zero3
@@ -288,6 +318,20 @@ def test_every_reason_not_to_capture_is_named() -> None:
     assert capture_blocker(nlvr2, cuda) == "UniterForNlvr2PairedAttn reads the padded layout in its heads"
     assert "ZeRO-3" in capture_blocker(fast, cuda, FakeEngine(zero3=True))
     assert "torch_autocast" in capture_blocker(fast, cuda, FakeEngine(autocast=True))
+
+
+def test_the_trainer_steps_through_the_captured_step(tmp_path) -> None:
+    from uniter_fast.training.loop import Trainer
+
+    model = pretraining_model()
+    engine = FakeEngine(module=model)
+    batch = corpus_batches("mrfr", count=1)[0]
+    plain = Trainer(engine, RunConfig(output_dir=str(tmp_path)), None, None, None)
+    assert plain.captured is None
+    trainer = Trainer(engine, RunConfig(output_dir=str(tmp_path), capture=True), None, None, None)
+    assert trainer.captured.buckets == Buckets(max_txt_len=62, max_bb=100)
+    assert trainer.captured.blocker == "device cpu: CUDA graphs need a CUDA device"
+    assert torch.equal(trainer.forward(batch, "mrfr")["loss"], plain.forward(batch, "mrfr")["loss"])
 
 
 def test_the_run_config_option_is_checked(tmp_path) -> None:
@@ -317,3 +361,7 @@ def test_captured_step_replays_the_eager_losses_and_gradients() -> None:
             torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-6, atol=0)
             for name, grad in eager_grads.items():
                 torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-7)
+        # accumulation over micro-batches: a second replay adds to .grad (never overwrites the first's)
+        captured(batch, task)["loss"].backward()
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(params[name].grad, 2 * grad, rtol=1e-5, atol=1e-7)

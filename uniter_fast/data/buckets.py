@@ -53,6 +53,14 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def round_coarse(value: int, least: int) -> int:
+    """``value`` rounded up on a ladder of four steps per octave (..., 128, 160, 192, 224, 256, 320, ...: at most 25%
+    more), and at least ``least``: few distinct sizes for counts that vary a lot from batch to batch."""
+    if value <= least:
+        return least
+    return round_up(value, 1 << max(0, value.bit_length() - 3))
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     """The rounding of every size of a fixed-shape batch (module doc).
@@ -105,8 +113,8 @@ def padded_sizes(num_txt: int, num_img: int, num_examples: int, buckets: Buckets
     padding), ``sequences`` (``cu_seqlens`` has one more entry) and ``examples``."""
     txt, img = round_up(num_txt, buckets.token_multiple), round_up(num_img, buckets.token_multiple)
     dummies = math.ceil((txt - num_txt + img - num_img) / buckets.max_seqlen)
-    sequences = round_up(num_examples + dummies, buckets.example_multiple)
-    examples = round_up(num_examples, buckets.example_multiple)
+    examples = round_coarse(num_examples, buckets.example_multiple)
+    sequences = examples + math.ceil(2 * (buckets.token_multiple - 1) / buckets.max_seqlen)  # room for any dummies
     sizes = {"txt": txt, "img": img, "tokens": txt + img, "dummies": dummies}
     return {**sizes, "sequences": sequences, "examples": examples}
 
@@ -154,7 +162,7 @@ def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> 
     for index, extra, weights in (("mlm_index", "mlm_labels", "mlm_weights"), ("mrm_index", None, "mrm_weights")):
         if index in packed:
             rows = packed[index].numel()
-            padded_rows = round_up(max(rows, 1), buckets.row_multiple)
+            padded_rows = round_coarse(rows, buckets.row_multiple)
             out[index] = _cat(packed[index], padded_rows - rows)
             out[weights] = _weights(rows, padded_rows)
             if extra is not None:

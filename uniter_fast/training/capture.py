@@ -7,6 +7,9 @@ them for every later batch of that shape; a new shape is captured when first see
 pool). The graphed forward is an autograd Function: its backward replays the captured backward and hands each
 parameter its gradient, so everything after it runs as before, eagerly: gradient accumulation into ``.grad``,
 DeepSpeed's gradient hooks (ZeRO-1/2 bucketing and reduction), loss scaling, clipping and the optimizer step.
+The parameters a task's step reaches get a zero ``.grad`` before each replay where they have none: autograd would
+otherwise adopt the graph's own gradient buffer as ``.grad``, which the next replay overwrites (0 + g is g exactly,
+and the parameters the task does not reach keep ``None``, as in the eager step).
 
 Where capture is impossible the step runs eagerly on the unpadded batch (exactly the run without capture) and one
 log line says why: a device other than CUDA, the reference path (``fast: false``), a model whose heads read the
@@ -86,13 +89,18 @@ class CapturedStep:
     ``step(batch, task)`` takes a host batch of the fast collate and returns the model's outputs (``loss`` and the
     logged terms, 0-dim, on ``device``); back-propagate ``loss`` as usual (``engine.backward``). ``model`` is the
     module (a DeepSpeed engine's ``module``); ``engine`` the DeepSpeed engine around it, if any, whose forward runs
-    the eager step. ``blocker`` is None while capture is on, else why it is off.
+    the eager step. ``blocker`` is None while capture is on, else why it is off. At most ``max_graphs`` shapes are
+    captured (each graph keeps its inputs and its parameter gradients in the shared pool); a batch of a further
+    shape turns capture off for the rest of the run, with its log line.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, buckets: Buckets, engine: Any = None) -> None:
-        self.model, self.device, self.buckets = model, torch.device(device), buckets
+    def __init__(
+        self, model: nn.Module, device: torch.device, buckets: Buckets, engine: Any = None, max_graphs: int = 64
+    ) -> None:
+        self.model, self.device, self.buckets, self.max_graphs = model, torch.device(device), buckets, max_graphs
         self.eager = engine if engine is not None else model
         self.graphs: dict[tuple[Any, ...], _GraphedStep] = {}
+        self.reached: dict[str, list[nn.Parameter]] = {}  # task -> the parameters its step gives a gradient
         self.pool: Any = None
         self.blocker: Optional[str] = None
         self._off(capture_blocker(model, self.device, engine))
@@ -114,12 +122,18 @@ class CapturedStep:
             return self.eager(move_to_device(batch, self.device), task)
         tensors, rebuild = flatten(move_to_device(fixed, self.device))
         key = (task, shape_key(fixed))
+        if key not in self.graphs and len(self.graphs) >= self.max_graphs:
+            self._off(f"{self.max_graphs} graphs are held (max_graphs); a new shape would need another")
+            return self.eager(move_to_device(batch, self.device), task)
         if key not in self.graphs:
             graphed = self._capture(tensors, rebuild, task)
             if graphed is None:
                 return self.eager(move_to_device(batch, self.device), task)
             self.graphs[key] = graphed
         graphed = self.graphs[key]
+        for param in self.reached[task]:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
         return dict(zip(graphed.keys, graphed(*tensors)))
 
     def _capture(
@@ -129,6 +143,10 @@ class CapturedStep:
         turned off, when the step cannot be captured."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        if task not in self.reached:  # one eager step, gradients returned, not accumulated
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(self.model(rebuild(tensors), task)["loss"], params, allow_unused=True)
+            self.reached[task] = [p for p, g in zip(params, grads) if g is not None]
         step = _GraphedStep(self.model, rebuild, task)
         try:
             return torch.cuda.make_graphed_callables(step, (tuple(tensors),), allow_unused_input=True, pool=self.pool)
