@@ -72,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Measure and print the padding cost; JSON into the output folder."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", type=int, nargs="+", default=[1024, 10240], help="token budgets per batch")
-    parser.add_argument("--multiples", type=int, nargs="+", default=[128, 256, 512, 1024], help="token_multiple values")
+    parser.add_argument("--multiples", type=int, nargs="+", default=[64, 128, 256, 512, 1024], help="token_multiple")
     parser.add_argument("--batches", type=int, default=40, help="batches per task (the first of epoch 0)")
     add_output_arguments(parser)
     args = parser.parse_args(argv)

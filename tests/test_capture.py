@@ -44,7 +44,7 @@ from uniter_fast.layout import pad_masks, padded_slots
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.syncs import count_syncs
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
-from uniter_fast.training.capture import CapturedStep, capture_blocker, flatten
+from uniter_fast.training.capture import CapturedStep, _GraphedStep, capture_blocker, flatten
 from uniter_fast.training.config import RunConfig, parse_run_config
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
@@ -212,7 +212,8 @@ def test_what_cannot_be_padded_is_refused() -> None:
         pad_batch(batch, Buckets(max_txt_len=4, max_bb=8))
     with pytest.raises(ConfigError, match="token_multiple must be an integer >= 1"):
         Buckets(token_multiple=0)
-    assert Buckets.for_run(60, 100, 36).max_seqlen == 162 and Buckets.for_run(40, 10, 36).max_bb == 36
+    assert Buckets.for_run(60, 100, 36, 10240) == Buckets(token_multiple=512, max_txt_len=62, max_bb=100)
+    assert Buckets.for_run(40, 10, 36, 1024) == Buckets(token_multiple=64, max_txt_len=42, max_bb=36)
 
 
 # ------------------------------------------------------------------------------------------------- the same step
@@ -305,6 +306,45 @@ class FakeEngine:
         return self.autocast
 
 
+def test_a_replay_runs_inside_the_engine_forward_and_accumulates_gradients() -> None:
+    model = pretraining_model()
+    calls = []
+
+    class CountingEngine(FakeEngine):
+        def __call__(self, batch: dict[str, Any], task: str) -> dict[str, torch.Tensor]:
+            calls.append(sorted(batch))
+            return super().__call__(batch, task)
+
+    class Uncaptured(_GraphedStep):
+        """What capture records, run as it is: the model's class forward (a graph never calls the instance's)."""
+
+        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = UniterForPretraining.forward(self.model, self.rebuild(tensors), self.task)
+            self.keys = sorted(out)
+            return tuple(out[key] for key in self.keys)
+
+    captured = CapturedStep(model, torch.device("cpu"), SMALL, CountingEngine(module=model))
+    captured.blocker = None  # as on a GPU, with the uncaptured step standing in for the graph
+    captured._capture = lambda tensors, rebuild, task: Uncaptured(model, rebuild, task)
+    batches = corpus_batches("mrc", count=2)
+    for batch in batches + batches:
+        model.zero_grad(set_to_none=True)
+        out = captured(batch, "mrc")
+        out["loss"].backward()
+        first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        captured(batch, "mrc")["loss"].backward()  # a second micro-batch adds to .grad
+        expected, grads = step(model, pad_batch(batch, SMALL), "mrc")
+        assert torch.equal(out["loss"], expected["loss"])
+        assert sorted(first) == sorted(grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(first[name], grad, rtol=0, atol=0)
+    assert calls == [["example_weights", "feat_targets", "label_targets", "packed", "task"]] * 8
+    assert "forward" not in vars(model)  # the model's own forward is back
+    assert len(captured.graphs) == len({shape_key(pad_batch(b, SMALL)) for b in batches})
+    reached = {id(p) for p in captured.reached["mrc"]}
+    assert id(model.region_classifier.output.weight) in reached and id(model.itm_output.weight) not in reached
+
+
 def test_every_reason_not_to_capture_is_named() -> None:
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     fast = pretraining_model()
@@ -329,7 +369,7 @@ def test_the_trainer_steps_through_the_captured_step(tmp_path) -> None:
     plain = Trainer(engine, RunConfig(output_dir=str(tmp_path)), None, None, None)
     assert plain.captured is None
     trainer = Trainer(engine, RunConfig(output_dir=str(tmp_path), capture=True), None, None, None)
-    assert trainer.captured.buckets == Buckets(max_txt_len=62, max_bb=100)
+    assert trainer.captured.buckets == Buckets(token_multiple=192, max_txt_len=62, max_bb=100)  # 4096 tokens
     assert trainer.captured.blocker == "device cpu: CUDA graphs need a CUDA device"
     assert torch.equal(trainer.forward(batch, "mrfr")["loss"], plain.forward(batch, "mrfr")["loss"])
 

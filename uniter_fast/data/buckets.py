@@ -88,10 +88,13 @@ class Buckets:
         return self.max_txt_len + self.max_bb
 
     @classmethod
-    def for_run(cls, max_txt_len: int, max_bb: int, num_bb: int, **sizes: int) -> Buckets:
-        """The buckets of a run config's text and box settings (``max_txt_len`` wordpieces without [CLS]/[SEP];
-        ``max_bb``, or ``num_bb`` when larger: the GT-box and fixed-count dbs)."""
-        return cls(max_txt_len=max_txt_len + 2, max_bb=max(max_bb, num_bb), **sizes)
+    def for_run(cls, max_txt_len: int, max_bb: int, num_bb: int, budget: int) -> Buckets:
+        """The buckets of a run config: its text and box settings (``max_txt_len`` wordpieces without [CLS]/[SEP];
+        ``max_bb``, or ``num_bb`` when larger: the GT-box and fixed-count dbs) and its token ``budget`` per batch,
+        of which ``token_multiple`` is about 5% (a multiple of 64, at least 64: 512 for the original's 10240 tokens,
+        64 for 1024; bench/capture_padding.py measures the padding it costs)."""
+        multiple = max(64, budget // 20 // 64 * 64)
+        return cls(token_multiple=multiple, max_txt_len=max_txt_len + 2, max_bb=max(max_bb, num_bb))
 
 
 def _cat(tensor: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:

@@ -6,7 +6,9 @@ captures the model's forward and backward once per shape with ``torch.cuda.make_
 them for every later batch of that shape; a new shape is captured when first seen (all graphs share one memory
 pool). The graphed forward is an autograd Function: its backward replays the captured backward and hands each
 parameter its gradient, so everything after it runs as before, eagerly: gradient accumulation into ``.grad``,
-DeepSpeed's gradient hooks (ZeRO-1/2 bucketing and reduction), loss scaling, clipping and the optimizer step.
+DeepSpeed's gradient hooks (ZeRO-1/2 bucketing and reduction), loss scaling, clipping and the optimizer step. The
+replay runs inside the engine's own forward (the model's ``forward`` stands in for the graph during that call), so
+DeepSpeed's per-step bookkeeping and the hooks it puts on the loss run as in an uncaptured step.
 The parameters a task's step reaches get a zero ``.grad`` before each replay where they have none: autograd would
 otherwise adopt the graph's own gradient buffer as ``.grad``, which the next replay overwrites (0 + g is g exactly,
 and the parameters the task does not reach keep ``None``, as in the eager step).
@@ -120,21 +122,41 @@ class CapturedStep:
                 self._off(str(err))
         if self.blocker is not None:
             return self.eager(move_to_device(batch, self.device), task)
-        tensors, rebuild = flatten(move_to_device(fixed, self.device))
+        device_batch = move_to_device(fixed, self.device)
+        tensors, rebuild = flatten(device_batch)
         key = (task, shape_key(fixed))
         if key not in self.graphs and len(self.graphs) >= self.max_graphs:
             self._off(f"{self.max_graphs} graphs are held (max_graphs); a new shape would need another")
             return self.eager(move_to_device(batch, self.device), task)
+        if task not in self.reached:  # one eager step, gradients returned, not accumulated
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grads = torch.autograd.grad(self.model(device_batch, task)["loss"], params, allow_unused=True)
+            self.reached[task] = [p for p, g in zip(params, grads) if g is not None]
         if key not in self.graphs:
             graphed = self._capture(tensors, rebuild, task)
             if graphed is None:
                 return self.eager(move_to_device(batch, self.device), task)
             self.graphs[key] = graphed
-        graphed = self.graphs[key]
         for param in self.reached[task]:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-        return dict(zip(graphed.keys, graphed(*tensors)))
+        return self._replay(self.graphs[key], tensors, device_batch, task)
+
+    def _replay(
+        self, graphed: _GraphedStep, tensors: list[torch.Tensor], batch: Batch, task: str
+    ) -> dict[str, torch.Tensor]:
+        """``eager(batch, task)`` (the engine's forward, with its per-step bookkeeping and the hooks it puts on the
+        loss for its backward) with the model's forward replaced, for this call, by the replay of ``graphed``."""
+
+        def replay(*_: Any) -> dict[str, torch.Tensor]:
+            outputs = graphed(*tensors)
+            return dict(zip(graphed.keys, outputs))
+
+        self.model.forward = replay
+        try:
+            return self.eager(batch, task)
+        finally:
+            del self.model.forward
 
     def _capture(
         self, tensors: list[torch.Tensor], rebuild: Callable[[Sequence[torch.Tensor]], Batch], task: str
@@ -143,10 +165,6 @@ class CapturedStep:
         turned off, when the step cannot be captured."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
-        if task not in self.reached:  # one eager step, gradients returned, not accumulated
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            grads = torch.autograd.grad(self.model(rebuild(tensors), task)["loss"], params, allow_unused=True)
-            self.reached[task] = [p for p, g in zip(params, grads) if g is not None]
         step = _GraphedStep(self.model, rebuild, task)
         try:
             return torch.cuda.make_graphed_callables(step, (tuple(tensors),), allow_unused_input=True, pool=self.pool)

@@ -92,7 +92,7 @@ class Trainer:
         self.recent: dict[str, list[float]] = defaultdict(list)
         self.captured: Optional[CapturedStep] = None
         if cfg.capture:
-            buckets = Buckets.for_run(cfg.max_txt_len, cfg.max_bb, cfg.num_bb)
+            buckets = Buckets.for_run(cfg.max_txt_len, cfg.max_bb, cfg.num_bb, cfg.train_batch_size)
             self.captured = CapturedStep(engine.module, engine.device, buckets, engine)
 
     def forward(self, batch: dict, task: str) -> dict[str, torch.Tensor]:
