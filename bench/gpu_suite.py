@@ -15,6 +15,8 @@ rest still runs; a part that times out keeps what it finished):
     losses       fused losses vs reference: time and peak memory
     encoder      padded vs packed encoder, base and large: valid tokens/s and MFU
     pretrain     one optimizer step per task, original vs reference vs fast path: tokens/s, padding bound
+    capture      the captured step (CUDA graphs on fixed-shape batches) vs the eager fast step: tokens/s, memory,
+                 and the captured losses and gradients against the eager step's on the same batches
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
     extract      the BUTD region-feature extractor: images/s against its floor, CPU vs device agreement
 

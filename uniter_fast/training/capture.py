@@ -167,7 +167,7 @@ class CapturedStep:
             self.pool = torch.cuda.graph_pool_handle()
         step = _GraphedStep(self.model, rebuild, task)
         try:
-            return torch.cuda.make_graphed_callables(step, (tuple(tensors),), allow_unused_input=True, pool=self.pool)
+            return torch.cuda.make_graphed_callables(step, tuple(tensors), allow_unused_input=True, pool=self.pool)
         except RuntimeError as err:  # e.g. "operation not permitted when stream is capturing": a host sync
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             self._off(f"capturing the {task} step failed: {first_line}")
