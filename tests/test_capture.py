@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from tasks_helpers import perturb, random_batch, tiny_config
+from tasks_helpers import perturb, random_batch, random_row, tiny_config
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import (
@@ -43,6 +43,7 @@ from uniter_fast.errors import ConfigError
 from uniter_fast.layout import pad_masks, padded_slots
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.syncs import count_syncs
+from uniter_fast.tasks.data import collate_rows
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
 from uniter_fast.training.capture import CapturedStep, _GraphedStep, capture_blocker, flatten
 from uniter_fast.training.config import RunConfig, parse_run_config
@@ -236,6 +237,22 @@ def test_padded_step_equals_the_unpadded_step(task: str) -> None:
     model = pretraining_model()
     for batch in corpus_batches(task):
         assert_same_step(model, batch, task, GRAD_TOLERANCE.get(task, 1e-6))
+
+
+def test_padded_rows_with_type_ids_and_mlm_labels_step_as_unpadded() -> None:
+    """Task rows through the one collate (both layouts, type ids, MLM labels: VCR's second-stage pretraining)."""
+    model = pretraining_model()
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for txt, num_bb in ((9, 12), (14, 3), (5, 20)):
+        row = random_row(gen, txt, num_bb, vocab=100, txt_types=[0] * txt, img_type=1)
+        labels = torch.full((txt,), -1)
+        labels[1 : txt - 1 : 3] = row["input_ids"][1 : txt - 1 : 3]
+        rows.append({**row, "txt_labels": labels})
+    batch = collate_rows(rows, "mlm")
+    fixed = pad_batch(batch, SMALL)
+    assert fixed["packed"]["txt_type_ids"].numel() == 128 and fixed["packed"]["img_type_ids"].numel() == 128
+    assert_same_step(model, batch, "mlm")
 
 
 def test_padded_vqa_step_equals_the_unpadded_step() -> None:
