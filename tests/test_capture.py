@@ -49,7 +49,7 @@ from uniter_fast.training.capture import CapturedStep, _GraphedStep, capture_blo
 from uniter_fast.training.config import RunConfig, parse_run_config
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
-SMALL = Buckets(token_multiple=128, row_multiple=16, example_multiple=8)
+SMALL = Buckets(token_multiple=128, min_rows=16, min_examples=8)
 GRAD_TOLERANCE = {"itm": 3e-6}
 
 
@@ -196,7 +196,7 @@ def test_itm_ot_grids_are_fixed_and_padding_goes_to_the_spare_row() -> None:
 
 def test_batches_of_one_bucket_share_one_shape_key() -> None:
     batches = corpus_batches("mlm", count=4)
-    coarse = Buckets(token_multiple=1024, row_multiple=256, example_multiple=64)
+    coarse = Buckets(token_multiple=1024, min_rows=256, min_examples=64)
     keys = {shape_key(pad_batch(b, coarse)) for b in batches}
     assert len(keys) == 1
     cost = padding_cost(batches, coarse)

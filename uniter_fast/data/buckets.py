@@ -9,11 +9,12 @@ up (:class:`Buckets`) and places the padding where it cannot change a real row:
   0) and zero regions sit after the last example, in trailing dummy sequences of at most ``max_seqlen`` tokens
   each (``cu_seqlens`` gets their bounds), so attention never mixes them with a real example; every other layer is
   row-wise. ``max_seqlen`` becomes the bound ``max_txt_len + max_bb``, fixed.
-- **sequences and examples**: ``cu_seqlens`` is padded to ``round_up(B + dummies, example_multiple) + 1`` entries by
-  empty sequences (repeated T); per-example tensors (``cls_index``, ``targets``, the OT inputs) to
-  ``round_up(B, example_multiple)`` rows, weighted 0 by ``example_weights``.
+- **examples and sequences**: per-example tensors (``cls_index``, ``targets``, the OT inputs) get
+  ``round_coarse(B, min_examples)`` rows (:func:`round_coarse`: four sizes per octave), weighted 0 by
+  ``example_weights``; ``cu_seqlens`` gets that many sequences plus room for every dummy sequence a batch can need,
+  the unused ones empty (repeated T).
 - **masked rows**: ``mlm_index`` / ``mlm_labels``, ``mrm_index`` and ``feat_targets`` / ``label_targets`` are padded
-  to ``round_up(M, row_multiple)`` rows (index 0, label 0, zero targets), weighted 0 by ``mlm_weights`` /
+  to ``round_coarse(M, min_rows)`` rows (index 0, label 0, zero targets), weighted 0 by ``mlm_weights`` /
   ``mrm_weights``; every loss reads the weights (``uniter_fast.losses`` ``weights=``) and averages over the real rows.
 - **OT (ITM + WRA)**: the text and image grids are [B', max_txt_len] and [B', max_bb]; padded examples have one
   text token and one region (zero embeddings, finite distances, weight 0); the padding tokens' rows go to one spare
@@ -65,14 +66,14 @@ def round_coarse(value: int, least: int) -> int:
 class Buckets:
     """The rounding of every size of a fixed-shape batch (module doc).
 
-    token_multiple: St and Sn round up to a multiple of it. row_multiple: masked rows (MLM, MRM). example_multiple:
-    examples and sequences. max_txt_len: the longest text, [CLS]/[SEP] included; max_bb: the most regions; their
-    sum is the fixed ``max_seqlen``.
+    token_multiple: St and Sn round up to a multiple of it. min_rows / min_examples: the fewest masked rows (MLM,
+    MRM) / examples a batch is given (above, :func:`round_coarse`). max_txt_len: the longest text, [CLS]/[SEP]
+    included; max_bb: the most regions; their sum is the fixed ``max_seqlen``.
     """
 
     token_multiple: int = 512
-    row_multiple: int = 64
-    example_multiple: int = 16
+    min_rows: int = 64
+    min_examples: int = 16
     max_txt_len: int = 62
     max_bb: int = 100
 
@@ -116,7 +117,7 @@ def padded_sizes(num_txt: int, num_img: int, num_examples: int, buckets: Buckets
     padding), ``sequences`` (``cu_seqlens`` has one more entry) and ``examples``."""
     txt, img = round_up(num_txt, buckets.token_multiple), round_up(num_img, buckets.token_multiple)
     dummies = math.ceil((txt - num_txt + img - num_img) / buckets.max_seqlen)
-    examples = round_coarse(num_examples, buckets.example_multiple)
+    examples = round_coarse(num_examples, buckets.min_examples)
     sequences = examples + math.ceil(2 * (buckets.token_multiple - 1) / buckets.max_seqlen)  # room for any dummies
     sizes = {"txt": txt, "img": img, "tokens": txt + img, "dummies": dummies}
     return {**sizes, "sequences": sequences, "examples": examples}
@@ -165,7 +166,7 @@ def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> 
     for index, extra, weights in (("mlm_index", "mlm_labels", "mlm_weights"), ("mrm_index", None, "mrm_weights")):
         if index in packed:
             rows = packed[index].numel()
-            padded_rows = round_coarse(rows, buckets.row_multiple)
+            padded_rows = round_coarse(rows, buckets.min_rows)
             out[index] = _cat(packed[index], padded_rows - rows)
             out[weights] = _weights(rows, padded_rows)
             if extra is not None:
