@@ -338,13 +338,14 @@ def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
     10240-token budget, UNITER-base, bf16 weights as DeepSpeed's bf16 holds them, fused AdamW, dropout on): one
     optimizer step per batch (zero_grad, the host batch padded and copied, forward, backward, step), valid tokens/s and
     peak memory each way. Then, dropout off, the captured losses and gradients against the eager step's on the same
-    padded batches, replayed (not first-captured) graphs included."""
+    padded batches, replayed (not first-captured) graphs included, and the host syncs of a replayed micro-step."""
     from batches import PRETRAIN_TASKS, sampled_batches
 
     from uniter_fast.config import SIZE_MULTIPLE, UniterConfig
     from uniter_fast.data.buckets import Buckets, pad_batch
     from uniter_fast.data.loader import move_to_device
     from uniter_fast.pretraining.model import UniterForPretraining
+    from uniter_fast.syncs import count_syncs
     from uniter_fast.training.capture import CapturedStep
     from uniter_fast.training.optim import param_groups
 
@@ -422,6 +423,10 @@ def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
             loss_err = max(loss_err, abs(replayed - eager) / abs(eager))
             reference, mine = torch.cat(eager_grads), torch.cat(grads)
             grad_err = max(grad_err, float((mine - reference).norm() / reference.norm()))
+    syncs = {  # one replayed micro-step per task (padding, copies, replay, backward): what it asks of the host
+        task: count_syncs(lambda t=task, g=group: exact_captured(g[0], t)["loss"].backward(), device)[0]
+        for task, group in batches.items()
+    }
     mix = {r["mode"]: r for r in rows if r["task"] == "all"}
     speedup = mix["captured"]["tokens_per_s"] / mix["eager"]["tokens_per_s"]
     state = "on" if captured.blocker is None else f"off: {captured.blocker}"
@@ -439,6 +444,12 @@ def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
             "met": loss_err <= 1e-5,
             "kind": "correctness",
         },
+        _goal(
+            "captured step: host syncs per micro-step",
+            "0 (CUDA: torch.cuda.set_sync_debug_mode; CPU: the counter's upper bound)",
+            ", ".join(f"{task} {count}" for task, count in syncs.items()),
+            device.type != "cuda" or not any(syncs.values()),
+        ),
         {
             "goal": "captured step: gradients equal the eager step's on the same padded batches",
             "target": "relative error <= 1e-2 (bf16; flash attention's backward is not deterministic)",

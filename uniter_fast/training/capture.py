@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from uniter_fast.data.buckets import Buckets, NotCapturable, pad_batch, shape_key
-from uniter_fast.data.loader import move_to_device
+from uniter_fast.data.loader import move_to_device, pin_batch
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class CapturedStep:
                 self._off(str(err))
         if self.blocker is not None:
             return self.eager(move_to_device(batch, self.device), task)
-        device_batch = move_to_device(fixed, self.device)
+        device_batch = move_to_device(pin_batch(fixed), self.device)  # pageable memory would sync the stream
         tensors, rebuild = flatten(device_batch)
         key = (task, shape_key(fixed))
         if key not in self.graphs and len(self.graphs) >= self.max_graphs:
