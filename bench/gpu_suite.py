@@ -16,6 +16,8 @@ rest still runs; a part that times out keeps what it finished):
     encoder      padded vs packed encoder, base and large: valid tokens/s and MFU
     pretrain     one optimizer step per task, original vs reference vs fast path: tokens/s, padding bound
     villa        VILLA's adversarial fine-tuning step (K = 3) vs a plain step, original vs reference vs fast, VQA
+    capture      the captured step (CUDA graphs on fixed-shape batches) vs the eager fast step: tokens/s, memory,
+                 and the captured losses and gradients against the eager step's on the same batches
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
     extract      the BUTD region-feature extractor: images/s against its floor, CPU vs device agreement
 
@@ -48,6 +50,7 @@ CAPS = {
     "encoder": (90, 25),
     "pretrain": (120, 40),
     "villa": (120, 40),
+    "capture": (120, 60),
     "ipot": (100, 40),
     "losses": (90, 20),
     "deepspeed": (150, 75),
@@ -338,6 +341,14 @@ def part_villa(device: Any, quick: bool, out: str, save: Callable[..., None]) ->
     save(rows=rows, goals=goals)
 
 
+def part_capture(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
+    """The captured step (CUDA graphs on fixed-shape batches) vs the eager fast step: tokens/s, memory, equality."""
+    from speed import capture_speed
+
+    rows, goals, meta = capture_speed(device, quick, out)
+    save(rows=rows, goals=goals, meta=meta)
+
+
 def part_deepspeed(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
     """A short DeepSpeed ZeRO-2 bf16 run of the bundled default."""
     from speed import deepspeed_run
@@ -362,6 +373,7 @@ PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "encoder": part_encoder,
     "pretrain": part_pretrain,
     "villa": part_villa,
+    "capture": part_capture,
     "deepspeed": part_deepspeed,
     "extract": part_extract,
 }

@@ -13,7 +13,7 @@ import types
 from typing import Any
 
 import torch
-from harness import plot_grouped_bars, time_fn
+from harness import peak_memory, plot_grouped_bars, time_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IPOT_ITERATIONS = 50
@@ -367,6 +367,141 @@ def villa_aft_speed(device: torch.device, quick: bool, out: str) -> tuple[list[d
     title = f"UNITER-{config} AFT step (K=3): original vs reference vs fast"
     plot_grouped_bars("villa", device, ["vqa"], series, "ms per AFT step", title, log_scale=False, directory=out)
     return rows, goals
+
+
+# ---------------------------------------------------------------------------------------------------------- capture
+def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The captured step (``uniter_fast.training.capture``: forward + backward replayed as CUDA graphs on
+    fixed-shape batches, default buckets) against the eager fast step on the same token-bucket batches (the original's
+    10240-token budget, UNITER-base, bf16 weights as DeepSpeed's bf16 holds them, fused AdamW, dropout on): one
+    optimizer step per batch (zero_grad, the host batch padded and copied, forward, backward, step), valid tokens/s and
+    peak memory each way. Then, dropout off, the captured losses and gradients against the eager step's on the same
+    padded batches, replayed (not first-captured) graphs included, and the host syncs of a replayed micro-step."""
+    from batches import PRETRAIN_TASKS, sampled_batches
+
+    from uniter_fast.config import SIZE_MULTIPLE, UniterConfig
+    from uniter_fast.data.buckets import Buckets, pad_batch
+    from uniter_fast.data.loader import move_to_device
+    from uniter_fast.pretraining.model import UniterForPretraining
+    from uniter_fast.syncs import count_syncs
+    from uniter_fast.training.capture import CapturedStep
+    from uniter_fast.training.optim import param_groups
+
+    name, tokens, multiple, count, warmup, repeats = (
+        ("tiny", 320, 2, 2, 1, 1) if quick else ("base", 10240, SIZE_MULTIPLE, 3, 2, 5)
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    buckets = Buckets()
+    cpu = torch.device("cpu")
+    batches = {
+        task: sampled_batches(task, count, tokens, multiple, UniterConfig.preset(name).vocab_size, i, cpu)
+        for i, task in enumerate(PRETRAIN_TASKS)
+    }
+
+    def model_of(**overrides: Any) -> UniterForPretraining:
+        torch.manual_seed(0)
+        config = UniterConfig.from_dict({**UniterConfig.preset(name).to_dict(), **overrides})
+        return UniterForPretraining(config, fast=True).to(device=device, dtype=dtype).train()
+
+    model = model_of()
+    optimizer = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-5, fused=device.type == "cuda")
+    captured = CapturedStep(model, device, buckets)
+
+    def eager_step(batch: dict, task: str) -> None:
+        optimizer.zero_grad()
+        model(move_to_device(batch, device), task)["loss"].backward()
+        optimizer.step()
+
+    def captured_step(batch: dict, task: str) -> None:
+        optimizer.zero_grad()
+        captured(batch, task)["loss"].backward()
+        optimizer.step()
+
+    rows = []
+    for task, group in batches.items():
+        valid = sum(int(b["txt_lens"].sum() + b["num_bbs"].sum()) for b in group)
+        padded = sum(int(pad_batch(b, buckets)["packed"]["txt_ids"].numel()) for b in group)
+        padded += sum(int(pad_batch(b, buckets)["packed"]["img_feat"].size(0)) for b in group)
+        for mode, fn in (("eager", eager_step), ("captured", captured_step)):
+            run = lambda fn=fn, group=group, task=task: [fn(b, task) for b in group]  # noqa: E731
+            seconds = time_fn(run, device, warmup=warmup, repeats=repeats)
+            memory = peak_memory(run, device)
+            rows.append(
+                {
+                    "task": task,
+                    "mode": mode,
+                    "batches": len(group),
+                    "valid_tokens": valid,
+                    "padded_tokens": padded if mode == "captured" and captured.blocker is None else valid,
+                    "ms_per_step": seconds * 1e3 / len(group),
+                    "tokens_per_s": valid / seconds,
+                    "peak_mem_mb": None if memory is None else memory / 2**20,
+                }
+            )
+    for mode in ("eager", "captured"):
+        mine = [r for r in rows if r["mode"] == mode]
+        seconds = sum(r["ms_per_step"] * r["batches"] for r in mine) / 1e3
+        tokens = sum(r["valid_tokens"] for r in mine)
+        rows.append({"task": "all", "mode": mode, "valid_tokens": tokens, "tokens_per_s": tokens / seconds})
+
+    exact = model_of(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    exact_captured = CapturedStep(exact, device, buckets)
+    loss_err = grad_err = 0.0
+    for task, group in batches.items():
+        for batch in group + group[:1]:  # the first batch again: a replay of its graph
+            exact.zero_grad(set_to_none=True)
+            eager = exact(move_to_device(pad_batch(batch, buckets), device), task)["loss"]
+            eager.backward()
+            eager_grads = [p.grad.float().flatten() for p in exact.parameters() if p.grad is not None]
+            exact.zero_grad(set_to_none=True)
+            replayed = exact_captured(batch, task)["loss"]
+            replayed.backward()
+            grads = [p.grad.float().flatten() for p in exact.parameters() if p.grad is not None]
+            replayed, eager = float(replayed.detach()), float(eager.detach())
+            loss_err = max(loss_err, abs(replayed - eager) / abs(eager))
+            reference, mine = torch.cat(eager_grads), torch.cat(grads)
+            grad_err = max(grad_err, float((mine - reference).norm() / reference.norm()))
+    syncs = {  # one replayed micro-step per task (padding, copies, replay, backward): what it asks of the host
+        task: count_syncs(lambda t=task, g=group: exact_captured(g[0], t)["loss"].backward(), device)[0]
+        for task, group in batches.items()
+    }
+    mix = {r["mode"]: r for r in rows if r["task"] == "all"}
+    speedup = mix["captured"]["tokens_per_s"] / mix["eager"]["tokens_per_s"]
+    state = "on" if captured.blocker is None else f"off: {captured.blocker}"
+    goals = [
+        _goal(
+            f"captured step, UNITER-{name}, vs the eager fast step",
+            "report (launch-bound: the graphs remove the host's launches)",
+            f"{speedup:.2f}x tokens/s over the {len(PRETRAIN_TASKS)} tasks ({len(captured.graphs)} graphs; {state})",
+            True,
+        ),
+        {
+            "goal": "captured step: losses equal the eager step's on the same padded batches",
+            "target": "relative error <= 1e-5",
+            "figure": f"{loss_err:.2e}",
+            "met": loss_err <= 1e-5,
+            "kind": "correctness",
+        },
+        _goal(
+            "captured step: host syncs per micro-step",
+            "0 (CUDA: torch.cuda.set_sync_debug_mode; CPU: the counter's upper bound)",
+            ", ".join(f"{task} {count}" for task, count in syncs.items()),
+            device.type != "cuda" or not any(syncs.values()),
+        ),
+        {
+            "goal": "captured step: gradients equal the eager step's on the same padded batches",
+            "target": "relative error <= 1e-2 (bf16; flash attention's backward is not deterministic)",
+            "figure": f"{grad_err:.2e}",
+            "met": grad_err <= 1e-2,
+            "kind": "correctness",
+        },
+    ]
+    groups = [r["task"] for r in rows if r["mode"] == "eager"]
+    series = {m: [r["tokens_per_s"] for r in rows if r["mode"] == m] for m in ("eager", "captured")}
+    title = f"UNITER-{name} pretraining step: eager vs captured (CUDA graphs)"
+    plot_grouped_bars("capture", device, groups, series, "valid tokens / s", title, log_scale=False, directory=out)
+    meta = {"capture": state, "graphs": len(captured.graphs), "buckets": vars(buckets), "dtype": str(dtype)}
+    return rows, goals, meta
 
 
 # -------------------------------------------------------------------------------------------------------- deepspeed

@@ -138,6 +138,21 @@ class TaskLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
+def pin_batch(batch: Any) -> Any:
+    """Every host tensor of a (nested) batch in pinned memory where CUDA is available (else the batch as it is), so
+    that :func:`move_to_device` copies it without a stream sync: a batch built in the main process, such as a
+    fixed-shape batch of ``uniter_fast.data.buckets``."""
+    if not torch.cuda.is_available():
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch if batch.is_cuda or batch.is_pinned() else batch.pin_memory()
+    if isinstance(batch, dict):
+        return {k: pin_batch(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(pin_batch(v) for v in batch)
+    return batch
+
+
 def move_to_device(batch: Any, device: torch.device, non_blocking: bool = True) -> Any:
     """Copy every tensor of a (nested) batch to ``device`` (asynchronously from pinned memory); other values, such
     as ``max_seqlen`` and ``task``, are kept as they are."""

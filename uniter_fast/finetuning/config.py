@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any, ClassVar, Optional
 
+from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.tasks.bundled import BUNDLED_PREFIX, resolve_bundled
@@ -151,6 +152,11 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     if raw.get("adversarial") is not None:
         raw["adversarial"] = parse_adversarial(raw["adversarial"], where)
         task.check_adversarial(raw["options"], where)
+        if raw.get("capture") is True:
+            raise ConfigError(
+                f"{where}: capture true and an adversarial block: the captured step replays the plain step only; "
+                "set capture false"
+            )
     auto = os.path.abspath(auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where))  # the working directory's
     if raw.get("checkpoint") == "auto":
         raw["checkpoint"] = auto if os.path.isdir(auto) else None

@@ -22,18 +22,23 @@ overwrites the logits buffer with d (row loss) / d logits:
 The choice is :func:`uniter_fast.backends.resolve`'s (component ``"losses"``).
 
 All four return a 0-dim float32 tensor. Zero masked rows give 0.0 with zero (finite) gradients. Targets
-(``labels``, ``targets``, ``soft_labels``) get no gradient on the fused paths.
+(``labels``, ``targets``, ``soft_labels``) get no gradient on the fused paths. ``weights`` [M] float32 (1 for a real
+row, 0 for a padding row of a fixed-shape batch, ``uniter_fast.data.buckets``) make the mean one over the real rows
+(:func:`weighted_mean`), on every backend, without a host sync.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from uniter_fast import backends
 from uniter_fast.losses import reference
-from uniter_fast.losses.checks import check_labels, check_projection, check_targets
+from uniter_fast.losses.checks import check_labels, check_projection, check_targets, check_weights
+from uniter_fast.losses.reference import weighted_mean
 
-__all__ = ["mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend"]
+__all__ = ["mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend", "weighted_mean"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -50,6 +55,7 @@ def _fused(
     target: torch.Tensor,
     path: str,
     transposed: bool = False,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Run the fused chunk loop with the row op ``kind`` ("ce", "kl", "mse") of ``path``; 0-dim float32.
 
@@ -65,7 +71,7 @@ def _fused(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     hidden, weight, bias = (t.to(dtype) for t in (hidden, weight, bias))
-    return fused_linear_loss(hidden, weight, bias, target, ROW_OPS[kind], transposed)
+    return fused_linear_loss(hidden, weight, bias, target, ROW_OPS[kind], transposed, weights=weights)
 
 
 def mlm_loss(
@@ -76,6 +82,7 @@ def mlm_loss(
     *,
     backend: str = "auto",
     check_values: bool = True,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MLM: mean CE over the M masked tokens of ``hidden [M,H] @ weight[V,H]ᵀ + bias [V]`` vs ``labels`` [M] int64.
 
@@ -84,14 +91,21 @@ def mlm_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
     check_labels(labels, hidden.shape[0], classes, hidden.device, check_values)
+    check_weights(weights, hidden.shape[0], hidden.device)
     path = resolve_backend(backend, hidden.device)
     if path == "reference" or hidden.shape[0] == 0:
-        return reference.mlm_loss(hidden, weight, bias, labels)
-    return _fused("ce", hidden, weight, bias, labels, path)
+        return reference.mlm_loss(hidden, weight, bias, labels, weights)
+    return _fused("ce", hidden, weight, bias, labels, path, weights=weights)
 
 
 def mrfr_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    backend: str = "auto",
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MRFR: mean over M×2048 of squared error of ``hidden [M,H] @ weight [H,2048] + bias [2048]`` vs ``targets``.
 
@@ -100,14 +114,21 @@ def mrfr_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=True)
     check_targets("targets", targets, hidden.shape[0], classes, hidden.device)
+    check_weights(weights, hidden.shape[0], hidden.device)
     path = resolve_backend(backend, hidden.device)
     if path == "reference" or hidden.shape[0] == 0:
-        return reference.mrfr_loss(hidden, weight, bias, targets)
-    return _fused("mse", hidden, weight, bias, targets, path, transposed=True)
+        return reference.mrfr_loss(hidden, weight, bias, targets, weights)
+    return _fused("mse", hidden, weight, bias, targets, path, transposed=True, weights=weights)
 
 
 def mrc_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, soft_labels: torch.Tensor, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    soft_labels: torch.Tensor,
+    *,
+    backend: str = "auto",
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MRC: mean CE of ``hidden [M,H] @ weight [1601,H]ᵀ + bias`` vs ``argmax(soft_labels[:, 1:]) + 1``.
 
@@ -115,14 +136,21 @@ def mrc_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
     check_targets("soft_labels", soft_labels, hidden.shape[0], classes, hidden.device)
+    check_weights(weights, hidden.shape[0], hidden.device)
     path = resolve_backend(backend, hidden.device)
     if path == "reference" or hidden.shape[0] == 0:
-        return reference.mrc_loss(hidden, weight, bias, soft_labels)
-    return _fused("ce", hidden, weight, bias, reference.mrc_targets(soft_labels), path)
+        return reference.mrc_loss(hidden, weight, bias, soft_labels, weights)
+    return _fused("ce", hidden, weight, bias, reference.mrc_targets(soft_labels), path, weights=weights)
 
 
 def mrc_kl_loss(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, soft_labels: torch.Tensor, *, backend: str = "auto"
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    soft_labels: torch.Tensor,
+    *,
+    backend: str = "auto",
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """MRC-kl: mean over M×1601 of ``kl_div(log_softmax(hidden @ weightᵀ + bias), soft_labels)``.
 
@@ -130,7 +158,8 @@ def mrc_kl_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
     check_targets("soft_labels", soft_labels, hidden.shape[0], classes, hidden.device)
+    check_weights(weights, hidden.shape[0], hidden.device)
     path = resolve_backend(backend, hidden.device)
     if path == "reference" or hidden.shape[0] == 0:
-        return reference.mrc_kl_loss(hidden, weight, bias, soft_labels)
-    return _fused("kl", hidden, weight, bias, soft_labels, path)
+        return reference.mrc_kl_loss(hidden, weight, bias, soft_labels, weights)
+    return _fused("kl", hidden, weight, bias, soft_labels, path, weights=weights)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -72,3 +74,14 @@ def check_targets(name: str, targets: torch.Tensor, rows: int, classes: int, dev
     check_float(name, targets)
     check_shape(name, targets, (rows, classes))
     check_device(name, targets, device)
+
+
+def check_weights(weights: Optional[torch.Tensor], rows: int, device: torch.device) -> None:
+    """Check optional row ``weights`` (float32 [rows] on ``device``: 1 for a real row, 0 for a padding row)."""
+    if weights is None:
+        return
+    if not isinstance(weights, torch.Tensor) or weights.dtype != torch.float32:
+        got = weights.dtype if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise TypeError(f"weights must be a float32 tensor, got {got}")
+    check_shape("weights", weights, (rows,))
+    check_device("weights", weights, device)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -38,8 +38,9 @@ class RowOp:
     fn: RowFn
     per_element: bool
 
-    def scale(self, rows: int, classes: int) -> float:
-        """The mean's normaliser 1/N for ``rows`` rows of ``classes`` columns."""
+    def scale(self, rows: Union[int, torch.Tensor], classes: int) -> Union[float, torch.Tensor]:
+        """The mean's normaliser 1/N for ``rows`` rows of ``classes`` columns (``rows`` a 0-dim tensor: the weighted
+        rows' count, counted on the device)."""
         return 1.0 / (rows * classes if self.per_element else rows)
 
 
@@ -67,12 +68,15 @@ class _FusedLinearLoss(torch.autograd.Function):
         op: RowOp,
         transposed: bool,
         chunk: Optional[int],
+        weights: Optional[torch.Tensor],
     ) -> torch.Tensor:
         with torch.autocast(hidden.device.type, enabled=False):  # the caller settled the dtypes
-            total, grads = _forward_chunks(hidden, weight, bias, target, op, transposed, chunk, ctx.needs_input_grad)
+            total, grads = _forward_chunks(
+                hidden, weight, bias, target, op, transposed, chunk, ctx.needs_input_grad, weights
+            )
         ctx.grads = grads
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
-        ctx.scale = op.scale(hidden.shape[0], bias.shape[0])
+        ctx.scale = op.scale(hidden.shape[0] if weights is None else weights.sum(), bias.shape[0])
         return total * ctx.scale
 
     @staticmethod
@@ -82,7 +86,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         factor = grad_out * ctx.scale
         out = tuple(None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes))
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def _forward_chunks(
@@ -94,10 +98,12 @@ def _forward_chunks(
     transposed: bool,
     chunk: Optional[int],
     needs_grad: tuple[bool, ...],
+    weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
     """The chunk loop over the summed loss: (sum, 0-dim float32; (grad_x, grad_w, grad_b) of the sum).
 
     grad_w and grad_b are float32 accumulators; each gradient is None where ``needs_grad`` says it is not needed.
+    ``weights`` [M] (0 / 1) scale each row's loss and gradient (a padding row adds exactly 0).
     """
     rows, classes = hidden.shape[0], bias.shape[0]
     w_ch = weight.t() if transposed else weight  # [C, H] view
@@ -110,6 +116,10 @@ def _forward_chunks(
         x = hidden[start : start + step]
         logits = torch.addmm(bias, x, w_ch.t())
         row_loss, grad = op.fn(logits, target[start : start + step])
+        if weights is not None:
+            row_weights = weights[start : start + step]
+            row_loss = row_loss * row_weights
+            grad = grad.mul_(row_weights[:, None].to(grad.dtype))
         total += row_loss.sum()
         if grad_x is not None:
             torch.mm(grad, w_ch, out=grad_x[start : start + step])
@@ -157,17 +167,21 @@ def fused_linear_loss(
     transposed: bool = False,
     *,
     chunk: Optional[int] = None,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Mean loss of ``op`` over ``hidden [M,H] @ weight[C,H]ᵀ + bias [C]`` (``weight`` [H,C] if ``transposed``).
 
     ``target`` is [M] int64 labels or [M, C] float targets, as ``op`` expects; hidden, weight and bias share a
-    dtype. ``chunk`` overrides the rows per chunk (default :func:`chunk_rows`). Returns a 0-dim float32 tensor whose
-    backward gives grads for hidden, weight and bias.
+    dtype. ``chunk`` overrides the rows per chunk (default :func:`chunk_rows`). ``weights`` [M] float32 (1 for a
+    real row, 0 for padding) make it the mean over the real rows. Returns a 0-dim float32 tensor whose backward gives
+    grads for hidden, weight and bias.
     """
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be a positive number of rows, got {chunk}")
     if not torch.is_grad_enabled():  # evaluation: loss only, no gradient work
         with torch.autocast(hidden.device.type, enabled=False):
-            total = _forward_chunks(hidden, weight, bias, target, op, transposed, chunk, (False, False, False))[0]
-        return total * op.scale(hidden.shape[0], bias.shape[0])
-    return _FusedLinearLoss.apply(hidden, weight, bias, target, op, transposed, chunk)
+            total = _forward_chunks(
+                hidden, weight, bias, target, op, transposed, chunk, (False, False, False), weights
+            )[0]
+        return total * op.scale(hidden.shape[0] if weights is None else weights.sum(), bias.shape[0])
+    return _FusedLinearLoss.apply(hidden, weight, bias, target, op, transposed, chunk, weights)

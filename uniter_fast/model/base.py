@@ -36,6 +36,12 @@ def eval_mode(model: Any) -> Iterator[nn.Module]:
 class UniterPreTrainedModel(nn.Module):
     """A UNITER encoder (``self.uniter``) with heads added by subclasses; ``fast`` selects the packed encoder."""
 
+    captures = False
+    """Whether the fast forward reads only what a fixed-shape batch holds (``uniter_fast.data.buckets``: the packed
+    layout, per-example targets and weights), so that its training step can be captured as a CUDA graph
+    (``uniter_fast.training.capture``). Heads that read the padded layout (NLVR2, RE, VCR, ITM fine-tuning) leave
+    it False."""
+
     def __init__(self, config: UniterConfig, fast: bool = False, check_values: Optional[bool] = None) -> None:
         super().__init__()
         self.uniter = Model(config)

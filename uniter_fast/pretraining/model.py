@@ -53,6 +53,8 @@ class UniterForPretraining(UniterPreTrainedModel):
     """UNITER with its pretraining heads; ``state_dict`` keys are the original ones (``uniter.*``, ``cls.*``,
     ``feat_regress.*``, ``region_classifier.*``, ``itm_output.*``; the tied tensors appear under both names)."""
 
+    captures = True
+
     def __init__(
         self,
         config: UniterConfig,
@@ -130,17 +132,23 @@ class UniterForPretraining(UniterPreTrainedModel):
             packed = batch["packed"]
             txt_rows = sequence_output.index_select(0, packed["txt_index"])
             img_rows = sequence_output.index_select(0, packed["img_index"])
-            txt_emb = sequence_output.new_zeros(batch_size * txt_len, hidden).index_copy(
+            # one spare row past the grid: a fixed-shape batch's padding tokens are copied there and dropped
+            txt_emb = sequence_output.new_zeros(batch_size * txt_len + 1, hidden).index_copy(
                 0, packed["txt_slot"], txt_rows
             )
-            img_emb = sequence_output.new_zeros(batch_size * img_len, hidden).index_copy(
+            img_emb = sequence_output.new_zeros(batch_size * img_len + 1, hidden).index_copy(
                 0, packed["img_slot"], img_rows
             )
+            txt_emb, img_emb = txt_emb[:-1], img_emb[:-1]
             return txt_emb.view(batch_size, txt_len, hidden), img_emb.view(batch_size, img_len, hidden)
         index = ot["ot_scatter"].unsqueeze(-1).expand_as(sequence_output)
         ctx = sequence_output.new_zeros(batch_size, txt_len + sequence_output.size(1), hidden)
         ctx = ctx.scatter(1, index, sequence_output)
         return ctx[:, :txt_len], ctx[:, txt_len : txt_len + img_len]
+
+    def _row_weights(self, batch: dict, key: str) -> Optional[torch.Tensor]:
+        """The masked rows' weights ``packed[key]`` of a fixed-shape batch (``uniter_fast.data.buckets``), else None."""
+        return batch["packed"].get(key) if self._uses_packed(batch) else None
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict, task: str, compute_loss: bool = True) -> dict[str, torch.Tensor]:
@@ -181,6 +189,7 @@ class UniterForPretraining(UniterPreTrainedModel):
             labels,
             backend=self.backend,
             check_values=self.check_values,
+            weights=self._row_weights(batch, "mlm_weights"),
         )
         return {"loss": loss}
 
@@ -194,7 +203,9 @@ class UniterForPretraining(UniterPreTrainedModel):
         targets = batch["feat_targets"]
         if not compute_loss:
             return {"prediction": F.linear(hidden, head.weight.t(), head.bias), "targets": targets}
-        return {"loss": losses.mrfr_loss(hidden, head.weight, head.bias, targets, backend=self.backend)}
+        weights = self._row_weights(batch, "mrm_weights")
+        loss = losses.mrfr_loss(hidden, head.weight, head.bias, targets, backend=self.backend, weights=weights)
+        return {"loss": loss}
 
     def forward_mrc(self, batch: dict, kind: str, compute_loss: bool = True) -> dict[str, torch.Tensor]:
         """Masked region classification: hard-label CE (``mrc``) or KL(soft || pred) (``mrckl``)."""
@@ -207,10 +218,14 @@ class UniterForPretraining(UniterPreTrainedModel):
         if not compute_loss:
             return {"scores": head.output(hidden), "soft_labels": soft_labels}
         loss_fn = losses.mrc_kl_loss if kind == "mrckl" else losses.mrc_loss
-        return {"loss": loss_fn(hidden, head.output.weight, head.output.bias, soft_labels, backend=self.backend)}
+        weights = self._row_weights(batch, "mrm_weights")
+        loss = loss_fn(hidden, head.output.weight, head.output.bias, soft_labels, backend=self.backend, weights=weights)
+        return {"loss": loss}
 
     def forward_itm(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
         """Image-text matching: 2-way CE on the pooled output, plus ``itm_ot_lambda`` x the WRA (OT) loss."""
+        from uniter_fast import losses
+
         _require(batch, ("targets",), "itm")
         sequence_output = self._encode(batch, None)
         scores = self.itm_output(self._pooled(batch, sequence_output))
@@ -221,15 +236,19 @@ class UniterForPretraining(UniterPreTrainedModel):
             out["ot_dist"] = self.ot_distance(batch, sequence_output)
         if not compute_loss:
             return {"scores": scores, "targets": targets, **out}
-        itm_loss = F.cross_entropy(scores.float(), targets)
+        weights = batch.get("example_weights")  # a fixed-shape batch's: 0 for its padding examples
+        if weights is None:
+            itm_loss = F.cross_entropy(scores.float(), targets)
+        else:
+            itm_loss = losses.weighted_mean(F.cross_entropy(scores.float(), targets, reduction="none"), weights)
         if self.itm_ot_lambda <= 0:
             return {"loss": itm_loss, "itm_loss": itm_loss.detach()}
-        ot_dist = out["ot_dist"]
+        ot_dist = out["ot_dist"] if weights is None else out["ot_dist"] * weights
         if self.fast:  # no boolean indexing, which would read the targets on the host
             positive, negative = ot_dist.masked_fill(targets != 1, 0).sum(), ot_dist.masked_fill(targets != 0, 0).sum()
         else:  # the original's
             positive, negative = ot_dist[targets == 1].sum(), ot_dist[targets == 0].sum()
-        ot_loss = (positive - negative) / ot_dist.size(0)
+        ot_loss = (positive - negative) / (ot_dist.size(0) if weights is None else weights.sum())
         loss = itm_loss + self.itm_ot_lambda * ot_loss
         return {"loss": loss, "itm_loss": itm_loss.detach(), "ot_loss": ot_loss.detach()}
 

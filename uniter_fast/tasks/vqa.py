@@ -27,6 +27,7 @@ from uniter_fast.data.task_db import Record, check_image, write_records
 from uniter_fast.data.task_records import build_ans2label, vqa_record
 from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.files import read_json, write_json_atomic
+from uniter_fast.losses import weighted_mean
 from uniter_fast.model.activations import Gelu
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (
@@ -61,6 +62,8 @@ logger = logging.getLogger(__name__)
 class UniterForVisualQuestionAnswering(UniterPreTrainedModel):
     """UNITER + ``vqa_output`` (keys ``vqa_output.0`` Linear, ``.2`` LayerNorm, ``.3`` Linear)."""
 
+    captures = True
+
     def __init__(self, config: UniterConfig, num_answer: int, fast: bool = False) -> None:
         super().__init__(config, fast)
         hidden = config.hidden_size
@@ -81,7 +84,12 @@ class UniterForVisualQuestionAnswering(UniterPreTrainedModel):
         if not compute_loss:
             return {"scores": scores}
         require(batch, ("targets",), "vqa")
-        loss = F.binary_cross_entropy_with_logits(scores.float(), batch["targets"], reduction="mean")
+        weights = batch.get("example_weights")  # a fixed-shape batch's (uniter_fast.data.buckets)
+        if weights is None:
+            loss = F.binary_cross_entropy_with_logits(scores.float(), batch["targets"], reduction="mean")
+        else:
+            bce = F.binary_cross_entropy_with_logits(scores.float(), batch["targets"], reduction="none")
+            loss = weighted_mean(bce, weights)
         return {"loss": loss * scores.size(1), **({"logits": scores} if with_logits else {})}
 
 

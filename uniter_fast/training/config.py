@@ -1,5 +1,6 @@
 """The fields every run config shares (``pretrain.py``'s training config and ``finetune.py``'s fine-tuning config),
-their defaults and their checks, written once.
+their defaults and their checks, written once. ``capture`` (default false) replays the training step's forward and
+backward as CUDA graphs on fixed-shape batches (``uniter_fast.training.capture``).
 
 A recipe's config subclasses :class:`RunConfig` (re-declaring a default where the original's recipes differ, e.g.
 pretraining's 10240-token batches) and adds its own fields; :func:`parse_run_config` checks a JSON object against the
@@ -59,6 +60,7 @@ class RunConfig:
     min_bb: int = 10
     num_bb: int = 36
     fast: bool = True
+    capture: bool = False
     seed: int = 42
     num_workers: Optional[int] = None
 
@@ -121,6 +123,10 @@ def check_run_fields(cfg: RunConfig) -> None:
         not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas)
     ):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    if not isinstance(cfg.capture, bool):
+        raise ValueError(f"capture must be true or false, got {cfg.capture!r}")
+    if cfg.capture and not cfg.fast:
+        raise ValueError("capture needs the fast path (fixed-shape packed batches): set fast true or capture false")
     if cfg.num_workers is not None and (not isinstance(cfg.num_workers, int) or cfg.num_workers < 0):
         raise ValueError(f"num_workers must be an integer >= 0, got {cfg.num_workers!r}")
     check_model_overrides(cfg.model_overrides)

@@ -28,10 +28,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.data.buckets import Buckets
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError, RunFailed
 from uniter_fast.files import atomic_write, write_text_atomic
 from uniter_fast.training.adversarial import MicroStep, plain_step
+from uniter_fast.training.capture import CapturedStep
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import barrier, rank_and_world
 from uniter_fast.training.logs import STEP_LOG, VAL_LOG, append_jsonl, logged_results, truncate_log
@@ -93,6 +95,25 @@ class Trainer:
         self.saved_step: Optional[int] = None  # the step of the newest complete checkpoint of this run
         self.rank = rank_and_world()[0]
         self.recent: dict[str, list[float]] = defaultdict(list)
+        self.captured: Optional[CapturedStep] = None
+        if cfg.capture and micro_step is not None:
+            raise ConfigError(
+                "capture replays the plain step's forward and backward: set capture false for a run "
+                "with its own micro-batch step (an adversarial block)"
+            )
+        if cfg.capture:
+            buckets = Buckets.for_run(cfg.max_txt_len, cfg.max_bb, cfg.num_bb, cfg.train_batch_size)
+            self.captured = CapturedStep(engine.module, engine.device, buckets, engine)
+
+    def run_micro_batch(self, batch: dict, task: str) -> dict[str, torch.Tensor]:
+        """The forward(s) and backward(s) of one host micro-batch; the forward's outputs. With ``cfg.capture`` the
+        captured step's forward (fixed shapes, replayed) and the engine's backward, else ``micro_step`` on the
+        device batch."""
+        if self.captured is not None:
+            out = self.captured(batch, task)
+            self.engine.backward(out["loss"], scale_wrt_gas=False)
+            return out
+        return self.micro_step(self.engine, move_to_device(batch, self.engine.device), task)
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> str:
@@ -185,7 +206,7 @@ class Trainer:
         for name, batch in micro_batches:
             if name != task:
                 raise RuntimeError(f"one task per optimizer step: got {name!r} within a {task!r} cycle")
-            out = self.micro_step(self.engine, move_to_device(batch, self.engine.device), task)
+            out = self.run_micro_batch(batch, task)
             self.engine.step()
             for key, value in out.items():
                 sums[key] = sums[key] + value.detach().float() if key in sums else value.detach().float()

@@ -1,0 +1,445 @@
+"""The captured step's CPU side: fixed-shape batches (uniter_fast.data.buckets) and the step wrapper's fallback
+(uniter_fast.training.capture).
+
+The padded batch must leave every real row's arithmetic as it was: the encoder's real rows equal in float64, and the
+losses and gradients of every pretraining task and of VQA equal the unpadded step's on the same real sampler batches
+to float32 rounding (losses 1e-6 relative; gradients 1e-6 relative over all parameters, ITM + WRA 3e-6: its 50 IPOT
+iterations carry the rounding of the encoder's sums further). The capture itself needs CUDA: the last test here
+(skipped without a GPU) and the GPU suite's ``capture`` part.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+import torch
+from tasks_helpers import perturb, random_batch, random_row, tiny_config
+
+from uniter_fast.config import UniterConfig
+from uniter_fast.data import (
+    DetectFeatLmdb,
+    ItmDataset,
+    MlmDataset,
+    MrcDataset,
+    MrfrDataset,
+    TokenBucketSampler,
+    TxtTokLmdb,
+    batch_loader,
+    default_corpus,
+)
+from uniter_fast.data.buckets import (
+    Buckets,
+    NotCapturable,
+    pad_batch,
+    padding_cost,
+    round_coarse,
+    round_up,
+    shape_key,
+)
+from uniter_fast.data.loader import move_to_device
+from uniter_fast.errors import ConfigError
+from uniter_fast.layout import pad_masks, padded_slots
+from uniter_fast.pretraining.model import UniterForPretraining
+from uniter_fast.syncs import count_syncs
+from uniter_fast.tasks.data import collate_rows
+from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
+from uniter_fast.training.capture import CapturedStep, _GraphedStep, capture_blocker, flatten
+from uniter_fast.training.config import RunConfig, parse_run_config
+
+TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+SMALL = Buckets(token_multiple=128, min_rows=16, min_examples=8)
+GRAD_TOLERANCE = {"itm": 3e-6}
+
+
+def corpus_batches(kind: str, count: int = 2, budget: int = 512) -> list[dict[str, Any]]:
+    """The first ``count`` token-bucket batches of the bundled corpus's ``kind`` loader, as training builds them."""
+    paths = default_corpus()
+    txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
+    datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
+    dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
+    indices = TokenBucketSampler(dataset.lens, batch_size=budget).batches(0)[:count]
+    return list(batch_loader(dataset, indices, layout="packed", feat_dtype=torch.float16))
+
+
+def as_double(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with its floating-point tensors in float64."""
+    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in values.items()}
+
+
+def pretraining_model(dtype: torch.dtype = torch.float32) -> UniterForPretraining:
+    config = UniterConfig.tiny(
+        vocab_size=default_corpus().vocab_size, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    torch.manual_seed(0)
+    return perturb(UniterForPretraining(config, fast=True), 0.02).to(dtype).train()
+
+
+def step(model: torch.nn.Module, batch: dict[str, Any], task: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Forward + backward; (outputs, {name: gradient})."""
+    model.zero_grad(set_to_none=True)
+    out = model(batch, task)
+    out["loss"].backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_step(model: torch.nn.Module, batch: dict[str, Any], task: str, grad_tol: float = 1e-6) -> None:
+    """The padded batch's losses and gradients equal the unpadded batch's (float32 rounding, module doc)."""
+    out, grads = step(model, batch, task)
+    out_fixed, grads_fixed = step(model, pad_batch(batch, SMALL), task)
+    assert sorted(out) == sorted(out_fixed)
+    for key in out:
+        assert torch.isfinite(out_fixed[key])
+        torch.testing.assert_close(out_fixed[key], out[key], rtol=1e-6, atol=0)
+    assert sorted(grads) == sorted(grads_fixed)
+    flat = torch.cat([g.flatten() for g in grads.values()])
+    flat_fixed = torch.cat([grads_fixed[n].flatten() for n in grads])
+    assert flat.norm() > 0
+    assert ((flat_fixed - flat).norm() / flat.norm()).item() <= grad_tol
+
+
+# ------------------------------------------------------------------------------------------------- the bucketing
+def test_coarse_rounding_has_four_steps_per_octave() -> None:
+    assert [round_coarse(v, 16) for v in (1, 16, 17, 20, 21, 129, 160, 161, 256, 257)] == [
+        16,
+        16,
+        20,
+        20,
+        24,
+        160,
+        160,
+        192,
+        256,
+        320,
+    ]
+    for value in range(1, 3000):
+        rounded = round_coarse(value, 1)
+        assert value <= rounded <= 1.25 * value
+    assert len({round_coarse(v, 64) for v in range(200, 500)}) == 6  # 224, 256, 320, 384, 448, 512
+
+
+def test_token_counts_round_up_and_padding_sits_after_the_last_example() -> None:
+    batch = corpus_batches("mlm", count=1)[0]
+    packed = batch["packed"]
+    fixed = pad_batch(batch, SMALL)["packed"]
+    num_txt, num_img = packed["txt_ids"].numel(), packed["img_feat"].size(0)
+    total, examples = num_txt + num_img, packed["cls_index"].numel()
+    txt_b, img_b = round_up(num_txt, 128), round_up(num_img, 128)
+    assert (fixed["txt_ids"].numel(), fixed["img_feat"].size(0)) == (txt_b, img_b)
+    assert txt_b - num_txt < 128 and img_b - num_img < 128
+    for key in ("txt_ids", "txt_position_ids", "txt_index", "img_feat", "img_pos_feat", "img_index", "mlm_index"):
+        assert torch.equal(fixed[key][: packed[key].size(0)], packed[key]), key
+    assert torch.equal(fixed["txt_ids"][num_txt:], torch.zeros(txt_b - num_txt, dtype=torch.int64))
+    assert not fixed["img_feat"][num_img:].any() and not fixed["img_pos_feat"][num_img:].any()
+    # padding tokens: text first, then regions, at the positions after the last real token
+    assert torch.equal(fixed["txt_index"][num_txt:], torch.arange(total, total + txt_b - num_txt))
+    assert torch.equal(fixed["img_index"][num_img:], torch.arange(total + txt_b - num_txt, txt_b + img_b))
+    positions = torch.cat([fixed["txt_index"], fixed["img_index"]]).sort().values
+    assert torch.equal(positions, torch.arange(txt_b + img_b))
+    # cu_seqlens: the real bounds, dummy sequences of at most max_seqlen up to T', then empty sequences
+    cu = fixed["cu_seqlens"]
+    assert cu.dtype == torch.int32 and torch.equal(cu[: examples + 1], packed["cu_seqlens"])
+    tail = cu[examples:].tolist()
+    assert tail[-1] == txt_b + img_b and all(0 <= b - a <= SMALL.max_seqlen for a, b in zip(tail, tail[1:]))
+    dummies = sum(b > a for a, b in zip(tail, tail[1:]))
+    assert dummies == -(-(txt_b + img_b - total) // SMALL.max_seqlen)
+    assert cu.numel() == round_coarse(examples, 8) + 2 + 1  # room for 2 * 127 padding tokens in 162-token dummies
+    assert fixed["max_seqlen"] == 62 + 100
+    # per-example and masked rows
+    assert fixed["cls_index"].numel() == round_coarse(examples, 8) and not fixed["cls_index"][examples:].any()
+    rows = packed["mlm_index"].numel()
+    assert fixed["mlm_index"].numel() == round_coarse(rows, 16) == fixed["mlm_labels"].numel()
+    assert torch.equal(fixed["mlm_labels"][:rows], packed["mlm_labels"]) and not fixed["mlm_labels"][rows:].any()
+    assert torch.equal(fixed["mlm_weights"], (torch.arange(round_coarse(rows, 16)) < rows).float())
+
+
+def test_masked_regions_targets_and_example_weights() -> None:
+    batch = corpus_batches("mrckl", count=1)[0]
+    fixed = pad_batch(batch, SMALL)
+    rows, examples = batch["feat_targets"].size(0), batch["packed"]["cls_index"].numel()
+    padded_rows = round_coarse(rows, 16)
+    for key in ("feat_targets", "label_targets"):
+        assert fixed[key].shape == (padded_rows, batch[key].size(1))
+        assert torch.equal(fixed[key][:rows], batch[key]) and not fixed[key][rows:].any()
+    assert torch.equal(fixed["packed"]["mrm_weights"], (torch.arange(padded_rows) < rows).float())
+    num_img = batch["packed"]["img_masks"].numel()
+    assert torch.equal(fixed["packed"]["img_masks"][:num_img], batch["packed"]["img_masks"])
+    assert not fixed["packed"]["img_masks"][num_img:].any()
+    assert torch.equal(fixed["example_weights"], (torch.arange(round_coarse(examples, 8)) < examples).float())
+    assert "txt_lens" not in fixed and "num_bbs" not in fixed  # host-only keys stay out of a captured step
+
+
+def test_itm_ot_grids_are_fixed_and_padding_goes_to_the_spare_row() -> None:
+    batch = corpus_batches("itm", count=1)[0]
+    fixed = pad_batch(batch, SMALL)
+    ot, packed = fixed["ot_inputs"], fixed["packed"]
+    examples = batch["packed"]["cls_index"].numel()
+    padded_examples = round_coarse(examples, 8)
+    assert ot["txt_pad"].shape == (padded_examples, 62) and ot["img_pad"].shape == (padded_examples, 100)
+    txt_lens, img_lens = batch["ot_inputs"]["txt_lens"], batch["ot_inputs"]["img_lens"]
+    assert torch.equal(ot["txt_lens"], torch.cat([txt_lens, torch.ones(padded_examples - examples, dtype=torch.long)]))
+    assert torch.equal(ot["img_lens"], torch.cat([img_lens, torch.ones(padded_examples - examples, dtype=torch.long)]))
+    txt_pad, img_pad = pad_masks(ot["txt_lens"], ot["img_lens"], 62, 100)
+    assert torch.equal(ot["txt_pad"], txt_pad) and torch.equal(ot["img_pad"], img_pad)
+    num_txt = int(txt_lens.sum())
+    assert torch.equal(packed["txt_slot"][:num_txt], padded_slots(txt_lens, 62))
+    assert torch.equal(
+        packed["txt_slot"][num_txt:], torch.full_like(packed["txt_slot"][num_txt:], padded_examples * 62)
+    )
+    num_img = int(img_lens.sum())
+    assert torch.equal(
+        packed["img_slot"][num_img:], torch.full_like(packed["img_slot"][num_img:], padded_examples * 100)
+    )
+    assert torch.equal(fixed["targets"][:examples], batch["targets"]) and not fixed["targets"][examples:].any()
+
+
+def test_batches_of_one_bucket_share_one_shape_key() -> None:
+    batches = corpus_batches("mlm", count=4)
+    coarse = Buckets(token_multiple=1024, min_rows=256, min_examples=64)
+    keys = {shape_key(pad_batch(b, coarse)) for b in batches}
+    assert len(keys) == 1
+    cost = padding_cost(batches, coarse)
+    assert cost["shapes"] == 1 and cost["padded_tokens"] == 4 * 2048 and cost["ratio"] > 1
+
+
+def test_what_cannot_be_padded_is_refused() -> None:
+    batch = corpus_batches("mlm", count=1)[0]
+    with pytest.raises(NotCapturable, match="packed layout"):
+        pad_batch({"task": "mlm", "input_ids": torch.zeros(2, 3)}, SMALL)
+    with pytest.raises(NotCapturable, match="'surprise'"):
+        pad_batch({**batch, "surprise": torch.zeros(3)}, SMALL)
+    with pytest.raises(NotCapturable, match="longer than the buckets' max_seqlen 12"):
+        pad_batch(batch, Buckets(max_txt_len=4, max_bb=8))
+    with pytest.raises(ConfigError, match="token_multiple must be an integer >= 1"):
+        Buckets(token_multiple=0)
+    assert Buckets.for_run(60, 100, 36, 10240) == Buckets(token_multiple=512, max_txt_len=62, max_bb=100)
+    assert Buckets.for_run(40, 10, 36, 1024) == Buckets(token_multiple=64, max_txt_len=42, max_bb=36)
+
+
+# ------------------------------------------------------------------------------------------------- the same step
+def test_padding_changes_no_real_row_of_the_encoder() -> None:
+    torch.manual_seed(0)
+    model = perturb(UniterForVisualQuestionAnswering(tiny_config(), num_answer=7, fast=True)).double().train()
+    batch = random_batch([(6, 4), (1, 9), (12, 0), (3, 10), (30, 2)], seed=3)
+    batch["packed"] = {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch["packed"].items()
+    }
+    fixed = pad_batch(batch, SMALL)
+    out = model.uniter.forward_packed(batch["packed"], check_values=True)
+    out_fixed = model.uniter.forward_packed(fixed["packed"], check_values=True)
+    assert out_fixed.size(0) == 128 + 128
+    torch.testing.assert_close(out_fixed[: out.size(0)], out, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_padded_step_equals_the_unpadded_step(task: str) -> None:
+    model = pretraining_model()
+    for batch in corpus_batches(task):
+        assert_same_step(model, batch, task, GRAD_TOLERANCE.get(task, 1e-6))
+
+
+def test_padded_rows_with_type_ids_and_mlm_labels_step_as_unpadded() -> None:
+    """Task rows through the one collate (both layouts, type ids, MLM labels: VCR's second-stage pretraining)."""
+    model = pretraining_model()
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    for txt, num_bb in ((9, 12), (14, 3), (5, 20)):
+        row = random_row(gen, txt, num_bb, vocab=100, txt_types=[0] * txt, img_type=1)
+        labels = torch.full((txt,), -1)
+        labels[1 : txt - 1 : 3] = row["input_ids"][1 : txt - 1 : 3]
+        rows.append({**row, "txt_labels": labels})
+    batch = collate_rows(rows, "mlm")
+    fixed = pad_batch(batch, SMALL)
+    assert fixed["packed"]["txt_type_ids"].numel() == 128 and fixed["packed"]["img_type_ids"].numel() == 128
+    assert_same_step(model, batch, "mlm")
+
+
+def test_padded_vqa_step_equals_the_unpadded_step() -> None:
+    torch.manual_seed(0)
+    model = perturb(UniterForVisualQuestionAnswering(tiny_config(), num_answer=7, fast=True), 0.05).train()
+    for seed, lengths in enumerate([[(6, 4), (9, 7), (3, 10), (12, 2)], [(20, 30), (2, 1), (7, 0)]]):
+        batch = random_batch(lengths, seed=seed)
+        batch["targets"] = torch.rand(len(lengths), 7, generator=torch.Generator().manual_seed(seed))
+        assert_same_step(model, batch, "vqa")
+
+
+def test_padded_bf16_step_stays_within_bf16_rounding() -> None:
+    """bf16: the padded step's loss and gradients are as close to the float64 step as the unpadded bf16 step's (at
+    most twice its error, or 1e-2)."""
+    reference, model = pretraining_model(torch.float64), pretraining_model(torch.bfloat16)
+    for task in ("mlm", "mrfr", "itm"):
+        batch = corpus_batches(task, count=1)[0]
+        if task == "itm":  # OT takes no float64: compare the itm-only objective
+            reference.itm_ot_lambda = model.itm_ot_lambda = 0.0
+        exact, exact_grads = step(reference, {**as_double(batch), "packed": as_double(batch["packed"])}, task)
+        flat = torch.cat([g.flatten() for g in exact_grads.values()])
+        errors = []
+        for candidate in (batch, pad_batch(batch, SMALL)):
+            out, grads = step(model, candidate, task)
+            mine = torch.cat([grads[n].double().flatten() for n in exact_grads])
+            loss_error = abs(out["loss"].double() - exact["loss"]) / exact["loss"].abs()
+            errors.append((float(loss_error), float((mine - flat).norm() / flat.norm())))
+        (loss_plain, grad_plain), (loss_padded, grad_padded) = errors
+        assert loss_padded <= max(2 * loss_plain, 1e-2) and grad_padded <= max(2 * grad_plain, 1e-2), errors
+
+
+@pytest.mark.parametrize("task", ("mlm", "mrc"))
+def test_the_padded_step_has_no_host_sync(task: str) -> None:
+    model = pretraining_model()
+    fixed = pad_batch(corpus_batches(task, count=1)[0], SMALL)
+    model(fixed, task)["loss"].backward()
+    assert count_syncs(lambda: model(fixed, task)["loss"].backward()) == (0, [])
+
+
+# ------------------------------------------------------------------------------------------------- the wrapper
+def test_flatten_rebuilds_the_batch() -> None:
+    batch = pad_batch(corpus_batches("itm", count=1)[0], SMALL)
+    tensors, rebuild = flatten(batch)
+    assert all(isinstance(t, torch.Tensor) for t in tensors) and len(tensors) == 16
+    again = rebuild([t.clone() for t in tensors])
+    assert shape_key(again) == shape_key(batch) and again["task"] == "itm"
+    assert again["packed"]["max_seqlen"] == 162 and torch.equal(
+        again["packed"]["txt_slot"], batch["packed"]["txt_slot"]
+    )
+
+
+def test_on_cpu_the_step_runs_eagerly_and_says_why_once(caplog: pytest.LogCaptureFixture) -> None:
+    model = pretraining_model()
+    batches = corpus_batches("mlm")
+    with caplog.at_level(logging.WARNING, logger="uniter_fast.training.capture"):
+        captured = CapturedStep(model, torch.device("cpu"), SMALL)
+        outs = [captured(b, "mlm") for b in batches]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["capture: off (device cpu: CUDA graphs need a CUDA device); the training step runs uncaptured"]
+    for batch, out in zip(batches, outs):
+        assert torch.equal(out["loss"], model(batch, "mlm")["loss"])  # the unpadded batch, exactly
+    assert captured.graphs == {}
+
+
+class FakeEngine:
+    """What capture_blocker and the Trainer's forward read of a DeepSpeed engine."""
+
+    def __init__(self, zero3: bool = False, autocast: bool = False, module: Any = None) -> None:
+        self.zero3, self.autocast, self.module, self.device = zero3, autocast, module, torch.device("cpu")
+
+    def __call__(self, batch: dict[str, Any], task: str) -> dict[str, torch.Tensor]:
+        return self.module(batch, task)
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = True) -> None:
+        loss.backward()
+
+    def zero_optimization_partition_weights(self) -> bool:
+        return self.zero3
+
+    def torch_autocast_enabled(self) -> bool:
+        return self.autocast
+
+
+def test_a_replay_runs_inside_the_engine_forward_and_accumulates_gradients() -> None:
+    model = pretraining_model()
+    calls = []
+
+    class CountingEngine(FakeEngine):
+        def __call__(self, batch: dict[str, Any], task: str) -> dict[str, torch.Tensor]:
+            calls.append(sorted(batch))
+            return super().__call__(batch, task)
+
+    class Uncaptured(_GraphedStep):
+        """What capture records, run as it is: the model's class forward (a graph never calls the instance's)."""
+
+        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = UniterForPretraining.forward(self.model, self.rebuild(tensors), self.task)
+            self.keys = sorted(out)
+            return tuple(out[key] for key in self.keys)
+
+    captured = CapturedStep(model, torch.device("cpu"), SMALL, CountingEngine(module=model))
+    captured.blocker = None  # as on a GPU, with the uncaptured step standing in for the graph
+    captured._capture = lambda tensors, rebuild, task: Uncaptured(model, rebuild, task)
+    batches = corpus_batches("mrc", count=2)
+    for batch in batches + batches:
+        model.zero_grad(set_to_none=True)
+        out = captured(batch, "mrc")
+        out["loss"].backward()
+        first = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        captured(batch, "mrc")["loss"].backward()  # a second micro-batch adds to .grad
+        expected, grads = step(model, pad_batch(batch, SMALL), "mrc")
+        assert torch.equal(out["loss"], expected["loss"])
+        assert sorted(first) == sorted(grads)
+        for name, grad in grads.items():
+            torch.testing.assert_close(first[name], grad, rtol=0, atol=0)
+    assert calls == [["example_weights", "feat_targets", "label_targets", "packed", "task"]] * 8
+    assert "forward" not in vars(model)  # the model's own forward is back
+    assert len(captured.graphs) == len({shape_key(pad_batch(b, SMALL)) for b in batches})
+    reached = {id(p) for p in captured.reached["mrc"]}
+    assert id(model.region_classifier.output.weight) in reached and id(model.itm_output.weight) not in reached
+
+
+def test_every_reason_not_to_capture_is_named() -> None:
+    cuda = torch.device("cuda")  # a device object only: nothing runs on it
+    fast = pretraining_model()
+    assert capture_blocker(fast, cuda) is None and capture_blocker(fast, cuda, FakeEngine()) is None
+    assert "CUDA graphs need a CUDA device" in capture_blocker(fast, torch.device("cpu"))
+    reference = UniterForPretraining(UniterConfig.tiny(), fast=False)
+    assert "fast: false" in capture_blocker(reference, cuda)
+    from uniter_fast.tasks.nlvr2 import UniterForNlvr2PairedAttn
+
+    nlvr2 = UniterForNlvr2PairedAttn(UniterConfig.tiny(), fast=True)
+    assert capture_blocker(nlvr2, cuda) == "UniterForNlvr2PairedAttn reads the padded layout in its heads"
+    assert "ZeRO-3" in capture_blocker(fast, cuda, FakeEngine(zero3=True))
+    assert "torch_autocast" in capture_blocker(fast, cuda, FakeEngine(autocast=True))
+
+
+def test_the_trainer_steps_through_the_captured_step(tmp_path) -> None:
+    from uniter_fast.training.adversarial import plain_step
+    from uniter_fast.training.loop import Trainer
+
+    model = pretraining_model()
+    engine = FakeEngine(module=model)
+    batch = corpus_batches("mrfr", count=1)[0]
+    plain = Trainer(engine, RunConfig(output_dir=str(tmp_path)), None, None, None)
+    assert plain.captured is None
+    trainer = Trainer(engine, RunConfig(output_dir=str(tmp_path), capture=True), None, None, None)
+    assert trainer.captured.buckets == Buckets(token_multiple=192, max_txt_len=62, max_bb=100)  # 4096 tokens
+    assert trainer.captured.blocker == "device cpu: CUDA graphs need a CUDA device"
+    captured = trainer.run_micro_batch(batch, "mrfr")
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    uncaptured = plain.run_micro_batch(batch, "mrfr")
+    assert torch.equal(captured["loss"], uncaptured["loss"])
+    assert grads and all(torch.equal(g, dict(model.named_parameters())[n].grad) for n, g in grads.items())
+    with pytest.raises(ConfigError, match="capture"):  # a run with its own micro-batch step is not captured
+        Trainer(engine, RunConfig(output_dir=str(tmp_path), capture=True), None, None, None, micro_step=plain_step)
+
+
+def test_the_run_config_option_is_checked(tmp_path) -> None:
+    cfg = parse_run_config(RunConfig, {"output_dir": "out", "capture": True}, "run.json", str(tmp_path))
+    assert cfg.capture is True and parse_run_config(RunConfig, {"output_dir": "o"}, "r", str(tmp_path)).capture is False
+    with pytest.raises(ConfigError, match="run.json: capture must be true or false, got 'yes'"):
+        parse_run_config(RunConfig, {"output_dir": "out", "capture": "yes"}, "run.json", str(tmp_path))
+    with pytest.raises(ConfigError, match="capture needs the fast path"):
+        parse_run_config(RunConfig, {"output_dir": "out", "capture": True, "fast": False}, "run.json", str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the CPU tests above cover the rest")
+def test_captured_step_replays_the_eager_losses_and_gradients() -> None:
+    device = torch.device("cuda")
+    model = pretraining_model().to(device)
+    captured = CapturedStep(model, device, SMALL)
+    params = dict(model.named_parameters())
+    for task in TASKS:
+        for batch in corpus_batches(task, count=3) * 2:  # each shape captured once, then replayed
+            eager, eager_grads = step(model, move_to_device(pad_batch(batch, SMALL), device), task)
+            model.zero_grad(set_to_none=True)
+            out = captured(batch, task)
+            out["loss"].backward()
+            assert captured.blocker is None
+            torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-6, atol=0)
+            for name, grad in eager_grads.items():
+                torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-7)
+        # accumulation over micro-batches: a second replay adds to .grad (never overwrites the first's)
+        captured(batch, task)["loss"].backward()
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(params[name].grad, 2 * grad, rtol=1e-5, atol=1e-7)

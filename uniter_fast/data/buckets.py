@@ -1,0 +1,264 @@
+"""Fixed-shape packed batches: a fast-path batch padded up to a few bucket sizes, so a captured step (a CUDA graph,
+``uniter_fast.training.capture``) sees the same shapes again and again.
+
+A packed batch (contract 2 of :mod:`uniter_fast.layout`) has shapes that change with every batch: St text tokens,
+Sn regions, B examples (``cu_seqlens`` [B+1]), ``max_seqlen``, M masked rows. :func:`pad_batch` rounds each of them
+up (:class:`Buckets`) and places the padding where it cannot change a real row:
+
+- **tokens**: St and Sn are rounded up to a multiple of ``token_multiple``; the extra text tokens ([PAD], position
+  0) and zero regions sit after the last example, in trailing dummy sequences of at most ``max_seqlen`` tokens
+  each (``cu_seqlens`` gets their bounds), so attention never mixes them with a real example; every other layer is
+  row-wise. ``max_seqlen`` becomes the bound ``max_txt_len + max_bb``, fixed.
+- **examples and sequences**: per-example tensors (``cls_index``, ``targets``, the OT inputs) get
+  ``round_coarse(B, min_examples)`` rows (:func:`round_coarse`: four sizes per octave), weighted 0 by
+  ``example_weights``; ``cu_seqlens`` gets that many sequences plus room for every dummy sequence a batch can need,
+  the unused ones empty (repeated T).
+- **masked rows**: ``mlm_index`` / ``mlm_labels``, ``mrm_index`` and ``feat_targets`` / ``label_targets`` are padded
+  to ``round_coarse(M, min_rows)`` rows (index 0, label 0, zero targets), weighted 0 by ``mlm_weights`` /
+  ``mrm_weights``; every loss reads the weights (``uniter_fast.losses`` ``weights=``) and averages over the real rows.
+- **OT (ITM + WRA)**: the text and image grids are [B', max_txt_len] and [B', max_bb]; padded examples have one
+  text token and one region (zero embeddings, finite distances, weight 0); the padding tokens' rows go to one spare
+  grid row that the model drops.
+
+The arithmetic of every real row is the unpadded batch's; only sums over rows (a weight gradient, a mean) take
+zeros in, so losses and gradients agree to float rounding (tests/test_capture.py). Everything is built on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from uniter_fast.errors import ConfigError
+from uniter_fast.layout import pad_masks, padded_slots
+
+PER_EXAMPLE_TARGETS = ("targets",)
+"""Top-level per-example tensors ([B, ...]) that :func:`pad_batch` pads with zero rows."""
+MASKED_ROW_TARGETS = ("feat_targets", "label_targets")
+"""Top-level per-masked-region tensors ([M, ...]) padded with zero rows."""
+DROPPED = {"txt_lens", "num_bbs", "qids", "input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks"}
+"""Keys of the padded layout (contract 1) and host-only keys, which a fixed-shape batch leaves out: the models
+that can be captured read only the packed layout (``UniterPreTrainedModel.captures``)."""
+DROPPED |= {"gather_index", "txt_labels", "img_masks", "img_mask_tgt", "txt_type_ids", "img_type_ids"}
+
+
+class NotCapturable(ValueError):
+    """A batch that cannot be given fixed shapes (no packed layout, a key whose padding is not defined)."""
+
+
+def round_up(value: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is >= ``value``."""
+    return -(-value // multiple) * multiple
+
+
+def round_coarse(value: int, least: int) -> int:
+    """``value`` rounded up on a ladder of four steps per octave (..., 128, 160, 192, 224, 256, 320, ...: at most 25%
+    more), and at least ``least``: few distinct sizes for counts that vary a lot from batch to batch."""
+    if value <= least:
+        return least
+    return round_up(value, 1 << max(0, value.bit_length() - 3))
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The rounding of every size of a fixed-shape batch (module doc).
+
+    token_multiple: St and Sn round up to a multiple of it. min_rows / min_examples: the fewest masked rows (MLM,
+    MRM) / examples a batch is given (above, :func:`round_coarse`). max_txt_len: the longest text, [CLS]/[SEP]
+    included; max_bb: the most regions; their sum is the fixed ``max_seqlen``.
+    """
+
+    token_multiple: int = 512
+    min_rows: int = 64
+    min_examples: int = 16
+    max_txt_len: int = 62
+    max_bb: int = 100
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"capture buckets: {field.name} must be an integer >= 1, got {value!r}")
+
+    @property
+    def max_seqlen(self) -> int:
+        """The fixed ``max_seqlen`` of every padded batch: the longest possible example."""
+        return self.max_txt_len + self.max_bb
+
+    @classmethod
+    def for_run(cls, max_txt_len: int, max_bb: int, num_bb: int, budget: int) -> Buckets:
+        """The buckets of a run config: its text and box settings (``max_txt_len`` wordpieces without [CLS]/[SEP];
+        ``max_bb``, or ``num_bb`` when larger: the GT-box and fixed-count dbs) and its token ``budget`` per batch,
+        of which ``token_multiple`` is about 5% (a multiple of 64, at least 64: 512 for the original's 10240 tokens,
+        64 for 1024; bench/capture_padding.py measures the padding it costs)."""
+        multiple = max(64, budget // 20 // 64 * 64)
+        return cls(token_multiple=multiple, max_txt_len=max_txt_len + 2, max_bb=max(max_bb, num_bb))
+
+
+def _cat(tensor: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:
+    """``tensor`` [N, ...] followed by ``rows`` rows of ``fill`` (same dtype)."""
+    pad = torch.full((rows, *tensor.shape[1:]), fill, dtype=tensor.dtype)
+    return torch.cat([tensor, pad])
+
+
+def _weights(real: int, total: int) -> torch.Tensor:
+    """float32 [total]: 1 for the first ``real`` rows, 0 after."""
+    weights = torch.zeros(total, dtype=torch.float32)
+    weights[:real] = 1.0
+    return weights
+
+
+def padded_sizes(num_txt: int, num_img: int, num_examples: int, buckets: Buckets) -> dict[str, int]:
+    """The fixed sizes of a batch of ``num_txt`` text tokens, ``num_img`` regions and ``num_examples`` examples:
+    ``txt``, ``img`` (rounded token counts), ``tokens`` (their sum), ``dummies`` (trailing sequences holding the
+    padding), ``sequences`` (``cu_seqlens`` has one more entry) and ``examples``."""
+    txt, img = round_up(num_txt, buckets.token_multiple), round_up(num_img, buckets.token_multiple)
+    dummies = math.ceil((txt - num_txt + img - num_img) / buckets.max_seqlen)
+    examples = round_coarse(num_examples, buckets.min_examples)
+    sequences = examples + math.ceil(2 * (buckets.token_multiple - 1) / buckets.max_seqlen)  # room for any dummies
+    sizes = {"txt": txt, "img": img, "tokens": txt + img, "dummies": dummies}
+    return {**sizes, "sequences": sequences, "examples": examples}
+
+
+def _padded_cu_seqlens(cu_seqlens: torch.Tensor, total: int, sequences: int, bound: int) -> torch.Tensor:
+    """``cu_seqlens`` [B+1] extended to [sequences+1]: dummy sequences of at most ``bound`` tokens up to ``total``,
+    then empty ones."""
+    bounds = cu_seqlens.tolist()
+    end = bounds[-1]
+    while end < total:
+        end = min(end + bound, total)
+        bounds.append(end)
+    bounds += [total] * (sequences + 1 - len(bounds))
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> dict[str, Any]:
+    """The packed dict padded to ``sizes`` (module doc); ITM's ``txt_slot`` / ``img_slot`` are rebuilt by
+    :func:`_ot`."""
+    num_txt, num_img = packed["txt_ids"].numel(), packed["img_feat"].size(0)
+    total = num_txt + num_img
+    pad_txt, pad_img = sizes["txt"] - num_txt, sizes["img"] - num_img
+    num_examples = packed["cls_index"].numel()
+    if int(packed["max_seqlen"]) > buckets.max_seqlen:
+        raise NotCapturable(
+            f"an example of {packed['max_seqlen']} tokens is longer than the buckets' max_seqlen "
+            f"{buckets.max_seqlen} (max_txt_len {buckets.max_txt_len} + max_bb {buckets.max_bb})"
+        )
+    out: dict[str, Any] = {
+        "txt_ids": _cat(packed["txt_ids"], pad_txt),
+        "txt_position_ids": _cat(packed["txt_position_ids"], pad_txt),
+        "txt_index": torch.cat([packed["txt_index"], total + torch.arange(pad_txt)]),
+        "img_feat": _cat(packed["img_feat"], pad_img),
+        "img_pos_feat": _cat(packed["img_pos_feat"], pad_img),
+        "img_index": torch.cat([packed["img_index"], total + pad_txt + torch.arange(pad_img)]),
+        "cu_seqlens": _padded_cu_seqlens(packed["cu_seqlens"], sizes["tokens"], sizes["sequences"], buckets.max_seqlen),
+        "max_seqlen": buckets.max_seqlen,
+        "cls_index": _cat(packed["cls_index"], sizes["examples"] - num_examples),
+    }
+    if "img_masks" in packed:
+        out["img_masks"] = _cat(packed["img_masks"], pad_img, False)
+    for key, pad in (("txt_type_ids", pad_txt), ("img_type_ids", pad_img)):
+        if key in packed:
+            out[key] = _cat(packed[key], pad)
+    for index, extra, weights in (("mlm_index", "mlm_labels", "mlm_weights"), ("mrm_index", None, "mrm_weights")):
+        if index in packed:
+            rows = packed[index].numel()
+            padded_rows = round_coarse(rows, buckets.min_rows)
+            out[index] = _cat(packed[index], padded_rows - rows)
+            out[weights] = _weights(rows, padded_rows)
+            if extra is not None:
+                out[extra] = _cat(packed[extra], padded_rows - rows)
+    unknown = sorted(set(packed) - set(out) - {"txt_slot", "img_slot"})
+    if unknown:
+        raise NotCapturable(f"packed keys {unknown} have no fixed-shape padding")
+    return out
+
+
+def _ot(batch: dict[str, Any], packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> dict[str, Any]:
+    """ITM's OT inputs on the fixed grids [examples, max_txt_len] / [examples, max_bb]; sets ``txt_slot`` /
+    ``img_slot`` of ``packed`` (padding tokens -> the spare row examples * width)."""
+    ot = batch["ot_inputs"]
+    examples, width_txt, width_img = sizes["examples"], buckets.max_txt_len, buckets.max_bb
+    txt_lens = _cat(ot["txt_lens"], examples - ot["txt_lens"].numel(), 1)
+    img_lens = _cat(ot["img_lens"], examples - ot["img_lens"].numel(), 1)
+    real_txt, real_img = ot["txt_lens"].numpy(), ot["img_lens"].numpy()
+    pad_txt = packed["txt_ids"].numel() - int(real_txt.sum())
+    pad_img = packed["img_feat"].size(0) - int(real_img.sum())
+    packed["txt_slot"] = _cat(padded_slots(real_txt, width_txt), pad_txt, examples * width_txt)
+    packed["img_slot"] = _cat(padded_slots(real_img, width_img), pad_img, examples * width_img)
+    txt_pad, img_pad = pad_masks(txt_lens, img_lens, width_txt, width_img)
+    return {"txt_pad": txt_pad, "img_pad": img_pad, "txt_lens": txt_lens, "img_lens": img_lens}
+
+
+def pad_batch(batch: dict[str, Any], buckets: Buckets) -> dict[str, Any]:
+    """A fast-path batch (host tensors, with ``packed``) at the fixed shapes of ``buckets`` (module doc).
+
+    Returns a new dict: ``task``, ``packed`` (padded, with ``mlm_weights`` / ``mrm_weights`` [M'] float32 where it
+    has masked rows), ``example_weights`` float32 [B'] (1 for the B real examples), ``feat_targets`` /
+    ``label_targets`` [M', ...], ``targets`` [B', ...] and ``ot_inputs`` when the batch has them. The padded layout's
+    keys are left out. ``NotCapturable`` for a batch without ``packed``, with a key whose padding is not defined, or
+    with an example longer than ``buckets.max_seqlen``.
+    """
+    if "packed" not in batch:
+        raise NotCapturable("the batch has no packed layout (fixed shapes need the fast path, fast: true)")
+    packed = batch["packed"]
+    num_examples = packed["cls_index"].numel()
+    sizes = padded_sizes(packed["txt_ids"].numel(), packed["img_feat"].size(0), num_examples, buckets)
+    out: dict[str, Any] = {"packed": _packed(packed, sizes, buckets)}
+    out["example_weights"] = _weights(num_examples, sizes["examples"])
+    for key, value in batch.items():
+        if key in ("packed", "example_weights") or key in DROPPED:
+            continue
+        if key == "task":
+            out[key] = value
+        elif key in PER_EXAMPLE_TARGETS:
+            out[key] = _cat(value, sizes["examples"] - value.size(0))
+        elif key in MASKED_ROW_TARGETS:
+            rows = out["packed"]["mrm_weights"].numel() if "mrm_weights" in out["packed"] else value.size(0)
+            out[key] = _cat(value, rows - value.size(0))
+        elif key == "ot_inputs":
+            out[key] = _ot(batch, out["packed"], sizes, buckets)
+        else:
+            raise NotCapturable(f"batch key {key!r} has no fixed-shape padding")
+    return out
+
+
+def shape_key(batch: dict[str, Any]) -> tuple[Any, ...]:
+    """What a captured graph is specialised on: every tensor's path, shape and dtype and every other value."""
+    items: list[Any] = []
+    for key in sorted(batch):
+        value = batch[key]
+        if isinstance(value, dict):
+            items.append((key, shape_key(value)))
+        elif isinstance(value, torch.Tensor):
+            items.append((key, tuple(value.shape), value.dtype))
+        else:
+            items.append((key, value))
+    return tuple(items)
+
+
+def padding_cost(batches: list[dict[str, Any]], buckets: Buckets) -> dict[str, float]:
+    """What padding ``batches`` (fast-path host batches) to ``buckets`` costs: ``valid_tokens`` and
+    ``padded_tokens`` (sums), their ``ratio``, the same ``row_ratio`` for masked rows, and ``shapes``: how many
+    distinct fixed shapes (graphs to capture) the batches need."""
+    valid = padded = rows = padded_rows = 0
+    keys = set()
+    for batch in batches:
+        fixed = pad_batch(batch, buckets)
+        packed, out = batch["packed"], fixed["packed"]
+        valid += packed["txt_ids"].numel() + packed["img_feat"].size(0)
+        padded += out["txt_ids"].numel() + out["img_feat"].size(0)
+        for index in ("mlm_index", "mrm_index"):
+            if index in packed:
+                rows, padded_rows = rows + packed[index].numel(), padded_rows + out[index].numel()
+        keys.add(shape_key(fixed))
+    return {
+        "valid_tokens": float(valid),
+        "padded_tokens": float(padded),
+        "ratio": padded / valid,
+        "row_ratio": padded_rows / rows if rows else float("nan"),
+        "shapes": float(len(keys)),
+    }
