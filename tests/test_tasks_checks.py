@@ -170,6 +170,17 @@ def test_a_fine_tuned_word_table_must_cover_the_db_vocabulary(tmp_path) -> None:
     load_task_model(get_task("nlvr2"), fits, data_options("nlvr2", [txt]))
 
 
+def test_a_malformed_db_meta_is_one_error_naming_it(tmp_path) -> None:
+    """The vocabulary the checks compare is read off each db's meta.json through the txt_db's own check: a meta
+    without a valid v_range is a DataError naming the file, not a KeyError."""
+    db = tmp_path / "txt"
+    shutil.copytree(resolve_bundled("bundled:nlvr2/txt_val"), db)
+    meta = json.load(open(db / "meta.json"))
+    (db / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "v_range"}))
+    with pytest.raises(DataError, match=rf"txt_db meta file '{re.escape(str(db))}/meta.json': 'v_range' must be"):
+        data_options("nlvr2", [str(db)])
+
+
 def test_pretrained_itm_start_logs_what_was_loaded(tmp_path, caplog) -> None:
     """From a pretraining checkpoint the log names itm_output as loaded and rank_output as its row 1, only the first
     stage as freshly initialised, and the pretraining heads as skipped; the model is marked first-stage untrained."""

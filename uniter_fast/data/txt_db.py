@@ -58,6 +58,12 @@ def check_meta(meta: Any, path: str) -> dict[str, Any]:
     return meta
 
 
+def read_meta(path: str) -> dict[str, Any]:
+    """The checked ``meta.json`` of the txt_db at ``path`` (:func:`check_meta`); a DataError naming the file when it
+    is missing, not JSON or malformed."""
+    return check_meta(read_side_file(os.path.join(path, "meta.json"), "txt_db meta file"), path)
+
+
 class TxtTokLmdb:
     """Reader of a txt_db, as the original ``TxtTokLmdb``.
 
@@ -72,7 +78,7 @@ class TxtTokLmdb:
         id2len = count_table(os.path.join(path, "id2len.json"), "txt_db length file")
         self.id2len = id2len if max_txt_len == -1 else {k: n for k, n in id2len.items() if n <= max_txt_len}
         self.db = LazyReader(path)
-        self._set_meta(check_meta(read_side_file(os.path.join(path, "meta.json"), "txt_db meta file"), path))
+        self._set_meta(read_meta(path))
 
     side_tables: Optional[dict[str, dict[str, Any]]] = None
     """``txt2img`` / ``img2txts`` of a reader over an in-memory store (None: read from the side files)."""

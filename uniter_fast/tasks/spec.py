@@ -22,8 +22,9 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.task_db import GT_BOX_SETTINGS, Imported, read_jsonl, write_img_db
 from uniter_fast.data.task_records import field, image_key
 from uniter_fast.data.tokenizer import WordPiece
+from uniter_fast.data.txt_db import read_meta
 from uniter_fast.errors import CheckpointError, ConfigError, DataError
-from uniter_fast.files import atomic_directory, read_json
+from uniter_fast.files import atomic_directory
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
 from uniter_fast.tasks.evaluation import evaluate
@@ -179,10 +180,9 @@ class Task:
         vocabulary); overrides add theirs to ``super().data_options(...)`` and name their files in its ``files``."""
         vocab_size, vocab_file = 0, ""
         for path in txt_paths:
-            meta_path = os.path.join(dbs.txt_dir(path), "meta.json")
-            end = int(read_json(meta_path, "txt_db meta")["v_range"][1])
+            end = int(read_meta(dbs.txt_dir(path))["v_range"][1])
             if end > vocab_size:
-                vocab_size, vocab_file = end, meta_path
+                vocab_size, vocab_file = end, os.path.join(dbs.txt_dir(path), "meta.json")
         return {DATA_FACTS: DataFacts(vocab_size, vocab_file)}
 
     def check_data(self, checkpoint: CheckpointView, options: dict[str, Any], data: Optional[DataFacts]) -> None:
