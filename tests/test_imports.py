@@ -106,7 +106,7 @@ def floor_imports(graph: nx.DiGraph, source: str, target: str) -> list[tuple[str
 
 def test_floors_import_only_downwards() -> None:
     """The floors of docs/architecture.md: fine-tuning uses nothing of pretraining, the training floor nothing of
-    the recipes or tasks, data nothing of tasks, the model nothing above it."""
+    the recipes or tasks, data (importers included) nothing of tasks, the model nothing above it."""
     graph = import_graph()
     forbidden = [
         ("uniter_fast.finetuning", "uniter_fast.pretraining"),
@@ -120,11 +120,15 @@ def test_floors_import_only_downwards() -> None:
         ("uniter_fast.tasks", "uniter_fast.inference"),
         ("uniter_fast.data", "uniter_fast.inference"),
         ("uniter_fast.extract", "uniter_fast.inference"),
+        ("uniter_fast.importers", "uniter_fast.tasks"),
+        ("uniter_fast.importers", "uniter_fast.training"),
+        ("uniter_fast.data", "uniter_fast.importers"),
+        ("uniter_fast.model", "uniter_fast.importers"),
     ]
     assert [edge for pair in forbidden for edge in floor_imports(graph, *pair)] == []
     scripts = {
         f"uniter_fast.{name}"
-        for name in ("pretrain", "finetune", "evaluate", "build", "info", "predict", "search", "demo.cli")
+        for name in ("pretrain", "finetune", "evaluate", "build", "info", "predict", "search", "convert", "demo.cli")
     }
     runs = lambda a, b: a == b.rpartition(".")[0] + ".__main__"  # noqa: E731  (python -m pkg runs pkg's command)
     assert [(a, b) for a, b in graph.edges if b in scripts and not runs(a, b)] == []  # no script imports a script
