@@ -317,11 +317,9 @@ def check_encoder(device: torch.device, quick: bool) -> list[Check]:
         baseline = padded_run(model) if dtype != torch.float32 else None
         names, missing = varlen_backends(device, dtype)
         rows += [skipped("encoder", case, dtype_name, why) for why in missing]
-        runs = [(backend, lambda b=backend: packed_run(model, b)) for backend in names]
-        if triton_usable(device):  # the fused encoder layer (Triton; interpreted on CPU), auto attention
-            runs.append(("fused layer", lambda: fused_run(model)))
-        for label, run in runs:
-            got = run()
+        fused = ["fused layer"] if triton_usable(device) else []  # Triton (interpreted on CPU), auto attention
+        for label in names + fused:
+            got = fused_run(model) if label == "fused layer" else packed_run(model, label)
             for i, quantity in enumerate(("output", "param grads")):
                 name = f"{label}: {quantity}"
                 if baseline is None:
