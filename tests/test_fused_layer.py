@@ -249,6 +249,17 @@ def test_default_path_unchanged() -> None:
     assert any(k.endswith("attention.self.query.weight") for k in fused.state_dict())
 
 
+def test_zero3_refused() -> None:
+    """ZeRO-3 gathers a parameter only inside its owner's forward; the fused layer reads q/k/v, dense and LayerNorm
+    parameters from their parents (and forward_packed runs no module hooks), so the engine refuses the pair."""
+    from uniter_fast.training.engine import build_engine
+
+    model = layer_model()
+    model.set_encoder_layer_backend("triton")
+    with pytest.raises(ValueError, match="encoder_layer_backend 'triton' cannot run under ZeRO-3"):
+        build_engine(model, None, {"zero_optimization": {"stage": 3}})
+
+
 # ------------------------------------------------------------------------------------------------- AOT compilation
 SCRIPT = """
 import dataclasses, json, sys
