@@ -208,8 +208,14 @@ def test_fused_layer_dropout_reproducible() -> None:
     packed = pack_batch(padded_batch([7, 3], [5, 9], vocab=model.config.vocab_size))
     torch.manual_seed(3)
     first = model.forward_packed(packed)
+    grads = torch.autograd.grad(first.sum(), list(model.encoder.parameters()))
     torch.manual_seed(3)
-    assert torch.equal(model.forward_packed(packed), first)
+    again = model.forward_packed(packed)
+    assert torch.equal(again, first)
+    assert all(
+        torch.equal(a, b) for a, b in zip(torch.autograd.grad(again.sum(), list(model.encoder.parameters())), grads)
+    )
+    first = first.detach()
     assert not torch.equal(model.forward_packed(packed), first)  # the next call draws new seeds
     assert not torch.equal(model.eval().forward_packed(packed), first)
 

@@ -13,6 +13,8 @@ and the references given that mask compute the same values. Kernels in :mod:`uni
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,12 @@ from uniter_fast.kernels import fused_layer as kernels
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A Philox seed drawn from torch's default generator of ``device``: int64 [1] on ``device`` (no host sync)."""
     return torch.randint(0, 2**31 - 1, (1,), device=device, dtype=torch.int64)
+
+
+@functools.cache
+def _unused_seed(device: torch.device) -> torch.Tensor:
+    """The seed argument of a call without dropout (never read): one int64 [1] per device, not a launch per call."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
 
 
 def dropout_keep(seed: torch.Tensor, shape: torch.Size, p: float) -> torch.Tensor:
@@ -153,7 +161,7 @@ def bias_dropout_add_layer_norm(
     if p > 0 and seed is None:
         raise ValueError("bias_dropout_add_layer_norm: dropout p > 0 needs a seed (draw_seed)")
     if seed is None:
-        seed = torch.zeros(1, dtype=torch.int64, device=x.device)
+        seed = _unused_seed(x.device)
     return _BiasDropoutAddLayerNorm.apply(x, bias, residual, weight, beta, eps, p, seed)
 
 
