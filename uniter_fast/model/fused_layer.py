@@ -75,6 +75,8 @@ def bias_dropout_add_layer_norm_reference(
 
 # ------------------------------------------------------------------------------------------------------ kernels
 class _BiasGelu(torch.autograd.Function):
+    """gelu(x + bias): saves x and bias, recomputes x + bias in the backward kernel."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
@@ -102,6 +104,8 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 class _BiasDropoutAddLayerNorm(torch.autograd.Function):
+    """LayerNorm(dropout(x + bias) + residual): saves z (float32), the row statistics and the seed (not the mask)."""
+
     @staticmethod
     def forward(ctx, x, bias, residual, weight, beta, eps: float, p: float, seed: torch.Tensor) -> torch.Tensor:
         width = x.shape[-1]
