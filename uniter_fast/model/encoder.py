@@ -4,7 +4,7 @@ Every layer has two entry points sharing the same parameters: ``forward`` on the
 original additive mask, and ``forward_packed`` on the packed layout [T, H] (valid tokens only, sequences delimited
 by a :class:`~uniter_fast.model.attention.VarlenBatch`).
 
-``config.encoder_layer_backend`` (resolved per call by :func:`uniter_fast.backends.resolve`, component
+``config.encoder_layer_backend`` (resolved once per encoder call by :func:`uniter_fast.backends.resolve`, component
 ``"encoder_layer"``) selects the eager layer (``"reference"``, the default) or the fused one (``"triton"``: one QKV
 matmul, fused bias + GELU and bias + dropout + residual + LayerNorm, :mod:`uniter_fast.model.fused_layer`), in both
 layouts; the parameters and their checkpoint keys are the same.
