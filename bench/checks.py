@@ -271,7 +271,8 @@ def varlen_backends(device: torch.device, dtype: torch.dtype) -> tuple[list[str]
 
 def check_encoder(device: torch.device, quick: bool) -> list[Check]:
     """The packed encoder under every varlen backend the machine has against the eager padded encoder (the original
-    math): outputs on the valid tokens and all parameter gradients, fp32 and bf16 weights, dropout off."""
+    math), and the fused encoder layer where Triton runs: outputs on the valid tokens and all parameter gradients, fp32
+    and bf16 weights, dropout off."""
     generator = torch.Generator().manual_seed(4)
     if quick:
         config = UniterConfig.tiny(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -300,6 +301,13 @@ def check_encoder(device: torch.device, quick: bool) -> list[Check]:
         (out.float() * upstream).sum().backward()
         return out.detach().float(), flat_grads(model)
 
+    def fused_run(model: Model) -> tuple[torch.Tensor, torch.Tensor]:
+        model.set_encoder_layer_backend("triton")
+        try:
+            return packed_run(model, "auto")
+        finally:
+            model.set_encoder_layer_backend("auto")
+
     expected = padded_run(reference)
     rows: list[Check] = []
     case = f"{'tiny' if quick else 'base'} B{size}"
@@ -309,10 +317,11 @@ def check_encoder(device: torch.device, quick: bool) -> list[Check]:
         baseline = padded_run(model) if dtype != torch.float32 else None
         names, missing = varlen_backends(device, dtype)
         rows += [skipped("encoder", case, dtype_name, why) for why in missing]
-        for backend in names:
-            got = packed_run(model, backend)
+        fused = ["fused layer"] if triton_usable(device) else []  # Triton (interpreted on CPU), auto attention
+        for label in names + fused:
+            got = fused_run(model) if label == "fused layer" else packed_run(model, label)
             for i, quantity in enumerate(("output", "param grads")):
-                name = f"{backend}: {quantity}"
+                name = f"{label}: {quantity}"
                 if baseline is None:
                     tol = FP32_TOL if i == 0 else FP32_GRAD_TOL
                     rows.append(compare("encoder", case, dtype_name, name, got[i], expected[i], tol))

@@ -74,12 +74,14 @@ def bench_config(
     dtype: torch.dtype,
     generator: torch.Generator,
     packed_backends: Sequence[str] = (),
+    fused_layer: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows (padded, packed) x ``modes`` ("forward", "train") for the model preset ``name`` on one random batch of
     ``batch_size`` UNITER-shaped examples: median time, valid tokens/s, TFLOP/s, MFU (on GPUs of known peak), peak
     memory, the packed path's speedup and the bound that skipping padding allows. ``packed`` uses the backend that
     ``"auto"`` selects; each of ``packed_backends`` adds a row ``packed:<backend>`` with that backend forced (skipped
-    in training when the backend has no dropout)."""
+    in training when the backend has no dropout); ``fused_layer`` adds a row ``packed+fused`` with the fused encoder
+    layer (``encoder_layer_backend="triton"``, docs/encoder.md) beside ``packed``'s eager layer."""
     config = UniterConfig.preset(name)
     model = Model(config).to(device=device, dtype=dtype)
     model.check_values = False
@@ -98,6 +100,8 @@ def bench_config(
         "padded": lambda: model.forward_batch(batch),
         "packed": lambda: model.forward_packed(packed),
     }
+    if fused_layer:
+        paths["packed+fused"] = forced_layer(model, packed, "triton")
     rows = []
     for mode in modes:
         model.train(mode == "train")  # training: dropout on, as in pretraining
@@ -108,6 +112,7 @@ def bench_config(
                 "packed_attention", model.config.packed_attention_backend, device, dtype, dropout_p=dropout
             ),
         }
+        attention["packed+fused"] = attention["packed"]
         forced = {
             f"packed:{b}": forced_backend(model, packed, b)
             for b in packed_backends
@@ -156,6 +161,20 @@ def forced_backend(model: Model, packed: dict[str, Any], backend: str) -> Callab
     return forward
 
 
+def forced_layer(model: Model, packed: dict[str, Any], backend: str) -> Callable[[], torch.Tensor]:
+    """The packed forward with the encoder-layer ``backend`` for this call (the model's own choice restored)."""
+
+    def forward() -> torch.Tensor:
+        chosen = model.config.encoder_layer_backend
+        model.set_encoder_layer_backend(backend)
+        try:
+            return model.forward_packed(packed)
+        finally:
+            model.set_encoder_layer_backend(chosen)
+
+    return forward
+
+
 def interleaved_medians(
     steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
 ) -> dict[str, float]:
@@ -192,6 +211,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="CPU: base and large, batch 16, 5 repeats")
+    parser.add_argument(
+        "--fused-layer",
+        action="store_true",
+        help="add a packed row with the fused encoder layer (Triton: a GPU, or on CPU TRITON_INTERPRET=1, whose "
+        "timings measure the interpreter, not the kernels)",
+    )
     add_output_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -207,7 +232,11 @@ def main() -> None:
     for name in tqdm(args.configs, desc="configs"):  # the same lengths for every config
         generator = torch.Generator().manual_seed(args.seed)
         timing = (args.warmup, args.repeats)
-        rows.extend(bench_config(name, args.batch_size, args.modes, *timing, device, dtype, generator))
+        rows.extend(
+            bench_config(
+                name, args.batch_size, args.modes, *timing, device, dtype, generator, fused_layer=args.fused_layer
+            )
+        )
     print(f"\nencoder throughput on {device_name(device)}, {dtype}, batch {args.batch_size}, load {os.getloadavg()[0]}")
     columns = ["model", "mode", "path", "attention", "valid_tokens", "padded_tokens", "ms", "tokens_per_s"]
     print_table(rows, columns + ["tflops", "mfu", "peak_mem_mb", "speedup", "max_speedup"])
@@ -215,7 +244,8 @@ def main() -> None:
     out = output_dir(args)
     print(write_json("encoder_bench", device, rows, meta, out))
     groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
-    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in ("padded", "packed")}
+    paths = ("padded", "packed", "packed+fused") if args.fused_layer else ("padded", "packed")
+    series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in paths}
     title = "UNITER encoder: padded vs packed"
     print(plot_grouped_bars("encoder_bench", device, groups, series, "valid tokens / s", title, False, out))
 

@@ -47,7 +47,7 @@ ROOT = os.path.dirname(HERE)
 CAPS = {
     "correctness": (240, 75),
     "syncs": (60, 25),
-    "encoder": (90, 25),
+    "encoder": (120, 25),  # + the fused-layer rows and their Triton compiles
     "pretrain": (120, 40),
     "villa": (120, 40),
     "capture": (120, 60),

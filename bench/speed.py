@@ -242,6 +242,8 @@ def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
     MFU against the datasheet peak and against the bf16 matrix-product rate measured here."""
     from encoder_bench import bench_config
 
+    from uniter_fast import backends
+
     gpu = device.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
     configs = ["tiny"] if quick else ["base", "large"]
@@ -252,7 +254,10 @@ def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
         generator = torch.Generator().manual_seed(0)
         # sdpa_nested left out: its training step ran at 0.19x the padded encoder on an H200 (first suite run)
         forced = ["reference", "sdpa_loop"] if quick else ["flash_torch", "sdpa_padded", "torch_varlen"]
-        for r in bench_config(name, batch, ["forward", "train"], warmup, repeats, device, dtype, generator, forced):
+        # the fused encoder layer (Triton) on/off, on CUDA only (the CPU interpreter takes ~10 s a step, no timing)
+        fused = gpu and backends.triton_usable(device)
+        modes = ["forward", "train"]
+        for r in bench_config(name, batch, modes, warmup, repeats, device, dtype, generator, forced, fused):
             r["mfu_measured_peak"] = r["tflops"] * 1e12 / measured_peak
             rows.append(r)
             print(f"{name} {r['mode']} {r['path']}: {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']}", flush=True)
@@ -269,6 +274,11 @@ def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
         if r["path"] == "packed":
             figure = f"{r['speedup']:.2f}x with {r['attention']} (padding bound {r['max_speedup']:.2f}x)"
             goals.append(_goal(f"packed vs padded, {r['model']} {r['mode']}", "report", figure, True))
+        if r["path"] == "packed+fused":
+            eager = next(e for e in rows if (e["model"], e["mode"], e["path"]) == (r["model"], r["mode"], "packed"))
+            mfu = "" if r["mfu"] is None else f", MFU {100 * r['mfu']:.1f}% (eager layer {100 * eager['mfu']:.1f}%)"
+            figure = f"{r['tokens_per_s'] / eager['tokens_per_s']:.2f}x the eager layer's tokens/s{mfu}"
+            goals.append(_goal(f"fused encoder layer on/off, {r['model']} {r['mode']}", "report", figure, True))
     groups = [f"{r['model']}/{r['mode']}" for r in rows if r["path"] == "padded"]
     paths = list(dict.fromkeys(r["path"] for r in rows))
     series = {

@@ -54,7 +54,7 @@ def cpu_outcomes(interpret: bool, cpp: bool) -> dict[str, dict[str, Optional[str
         },
         "ipot": ot,
         "wra": ot,
-        "encoder_layer": {"auto": "reference", "reference": "reference"},
+        "encoder_layer": {"auto": "reference", "triton": triton, "reference": "reference"},
     }
 
 

@@ -148,7 +148,7 @@ def _auto_ot(device_type: str, dtype: torch.dtype, probes: Mapping[str, bool], d
 
 
 def _auto_reference(device_type: str, dtype: torch.dtype, probes: Mapping[str, bool], dropout_p: float) -> str:
-    """Only the reference exists."""
+    """``reference`` (the fused encoder layer is opt-in until a GPU run has timed it, docs/encoder.md)."""
     return "reference"
 
 
@@ -225,9 +225,9 @@ COMPONENTS: dict[str, Component] = {
         ),
         Component(
             "encoder_layer",
-            "one post-LN encoder layer (uniter_fast.model.encoder); a fused layer kernel adds its name here",
-            ("reference",),
-            {},
+            "the element-wise parts of a post-LN encoder layer and its QKV projection (uniter_fast.model.fused_layer)",
+            ("triton", "reference"),
+            {"triton": ("triton",)},
             _auto_reference,
         ),
     )

@@ -38,7 +38,9 @@ class UniterConfig:
     kernel for the device and dtype), ``"reference"`` (the original math; ``"eager"``, its older name, is accepted) or
     a kernel name of components ``"attention"`` / ``"packed_attention"`` of :mod:`uniter_fast.backends`. ``gelu``
     is ours too: the written form of the erf GELU, ``"fused"`` (one kernel, default) or ``"original"`` (the formula as
-    the original code writes it), see :mod:`uniter_fast.model.activations`.
+    the original code writes it), see :mod:`uniter_fast.model.activations`. ``encoder_layer_backend`` is ours:
+    ``"auto"`` / ``"reference"`` (default: the eager layer) or ``"triton"`` (one QKV matmul, fused bias + GELU and
+    bias + dropout + residual + LayerNorm kernels; :mod:`uniter_fast.model.fused_layer`, docs/encoder.md).
     """
 
     vocab_size: int = 28996
@@ -57,6 +59,7 @@ class UniterConfig:
     attention_backend: str = "auto"
     packed_attention_backend: str = "auto"
     gelu: str = "fused"
+    encoder_layer_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads != 0:
@@ -71,6 +74,7 @@ class UniterConfig:
         check_name("attention", self.attention_backend, "attention_backend")
         check_name("packed_attention", self.packed_attention_backend, "packed_attention_backend")
         check_gelu(self.gelu)
+        check_name("encoder_layer", self.encoder_layer_backend, "encoder_layer_backend")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -12,7 +12,7 @@ from uniter_fast import backends
 from uniter_fast.checkpoint import checkpoint_config, load_state, read_checkpoint, save_pretrained
 from uniter_fast.config import PathLike, UniterConfig
 from uniter_fast.model.embeddings import UniterImageEmbeddings, UniterTextEmbeddings
-from uniter_fast.model.encoder import BertPooler, UniterEncoder
+from uniter_fast.model.encoder import BertPooler, UniterEncoder, set_encoder_layer_backend
 from uniter_fast.model.inputs import check_forward_inputs
 from uniter_fast.model.packed import packed_forward
 
@@ -210,6 +210,11 @@ class UniterModel(nn.Module):
         ``"flash_attn"``; docs/backends.md)."""
         backends.check_name("packed_attention", backend, "packed_attention_backend")
         self.config.packed_attention_backend = backend
+
+    def set_encoder_layer_backend(self, backend: str) -> None:
+        """Encoder layers of both forwards (``config.encoder_layer_backend``): ``"auto"`` / ``"reference"`` (default:
+        the eager layer) or ``"triton"`` (the fused layer, docs/encoder.md)."""
+        set_encoder_layer_backend(self, backend)
 
     def forward_batch(
         self,

@@ -120,7 +120,15 @@ def build_engine(
     """``deepspeed.initialize`` with the original's no-decay parameter groups and LR schedule (``cfg`` needs
     ``learning_rate``, ``warmup_steps`` and ``num_train_steps``); ``lr_mul`` / ``head_names`` give task heads their
     own learning-rate multiplier (see :func:`param_groups`). Under ZeRO-3 the model's external parameters are
-    registered (:func:`uniter_fast.training.zero.register_external_parameters`). Returns the engine."""
+    registered (:func:`uniter_fast.training.zero.register_external_parameters`), and the fused encoder layer is
+    refused (it reads its blocks' Linear / LayerNorm parameters outside their forwards, which ZeRO-3 does not
+    gather). Returns the engine."""
+    stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+    if stage == 3 and getattr(getattr(model, "config", None), "encoder_layer_backend", None) == "triton":
+        raise ValueError(
+            "encoder_layer_backend 'triton' cannot run under ZeRO-3 (the fused layer reads parameters that ZeRO-3 "
+            "gathers only inside their own modules' forwards); use ZeRO-1/2, or encoder_layer_backend 'reference'"
+        )
     import deepspeed
 
     weight_decay = float(ds_config["optimizer"]["params"].get("weight_decay", 0.0))
