@@ -290,7 +290,7 @@ def test_a_checkpoint_given_on_the_command_line_replaces_the_configs(no_start, t
             main(["--config", config])
         with pytest.raises(Started):
             main(["--config", config, "--checkpoint", checkpoint])
-    with pytest.raises(FileNotFoundError, match="txt_db meta .* does not exist"):  # past the config, at the dbs
+    with pytest.raises(DataError, match="txt_db meta file .* does not exist"):  # past the config, at the dbs
         evaluate(["--task", "vqa", "--config", finetune_config(tmp_path, checkpoint=gone), "--checkpoint", checkpoint])
 
 
