@@ -74,7 +74,8 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-4) -> None:
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=1e-5 * scale, msg=name)
 
 
-def assert_steps_agree(first: tuple, second: tuple) -> None:
+def assert_steps_agree(first: tuple, second: tuple, delta_atol: float = 1e-5) -> None:
+    """Equal losses, perturbations after each ascent (``delta_atol``: relative to the largest entry) and gradients."""
     (out_1, grads_1, trace_1), (out_2, grads_2, trace_2) = first, second
     for key in out_2:
         torch.testing.assert_close(out_1[key], out_2[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -85,7 +86,7 @@ def assert_steps_agree(first: tuple, second: tuple) -> None:
             assert deltas_1.keys() == deltas_2.keys()
             for key in deltas_2:
                 want = deltas_2[key].detach()
-                atol = 1e-5 * float(want.abs().max()) + 1e-9
+                atol = delta_atol * float(want.abs().max()) + 1e-9
                 torch.testing.assert_close(deltas_1[key].detach(), want, rtol=1e-4, atol=atol)
     assert_grads_close(grads_1, grads_2)
 
