@@ -296,7 +296,9 @@ def test_config_block_is_optional_and_checked_per_task() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", sorted(n for n in os.listdir("configs") if n.endswith("-villa.json")) or ["(no villa configs)"]
+    "name",
+    sorted(n for n in os.listdir("configs") if n.startswith("finetune-") and n.endswith("-villa.json"))
+    or ["(no villa configs)"],
 )
 def test_released_settings_configs_parse(name) -> None:
     with open(os.path.join("configs", name), encoding="utf-8") as f:
