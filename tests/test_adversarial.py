@@ -332,8 +332,9 @@ def test_resume_with_the_block_is_exact(tmp_path, monkeypatch) -> None:
 
 # ---------------------------------------------------------------------- through DeepSpeed engines
 def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
-    """ZeRO-0 and ZeRO-2, one or two micro-batches: the gradients an engine holds before its update are the bare
-    model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last backward may be one)."""
+    """ZeRO-0 and ZeRO-2, one or two micro-batches, VQA and pretraining's MRFR: the gradients an engine holds before
+    its update are the bare model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last
+    backward may be one)."""
     run(
         [sys.executable, os.path.join(REPO, "tests", "adversarial_engine.py"), str(tmp_path)],
         str(tmp_path),
@@ -341,6 +342,8 @@ def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
     )
     with open(tmp_path / "engine.json", encoding="utf-8") as f:
         results = json.load(f)
-    assert [(r["stage"], r["accum"]) for r in results] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    cases = [(task, stage, accum) for task in ("vqa", "mrfr") for stage in (0, 2) for accum in (1, 2)]
+    assert [(r["task"], r["stage"], r["accum"]) for r in results] == cases
     for result in results:
-        assert result["max_grad"] > 1 and result["max_diff"] <= 1e-6 * result["max_grad"], result
+        least = 1 if result["task"] == "vqa" else 1e-3  # MRFR's regression loss has smaller gradients
+        assert result["max_grad"] > least and result["max_diff"] <= 1e-6 * result["max_grad"], result
