@@ -1,6 +1,7 @@
 """The AFT step through real DeepSpeed engines (one process, CPU, fp32), against the same step over the bare model
-and torch's AdamW: ``python tests/adversarial_engine.py OUT`` writes ``OUT/engine.json``, for ZeRO stages 0 and 2 and
-1 or 2 micro-batches per optimizer step, the largest difference of the gradients the engine holds before its
+and torch's AdamW: ``python tests/adversarial_engine.py OUT`` writes ``OUT/engine.json``, for VQA and pretraining's
+MRFR (no logits: its last perturbed backward is the step's last), ZeRO stages 0 and 2 and 1 or 2 micro-batches per
+optimizer step, the largest difference of the gradients the engine holds before its
 optimizer update (``deepspeed.utils.safe_get_full_grad``, any ZeRO stage) from the bare model's summed gradients, and
 the largest gradient."""
 
@@ -32,7 +33,9 @@ class ModuleEngine:
 
 
 def main(out: str) -> None:
+    from tests.pretrain_batches import task_batch
     from tests.tasks_helpers import perturb, tiny_config
+    from tests.test_pretrain_heads import tiny_model
     from uniter_fast.tasks import get_task
     from uniter_fast.training.adversarial import AdversarialConfig, AdversarialStep
     from uniter_fast.training.distributed import setup_environment
@@ -45,34 +48,43 @@ def main(out: str) -> None:
     task, config = get_task("vqa"), tiny_config()
     cfg = AdversarialConfig(adv_modality="text+image", adv_lr_txt=0.05, adv_lr_img=0.5)
     results = []
-    for stage in (0, 2):
-        for accum in (1, 2):
-            rng = np.random.default_rng(accum)
-            examples = [task.example(config, 3, rng, (5, 14), (3, 9)) for _ in range(accum)]
-            options = examples[0][0]
-            torch.manual_seed(stage)
-            model = perturb(task.build_model(config, options, fast=True)).train()
-            reference = copy.deepcopy(model)
-            ds_config = {
-                "train_micro_batch_size_per_gpu": 1,
-                "gradient_accumulation_steps": accum,
-                "optimizer": {"type": "AdamW", "params": {**ADAM, "torch_adam": True}},
-                "zero_optimization": {"stage": stage},
-            }
-            engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
-            step = AdversarialStep(cfg, config.hidden_size)
-            for index, (_, batch) in enumerate(examples):
-                step(engine, batch, "vqa")
-                if index + 1 < accum:
-                    engine.step()  # within the accumulation: no update
-            got = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
-            for _, batch in examples:
-                step(ModuleEngine(reference), batch, "vqa")
-            zero = torch.zeros(())
-            want = {n: zero if p.grad is None else p.grad for n, p in reference.named_parameters()}
-            diff = max(float((zero if got[n] is None else got[n] - g).abs().max()) for n, g in want.items())
-            size = max(float(g.abs().max()) for g in want.values())
-            results.append({"stage": stage, "accum": accum, "max_diff": diff, "max_grad": size})
+    for name in ("vqa", "mrfr"):
+        for stage in (0, 2):
+            for accum in (1, 2):
+                torch.manual_seed(stage)
+                if name == "vqa":
+                    rng = np.random.default_rng(accum)
+                    drawn = [task.example(config, 3, rng, (5, 14), (3, 9)) for _ in range(accum)]
+                    examples = [batch for _, batch in drawn]
+                    model = perturb(task.build_model(config, drawn[0][0], fast=True))
+                else:
+                    model = tiny_model(True)
+                    vocab = model.config.vocab_size
+                    examples = [task_batch("mrfr", [6, 3, 9], [5, 8, 2], vocab, seed=accum + i) for i in range(accum)]
+                model.train()
+                reference = copy.deepcopy(model)
+                ds_config = {
+                    "train_micro_batch_size_per_gpu": 1,
+                    "gradient_accumulation_steps": accum,
+                    "optimizer": {"type": "AdamW", "params": {**ADAM, "torch_adam": True}},
+                    "zero_optimization": {"stage": stage},
+                }
+                engine, _, _, _ = deepspeed.initialize(
+                    model=model, model_parameters=model.parameters(), config=ds_config
+                )
+                step = AdversarialStep(cfg, model.config.hidden_size)
+                for index, batch in enumerate(examples):
+                    step(engine, batch, name)
+                    if index + 1 < accum:
+                        engine.step()  # within the accumulation: no update
+                got = {n: safe_get_full_grad(p) for n, p in engine.module.named_parameters()}
+                for batch in examples:
+                    step(ModuleEngine(reference), batch, name)
+                zero = torch.zeros(())
+                want = {n: zero if p.grad is None else p.grad for n, p in reference.named_parameters()}
+                diff = max(float((zero if got[n] is None else got[n] - g).abs().max()) for n, g in want.items())
+                size = max(float(g.abs().max()) for g in want.values())
+                results.append({"task": name, "stage": stage, "accum": accum, "max_diff": diff, "max_grad": size})
     with open(os.path.join(out, "engine.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
 

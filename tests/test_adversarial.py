@@ -74,7 +74,8 @@ def assert_grads_close(got: dict, want: dict, rtol: float = 1e-4) -> None:
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=1e-5 * scale, msg=name)
 
 
-def assert_steps_agree(first: tuple, second: tuple) -> None:
+def assert_steps_agree(first: tuple, second: tuple, delta_atol: float = 1e-5) -> None:
+    """Equal losses, perturbations after each ascent (``delta_atol``: relative to the largest entry) and gradients."""
     (out_1, grads_1, trace_1), (out_2, grads_2, trace_2) = first, second
     for key in out_2:
         torch.testing.assert_close(out_1[key], out_2[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -85,7 +86,7 @@ def assert_steps_agree(first: tuple, second: tuple) -> None:
             assert deltas_1.keys() == deltas_2.keys()
             for key in deltas_2:
                 want = deltas_2[key].detach()
-                atol = 1e-5 * float(want.abs().max()) + 1e-9
+                atol = delta_atol * float(want.abs().max()) + 1e-9
                 torch.testing.assert_close(deltas_1[key].detach(), want, rtol=1e-4, atol=atol)
     assert_grads_close(grads_1, grads_2)
 
@@ -295,7 +296,9 @@ def test_config_block_is_optional_and_checked_per_task() -> None:
 
 
 @pytest.mark.parametrize(
-    "name", sorted(n for n in os.listdir("configs") if n.endswith("-villa.json")) or ["(no villa configs)"]
+    "name",
+    sorted(n for n in os.listdir("configs") if n.startswith("finetune-") and n.endswith("-villa.json"))
+    or ["(no villa configs)"],
 )
 def test_released_settings_configs_parse(name) -> None:
     with open(os.path.join("configs", name), encoding="utf-8") as f:
@@ -329,8 +332,9 @@ def test_resume_with_the_block_is_exact(tmp_path, monkeypatch) -> None:
 
 # ---------------------------------------------------------------------- through DeepSpeed engines
 def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
-    """ZeRO-0 and ZeRO-2, one or two micro-batches: the gradients an engine holds before its update are the bare
-    model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last backward may be one)."""
+    """ZeRO-0 and ZeRO-2, one or two micro-batches, VQA and pretraining's MRFR: the gradients an engine holds before
+    its update are the bare model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last
+    backward may be one)."""
     run(
         [sys.executable, os.path.join(REPO, "tests", "adversarial_engine.py"), str(tmp_path)],
         str(tmp_path),
@@ -338,6 +342,8 @@ def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
     )
     with open(tmp_path / "engine.json", encoding="utf-8") as f:
         results = json.load(f)
-    assert [(r["stage"], r["accum"]) for r in results] == [(0, 1), (0, 2), (2, 1), (2, 2)]
+    cases = [(task, stage, accum) for task in ("vqa", "mrfr") for stage in (0, 2) for accum in (1, 2)]
+    assert [(r["task"], r["stage"], r["accum"]) for r in results] == cases
     for result in results:
-        assert result["max_grad"] > 1 and result["max_diff"] <= 1e-6 * result["max_grad"], result
+        least = 1 if result["task"] == "vqa" else 1e-3  # MRFR's regression loss has smaller gradients
+        assert result["max_grad"] > least and result["max_diff"] <= 1e-6 * result["max_grad"], result

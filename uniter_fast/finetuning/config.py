@@ -18,11 +18,10 @@ import logging
 import os
 from typing import Any, ClassVar, Optional
 
-from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.tasks.bundled import BUNDLED_PREFIX, resolve_bundled
-from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial
+from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
 from uniter_fast.training.cli import REPO_ROOT
 from uniter_fast.training.config import RunConfig, field_names, parse_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -149,14 +148,9 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     fields = set(field_names(FinetuneConfig)) - {"options"}
     options = {k: raw.pop(k) for k in list(raw) if k not in fields}
     raw["options"] = task.check_options(options, where)
-    if raw.get("adversarial") is not None:
-        raw["adversarial"] = parse_adversarial(raw["adversarial"], where)
+    raw["adversarial"] = parse_adversarial_block(raw, where)
+    if raw["adversarial"] is not None:
         task.check_adversarial(raw["options"], where)
-        if raw.get("capture") is True:
-            raise ConfigError(
-                f"{where}: capture true and an adversarial block: the captured step replays the plain step only; "
-                "set capture false"
-            )
     auto = os.path.abspath(auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where))  # the working directory's
     if raw.get("checkpoint") == "auto":
         raw["checkpoint"] = auto if os.path.isdir(auto) else None

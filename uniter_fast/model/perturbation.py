@@ -5,7 +5,8 @@ word embeddings (aligned with ``input_ids``) and ``img_delta`` [B, Nb, 2048] on 
 ``img_feat``). The padded forward reads them from the batch (``Model.forward_batch``); for the packed forward they are
 gathered at the valid tokens into ``packed["txt_delta"]`` [St, H] / ``packed["img_delta"]`` [Sn, 2048]. Pad positions
 never reach a valid output in either layout, so their gradient is zero on both paths and per-example norms over all
-positions equal the norms over the valid ones.
+positions equal the norms over the valid ones. A batch in the packed layout only (pretraining's fast collate) has no
+padded widths: its grid is [B, max_seqlen] for both modalities (:func:`delta_grid`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,30 @@ from typing import Any, Optional
 import torch
 
 
+def delta_grid(batch: dict[str, Any]) -> tuple[int, int, int]:
+    """(B, Lt, Nb): the padded grid the perturbations of ``batch`` are held in: the padded layout's widths, or
+    ``max_seqlen`` for both in a packed-only batch (known on the host: no sync)."""
+    size = batch["txt_lens"].size(0)
+    if "input_ids" in batch:
+        return size, batch["input_ids"].size(1), batch["img_feat"].size(1)
+    longest = int(batch["packed"]["max_seqlen"])
+    return size, longest, longest
+
+
 def delta_slots(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 [St], [Sn]: the flat padded slot (row * Lt + column, row * Nb + column) of every packed text token and
-    region of ``batch`` (both layouts), computed on the batch's device from the packed positions (no host sync)."""
+    """int64 [St], [Sn]: the flat padded slot (row * Lt + column, row * Nb + column; :func:`delta_grid`) of every
+    packed text token and region of ``batch``, computed on the batch's device from the packed positions (no host
+    sync)."""
     packed = batch["packed"]
+    _, txt_width, img_width = delta_grid(batch)
     ends = packed["cu_seqlens"][1:].long()
     starts = packed["cu_seqlens"][:-1].long()
     txt_index, img_index = packed["txt_index"], packed["img_index"]
     txt_row = torch.searchsorted(ends, txt_index, right=True)
     img_row = torch.searchsorted(ends, img_index, right=True)
-    txt_slot = txt_row * batch["input_ids"].size(1) + (txt_index - starts[txt_row])
+    txt_slot = txt_row * txt_width + (txt_index - starts[txt_row])
     img_column = img_index - starts[img_row] - batch["txt_lens"].to(img_index.device)[img_row]
-    return txt_slot, img_row * batch["img_feat"].size(1) + img_column
+    return txt_slot, img_row * img_width + img_column
 
 
 def with_deltas(

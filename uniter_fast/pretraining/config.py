@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Optional
 
 from uniter_fast.files import read_json
 from uniter_fast.pretraining.model import TASKS, task_kind
+from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
@@ -52,7 +53,9 @@ class OtSettings:
 class TrainingConfig(RunConfig):
     """A training config: the shared run fields (:class:`~uniter_fast.training.config.RunConfig`, with the original
     ``pretrain.py`` defaults re-declared below) and pretraining's own: the datasets and their tasks, the model, the
-    masking and ITM settings, the WRA's OT settings and the optional task curriculum ``phases``."""
+    masking and ITM settings, the WRA's OT settings, the optional task curriculum ``phases`` and the optional
+    ``adversarial`` block (VILLA's adversarial pretraining, :mod:`uniter_fast.training.adversarial`; absent or null:
+    plain pretraining)."""
 
     train_datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)
     val_datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)
@@ -69,6 +72,7 @@ class TrainingConfig(RunConfig):
     itm_ot_lambda: float = 0.1
     ot: OtSettings = dataclasses.field(default_factory=OtSettings)
     phases: Optional[list[dict[str, Any]]] = None
+    adversarial: Optional[AdversarialConfig] = None
 
     required: ClassVar[tuple[str, ...]] = ("output_dir", "train_datasets", "val_datasets")
 
@@ -179,6 +183,7 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
         fields[key] = [_dataset(f"{key}[{i}]", d, training, base_dir) for i, d in enumerate(raw[key])]
     check_keys("ot", raw.get("ot", {}), OtSettings)
     fields["ot"] = OtSettings(**raw.get("ot", {}))
+    fields["adversarial"] = parse_adversarial_block(raw, where)
     cfg = parse_run_config(TrainingConfig, fields, where, base_dir, lambda p: resolve_bundled_corpus(p, base_dir))
     if cfg.ot.beta <= 0 or cfg.ot.iteration < 1 or cfg.ot.k < 1:
         raise ValueError(f"ot: need beta > 0, iteration >= 1 and k >= 1, got {dataclasses.asdict(cfg.ot)}")

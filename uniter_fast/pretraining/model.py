@@ -151,7 +151,9 @@ class UniterForPretraining(UniterPreTrainedModel):
         return batch["packed"].get(key) if self._uses_packed(batch) else None
 
     # ------------------------------------------------------------------ forward
-    def forward(self, batch: dict, task: str, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+    def forward(
+        self, batch: dict, task: str, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, Optional[torch.Tensor]]:
         """Run the encoder and the head of ``task`` on a collated batch (the padded keys of the data package, plus
         ``batch["packed"]`` for the fast path).
 
@@ -159,17 +161,26 @@ class UniterForPretraining(UniterPreTrainedModel):
         ``itm_loss`` and ``ot_loss``). Without: the head outputs for validation, ``mlm``: ``scores`` [M, V] +
         ``labels`` [M]; ``mrfr``: ``prediction`` [M, 2048] + ``targets``; ``mrc``/``mrckl``: ``scores`` [M, 1601] +
         ``soft_labels``; ``itm``: ``scores`` [B, 2] + ``targets`` [B] (+ ``ot_dist`` [B] when λ > 0).
+
+        ``with_logits`` (with the loss) adds ``logits``, what adversarial pretraining's KL compares
+        (``uniter_fast.training.adversarial``): ``mlm`` the vocabulary scores of the masked tokens [M, V]; ``mrc`` /
+        ``mrckl`` the region-class scores of the masked regions [M, 1601]; ``itm`` the 2-way scores [B, 2] (not the
+        WRA term); ``mrfr`` None (a regression: no softmax).
         """
         kind = task_kind(task)
         if kind == "mlm":
-            return self.forward_mlm(batch, compute_loss)
-        if kind == "mrfr":
-            return self.forward_mrfr(batch, compute_loss)
-        if kind in ("mrc", "mrckl"):
-            return self.forward_mrc(batch, kind, compute_loss)
-        return self.forward_itm(batch, compute_loss)
+            out = self.forward_mlm(batch, compute_loss, with_logits)
+        elif kind == "mrfr":
+            out = self.forward_mrfr(batch, compute_loss)
+        elif kind in ("mrc", "mrckl"):
+            out = self.forward_mrc(batch, kind, compute_loss, with_logits)
+        else:
+            out = self.forward_itm(batch, compute_loss, with_logits)
+        if with_logits and kind == "mrfr":
+            out["logits"] = None
+        return out
 
-    def forward_mlm(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+    def forward_mlm(self, batch: dict, compute_loss: bool = True, with_logits: bool = False) -> dict[str, torch.Tensor]:
         """Masked language modelling: CE over the vocabulary, mean over masked tokens."""
         from uniter_fast import losses
 
@@ -191,6 +202,8 @@ class UniterForPretraining(UniterPreTrainedModel):
             check_values=self.check_values,
             weights=self._row_weights(batch, "mlm_weights"),
         )
+        if with_logits:  # the fused loss never holds the [M, V] scores: projected again for the KL
+            return {"loss": loss, "logits": predictions.decoder(hidden) + predictions.bias}
         return {"loss": loss}
 
     def forward_mrfr(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
@@ -207,7 +220,9 @@ class UniterForPretraining(UniterPreTrainedModel):
         loss = losses.mrfr_loss(hidden, head.weight, head.bias, targets, backend=self.backend, weights=weights)
         return {"loss": loss}
 
-    def forward_mrc(self, batch: dict, kind: str, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+    def forward_mrc(
+        self, batch: dict, kind: str, compute_loss: bool = True, with_logits: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Masked region classification: hard-label CE (``mrc``) or KL(soft || pred) (``mrckl``)."""
         from uniter_fast import losses
 
@@ -220,9 +235,9 @@ class UniterForPretraining(UniterPreTrainedModel):
         loss_fn = losses.mrc_kl_loss if kind == "mrckl" else losses.mrc_loss
         weights = self._row_weights(batch, "mrm_weights")
         loss = loss_fn(hidden, head.output.weight, head.output.bias, soft_labels, backend=self.backend, weights=weights)
-        return {"loss": loss}
+        return {"loss": loss, "logits": head.output(hidden)} if with_logits else {"loss": loss}
 
-    def forward_itm(self, batch: dict, compute_loss: bool = True) -> dict[str, torch.Tensor]:
+    def forward_itm(self, batch: dict, compute_loss: bool = True, with_logits: bool = False) -> dict[str, torch.Tensor]:
         """Image-text matching: 2-way CE on the pooled output, plus ``itm_ot_lambda`` x the WRA (OT) loss."""
         from uniter_fast import losses
 
@@ -241,8 +256,9 @@ class UniterForPretraining(UniterPreTrainedModel):
             itm_loss = F.cross_entropy(scores.float(), targets)
         else:
             itm_loss = losses.weighted_mean(F.cross_entropy(scores.float(), targets, reduction="none"), weights)
+        logits = {"logits": scores} if with_logits else {}
         if self.itm_ot_lambda <= 0:
-            return {"loss": itm_loss, "itm_loss": itm_loss.detach()}
+            return {"loss": itm_loss, "itm_loss": itm_loss.detach(), **logits}
         ot_dist = out["ot_dist"] if weights is None else out["ot_dist"] * weights
         if self.fast:  # no boolean indexing, which would read the targets on the host
             positive, negative = ot_dist.masked_fill(targets != 1, 0).sum(), ot_dist.masked_fill(targets != 0, 0).sum()
@@ -250,7 +266,7 @@ class UniterForPretraining(UniterPreTrainedModel):
             positive, negative = ot_dist[targets == 1].sum(), ot_dist[targets == 0].sum()
         ot_loss = (positive - negative) / (ot_dist.size(0) if weights is None else weights.sum())
         loss = itm_loss + self.itm_ot_lambda * ot_loss
-        return {"loss": loss, "itm_loss": itm_loss.detach(), "ot_loss": ot_loss.detach()}
+        return {"loss": loss, "itm_loss": itm_loss.detach(), "ot_loss": ot_loss.detach(), **logits}
 
     def ot_distance(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
         """The WRA distance per pair [B] (fp32), through ``uniter_fast.ot.optimal_transport_dist``: the embeddings

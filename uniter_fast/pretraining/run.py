@@ -17,6 +17,7 @@ from uniter_fast.pretraining.config import TrainingConfig
 from uniter_fast.pretraining.data import DataBuilder
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.pretraining.validate import validate
+from uniter_fast.training.adversarial import AdversarialStep
 from uniter_fast.training.logs import PRETRAINED_SUBDIR, VAL_LOG, format_table, read_jsonl
 from uniter_fast.training.loop import Export, Results, Trainer
 from uniter_fast.training.run import Run, fit, summary_heading
@@ -108,6 +109,7 @@ def pretrain(
         stop_after=stop_after,
         progress_name="pretrain",
         validate_at_start=True,
+        micro_step=None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model_config.hidden_size),
     )
     lines = ["", summary_heading("metrics", trainer, run), summary_table(trainer, results)]
     if trainer.step == cfg.num_train_steps and run.rank == 0:

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from uniter_fast.errors import ConfigError
-from uniter_fast.model.perturbation import delta_slots, with_deltas
+from uniter_fast.model.perturbation import delta_grid, delta_slots, with_deltas
 
 MODALITIES = ("text", "image", "text+image", "alter")
 NORM_TYPES = ("l2", "linf")
@@ -35,7 +35,8 @@ MicroStep = Callable[[Any, dict, str], dict]
 
 @dataclasses.dataclass
 class AdversarialConfig:
-    """The ``adversarial`` block of a fine-tuning config (VILLA's option names; defaults: the released configs')."""
+    """The ``adversarial`` block of a fine-tuning or pretraining config (VILLA's option names; defaults: the
+    released fine-tuning configs')."""
 
     adv_steps: int = 3
     adv_lr_txt: float = 1e-3
@@ -76,6 +77,20 @@ def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
                 raise ConfigError(f"{key} must be one of {list(MODALITIES)}, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+    return cfg
+
+
+def parse_adversarial_block(raw: dict[str, Any], where: str) -> Optional[AdversarialConfig]:
+    """The ``adversarial`` block of a run config ``raw`` (absent or null: None), checked; ``capture`` true with it is
+    refused in one line (the captured step replays the plain step only)."""
+    if raw.get("adversarial") is None:
+        return None
+    cfg = parse_adversarial(raw["adversarial"], where)
+    if raw.get("capture") is True:
+        raise ConfigError(
+            f"{where}: capture true and an adversarial block: the captured step replays the plain step only; "
+            "set capture false"
+        )
     return cfg
 
 
@@ -153,7 +168,8 @@ class AdversarialStep:
     objective whose gradient was accumulated), ``adv_task_loss`` and ``adv_kl`` (their means over the perturbed
     forwards), detached 0-dim tensors. ``engine`` is a DeepSpeed engine or anything with its ``__call__(batch, task,
     with_logits=...)`` and ``backward(loss, scale_wrt_gas=False)``; the task model's forward must take
-    ``with_logits``. ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step."""
+    ``with_logits`` and return ``logits`` (None where the task has no softmax to compare: its perturbed forwards then
+    take the task loss only). ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step."""
 
     def __init__(self, cfg: AdversarialConfig, hidden_size: int) -> None:
         self.cfg, self.hidden_size = cfg, hidden_size
@@ -163,50 +179,53 @@ class AdversarialStep:
         cfg = self.cfg
         if cfg.adv_steps == 0:
             return plain_step(engine, batch, task)
-        clean_logits = engine(batch, task, with_logits=True)["logits"]
-        clean = clean_logits.detach().float().requires_grad_()
-        clean_grad = torch.zeros_like(clean)
+        clean_logits = engine(batch, task, with_logits=True)["logits"]  # None: no softmax to compare (MRFR)
+        clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
+        clean_grad = None if clean is None else torch.zeros_like(clean)
         slots = delta_slots(batch) if "packed" in batch else None
         branches = [self._initial(batch, text, image) for text, image in cfg.branches]
         count = cfg.adv_steps * len(branches)
-        total = torch.zeros((), device=clean.device)
+        total = torch.zeros((), device=batch["txt_lens"].device)
         task_sum, kl_sum = torch.zeros_like(total), torch.zeros_like(total)
         for astep in range(cfg.adv_steps):
-            loss = torch.zeros((), device=clean.device)
+            loss = torch.zeros_like(total)
             for deltas in branches:
                 for delta in deltas.values():
                     delta.requires_grad_()
                 out = engine(with_deltas(batch, deltas.get("txt"), deltas.get("img"), slots), task, with_logits=True)
-                kl = symmetric_kl(clean, out["logits"])
+                kl = torch.zeros_like(total) if clean is None else symmetric_kl(clean, out["logits"])
                 loss = loss + out["loss"].float() + cfg.adv_kl_weight * kl
                 task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
             loss = loss / count
             scale = LossScale(loss)
-            backward(engine, loss, last=False)
+            backward(engine, loss, last=clean is None and astep + 1 == cfg.adv_steps)
             total = total + loss.detach()
-            clean_grad += clean.grad / scale.value
-            clean.grad = None
+            if clean is not None:
+                clean_grad += clean.grad / scale.value
+                clean.grad = None
             if self.trace is not None:
                 self.trace.append(
                     {"loss": loss.detach(), "deltas": [{k: d.detach() for k, d in b.items()} for b in branches]}
                 )
             if astep + 1 < cfg.adv_steps:
                 branches = [self._ascended(deltas, scale.value) for deltas in branches]
-        # the KL's gradient through the clean logits, summed over the K steps, back-propagated once
-        backward(engine, (clean_logits.float() * clean_grad).sum(), last=True)
+        if clean is not None:  # the KL's gradient through the clean logits, summed over the K steps, once
+            backward(engine, (clean_logits.float() * clean_grad).sum(), last=True)
         return {"loss": total, "adv_task_loss": task_sum / count, "adv_kl": kl_sum / count}
 
     def _initial(self, batch: dict, text: bool, image: bool) -> dict[str, torch.Tensor]:
         cfg, out = self.cfg, {}
+        size, txt_width, img_width = delta_grid(batch)
+        txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
         if text:
-            ids = batch["input_ids"]
-            valid = torch.arange(ids.size(1), device=ids.device)[None] < batch["txt_lens"].to(ids.device)[:, None]
-            shape = torch.Size((*ids.shape, self.hidden_size))
+            valid = torch.arange(txt_width, device=txt_lens.device)[None] < txt_lens[:, None]
+            shape = torch.Size((size, txt_width, self.hidden_size))
             out["txt"] = initial_delta(shape, valid, cfg.adv_init_mag, cfg.norm_type)
         if image:
-            feat = batch["img_feat"]
-            valid = torch.arange(feat.size(1), device=feat.device)[None] < batch["num_bbs"].to(feat.device)[:, None]
-            out["img"] = initial_delta(feat.shape, valid, cfg.adv_init_mag, cfg.norm_type)
+            valid = torch.arange(img_width, device=num_bbs.device)[None] < num_bbs[:, None]
+            feat = batch["img_feat"] if "img_feat" in batch else batch["packed"]["img_feat"]
+            shape = torch.Size((size, img_width, feat.size(-1)))
+            out["img"] = initial_delta(shape, valid, cfg.adv_init_mag, cfg.norm_type)
         return out
 
     def _ascended(self, deltas: dict[str, torch.Tensor], scale: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,0 +1,190 @@
+"""VILLA's adversarial pretraining (APT): the adversarial step of ``uniter_fast.training.adversarial`` on each
+pretraining objective, on the packed (fast) and padded (reference) encoders; K = 0; the config block; a short run of
+``pretrain.py`` with the block on."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from tests.pretrain_batches import task_batch
+from tests.pretrain_runs import REPO, launcher, run, step_log, write_configs
+from tests.test_adversarial import ModuleEngine, assert_steps_agree, run_step
+from tests.test_pretrain_heads import tiny_model
+from uniter_fast.errors import ConfigError
+from uniter_fast.pretraining.config import parse_training_config
+from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial
+
+OBJECTIVES = ["mlm", "mrfr", "mrc", "mrckl", "itm"]
+SHAPES = ([6, 3, 9], [5, 8, 2])
+
+
+def pretraining_models(task: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    """(fast model, reference model with the same weights, a batch of ``task``), dropout 0, in training mode."""
+    torch.manual_seed(seed)
+    ref = tiny_model(False).train()
+    fast = tiny_model(True).train()
+    fast.load_state_dict(ref.state_dict())
+    return fast, ref, task_batch(task, *SHAPES, ref.config.vocab_size, seed=seed + 11)
+
+
+@pytest.mark.parametrize("task", OBJECTIVES)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AdversarialConfig(adv_modality="text+image", adv_lr_txt=1e-2, adv_lr_img=0.1, adv_max_norm=0.05),
+        AdversarialConfig(adv_modality="alter", norm_type="linf", adv_lr_txt=1e-3, adv_lr_img=1e-2),
+    ],
+    ids=["text+image-l2-projected", "alter-linf"],
+)
+def test_fast_equals_reference_every_objective(task, cfg) -> None:
+    fast, ref, batch = pretraining_models(task)
+    got, want = run_step(fast, batch, cfg, task), run_step(ref, batch, cfg, task)
+    # MRC-kl's loss (and so the perturbations' gradient) is about 1e-3 here: its fp32 rounding, relative to the
+    # largest entry that L-inf divides by, is larger than the other objectives'
+    assert_steps_agree(got, want, delta_atol=1e-4 if task == "mrckl" else 1e-5)
+    out, _, trace = got
+    assert len(trace) == cfg.adv_steps and all(math.isfinite(float(v)) for v in out.values())
+    moved = {key for deltas in trace[-1]["deltas"] for key, delta in deltas.items() if delta.any()}
+    assert moved == {"txt", "img"}  # both perturbations ascended (MRM: at the unmasked regions)
+    if task == "mrfr":  # a regression: no KL
+        assert float(out["adv_kl"]) == 0.0
+    else:
+        assert float(out["adv_kl"]) > 0.0
+
+
+PADDED_KEYS = ("input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_labels")
+
+
+@pytest.mark.parametrize("task", OBJECTIVES)
+def test_packed_only_batch_equals_both_layouts(task) -> None:
+    """Pretraining's fast collate gives the packed layout only: the perturbations live in a [B, max_seqlen] grid
+    there, and the step is the same as on a batch that also has the padded keys."""
+    fast, _, batch = pretraining_models(task)
+    packed_only = {k: v for k, v in batch.items() if k not in PADDED_KEYS + ("img_masks", "img_mask_tgt")}
+    cfg = AdversarialConfig(adv_modality="text+image", adv_lr_txt=1e-2, adv_lr_img=0.1)
+    (out_1, grads_1, trace_1), (out_2, grads_2, trace_2) = (
+        run_step(fast, packed_only, cfg, task),
+        run_step(fast, batch, cfg, task),
+    )
+    for key in out_2:
+        torch.testing.assert_close(out_1[key], out_2[key], rtol=1e-6, atol=1e-7)
+    for step_1, step_2 in zip(trace_1, trace_2):
+        for key, want in step_2["deltas"][0].items():
+            got = step_1["deltas"][0][key]
+            assert not got[:, want.size(1) :].any()
+            torch.testing.assert_close(got[:, : want.size(1)], want, rtol=1e-5, atol=1e-9)
+    for name in grads_2:
+        torch.testing.assert_close(grads_1[name], grads_2[name], rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_kl_compares_the_objective_logits() -> None:
+    """The logits of each objective: masked tokens x vocabulary, masked regions x classes, pairs x 2; MRFR none."""
+    model = tiny_model(True)
+    for task in OBJECTIVES:
+        batch = task_batch(task, *SHAPES, model.config.vocab_size, seed=3)
+        logits = model(batch, task, with_logits=True)["logits"]
+        if task == "mrfr":
+            assert logits is None
+            continue
+        packed = batch["packed"]
+        want = {
+            "mlm": (len(packed.get("mlm_index", [])), model.config.vocab_size),
+            "mrc": (len(packed.get("mrm_index", [])), 1601),
+            "mrckl": (len(packed.get("mrm_index", [])), 1601),
+            "itm": (len(SHAPES[0]), 2),
+        }[task]
+        assert tuple(logits.shape) == want, task
+        plain = model(batch, task)
+        torch.testing.assert_close(model(batch, task, with_logits=True)["loss"], plain["loss"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("task", OBJECTIVES)
+def test_zero_steps_is_a_plain_pretraining_step_exactly(task) -> None:
+    fast, _, batch = pretraining_models(task)
+    out, grads, trace = run_step(fast, batch, AdversarialConfig(adv_steps=0), task)
+    fast.zero_grad()
+    plain = fast(batch, task)
+    plain["loss"].backward()
+    assert trace == [] and torch.equal(out["loss"], plain["loss"])
+    for name, param in fast.named_parameters():
+        if param.grad is not None:
+            assert torch.equal(grads[name], param.grad), name
+
+
+def test_mrfr_step_is_the_sum_of_the_perturbed_task_losses() -> None:
+    """Without a KL, the accumulated gradient is that of (1/K) sum_k MRFR(inputs + delta_k) at the traced deltas."""
+    fast, _, batch = pretraining_models("mrfr")
+    cfg = AdversarialConfig(adv_modality="text+image", adv_lr_txt=1e-2, adv_lr_img=0.1)
+    _, grads, trace = run_step(fast, batch, cfg, "mrfr")
+    fast.zero_grad()
+    engine = ModuleEngine(fast)
+    from uniter_fast.model.perturbation import with_deltas
+
+    for record in trace:
+        deltas = record["deltas"][0]
+        out = engine(with_deltas(batch, deltas["txt"], deltas["img"]), "mrfr")
+        (out["loss"] / cfg.adv_steps).backward()
+    for name, param in fast.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+# ---------------------------------------------------------------------- the config block
+def tiny_raw() -> dict:
+    with open(os.path.join(REPO, "configs", "pretrain-tiny.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def test_config_block_is_optional_and_checked() -> None:
+    assert parse_training_config(tiny_raw(), REPO).adversarial is None
+    assert parse_training_config({**tiny_raw(), "adversarial": None}, REPO).adversarial is None
+    cfg = parse_training_config({**tiny_raw(), "adversarial": {"adv_modality": "text+image"}}, REPO)
+    assert cfg.adversarial == AdversarialConfig(adv_modality="text+image")
+    with pytest.raises(ConfigError, match=r"^cfg.json: adversarial.norm_type must be one of \['l2', 'linf'\]"):
+        parse_training_config({**tiny_raw(), "adversarial": {"norm_type": "l1"}}, REPO, "cfg.json")
+    with pytest.raises(ConfigError, match=r"^cfg.json: unknown key\(s\) \['adv_step'\] in 'adversarial'"):
+        parse_training_config({**tiny_raw(), "adversarial": {"adv_step": 3}}, REPO, "cfg.json")
+    with pytest.raises(ConfigError, match="^cfg.json: capture true and an adversarial block: .*set capture false$"):
+        parse_training_config({**tiny_raw(), "capture": True, "adversarial": {}}, REPO, "cfg.json")
+
+
+def test_villa_pretraining_configs_differ_from_theirs_only_by_the_block() -> None:
+    for size in ("tiny", "indomain-base"):
+        with open(os.path.join(REPO, "configs", f"pretrain-{size}-villa.json"), encoding="utf-8") as f:
+            villa = json.load(f)
+        with open(os.path.join(REPO, "configs", f"pretrain-{size}.json"), encoding="utf-8") as f:
+            plain = json.load(f)
+        block = parse_adversarial(villa.pop("adversarial"), size)
+        assert block == AdversarialConfig(adv_modality="text+image")
+        run_keys = {"output_dir", "num_train_steps", "phases", "valid_steps", "save_steps"}  # the tiny run is short
+        assert {k: v for k, v in villa.items() if k not in run_keys} == {
+            k: v for k, v in plain.items() if k not in run_keys
+        }
+    assert parse_training_config(tiny_raw() | {"adversarial": villa_block()}, REPO).adversarial is not None
+
+
+def villa_block() -> dict:
+    with open(os.path.join(REPO, "configs", "pretrain-tiny-villa.json"), encoding="utf-8") as f:
+        return json.load(f)["adversarial"]
+
+
+# ---------------------------------------------------------------------- a run of pretrain.py
+def test_pretrain_runs_with_the_block(tmp_path) -> None:
+    steps = 6
+
+    def edit(cfg: dict) -> None:
+        cfg["adversarial"] = villa_block()
+
+    cfg, ds = write_configs(str(tmp_path), steps=steps, edit=edit)
+    proc = run(launcher("python"), cfg, ds)
+    records = step_log(cfg)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for record in records:
+        assert {"loss", "adv_task_loss", "adv_kl"} <= set(record), record
+        assert all(math.isfinite(record[k]) for k in ("loss", "adv_task_loss", "adv_kl")), record
+    assert "final metrics after 6 steps" in proc.stdout
