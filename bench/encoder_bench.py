@@ -101,7 +101,7 @@ def bench_config(
         "packed": lambda: model.forward_packed(packed),
     }
     if fused_layer:
-        paths["packed+fused"] = forced_layer(model, packed, "triton")
+        paths["packed+fused"] = forced(model, packed, "encoder_layer", "triton")
     rows = []
     for mode in modes:
         model.train(mode == "train")  # training: dropout on, as in pretraining
@@ -113,12 +113,12 @@ def bench_config(
             ),
         }
         attention["packed+fused"] = attention["packed"]
-        forced = {
-            f"packed:{b}": forced_backend(model, packed, b)
+        by_backend = {
+            f"packed:{b}": forced(model, packed, "packed_attention", b)
             for b in packed_backends
             if dropout == 0 or b not in NO_DROPOUT
         }
-        steps = {path: step_fn(forward, mode == "train") for path, forward in {**paths, **forced}.items()}
+        steps = {path: step_fn(forward, mode == "train") for path, forward in {**paths, **by_backend}.items()}
         times = interleaved_medians(steps, device, warmup, repeats)
         for path, seconds in times.items():
             flops = useful * (3.0 if mode == "train" else 1.0)
@@ -147,30 +147,19 @@ def bench_config(
 NO_DROPOUT = ("torch_varlen",)
 
 
-def forced_backend(model: Model, packed: dict[str, Any], backend: str) -> Callable[[], torch.Tensor]:
-    """The packed forward with the attention ``backend`` forced for this call (the model's own choice restored)."""
+def forced(model: Model, packed: dict[str, Any], component: str, backend: str) -> Callable[[], torch.Tensor]:
+    """The packed forward with the model's ``component`` backend ("packed_attention" or "encoder_layer") forced to
+    ``backend`` for this call (the model's own choice restored)."""
+    field = f"{component}_backend"
+    setter = getattr(model, f"set_{field}")
 
     def forward() -> torch.Tensor:
-        chosen = model.config.packed_attention_backend
-        model.set_packed_attention_backend(backend)
+        chosen = getattr(model.config, field)
+        setter(backend)
         try:
             return model.forward_packed(packed)
         finally:
-            model.set_packed_attention_backend(chosen)
-
-    return forward
-
-
-def forced_layer(model: Model, packed: dict[str, Any], backend: str) -> Callable[[], torch.Tensor]:
-    """The packed forward with the encoder-layer ``backend`` for this call (the model's own choice restored)."""
-
-    def forward() -> torch.Tensor:
-        chosen = model.config.encoder_layer_backend
-        model.set_encoder_layer_backend(backend)
-        try:
-            return model.forward_packed(packed)
-        finally:
-            model.set_encoder_layer_backend(chosen)
+            setter(chosen)
 
     return forward
 
