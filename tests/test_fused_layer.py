@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from losses_helpers import poison_empty
 from model_batches import padded_batch
 
 from uniter_fast import Model, UniterConfig
@@ -44,9 +45,10 @@ def check_close(got: list[torch.Tensor], want: list[torch.Tensor], tolerance: fl
 # ----------------------------------------------------------------------------------------------------- bias + GELU
 @DTYPES
 @pytest.mark.parametrize("rows,cols", [(37, 768), (13, 3072), (5, 4096), (29, 100)])
-def test_bias_gelu_matches_reference(dtype: torch.dtype, rows: int, cols: int) -> None:
+def test_bias_gelu_matches_reference(dtype: torch.dtype, rows: int, cols: int, monkeypatch) -> None:
     x, bias = leaf(rows, cols, dtype=dtype), leaf(cols, dtype=dtype)
     upstream = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    poison_empty(monkeypatch)  # every output buffer the kernels get starts as NaN: an unwritten element fails
     got = values_and_grads(fl.bias_gelu(x, bias), [x, bias], upstream)
     want = values_and_grads(fl.bias_gelu_reference(x, bias), [x, bias], upstream)
     check_close(got, want, TOLERANCE[dtype])
@@ -77,11 +79,14 @@ def ln_case(rows: int, cols: int, dtype: torch.dtype, residual_dtype: torch.dtyp
 @DTYPES
 @pytest.mark.parametrize("p", [0.0, 0.1], ids=["p0", "p0.1"])
 @pytest.mark.parametrize("rows,cols", [(37, 768), (11, 1024), (23, 96), (1, 768)])
-def test_bias_dropout_add_layer_norm_matches_reference(dtype: torch.dtype, p: float, rows: int, cols: int) -> None:
+def test_bias_dropout_add_layer_norm_matches_reference(
+    dtype: torch.dtype, p: float, rows: int, cols: int, monkeypatch
+) -> None:
     leaves = ln_case(rows, cols, dtype)
     seed = fl.draw_seed(DEVICE)
     keep = fl.dropout_keep(seed, torch.Size((rows, cols)), p) if p > 0 else None
     upstream = torch.randn(rows, cols, device=DEVICE).to(dtype)
+    poison_empty(monkeypatch)  # every output buffer the kernels get starts as NaN: an unwritten element fails
     got = values_and_grads(fl.bias_dropout_add_layer_norm(*leaves, 1e-12, p, seed), leaves, upstream)
     want = values_and_grads(fl.bias_dropout_add_layer_norm_reference(*leaves, 1e-12, keep, p), leaves, upstream)
     check_close(got, want, TOLERANCE[dtype])
