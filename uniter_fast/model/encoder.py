@@ -32,12 +32,10 @@ def _fused(requested: str, hidden_states: torch.Tensor) -> bool:
 
 
 def set_encoder_layer_backend(model: nn.Module, backend: str) -> None:
-    """Switch every encoder layer of ``model`` to ``backend`` (``"auto"``, ``"reference"``, ``"triton"``), and
-    ``config.encoder_layer_backend`` of its modules where present (one config object is shared)."""
+    """Switch every encoder layer of ``model`` to ``backend`` (``"auto"``, ``"reference"``, ``"triton"``): the
+    ``config.encoder_layer_backend`` of each of its modules that holds a config (the encoders read theirs per call)."""
     backends.check_name("encoder_layer", backend, "encoder_layer_backend")
     for module in model.modules():
-        if isinstance(module, UniterEncoder):
-            module.layer_backend = backend
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "encoder_layer_backend"):
             config.encoder_layer_backend = backend
@@ -166,20 +164,20 @@ class BertLayer(nn.Module):
 
 
 class UniterEncoder(nn.Module):
-    """A stack of ``num_hidden_layers`` BertLayers under ``encoder.layer.{k}``; ``layer_backend`` (the config's
-    ``encoder_layer_backend``) is resolved once per call."""
+    """A stack of ``num_hidden_layers`` BertLayers under ``encoder.layer.{k}``; ``config.encoder_layer_backend`` is
+    resolved once per call."""
 
     def __init__(self, config: UniterConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList([BertLayer(config) for _ in range(config.num_hidden_layers)])
-        self.layer_backend = config.encoder_layer_backend
+        self.config = config
 
     def forward(
         self, hidden_states: torch.Tensor, additive_mask: torch.Tensor, output_all_encoded_layers: bool = True
     ) -> list[torch.Tensor]:
         """hidden_states [B, L, H] -> every layer's output (or only the last one in a 1-element list)."""
         all_layers = []
-        fused = _fused(self.layer_backend, hidden_states)
+        fused = _fused(self.config.encoder_layer_backend, hidden_states)
         for layer in self.layer:
             hidden_states = layer(hidden_states, additive_mask, fused)
             if output_all_encoded_layers:
@@ -193,7 +191,7 @@ class UniterEncoder(nn.Module):
     ) -> list[torch.Tensor]:
         """Packed hidden_states [T, H] -> every layer's output [T, H] (or only the last one in a 1-element list)."""
         all_layers = []
-        fused = _fused(self.layer_backend, hidden_states)
+        fused = _fused(self.config.encoder_layer_backend, hidden_states)
         for layer in self.layer:
             hidden_states = layer.forward_packed(hidden_states, batch, fused)
             if output_all_encoded_layers:

@@ -47,6 +47,11 @@ EVAL_MODES = ("exact", "fast")
 FIRST_STAGE_LOSSES = ("contrastive", "distill", "contrastive+distill")
 
 
+def first_stage_terms(first_stage_loss: str) -> frozenset[str]:
+    """The loss terms a ``first_stage_loss`` name combines: ``"contrastive+distill"`` -> {"contrastive", "distill"}."""
+    return frozenset(first_stage_loss.split("+"))
+
+
 def triplet_loss(scores: torch.Tensor, sample_size: int, margin: float) -> torch.Tensor:
     """[G, sample_size - 1] hinge terms max(0, margin + sigmoid(s_neg) - sigmoid(s_pos)) of ``scores`` [G *
     sample_size] (each group: the positive first, then its negatives), fp32."""
@@ -193,9 +198,9 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             txt = self.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
             img = self.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
             parts = []
-            if "contrastive" in self.first_stage_loss:
+            if "contrastive" in first_stage_terms(self.first_stage_loss):
                 parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature))
-            if "distill" in self.first_stage_loss:
+            if "distill" in first_stage_terms(self.first_stage_loss):
                 teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
                 parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
             first = sum(parts[1:], parts[0])
@@ -498,7 +503,8 @@ class ItmTask(Task):
         return derived
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
-        txt_db, distill = dbs.txt(TxtTokLmdb, txt_path, True), "distill" in options["first_stage_loss"]
+        txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
+        distill = "distill" in first_stage_terms(options["first_stage_loss"])
         return ItmRankDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)
 
     def eval_dataset(
@@ -579,5 +585,5 @@ class ItmHardNegTask(ItmTask):
 
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
-        distill = "distill" in options["first_stage_loss"]
+        distill = "distill" in first_stage_terms(options["first_stage_loss"])
         return ItmHardNegDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)
