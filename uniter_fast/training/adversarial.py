@@ -14,6 +14,13 @@ The KL back-propagates through the clean logits too, as in the released code. Ra
 detached copy of ``z``, sums the gradients that reach it over the K steps, and back-propagates that sum through the
 clean graph once at the end: the same gradients (backward is linear), one backward fewer per step, and only the clean
 graph and the current perturbed graph alive at a time.
+
+``reuse_clean_forward`` (opt-in; needs ``adv_init_mag`` 0): the first perturbation is zero, so step 1's perturbed
+forward is the clean forward (same dropout masks: the clean ones). The clean forward then carries the zero
+perturbations as leaves; step 1's ascent direction comes from an input-only backward of ``task(z) / K`` through the
+clean graph (``torch.autograd.backward(..., inputs=deltas)``: no weight gradient is computed), its KL is 0, and its
+parameter gradients are folded into the final backward through the clean graph. K forwards, K full backwards and one
+input-only backward instead of K + 1 forwards and K + 1 backwards.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class AdversarialConfig:
     adv_init_mag: float = 0.0
     norm_type: str = "l2"
     adv_modality: str = "text"
+    reuse_clean_forward: bool = False
 
     @property
     def branches(self) -> list[tuple[bool, bool]]:
@@ -75,8 +83,16 @@ def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
         elif name == "adv_modality":
             if value not in MODALITIES:
                 raise ConfigError(f"{key} must be one of {list(MODALITIES)}, got {value!r}")
+        elif name == "reuse_clean_forward":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+    if cfg.reuse_clean_forward and cfg.adv_init_mag != 0:
+        raise ConfigError(
+            f"{where}: adversarial.adv_init_mag must be 0 with reuse_clean_forward true (step 1 reuses the clean "
+            f"forward at a zero perturbation), got {cfg.adv_init_mag!r}"
+        )
     return cfg
 
 
@@ -152,6 +168,15 @@ class LossScale:
         self.value = grad.detach().float()
 
 
+def input_scale(engine: Any) -> float:
+    """The loss scale for a backward that does not go through ``engine.backward`` (the input-only backward of
+    ``reuse_clean_forward``): the DeepSpeed optimizer's current ``loss_scale`` (fp16), else 1. Its value cancels in
+    the ascent (g / scale); it only keeps fp16 gradients in range as the engine's own backward does."""
+    value = getattr(getattr(engine, "optimizer", None), "loss_scale", None)
+    scale = 1.0 if value is None else float(value)  # a number or a 0-dim tensor, as the scaler keeps it
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
 def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
     """``engine.backward(loss)`` (gradients summed) for one of several backward passes of a micro-batch: on a DeepSpeed
     engine only the ``last`` may be a gradient-accumulation boundary (where ZeRO reduces the summed gradients into its
@@ -179,15 +204,31 @@ class AdversarialStep:
         cfg = self.cfg
         if cfg.adv_steps == 0:
             return plain_step(engine, batch, task)
-        clean_logits = engine(batch, task, with_logits=True)["logits"]  # None: no softmax to compare (MRFR)
-        clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
-        clean_grad = None if clean is None else torch.zeros_like(clean)
         slots = delta_slots(batch) if "packed" in batch else None
         branches = [self._initial(batch, text, image) for text, image in cfg.branches]
         count = cfg.adv_steps * len(branches)
+        if cfg.reuse_clean_forward:  # the zero perturbations of step 1 ride on the clean forward, as leaves
+            shared = {key: delta.requires_grad_() for deltas in branches for key, delta in deltas.items()}
+            clean_out = engine(with_deltas(batch, shared.get("txt"), shared.get("img"), slots), task, with_logits=True)
+        else:
+            clean_out = engine(batch, task, with_logits=True)
+        clean_logits = clean_out["logits"]  # None: no softmax to compare (MRFR)
+        clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
+        clean_grad = None if clean is None else torch.zeros_like(clean)
         total = torch.zeros((), device=batch["txt_lens"].device)
         task_sum, kl_sum = torch.zeros_like(total), torch.zeros_like(total)
-        for astep in range(cfg.adv_steps):
+        first = 0
+        if cfg.reuse_clean_forward:  # step 1: L_1 = task(z) / K (its KL is 0), every branch's forward the clean one
+            clean_task = clean_out["loss"].float()
+            loss = clean_task.detach() * len(branches) / count
+            total, task_sum = total + loss, task_sum + clean_task.detach() * len(branches)
+            self._record(loss, branches)
+            if cfg.adv_steps > 1:  # the ascent direction of each delta: its branch's task(z) / count, input-only
+                scale = input_scale(engine)
+                torch.autograd.backward(clean_task * (scale / count), inputs=list(shared.values()), retain_graph=True)
+                branches = [self._ascended(deltas, scale) for deltas in branches]
+            first = 1
+        for astep in range(first, cfg.adv_steps):
             loss = torch.zeros_like(total)
             for deltas in branches:
                 for delta in deltas.values():
@@ -198,20 +239,31 @@ class AdversarialStep:
                 task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
             loss = loss / count
             scale = LossScale(loss)
-            backward(engine, loss, last=clean is None and astep + 1 == cfg.adv_steps)
+            last = clean is None and not cfg.reuse_clean_forward and astep + 1 == cfg.adv_steps
+            backward(engine, loss, last=last)
             total = total + loss.detach()
             if clean is not None:
                 clean_grad += clean.grad / scale.value
                 clean.grad = None
-            if self.trace is not None:
-                self.trace.append(
-                    {"loss": loss.detach(), "deltas": [{k: d.detach() for k, d in b.items()} for b in branches]}
-                )
+            self._record(loss, branches)
             if astep + 1 < cfg.adv_steps:
                 branches = [self._ascended(deltas, scale.value) for deltas in branches]
-        if clean is not None:  # the KL's gradient through the clean logits, summed over the K steps, once
-            backward(engine, (clean_logits.float() * clean_grad).sum(), last=True)
+        # through the clean graph once: the KL's gradient at the clean logits summed over the K steps, and with
+        # reuse_clean_forward step 1's task loss (its parameter gradients)
+        final = None if clean is None else (clean_logits.float() * clean_grad).sum()
+        if cfg.reuse_clean_forward:
+            step_1 = clean_out["loss"].float() * (len(branches) / count)
+            final = step_1 if final is None else final + step_1
+        if final is not None:
+            backward(engine, final, last=True)
         return {"loss": total, "adv_task_loss": task_sum / count, "adv_kl": kl_sum / count}
+
+    def _record(self, loss: torch.Tensor, branches: list[dict[str, torch.Tensor]]) -> None:
+        """Append a step's loss and perturbations to ``trace`` when it is on (tests)."""
+        if self.trace is not None:
+            self.trace.append(
+                {"loss": loss.detach(), "deltas": [{k: d.detach() for k, d in b.items()} for b in branches]}
+            )
 
     def _initial(self, batch: dict, text: bool, image: bool) -> dict[str, torch.Tensor]:
         cfg, out = self.cfg, {}
