@@ -25,9 +25,10 @@ input-only backward instead of K + 1 forwards and K + 1 backwards.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -177,6 +178,25 @@ def input_scale(engine: Any) -> float:
     return scale if math.isfinite(scale) and scale > 0 else 1.0
 
 
+@contextlib.contextmanager
+def engine_hooks_suspended(outputs: dict) -> Iterator[None]:
+    """Runs the body without the hooks a DeepSpeed engine put on the forward's ``outputs`` (the tensors of the dict),
+    then registers them again. The engine's backward prologue (ZeRO's gradient bookkeeping, and a refusal under
+    ZeRO-0) runs from those hooks once per forward, on the first backward through it: an input-only backward is no
+    engine backward and must not take it from the ``engine.backward`` that follows. No-op for other engines."""
+    managers = {}
+    for tensor in outputs.values():
+        for manager in getattr(tensor, "_backward_hook_managers", ()):  # DeepSpeed's OutputBackwardHookManager
+            managers[id(manager)] = manager
+    for manager in managers.values():
+        manager.remove_hooks()
+    try:
+        yield
+    finally:
+        for manager in managers.values():
+            manager.register_hooks_on_outputs(outputs)
+
+
 def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
     """``engine.backward(loss)`` (gradients summed) for one of several backward passes of a micro-batch: on a DeepSpeed
     engine only the ``last`` may be a gradient-accumulation boundary (where ZeRO reduces the summed gradients into its
@@ -225,7 +245,9 @@ class AdversarialStep:
             self._record(loss, branches)
             if cfg.adv_steps > 1:  # the ascent direction of each delta: its branch's task(z) / count, input-only
                 scale = input_scale(engine)
-                torch.autograd.backward(clean_task * (scale / count), inputs=list(shared.values()), retain_graph=True)
+                with engine_hooks_suspended(clean_out):
+                    deltas = list(shared.values())
+                    torch.autograd.backward(clean_task * (scale / count), inputs=deltas, retain_graph=True)
                 branches = [self._ascended(deltas, scale) for deltas in branches]
             first = 1
         for astep in range(first, cfg.adv_steps):
