@@ -214,7 +214,9 @@ class AdversarialStep:
     forwards), detached 0-dim tensors. ``engine`` is a DeepSpeed engine or anything with its ``__call__(batch, task,
     with_logits=...)`` and ``backward(loss, scale_wrt_gas=False)``; the task model's forward must take
     ``with_logits`` and return ``logits`` (None where the task has no softmax to compare: its perturbed forwards then
-    take the task loss only). ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step."""
+    take the task loss only). ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step.
+    With ``reuse_clean_forward`` the input-only backward is scaled by the engine's ``optimizer.loss_scale`` where it
+    has one (:func:`input_scale`)."""
 
     def __init__(self, cfg: AdversarialConfig, hidden_size: int) -> None:
         self.cfg, self.hidden_size = cfg, hidden_size
@@ -238,17 +240,13 @@ class AdversarialStep:
         total = torch.zeros((), device=batch["txt_lens"].device)
         task_sum, kl_sum = torch.zeros_like(total), torch.zeros_like(total)
         first = 0
-        if cfg.reuse_clean_forward:  # step 1: L_1 = task(z) / K (its KL is 0), every branch's forward the clean one
-            clean_task = clean_out["loss"].float()
-            loss = clean_task.detach() * len(branches) / count
-            total, task_sum = total + loss, task_sum + clean_task.detach() * len(branches)
+        if cfg.reuse_clean_forward:  # step 1 is the clean forward: L_1 = task(z) / K, its KL 0
+            clean_task = clean_out["loss"].detach().float()
+            loss = clean_task * len(branches) / count
+            total, task_sum = total + loss, task_sum + clean_task * len(branches)
             self._record(loss, branches)
-            if cfg.adv_steps > 1:  # the ascent direction of each delta: its branch's task(z) / count, input-only
-                scale = input_scale(engine)
-                with engine_hooks_suspended(clean_out):
-                    deltas = list(shared.values())
-                    torch.autograd.backward(clean_task * (scale / count), inputs=deltas, retain_graph=True)
-                branches = [self._ascended(deltas, scale) for deltas in branches]
+            if cfg.adv_steps > 1:
+                branches = self._shared_ascent(engine, clean_out, branches, count)
             first = 1
         for astep in range(first, cfg.adv_steps):
             loss = torch.zeros_like(total)
@@ -279,6 +277,18 @@ class AdversarialStep:
         if final is not None:
             backward(engine, final, last=True)
         return {"loss": total, "adv_task_loss": task_sum / count, "adv_kl": kl_sum / count}
+
+    def _shared_ascent(
+        self, engine: Any, clean_out: dict, branches: list[dict[str, torch.Tensor]], count: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """Step 1's ascent with ``reuse_clean_forward``: the gradient of each zero perturbation (a leaf of the clean
+        forward ``clean_out``) of its branch's ``task(z) / count``, from an input-only backward through the clean
+        graph (no parameter gradient; the graph is kept for the final backward); the ascended perturbations."""
+        scale = input_scale(engine)
+        leaves = [delta for deltas in branches for delta in deltas.values()]
+        with engine_hooks_suspended(clean_out):
+            torch.autograd.backward(clean_out["loss"].float() * (scale / count), inputs=leaves, retain_graph=True)
+        return [self._ascended(deltas, scale) for deltas in branches]
 
     def _record(self, loss: torch.Tensor, branches: list[dict[str, torch.Tensor]]) -> None:
         """Append a step's loss and perturbations to ``trace`` when it is on (tests)."""
