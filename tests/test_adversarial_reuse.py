@@ -154,3 +154,17 @@ def test_pretraining_refuses_the_option(tmp_path) -> None:
     assert parse_training_config({**raw, "adversarial": {}}, str(tmp_path)).adversarial is not None
     with pytest.raises(ConfigError, match="adversarial.reuse_clean_forward must be false in pretraining"):
         parse_training_config({**raw, "adversarial": {"reuse_clean_forward": True}}, str(tmp_path))
+
+
+def test_reuse_through_the_fused_encoder_layer() -> None:
+    """The fast path with the fused encoder layer (``encoder_layer_backend="triton"``, interpreted on CPU), whose
+    Functions skip the weight gradients in the input-only backward: the option's step equals the eager layer's
+    default step."""
+    pytest.importorskip("triton")
+    from uniter_fast.model.encoder import set_encoder_layer_backend
+
+    model, batch = task_model("vqa", True, 7)
+    cfg = AdversarialConfig(adv_modality="text+image", adv_lr_txt=0.05, adv_lr_img=0.5)
+    want = run_step(model, batch, cfg, "vqa")
+    set_encoder_layer_backend(model, "triton")
+    assert_steps_agree(run_step(model, batch, dataclasses.replace(cfg, reuse_clean_forward=True), "vqa"), want)
