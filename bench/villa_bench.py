@@ -3,14 +3,17 @@
 
 Each step is one optimizer step on one batch of ``Task.example`` rows (UNITER-shaped: text 10-60 tokens, 10-100
 regions): ``plain`` = zero_grad, forward, backward, optimizer step; ``aft`` = zero_grad, the AFT micro-step with the
-released settings (K = 3, L2, zero init, ``text+image`` so both perturbations ascend), optimizer step. On ``fast`` and
-``reference`` the AFT micro-step is ``uniter_fast.training.adversarial.AdversarialStep`` (the clean-logit gradients
-summed over the K steps, one backward through the clean graph); on ``original`` it is the released loop's habits
+released settings (K = 3, L2, zero init, ``text+image`` so both perturbations ascend), optimizer step; ``aft_reuse``
+(``fast`` and ``reference`` only) = the same with ``reuse_clean_forward`` (step 1 shares the clean forward: K
+forwards, K backwards and one input-only backward). On ``fast`` and ``reference`` the AFT micro-step is
+``uniter_fast.training.adversarial.AdversarialStep`` (the clean-logit gradients summed over the K steps, one backward
+through the clean graph); on ``original`` it is the released loop's habits
 (:func:`original_path.original_adversarial_step`: ``retain_graph=True`` on every backward, so the clean graph is
 back-propagated K times). Columns: ms per step (median after warm-up), ``aft_vs_plain`` (the AFT step's time over
 the plain step's on the same path; goal <= 3.5 on ``fast``), ``vs_original`` / ``vs_reference`` (AFT speedups
-measured in the same rounds), ``graph_peak_mib`` (the peak of the tensors autograd graphs hold during the step, on
-any device: :func:`graph_peak_bytes`) and, on CUDA, the AFT step's allocator peak ``peak_mib``.
+measured in the same rounds, against the original's AFT and the reference path's step of the same kind),
+``graph_peak_mib`` (the peak of the tensors autograd graphs hold during the step, on any device:
+:func:`graph_peak_bytes`) and, on CUDA, the AFT steps' allocator peak ``peak_mib``.
 
     python bench/villa_bench.py                        # CPU: VQA, tiny, 8 examples, 1 warm-up + 9 rounds (< 1 min)
     python bench/villa_bench.py --config base          # CPU: UNITER-base, 2 examples, 3 rounds (about 4 min)
@@ -21,6 +24,7 @@ any device: :func:`graph_peak_bytes`) and, on CUDA, the AFT step's allocator pea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import weakref
@@ -51,6 +55,8 @@ from uniter_fast.training.optim import param_groups
 
 BENCHED = [name for name, task in TASKS.items() if task.has_example and task.adversarial]
 SETTINGS = AdversarialConfig(adv_modality="text+image")  # the released K, norm, init; both deltas ascend
+REUSE = dataclasses.replace(SETTINGS, reuse_clean_forward=True)
+AFT_KINDS = ("aft", "aft_reuse")
 
 
 class ModelEngine:
@@ -105,11 +111,12 @@ def graph_peak_bytes(fn: Callable[[], Any], model: torch.nn.Module) -> int:
 
 
 def make_steps(model: torch.nn.Module, batch: dict, task: str, path: str, device: torch.device) -> dict[str, Any]:
-    """{"plain": step, "aft": step} of ``path`` (fp32 on CPU; bf16 autocast on CUDA, also for ``original`` here,
-    since the released AFT code's fp16 loss scaling is not what is compared)."""
+    """{"plain": step, "aft": step, "aft_reuse": step (not on ``original``)} of ``path`` (fp32 on CPU; bf16 autocast
+    on CUDA, also for ``original`` here, since the released AFT code's fp16 loss scaling is not what is compared)."""
     optimizer = make_optimizer("reference" if path == "original" else path, param_groups(model, 0.01), device)
     engine = ModelEngine(model, autocast_for("reference", device))
     aft = AdversarialStep(SETTINGS, model.config.hidden_size)
+    reuse = AdversarialStep(REUSE, model.config.hidden_size)
 
     def plain() -> None:
         use_path(model, path)
@@ -126,7 +133,14 @@ def make_steps(model: torch.nn.Module, batch: dict, task: str, path: str, device
             aft(engine, batch, task)
         optimizer.step()
 
-    return {"plain": plain, "aft": adversarial}
+    def adversarial_reuse() -> None:
+        use_path(model, path)
+        optimizer.zero_grad()
+        reuse(engine, batch, task)
+        optimizer.step()
+
+    steps = {"plain": plain, "aft": adversarial}
+    return steps if path == "original" else {**steps, "aft_reuse": adversarial_reuse}
 
 
 def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, warmup: int, repeats: int, seed: int):
@@ -153,21 +167,22 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
                 seconds = time_fn(step, device, warmup=0, repeats=1)
                 if round_ >= warmup:
                     samples.setdefault(key, []).append(seconds)
-        for p in PATHS:
-            memory[(name, p)] = peak_memory(steps[(name, p, "aft")], device)
-            for kind in ("plain", "aft"):
-                graphs[(name, p, kind)] = graph_peak_bytes(steps[(name, p, kind)], model)
+        for (_, p, kind), step in steps.items():
+            if kind != "plain":
+                memory[(name, p, kind)] = peak_memory(step, device)
+            graphs[(name, p, kind)] = graph_peak_bytes(step, model)
         del model, steps
     median = {key: statistics.median(values) for key, values in samples.items()}
     rows = []
     for (name, path, kind), seconds in median.items():
         row = {"task": name, "path": path, "step": kind, "valid_tokens": sizes[name], "ms": seconds * 1e3}
         row["graph_peak_mib"] = graphs[(name, path, kind)] / 2**20
-        if kind == "aft":
+        if kind in AFT_KINDS:
             row["aft_vs_plain"] = seconds / median[(name, path, "plain")]
             row["vs_original"] = median[(name, "original", "aft")] / seconds
-            row["vs_reference"] = median[(name, "reference", "aft")] / seconds
-            row["peak_mib"] = None if memory[(name, path)] is None else memory[(name, path)] / 2**20
+            row["vs_reference"] = median[(name, "reference", kind)] / seconds
+            peak = memory[(name, path, kind)]
+            row["peak_mib"] = None if peak is None else peak / 2**20
         rows.append(row)
     return rows
 
@@ -204,11 +219,19 @@ def main() -> None:
         config=args.config,
         precision=precision,
         adversarial=vars(SETTINGS),
+        adversarial_reuse=vars(REUSE),
     )
     out = output_dir(args)
     print(write_json("villa_bench", device, rows, meta, out))
-    series = {p: [r["ms"] for r in rows if r["path"] == p and r["step"] == "aft"] for p in PATHS}
-    title = f"UNITER-{args.config} AFT step (K=3): original vs reference vs fast"
+    series = {
+        p + (" (shared clean pass)" if kind == "aft_reuse" else ""): [
+            r["ms"] for r in rows if r["path"] == p and r["step"] == kind
+        ]
+        for p in PATHS
+        for kind in AFT_KINDS
+        if p != "original" or kind == "aft"
+    }
+    title = f"UNITER-{args.config} AFT step (K=3): original vs reference vs fast, with and without the shared pass"
     print(plot_grouped_bars("villa_bench", device, list(args.tasks), series, "ms per AFT step", title, False, out))
 
 

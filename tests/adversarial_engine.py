@@ -1,6 +1,7 @@
 """The AFT step through real DeepSpeed engines (one process, CPU, fp32), against the same step over the bare model
-and torch's AdamW: ``python tests/adversarial_engine.py OUT`` writes ``OUT/engine.json``, for VQA and pretraining's
-MRFR (no logits: its last perturbed backward is the step's last), ZeRO stages 0 and 2 and 1 or 2 micro-batches per
+and torch's AdamW: ``python tests/adversarial_engine.py OUT`` writes ``OUT/engine.json``, for VQA (the default step and
+``reuse_clean_forward``: an input-only backward that is no engine backward) and pretraining's MRFR (no logits: its
+last perturbed backward is the step's last), ZeRO stages 0 and 2 and 1 or 2 micro-batches per
 optimizer step, the largest difference of the gradients the engine holds before its
 optimizer update (``deepspeed.utils.safe_get_full_grad``, any ZeRO stage) from the bare model's summed gradients, and
 the largest gradient."""
@@ -8,6 +9,7 @@ the largest gradient."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -48,7 +50,7 @@ def main(out: str) -> None:
     task, config = get_task("vqa"), tiny_config()
     cfg = AdversarialConfig(adv_modality="text+image", adv_lr_txt=0.05, adv_lr_img=0.5)
     results = []
-    for name in ("vqa", "mrfr"):
+    for name, reuse in (("vqa", False), ("vqa", True), ("mrfr", False)):
         for stage in (0, 2):
             for accum in (1, 2):
                 torch.manual_seed(stage)
@@ -72,7 +74,7 @@ def main(out: str) -> None:
                 engine, _, _, _ = deepspeed.initialize(
                     model=model, model_parameters=model.parameters(), config=ds_config
                 )
-                step = AdversarialStep(cfg, model.config.hidden_size)
+                step = AdversarialStep(dataclasses.replace(cfg, reuse_clean_forward=reuse), model.config.hidden_size)
                 for index, batch in enumerate(examples):
                     step(engine, batch, name)
                     if index + 1 < accum:
@@ -84,7 +86,9 @@ def main(out: str) -> None:
                 want = {n: zero if p.grad is None else p.grad for n, p in reference.named_parameters()}
                 diff = max(float((zero if got[n] is None else got[n] - g).abs().max()) for n, g in want.items())
                 size = max(float(g.abs().max()) for g in want.values())
-                results.append({"task": name, "stage": stage, "accum": accum, "max_diff": diff, "max_grad": size})
+                results.append(
+                    {"task": name, "reuse": reuse, "stage": stage, "accum": accum, "max_diff": diff, "max_grad": size}
+                )
     with open(os.path.join(out, "engine.json"), "w", encoding="utf-8") as f:
         json.dump(results, f)
 

@@ -332,7 +332,8 @@ def test_resume_with_the_block_is_exact(tmp_path, monkeypatch) -> None:
 
 # ---------------------------------------------------------------------- through DeepSpeed engines
 def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
-    """ZeRO-0 and ZeRO-2, one or two micro-batches, VQA and pretraining's MRFR: the gradients an engine holds before
+    """ZeRO-0 and ZeRO-2, one or two micro-batches, VQA (also with ``reuse_clean_forward``) and pretraining's MRFR:
+    the gradients an engine holds before
     its update are the bare model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last
     backward may be one)."""
     run(
@@ -342,8 +343,9 @@ def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
     )
     with open(tmp_path / "engine.json", encoding="utf-8") as f:
         results = json.load(f)
-    cases = [(task, stage, accum) for task in ("vqa", "mrfr") for stage in (0, 2) for accum in (1, 2)]
-    assert [(r["task"], r["stage"], r["accum"]) for r in results] == cases
+    steps = (("vqa", False), ("vqa", True), ("mrfr", False))  # VQA with and without reuse_clean_forward
+    cases = [(task, reuse, stage, accum) for task, reuse in steps for stage in (0, 2) for accum in (1, 2)]
+    assert [(r["task"], r["reuse"], r["stage"], r["accum"]) for r in results] == cases
     for result in results:
         least = 1 if result["task"] == "vqa" else 1e-3  # MRFR's regression loss has smaller gradients
         assert result["max_grad"] > least and result["max_diff"] <= 1e-6 * result["max_grad"], result

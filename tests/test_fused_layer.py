@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 from losses_helpers import poison_empty
 from model_batches import padded_batch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from uniter_fast import Model, UniterConfig
 from uniter_fast.layout import pack_batch
@@ -90,6 +92,43 @@ def test_bias_dropout_add_layer_norm_matches_reference(
     got = values_and_grads(fl.bias_dropout_add_layer_norm(*leaves, 1e-12, p, seed), leaves, upstream)
     want = values_and_grads(fl.bias_dropout_add_layer_norm_reference(*leaves, 1e-12, keep, p), leaves, upstream)
     check_close(got, want, TOLERANCE[dtype])
+
+
+class CountSums(TorchDispatchMode):
+    """Counts the ``aten.sum`` calls (the fused Functions' bias / LayerNorm weight gradients are row sums)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sums = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.sums += func.overloadpacket is torch.ops.aten.sum
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["bias_gelu", "layer_norm"])
+def test_input_only_backward_skips_the_weight_gradients(kind: str) -> None:
+    """A backward that names its inputs (``autograd.backward(..., inputs=[x])``, adversarial training's input-only
+    backward) computes the same x gradient as the full backward and none of the bias / LayerNorm weight gradients."""
+    if kind == "bias_gelu":
+        leaves = [leaf(13, 96), leaf(96)]
+        fn = fl.bias_gelu
+    else:
+        leaves = ln_case(13, 96, torch.float32)
+        fn = functools.partial(fl.bias_dropout_add_layer_norm, eps=1e-12)
+    x = leaves[0]
+    upstream = torch.randn(13, 96, device=DEVICE)
+    full, only_x = CountSums(), CountSums()
+    with full:
+        torch.autograd.backward(fn(*leaves), upstream)
+    want = x.grad.clone()
+    for t in leaves:
+        t.grad = None
+    with only_x:
+        torch.autograd.backward(fn(*leaves), upstream, inputs=[x])
+    assert full.sums == (1 if kind == "bias_gelu" else 3) and only_x.sums == 0
+    assert all(t.grad is None for t in leaves[1:])
+    torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
 
 
 def test_layer_norm_autocast_dtypes() -> None:

@@ -14,6 +14,7 @@ and the references given that mask compute the same values. Kernels in :mod:`uni
 from __future__ import annotations
 
 import functools
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,21 @@ def bias_dropout_add_layer_norm_reference(
 
 
 # ------------------------------------------------------------------------------------------------------ kernels
+def grads_needed(ctx: Any) -> tuple[bool, ...]:
+    """Per leading tensor argument of a custom Function (in the backward): whether this backward pass uses its
+    gradient. ``ctx.needs_input_grad`` is fixed at the forward; a backward that names its inputs
+    (``torch.autograd.backward(..., inputs=...)``, the input-only backward of adversarial training's shared clean
+    pass) runs only the nodes that lead to them, so a weight's gradient is skipped there. ``autograd.grad`` cannot be
+    asked about leaves: they count as needed."""
+    needed = []
+    for need, (node, _) in zip(ctx.needs_input_grad, ctx.next_functions):
+        try:
+            needed.append(need and node is not None and torch._C._will_engine_execute_node(node))
+        except RuntimeError:  # a leaf under autograd.grad
+            needed.append(need)
+    return tuple(needed)
+
+
 class _BiasGelu(torch.autograd.Function):
     """gelu(x + bias): saves x and bias, recomputes x + bias in the backward kernel."""
 
@@ -87,14 +103,15 @@ class _BiasGelu(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward(ctx, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        need_x, need_bias = grads_needed(ctx)
         x, bias = ctx.saved_tensors
         dy = dy.contiguous()
         dx = torch.empty_like(x)
         numel, grid = x.numel(), (_cdiv(x.numel(), kernels.ELEMENT_BLOCK),)
         kernels.bias_gelu_bwd_kernel[grid](x, bias, dy, dx, numel, bias.numel(), BLOCK=kernels.ELEMENT_BLOCK)
-        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=torch.float32).to(bias.dtype)
-        return dx, dbias
+        dbias = dx.reshape(-1, bias.numel()).sum(0, dtype=torch.float32).to(bias.dtype) if need_bias else None
+        return dx if need_x else None, dbias
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -127,6 +144,7 @@ class _BiasDropoutAddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
+        need_x, need_bias, need_res, need_weight, need_beta = grads_needed(ctx)[:5]
         z, mean, rstd, weight, seed = ctx.saved_tensors
         x_dtype, bias_dtype, res_dtype, beta_dtype = ctx.dtypes
         rows, width = z.shape
@@ -139,10 +157,11 @@ class _BiasDropoutAddLayerNorm(torch.autograd.Function):
             dy2, z, mean, rstd, weight, seed, dx, dres, dyxhat, width, ctx.p,
             HAS_DROPOUT=ctx.p > 0, BLOCK=block, num_warps=kernels.row_warps(block),
         )  # fmt: skip
-        dbias = dx.sum(0, dtype=torch.float32).to(bias_dtype)
-        dweight = dyxhat.sum(0).to(weight.dtype)
-        dbeta = dy2.sum(0, dtype=torch.float32).to(beta_dtype)
-        return dx.view(ctx.shape), dbias, dres.view(ctx.shape), dweight, dbeta, None, None, None
+        dbias = dx.sum(0, dtype=torch.float32).to(bias_dtype) if need_bias else None
+        dweight = dyxhat.sum(0).to(weight.dtype) if need_weight else None
+        dbeta = dy2.sum(0, dtype=torch.float32).to(beta_dtype) if need_beta else None
+        dx, dres = dx.view(ctx.shape) if need_x else None, dres.view(ctx.shape) if need_res else None
+        return dx, dbias, dres, dweight, dbeta, None, None, None
 
 
 def bias_dropout_add_layer_norm(

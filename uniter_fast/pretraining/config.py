@@ -13,6 +13,7 @@ import dataclasses
 import os
 from typing import Any, ClassVar, Optional
 
+from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.pretraining.model import TASKS, task_kind
 from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
@@ -184,6 +185,11 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     check_keys("ot", raw.get("ot", {}), OtSettings)
     fields["ot"] = OtSettings(**raw.get("ot", {}))
     fields["adversarial"] = parse_adversarial_block(raw, where)
+    if fields["adversarial"] is not None and fields["adversarial"].reuse_clean_forward:
+        raise ConfigError(
+            f"{where}: adversarial.reuse_clean_forward must be false in pretraining (the fused MLM/MRM losses "
+            "back-propagate once per forward; the shared clean pass needs two), got true"
+        )
     cfg = parse_run_config(TrainingConfig, fields, where, base_dir, lambda p: resolve_bundled_corpus(p, base_dir))
     if cfg.ot.beta <= 0 or cfg.ot.iteration < 1 or cfg.ot.k < 1:
         raise ValueError(f"ot: need beta > 0, iteration >= 1 and k >= 1, got {dataclasses.asdict(cfg.ot)}")

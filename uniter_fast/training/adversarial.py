@@ -14,13 +14,21 @@ The KL back-propagates through the clean logits too, as in the released code. Ra
 detached copy of ``z``, sums the gradients that reach it over the K steps, and back-propagates that sum through the
 clean graph once at the end: the same gradients (backward is linear), one backward fewer per step, and only the clean
 graph and the current perturbed graph alive at a time.
+
+``reuse_clean_forward`` (opt-in; needs ``adv_init_mag`` 0): the first perturbation is zero, so step 1's perturbed
+forward is the clean forward (same dropout masks: the clean ones). The clean forward then carries the zero
+perturbations as leaves; step 1's ascent direction comes from an input-only backward of ``task(z) / K`` through the
+clean graph (``torch.autograd.backward(..., inputs=deltas)``: no weight gradient is computed), its KL is 0, and its
+parameter gradients are folded into the final backward through the clean graph. K forwards, K full backwards and one
+input-only backward instead of K + 1 forwards and K + 1 backwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -46,6 +54,7 @@ class AdversarialConfig:
     adv_init_mag: float = 0.0
     norm_type: str = "l2"
     adv_modality: str = "text"
+    reuse_clean_forward: bool = False
 
     @property
     def branches(self) -> list[tuple[bool, bool]]:
@@ -75,8 +84,16 @@ def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
         elif name == "adv_modality":
             if value not in MODALITIES:
                 raise ConfigError(f"{key} must be one of {list(MODALITIES)}, got {value!r}")
+        elif name == "reuse_clean_forward":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key} must be true or false, got {value!r}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
+    if cfg.reuse_clean_forward and cfg.adv_init_mag != 0:
+        raise ConfigError(
+            f"{where}: adversarial.adv_init_mag must be 0 with reuse_clean_forward true (step 1 reuses the clean "
+            f"forward at a zero perturbation), got {cfg.adv_init_mag!r}"
+        )
     return cfg
 
 
@@ -152,6 +169,34 @@ class LossScale:
         self.value = grad.detach().float()
 
 
+def input_scale(engine: Any) -> float:
+    """The loss scale for a backward that does not go through ``engine.backward`` (the input-only backward of
+    ``reuse_clean_forward``): the DeepSpeed optimizer's current ``loss_scale`` (fp16), else 1. Its value cancels in
+    the ascent (g / scale); it only keeps fp16 gradients in range as the engine's own backward does."""
+    value = getattr(getattr(engine, "optimizer", None), "loss_scale", None)
+    scale = 1.0 if value is None else float(value)  # a number or a 0-dim tensor, as the scaler keeps it
+    return scale if math.isfinite(scale) and scale > 0 else 1.0
+
+
+@contextlib.contextmanager
+def engine_hooks_suspended(outputs: dict) -> Iterator[None]:
+    """Runs the body without the hooks a DeepSpeed engine put on the forward's ``outputs`` (the tensors of the dict),
+    then registers them again. The engine's backward prologue (ZeRO's gradient bookkeeping, and a refusal under
+    ZeRO-0) runs from those hooks once per forward, on the first backward through it: an input-only backward is no
+    engine backward and must not take it from the ``engine.backward`` that follows. No-op for other engines."""
+    managers = {}
+    for tensor in outputs.values():
+        for manager in getattr(tensor, "_backward_hook_managers", ()):  # DeepSpeed's OutputBackwardHookManager
+            managers[id(manager)] = manager
+    for manager in managers.values():
+        manager.remove_hooks()
+    try:
+        yield
+    finally:
+        for manager in managers.values():
+            manager.register_hooks_on_outputs(outputs)
+
+
 def backward(engine: Any, loss: torch.Tensor, last: bool) -> None:
     """``engine.backward(loss)`` (gradients summed) for one of several backward passes of a micro-batch: on a DeepSpeed
     engine only the ``last`` may be a gradient-accumulation boundary (where ZeRO reduces the summed gradients into its
@@ -169,7 +214,9 @@ class AdversarialStep:
     forwards), detached 0-dim tensors. ``engine`` is a DeepSpeed engine or anything with its ``__call__(batch, task,
     with_logits=...)`` and ``backward(loss, scale_wrt_gas=False)``; the task model's forward must take
     ``with_logits`` and return ``logits`` (None where the task has no softmax to compare: its perturbed forwards then
-    take the task loss only). ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step."""
+    take the task loss only). ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step.
+    With ``reuse_clean_forward`` the input-only backward is scaled by the engine's ``optimizer.loss_scale`` where it
+    has one (:func:`input_scale`)."""
 
     def __init__(self, cfg: AdversarialConfig, hidden_size: int) -> None:
         self.cfg, self.hidden_size = cfg, hidden_size
@@ -179,15 +226,29 @@ class AdversarialStep:
         cfg = self.cfg
         if cfg.adv_steps == 0:
             return plain_step(engine, batch, task)
-        clean_logits = engine(batch, task, with_logits=True)["logits"]  # None: no softmax to compare (MRFR)
-        clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
-        clean_grad = None if clean is None else torch.zeros_like(clean)
         slots = delta_slots(batch) if "packed" in batch else None
         branches = [self._initial(batch, text, image) for text, image in cfg.branches]
         count = cfg.adv_steps * len(branches)
+        if cfg.reuse_clean_forward:  # the zero perturbations of step 1 ride on the clean forward, as leaves
+            shared = {key: delta.requires_grad_() for deltas in branches for key, delta in deltas.items()}
+            clean_out = engine(with_deltas(batch, shared.get("txt"), shared.get("img"), slots), task, with_logits=True)
+        else:
+            clean_out = engine(batch, task, with_logits=True)
+        clean_logits = clean_out["logits"]  # None: no softmax to compare (MRFR)
+        clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
+        clean_grad = None if clean is None else torch.zeros_like(clean)
         total = torch.zeros((), device=batch["txt_lens"].device)
         task_sum, kl_sum = torch.zeros_like(total), torch.zeros_like(total)
-        for astep in range(cfg.adv_steps):
+        first = 0
+        if cfg.reuse_clean_forward:  # step 1 is the clean forward: L_1 = task(z) / K, its KL 0
+            clean_task = clean_out["loss"].detach().float()
+            loss = clean_task * len(branches) / count
+            total, task_sum = total + loss, task_sum + clean_task * len(branches)
+            self._record(loss, branches)
+            if cfg.adv_steps > 1:
+                branches = self._shared_ascent(engine, clean_out, branches, count)
+            first = 1
+        for astep in range(first, cfg.adv_steps):
             loss = torch.zeros_like(total)
             for deltas in branches:
                 for delta in deltas.values():
@@ -198,20 +259,43 @@ class AdversarialStep:
                 task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
             loss = loss / count
             scale = LossScale(loss)
-            backward(engine, loss, last=clean is None and astep + 1 == cfg.adv_steps)
+            last = clean is None and not cfg.reuse_clean_forward and astep + 1 == cfg.adv_steps
+            backward(engine, loss, last=last)
             total = total + loss.detach()
             if clean is not None:
                 clean_grad += clean.grad / scale.value
                 clean.grad = None
-            if self.trace is not None:
-                self.trace.append(
-                    {"loss": loss.detach(), "deltas": [{k: d.detach() for k, d in b.items()} for b in branches]}
-                )
+            self._record(loss, branches)
             if astep + 1 < cfg.adv_steps:
                 branches = [self._ascended(deltas, scale.value) for deltas in branches]
-        if clean is not None:  # the KL's gradient through the clean logits, summed over the K steps, once
-            backward(engine, (clean_logits.float() * clean_grad).sum(), last=True)
+        # through the clean graph once: the KL's gradient at the clean logits summed over the K steps, and with
+        # reuse_clean_forward step 1's task loss (its parameter gradients)
+        final = None if clean is None else (clean_logits.float() * clean_grad).sum()
+        if cfg.reuse_clean_forward:
+            step_1 = clean_out["loss"].float() * (len(branches) / count)
+            final = step_1 if final is None else final + step_1
+        if final is not None:
+            backward(engine, final, last=True)
         return {"loss": total, "adv_task_loss": task_sum / count, "adv_kl": kl_sum / count}
+
+    def _shared_ascent(
+        self, engine: Any, clean_out: dict, branches: list[dict[str, torch.Tensor]], count: int
+    ) -> list[dict[str, torch.Tensor]]:
+        """Step 1's ascent with ``reuse_clean_forward``: the gradient of each zero perturbation (a leaf of the clean
+        forward ``clean_out``) of its branch's ``task(z) / count``, from an input-only backward through the clean
+        graph (no parameter gradient; the graph is kept for the final backward); the ascended perturbations."""
+        scale = input_scale(engine)
+        leaves = [delta for deltas in branches for delta in deltas.values()]
+        with engine_hooks_suspended(clean_out):
+            torch.autograd.backward(clean_out["loss"].float() * (scale / count), inputs=leaves, retain_graph=True)
+        return [self._ascended(deltas, scale) for deltas in branches]
+
+    def _record(self, loss: torch.Tensor, branches: list[dict[str, torch.Tensor]]) -> None:
+        """Append a step's loss and perturbations to ``trace`` when it is on (tests)."""
+        if self.trace is not None:
+            self.trace.append(
+                {"loss": loss.detach(), "deltas": [{k: d.detach() for k, d in b.items()} for b in branches]}
+            )
 
     def _initial(self, batch: dict, text: bool, image: bool) -> dict[str, torch.Tensor]:
         cfg, out = self.cfg, {}
