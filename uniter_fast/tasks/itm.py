@@ -38,6 +38,7 @@ from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import caption_record
 from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.layout import pack_batch
+from uniter_fast.losses import weighted_mean
 from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
@@ -140,6 +141,13 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         self._fresh_first_stage: Optional[torch.Tensor] = None  # see mark_first_stage_fresh
         self.init_head_weights(*heads)
 
+    @property
+    def captures(self) -> bool:  # type: ignore[override]
+        """The ranking loss alone reads only the packed layout (``cls_index``, groups weighted by a fixed-shape
+        batch's ``example_weights``). Hard negatives pick and re-pack rows on the host (``select_rows``), and the
+        first stage encodes the padded text-only and image-only layouts: those models run uncaptured."""
+        return not self.hard_neg_size and not (self.first_stage_dim and self.first_stage_weight > 0)
+
     def mark_first_stage_fresh(self) -> None:
         """Remember the first stage's weights as freshly initialised (a pretrained checkpoint, which has none, was
         loaded): :attr:`first_stage_untrained` holds until they change (a training step, or trained weights loaded
@@ -185,7 +193,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             batch, sample_size = self.hard_batch(batch, sample_size), self.hard_neg_size + 1
         scores = self.rank_scores(batch)
         terms = triplet_loss(scores, sample_size, self.margin)
-        rank_loss = terms.mean() * sides  # every side has as many terms: the sum of the sides' means
+        # every side has as many terms: the sum of the sides' means (a fixed-shape batch's: over its real groups)
+        rank_loss = weighted_mean(terms, batch.get("example_weights")) * sides
         out = {"loss": rank_loss, "rank_loss": rank_loss.detach()}
         if with_logits:
             out["logits"] = scores.view(-1, sample_size)
