@@ -96,6 +96,8 @@ class UniterPreTrainedModel(nn.Module):
         collate's ``packed["region_index"]`` [B, Nb] (:func:`uniter_fast.layout.padded_index`), whose pad cells
         hold token 0's output: a head masks them (RE's ``obj_masks``)."""
         if sequence_output.dim() == 2:
+            if "region_index" not in batch["packed"]:
+                raise ValueError("the packed layout lacks 'region_index' (its collate adds it: tasks.re.add_regions)")
             return sequence_output[batch["packed"]["region_index"]]
         txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
         max_bb = batch["img_feat"].size(1)
