@@ -47,6 +47,7 @@ from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.syncs import count_syncs
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import collate_rows
+from uniter_fast.tasks.itm import add_first_stage
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
 from uniter_fast.training.capture import NOT_CAPTURED, CapturedStep, _GraphedStep, capture_blocker, flatten
 from uniter_fast.training.config import RunConfig, parse_run_config
@@ -59,7 +60,8 @@ HEADS = {  # fine-tuning heads on the fast path: (task, options over the task's 
     "nlvr2-paired-attn": ("nlvr2", {"model": "paired-attn"}),
     "re": ("re", {}),
     "re-mlp": ("re", {"mlp": 2}),
-    "itm": ("itm", {"first_stage_dim": 0}),  # the first stage (on by default) encodes the padded layout
+    "itm": ("itm", {}),  # the ranking loss + the contrastive first stage (the defaults)
+    "itm-rank": ("itm", {"first_stage_dim": 0}),  # the original's model: the ranking loss alone
 }
 SMALL = Buckets(token_multiple=128, min_rows=16, min_examples=8)
 GRAD_TOLERANCE = {"itm": 3e-6}
@@ -141,8 +143,8 @@ def head_batch(head: str, size: int, seed: int) -> dict[str, Any]:
     if name == "itm":
         lengths = [(int(rng.integers(3, 14)), int(rng.integers(1, 10))) for _ in range(3 * size)]
         batch = random_batch(lengths, seed=seed)
-        batch.update(sample_size=3, pair_rows=torch.arange(size) * 3, pair_images=torch.arange(size))
-        return batch
+        batch.update(sample_size=3, pair_rows=torch.arange(size) * 3, pair_images=torch.arange(size) % 2)
+        return add_first_stage(batch)
     batch = get_task(name).example(tiny_config(), size, rng, (3, 14), (1, 9))[1]
     if head == "nlvr2-triplet":
         batch["targets"] = torch.from_numpy(rng.integers(0, 2, batch["packed"]["cls_index"].numel()))
@@ -379,7 +381,11 @@ def test_padded_head_step_on_bundled_batches_equals_the_unpadded_step(head: str,
 
 def test_heads_that_read_the_host_are_not_captured() -> None:
     """RE's rank loss, ITM's hard negatives and ITM's first stage (module doc of uniter_fast.training.capture)."""
-    uncaptured = [("re", {"train_loss": "rank"}), ("itm", {"hard_neg_size": 1, "first_stage_dim": 0}), ("itm", {})]
+    uncaptured = [
+        ("re", {"train_loss": "rank"}),
+        ("itm", {"hard_neg_size": 1}),
+        ("itm", {"first_stage_loss": "distill"}),
+    ]
     for name, options in uncaptured:
         task = get_task(name)
         model = task.build_model(tiny_config(), task.check_options(options, name), True)

@@ -21,6 +21,10 @@ up (:class:`Buckets`) and places the padding where it cannot change a real row:
 - **masked rows**: ``mlm_index`` / ``mlm_labels``, ``mrm_index`` and ``feat_targets`` / ``label_targets`` are padded
   to ``round_coarse(M, min_rows)`` rows (index 0, label 0, zero targets), weighted 0 by ``mlm_weights`` /
   ``mrm_weights``; every loss reads the weights (``uniter_fast.losses`` ``weights=``) and averages over the real rows.
+- **ITM's first stage** (``first_stage``: text-only and image-only packed layouts of each group's positive,
+  ``uniter_fast.tasks.itm.add_first_stage``): each padded as a packed batch (token multiples, dummy sequences) with
+  one sequence per padded group; padding regions go to a spare row of the per-group region mean, padded groups
+  count 1 region (a zero mean, finite) and weigh 0 in the contrastive loss.
 - **OT (ITM + WRA)**: the text and image grids are [B', max_txt_len] and [B', max_bb]; padded examples have one
   text token and one region (zero embeddings, finite distances, weight 0); the padding tokens' rows go to one spare
   grid row that the model drops.
@@ -33,14 +37,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from uniter_fast.errors import ConfigError
 from uniter_fast.layout import pad_masks, padded_slots
 
-PER_EXAMPLE_TARGETS = ("targets",)
+PER_EXAMPLE_TARGETS = ("targets", "pair_images")
 """Top-level per-example tensors ([B, ...]) that :func:`pad_batch` pads with zero rows."""
 SEQUENCE_GRIDS = {"seq_index": ("max_seqlen", 0), "seq_pad": ("max_seqlen", True)}
 """Packed per-sequence grids [S, width] (NLVR2 paired-attn, ``uniter_fast.layout.padded_index``): their fixed width
@@ -54,7 +58,7 @@ DROPPED = {"txt_lens", "num_bbs", "qids", "input_ids", "position_ids", "img_feat
 """Keys of the padded layout (contract 1) and host-only keys, which a fixed-shape batch leaves out: the models
 that can be captured read only the packed layout (``UniterPreTrainedModel.captures``)."""
 DROPPED |= {"gather_index", "txt_labels", "img_masks", "img_mask_tgt", "txt_type_ids", "img_type_ids"}
-DROPPED |= {"pair_rows", "pair_images", "sent_ids"}  # ITM's first-stage inputs (its captured model has none), RE ids
+DROPPED |= {"pair_rows", "sent_ids"}  # ITM's padded first-stage rows (the packed ``first_stage`` is padded), RE ids
 
 
 class NotCapturable(ValueError):
@@ -123,14 +127,18 @@ def _weights(real: int, total: int) -> torch.Tensor:
     return weights
 
 
-def padded_sizes(num_txt: int, num_img: int, num_examples: int, buckets: Buckets, group: int = 1) -> dict[str, int]:
+def padded_sizes(
+    num_txt: int, num_img: int, num_examples: int, buckets: Buckets, group: int = 1, examples: Optional[int] = None
+) -> dict[str, int]:
     """The fixed sizes of a batch of ``num_txt`` text tokens, ``num_img`` regions and ``num_examples`` sequences
     read by a head (``cls_index`` rows) in examples of ``group`` sequences each: ``txt``, ``img`` (rounded token
     counts), ``tokens`` (their sum), ``dummies`` (trailing sequences holding the padding), ``sequences``
-    (``cu_seqlens`` has one more entry) and ``examples`` (head sequences, a multiple of ``group``)."""
+    (``cu_seqlens`` has one more entry) and ``examples`` (head sequences, a multiple of ``group``; given as
+    ``examples`` for a layout nested in a batch that fixes it)."""
     txt, img = round_up(num_txt, buckets.token_multiple), round_up(num_img, buckets.token_multiple)
     dummies = math.ceil((txt - num_txt + img - num_img) / buckets.max_seqlen)
-    examples = round_up(round_coarse(num_examples, buckets.min_examples), group)
+    if examples is None:
+        examples = round_up(round_coarse(num_examples, buckets.min_examples), group)
     sequences = examples + math.ceil(2 * (buckets.token_multiple - 1) / buckets.max_seqlen)  # room for any dummies
     sizes = {"txt": txt, "img": img, "tokens": txt + img, "dummies": dummies}
     return {**sizes, "sequences": sequences, "examples": examples}
@@ -220,6 +228,21 @@ def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> 
     return out
 
 
+def _first_stage(stage: dict[str, Any], groups: int, buckets: Buckets) -> dict[str, Any]:
+    """ITM's ``first_stage`` layouts padded to ``groups`` groups (module doc)."""
+    out: dict[str, Any] = {}
+    for key in ("txt", "img"):
+        packed = stage[key]
+        num_txt, num_img = packed["txt_ids"].numel(), packed["img_feat"].size(0)
+        sizes = padded_sizes(num_txt, num_img, packed["cls_index"].numel(), buckets, examples=groups)
+        out[key] = _packed(packed, sizes, buckets)
+    real = stage["img_counts"].numel()
+    pad_img = out["img"]["img_feat"].size(0) - stage["img_rows"].numel()
+    out["img_rows"] = _cat(stage["img_rows"], pad_img, groups)
+    out["img_counts"] = _cat(stage["img_counts"], groups - real, 1)
+    return out
+
+
 def _ot(batch: dict[str, Any], packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> dict[str, Any]:
     """ITM's OT inputs on the fixed grids [examples, max_txt_len] / [examples, max_bb]; sets ``txt_slot`` /
     ``img_slot`` of ``packed`` (padding tokens -> the spare row examples * width)."""
@@ -267,6 +290,8 @@ def pad_batch(batch: dict[str, Any], buckets: Buckets) -> dict[str, Any]:
         elif key in MASKED_ROW_TARGETS:
             rows = out["packed"]["mrm_weights"].numel() if "mrm_weights" in out["packed"] else value.size(0)
             out[key] = _cat(value, rows - value.size(0))
+        elif key == "first_stage":
+            out[key] = _first_stage(value, examples, buckets)
         elif key == "ot_inputs":
             out[key] = _ot(batch, out["packed"], sizes, buckets)
         else:
