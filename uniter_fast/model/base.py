@@ -41,7 +41,7 @@ class UniterPreTrainedModel(nn.Module):
     layout, per-example targets and ``example_weights``, the host-built grids of ``SEQUENCE_GRIDS``), so that its
     training step can be captured as a CUDA graph (``uniter_fast.training.capture``). A head that reads the padded
     layout, syncs with the host or draws per-row randoms in its loss leaves it False (RE's rank loss, ITM's hard
-    negatives and first stage: a property there)."""
+    negatives and distillation: a property there)."""
 
     def __init__(self, config: UniterConfig, fast: bool = False, check_values: Optional[bool] = None) -> None:
         super().__init__()
