@@ -519,6 +519,31 @@ def test_a_replay_runs_inside_the_engine_forward_and_accumulates_gradients() -> 
     assert id(model.region_classifier.output.weight) in reached and id(model.itm_output.weight) not in reached
 
 
+@pytest.mark.parametrize("head", ["itm", "nlvr2-paired-attn", "re"])
+def test_a_head_step_goes_through_the_wrapper(head: str) -> None:
+    """The wrapper's flatten / rebuild of a head's fixed-shape batch (nested first-stage layouts, grids, constants):
+    the step it replays is the padded batch's eager step."""
+    model, name = head_model(head), HEADS[head][0]
+
+    class Uncaptured(_GraphedStep):
+        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = type(self.model).forward(self.model, self.rebuild(tensors), self.task)
+            self.keys = sorted(out)
+            return tuple(out[key] for key in self.keys)
+
+    captured = CapturedStep(model, torch.device("cpu"), SMALL)
+    captured.blocker = None
+    captured._capture = lambda tensors, rebuild, task: Uncaptured(model, rebuild, task)
+    batch = head_batch(head, 3, 2)
+    model.zero_grad(set_to_none=True)
+    out = captured(batch, name)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    expected, expected_grads = step(model, pad_batch(batch, SMALL), name)
+    assert torch.equal(out["loss"], expected["loss"]) and sorted(grads) == sorted(expected_grads)
+    assert all(torch.equal(grads[n], g) for n, g in expected_grads.items())
+
+
 def test_every_reason_not_to_capture_is_named() -> None:
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     fast = pretraining_model()
