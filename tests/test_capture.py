@@ -246,6 +246,39 @@ def test_itm_ot_grids_are_fixed_and_padding_goes_to_the_spare_row() -> None:
     assert torch.equal(fixed["targets"][:examples], batch["targets"]) and not fixed["targets"][examples:].any()
 
 
+def test_head_keys_are_padded_in_whole_examples() -> None:
+    """NLVR2 pairs and ITM groups stay whole; the grids widen to the buckets' widths with masked cells, a padded row
+    keeps cell 0 unmasked; ITM's first-stage layouts get one sequence per padded group."""
+    batch = head_batch("nlvr2-paired-attn", 5, 0)  # 10 sequences -> 16 (min_examples): 8 pairs, 3 of them padding
+    fixed = pad_batch(batch, Buckets(token_multiple=128, min_rows=16, min_examples=16))
+    packed, out = batch["packed"], fixed["packed"]
+    assert out["cls_index"].numel() == 16 and fixed["example_weights"].tolist() == [1.0] * 5 + [0.0] * 3
+    assert torch.equal(fixed["targets"], torch.cat([batch["targets"], torch.zeros(3, dtype=torch.long)]))
+    rows, width = packed["seq_index"].shape
+    assert out["seq_index"].shape == out["seq_pad"].shape == (16, 162)
+    assert torch.equal(out["seq_index"][:rows, :width], packed["seq_index"]) and not out["seq_index"][:, width:].any()
+    assert torch.equal(out["seq_pad"][:rows, :width], packed["seq_pad"]) and out["seq_pad"][:rows, width:].all()
+    assert not out["seq_pad"][rows:, 0].any() and out["seq_pad"][rows:, 1:].all()
+    with pytest.raises(NotCapturable, match="10 sequences do not form examples of 3"):
+        pad_batch({**batch, "targets": batch["targets"][:3]}, SMALL)
+
+    re_batch = head_batch("re", 3, 0)
+    re_fixed = pad_batch(re_batch, SMALL)
+    assert re_fixed["obj_masks"].shape == re_fixed["packed"]["region_index"].shape == (8, 100)
+    assert torch.equal(re_fixed["obj_masks"][:3, : re_batch["obj_masks"].size(1)], re_batch["obj_masks"])
+
+    itm = head_batch("itm", 3, 0)  # 9 sequences -> 10 (coarse) -> 12: 4 groups of 3
+    itm_fixed = pad_batch(itm, SMALL)
+    assert itm_fixed["packed"]["cls_index"].numel() == 12 and itm_fixed["example_weights"].tolist() == [1, 1, 1, 0]
+    stage = itm_fixed["first_stage"]
+    assert stage["txt"]["cls_index"].numel() == stage["img"]["cls_index"].numel() == 4
+    assert stage["img_counts"].tolist() == itm["first_stage"]["img_counts"].tolist() + [1.0]
+    real = itm["first_stage"]["img_rows"].numel()
+    assert stage["img_rows"][real:].eq(4).all() and stage["img_rows"].numel() == stage["img"]["img_feat"].size(0)
+    assert stage["txt"]["txt_ids"].numel() % 128 == 0 and stage["img"]["img_feat"].size(0) % 128 == 0
+    assert itm_fixed["sample_size"] == 3 and "pair_rows" not in itm_fixed and itm_fixed["pair_images"].numel() == 4
+
+
 def test_batches_of_one_bucket_share_one_shape_key() -> None:
     batches = corpus_batches("mlm", count=4)
     coarse = Buckets(token_multiple=1024, min_rows=256, min_examples=64)
