@@ -522,6 +522,116 @@ def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
     return rows, goals, meta
 
 
+def _head_capture(task_name: str, device: torch.device, quick: bool, buckets: Any) -> Any:
+    """One head of :func:`capture_heads_speed`: (rows, capture state, loss error, gradient error), or None when the
+    head's model cannot be captured."""
+    import numpy as np
+    from harness import IMG_RANGE, TXT_RANGE
+
+    from uniter_fast.config import UniterConfig
+    from uniter_fast.data.buckets import pad_batch
+    from uniter_fast.data.loader import move_to_device
+    from uniter_fast.tasks import get_task
+    from uniter_fast.training.capture import CapturedStep
+
+    name, size, count, warmup, repeats = ("tiny", 2, 2, 1, 1) if quick else ("base", 32, 2, 1, 3)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    task, config, rng = get_task(task_name), UniterConfig.preset(name), np.random.default_rng(0)
+    drawn = [task.example(config, size, rng, TXT_RANGE, IMG_RANGE) for _ in range(count)]
+    options, batches = drawn[0][0], [batch for _, batch in drawn]
+
+    def model_of(dropout: bool) -> Any:
+        torch.manual_seed(0)
+        fields = {} if dropout else {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+        model = task.build_model(UniterConfig.from_dict({**config.to_dict(), **fields}), options, True)
+        task.prepare_model(model, options)
+        return model.to(device=device, dtype=dtype).train()
+
+    model = model_of(True)
+    if not model.captures:
+        return None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    captured = CapturedStep(model, device, buckets)
+    valid = sum(int(b["packed"]["txt_ids"].numel() + b["packed"]["img_feat"].size(0)) for b in batches)
+    rows = []
+    for mode in ("eager", "captured"):
+
+        def run(mode: str = mode) -> None:
+            for batch in batches:
+                optimizer.zero_grad()
+                out = captured(batch, task_name) if mode == "captured" else model(move_to_device(batch, device))
+                out["loss"].backward()
+                optimizer.step()
+
+        seconds = time_fn(run, device, warmup=warmup, repeats=repeats)
+        rows.append(
+            {
+                "task": task_name,
+                "mode": mode,
+                "batches": count,
+                "valid_tokens": valid,
+                "ms_per_step": seconds * 1e3 / count,
+                "tokens_per_s": valid / seconds,
+            }
+        )
+    state = "on" if captured.blocker is None else f"off: {captured.blocker}"
+    exact = model_of(False)
+    exact_captured = CapturedStep(exact, device, buckets)
+    loss_err = grad_err = 0.0
+    for batch in batches + batches[:1]:  # the first batch again: a replay of its graph
+        exact.zero_grad(set_to_none=True)
+        eager = exact(move_to_device(pad_batch(batch, buckets), device), task_name)["loss"]
+        eager.backward()
+        reference = torch.cat([p.grad.float().flatten() for p in exact.parameters() if p.grad is not None])
+        exact.zero_grad(set_to_none=True)
+        replayed = exact_captured(batch, task_name)["loss"]
+        replayed.backward()
+        mine = torch.cat([p.grad.float().flatten() for p in exact.parameters() if p.grad is not None])
+        replayed_loss, eager_loss = float(replayed.detach()), float(eager.detach())
+        loss_err = max(loss_err, abs(replayed_loss - eager_loss) / abs(eager_loss))
+        grad_err = max(grad_err, float((mine - reference).norm() / reference.norm()))
+    return rows, state, loss_err, grad_err
+
+
+def capture_heads_speed(device: torch.device, quick: bool) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """The captured step of every fine-tuning head that can be captured and has example batches (``Task.example``
+    at the bench ranges; UNITER-base, bf16, 2 batches of 32 examples) against its eager fast step, as
+    :func:`capture_speed` does for pretraining: ms per optimizer step and valid tokens/s each way over the same
+    batches, then, dropout off, the captured losses and gradients against the eager step's on the same padded
+    batches (a replay included)."""
+    from harness import IMG_RANGE, TXT_RANGE
+
+    from uniter_fast.data.buckets import Buckets
+    from uniter_fast.tasks import TASKS
+
+    buckets = Buckets(max_txt_len=TXT_RANGE[1] + 2, max_bb=IMG_RANGE[1])
+    rows: list[dict] = []
+    states, loss_err, grad_err = {}, 0.0, 0.0
+    for task_name, task in TASKS.items():
+        result = _head_capture(task_name, device, quick, buckets) if task.has_example else None
+        if result is None:
+            continue
+        head_rows, states[task_name], head_loss_err, head_grad_err = result
+        rows += head_rows
+        loss_err, grad_err = max(loss_err, head_loss_err), max(grad_err, head_grad_err)
+    speed = {r["task"]: {} for r in rows}
+    for r in rows:
+        speed[r["task"]][r["mode"]] = r["tokens_per_s"]
+    figure = ", ".join(f"{t} {x['captured'] / x['eager']:.2f}x" for t, x in speed.items())
+    figure += f" tokens/s; capture {'; '.join(sorted(set(states.values())))}"
+    goals = [
+        _goal("captured step of the fine-tuning heads vs the eager fast step", "report", figure, True),
+        {
+            "goal": "captured fine-tuning heads: losses and gradients equal the eager step's on the same batches",
+            "target": "losses <= 1e-5, gradients <= 1e-2 relative (bf16)",
+            "figure": f"losses {loss_err:.2e}, gradients {grad_err:.2e}",
+            "met": loss_err <= 1e-5 and grad_err <= 1e-2,
+            "kind": "correctness",
+        },
+    ]
+    return rows, goals, {"heads": states, "head_buckets": vars(buckets)}
+
+
 # -------------------------------------------------------------------------------------------------------- deepspeed
 def deepspeed_run(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
     """The bundled default (configs/pretrain-tiny.json) through ``uniter_fast/pretrain.py`` with ds.json (ZeRO-2,

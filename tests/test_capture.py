@@ -2,17 +2,19 @@
 (uniter_fast.training.capture).
 
 The padded batch must leave every real row's arithmetic as it was: the encoder's real rows equal in float64, and the
-losses and gradients of every pretraining task and of VQA equal the unpadded step's on the same real sampler batches
-to float32 rounding (losses 1e-6 relative; gradients 1e-6 relative over all parameters, ITM + WRA 3e-6: its 50 IPOT
-iterations carry the rounding of the encoder's sums further). The capture itself needs CUDA: the last test here
+losses and gradients of every pretraining task (real sampler batches), of VQA and of every captured fine-tuning head
+(``HEADS``: random ragged batches of the task's example) equal the unpadded step's on the same batches to float32
+rounding (losses 1e-6 relative; gradients 1e-6 relative over all parameters, ITM + WRA 3e-6: its 50 IPOT
+iterations carry the rounding of the encoder's sums further). The capture itself needs CUDA: the last tests here
 (skipped without a GPU) and the GPU suite's ``capture`` part.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
+import numpy as np
 import pytest
 import torch
 from tasks_helpers import perturb, random_batch, random_row, tiny_config
@@ -43,12 +45,24 @@ from uniter_fast.errors import ConfigError
 from uniter_fast.layout import pad_masks, padded_slots
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.syncs import count_syncs
+from uniter_fast.tasks import get_task
 from uniter_fast.tasks.data import collate_rows
+from uniter_fast.tasks.itm import add_first_stage
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
-from uniter_fast.training.capture import CapturedStep, _GraphedStep, capture_blocker, flatten
+from uniter_fast.training.capture import NOT_CAPTURED, CapturedStep, _GraphedStep, capture_blocker, flatten
 from uniter_fast.training.config import RunConfig, parse_run_config
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+HEADS = {  # fine-tuning heads on the fast path: (task, options over the task's defaults)
+    "vcr": ("vcr", {}),
+    "nlvr2-paired": ("nlvr2", {"model": "paired"}),
+    "nlvr2-triplet": ("nlvr2", {"model": "triplet"}),
+    "nlvr2-paired-attn": ("nlvr2", {"model": "paired-attn"}),
+    "re": ("re", {}),
+    "re-mlp": ("re", {"mlp": 2}),
+    "itm": ("itm", {}),  # the ranking loss + the contrastive first stage (the defaults)
+    "itm-rank": ("itm", {"first_stage_dim": 0}),  # the original's model: the ranking loss alone
+}
 SMALL = Buckets(token_multiple=128, min_rows=16, min_examples=8)
 GRAD_TOLERANCE = {"itm": 3e-6}
 
@@ -97,6 +111,44 @@ def assert_same_step(model: torch.nn.Module, batch: dict[str, Any], task: str, g
     flat_fixed = torch.cat([grads_fixed[n].flatten() for n in grads])
     assert flat.norm() > 0
     assert ((flat_fixed - flat).norm() / flat.norm()).item() <= grad_tol
+
+
+def head_model(head: str, data_options: Optional[dict[str, Any]] = None) -> torch.nn.Module:
+    """The fast tiny model of ``head`` (``HEADS``), dropout 0, every parameter perturbed, in training mode;
+    ``data_options``: those of its databases (default: those of the task's example)."""
+    name, options = HEADS[head]
+    task, config = get_task(name), tiny_config()
+    options = {**task.check_options(options, head), **(head_options(name) if data_options is None else data_options)}
+    torch.manual_seed(0)
+    model = task.build_model(config, options, True)
+    task.prepare_model(model, options)
+    return perturb(model, 0.05).train()
+
+
+def head_options(name: str) -> dict[str, Any]:
+    """The data options ``Task.example`` gives task ``name`` (VCR's ``special_token_base``; NLVR2's model dropped:
+    ``HEADS`` chooses it); ITM has no example."""
+    if name == "itm":
+        return {}
+    options = get_task(name).example(tiny_config(), 1, np.random.default_rng(0))[0]
+    return {k: v for k, v in options.items() if k not in get_task(name).options}
+
+
+def head_batch(head: str, size: int, seed: int) -> dict[str, Any]:
+    """A fresh random training batch of ``head`` with ragged lengths: ``Task.example`` of ``size`` examples (NLVR2
+    triplet: each row its own example, with a target of its own; ITM: ``size`` groups of a positive and 2
+    negatives, as ``ItmRankDataset`` collates them)."""
+    rng = np.random.default_rng(seed)
+    name = HEADS[head][0]
+    if name == "itm":
+        lengths = [(int(rng.integers(3, 14)), int(rng.integers(1, 10))) for _ in range(3 * size)]
+        batch = random_batch(lengths, seed=seed)
+        batch.update(sample_size=3, pair_rows=torch.arange(size) * 3, pair_images=torch.arange(size) % 2)
+        return add_first_stage(batch)
+    batch = get_task(name).example(tiny_config(), size, rng, (3, 14), (1, 9))[1]
+    if head == "nlvr2-triplet":
+        batch["targets"] = torch.from_numpy(rng.integers(0, 2, batch["packed"]["cls_index"].numel()))
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------- the bucketing
@@ -194,6 +246,39 @@ def test_itm_ot_grids_are_fixed_and_padding_goes_to_the_spare_row() -> None:
     assert torch.equal(fixed["targets"][:examples], batch["targets"]) and not fixed["targets"][examples:].any()
 
 
+def test_head_keys_are_padded_in_whole_examples() -> None:
+    """NLVR2 pairs and ITM groups stay whole; the grids widen to the buckets' widths with masked cells, a padded row
+    keeps cell 0 unmasked; ITM's first-stage layouts get one sequence per padded group."""
+    batch = head_batch("nlvr2-paired-attn", 5, 0)  # 10 sequences -> 16 (min_examples): 8 pairs, 3 of them padding
+    fixed = pad_batch(batch, Buckets(token_multiple=128, min_rows=16, min_examples=16))
+    packed, out = batch["packed"], fixed["packed"]
+    assert out["cls_index"].numel() == 16 and fixed["example_weights"].tolist() == [1.0] * 5 + [0.0] * 3
+    assert torch.equal(fixed["targets"], torch.cat([batch["targets"], torch.zeros(3, dtype=torch.long)]))
+    rows, width = packed["seq_index"].shape
+    assert out["seq_index"].shape == out["seq_pad"].shape == (16, 162)
+    assert torch.equal(out["seq_index"][:rows, :width], packed["seq_index"]) and not out["seq_index"][:, width:].any()
+    assert torch.equal(out["seq_pad"][:rows, :width], packed["seq_pad"]) and out["seq_pad"][:rows, width:].all()
+    assert not out["seq_pad"][rows:, 0].any() and out["seq_pad"][rows:, 1:].all()
+    with pytest.raises(NotCapturable, match="10 sequences do not form examples of 3"):
+        pad_batch({**batch, "targets": batch["targets"][:3]}, SMALL)
+
+    re_batch = head_batch("re", 3, 0)
+    re_fixed = pad_batch(re_batch, SMALL)
+    assert re_fixed["obj_masks"].shape == re_fixed["packed"]["region_index"].shape == (8, 100)
+    assert torch.equal(re_fixed["obj_masks"][:3, : re_batch["obj_masks"].size(1)], re_batch["obj_masks"])
+
+    itm = head_batch("itm", 3, 0)  # 9 sequences -> 10 (coarse) -> 12: 4 groups of 3
+    itm_fixed = pad_batch(itm, SMALL)
+    assert itm_fixed["packed"]["cls_index"].numel() == 12 and itm_fixed["example_weights"].tolist() == [1, 1, 1, 0]
+    stage = itm_fixed["first_stage"]
+    assert stage["txt"]["cls_index"].numel() == stage["img"]["cls_index"].numel() == 4
+    assert stage["img_counts"].tolist() == itm["first_stage"]["img_counts"].tolist() + [1.0]
+    real = itm["first_stage"]["img_rows"].numel()
+    assert stage["img_rows"][real:].eq(4).all() and stage["img_rows"].numel() == stage["img"]["img_feat"].size(0)
+    assert stage["txt"]["txt_ids"].numel() % 128 == 0 and stage["img"]["img_feat"].size(0) % 128 == 0
+    assert itm_fixed["sample_size"] == 3 and "pair_rows" not in itm_fixed and itm_fixed["pair_images"].numel() == 4
+
+
 def test_batches_of_one_bucket_share_one_shape_key() -> None:
     batches = corpus_batches("mlm", count=4)
     coarse = Buckets(token_multiple=1024, min_rows=256, min_examples=64)
@@ -264,6 +349,90 @@ def test_padded_vqa_step_equals_the_unpadded_step() -> None:
         assert_same_step(model, batch, "vqa")
 
 
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_padded_head_step_equals_the_unpadded_step(head: str) -> None:
+    """Every captured fine-tuning head: its losses and gradients on a fixed-shape batch equal the unpadded fast
+    batch's (padding sequences in whole examples, grids widened, rows weighted 0)."""
+    model = head_model(head)
+    assert model.captures
+    padded_examples = 0
+    for seed, size in enumerate((1, 3, 5)):
+        batch = head_batch(head, size, seed)
+        padded_examples += int((pad_batch(batch, SMALL)["example_weights"] == 0).sum())
+        assert_same_step(model, batch, HEADS[head][0])
+    assert padded_examples > 0
+
+
+def bundled_head_batches(head: str, tmp_path: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Two training batches of the bundled set of ``head``'s task, collated by its dataset (3 and 5 examples), and
+    the data options its model needs."""
+    from itm_helpers import small_itm_db
+
+    from uniter_fast.data.re_db import ReTxtTokLmdb
+    from uniter_fast.data.vcr_db import VcrTxtTokLmdb
+    from uniter_fast.tasks.bundled import resolve_bundled
+    from uniter_fast.tasks.data import DbCache
+    from uniter_fast.tasks.itm import ItmRankDataset
+    from uniter_fast.tasks.nlvr2 import Nlvr2Dataset
+    from uniter_fast.tasks.re import ReDataset
+    from uniter_fast.tasks.vcr import VcrDataset
+
+    settings = type("S", (), dict(max_txt_len=60, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36))()
+    dbs, options = DbCache(settings), {}
+    det = dbs.img(resolve_bundled("bundled:pool/img_det"))
+    gt = dbs.img(resolve_bundled("bundled:pool/img_gt"), gt=True)
+    name = HEADS[head][0]
+    if name == "vcr":
+        txt = dbs.txt(VcrTxtTokLmdb, resolve_bundled("bundled:vcr/txt_train"), True, task="qar")
+        dataset, options = VcrDataset(txt, gt, det), {"special_token_base": txt.special_token_base}
+    elif name == "nlvr2":
+        txt = dbs.txt(TxtTokLmdb, resolve_bundled("bundled:nlvr2/txt_train"), True)
+        dataset = Nlvr2Dataset(txt, det, paired=head != "nlvr2-triplet")
+    elif name == "re":
+        dataset = ReDataset(dbs.txt(ReTxtTokLmdb, resolve_bundled("bundled:re/txt_train"), True), gt, gt=True)
+    else:
+        txt_path, img_path = small_itm_db(str(tmp_path / "itm"), 8)
+        dataset = ItmRankDataset(TxtTokLmdb(txt_path, 60), DetectFeatLmdb(img_path), negative_size=2, seed=1)
+    return [
+        dataset.collate([dataset[i] for i in range(start, start + size)]) for start, size in ((0, 3), (7, 5))
+    ], options
+
+
+@pytest.mark.parametrize("head", ["vcr", "nlvr2-paired-attn", "nlvr2-triplet", "re", "itm"])
+def test_padded_head_step_on_bundled_batches_equals_the_unpadded_step(head: str, tmp_path) -> None:
+    """The datasets' own collates (every key a training batch carries) through pad_batch; in float64 the padded step
+    equals the unpadded one to 1e-12, so what fp32 shows is rounding (ITM's ranking gradients, sums of cancelling
+    hinge terms, reach 1.5e-6 on these batches: held to 3e-6 as the pretraining ITM)."""
+    batches, options = bundled_head_batches(head, tmp_path)
+    model, name = head_model(head, options), HEADS[head][0]
+    for batch in batches:
+        assert_same_step(model, batch, name, GRAD_TOLERANCE.get(name, 1e-6))
+    model.double()
+    for batch in batches:
+        assert_same_step(model, {**batch, "packed": as_double(batch["packed"])}, name, 1e-12)
+
+
+def test_heads_that_read_the_host_are_not_captured() -> None:
+    """RE's rank loss, ITM's hard negatives and ITM's first stage (module doc of uniter_fast.training.capture)."""
+    uncaptured = [
+        ("re", {"train_loss": "rank"}),
+        ("itm", {"hard_neg_size": 1}),
+        ("itm", {"first_stage_loss": "distill"}),
+    ]
+    for name, options in uncaptured:
+        task = get_task(name)
+        model = task.build_model(tiny_config(), task.check_options(options, name), True)
+        assert not model.captures
+        assert capture_blocker(model, torch.device("cuda")) == f"{type(model).__name__} {NOT_CAPTURED}"
+    assert (
+        get_task("itm")
+        .build_model(tiny_config(), get_task("itm").check_options({"first_stage_weight": 0}, ""), True)
+        .captures
+    )
+    with pytest.raises(NotCapturable, match="'sides'"):  # itm-hn batches: two sides a group
+        pad_batch({**head_batch("itm", 2, 0), "sides": 2}, SMALL)
+
+
 def test_padded_bf16_step_stays_within_bf16_rounding() -> None:
     """bf16: the padded step's loss and gradients are as close to the float64 step as the unpadded bf16 step's (at
     most twice its error, or 1e-2)."""
@@ -290,6 +459,14 @@ def test_the_padded_step_has_no_host_sync(task: str) -> None:
     fixed = pad_batch(corpus_batches(task, count=1)[0], SMALL)
     model(fixed, task)["loss"].backward()
     assert count_syncs(lambda: model(fixed, task)["loss"].backward()) == (0, [])
+
+
+@pytest.mark.parametrize("head", ["nlvr2-paired-attn", "re", "itm", "vcr"])
+def test_the_padded_head_step_has_no_host_sync(head: str) -> None:
+    model, name = head_model(head), HEADS[head][0]
+    fixed = pad_batch(head_batch(head, 3, 0), SMALL)
+    model(fixed, name)["loss"].backward()
+    assert count_syncs(lambda: model(fixed, name)["loss"].backward()) == (0, [])
 
 
 # ------------------------------------------------------------------------------------------------- the wrapper
@@ -375,6 +552,31 @@ def test_a_replay_runs_inside_the_engine_forward_and_accumulates_gradients() -> 
     assert id(model.region_classifier.output.weight) in reached and id(model.itm_output.weight) not in reached
 
 
+@pytest.mark.parametrize("head", ["itm", "nlvr2-paired-attn", "re"])
+def test_a_head_step_goes_through_the_wrapper(head: str) -> None:
+    """The wrapper's flatten / rebuild of a head's fixed-shape batch (nested first-stage layouts, grids, constants):
+    the step it replays is the padded batch's eager step."""
+    model, name = head_model(head), HEADS[head][0]
+
+    class Uncaptured(_GraphedStep):
+        def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            out = type(self.model).forward(self.model, self.rebuild(tensors), self.task)
+            self.keys = sorted(out)
+            return tuple(out[key] for key in self.keys)
+
+    captured = CapturedStep(model, torch.device("cpu"), SMALL)
+    captured.blocker = None
+    captured._capture = lambda tensors, rebuild, task: Uncaptured(model, rebuild, task)
+    batch = head_batch(head, 3, 2)
+    model.zero_grad(set_to_none=True)
+    out = captured(batch, name)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    expected, expected_grads = step(model, pad_batch(batch, SMALL), name)
+    assert torch.equal(out["loss"], expected["loss"]) and sorted(grads) == sorted(expected_grads)
+    assert all(torch.equal(grads[n], g) for n, g in expected_grads.items())
+
+
 def test_every_reason_not_to_capture_is_named() -> None:
     cuda = torch.device("cuda")  # a device object only: nothing runs on it
     fast = pretraining_model()
@@ -382,10 +584,10 @@ def test_every_reason_not_to_capture_is_named() -> None:
     assert "CUDA graphs need a CUDA device" in capture_blocker(fast, torch.device("cpu"))
     reference = UniterForPretraining(UniterConfig.tiny(), fast=False)
     assert "fast: false" in capture_blocker(reference, cuda)
-    from uniter_fast.tasks.nlvr2 import UniterForNlvr2PairedAttn
+    from uniter_fast.tasks.re import UniterForReferringExpressionComprehension
 
-    nlvr2 = UniterForNlvr2PairedAttn(UniterConfig.tiny(), fast=True)
-    assert capture_blocker(nlvr2, cuda) == "UniterForNlvr2PairedAttn reads the padded layout in its heads"
+    rank = UniterForReferringExpressionComprehension(UniterConfig.tiny(), loss="rank", fast=True)
+    assert capture_blocker(rank, cuda) == f"UniterForReferringExpressionComprehension {NOT_CAPTURED}"
     assert "ZeRO-3" in capture_blocker(fast, cuda, FakeEngine(zero3=True))
     assert "torch_autocast" in capture_blocker(fast, cuda, FakeEngine(autocast=True))
 
@@ -443,3 +645,22 @@ def test_captured_step_replays_the_eager_losses_and_gradients() -> None:
         captured(batch, task)["loss"].backward()
         for name, grad in eager_grads.items():
             torch.testing.assert_close(params[name].grad, 2 * grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the CPU tests above cover the rest")
+@pytest.mark.parametrize("head", sorted(HEADS))
+def test_captured_head_step_replays_the_eager_step(head: str) -> None:
+    device, name = torch.device("cuda"), HEADS[head][0]
+    model = head_model(head).to(device)
+    captured = CapturedStep(model, device, SMALL)
+    params = dict(model.named_parameters())
+    for batch in [head_batch(head, size, seed) for seed, size in enumerate((1, 3, 5))] * 2:
+        eager, eager_grads = step(model, move_to_device(pad_batch(batch, SMALL), device), name)
+        model.zero_grad(set_to_none=True)
+        out = captured(batch, name)
+        out["loss"].backward()
+        assert captured.blocker is None
+        torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-6, atol=0)
+        for key, grad in eager_grads.items():
+            torch.testing.assert_close(params[key].grad, grad, rtol=1e-5, atol=1e-7)

@@ -12,6 +12,7 @@ from uniter_fast.layout import (
     ot_split,
     pack_batch,
     packed_positions,
+    padded_index,
     padded_slots,
     segment_arange,
     unpack_tokens,
@@ -91,6 +92,22 @@ def test_segment_arange_and_padded_slots() -> None:
     assert segment_arange(lengths, torch.tensor([10, 99, 20, 5])).tolist() == [10, 11, 20, 21, 22, 5]
     assert padded_slots(lengths, 4).tolist() == [0, 1, 8, 9, 10, 12]
     assert segment_arange(torch.tensor([0, 0]), torch.tensor([3, 4])).tolist() == []
+
+
+@pytest.mark.parametrize("txt_lens,num_bbs", RAGGED)
+def test_padded_index_views_the_packed_rows_as_the_padded_sequence(txt_lens: list[int], num_bbs: list[int]) -> None:
+    """A packed output gathered by padded_index(cu_seqlens) is the padded joint sequence at every valid position,
+    and its pad mask is attn_masks == 0."""
+    attn_masks, _ = joint_layout(txt_lens, num_bbs)
+    positions = packed_positions(txt_lens, num_bbs)
+    bounds = positions["cu_seqlens"].long()
+    index, pad = padded_index(bounds[:-1], bounds[1:] - bounds[:-1])
+    assert torch.equal(pad, attn_masks == 0) and index.dtype == torch.int64
+    packed = torch.randn(int(bounds[-1]), 3)
+    padded = packed.new_zeros(*attn_masks.shape, 3).index_put(attn_masks.bool().nonzero(as_tuple=True), packed)
+    assert torch.equal(packed[index][~pad], padded[~pad]) and not index[pad].any()
+    wide_index, wide_pad = padded_index(bounds[:-1], bounds[1:] - bounds[:-1], attn_masks.size(1) + 4)
+    assert torch.equal(wide_index[:, : index.size(1)], index) and wide_pad[:, index.size(1) :].all()
 
 
 # --------------------------------------------------------------------------------------------------- pack_batch

@@ -19,6 +19,7 @@ from uniter_fast.tasks.itm import (
     ItmHardNegDataset,
     ItmRankDataset,
     UniterForImageTextRetrieval,
+    add_first_stage,
     contrastive_loss,
     distill_loss,
     select_rows,
@@ -223,7 +224,7 @@ def _grouped_batch(groups: int, size: int, seed: int) -> dict:
     batch["sample_size"] = size
     batch["pair_rows"] = torch.arange(groups) * size
     batch["pair_images"] = torch.arange(groups)
-    return batch
+    return add_first_stage(batch)
 
 
 def test_fast_equals_reference_with_the_first_stage_loss() -> None:

@@ -30,7 +30,7 @@ from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache, collate_rows
-from uniter_fast.tasks.nlvr2 import MODELS, Nlvr2Dataset, consistency
+from uniter_fast.tasks.nlvr2 import MODELS, Nlvr2Dataset, add_pair_layout, consistency
 
 ATTN_KEYS = [
     "attn1.in_proj_weight",
@@ -75,6 +75,8 @@ def pair_batch(paired: bool, lengths=((5, 4, 6), (8, 7, 3), (3, 10, 9)), seed: i
                 }
             )
     batch = collate_rows(rows, "nlvr2")
+    if paired:
+        add_pair_layout(batch)
     batch["targets"] = torch.tensor([1, 0, 1][: len(lengths)])
     return batch
 

@@ -28,7 +28,7 @@ from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import DbCache
-from uniter_fast.tasks.re import ReDataset, UniterForReferringExpressionComprehension, compute_iou
+from uniter_fast.tasks.re import ReDataset, UniterForReferringExpressionComprehension, add_regions, compute_iou
 
 SETTINGS = type("S", (), dict(max_txt_len=60, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36))()
 LENGTHS = [(6, 4), (9, 7), (3, 10), (5, 2)]
@@ -41,7 +41,7 @@ def model(mlp: int = 1, loss: str = "cls", fast: bool = False, hard_ratio: float
 
 def re_batch(seed: int = 0) -> dict:
     batch = random_batch(LENGTHS, seed)
-    batch["obj_masks"] = torch.arange(batch["img_feat"].size(1))[None] >= batch["num_bbs"][:, None]
+    add_regions(batch)
     batch["targets"] = torch.tensor([3, 0, 9, 1])
     return batch
 

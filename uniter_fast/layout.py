@@ -142,6 +142,27 @@ def padded_slots(lengths: Lengths, width: int) -> torch.Tensor:
     return torch.from_numpy(_segment_arange(lengths, np.arange(lengths.size) * width))
 
 
+def padded_index(starts: Lengths, lengths: Lengths, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded [B, width] view of B runs of the packed sequence, as an index and a mask (built on the host, so that
+    a head gathers ``packed_out[index]`` without reading lengths on the device).
+
+    Args:
+        starts: [B] int, the packed position of each run's first token. lengths: [B] int >= 0, each run's length.
+        width: the padded width (default max length).
+
+    Returns:
+        index int64 [B, width] (starts[i] + j for j < lengths[i], else 0) and pad bool [B, width] (True at
+        j >= lengths[i]).
+    """
+    lengths = _lengths("lengths", lengths)
+    starts = _lengths("starts", starts, lengths.size)
+    width = int(lengths.max(initial=0)) if width is None else width
+    columns = np.arange(width)[None, :]
+    pad = columns >= lengths[:, None]
+    index = np.where(pad, 0, starts[:, None] + columns)
+    return torch.from_numpy(index.astype(np.int64)), torch.from_numpy(pad)
+
+
 def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:
     """Build the packed layout (contract 2) from a padded batch (contract 1), on the batch's device.
 

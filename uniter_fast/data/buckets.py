@@ -9,13 +9,22 @@ up (:class:`Buckets`) and places the padding where it cannot change a real row:
   0) and zero regions sit after the last example, in trailing dummy sequences of at most ``max_seqlen`` tokens
   each (``cu_seqlens`` gets their bounds), so attention never mixes them with a real example; every other layer is
   row-wise. ``max_seqlen`` becomes the bound ``max_txt_len + max_bb``, fixed.
-- **examples and sequences**: per-example tensors (``cls_index``, ``targets``, the OT inputs) get
-  ``round_coarse(B, min_examples)`` rows (:func:`round_coarse`: four sizes per octave), weighted 0 by
-  ``example_weights``; ``cu_seqlens`` gets that many sequences plus room for every dummy sequence a batch can need,
-  the unused ones empty (repeated T).
+- **examples and sequences**: per-sequence tensors (``cls_index``, the OT inputs) get
+  ``round_coarse(B, min_examples)`` rows (:func:`round_coarse`: four sizes per octave), rounded up to whole groups
+  when an example spans several sequences (:func:`group_size`: NLVR2's pairs, ITM's groups of ``sample_size``);
+  per-example tensors (``targets``) get one row per group, weighted 0 by ``example_weights``; ``cu_seqlens`` gets
+  that many sequences plus room for every dummy sequence a batch can need, the unused ones empty (repeated T).
+- **per-sequence grids** (:data:`SEQUENCE_GRIDS`: ``seq_index`` / ``seq_pad`` of NLVR2 paired-attn, ``region_index``
+  and the top-level ``obj_masks`` of RE): [rows, width] indices into the packed sequence and their pad masks, padded
+  to [sequences, fixed width]; padded cells point at token 0 and are masked, and a padded sequence keeps one unmasked
+  cell (a softmax over nothing but masked keys would be NaN, and NaN times a zero weight is NaN).
 - **masked rows**: ``mlm_index`` / ``mlm_labels``, ``mrm_index`` and ``feat_targets`` / ``label_targets`` are padded
   to ``round_coarse(M, min_rows)`` rows (index 0, label 0, zero targets), weighted 0 by ``mlm_weights`` /
   ``mrm_weights``; every loss reads the weights (``uniter_fast.losses`` ``weights=``) and averages over the real rows.
+- **ITM's first stage** (``first_stage``: text-only and image-only packed layouts of each group's positive,
+  ``uniter_fast.tasks.itm.add_first_stage``): each padded as a packed batch (token multiples, dummy sequences) with
+  one sequence per padded group; padding regions go to a spare row of the per-group region mean, padded groups
+  count 1 region (a zero mean, finite) and weigh 0 in the contrastive loss.
 - **OT (ITM + WRA)**: the text and image grids are [B', max_txt_len] and [B', max_bb]; padded examples have one
   text token and one region (zero embeddings, finite distances, weight 0); the padding tokens' rows go to one spare
   grid row that the model drops.
@@ -28,21 +37,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from uniter_fast.errors import ConfigError
 from uniter_fast.layout import pad_masks, padded_slots
 
-PER_EXAMPLE_TARGETS = ("targets",)
+PER_EXAMPLE_TARGETS = ("targets", "pair_images")
 """Top-level per-example tensors ([B, ...]) that :func:`pad_batch` pads with zero rows."""
+SEQUENCE_GRIDS = {"seq_index": ("max_seqlen", 0), "seq_pad": ("max_seqlen", True)}
+"""Packed per-sequence grids [S, width] (NLVR2 paired-attn, ``uniter_fast.layout.padded_index``): their fixed width
+(a :class:`Buckets` attribute) and their fill."""
+SEQUENCE_GRIDS |= {"region_index": ("max_bb", 0), "obj_masks": ("max_bb", True)}  # RE: packed / top level
+CONSTANTS = ("task", "sample_size")
+"""Top-level non-tensor values kept as they are (ITM's group size; its ``sides`` of ``itm-hn`` has no padding)."""
 MASKED_ROW_TARGETS = ("feat_targets", "label_targets")
 """Top-level per-masked-region tensors ([M, ...]) padded with zero rows."""
 DROPPED = {"txt_lens", "num_bbs", "qids", "input_ids", "position_ids", "img_feat", "img_pos_feat", "attn_masks"}
 """Keys of the padded layout (contract 1) and host-only keys, which a fixed-shape batch leaves out: the models
 that can be captured read only the packed layout (``UniterPreTrainedModel.captures``)."""
 DROPPED |= {"gather_index", "txt_labels", "img_masks", "img_mask_tgt", "txt_type_ids", "img_type_ids"}
+DROPPED |= {"pair_rows", "sent_ids"}  # ITM's padded first-stage rows (the packed ``first_stage`` is padded), RE ids
 
 
 class NotCapturable(ValueError):
@@ -111,16 +127,48 @@ def _weights(real: int, total: int) -> torch.Tensor:
     return weights
 
 
-def padded_sizes(num_txt: int, num_img: int, num_examples: int, buckets: Buckets) -> dict[str, int]:
-    """The fixed sizes of a batch of ``num_txt`` text tokens, ``num_img`` regions and ``num_examples`` examples:
-    ``txt``, ``img`` (rounded token counts), ``tokens`` (their sum), ``dummies`` (trailing sequences holding the
-    padding), ``sequences`` (``cu_seqlens`` has one more entry) and ``examples``."""
+def padded_sizes(
+    num_txt: int, num_img: int, num_examples: int, buckets: Buckets, group: int = 1, examples: Optional[int] = None
+) -> dict[str, int]:
+    """The fixed sizes of a batch of ``num_txt`` text tokens, ``num_img`` regions and ``num_examples`` sequences
+    read by a head (``cls_index`` rows) in examples of ``group`` sequences each: ``txt``, ``img`` (rounded token
+    counts), ``tokens`` (their sum), ``dummies`` (trailing sequences holding the padding), ``sequences``
+    (``cu_seqlens`` has one more entry) and ``examples`` (head sequences, a multiple of ``group``; given as
+    ``examples`` for a layout nested in a batch that fixes it)."""
     txt, img = round_up(num_txt, buckets.token_multiple), round_up(num_img, buckets.token_multiple)
     dummies = math.ceil((txt - num_txt + img - num_img) / buckets.max_seqlen)
-    examples = round_coarse(num_examples, buckets.min_examples)
+    if examples is None:
+        examples = round_up(round_coarse(num_examples, buckets.min_examples), group)
     sequences = examples + math.ceil(2 * (buckets.token_multiple - 1) / buckets.max_seqlen)  # room for any dummies
     sizes = {"txt": txt, "img": img, "tokens": txt + img, "dummies": dummies}
     return {**sizes, "sequences": sequences, "examples": examples}
+
+
+def group_size(batch: dict[str, Any]) -> int:
+    """How many sequences (``cls_index`` rows) one example spans: ITM's ``sample_size`` (a positive and its
+    negatives), else ``cls_index`` rows / ``targets`` rows (NLVR2 paired: 2), else 1."""
+    sequences = batch["packed"]["cls_index"].numel()
+    if "sample_size" in batch:
+        group = int(batch["sample_size"])
+    elif "targets" in batch and batch["targets"].size(0) != sequences:
+        group = sequences // max(1, batch["targets"].size(0))
+    else:
+        group = 1
+    if group < 1 or sequences % group:
+        raise NotCapturable(f"{sequences} sequences do not form examples of {group} sequences")
+    return group
+
+
+def _grid(grid: torch.Tensor, rows: int, width: int, fill: Any) -> torch.Tensor:
+    """A per-sequence grid [R, W] (W <= ``width``) padded to [rows, width] with ``fill``; a bool mask's padded rows
+    keep cell 0 unmasked (module doc)."""
+    if grid.size(1) > width:
+        raise NotCapturable(f"a grid of width {grid.size(1)} is wider than the buckets' {width}")
+    out = torch.full((rows, width), fill, dtype=grid.dtype)
+    out[: grid.size(0), : grid.size(1)] = grid
+    if grid.dtype == torch.bool:
+        out[grid.size(0) :, 0] = False
+    return out
 
 
 def _padded_cu_seqlens(cu_seqlens: torch.Tensor, total: int, sequences: int, bound: int) -> torch.Tensor:
@@ -160,6 +208,9 @@ def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> 
     }
     if "img_masks" in packed:
         out["img_masks"] = _cat(packed["img_masks"], pad_img, False)
+    for key in SEQUENCE_GRIDS.keys() & packed.keys():
+        width, fill = SEQUENCE_GRIDS[key]
+        out[key] = _grid(packed[key], sizes["examples"], getattr(buckets, width), fill)
     for key, pad in (("txt_type_ids", pad_txt), ("img_type_ids", pad_img)):
         if key in packed:
             out[key] = _cat(packed[key], pad)
@@ -174,6 +225,21 @@ def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> 
     unknown = sorted(set(packed) - set(out) - {"txt_slot", "img_slot"})
     if unknown:
         raise NotCapturable(f"packed keys {unknown} have no fixed-shape padding")
+    return out
+
+
+def _first_stage(stage: dict[str, Any], groups: int, buckets: Buckets) -> dict[str, Any]:
+    """ITM's ``first_stage`` layouts padded to ``groups`` groups (module doc)."""
+    out: dict[str, Any] = {}
+    for key in ("txt", "img"):
+        packed = stage[key]
+        num_txt, num_img = packed["txt_ids"].numel(), packed["img_feat"].size(0)
+        sizes = padded_sizes(num_txt, num_img, packed["cls_index"].numel(), buckets, examples=groups)
+        out[key] = _packed(packed, sizes, buckets)
+    real = stage["img_counts"].numel()
+    pad_img = out["img"]["img_feat"].size(0) - stage["img_rows"].numel()
+    out["img_rows"] = _cat(stage["img_rows"], pad_img, groups)
+    out["img_counts"] = _cat(stage["img_counts"], groups - real, 1)
     return out
 
 
@@ -197,28 +263,35 @@ def pad_batch(batch: dict[str, Any], buckets: Buckets) -> dict[str, Any]:
     """A fast-path batch (host tensors, with ``packed``) at the fixed shapes of ``buckets`` (module doc).
 
     Returns a new dict: ``task``, ``packed`` (padded, with ``mlm_weights`` / ``mrm_weights`` [M'] float32 where it
-    has masked rows), ``example_weights`` float32 [B'] (1 for the B real examples), ``feat_targets`` /
-    ``label_targets`` [M', ...], ``targets`` [B', ...] and ``ot_inputs`` when the batch has them. The padded layout's
+    has masked rows), ``example_weights`` float32 [E'] (1 for the E real examples; an example spans
+    :func:`group_size` sequences), ``feat_targets`` / ``label_targets`` [M', ...], ``targets`` [E', ...], the
+    :data:`SEQUENCE_GRIDS` and ``ot_inputs`` when the batch has them, and the :data:`CONSTANTS`. The padded layout's
     keys are left out. ``NotCapturable`` for a batch without ``packed``, with a key whose padding is not defined, or
     with an example longer than ``buckets.max_seqlen``.
     """
     if "packed" not in batch:
         raise NotCapturable("the batch has no packed layout (fixed shapes need the fast path, fast: true)")
     packed = batch["packed"]
-    num_examples = packed["cls_index"].numel()
-    sizes = padded_sizes(packed["txt_ids"].numel(), packed["img_feat"].size(0), num_examples, buckets)
+    num_sequences, group = packed["cls_index"].numel(), group_size(batch)
+    sizes = padded_sizes(packed["txt_ids"].numel(), packed["img_feat"].size(0), num_sequences, buckets, group)
     out: dict[str, Any] = {"packed": _packed(packed, sizes, buckets)}
-    out["example_weights"] = _weights(num_examples, sizes["examples"])
+    examples = sizes["examples"] // group
+    out["example_weights"] = _weights(num_sequences // group, examples)
     for key, value in batch.items():
         if key in ("packed", "example_weights") or key in DROPPED:
             continue
-        if key == "task":
+        if key in CONSTANTS:
             out[key] = value
         elif key in PER_EXAMPLE_TARGETS:
-            out[key] = _cat(value, sizes["examples"] - value.size(0))
+            out[key] = _cat(value, examples - value.size(0))
+        elif key in SEQUENCE_GRIDS:
+            width, fill = SEQUENCE_GRIDS[key]
+            out[key] = _grid(value, sizes["examples"], getattr(buckets, width), fill)
         elif key in MASKED_ROW_TARGETS:
             rows = out["packed"]["mrm_weights"].numel() if "mrm_weights" in out["packed"] else value.size(0)
             out[key] = _cat(value, rows - value.size(0))
+        elif key == "first_stage":
+            out[key] = _first_stage(value, examples, buckets)
         elif key == "ot_inputs":
             out[key] = _ot(batch, out["packed"], sizes, buckets)
         else:

@@ -36,9 +36,9 @@ import torch
 from uniter_fast import backends
 from uniter_fast.losses import reference
 from uniter_fast.losses.checks import check_labels, check_projection, check_targets, check_weights
-from uniter_fast.losses.reference import weighted_mean
+from uniter_fast.losses.reference import cross_entropy_mean, weighted_mean
 
-__all__ = ["mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend", "weighted_mean"]
+__all__ = ["cross_entropy_mean", "mlm_loss", "mrc_kl_loss", "mrc_loss", "mrfr_loss", "resolve_backend", "weighted_mean"]
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

@@ -25,6 +25,17 @@ def weighted_mean(values: torch.Tensor, weights: Optional[torch.Tensor] = None) 
     return (values * row_weights).sum() / (weights.sum() * per_row)
 
 
+def cross_entropy_mean(
+    logits: torch.Tensor, targets: torch.Tensor, weights: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` [N, C] (taken in fp32) against ``targets`` int64 [N]: ``F.cross_entropy``'s mean
+    over the rows (the task heads' loss), or with ``weights`` [N] (0 / 1, a fixed-shape batch's
+    ``example_weights``) the mean over the rows of weight 1 (:func:`weighted_mean`). 0-dim float32."""
+    if weights is None:
+        return F.cross_entropy(logits.float(), targets)
+    return weighted_mean(F.cross_entropy(logits.float(), targets, reduction="none"), weights)
+
+
 def empty_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """0.0 (float32, 0-dim) still connected to ``hidden``, ``weight`` and ``bias`` so backward gives zero gradients."""
     return (hidden.sum() * 0 + weight.sum() * 0 + bias.sum() * 0).float()

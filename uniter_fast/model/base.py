@@ -3,7 +3,7 @@
 As the original ``model/model.py`` base of the same name, it holds the encoder under ``uniter`` (so ``state_dict``
 keys are ``uniter.*`` plus the heads' original names) and the weight init of the heads. It also chooses, in one
 place for every head, between the packed encoder (``fast``: valid tokens only, ``Model.forward_packed``) and the
-padded one (the reference), and reads rows back out of either layout: the pooled [CLS], the padded joint sequence,
+padded one (the reference), and reads rows back out of either layout: the pooled [CLS] and
 each example's regions. ``init_type_embedding`` / ``init_word_embedding`` grow the embedding tables as NLVR2 and
 VCR do (written once here; the original repeats them in five classes).
 """
@@ -38,9 +38,10 @@ class UniterPreTrainedModel(nn.Module):
 
     captures = False
     """Whether the fast forward reads only what a fixed-shape batch holds (``uniter_fast.data.buckets``: the packed
-    layout, per-example targets and weights), so that its training step can be captured as a CUDA graph
-    (``uniter_fast.training.capture``). Heads that read the padded layout (NLVR2, RE, VCR, ITM fine-tuning) leave
-    it False."""
+    layout, per-example targets and ``example_weights``, the host-built grids of ``SEQUENCE_GRIDS``), so that its
+    training step can be captured as a CUDA graph (``uniter_fast.training.capture``). A head that reads the padded
+    layout, syncs with the host or draws per-row randoms in its loss leaves it False (RE's rank loss, ITM's hard
+    negatives and distillation: a property there)."""
 
     def __init__(self, config: UniterConfig, fast: bool = False, check_values: Optional[bool] = None) -> None:
         super().__init__()
@@ -88,28 +89,21 @@ class UniterPreTrainedModel(nn.Module):
             return self.uniter.pooler(sequence_output[batch["packed"]["cls_index"]].unsqueeze(1))
         return self.uniter.pooler(sequence_output)
 
-    def _padded_sequence(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
-        """The joint sequence [B, L, H] (L = attn_masks width); a packed output is scattered back, zeros at pads.
-
-        The packed tokens are exactly the valid joint positions in row-major order, so no index is needed beyond
-        ``attn_masks``."""
-        if sequence_output.dim() == 3:
-            return sequence_output
-        valid = batch["attn_masks"].bool()
-        padded = sequence_output.new_zeros(*valid.shape, sequence_output.size(-1))
-        return padded.index_put((valid.nonzero(as_tuple=True)), sequence_output)
-
     def _region_hidden(self, batch: dict, sequence_output: torch.Tensor) -> torch.Tensor:
-        """Each example's region outputs [B, Nb, H] (row i at positions t_i .. t_i+n_i-1 of its joint sequence),
-        zero-padded to Nb = max n_i as the original ``_get_image_hidden``."""
+        """Each example's region outputs [B, Nb, H] (row i at positions t_i .. t_i+n_i-1 of its joint sequence).
+
+        Padded layout: zero-padded to Nb = max n_i as the original ``_get_image_hidden``. Packed: gathered by the
+        collate's ``packed["region_index"]`` [B, Nb] (:func:`uniter_fast.layout.padded_index`), whose pad cells
+        hold token 0's output: a head masks them (RE's ``obj_masks``)."""
+        if sequence_output.dim() == 2:
+            if "region_index" not in batch["packed"]:
+                raise ValueError("the packed layout lacks 'region_index' (its collate adds it: tasks.re.add_regions)")
+            return sequence_output[batch["packed"]["region_index"]]
         txt_lens, num_bbs = batch["txt_lens"], batch["num_bbs"]
         max_bb = batch["img_feat"].size(1)
         valid = torch.arange(max_bb, device=num_bbs.device)[None, :] < num_bbs[:, None]
-        hidden = sequence_output.size(-1)
-        out = sequence_output.new_zeros(valid.size(0), max_bb, hidden)
+        out = sequence_output.new_zeros(valid.size(0), max_bb, sequence_output.size(-1))
         rows, cols = valid.nonzero(as_tuple=True)
-        if sequence_output.dim() == 2:
-            return out.index_put((rows, cols), sequence_output[batch["packed"]["img_index"]])
         return out.index_put((rows, cols), sequence_output[rows, txt_lens[rows] + cols])
 
     # ------------------------------------------------------------------ growing the embedding tables

@@ -37,7 +37,8 @@ from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
 from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import caption_record
 from uniter_fast.errors import ConfigError, DataError
-from uniter_fast.layout import pack_batch
+from uniter_fast.layout import pack_batch, packed_positions, padded_slots, segment_arange
+from uniter_fast.losses import weighted_mean
 from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
@@ -69,14 +70,32 @@ def side_means(terms: torch.Tensor, sides: int) -> torch.Tensor:
     return terms.reshape(-1, sides, terms.size(1)).mean(dim=(0, 2))
 
 
-def contrastive_loss(txt: torch.Tensor, img: torch.Tensor, groups: torch.Tensor, temperature: float) -> torch.Tensor:
+def contrastive_loss(
+    txt: torch.Tensor,
+    img: torch.Tensor,
+    groups: torch.Tensor,
+    temperature: float,
+    weights: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """In-batch contrastive loss (mean of text->image and image->text cross-entropy) of matching rows of ``txt`` /
-    ``img`` [G, D] (L2-normalised); off-diagonal pairs of the same image (``groups`` int64 [G]) are masked out."""
+    ``img`` [G, D] (L2-normalised); off-diagonal pairs of the same image (``groups`` int64 [G]) are masked out.
+    ``weights`` [G] (a fixed-shape batch's ``example_weights``): the rows of weight 0 are padding, neither a
+    candidate of a real row nor counted in the means."""
     logits = txt.float() @ img.float().t() / temperature
     same = groups[:, None] == groups[None, :]
     logits = logits.masked_fill(same & ~torch.eye(len(groups), dtype=torch.bool, device=logits.device), float("-inf"))
     target = torch.arange(len(groups), device=logits.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    if weights is None:
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+    pad = weights == 0
+    padded_candidate = ~pad[:, None] & pad[None, :]  # a padding row keeps its own diagonal: its terms stay finite
+    per_dir = [
+        weighted_mean(
+            F.cross_entropy(x.masked_fill(padded_candidate, float("-inf")), target, reduction="none"), weights
+        )
+        for x in (logits, logits.t())
+    ]
+    return (per_dir[0] + per_dir[1]) / 2
 
 
 def distill_loss(
@@ -140,6 +159,20 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         self._fresh_first_stage: Optional[torch.Tensor] = None  # see mark_first_stage_fresh
         self.init_head_weights(*heads)
 
+    @property
+    def captures(self) -> bool:  # type: ignore[override]
+        """The ranking loss and the contrastive first stage read only packed layouts (``cls_index``; the collate's
+        :func:`add_first_stage`), groups weighted by a fixed-shape batch's ``example_weights``. Hard negatives pick
+        and re-pack rows on the host (``select_rows``) and the distillation teacher scores a nested joint batch of
+        every text x image (``cross_pairs``): those models run uncaptured."""
+        distill = self.first_stage_dim and self.first_stage_weight > 0 and self.distills
+        return not self.hard_neg_size and not distill
+
+    @property
+    def distills(self) -> bool:
+        """Whether ``first_stage_loss`` has the distillation term."""
+        return "distill" in first_stage_terms(self.first_stage_loss)
+
     def mark_first_stage_fresh(self) -> None:
         """Remember the first stage's weights as freshly initialised (a pretrained checkpoint, which has none, was
         loaded): :attr:`first_stage_untrained` holds until they change (a training step, or trained weights loaded
@@ -185,7 +218,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             batch, sample_size = self.hard_batch(batch, sample_size), self.hard_neg_size + 1
         scores = self.rank_scores(batch)
         terms = triplet_loss(scores, sample_size, self.margin)
-        rank_loss = terms.mean() * sides  # every side has as many terms: the sum of the sides' means
+        # every side has as many terms: the sum of the sides' means (a fixed-shape batch's: over its real groups)
+        rank_loss = weighted_mean(terms, batch.get("example_weights")) * sides
         out = {"loss": rank_loss, "rank_loss": rank_loss.detach()}
         if with_logits:
             out["logits"] = scores.view(-1, sample_size)
@@ -193,14 +227,12 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             per_side = side_means(terms.detach(), sides)
             out.update(text_side_loss=per_side[0], image_side_loss=per_side[1])
         if self.first_stage_dim and self.first_stage_weight > 0:
-            require(batch, ("pair_rows", "pair_images"), "itm", "the first-stage loss")
-            pairs = select_rows(batch, batch["pair_rows"])
-            txt = self.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
-            img = self.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
+            txt, img = self.pair_embeddings(batch)
             parts = []
             if "contrastive" in first_stage_terms(self.first_stage_loss):
-                parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature))
-            if "distill" in first_stage_terms(self.first_stage_loss):
+                weights = batch.get("example_weights")
+                parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature, weights))
+            if self.distills:
                 teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
                 parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
             first = sum(parts[1:], parts[0])
@@ -233,6 +265,29 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         return out
 
     # ------------------------------------------------------------------ first stage
+    def pair_embeddings(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-stage embeddings (text [G, D], image [G, D], L2-normalised fp32) of each group's positive pair:
+        on the packed path from the collate's ``first_stage`` layouts (:func:`add_first_stage`; a text-only and an
+        image-only packed pass), else from the padded rows ``pair_rows`` (:meth:`text_embeddings`,
+        :meth:`image_embeddings`). The same passes either way: text with its positions and type 0 alone, regions
+        with type 1 alone, the image's mean region output."""
+        require(batch, ("pair_images",), "itm", "the first-stage loss")
+        if self._uses_packed(batch):
+            require(batch, ("first_stage",), "itm", "the first stage on the packed layout: add_first_stage")
+            stage = batch["first_stage"]
+            txt_out = self.uniter.forward_packed(stage["txt"], check_values=self.check_values)
+            txt = F.normalize(self.txt_proj(txt_out[stage["txt"]["cls_index"]]).float(), dim=-1)
+            regions = self.uniter.forward_packed(stage["img"], check_values=self.check_values)
+            regions = regions[stage["img"]["img_index"]]
+            groups = stage["img_counts"].numel()  # row `groups` takes a fixed-shape batch's padding regions
+            sums = regions.new_zeros(groups + 1, regions.size(1)).index_add_(0, stage["img_rows"], regions)
+            mean = sums[:groups] / stage["img_counts"][:, None].to(sums.dtype)
+            return txt, F.normalize(self.img_proj(mean).float(), dim=-1)
+        require(batch, ("pair_rows",), "itm", "the first-stage loss")
+        pairs = select_rows(batch, batch["pair_rows"])
+        txt = self.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
+        return txt, self.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
+
     def text_embeddings(self, input_ids: torch.Tensor, txt_lens: torch.Tensor) -> torch.Tensor:
         """L2-normalised first-stage text embeddings [B, D] of input_ids int64 [B, Lt] ([CLS] .. [SEP])."""
         mask = torch.arange(input_ids.size(1), device=input_ids.device)[None, :] < txt_lens[:, None]
@@ -249,6 +304,31 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
 
 
 # ---------------------------------------------------------------------- data
+def add_first_stage(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add the first stage's packed inputs of each group's positive pair (``pair_rows``) to a collated batch:
+    ``batch["first_stage"]`` = {``txt``: the text-only packed layout of the positives' texts (no regions; positions
+    0 .. t-1, as the padded text-only pass), ``img``: the image-only packed layout of their images (no text;
+    ``cls_index`` = each image's first region), ``img_rows`` int64 [Sn] (the group of each region), ``img_counts``
+    float32 [G] (regions per group)}, built on the host from the padded keys. Returns ``batch``."""
+    rows = batch["pair_rows"]
+    txt_lens, num_bbs = batch["txt_lens"][rows], batch["num_bbs"][rows]
+    zeros, empty = torch.zeros_like(num_bbs), torch.zeros(0, dtype=torch.long)
+    img_feat, img_pos_feat = batch["img_feat"][rows], batch["img_pos_feat"][rows]
+    txt = packed_positions(txt_lens, zeros)
+    txt["txt_ids"] = batch["input_ids"][rows].reshape(-1)[padded_slots(txt_lens, batch["input_ids"].size(1))]
+    txt["txt_position_ids"] = segment_arange(txt_lens, zeros)
+    txt["img_feat"], txt["img_pos_feat"] = img_feat.new_zeros(0, img_feat.size(2)), img_pos_feat.new_zeros(0, 7)
+    img = packed_positions(zeros, num_bbs)
+    slots = padded_slots(num_bbs, img_feat.size(1))
+    img["img_feat"] = img_feat.reshape(-1, img_feat.size(2))[slots]
+    img["img_pos_feat"] = img_pos_feat.reshape(-1, img_pos_feat.size(2))[slots]
+    img["txt_ids"], img["txt_position_ids"] = empty, empty.clone()
+    groups = torch.arange(rows.numel())
+    stage = {"txt": txt, "img": img, "img_rows": groups.repeat_interleave(num_bbs), "img_counts": num_bbs.float()}
+    batch["first_stage"] = stage
+    return batch
+
+
 def read_pairs(txt_db: TxtTokLmdb, img_db: DetectFeatLmdb) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(txt2img, img2txts) of ``txt_db``'s usable texts (after its max_txt_len filter); ``DataError`` naming a text
     whose image is missing from ``img_db`` or that names several images, ``ValueError`` for an empty split."""
@@ -349,13 +429,14 @@ class ItmRankDataset(ItmNegativesBase):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Joint layout of every group's pairs (group by group), ``sample_size``, and for the first stage
-        ``pair_rows`` (each group's positive) / ``pair_images`` (its image's index)."""
+        ``pair_rows`` (each group's positive) / ``pair_images`` (its image's index) and ``first_stage``
+        (:func:`add_first_stage`)."""
         size = len(items[0]["rows"])
         batch = collate_rows([r for it in items for r in it["rows"]], self.task)
         batch["sample_size"] = size
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
-        return self.add_cross_pairs(batch, items)
+        return self.add_cross_pairs(add_first_stage(batch), items)
 
 
 class ItmHardNegDataset(ItmNegativesBase):
@@ -374,13 +455,13 @@ class ItmHardNegDataset(ItmNegativesBase):
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
         """Joint layout of the groups (text side, image side, per item), ``sample_size`` = 1 + n, ``sides`` = 2, and
-        the first stage's ``pair_rows`` (the text-side positives) / ``pair_images``."""
+        the first stage's ``pair_rows`` (the text-side positives) / ``pair_images`` / ``first_stage``."""
         size = len(items[0]["rows"]) // 2
         batch = collate_rows([r for it in items for r in it["rows"]], self.task)
         batch["sample_size"], batch["sides"] = size, 2
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * 2 * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
-        return self.add_cross_pairs(batch, items)
+        return self.add_cross_pairs(add_first_stage(batch), items)
 
 
 def images_batch(images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

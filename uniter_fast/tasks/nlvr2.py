@@ -31,6 +31,8 @@ from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
 from uniter_fast.data.task_db import Record, check_image, write_records
 from uniter_fast.data.task_records import field, image_key, nlvr2_record
 from uniter_fast.errors import DataError
+from uniter_fast.layout import padded_index
+from uniter_fast.losses import cross_entropy_mean
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (
     DbCache,
@@ -64,6 +66,8 @@ class AttentionPool(nn.Module):
 
 
 class _Nlvr2Model(UniterPreTrainedModel):
+    captures = True
+
     def forward(
         self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -73,7 +77,7 @@ class _Nlvr2Model(UniterPreTrainedModel):
         if not compute_loss:
             return {"scores": scores}
         require(batch, ("targets",), "nlvr2")
-        loss = F.cross_entropy(scores.float(), batch["targets"])
+        loss = cross_entropy_mean(scores, batch["targets"], batch.get("example_weights"))
         return {"loss": loss, **({"logits": scores} if with_logits else {})}
 
     def scores(self, batch: dict[str, Any], sequence_output: torch.Tensor) -> torch.Tensor:
@@ -125,10 +129,18 @@ class UniterForNlvr2PairedAttn(_Nlvr2Model):
         return super().external_parameters() + out
 
     def scores(self, batch: dict[str, Any], sequence_output: torch.Tensor) -> torch.Tensor:
-        sequence = self._padded_sequence(batch, sequence_output)
+        """[pairs, 2] of the sequences [left_0, right_0, left_1, ...]: padded ([B, L, H], ``attn_masks``), or packed
+        ([T, H]) gathered to [B, L, H] by the collate's ``seq_index`` / ``seq_pad`` (:func:`add_pair_layout`; a
+        pad position holds token 0's output instead of zeros: masked, it weighs exactly 0 either way)."""
+        if sequence_output.dim() == 2:
+            packed = batch["packed"]
+            require(packed, ("seq_index", "seq_pad"), "nlvr2", "paired-attn on the packed layout: add_pair_layout")
+            sequence, pad = sequence_output[packed["seq_index"]], packed["seq_pad"]
+        else:
+            sequence, pad = sequence_output, batch["attn_masks"] == 0
         pairs, length, hidden = sequence.size(0) // 2, sequence.size(1), sequence.size(2)
         left, right = sequence.reshape(pairs, 2 * length, hidden).chunk(2, dim=1)
-        pad = (batch["attn_masks"] == 0).reshape(pairs, 2 * length)
+        pad = pad.reshape(pairs, 2 * length)
         left_pad, right_pad = pad.chunk(2, dim=1)
         left, right = left.transpose(0, 1), right.transpose(0, 1)  # [L, pairs, H], the layout of the original
         l2r, _ = self.attn1(left, right, right, key_padding_mask=right_pad, need_weights=False)
@@ -137,6 +149,18 @@ class UniterForNlvr2PairedAttn(_Nlvr2Model):
         right = self.fc(torch.cat([r2l, right], dim=-1)).transpose(0, 1)
         pooled = torch.cat([self.attn_pool(left, left_pad), self.attn_pool(right, right_pad)], dim=-1)
         return self.nlvr2_output(pooled)
+
+
+def add_pair_layout(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add paired-attn's host-built gather of each sequence from the packed output to ``batch["packed"]`` (when it
+    has one): ``seq_index`` int64 [S, L] and ``seq_pad`` bool [S, L] (:func:`uniter_fast.layout.padded_index` of
+    the S sequences, L = ``max_seqlen``). Returns ``batch``."""
+    packed = batch.get("packed")
+    if packed is not None:
+        bounds = packed["cu_seqlens"].long()
+        index, pad = padded_index(bounds[:-1], bounds[1:] - bounds[:-1], int(packed["max_seqlen"]))
+        packed["seq_index"], packed["seq_pad"] = index, pad
+    return batch
 
 
 MODELS = {"paired": UniterForNlvr2Paired, "triplet": UniterForNlvr2Triplet, "paired-attn": UniterForNlvr2PairedAttn}
@@ -189,9 +213,11 @@ class Nlvr2Dataset(TaskDataset):
         return {"rows": rows, "target": int(record["target"]), "qid": id_}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Joint layout of every sequence (paired: [left_0, right_0, left_1, ...]), ``targets`` int64 [B],
-        ``qids``."""
+        """Joint layout of every sequence (paired: [left_0, right_0, left_1, ...], with :func:`add_pair_layout`),
+        ``targets`` int64 [B], ``qids``."""
         batch = collate_rows([r for it in items for r in it["rows"]], self.task)
+        if self.paired:
+            add_pair_layout(batch)
         batch["targets"] = torch.tensor([it["target"] for it in items], dtype=torch.long)
         batch["qids"] = [it["qid"] for it in items]
         return batch
@@ -288,7 +314,7 @@ class Nlvr2Task(Task):
     def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
         """The paired-attn variant: two rows per example (image types 1 and 2), a true/false target each."""
         rows = random_rows(size, 2, config.vocab_size, rng, txt_range, img_range, img_types=True)
-        batch = collate_rows(rows, self.name)
+        batch = add_pair_layout(collate_rows(rows, self.name))
         batch["targets"] = torch.from_numpy(rng.integers(0, 2, size))
         return self.check_options({"model": "paired-attn"}, "example"), batch
 

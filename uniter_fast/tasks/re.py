@@ -39,6 +39,7 @@ from uniter_fast.data.re_db import (
 )
 from uniter_fast.data.task_db import GT_BOX_SETTINGS
 from uniter_fast.errors import DataError
+from uniter_fast.layout import padded_index
 from uniter_fast.model.activations import Gelu
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
@@ -80,6 +81,12 @@ class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
         self.loss, self.margin, self.hard_ratio = loss, margin, hard_ratio
         self.init_head_weights(self.re_output)
 
+    @property
+    def captures(self) -> bool:  # type: ignore[override]
+        """The ``cls`` loss reads only the packed layout and the host-built grids; ``rank`` draws its negatives per
+        row from the batch's ``num_bbs`` after a host check of them (not in a fixed-shape batch, not capturable)."""
+        return self.loss == "cls"
+
     def forward(
         self, batch: dict[str, Any], task: Any = None, compute_loss: bool = True, with_logits: bool = False
     ) -> dict[str, torch.Tensor]:
@@ -94,7 +101,11 @@ class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
         targets = batch["targets"]
         logits = {"logits": scores} if with_logits else {}
         if self.loss == "cls":
-            return {"loss": F.cross_entropy(scores.float(), targets, reduction="sum"), **logits}
+            weights = batch.get("example_weights")  # a fixed-shape batch's (uniter_fast.data.buckets)
+            if weights is None:
+                return {"loss": F.cross_entropy(scores.float(), targets, reduction="sum"), **logits}
+            terms = F.cross_entropy(scores.float(), targets, reduction="none")
+            return {"loss": (terms * weights).sum(), **logits}
         negatives = self.sample_negatives(scores.detach(), targets, batch["num_bbs"])
         positive = torch.sigmoid(scores.gather(1, targets[:, None]).squeeze(1).float())
         negative = torch.sigmoid(scores.gather(1, negatives[:, None]).squeeze(1).float())
@@ -111,6 +122,19 @@ class UniterForReferringExpressionComprehension(UniterPreTrainedModel):
         uniform = uniform + (uniform >= targets).long()  # skip the target: uniform over the other regions
         hard = torch.rand(targets.shape, device=scores.device) < self.hard_ratio
         return torch.where(hard, hardest, uniform)
+
+
+def add_regions(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add the region grid of a collated batch: ``obj_masks`` bool [B, Nb] (True at padding, Nb = the padded
+    region count) and, with a packed layout, ``packed["region_index"]`` int64 [B, Nb], the packed position of
+    region j of example i (0 at padding; :func:`uniter_fast.layout.padded_index`). Returns ``batch``."""
+    width, num_bbs = batch["img_feat"].size(1), batch["num_bbs"]
+    packed = batch.get("packed")
+    starts = packed["cls_index"] + batch["txt_lens"] if packed is not None else torch.zeros_like(num_bbs)
+    index, batch["obj_masks"] = padded_index(starts, num_bbs, width)
+    if packed is not None:
+        packed["region_index"] = index
+    return batch
 
 
 def is_gt_db(path: str) -> bool:
@@ -158,10 +182,9 @@ class ReDataset(TaskDataset):
         return item
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Joint layout + ``obj_masks`` bool [B, Nb] (True at padding), ``targets`` int64 [B] (training) or
-        ``obj_boxes`` / ``tgt_box`` (evaluation), ``sent_ids``."""
-        batch = collate_rows(items, self.task)
-        batch["obj_masks"] = torch.arange(batch["img_feat"].size(1))[None, :] >= batch["num_bbs"][:, None]
+        """Joint layout with :func:`add_regions`, ``targets`` int64 [B] (training) or ``obj_boxes`` / ``tgt_box``
+        (evaluation), ``sent_ids``."""
+        batch = add_regions(collate_rows(items, self.task))
         if "target" in items[0]:
             batch["targets"] = torch.tensor([it["target"] for it in items], dtype=torch.long)
         else:
@@ -253,8 +276,7 @@ class ReTask(Task):
 
     def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
         """The default options (cls loss, 1-layer head); the target a random region of each example."""
-        batch = collate_rows(random_rows(size, 1, config.vocab_size, rng, txt_range, img_range), self.name)
-        batch["obj_masks"] = torch.arange(batch["img_feat"].size(1))[None, :] >= batch["num_bbs"][:, None]
+        batch = add_regions(collate_rows(random_rows(size, 1, config.vocab_size, rng, txt_range, img_range), self.name))
         batch["targets"] = (torch.from_numpy(rng.random(batch["input_ids"].size(0))) * batch["num_bbs"]).long()
         return self.check_options({}, "example"), batch
 

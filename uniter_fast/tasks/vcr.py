@@ -36,6 +36,7 @@ from uniter_fast.data.task_records import field, image_key, vcr_lengths, vcr_rec
 from uniter_fast.data.vcr_db import NUM_SPECIAL_TOKENS, VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.errors import CheckpointError, DataError
 from uniter_fast.files import write_json_atomic
+from uniter_fast.losses import cross_entropy_mean
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import (
     DbCache,
@@ -71,6 +72,8 @@ logger = logging.getLogger(__name__)
 class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
     """UNITER + ``vcr_output`` (keys ``vcr_output.0`` Linear, ``.2`` LayerNorm, ``.3`` Linear)."""
 
+    captures = True
+
     def __init__(self, config: UniterConfig, fast: bool = False) -> None:
         super().__init__(config, fast)
         hidden = config.hidden_size
@@ -92,7 +95,7 @@ class UniterForVisualCommonsenseReasoning(UniterPreTrainedModel):
         if not compute_loss:
             return {"scores": rank_scores[:, 1:]}
         require(batch, ("targets",), "vcr")
-        loss = F.cross_entropy(rank_scores.float(), batch["targets"])
+        loss = cross_entropy_mean(rank_scores, batch["targets"], batch.get("example_weights"))
         return {"loss": loss, **({"logits": rank_scores} if with_logits else {})}
 
 

@@ -14,10 +14,14 @@ otherwise adopt the graph's own gradient buffer as ``.grad``, which the next rep
 and the parameters the task does not reach keep ``None``, as in the eager step).
 
 Where capture is impossible the step runs eagerly on the unpadded batch (exactly the run without capture) and one
-log line says why: a device other than CUDA, the reference path (``fast: false``), a model whose heads read the
-padded layout (``UniterPreTrainedModel.captures``), DeepSpeed ZeRO-3 (it gathers and frees parameters in module
-hooks inside forward and backward, host logic a graph would not repeat) or DeepSpeed's ``torch_autocast`` (the engine
-wraps its own forward in autocast), a batch that cannot be padded, or a capture that fails (a host sync in the step).
+log line says why: a device other than CUDA, the reference path (``fast: false``), a model whose loss reads the
+padded layout or host values (``UniterPreTrainedModel.captures``: RE's rank loss, which draws a negative per row from
+the host-checked ``num_bbs``; ITM with hard negatives, which picks and re-packs rows on the host, or with the
+distillation first-stage loss, whose teacher scores a nested joint batch of every text x image), DeepSpeed ZeRO-3
+(it gathers and frees parameters in module hooks inside forward and backward, host logic a graph would not repeat)
+or DeepSpeed's ``torch_autocast`` (the engine wraps its own forward in autocast), a batch that cannot be padded
+(ITM's ``itm-hn`` batches, whose ``sides`` has no padding, and ``cross_pairs`` batches among them), or a capture
+that fails (a host sync in the step).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from uniter_fast.data.loader import move_to_device, pin_batch
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+NOT_CAPTURED = "is not capturable (captures: False; its loss reads the padded layout or host values)"
+"""The reason logged for a model whose ``captures`` is False (``UniterPreTrainedModel.captures``)."""
 
 
 def capture_blocker(model: nn.Module, device: torch.device, engine: Any = None) -> Optional[str]:
@@ -44,7 +50,7 @@ def capture_blocker(model: nn.Module, device: torch.device, engine: Any = None) 
     if not getattr(model, "fast", False):
         return "the reference path (fast: false) runs the padded layout, whose shapes change with every batch"
     if not getattr(model, "captures", False):
-        return f"{type(model).__name__} reads the padded layout in its heads"
+        return f"{type(model).__name__} {NOT_CAPTURED}"
     if engine is not None and engine.zero_optimization_partition_weights():
         return "DeepSpeed ZeRO-3 gathers and frees parameters in module hooks inside forward and backward"
     if engine is not None and getattr(engine, "torch_autocast_enabled", lambda: False)():
