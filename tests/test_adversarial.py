@@ -195,7 +195,7 @@ def released_step(model: torch.nn.Module, batch: dict, cfg: AdversarialConfig) -
             deltas = (txt_delta if text else None, img_delta if image else None)
             loss = task_and_kl(model(with_deltas(batch, *deltas), compute_loss=False)["scores"]) / cfg.adv_steps
         loss.backward(retain_graph=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if astep == cfg.adv_steps - 1:
             break
         if text or cfg.adv_modality == "alter":
