@@ -2,10 +2,11 @@
 ``ITM_0``) from measurements: the bytes autograd saves in a pretraining forward (bf16 autocast, the fast path;
 ``budget.forward_saved_bytes``) on the bundled corpus's token-bucket batches (``batches.corpus_batches``), for the
 tiny, base and large widths at 1 and 2 layers and each task kind. Each measurement, less the bf16 weight copies and
-the attention scores (counted, not fitted: ``budget.saved_bytes``), divided by the valid tokens, is regressed on
-[L*h, L*i, h, 1, itm*h, itm] (least squares). Prints the constants and each row's error of the module's estimate.
+the CPU attention's padded q, k, v and scores (counted, not fitted: ``budget.saved_bytes``), divided by the valid
+tokens, is regressed on [L*h, L*i, h, 1, itm*h, itm] (least squares). Prints the constants and each row's error of
+the module's estimate.
 
-    python bench/budget_calibration.py                 # budget 4096 tokens, CPU (about 5 minutes)
+    python bench/budget_calibration.py                 # budget 4096 tokens, CPU (about 10 minutes)
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ def measure(preset: str, layers: int, tokens: int, epoch: int = 0) -> list[dict]
         batch = corpus_batches(task, tokens, 1, epoch)[0]
         valid = int((batch["txt_lens"] + batch["num_bbs"]).sum())
         measured = budget.forward_saved_bytes(model, batch, task)
-        scores = budget.score_elements(batch)
-        estimate = budget.saved_bytes(config, task, valid, size, scores)
+        padded = budget.padded_shape(batch)
+        estimate = budget.saved_bytes(config, task, valid, size, padded)
         rows.append(
             dict(
                 preset=preset,
@@ -57,18 +58,22 @@ def measure(preset: str, layers: int, tokens: int, epoch: int = 0) -> list[dict]
                 h=config.hidden_size,
                 i=config.intermediate_size,
                 heads=config.num_attention_heads,
-                scores=scores,
-                cast=size.cast_weights,
+                sequences=padded[0],
+                longest=padded[1],
+                cast=size.cast_weights[task],
             )
         )
     return rows
 
 
 def fit(rows: list[dict]) -> dict[str, float]:
-    """Least squares of the per-token bytes (measured less weight copies and scores) on [L*h, L*i, h, 1, itm*h, itm]."""
+    """Least squares of the per-token bytes (measured less the weight copies and the attention) on [L*h, L*i, h, 1,
+    itm*h, itm]."""
     x, y = [], []
     for r in rows:
-        counted = 2 * r["cast"] + r["layers"] * r["heads"] * budget.SCORE_BYTES * r["scores"]
+        config = width_config(r["preset"], r["layers"])
+        attention = budget.attention_bytes(config, r["tokens"], (r["sequences"], r["longest"]))
+        counted = 2 * r["cast"] + r["layers"] * attention
         itm = float(r["task"] == "itm")
         x.append([r["layers"] * r["h"], r["layers"] * r["i"], r["h"], 1.0, itm * r["h"], itm])
         y.append((r["measured"] - counted) / r["tokens"])

@@ -17,19 +17,22 @@ The estimate (bytes, for ``T`` valid tokens of a micro-batch on one rank):
 
 * static: :data:`BYTES_PER_PARAMETER` = 20 per parameter (bf16 weights and gradients, DeepSpeed's fp32 master
   weights and gradient partitions, AdamW's two fp32 moments; unpartitioned: one rank's worst case);
-* saved activations (what autograd keeps from the forward for the backward), per valid token:
-  ``L * (A_H * h + A_I * i) + E_H * h + E_0`` plus, for ITM+WRA, ``ITM_H * h + ITM_0`` (the WRA's OT grids and
-  normalised embeddings), with ``L`` layers, hidden size ``h``, intermediate size ``i``;
+* saved activations (what autograd keeps from the forward for the backward): per valid token
+  ``L * (A_H * h + A_I * i) + E_H * h + E_0`` plus, for ITM+WRA, ``ITM_H * h + ITM_0``, with ``L`` layers, hidden
+  size ``h``, intermediate size ``i``; each layer's attention (:func:`attention_bytes`: flash keeps q, k, v in bf16
+  and a log-sum-exp); 2 bytes per Linear weight the task runs (autocast's bf16 copies);
 * transient: :data:`BACKWARD_LAYERS` layers' activations (the backward's working set) and the MLM logits of one
-  chunk of the fused loss (at most 1/8 of the masked rows' [rows, vocab] fp32 logits and their gradient, 3 copies).
+  chunk of the fused loss (at most 1/8 of the masked rows' [rows, vocab] fp32 logits, 3 copies).
 
 The activation constants are measured, not assumed: :func:`saved_tensor_bytes` sums the storages autograd saves
-during a forward under bf16 autocast on real token-bucket batches of the bundled corpus
-(``bench/budget_calibration.py`` fits them for the tiny, base and large widths at 1 and 2 layers). Korthikanti et
-al. 2022 ("Reducing Activation Recomputation in Large Transformer Models", arXiv 2205.05198) count ~34 bytes per
-token per layer per hidden in 16-bit without attention scores: 18 h + 4 i at i = 4h. The fitted ``A_I`` is their 4
-(the GELU input and the second Linear's input, bf16); ``A_H`` is larger than their 18 because autocast keeps the
-residual stream and the LayerNorms in fp32 (their inputs are saved in fp32) and the dropout masks are bool bytes.
+during a forward under bf16 autocast on the token-bucket batches a run draws from the bundled corpus
+(``bench/budget_calibration.py`` fits them for the tiny, base and large widths at 1 and 2 layers, the CPU attention's
+padded q, k, v and scores counted, not fitted). Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", arXiv 2205.05198) count ~34 bytes per token per layer per hidden in 16-bit without the attention
+scores: 18 h + 4 i at i = 4h (their attention's q, k, v are 4 h of the 18 h; here they are in
+:func:`attention_bytes`). The fitted ``A_I`` = 3.96 is their 4 (the GELU's input and the second Linear's input, bf16);
+``A_H`` = 22.2 is larger than their 14 h outside q, k, v because autocast casts the LayerNorm output once per
+Linear (three bf16 copies for q, k and v) and keeps the residual stream and the LayerNorm inputs in fp32.
 """
 
 from __future__ import annotations
@@ -54,24 +57,31 @@ SAFE_FRACTION = 0.8
 communication buckets, the CUDA context, the estimate's error)."""
 BYTES_PER_PARAMETER = 20
 BACKWARD_LAYERS = 2
-SCORE_BYTES = 24
-"""Bytes per attention score where the attention keeps them (six fp32 [B, heads, s, s] tensors: CPU's math SDPA)."""
+FLASH_BYTES_PER_HIDDEN = 6
+"""Flash / varlen attention keeps q, k, v in bf16 (its output is the next Linear's input, in ``A_H``)..."""
+FLASH_BYTES_PER_HEAD = 4
+"""... and an fp32 log-sum-exp per head and token."""
+PADDED_BYTES_PER_HIDDEN = 12
+"""PyTorch's math SDPA over padded sequences (the CPU path) keeps q, k, v padded in fp32..."""
+PADDED_BYTES_PER_SCORE = 12
+"""... and three fp32 [B, heads, s, s] tensors of scores."""
 MLM_MASK_SHARE = 0.15
 """Masked rows of an MLM batch per token (the masking probability; every token counted as text: an upper bound)."""
 
-# measured (bench/budget_calibration.py): saved bytes per valid token, bf16 autocast, the fast (packed) path
-A_H = 46.4
-"""Per layer, per hidden unit."""
-A_I = 4.0
+# measured (bench/budget_calibration.py, budget 4096, 24 forwards; every row within 1.4% of its fit): saved bytes
+# per valid token under bf16 autocast on the fast path, besides the attention and the weight copies
+A_H = 22.2
+"""Per layer, per hidden unit (counted from the saved tensors: 20; Korthikanti et al.: 18)."""
+A_I = 3.96
 """Per layer, per intermediate unit (Korthikanti et al.: 4)."""
-E_H = 11.3
+E_H = 10.3
 """Embeddings and heads, per hidden unit."""
-E_0 = 2265.0
-"""Embeddings' inputs (the region features), per token."""
-ITM_H = 6.7
-"""ITM+WRA's extra, per hidden unit."""
-ITM_0 = 0.0
-"""ITM+WRA's extra, per token."""
+E_0 = 2386.0
+"""Embeddings' inputs (the region features in bf16 for the image Linear), per token."""
+ITM_H = 7.3
+"""ITM+WRA's extra (the WRA's normalised text and region states, the OT grids), per hidden unit..."""
+ITM_0 = 77.0
+"""... and per token."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,13 +98,26 @@ class MemoryEstimate:
         return self.static + self.saved + self.transient
 
 
+HEAD_MODULES = {
+    "mlm": ("cls.",),
+    "mrfr": ("feat_regress.",),
+    "mrc": ("region_classifier.",),
+    "mrckl": ("region_classifier.",),
+    "itm": ("uniter.pooler.", "itm_output"),
+}
+"""The modules of ``UniterForPretraining`` that each task's forward runs besides the encoder and its embeddings."""
+FUSED_PROJECTIONS = ("cls.predictions.decoder", "region_classifier.net.3")
+"""The heads' output projections, which the fused losses read in chunks without keeping a bf16 copy."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSize:
-    """``UniterForPretraining(config)``'s ``parameters`` and the weights of its Linear layers and tied MLM decoder
-    (``cast_weights``: what autocast keeps a bf16 copy of during a forward)."""
+    """``UniterForPretraining(config)``'s ``parameters`` and, per task, the weights of the Linear layers its forward
+    runs (``cast_weights``: what autocast keeps a bf16 copy of during the forward), less the fused losses'
+    projections."""
 
     parameters: int
-    cast_weights: int
+    cast_weights: dict[str, int]
 
 
 def model_size(config: UniterConfig) -> ModelSize:
@@ -103,31 +126,52 @@ def model_size(config: UniterConfig) -> ModelSize:
 
     with torch.device("meta"):
         model = UniterForPretraining(config)
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    words = config.vocab_size * config.hidden_size  # the MLM decoder: the word embeddings, tied
-    return ModelSize(sum(p.numel() for p in model.parameters()), linear + words)
+    linear = {
+        name: m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and name not in FUSED_PROJECTIONS
+    }
+    heads = tuple(prefix for prefixes in HEAD_MODULES.values() for prefix in prefixes)
+    shared = sum(n for name, n in linear.items() if not name.startswith(heads))
+    cast = {
+        task: shared + sum(n for name, n in linear.items() if name.startswith(prefixes))
+        for task, prefixes in HEAD_MODULES.items()
+    }
+    return ModelSize(sum(p.numel() for p in model.parameters()), cast)
+
+
+def attention_bytes(config: UniterConfig, tokens: int, padded: Optional[tuple[int, int]] = None) -> int:
+    """Bytes one layer's attention keeps besides the Linear inputs: flash / varlen kernels on ``tokens`` valid tokens
+    (``padded`` None: the GPU), or PyTorch's math SDPA over ``padded`` = (sequences B, longest s) (the CPU)."""
+    h, heads = config.hidden_size, config.num_attention_heads
+    if padded is None:
+        return int(tokens * (FLASH_BYTES_PER_HIDDEN * h + FLASH_BYTES_PER_HEAD * heads))
+    sequences, longest = padded
+    return sequences * longest * (PADDED_BYTES_PER_HIDDEN * h + PADDED_BYTES_PER_SCORE * heads * longest)
 
 
 def layer_bytes_per_token(config: UniterConfig) -> float:
-    """Saved bytes per valid token of one encoder layer (bf16 autocast, no attention scores): ``A_H*h + A_I*i``."""
-    return A_H * config.hidden_size + A_I * config.intermediate_size
+    """Saved bytes per valid token of one encoder layer under bf16 autocast with flash attention:
+    ``A_H*h + A_I*i`` and the attention's (:func:`attention_bytes`)."""
+    return A_H * config.hidden_size + A_I * config.intermediate_size + attention_bytes(config, 1)
 
 
 def token_bytes(config: UniterConfig, task: str) -> float:
-    """Saved bytes per valid token of a ``task`` micro-batch (``mlm``, ``mrfr``, ``mrc``, ``mrckl``, ``itm``):
-    the layers, the embeddings and heads, and ITM+WRA's extra."""
-    h = config.hidden_size
-    per_token = config.num_hidden_layers * layer_bytes_per_token(config) + E_H * h + E_0
+    """Saved bytes per valid token of a ``task`` micro-batch (``mlm``, ``mrfr``, ``mrc``, ``mrckl``, ``itm``) besides
+    the attention and the weight copies: the layers' ``A_H*h + A_I*i``, the embeddings and heads, ITM+WRA's extra."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    per_token = layers * (A_H * h + A_I * config.intermediate_size) + E_H * h + E_0
     return per_token + (ITM_H * h + ITM_0 if task == "itm" else 0.0)
 
 
-def saved_bytes(config: UniterConfig, task: str, tokens: int, size: ModelSize, score_elements: int = 0) -> int:
+def saved_bytes(
+    config: UniterConfig, task: str, tokens: int, size: ModelSize, padded: Optional[tuple[int, int]] = None
+) -> int:
     """Estimated bytes autograd saves in the forward of a ``task`` micro-batch of ``tokens`` valid tokens under bf16
-    autocast: :func:`token_bytes` per token, the bf16 copies of ``size.cast_weights``, and, for an attention that
-    keeps its scores (the CPU's padded math SDPA; not flash or varlen kernels: 0), :data:`SCORE_BYTES` per head,
-    layer and one of ``score_elements`` (B x longest sequence², per head)."""
-    scores = config.num_hidden_layers * config.num_attention_heads * SCORE_BYTES * score_elements
-    return int(token_bytes(config, task) * tokens + 2 * size.cast_weights + scores)
+    autocast: :func:`token_bytes` per token, the bf16 copies of the task's ``size.cast_weights`` and each layer's
+    :func:`attention_bytes` (``padded``: (B, longest) for the CPU's padded attention; None: flash, the GPU)."""
+    attention = config.num_hidden_layers * attention_bytes(config, tokens, padded)
+    return int(token_bytes(config, task) * tokens + 2 * size.cast_weights[task] + attention)
 
 
 def training_memory(config: UniterConfig, tasks: list[str], tokens: int, size: ModelSize) -> MemoryEstimate:
@@ -294,8 +338,8 @@ def forward_saved_bytes(model: torch.nn.Module, batch: dict[str, Any], task: str
     return saved_tensor_bytes(forward, model)
 
 
-def score_elements(batch: dict[str, Any]) -> int:
-    """Attention scores per head and layer of a batch under a padded attention: B x longest joint length² (from
-    ``txt_lens`` / ``num_bbs`` [B])."""
+def padded_shape(batch: dict[str, Any]) -> tuple[int, int]:
+    """(sequences, longest joint length) of a batch (``txt_lens`` / ``num_bbs`` [B]): the shape a padded attention
+    runs on."""
     lengths = batch["txt_lens"] + batch["num_bbs"]
-    return int(lengths.numel() * int(lengths.max()) ** 2)
+    return int(lengths.numel()), int(lengths.max())

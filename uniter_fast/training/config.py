@@ -124,8 +124,8 @@ def check_run_fields(cfg: RunConfig) -> None:
             f'train_batch_size "{AUTO}" sizes pretraining\'s micro-batches only; give a number, got "{AUTO}"'
         )
     if budget != AUTO and (not _is_number(budget) or budget <= 0):
-        expected = f'a number > 0 or "{AUTO}"' if cfg.auto_budget else "a number > 0"
-        raise ValueError(f"train_batch_size must be {expected}, got {budget!r}")
+        auto = f' (or "{AUTO}": sized from the GPU\'s memory)' if cfg.auto_budget else ""
+        raise ValueError(f"train_batch_size must be a number > 0, got {budget!r}{auto}")
     tokens = cfg.tokens_per_update
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
         raise ValueError(f"tokens_per_update must be an integer >= 1 (tokens of one optimizer update), got {tokens!r}")
