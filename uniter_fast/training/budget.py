@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -56,7 +56,9 @@ SAFE_FRACTION = 0.8
 """The share of the device's total memory the estimate may fill (the rest: the allocator's fragmentation, DeepSpeed's
 communication buckets, the CUDA context, the estimate's error)."""
 BYTES_PER_PARAMETER = 20
+"""bf16 weight and gradient (2 + 2), fp32 master weight and gradient partition (4 + 4), AdamW's moments (8)."""
 BACKWARD_LAYERS = 2
+"""Layers' worth of activations the backward holds beside the saved ones (a layer's gradients and recomputations)."""
 FLASH_BYTES_PER_HIDDEN = 6
 """Flash / varlen attention keeps q, k, v in bf16 (its output is the next Linear's input, in ``A_H``)..."""
 FLASH_BYTES_PER_HEAD = 4
@@ -71,7 +73,7 @@ MLM_MASK_SHARE = 0.15
 # measured (bench/budget_calibration.py, budget 4096, 24 forwards; every row within 1.4% of its fit): saved bytes
 # per valid token under bf16 autocast on the fast path, besides the attention and the weight copies
 A_H = 22.2
-"""Per layer, per hidden unit (counted from the saved tensors: 20; Korthikanti et al.: 18)."""
+"""Per layer, per hidden unit (Korthikanti et al.: 14, their 18 less q, k, v, which are in :func:`attention_bytes`)."""
 A_I = 3.96
 """Per layer, per intermediate unit (Korthikanti et al.: 4)."""
 E_H = 10.3
@@ -263,7 +265,7 @@ class BudgetChoice:
 
 
 def choose_budget(
-    train_batch_size: Any,
+    train_batch_size: Union[int, str],
     tokens_per_update: Optional[int],
     world: int,
     fallback: int,
