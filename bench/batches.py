@@ -1,5 +1,6 @@
 """Inputs for the benchmarks and the correctness checks: random UNITER-shaped padded encoder batches and per-task
-pretraining batches built by the real collates, and the downstream task datasets of the bundled tiny configs.
+pretraining batches built by the real collates, the pretraining batches of the bundled corpus as a run draws them
+(:func:`corpus_batches`), and the downstream task datasets of the bundled tiny configs.
 
 Lengths follow the original's ``config/pretrain-*.json``: text 10-60 tokens including [CLS]/[SEP]
 (max_txt_len 60) and 10-100 regions (conf_th 0.2 clamped to [min_bb, max_bb]), drawn uniformly; ``quick`` callers
@@ -8,6 +9,7 @@ pass smaller ranges. Features are fresh random draws (ReLU'd Gaussians like dete
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import numpy as np
@@ -179,3 +181,23 @@ def sampled_batches(
         lengths = [(int(txt[i]), int(img[i])) for i in indices]
         out.append(move_to_device(collate(task, random_items(task, len(indices), vocab, rng, lengths=lengths)), device))
     return out
+
+
+def corpus_batches(task: str, budget: int, count: int, epoch: int = 0, layout: str = "packed") -> list[dict[str, Any]]:
+    """The first ``count`` training batches of ``epoch`` that a pretraining run of ``configs/pretrain-tiny.json``
+    draws for ``task`` (a kind: ``mlm``, ``mrfr``, ``mrc``, ``mrckl``, ``itm``) at the token budget ``budget``: the
+    bundled corpus, the real task dataset and collate, the token-bucket sampler with the run's seed and ``droplast``;
+    CPU tensors in ``layout`` (``packed``: region features fp16, as the fast path; ``padded``: float32)."""
+    from uniter_fast.data import TokenBucketSampler, batch_loader
+    from uniter_fast.pretraining.config import load_training_config
+    from uniter_fast.pretraining.data import DataBuilder
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_training_config(os.path.join(root, "configs", "pretrain-tiny.json"))
+    data = DataBuilder(cfg, rank=0, world=1, num_workers=0)
+    dataset = data.dataset(cfg.train_datasets[0], task, budget, "budget")
+    dataset.set_epoch(epoch)
+    sampler = TokenBucketSampler(dataset.lens, batch_size=budget, seed=cfg.seed, droplast=True)
+    feat_dtype = torch.float16 if layout == "packed" else torch.float32
+    chosen = sampler.batches(epoch)[:count]
+    return list(batch_loader(dataset, chosen, rank=0, layout=layout, num_workers=0, feat_dtype=feat_dtype))

@@ -19,6 +19,14 @@ Tasks: MLM, MRFR, MRC, MRC-kl, ITM+WRA (OT lambda 0.1).
     python bench/pretrain_bench.py                      # CPU: base, fp32, 640-token batches (about 3 minutes)
     python bench/pretrain_bench.py --full               # CPU: the original's multiple of 8, 2048 tokens, 5 repeats
     python bench/pretrain_bench.py --device cuda        # GPU: 10240-token batches (the original's), multiple of 8
+    python bench/pretrain_bench.py --auto               # + the fast path at the budget "auto" chooses (see below)
+
+``--auto`` adds rows (``path`` ``fast@auto``) of the fast path's step at the micro-batch budget that
+``train_batch_size: "auto"`` chooses for the recipe's tokens per update (``uniter_fast.training.budget``; on a CPU its
+fallback is replaced by this bench's CPU budget), on batches a pretraining run draws from the bundled corpus (the
+real datasets, collates and token-bucket sampler: ``batches.corpus_batches``), with the estimate of the step's
+activation memory (``estimate_mb``: saved tensors + transient, per task) next to the measured peak over the resident
+weights and optimizer state (``peak_mem_mb``, CUDA).
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import statistics
 from typing import Any, Optional
 
 import torch
-from batches import PRETRAIN_TASKS, sampled_batches
+from batches import PRETRAIN_TASKS, corpus_batches, sampled_batches
 from encoder_bench import encoder_flops
 from harness import (
     add_output_arguments,
@@ -46,8 +54,13 @@ from original_path import PATHS, make_optimizer, make_step
 from tqdm import tqdm
 
 from uniter_fast.config import SIZE_MULTIPLE, UniterConfig
+from uniter_fast.data import move_to_device
 from uniter_fast.pretraining.model import UniterForPretraining
+from uniter_fast.training import budget
 from uniter_fast.training.optim import param_groups
+
+#: the recipes' tokens per update (configs/pretrain-*.json): UNITER-base in-domain, UNITER-large all data; tiny: base's
+RECIPE_TOKENS_PER_UPDATE = {"tiny": 163840, "base": 163840, "large": 393216}
 
 
 def padded_and_valid_flops(config: UniterConfig, batch: dict[str, Any]) -> tuple[float, float]:
@@ -144,8 +157,47 @@ def measure_steps(
     return rows
 
 
+def measure_auto(
+    config_name: str, device: torch.device, cpu_tokens: int, warmup: int, repeats: int, tasks: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], budget.BudgetChoice]:
+    """Rows (task, path ``fast@auto``) of the fast path's step at the budget ``"auto"`` chooses for the recipe's
+    tokens per update on ``device`` (on a CPU: ``cpu_tokens``), on the first corpus batch of each task, with the
+    activation estimate (``estimate_mb``) and, on CUDA, the measured peak over the resident state; and the choice."""
+    config = UniterConfig.preset(config_name)
+    memory = budget.cuda_memory_bytes() if device.type == "cuda" else None
+    kinds = sorted({"mrckl" if t == "mrc" else t for t in tasks})
+    tokens = RECIPE_TOKENS_PER_UPDATE[config_name]
+    choice = budget.choose_budget(budget.AUTO, tokens, 1, cpu_tokens, (config, kinds), memory)
+    torch.manual_seed(0)
+    model = UniterForPretraining(config).to(device).train()
+    model.uniter.check_values = False
+    optimizer = make_optimizer("fast", param_groups(model, 0.01), device)
+    size = budget.model_size(config)
+    rows = []
+    for task in tasks:
+        batch = move_to_device(corpus_batches(task, choice.budget, 1)[0], device)
+        step = make_step(model, optimizer, "fast", lambda b=batch, t=task: model(b, t)["loss"], device)
+        seconds = time_fn(step, device, warmup=warmup, repeats=repeats)
+        valid = int((batch["txt_lens"] + batch["num_bbs"]).sum())
+        estimate = budget.training_memory(config, [task], valid, size)
+        rows.append(
+            {
+                "task": task,
+                "path": "fast@auto",
+                "sequences": int(batch["txt_lens"].numel()),
+                "valid_tokens": valid,
+                "ms": seconds * 1e3,
+                "tokens_per_s": valid / seconds,
+                "peak_mem_mb": _mb(peak_memory(step, device)),
+                "estimate_mb": (estimate.saved + estimate.transient) / 2**20,
+            }
+        )
+    return rows, choice
+
+
 COLUMNS = ["task", "path", "sequences", "valid_tokens", "padded_tokens", "bound", "ms", "tokens_per_s", "peak_mem_mb"]
 COLUMNS += ["vs_original", "vs_reference"]
+AUTO_COLUMNS = ["task", "path", "sequences", "valid_tokens", "ms", "tokens_per_s", "peak_mem_mb", "estimate_mb"]
 
 
 def summary_line(rows: list[dict[str, Any]]) -> str:
@@ -182,6 +234,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
     parser.add_argument("--full", action="store_true", help="CPU: 2048-token batches, multiple of 8, 5 repeats")
+    parser.add_argument(
+        "--auto", action="store_true", help='also the fast path at the budget "auto" chooses (CPU: --batch-tokens)'
+    )
     add_output_arguments(parser)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -208,6 +263,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     print(f"\npretraining step, {args.config}, on {device_name(device)}, {dtypes}, load {os.getloadavg()[0]}")
     print_table(rows, COLUMNS)
     print(summary_line(rows))
+    extra: dict[str, Any] = {}
+    if args.auto:
+        auto_rows, choice = measure_auto(
+            args.config, device, args.batch_tokens, args.warmup, args.repeats, tuple(args.tasks)
+        )
+        print(f"\n{choice.line()}")
+        print_table(auto_rows, AUTO_COLUMNS)
+        rows += auto_rows
+        extra = {"auto": {"line": choice.line(), "budget": choice.budget, "device_memory": choice.device_memory}}
     meta = run_meta(
         args,
         torch.bfloat16 if gpu else torch.float32,
@@ -216,6 +280,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         batch_tokens=args.batch_tokens,
         size_multiple=args.size_multiple,
         step="zero_grad + forward + backward (+ clip at 2.0, original) + optimizer step",
+        **extra,
     )
     out = output_dir(args)
     print(write_json("pretrain_bench", device, rows, meta, out))

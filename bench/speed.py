@@ -296,10 +296,12 @@ def encoder_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
 # --------------------------------------------------------------------------------------------------------- pretrain
 def pretrain_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
     """One optimizer step per task on the original, reference and fast paths (pretrain_bench.measure_steps), on
-    token-bucket batches: the original's 10240-token budget and multiple of 8 on a GPU."""
+    token-bucket batches: the original's 10240-token budget and multiple of 8 on a GPU; then the fast path at the
+    budget ``train_batch_size: "auto"`` chooses for the recipe's update (pretrain_bench.measure_auto: corpus batches,
+    the estimate of the activation memory against the measured peak; on a CPU, quick: 512 tokens)."""
     from batches import PRETRAIN_TASKS
     from original_path import PATHS
-    from pretrain_bench import measure_steps
+    from pretrain_bench import measure_auto, measure_steps
 
     from uniter_fast.config import SIZE_MULTIPLE
 
@@ -334,6 +336,14 @@ def pretrain_speed(device: torch.device, quick: bool, out: str) -> tuple[list[di
         if r["path"] == "fast" and r["task"] != "all":
             figure = f"{r['vs_reference']:.2f}x reference, {r['vs_original']:.2f}x original, bound {r['bound']:.3f}"
             goals.append(_goal(f"pretraining step {r['task']}", "report", figure, True))
+    cpu_tokens = 512 if quick else tokens  # the quick 320 holds no batch of the bundled corpus's longest example
+    auto_rows, choice = measure_auto(config, device, cpu_tokens, 1, 1 if quick else 3, PRETRAIN_TASKS)
+    goals.append(_goal(f'UNITER-{config} micro-batch budget "auto"', "report", choice.line(), True))
+    for r in auto_rows:
+        peak = "not measured (CPU)" if r["peak_mem_mb"] is None else f"measured peak {r['peak_mem_mb']:.0f} MiB"
+        figure = f"{r['tokens_per_s']:.0f} tokens/s; activation estimate {r['estimate_mb']:.0f} MiB, {peak}"
+        goals.append(_goal(f"pretraining step {r['task']}, fast, {choice.budget} tokens", "report", figure, True))
+    rows += auto_rows
     groups = [r["task"] for r in rows if r["path"] == "reference"]
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in PATHS}
     title = f"UNITER-{config} pretraining step: original vs reference vs fast"

@@ -13,7 +13,7 @@ back-propagated K times). Columns: ms per step (median after warm-up), ``aft_vs_
 the plain step's on the same path; goal <= 3.5 on ``fast``), ``vs_original`` / ``vs_reference`` (AFT speedups
 measured in the same rounds, against the original's AFT and the reference path's step of the same kind),
 ``graph_peak_mib`` (the peak of the tensors autograd graphs hold during the step, on any device:
-:func:`graph_peak_bytes`) and, on CUDA, the AFT steps' allocator peak ``peak_mib``.
+``uniter_fast.training.budget.saved_tensor_bytes``) and, on CUDA, the AFT steps' allocator peak ``peak_mib``.
 
     python bench/villa_bench.py                        # CPU: VQA, tiny, 8 examples, 1 warm-up + 9 rounds (< 1 min)
     python bench/villa_bench.py --config base          # CPU: UNITER-base, 2 examples, 3 rounds (about 4 min)
@@ -27,7 +27,6 @@ import argparse
 import dataclasses
 import os
 import statistics
-import weakref
 from typing import Any, Callable
 
 import numpy as np
@@ -51,6 +50,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.training.adversarial import AdversarialConfig, AdversarialStep
+from uniter_fast.training.budget import saved_tensor_bytes
 from uniter_fast.training.optim import param_groups
 
 BENCHED = [name for name, task in TASKS.items() if task.has_example and task.adversarial]
@@ -71,43 +71,6 @@ class ModelEngine:
 
     def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = False, retain_graph: bool = False) -> None:
         loss.backward(retain_graph=retain_graph)
-
-
-def graph_peak_bytes(fn: Callable[[], Any], model: torch.nn.Module) -> int:
-    """The peak bytes of the tensors autograd graphs hold for backward during ``fn()``, on any device: each saved
-    tensor's storage counted once while some graph holds it (``torch.autograd.graph.saved_tensors_hooks``), the
-    parameters' storages left out. What a step keeps alive between its forwards and backwards; the CUDA allocator's
-    peak adds the transient buffers."""
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    live: dict[int, list[int]] = {}  # storage pointer -> [graph references, bytes]
-    state = {"now": 0, "peak": 0}
-
-    class Saved:
-        def __init__(self, tensor: torch.Tensor) -> None:
-            self.tensor = tensor
-
-    def release(pointer: int) -> None:
-        live[pointer][0] -= 1
-        if live[pointer][0] == 0:
-            state["now"] -= live.pop(pointer)[1]
-
-    def pack(tensor: torch.Tensor) -> Saved:
-        saved = Saved(tensor)
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer in excluded or pointer == 0:
-            return saved
-        if pointer not in live:
-            live[pointer] = [0, storage.nbytes()]
-            state["now"] += storage.nbytes()
-            state["peak"] = max(state["peak"], state["now"])
-        live[pointer][0] += 1
-        weakref.finalize(saved, release, pointer)
-        return saved
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda saved: saved.tensor):
-        fn()
-    return state["peak"]
 
 
 def make_steps(model: torch.nn.Module, batch: dict, task: str, path: str, device: torch.device) -> dict[str, Any]:
@@ -170,7 +133,7 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
         for (_, p, kind), step in steps.items():
             if kind != "plain":
                 memory[(name, p, kind)] = peak_memory(step, device)
-            graphs[(name, p, kind)] = graph_peak_bytes(step, model)
+            graphs[(name, p, kind)] = saved_tensor_bytes(step, model)
         del model, steps
     median = {key: statistics.median(values) for key, values in samples.items()}
     rows = []

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
+from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.pretraining.model import TASKS, task_kind
@@ -61,7 +62,7 @@ class TrainingConfig(RunConfig):
     train_datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)
     val_datasets: list[DatasetSpec] = dataclasses.field(default_factory=list)
     model: str = "tiny"
-    train_batch_size: int = 10240
+    train_batch_size: Union[int, str] = 10240
     val_batch_size: int = 10240
     num_train_steps: int = 200000
     warmup_steps: int = 10000
@@ -76,6 +77,15 @@ class TrainingConfig(RunConfig):
     adversarial: Optional[AdversarialConfig] = None
 
     required: ClassVar[tuple[str, ...]] = ("output_dir", "train_datasets", "val_datasets")
+    auto_budget: ClassVar[bool] = True
+
+    def budget_model(self) -> Optional[tuple[UniterConfig, list[str]]]:
+        """The model config (``model`` with ``model_overrides``) and the training tasks' kinds, which size a
+        ``train_batch_size`` of ``"auto"``."""
+        from uniter_fast.pretraining.run import configured_model_config
+
+        kinds = sorted({task_kind(task) for spec in self.train_datasets for task in spec.tasks})
+        return configured_model_config(self), kinds
 
     def run_outputs(self) -> tuple[str, ...]:
         """The export ``pretrained/`` and the pictures ``curves.png``, ``alignment.png``."""

@@ -8,22 +8,24 @@ class (unknown and missing keys, the shared fields' values, the checkpoint path)
 one check of the shared values. The names are the original's (``config/pretrain-*.json``, ``config/train-*.json``).
 Optimizer settings that the original keeps in its run configs (``gradient_accumulation_steps``, ``grad_norm``,
 ``weight_decay``, ``betas``) override ``ds.json``'s when given (``uniter_fast.training.engine``).
+``tokens_per_update`` (optional) fixes an update's tokens and derives the accumulation from the micro-batch budget and
+the ranks; ``train_batch_size`` may be ``"auto"`` where the recipe allows it (:mod:`uniter_fast.training.budget`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, ClassVar, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 
 from uniter_fast import hub
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError, closest
+from uniter_fast.training.budget import AUTO
 
 C = TypeVar("C", bound="RunConfig")
 
 POSITIVE_FIELDS = (
-    "train_batch_size",
     "val_batch_size",
     "num_train_steps",
     "learning_rate",
@@ -43,7 +45,7 @@ class RunConfig:
     output_dir: str = ""
     checkpoint: Optional[str] = None
     model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    train_batch_size: int = 4096
+    train_batch_size: Union[int, str] = 4096
     val_batch_size: int = 4096
     num_train_steps: int = 100000
     warmup_steps: int = 4000
@@ -51,6 +53,7 @@ class RunConfig:
     valid_steps: int = 1000
     save_steps: Optional[int] = None
     gradient_accumulation_steps: Optional[int] = None
+    tokens_per_update: Optional[int] = None
     grad_norm: Optional[float] = None
     weight_decay: Optional[float] = None
     betas: Optional[list[float]] = None
@@ -66,6 +69,12 @@ class RunConfig:
 
     required: ClassVar[tuple[str, ...]] = ("output_dir",)
     """Keys a config file must give."""
+    auto_budget: ClassVar[bool] = False
+    """Whether ``train_batch_size`` may be ``"auto"`` (the recipe gives :meth:`budget_model`)."""
+
+    def budget_model(self) -> Optional[tuple[UniterConfig, list[str]]]:
+        """(model config, training task kinds) that size an ``"auto"`` budget; None where the recipe has none."""
+        return None
 
     def run_outputs(self) -> tuple[str, ...]:
         """The files and directories under ``output_dir`` that the recipe writes besides the training floor's (the
@@ -109,6 +118,17 @@ def check_run_fields(cfg: RunConfig) -> None:
         value = getattr(cfg, name)
         if not _is_number(value) or value <= 0:
             raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    budget = cfg.train_batch_size
+    if budget == AUTO and not cfg.auto_budget:
+        raise ValueError(
+            f'train_batch_size "{AUTO}" sizes pretraining\'s micro-batches only; give a number, got "{AUTO}"'
+        )
+    if budget != AUTO and (not _is_number(budget) or budget <= 0):
+        auto = f' (or "{AUTO}": sized from the GPU\'s memory)' if cfg.auto_budget else ""
+        raise ValueError(f"train_batch_size must be a number > 0, got {budget!r}{auto}")
+    tokens = cfg.tokens_per_update
+    if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
+        raise ValueError(f"tokens_per_update must be an integer >= 1 (tokens of one optimizer update), got {tokens!r}")
     if not _is_number(cfg.warmup_steps) or cfg.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     accum = cfg.gradient_accumulation_steps

@@ -35,6 +35,12 @@ def launch_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def launch_world() -> int:
+    """The world size as the launcher set it (``WORLD_SIZE``), readable before any process group exists; 1 without
+    a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def init_ranks(seed: int, num_workers: Optional[int]) -> tuple[int, int, int]:
     """After ``setup_environment``: one PyTorch thread per CPU rank (unless ``OMP_NUM_THREADS`` is set; more threads
     oversubscribe the cores, 10x slower on a shared machine), DeepSpeed's process group, warnings-only logging off

@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 from typing import Any, Callable, Optional
 
 from uniter_fast.checkpoint import CONFIG_NAME, Checkpoint, read_checkpoint
+from uniter_fast.errors import ConfigError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.adversarial import MicroStep
+from uniter_fast.training.budget import BudgetChoice, choose_budget, cuda_memory_bytes
 from uniter_fast.training.cli import apply_run_arguments
 from uniter_fast.training.config import RunConfig
-from uniter_fast.training.distributed import init_ranks, setup_environment
+from uniter_fast.training.distributed import init_ranks, launch_rank, launch_world, setup_environment
 from uniter_fast.training.engine import build_engine, load_ds_config
 from uniter_fast.training.logs import open_output_dir
 from uniter_fast.training.loop import CKPT_SUBDIR, Export, Results, TaskStream, Trainer, Validate
 from uniter_fast.training.outputs import prepare_output_dir
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -60,14 +65,37 @@ def check_output_dir(output_dir: str) -> None:
         raise PermissionError(f"output_dir {output_dir!r}: {parent!r} is not writable")
 
 
+def resolve_budget(cfg: RunConfig, world: int) -> BudgetChoice:
+    """Resolve ``cfg.train_batch_size`` (``"auto"``: from this rank's CUDA device) and, with ``tokens_per_update``,
+    set ``cfg.gradient_accumulation_steps`` from it for ``world`` ranks (in place; :mod:`uniter_fast.training.budget`);
+    a run config's own ``gradient_accumulation_steps`` must agree. Returns the choice (its ``line()`` is logged)."""
+    fallback = next(f.default for f in dataclasses.fields(cfg) if f.name == "train_batch_size")
+    model = cfg.budget_model() if cfg.train_batch_size == "auto" and cfg.tokens_per_update is not None else None
+    choice = choose_budget(cfg.train_batch_size, cfg.tokens_per_update, world, fallback, model, cuda_memory_bytes())
+    given = cfg.gradient_accumulation_steps
+    if choice.accumulation is not None and given is not None and given != choice.accumulation:
+        raise ConfigError(
+            f"gradient_accumulation_steps={given} contradicts tokens_per_update={cfg.tokens_per_update}, which with "
+            f"train_batch_size={choice.budget} on {world} rank(s) needs {choice.accumulation}; give one of the two"
+        )
+    cfg.train_batch_size = choice.budget
+    if choice.accumulation is not None:
+        cfg.gradient_accumulation_steps = choice.accumulation
+    return choice
+
+
 def check_run(
     cfg: RunConfig, args: argparse.Namespace, check: Optional[CheckCheckpoint] = None
 ) -> tuple[dict[str, Any], Optional[Checkpoint]]:
     """Everything a run can check before distributed start-up (the slow part), in well under a second beyond
-    reading the initial checkpoint: ``ds.json`` (read, completed and checked by the installed DeepSpeed's reader),
-    the output dir, and the initial checkpoint ``cfg.checkpoint``, read once here (layout) and checked by the
-    recipe's ``check`` (sizes against the model config). Returns (the completed ds config, the checkpoint)."""
+    reading the initial checkpoint: the token budget (:func:`resolve_budget`, logged on rank 0), ``ds.json`` (read,
+    completed and checked by the installed DeepSpeed's reader), the output dir, and the initial checkpoint
+    ``cfg.checkpoint``, read once here (layout) and checked by the recipe's ``check`` (sizes against the model
+    config). Returns (the completed ds config, the checkpoint)."""
     setup_environment()
+    choice = resolve_budget(cfg, launch_world())
+    if launch_rank() == 0:
+        logger.info(choice.line())
     ds_config = load_ds_config(args.ds_config, cfg, args.allow_unknown_ds_keys)
     check_output_dir(cfg.output_dir)
     checkpoint = read_checkpoint(cfg.checkpoint) if cfg.checkpoint else None
