@@ -126,6 +126,24 @@ def test_auto_with_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
+    "world, memory, budget_tokens, steps",
+    [(1, None, 10240, 16), (8, None, 10240, 2), (1, 80, 40960, 4), (8, 80, 20480, 1)],
+)
+def test_the_base_recipe_sizes_its_micro_batch(
+    monkeypatch: pytest.MonkeyPatch, world: int, memory: int, budget_tokens: int, steps: int
+) -> None:
+    """configs/pretrain-indomain-base.json (``"auto"``, 163,840 tokens per update) as docs/pretraining.md says: the
+    recipe's 10240 on a CPU, sized from an 80 GiB GPU otherwise; the update stays 163,840 tokens."""
+    monkeypatch.setattr(training_run, "cuda_memory_bytes", lambda: None if memory is None else memory * GIB)
+    recipe = read_json(os.path.join(REPO, "configs", "pretrain-indomain-base.json"))
+    budget_fields = {key: recipe[key] for key in ("train_batch_size", "tokens_per_update", "model")}
+    cfg = parse_training_config(tiny_raw(**budget_fields, model_overrides={}), os.path.join(REPO, "configs"))
+    training_run.resolve_budget(cfg, world)
+    assert (cfg.train_batch_size, cfg.gradient_accumulation_steps) == (budget_tokens, steps)
+    assert budget_tokens * steps * world == 163840
+
+
+@pytest.mark.parametrize(
     "preset, tokens, memory, expected",
     [
         ("base", 163840, 80, 40960),
@@ -172,13 +190,14 @@ def test_estimate_matches_the_saved_tensors(layers_of: str) -> None:
 
 
 def test_recipe_configs_state_the_original_update() -> None:
-    """10240 tokens x 2 steps x 8 GPUs (base) and 6144 x 4 x 16 (large), as docs/pretraining.md lists them."""
-    for name, ds_name, gpus in (("indomain-base", "indomain-base", 8), ("alldata-large", "alldata-large", 16)):
+    """10240 tokens x 2 steps x 8 GPUs (base) and 6144 x 4 x 16 (large), as docs/pretraining.md lists them; the base
+    config sizes its micro-batch (``"auto"``), the large one keeps the original's."""
+    for name, original, gpus, size in (("indomain-base", 10240, 8, "auto"), ("alldata-large", 6144, 16, 6144)):
         cfg = read_json(os.path.join(REPO, "configs", f"pretrain-{name}.json"), "config")
-        ds = read_json(os.path.join(REPO, "configs", f"ds-{ds_name}.json"), "ds")
-        assert cfg["tokens_per_update"] == cfg["train_batch_size"] * ds["gradient_accumulation_steps"] * gpus
-        steps = budget.accumulation_steps(cfg["tokens_per_update"], cfg["train_batch_size"], gpus)
-        assert steps == ds["gradient_accumulation_steps"]
+        ds = read_json(os.path.join(REPO, "configs", f"ds-{name}.json"), "ds")
+        assert cfg["train_batch_size"] == size
+        assert cfg["tokens_per_update"] == original * ds["gradient_accumulation_steps"] * gpus
+        assert budget.accumulation_steps(cfg["tokens_per_update"], original, gpus) == ds["gradient_accumulation_steps"]
 
 
 def test_a_run_trains_with_the_derived_accumulation(tmp_path) -> None:
