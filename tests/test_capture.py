@@ -624,6 +624,24 @@ def test_the_run_config_option_is_checked(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- on a GPU
+def assert_replays_eager(
+    model: torch.nn.Module, captured: CapturedStep, batches: list[dict], task: str
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Each host batch through ``captured`` (each shape captured once, then replayed) equals the eager step on the
+    same padded batch: loss and every parameter gradient. Returns the last batch and its eager gradients."""
+    params = dict(model.named_parameters())
+    for batch in batches:
+        eager, eager_grads = step(model, move_to_device(pad_batch(batch, SMALL), captured.device), task)
+        model.zero_grad(set_to_none=True)
+        out = captured(batch, task)
+        out["loss"].backward()
+        assert captured.blocker is None
+        torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-6, atol=0)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-7)
+    return batch, eager_grads
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; the CPU tests above cover the rest")
 def test_captured_step_replays_the_eager_losses_and_gradients() -> None:
@@ -632,15 +650,7 @@ def test_captured_step_replays_the_eager_losses_and_gradients() -> None:
     captured = CapturedStep(model, device, SMALL)
     params = dict(model.named_parameters())
     for task in TASKS:
-        for batch in corpus_batches(task, count=3) * 2:  # each shape captured once, then replayed
-            eager, eager_grads = step(model, move_to_device(pad_batch(batch, SMALL), device), task)
-            model.zero_grad(set_to_none=True)
-            out = captured(batch, task)
-            out["loss"].backward()
-            assert captured.blocker is None
-            torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-6, atol=0)
-            for name, grad in eager_grads.items():
-                torch.testing.assert_close(params[name].grad, grad, rtol=1e-5, atol=1e-7)
+        batch, eager_grads = assert_replays_eager(model, captured, corpus_batches(task, count=3) * 2, task)
         # accumulation over micro-batches: a second replay adds to .grad (never overwrites the first's)
         captured(batch, task)["loss"].backward()
         for name, grad in eager_grads.items():
@@ -654,13 +664,6 @@ def test_captured_head_step_replays_the_eager_step(head: str) -> None:
     device, name = torch.device("cuda"), HEADS[head][0]
     model = head_model(head).to(device)
     captured = CapturedStep(model, device, SMALL)
-    params = dict(model.named_parameters())
-    for batch in [head_batch(head, size, seed) for seed, size in enumerate((1, 3, 5))] * 2:
-        eager, eager_grads = step(model, move_to_device(pad_batch(batch, SMALL), device), name)
-        model.zero_grad(set_to_none=True)
-        out = captured(batch, name)
-        out["loss"].backward()
-        assert captured.blocker is None
-        torch.testing.assert_close(out["loss"], eager["loss"], rtol=1e-6, atol=0)
-        for key, grad in eager_grads.items():
-            torch.testing.assert_close(params[key].grad, grad, rtol=1e-5, atol=1e-7)
+    assert_replays_eager(
+        model, captured, [head_batch(head, size, seed) for seed, size in enumerate((1, 3, 5))] * 2, name
+    )
