@@ -19,7 +19,7 @@ import torch
 from batches import corpus_batches
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.pretraining.model import UniterForPretraining
+from uniter_fast.pretraining.model import UniterForPretraining, pretraining_model_size
 from uniter_fast.training import budget
 
 TASKS = ("itm", "mlm", "mrfr", "mrckl")
@@ -39,7 +39,7 @@ def measure(preset: str, layers: int, tokens: int, epoch: int = 0) -> list[dict]
     config = width_config(preset, layers)
     model = UniterForPretraining(config, fast=True)
     model.uniter.check_values = False
-    size = budget.model_size(config)
+    size = pretraining_model_size(config)
     rows = []
     for task in TASKS:
         batch = corpus_batches(task, tokens, 1, epoch)[0]

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from uniter_fast.config import SIZE_MULTIPLE, UniterConfig
 from uniter_fast.data import move_to_device
-from uniter_fast.pretraining.model import UniterForPretraining
+from uniter_fast.pretraining.model import UniterForPretraining, pretraining_model_size
 from uniter_fast.training import budget
 from uniter_fast.training.optim import param_groups
 
@@ -167,12 +167,14 @@ def measure_auto(
     memory = budget.cuda_memory_bytes() if device.type == "cuda" else None
     kinds = sorted({"mrckl" if t == "mrc" else t for t in tasks})
     tokens = RECIPE_TOKENS_PER_UPDATE[config_name]
-    choice = budget.choose_budget(budget.AUTO, tokens, 1, cpu_tokens, (config, kinds), memory)
+    choice = budget.choose_budget(
+        budget.AUTO, tokens, 1, cpu_tokens, (config, kinds, pretraining_model_size(config)), memory
+    )
     torch.manual_seed(0)
     model = UniterForPretraining(config).to(device).train()
     model.uniter.check_values = False
     optimizer = make_optimizer("fast", param_groups(model, 0.01), device)
-    size = budget.model_size(config)
+    size = pretraining_model_size(config)
     rows = []
     for task in tasks:
         batch = move_to_device(corpus_batches(task, choice.budget, 1)[0], device)

@@ -17,7 +17,7 @@ from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.finetuning.config import default_config, load_finetune_config, parse_finetune_config
 from uniter_fast.pretraining.config import parse_training_config
-from uniter_fast.pretraining.model import UniterForPretraining
+from uniter_fast.pretraining.model import UniterForPretraining, pretraining_model_size
 from uniter_fast.training import budget
 from uniter_fast.training import run as training_run
 
@@ -156,10 +156,12 @@ def test_the_base_recipe_sizes_its_micro_batch(
 )
 def test_auto_ladder(preset: str, tokens: int, memory: int, expected: int) -> None:
     config = UniterConfig.preset(preset)
-    choice = budget.choose_budget("auto", tokens, 1, 10240, (config, TASKS), memory * GIB)
+    choice = budget.choose_budget(
+        "auto", tokens, 1, 10240, (config, TASKS, pretraining_model_size(config)), memory * GIB
+    )
     assert choice.budget == expected
     assert tokens % choice.budget == 0 and choice.accumulation == tokens // expected
-    size, limit = budget.model_size(config), budget.SAFE_FRACTION * memory * GIB
+    size, limit = pretraining_model_size(config), budget.SAFE_FRACTION * memory * GIB
     assert budget.training_memory(config, TASKS, expected, size).total <= limit
     for bigger in range(expected + budget.LADDER_STEP, budget.MAX_AUTO_TOKENS + 1, budget.LADDER_STEP):
         assert tokens % bigger or budget.training_memory(config, TASKS, bigger, size).total > limit, bigger
@@ -167,7 +169,8 @@ def test_auto_ladder(preset: str, tokens: int, memory: int, expected: int) -> No
 
 def test_auto_fails_when_nothing_fits() -> None:
     with pytest.raises(ConfigError, match='train_batch_size "auto": no multiple of 2048 tokens divides'):
-        budget.choose_budget("auto", 163840, 1, 10240, (UniterConfig.preset("large"), TASKS), 4 * GIB)
+        large = UniterConfig.preset("large")
+        budget.choose_budget("auto", 163840, 1, 10240, (large, TASKS, pretraining_model_size(large)), 4 * GIB)
 
 
 @pytest.mark.parametrize("layers_of", ["tiny", "base"])
@@ -180,7 +183,7 @@ def test_estimate_matches_the_saved_tensors(layers_of: str) -> None:
     torch.manual_seed(0)
     model = UniterForPretraining(config, fast=True)
     model.uniter.check_values = False
-    size = budget.model_size(config)
+    size = pretraining_model_size(config)
     for task in TASKS:
         batch = corpus_batches(task, 2048, 1, epoch=1)[0]
         tokens = int((batch["txt_lens"] + batch["num_bbs"]).sum())

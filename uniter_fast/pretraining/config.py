@@ -16,8 +16,9 @@ from typing import Any, ClassVar, Optional, Union
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
-from uniter_fast.pretraining.model import TASKS, task_kind
+from uniter_fast.pretraining.model import TASKS, pretraining_model_size, task_kind
 from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
+from uniter_fast.training.budget import BudgetModel
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
@@ -79,13 +80,12 @@ class TrainingConfig(RunConfig):
     required: ClassVar[tuple[str, ...]] = ("output_dir", "train_datasets", "val_datasets")
     auto_budget: ClassVar[bool] = True
 
-    def budget_model(self) -> Optional[tuple[UniterConfig, list[str]]]:
-        """The model config (``model`` with ``model_overrides``) and the training tasks' kinds, which size a
-        ``train_batch_size`` of ``"auto"``."""
-        from uniter_fast.pretraining.run import configured_model_config
-
+    def budget_model(self) -> BudgetModel:
+        """The model config (``model`` with ``model_overrides``), the training tasks' kinds and the pretraining
+        model's size, which size a ``train_batch_size`` of ``"auto"``."""
         kinds = sorted({task_kind(task) for spec in self.train_datasets for task in spec.tasks})
-        return configured_model_config(self), kinds
+        config = configured_model_config(self)
+        return config, kinds, pretraining_model_size(config)
 
     def run_outputs(self) -> tuple[str, ...]:
         """The export ``pretrained/`` and the pictures ``curves.png``, ``alignment.png``."""
@@ -223,3 +223,9 @@ def load_training_config(path: str, checkpoint_given: bool = False) -> TrainingC
     if checkpoint_given and isinstance(raw, dict):
         raw.pop("checkpoint", None)
     return parse_training_config(raw, os.path.dirname(os.path.abspath(path)), path)
+
+
+def configured_model_config(cfg: TrainingConfig) -> UniterConfig:
+    """``cfg.model`` (a preset name or a config JSON) with ``cfg.model_overrides``."""
+    base = UniterConfig.from_json_file(cfg.model) if os.path.isfile(cfg.model) else UniterConfig.preset(cfg.model)
+    return UniterConfig.from_dict({**base.to_dict(), **cfg.model_overrides})

@@ -21,6 +21,7 @@ from torch import nn
 from uniter_fast.config import IMG_LABEL_DIM, UniterConfig
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.pretraining.heads import BertOnlyMLMHead, RegionClassification, RegionFeatureRegression
+from uniter_fast.training.budget import ModelSize, model_size
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
 
@@ -287,3 +288,10 @@ class UniterForPretraining(UniterPreTrainedModel):
             txt_lens=ot.get("txt_lens"),
             img_lens=ot.get("img_lens"),
         )
+
+
+def pretraining_model_size(config: UniterConfig) -> ModelSize:
+    """:func:`uniter_fast.training.budget.model_size` of ``UniterForPretraining(config)``, built on the meta device
+    (no memory, no initialisation)."""
+    with torch.device("meta"):
+        return model_size(UniterForPretraining(config))

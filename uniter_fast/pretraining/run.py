@@ -13,7 +13,7 @@ from uniter_fast.checkpoint import Checkpoint, check_config_fits, load_state, sa
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.files import atomic_directory
-from uniter_fast.pretraining.config import TrainingConfig
+from uniter_fast.pretraining.config import TrainingConfig, configured_model_config
 from uniter_fast.pretraining.data import DataBuilder
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.pretraining.validate import validate
@@ -22,12 +22,6 @@ from uniter_fast.training.logs import PRETRAINED_SUBDIR, VAL_LOG, format_table, 
 from uniter_fast.training.loop import Export, Results, Trainer
 from uniter_fast.training.run import Run, fit, summary_heading
 from uniter_fast.training.zero import consolidated_model
-
-
-def configured_model_config(cfg: TrainingConfig) -> UniterConfig:
-    """``cfg.model`` (a preset name or a config JSON) with ``cfg.model_overrides``."""
-    base = UniterConfig.from_json_file(cfg.model) if os.path.isfile(cfg.model) else UniterConfig.preset(cfg.model)
-    return UniterConfig.from_dict({**base.to_dict(), **cfg.model_overrides})
 
 
 def model_config_of(cfg: TrainingConfig, vocab_size: int) -> UniterConfig:

@@ -122,12 +122,12 @@ class ModelSize:
     cast_weights: dict[str, int]
 
 
-def model_size(config: UniterConfig) -> ModelSize:
-    """The counts of :class:`ModelSize`, on the meta device (no memory, no init)."""
-    from uniter_fast.pretraining.model import UniterForPretraining
+BudgetModel = tuple[UniterConfig, list[str], ModelSize]
+"""What sizes an ``"auto"`` budget: the model config, the training task kinds and the model's :class:`ModelSize`."""
 
-    with torch.device("meta"):
-        model = UniterForPretraining(config)
+
+def model_size(model: torch.nn.Module) -> ModelSize:
+    """The counts of :class:`ModelSize` of a pretraining model (build it on the meta device: no memory, no init)."""
     linear = {
         name: m.weight.numel()
         for name, m in model.named_modules()
@@ -214,12 +214,12 @@ def cuda_memory_bytes() -> Optional[int]:
 
 
 def auto_budget(
-    config: UniterConfig, tasks: list[str], tokens_per_update: int, world: int, device_memory: int
+    model: BudgetModel, tokens_per_update: int, world: int, device_memory: int
 ) -> tuple[int, MemoryEstimate]:
     """The largest ladder budget (multiple of :data:`LADDER_STEP`, <= :data:`MAX_AUTO_TOKENS`) that divides the
     tokens per update per rank and whose :func:`training_memory` fits ``SAFE_FRACTION * device_memory``; with its
     estimate. A ``ConfigError`` when none does."""
-    size = model_size(config)
+    config, tasks, size = model
     per_rank, rem = divmod(tokens_per_update, world)
     for budget in range(MAX_AUTO_TOKENS, 0, -LADDER_STEP):
         if rem or per_rank % budget:
@@ -269,7 +269,7 @@ def choose_budget(
     tokens_per_update: Optional[int],
     world: int,
     fallback: int,
-    model: Optional[tuple[UniterConfig, list[str]]] = None,
+    model: Optional[BudgetModel] = None,
     device_memory: Optional[int] = None,
 ) -> BudgetChoice:
     """Resolve a run's ``train_batch_size`` (tokens, or :data:`AUTO`) and ``tokens_per_update`` on ``world`` ranks:
@@ -284,7 +284,7 @@ def choose_budget(
     elif device_memory is None or model is None:
         budget, how = fallback, f"auto without a CUDA device: the recipe's {fallback}"
     else:
-        budget, estimate = auto_budget(model[0], model[1], tokens_per_update, world, device_memory)
+        budget, estimate = auto_budget(model, tokens_per_update, world, device_memory)
         how = "auto"
     accumulation = None if tokens_per_update is None else accumulation_steps(tokens_per_update, budget, world)
     return BudgetChoice(budget, accumulation, tokens_per_update, world, how, estimate, device_memory)

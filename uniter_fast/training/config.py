@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 from uniter_fast import hub
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError, closest
-from uniter_fast.training.budget import AUTO
+from uniter_fast.training.budget import AUTO, BudgetModel
 
 C = TypeVar("C", bound="RunConfig")
 
@@ -72,8 +72,9 @@ class RunConfig:
     auto_budget: ClassVar[bool] = False
     """Whether ``train_batch_size`` may be ``"auto"`` (the recipe gives :meth:`budget_model`)."""
 
-    def budget_model(self) -> Optional[tuple[UniterConfig, list[str]]]:
-        """(model config, training task kinds) that size an ``"auto"`` budget; None where the recipe has none."""
+    def budget_model(self) -> Optional[BudgetModel]:
+        """(model config, training task kinds, model size) that size an ``"auto"`` budget; None where the recipe has
+        none."""
         return None
 
     def run_outputs(self) -> tuple[str, ...]:
