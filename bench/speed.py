@@ -474,21 +474,8 @@ def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
 
     exact = model_of(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     exact_captured = CapturedStep(exact, device, buckets)
-    loss_err = grad_err = 0.0
-    for task, group in batches.items():
-        for batch in group + group[:1]:  # the first batch again: a replay of its graph
-            exact.zero_grad(set_to_none=True)
-            eager = exact(move_to_device(pad_batch(batch, buckets), device), task)["loss"]
-            eager.backward()
-            eager_grads = [p.grad.float().flatten() for p in exact.parameters() if p.grad is not None]
-            exact.zero_grad(set_to_none=True)
-            replayed = exact_captured(batch, task)["loss"]
-            replayed.backward()
-            grads = [p.grad.float().flatten() for p in exact.parameters() if p.grad is not None]
-            replayed, eager = float(replayed.detach()), float(eager.detach())
-            loss_err = max(loss_err, abs(replayed - eager) / abs(eager))
-            reference, mine = torch.cat(eager_grads), torch.cat(grads)
-            grad_err = max(grad_err, float((mine - reference).norm() / reference.norm()))
+    errors = [replay_errors(exact, exact_captured, group, task, buckets, device) for task, group in batches.items()]
+    loss_err, grad_err = (max(column) for column in zip(*errors))
     syncs = {  # one replayed micro-step per task (padding, copies, replay, backward): what it asks of the host
         task: count_syncs(lambda t=task, g=group: exact_captured(g[0], t)["loss"].backward(), device)[0]
         for task, group in batches.items()
@@ -532,6 +519,32 @@ def capture_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dic
     return rows, goals, meta
 
 
+def replay_errors(
+    model: Any, captured: Any, batches: list[dict], task: str, buckets: Any, device: torch.device
+) -> tuple[float, float]:
+    """The captured step (``captured``, a ``CapturedStep`` of ``model``) against the eager step of ``model`` on the
+    same padded host ``batches`` and the first batch again (a replay of its graph): the largest relative loss error
+    and the largest relative error of all parameter gradients (2-norm)."""
+    from uniter_fast.data.buckets import pad_batch
+    from uniter_fast.data.loader import move_to_device
+
+    def loss_and_grads(step: Any) -> tuple[float, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        loss = step()["loss"]
+        loss.backward()
+        return float(loss.detach()), torch.cat(
+            [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+        )
+
+    loss_err = grad_err = 0.0
+    for batch in batches + batches[:1]:
+        eager, reference = loss_and_grads(lambda b=batch: model(move_to_device(pad_batch(b, buckets), device), task))
+        replayed, mine = loss_and_grads(lambda b=batch: captured(b, task))
+        loss_err = max(loss_err, abs(replayed - eager) / abs(eager))
+        grad_err = max(grad_err, float((mine - reference).norm() / reference.norm()))
+    return loss_err, grad_err
+
+
 def _head_capture(task_name: str, device: torch.device, quick: bool, buckets: Any) -> Any:
     """One head of :func:`capture_heads_speed`: (rows, capture state, loss error, gradient error), or None when the
     head's model cannot be captured."""
@@ -539,7 +552,6 @@ def _head_capture(task_name: str, device: torch.device, quick: bool, buckets: An
     from harness import IMG_RANGE, TXT_RANGE
 
     from uniter_fast.config import UniterConfig
-    from uniter_fast.data.buckets import pad_batch
     from uniter_fast.data.loader import move_to_device
     from uniter_fast.tasks import get_task
     from uniter_fast.training.capture import CapturedStep
@@ -587,19 +599,7 @@ def _head_capture(task_name: str, device: torch.device, quick: bool, buckets: An
     state = "on" if captured.blocker is None else f"off: {captured.blocker}"
     exact = model_of(False)
     exact_captured = CapturedStep(exact, device, buckets)
-    loss_err = grad_err = 0.0
-    for batch in batches + batches[:1]:  # the first batch again: a replay of its graph
-        exact.zero_grad(set_to_none=True)
-        eager = exact(move_to_device(pad_batch(batch, buckets), device), task_name)["loss"]
-        eager.backward()
-        reference = torch.cat([p.grad.float().flatten() for p in exact.parameters() if p.grad is not None])
-        exact.zero_grad(set_to_none=True)
-        replayed = exact_captured(batch, task_name)["loss"]
-        replayed.backward()
-        mine = torch.cat([p.grad.float().flatten() for p in exact.parameters() if p.grad is not None])
-        replayed_loss, eager_loss = float(replayed.detach()), float(eager.detach())
-        loss_err = max(loss_err, abs(replayed_loss - eager_loss) / abs(eager_loss))
-        grad_err = max(grad_err, float((mine - reference).norm() / reference.norm()))
+    loss_err, grad_err = replay_errors(exact, exact_captured, batches, task_name, buckets, device)
     return rows, state, loss_err, grad_err
 
 

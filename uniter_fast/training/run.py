@@ -13,7 +13,7 @@ from uniter_fast.checkpoint import CONFIG_NAME, Checkpoint, read_checkpoint
 from uniter_fast.errors import ConfigError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.adversarial import MicroStep
-from uniter_fast.training.budget import BudgetChoice, choose_budget, cuda_memory_bytes
+from uniter_fast.training.budget import AUTO, BudgetChoice, choose_budget, cuda_memory_bytes
 from uniter_fast.training.cli import apply_run_arguments
 from uniter_fast.training.config import RunConfig
 from uniter_fast.training.distributed import init_ranks, launch_rank, launch_world, setup_environment
@@ -70,8 +70,10 @@ def resolve_budget(cfg: RunConfig, world: int) -> BudgetChoice:
     set ``cfg.gradient_accumulation_steps`` from it for ``world`` ranks (in place; :mod:`uniter_fast.training.budget`);
     a run config's own ``gradient_accumulation_steps`` must agree. Returns the choice (its ``line()`` is logged)."""
     fallback = next(f.default for f in dataclasses.fields(cfg) if f.name == "train_batch_size")
-    model = cfg.budget_model() if cfg.train_batch_size == "auto" and cfg.tokens_per_update is not None else None
-    choice = choose_budget(cfg.train_batch_size, cfg.tokens_per_update, world, fallback, model, cuda_memory_bytes())
+    memory = cuda_memory_bytes()
+    sized = cfg.train_batch_size == AUTO and cfg.tokens_per_update is not None and memory is not None
+    model = cfg.budget_model() if sized else None  # the model's size only where a device will be sized
+    choice = choose_budget(cfg.train_batch_size, cfg.tokens_per_update, world, fallback, model, memory)
     given = cfg.gradient_accumulation_steps
     if choice.accumulation is not None and given is not None and given != choice.accumulation:
         raise ConfigError(
