@@ -122,22 +122,28 @@ def test_bad_configs_name_the_field(tmp_path, changes, error, match) -> None:
 
 
 @pytest.mark.parametrize(
-    ("checkpoint_from", "export"), [("pretrain", "pretrain-tiny"), ("vcr_pretrain", "vcr-pretrain-tiny")]
+    ("checkpoint_from", "export"),
+    [
+        ("pretrain", "pretrain-tiny/pretrained"),
+        ("vcr_pretrain", "vcr-pretrain-tiny/pretrained"),
+        ("itm", "finetune-itm-tiny/finetuned"),
+    ],
 )
 def test_auto_checkpoint_is_the_default_export_under_the_working_directory(
     tmp_path, monkeypatch, checkpoint_from: str, export: str
 ) -> None:
-    """``"checkpoint": "auto"`` takes ``output/<default run>/pretrained`` under the working directory, wherever the
-    config file is, and no checkpoint when that export does not exist."""
+    """``"checkpoint": "auto"`` takes the export of the default run (its tiny config's ``output_dir``, the task's
+    export dir) under the working directory, wherever the config file is, and no checkpoint when that export does
+    not exist."""
     config_dir, work = tmp_path / "configs", tmp_path / "work"
     config_dir.mkdir()
     work.mkdir()
     monkeypatch.chdir(work)
     raw = base(config_dir, checkpoint="auto", checkpoint_from=checkpoint_from)
     assert parse_finetune_config(raw, base_dir=str(config_dir)).checkpoint is None
-    (work / "output" / export / "pretrained").mkdir(parents=True)
+    (work / "output" / export).mkdir(parents=True)
     cfg = parse_finetune_config(raw, base_dir=str(config_dir))
-    assert cfg.checkpoint == str(work / "output" / export / "pretrained")
+    assert cfg.checkpoint == str(work / "output" / export)
 
 
 @pytest.mark.parametrize("task_name", ["nlvr2", "re"])

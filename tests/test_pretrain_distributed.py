@@ -23,6 +23,7 @@ from tests.pretrain_runs import (
     step_log,
     write_configs,
 )
+from uniter_fast.training.distributed import SHM_WORKSPACE
 from uniter_fast.training.logs import read_jsonl
 
 STEPS = 8
@@ -132,6 +133,12 @@ def test_kill_at_a_random_point_resumes_exactly(tmp_path, uninterrupted, draw) -
     _kill_and_resume(tmp_path, uninterrupted, *choose(uninterrupted.points, "pretrained", KILL_SEED + 1 + draw))
 
 
+def shm_workspaces() -> set[str]:
+    """This user's DeepSpeed CPU all-reduce workspaces in /dev/shm (``training.distributed.SHM_WORKSPACE``)."""
+    prefix = f"{os.path.basename(SHM_WORKSPACE)}_{os.getuid()}_"
+    return {name for name in os.listdir(os.path.dirname(SHM_WORKSPACE)) if name.startswith(prefix)}
+
+
 def test_two_ranks_follow_one_rank_on_the_same_global_batches(tmp_path) -> None:
     """ZeRO-2 over gloo, fp32, no dropout. Per step, 1 rank takes the whole global batch, each of 2 ranks half of it
     (equal loss denominators). The logged loss (mean over ranks) and the final weights must agree to float rounding:
@@ -140,8 +147,10 @@ def test_two_ranks_follow_one_rank_on_the_same_global_batches(tmp_path) -> None:
     absolute; asserted: 1e-4 and 1e-4. A wrong reduction (sum instead of mean, one rank's loss only, unsynchronised
     optimizer shards) is off by far more."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    workspaces = shm_workspaces()
     run_worker(launcher("python"), "ranks", one)
     run_worker(launcher("deepspeed", ranks=2), "ranks", two)
+    assert shm_workspaces() <= workspaces  # the ranks' DeepSpeed shared memory went back when they exited
     log_one, log_two = (read_jsonl(os.path.join(d, "train_steps.jsonl")) for d in (one, two))
     tasks = [r["task"] for r in log_one]
     assert tasks == [r["task"] for r in log_two] == ["itm", "mlm", "mrfr", "mrckl"] * 2

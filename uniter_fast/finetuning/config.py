@@ -101,15 +101,16 @@ def default_config(task: str) -> str:
 
 def auto_checkpoint(checkpoint_from: str, where: str) -> str:
     """The export of the default run of ``checkpoint_from``, under the working directory: ``pretrain`` ->
-    ``output/pretrain-tiny/pretrained``; a task name (e.g. ``vcr_pretrain``) -> its tiny config's output dir and the
-    task's export dir (``output/vcr-pretrain-tiny/pretrained``)."""
+    ``output/pretrain-tiny/pretrained``; a task name -> its tiny config's ``output_dir`` and the task's export dir
+    (``vcr_pretrain``: ``output/vcr-pretrain-tiny/pretrained``; ``itm``: ``output/finetune-itm-tiny/finetuned``)."""
     if checkpoint_from == PRETRAIN:
         return os.path.join("output", "pretrain-tiny", PRETRAINED_SUBDIR)
     if checkpoint_from not in TASKS:
         raise ValueError(
             f"{where}: checkpoint_from must be {PRETRAIN!r} or a task of {sorted(TASKS)}, got {checkpoint_from!r}"
         )
-    return os.path.join("output", f"{checkpoint_from.replace('_', '-')}-tiny", get_task(checkpoint_from).export_dir)
+    output_dir = read_json(default_config(checkpoint_from), "fine-tuning config")["output_dir"]
+    return os.path.join(output_dir, get_task(checkpoint_from).export_dir)
 
 
 def _resolve(path: str, base_dir: str) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 
 from uniter_fast.checkpoint import Checkpoint, check_config_fits, resolve_config
 from uniter_fast.data.loader import move_to_device
+from uniter_fast.errors import ConfigError
 from uniter_fast.files import atomic_directory
 from uniter_fast.finetuning.config import RESULTS_SUBDIR, FinetuneConfig
 from uniter_fast.finetuning.data import eval_datasets, train_stream
@@ -42,8 +43,15 @@ def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def check_finetuning(cfg: FinetuneConfig, checkpoint: Optional[Checkpoint]) -> None:
     """The checks of a fine-tuning run before start-up: the model config resolves, and the initial checkpoint's
-    weights have its sizes (the config given, else the one saved with the checkpoint)."""
+    weights have its sizes (the config given, else the one saved with the checkpoint); a run that trains ITM's
+    first stage alone has a checkpoint (its teacher)."""
     if checkpoint is None:
+        if cfg.options.get("train_first_stage_only"):
+            raise ConfigError(
+                "checkpoint: train_first_stage_only distils a trained cross-encoder into the first stage's tower, "
+                "so it needs a checkpoint (an itm export; 'auto' with checkpoint_from 'itm': "
+                "output/finetune-itm-tiny/finetuned, the default itm run's), got none"
+            )
         resolve_config(cfg.model_config or "tiny")
         return
     if cfg.model_config is None and checkpoint.config is None:

@@ -138,7 +138,10 @@ def load_task_model(
         options = {**options, **fixed}
     model = task.build_model(task_model_config(ckpt, config, overrides), options, fast)
     if finetuned:
+        state, derived = task.complete_state(state, options)
         load_state(model, state, checkpoint)
+        for module, origin in derived.items():
+            logger.info("%s: %s of %s from %s", checkpoint, module, type(model).__name__, origin)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         task.prepare_model(model, options)  # a fine-tuned model's tables already have the task's sizes
         grown = sorted(k for k, v in model.state_dict().items() if shapes.get(k) != tuple(v.shape))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uniter_fast.checkpoint import ENCODER_PREFIX
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
@@ -40,12 +41,15 @@ from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.layout import pack_batch, packed_positions, padded_slots, segment_arange
 from uniter_fast.losses import weighted_mean
 from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
+from uniter_fast.model.uniter import Model
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
 
 PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
 EVAL_MODES = ("exact", "fast")
 FIRST_STAGE_LOSSES = ("contrastive", "distill", "contrastive+distill")
+TOWER_PREFIX = "first_stage_uniter."
+"""State-dict prefix of the first stage's own encoder (``first_stage_tower``)."""
 
 
 def first_stage_terms(first_stage_loss: str) -> frozenset[str]:
@@ -139,6 +143,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         fast: bool = False,
         first_stage_loss: str = "contrastive",
         distill_temperature: float = 1.0,
+        first_stage_tower: bool = False,
+        train_first_stage_only: bool = False,
     ) -> None:
         super().__init__(config, fast)
         hidden = config.hidden_size
@@ -153,11 +159,37 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             self.txt_proj = nn.Linear(hidden, first_stage_dim)
             self.img_proj = nn.Linear(hidden, first_stage_dim)
             heads += [self.txt_proj, self.img_proj]
+        if (first_stage_tower or train_first_stage_only) and not first_stage_dim:
+            raise ValueError("first_stage_tower and train_first_stage_only need first_stage_dim > 0")
+        if train_first_stage_only and (not first_stage_tower or hard_neg_size):
+            raise ValueError("train_first_stage_only needs first_stage_tower true and hard_neg_size 0")
+        if first_stage_tower:
+            self.first_stage_uniter = Model(self.config)
         self.margin, self.hard_neg_size, self.first_stage_dim = margin, hard_neg_size, first_stage_dim
         self.first_stage_weight, self.temperature = first_stage_weight, temperature
         self.first_stage_loss, self.distill_temperature = first_stage_loss, distill_temperature
+        self.train_first_stage_only = train_first_stage_only
         self._fresh_first_stage: Optional[torch.Tensor] = None  # see mark_first_stage_fresh
         self.init_head_weights(*heads)
+        if train_first_stage_only:  # the cross-encoder is the teacher: its weights stay as loaded
+            for module in (self.uniter, self.itm_output, self.rank_output):
+                module.requires_grad_(False)
+
+    @property
+    def first_stage_encoder(self) -> Model:
+        """The encoder of the first stage's text-only and image-only passes: its own tower ``first_stage_uniter``
+        (``first_stage_tower``), else the cross-encoder's ``uniter``."""
+        return getattr(self, "first_stage_uniter", self.uniter)
+
+    def copy_encoder_to_tower(self) -> None:
+        """Set the tower ``first_stage_uniter`` to a copy of the cross-encoder's weights (its start from a pretrained
+        or fine-tuned checkpoint, as LightningDOT's towers start from UNITER)."""
+        self.first_stage_uniter.load_state_dict(self.uniter.state_dict())
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """The cross-encoder's pairs, plus the tower's when the first stage has its own."""
+        tower = getattr(self, "first_stage_uniter", None)
+        return super().external_parameters() + (tower.external_parameters() if tower is not None else [])
 
     @property
     def captures(self) -> bool:  # type: ignore[override]
@@ -213,6 +245,9 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         if not compute_loss:
             return {"scores": self.rank_scores(batch)}
         require(batch, ("sample_size",), "itm")
+        if self.train_first_stage_only:
+            first = self.first_stage_objective(batch)
+            return {"loss": self.first_stage_weight * first, "first_stage_loss": first.detach()}
         sample_size, sides = int(batch["sample_size"]), int(batch.get("sides", 1))
         if self.hard_neg_size and self.training:
             batch, sample_size = self.hard_batch(batch, sample_size), self.hard_neg_size + 1
@@ -227,18 +262,23 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             per_side = side_means(terms.detach(), sides)
             out.update(text_side_loss=per_side[0], image_side_loss=per_side[1])
         if self.first_stage_dim and self.first_stage_weight > 0:
-            txt, img = self.pair_embeddings(batch)
-            parts = []
-            if "contrastive" in first_stage_terms(self.first_stage_loss):
-                weights = batch.get("example_weights")
-                parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature, weights))
-            if self.distills:
-                teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
-                parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
-            first = sum(parts[1:], parts[0])
+            first = self.first_stage_objective(batch)
             out["loss"] = rank_loss + self.first_stage_weight * first
             out["first_stage_loss"] = first.detach()
         return out
+
+    def first_stage_objective(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The first stage's loss (fp32 0-dim, before ``first_stage_weight``) on each group's positive pair: the
+        terms of ``first_stage_loss`` summed (contrastive; distillation from the cross-encoder's scores)."""
+        txt, img = self.pair_embeddings(batch)
+        parts = []
+        if "contrastive" in first_stage_terms(self.first_stage_loss):
+            weights = batch.get("example_weights")
+            parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature, weights))
+        if self.distills:
+            teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
+            parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
+        return sum(parts[1:], parts[0])
 
     def teacher_scores(self, batch: dict[str, Any], groups: int) -> torch.Tensor:
         """Cross-encoder scores float32 [G, G] of ``batch["cross_pairs"]`` (every text of the batch's ``groups``
@@ -274,10 +314,10 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         require(batch, ("pair_images",), "itm", "the first-stage loss")
         if self._uses_packed(batch):
             require(batch, ("first_stage",), "itm", "the first stage on the packed layout: add_first_stage")
-            stage = batch["first_stage"]
-            txt_out = self.uniter.forward_packed(stage["txt"], check_values=self.check_values)
+            stage, encoder = batch["first_stage"], self.first_stage_encoder
+            txt_out = encoder.forward_packed(stage["txt"], check_values=self.check_values)
             txt = F.normalize(self.txt_proj(txt_out[stage["txt"]["cls_index"]]).float(), dim=-1)
-            regions = self.uniter.forward_packed(stage["img"], check_values=self.check_values)
+            regions = encoder.forward_packed(stage["img"], check_values=self.check_values)
             regions = regions[stage["img"]["img_index"]]
             groups = stage["img_counts"].numel()  # row `groups` takes a fixed-shape batch's padding regions
             sums = regions.new_zeros(groups + 1, regions.size(1)).index_add_(0, stage["img_rows"], regions)
@@ -291,14 +331,16 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
     def text_embeddings(self, input_ids: torch.Tensor, txt_lens: torch.Tensor) -> torch.Tensor:
         """L2-normalised first-stage text embeddings [B, D] of input_ids int64 [B, Lt] ([CLS] .. [SEP])."""
         mask = torch.arange(input_ids.size(1), device=input_ids.device)[None, :] < txt_lens[:, None]
-        hidden = self.uniter(input_ids, None, None, None, mask.long(), output_all_encoded_layers=False)
+        hidden = self.first_stage_encoder(input_ids, None, None, None, mask.long(), output_all_encoded_layers=False)
         return F.normalize(self.txt_proj(hidden[:, 0]).float(), dim=-1)
 
     def image_embeddings(self, img_feat: torch.Tensor, img_pos_feat: torch.Tensor, num_bbs: torch.Tensor):
         """L2-normalised first-stage image embeddings [B, D] of img_feat [B, Nb, 2048] / img_pos_feat [B, Nb, 7]:
         ``img_proj`` of the mean region output of an image-only pass."""
         mask = torch.arange(img_feat.size(1), device=img_feat.device)[None, :] < num_bbs[:, None]
-        hidden = self.uniter(None, None, img_feat, img_pos_feat, mask.long(), output_all_encoded_layers=False)
+        hidden = self.first_stage_encoder(
+            None, None, img_feat, img_pos_feat, mask.long(), output_all_encoded_layers=False
+        )
         mean = (hidden * mask[..., None].to(hidden.dtype)).sum(1) / num_bbs[:, None].to(hidden.dtype)
         return F.normalize(self.img_proj(mean).float(), dim=-1)
 
@@ -512,7 +554,7 @@ class ItmTask(Task):
 
     adversarial = True
     name = "itm"
-    heads = ("itm_output", "rank_output", "txt_proj", "img_proj")
+    heads = ("itm_output", "rank_output", "txt_proj", "img_proj", "first_stage_uniter")
     finetuned_heads = ("rank_output",)  # a pretrained checkpoint has itm_output too
     checkpoint_options = ("first_stage_dim",)  # negatives, margin and evaluation settings stay the caller's
     options = {
@@ -524,6 +566,8 @@ class ItmTask(Task):
         "temperature": 0.05,
         "first_stage_loss": "contrastive",
         "distill_temperature": 1.0,
+        "first_stage_tower": False,
+        "train_first_stage_only": False,
         "eval_mode": "exact",
         "top_k": 16,
     }
@@ -549,11 +593,40 @@ class ItmTask(Task):
             raise ValueError(
                 f"{where}: hard_neg_size={out['hard_neg_size']} exceeds negative_size={out['negative_size']}"
             )
+        for key in ("first_stage_tower", "train_first_stage_only"):
+            if not isinstance(out[key], bool):
+                raise ValueError(f"{where}: {key} must be true or false, got {out[key]!r}")
+        if out["train_first_stage_only"]:
+            needs = {"first_stage_tower": True, "hard_neg_size": 0}
+            wrong = {k: out[k] for k, v in needs.items() if out[k] != v}
+            if wrong or not out["first_stage_dim"] or not out["first_stage_weight"] > 0:
+                raise ValueError(
+                    f"{where}: train_first_stage_only trains the first stage's own tower alone: it needs "
+                    f"first_stage_tower true, hard_neg_size 0, first_stage_dim > 0 and first_stage_weight > 0, got "
+                    f"first_stage_tower={out['first_stage_tower']}, hard_neg_size={out['hard_neg_size']}, "
+                    f"first_stage_dim={out['first_stage_dim']}, first_stage_weight={out['first_stage_weight']}"
+                )
         return out
 
     def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The first stage's size (0: none), and ``first_stage_tower`` when the weights hold a tower (a checkpoint
+        without one does not fix it: a tower asked for is copied from its encoder, :meth:`complete_state`)."""
         proj = state.get("txt_proj.weight")
-        return {"first_stage_dim": int(proj.shape[0]) if proj is not None else 0}
+        out: dict[str, Any] = {"first_stage_dim": int(proj.shape[0]) if proj is not None else 0}
+        if any(k.startswith(TOWER_PREFIX) for k in state):
+            out["first_stage_tower"] = True
+        return out
+
+    def complete_state(
+        self, state: dict[str, torch.Tensor], options: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A fine-tuned checkpoint without a first-stage tower, loaded with ``first_stage_tower`` true: the tower's
+        keys are a copy of its encoder's (``uniter.*`` -> ``first_stage_uniter.*``), e.g. to distil a tower from a
+        trained cross-encoder (``train_first_stage_only``)."""
+        if not options["first_stage_tower"] or any(k.startswith(TOWER_PREFIX) for k in state):
+            return state, {}
+        tower = {TOWER_PREFIX + k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+        return {**state, **tower}, {"first_stage_uniter": "a copy of the checkpoint's encoder"}
 
     def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
         return UniterForImageTextRetrieval(
@@ -566,6 +639,8 @@ class ItmTask(Task):
             fast,
             options["first_stage_loss"],
             options["distill_temperature"],
+            options["first_stage_tower"],
+            options["train_first_stage_only"],
         )
 
     def init_from_pretrained(self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, str]:
@@ -580,6 +655,9 @@ class ItmTask(Task):
         model.init_output()
         origin = "the checkpoint's" if derived else "the freshly initialised"
         derived["rank_output"] = f"row 1 (match) of {origin} itm_output (init_output)"
+        if hasattr(model, "first_stage_uniter"):
+            model.copy_encoder_to_tower()
+            derived["first_stage_uniter"] = "a copy of the checkpoint's encoder"
         model.mark_first_stage_fresh()
         return derived
 
@@ -646,6 +724,11 @@ class ItmTask(Task):
         """Adversarial fine-tuning perturbs the rows of the batch it is given; hard negatives are chosen inside the
         forward from those rows (by perturbed scores), so clean and perturbed scores would compare different
         candidates: refused with ``hard_neg_size`` > 0."""
+        if options.get("train_first_stage_only"):
+            raise ConfigError(
+                f"{where}: 'adversarial' perturbs the cross-encoder's inputs, which train_first_stage_only does not "
+                "train: remove one of them"
+            )
         if options.get("hard_neg_size", 0) > 0:
             raise ConfigError(
                 f"{where}: 'adversarial' needs hard_neg_size 0 (random negatives), got {options['hard_neg_size']}"

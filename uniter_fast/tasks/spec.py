@@ -166,6 +166,14 @@ class Task:
     def prepare_model(self, model: UniterPreTrainedModel, options: dict[str, Any]) -> None:
         """Grow the embedding tables the task needs (after a pretrained checkpoint is loaded); default nothing."""
 
+    def complete_state(
+        self, state: dict[str, torch.Tensor], options: dict[str, Any]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """A fine-tuned checkpoint's ``state`` with the keys that ``options`` add to the model and that the task
+        derives from the checkpoint's other keys (ITM: a first-stage tower copied from the encoder), and {module:
+        where its weights came from} for the load log. Default: ``state`` as it is."""
+        return state, {}
+
     def init_from_pretrained(
         self, model: UniterPreTrainedModel, state: dict[str, torch.Tensor]
     ) -> Optional[dict[str, str]]:

@@ -3,6 +3,7 @@ rank/barrier/lockstep helpers every floor above uses (validation, task evaluatio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -56,6 +57,27 @@ def init_ranks(seed: int, num_workers: Optional[int]) -> tuple[int, int, int]:
     seed_everything(seed)
     workers = num_workers if num_workers is not None else (2 if torch.cuda.is_available() else 0)
     return rank, world, workers
+
+
+SHM_WORKSPACE = "/dev/shm/deepspeed_allreduce_buffer"
+"""DeepSpeed's CPU accelerator maps one shared-memory workspace per rank for its all-reduce
+(``deepspeed/ops/csrc/cpu/comm/shm.cpp``: ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``,
+64 MiB each, when every rank is on one machine) and never unlinks it, so every CPU run would leave its ranks' files
+in /dev/shm (RAM) behind."""
+
+
+def release_shm_workspace() -> None:
+    """Unlink this rank's DeepSpeed shared-memory workspace name (:data:`SHM_WORKSPACE`), once every rank is past the
+    process group's start-up (each rank maps its peers' workspaces there; the barrier makes sure): the mappings stay
+    valid, and the memory goes back when the last rank exits, also a killed one. No-op where there is none (a CUDA
+    run, ranks on several machines)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    barrier()
+    rank = dist.get_rank()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{SHM_WORKSPACE}_{os.getuid()}_{addr}_{port}_{rank}")
 
 
 def init_launched_process_group() -> tuple[int, int]:

@@ -18,6 +18,7 @@ import torch
 from uniter_fast.files import read_json
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.config import RunConfig
+from uniter_fast.training.distributed import release_shm_workspace
 from uniter_fast.training.ds_keys import check_with_deepspeed
 from uniter_fast.training.optim import build_scheduler, param_groups
 from uniter_fast.training.zero import register_external_parameters
@@ -122,7 +123,7 @@ def build_engine(
     own learning-rate multiplier (see :func:`param_groups`). Under ZeRO-3 the model's external parameters are
     registered (:func:`uniter_fast.training.zero.register_external_parameters`), and the fused encoder layer is
     refused (it reads its blocks' Linear / LayerNorm parameters outside their forwards, which ZeRO-3 does not
-    gather). Returns the engine."""
+    gather). Its ranks' shared-memory names are released (:func:`release_shm_workspace`). Returns the engine."""
     stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
     if stage == 3 and getattr(getattr(model, "config", None), "encoder_layer_backend", None) == "triton":
         raise ValueError(
@@ -140,4 +141,5 @@ def build_engine(
     )
     if engine.zero_optimization_partition_weights():
         register_external_parameters(model)
+    release_shm_workspace()
     return engine
