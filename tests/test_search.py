@@ -36,10 +36,12 @@ from uniter_fast.tasks.spec import Query
 TEXTS = ["A woman in a uniform .", "a cat on the table", "a red cup", "a rocket in the sky"]
 
 
-def export_itm(root: Any, name: str, size: int, seed: int, first_stage_dim: int = 16) -> str:
-    """A tiny itm export (random weights, ``first_stage_dim`` first stage) under ``root``."""
+def export_itm(root: Any, name: str, size: int, seed: int, first_stage_dim: int = 16, tower: bool = False) -> str:
+    """A tiny itm export (random weights, ``first_stage_dim`` first stage, on its own tower with ``tower``) under
+    ``root``."""
     config = UniterConfig.tiny(vocab_size=size)
-    return export_task_model("itm", {"first_stage_dim": first_stage_dim}, config, str(root / name), seed)
+    options = {"first_stage_dim": first_stage_dim, "first_stage_tower": tower}
+    return export_task_model("itm", options, config, str(root / name), seed)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def world(tmp_path_factory) -> dict[str, Any]:
     torch.save(tiny_weights("milvlg"), weights)
     vocab = str(root / "vocab.txt")
     size = build_vocab(TEXTS, vocab)
-    export = export_itm(root, "itm", size, 0)
+    export = export_itm(root, "itm", size, 0, tower=True)  # embeddings from the tower, scores from the encoder
     index = str(root / "index")
     status, out, err = run_cli(main, ["index", "--images", str(gallery), "--checkpoint", export, "--detector", weights,
                                 "--vocab", vocab, "--out", index, "--shard-size", "2", "--no-progress",
@@ -83,6 +85,7 @@ def test_index_holds_every_image_with_the_build_regions_and_embeddings(world) ->
     assert index.images == [*top, "more/crop1.png", "more/crop3.png"]
     assert len(index.manifest["shards"]) == 3  # shards of 2 images
     model, _ = load_retrieval_model(world["export"], world["vocab"])
+    assert hasattr(model, "first_stage_uniter")  # the export's tower, not its cross-encoder, embeds the gallery
     regions = index.regions(range(5))
     paths = [index.image_path(image) for image in index.images]
     records = [r for s in range(0, 5, 2) for r in world["extractor"].extract([to_bgr(p) for p in paths[s : s + 2]])]
