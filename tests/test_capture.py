@@ -348,6 +348,37 @@ def test_by_example_heads_size_their_buckets_from_the_tokens_their_batches_hold(
     assert capture_tokens(get_task("vqa"), [dataset], 4096, seed=0) is None
 
 
+@pytest.mark.parametrize(
+    ("config", "capture", "expected"), [("re", True, 326), ("re", False, None), ("ve", True, None)]
+)
+def test_the_finetuning_recipe_gives_the_trainer_the_tokens_of_a_batch(
+    config: str, capture: bool, expected: Optional[int], tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune() hands fit the tokens of a by-examples batch (the bundled RE set's 32 expressions hold about 326,
+    bench/capture_padding.py --heads); None for a token-counting task (its budget) and without capture."""
+    import json
+    import os
+
+    from uniter_fast.finetuning import run as recipe
+    from uniter_fast.finetuning.config import parse_finetune_config
+    from uniter_fast.training.run import Run
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    with open(os.path.join(configs, f"finetune-{config}-tiny.json"), encoding="utf-8") as f:
+        raw = {k: v for k, v in json.load(f).items() if k != "checkpoint"}
+    cfg = parse_finetune_config({**raw, "capture": capture, "output_dir": str(tmp_path)}, configs, "cfg.json")
+    given = {}
+
+    def fit(*args: Any, **kwargs: Any) -> None:
+        given.update(kwargs)
+        raise InterruptedError
+
+    monkeypatch.setattr(recipe, "fit", fit)
+    with pytest.raises(InterruptedError):
+        recipe.finetune(cfg, Run(0, 1, 0, {"gradient_accumulation_steps": 1}))
+    assert given["capture_tokens"] == expected
+
+
 def test_the_trainer_sizes_its_buckets_from_the_tokens_it_is_given(tmp_path) -> None:
     from uniter_fast.training.loop import Trainer
 
