@@ -113,6 +113,7 @@ def measure_heads(epochs: int) -> list[dict[str, Any]]:
             config = json.load(f)
         dataset, seed = head_dataset(config), config["seed"]
         for size in (config["train_batch_size"], base_size):
+            dataset.set_epoch(0)  # as the recipe measures it, before training
             tokens = {"before": size, "after": capture_tokens(get_task(name), [dataset], size, seed)}
             for when, budget in tokens.items():
                 buckets = Buckets.for_run(config["max_txt_len"], config["max_bb"], config["num_bb"], budget)

@@ -41,7 +41,7 @@ def capture_tokens(task: Task, datasets: list[Any], batch_size: int, seed: int) 
     if not task.by_examples:
         return None
     mean = float(np.mean([mean_example_tokens(dataset, batch_size, seed) for dataset in datasets]))
-    return max(1, round(batch_size * mean))
+    return round(batch_size * mean)
 
 
 def eval_datasets(task: Task, cfg: FinetuneConfig, dbs: DbCache, options: dict[str, Any]) -> dict[str, Any]:
