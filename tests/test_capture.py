@@ -34,6 +34,7 @@ from uniter_fast.data import (
 from uniter_fast.data.buckets import (
     Buckets,
     NotCapturable,
+    mean_example_tokens,
     pad_batch,
     padding_cost,
     round_coarse,
@@ -42,6 +43,7 @@ from uniter_fast.data.buckets import (
 )
 from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError
+from uniter_fast.finetuning.data import capture_tokens
 from uniter_fast.layout import pad_masks, padded_slots
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.syncs import count_syncs
@@ -302,6 +304,91 @@ def test_what_cannot_be_padded_is_refused() -> None:
         Buckets(token_multiple=0)
     assert Buckets.for_run(60, 100, 36, 10240) == Buckets(token_multiple=512, max_txt_len=62, max_bb=100)
     assert Buckets.for_run(40, 10, 36, 1024) == Buckets(token_multiple=64, max_txt_len=42, max_bb=36)
+
+
+class LengthsDataset:
+    """A task dataset of examples with known (text, regions) lengths, collated by the one collate."""
+
+    def __init__(self, lengths: list[tuple[int, int]]) -> None:
+        self.lengths = lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return self.lengths[index]
+
+    def collate(self, items: list[tuple[int, int]]) -> dict[str, Any]:
+        return random_batch(items)
+
+
+def test_mean_example_tokens_is_a_seeded_sample_of_the_packed_tokens() -> None:
+    lengths = [(3 + i % 7, 2 * (i % 5)) for i in range(40)]
+    dataset = LengthsDataset(lengths)
+    assert mean_example_tokens(dataset, 8, seed=0, count=100) == np.mean([t + n for t, n in lengths])
+    sample = np.random.default_rng(3).permutation(40)[:10]
+    assert mean_example_tokens(dataset, 4, seed=3, count=10) == np.mean([sum(lengths[i]) for i in sample])
+    with pytest.raises(ValueError, match="no example"):
+        mean_example_tokens(LengthsDataset([]), 8, seed=0)
+
+
+def test_by_example_heads_size_their_buckets_from_the_tokens_their_batches_hold(tmp_path) -> None:
+    """RE and ITM count examples in train_batch_size: their buckets follow train_batch_size x the packed tokens of
+    an example (an ITM group: all its pairs), not the 64-token floor; token-counting tasks keep their budget."""
+    from itm_helpers import small_itm_db
+
+    from uniter_fast.tasks.itm import ItmRankDataset
+
+    txt_path, img_path = small_itm_db(str(tmp_path / "itm"), 8)
+    dataset = ItmRankDataset(TxtTokLmdb(txt_path, 60), DetectFeatLmdb(img_path), negative_size=2, seed=1)
+    groups = [dataset.collate([dataset[i]]) for i in range(len(dataset))]
+    mean = np.mean([int(g["txt_lens"].sum() + g["num_bbs"].sum()) for g in groups])  # 5 pairs per group
+    tokens = capture_tokens(get_task("itm"), [dataset], 40, seed=0)
+    assert tokens == round(40 * mean) and tokens > 20 * 40
+    assert Buckets.for_run(60, 100, 36, tokens).token_multiple == max(64, tokens // 20 // 64 * 64) > 64
+    assert Buckets.for_run(60, 100, 36, 40).token_multiple == 64  # the old budget: the floor
+    assert capture_tokens(get_task("vqa"), [dataset], 4096, seed=0) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "capture", "expected"), [("re", True, 326), ("re", False, None), ("ve", True, None)]
+)
+def test_the_finetuning_recipe_gives_the_trainer_the_tokens_of_a_batch(
+    config: str, capture: bool, expected: Optional[int], tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune() hands fit the tokens of a by-examples batch (the bundled RE set's 32 expressions hold about 326,
+    bench/capture_padding.py --heads); None for a token-counting task (its budget) and without capture."""
+    import json
+    import os
+
+    from uniter_fast.finetuning import run as recipe
+    from uniter_fast.finetuning.config import parse_finetune_config
+    from uniter_fast.training.run import Run
+
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    with open(os.path.join(configs, f"finetune-{config}-tiny.json"), encoding="utf-8") as f:
+        raw = {k: v for k, v in json.load(f).items() if k != "checkpoint"}
+    cfg = parse_finetune_config({**raw, "capture": capture, "output_dir": str(tmp_path)}, configs, "cfg.json")
+    given = {}
+
+    def fit(*args: Any, **kwargs: Any) -> None:
+        given.update(kwargs)
+        raise InterruptedError
+
+    monkeypatch.setattr(recipe, "fit", fit)
+    with pytest.raises(InterruptedError):
+        recipe.finetune(cfg, Run(0, 1, 0, {"gradient_accumulation_steps": 1}))
+    assert given["capture_tokens"] == expected
+
+
+def test_the_trainer_sizes_its_buckets_from_the_tokens_it_is_given(tmp_path) -> None:
+    from uniter_fast.training.loop import Trainer
+
+    engine, cfg = FakeEngine(module=pretraining_model()), RunConfig(output_dir=str(tmp_path), capture=True)
+    default = Trainer(engine, cfg, None, None, None)
+    assert default.captured.buckets == Buckets.for_run(60, 100, 36, cfg.train_batch_size)  # 4096 tokens: 192
+    given = Trainer(engine, cfg, None, None, None, capture_tokens=10240)
+    assert given.captured.buckets == Buckets(token_multiple=512, max_txt_len=62, max_bb=100)
 
 
 # ------------------------------------------------------------------------------------------------- the same step

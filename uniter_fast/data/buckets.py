@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
+import numpy as np
 import torch
 
 from uniter_fast.errors import ConfigError
@@ -109,9 +110,26 @@ class Buckets:
         """The buckets of a run config: its text and box settings (``max_txt_len`` wordpieces without [CLS]/[SEP];
         ``max_bb``, or ``num_bb`` when larger: the GT-box and fixed-count dbs) and its token ``budget`` per batch,
         of which ``token_multiple`` is about 5% (a multiple of 64, at least 64: 512 for the original's 10240 tokens,
-        64 for 1024; bench/capture_padding.py measures the padding it costs)."""
+        64 for 1024; bench/capture_padding.py measures the padding it costs). A task whose ``train_batch_size``
+        counts examples passes the tokens its batches hold instead (:func:`mean_example_tokens`)."""
         multiple = max(64, budget // 20 // 64 * 64)
         return cls(token_multiple=multiple, max_txt_len=max_txt_len + 2, max_bb=max(max_bb, num_bb))
+
+
+def mean_example_tokens(dataset: Any, batch_size: int, seed: int, count: int = 256) -> float:
+    """The mean packed tokens of one training example of ``dataset`` (a task dataset: ``len``, items, ``collate``):
+    the text tokens ([CLS]/[SEP] included) and regions of its top-level packed layout, over every sequence the
+    example spans (an ITM group's pairs, an NLVR2 pair), measured on ``count`` examples drawn without replacement by
+    a generator seeded with ``seed`` (every example of a smaller dataset), collated ``batch_size`` at a time."""
+    size = len(dataset)
+    if size == 0:
+        raise ValueError("mean_example_tokens: the dataset has no example")
+    indices = np.random.default_rng(seed).permutation(size)[:count].tolist()
+    tokens = 0
+    for start in range(0, len(indices), batch_size):
+        packed = dataset.collate([dataset[i] for i in indices[start : start + batch_size]])["packed"]
+        tokens += packed["txt_ids"].numel() + packed["img_feat"].size(0)
+    return tokens / len(indices)
 
 
 def _cat(tensor: torch.Tensor, rows: int, fill: float = 0) -> torch.Tensor:
@@ -313,17 +331,25 @@ def shape_key(batch: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(items)
 
 
-def padding_cost(batches: list[dict[str, Any]], buckets: Buckets) -> dict[str, float]:
+def _layouts(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    """The packed layouts of a batch: its ``packed`` and ITM's first-stage ``txt`` / ``img`` layouts."""
+    stage = batch.get("first_stage", {})
+    return [batch["packed"]] + [stage[key] for key in ("txt", "img") if key in stage]
+
+
+def padding_cost(batches: Iterable[dict[str, Any]], buckets: Buckets) -> dict[str, float]:
     """What padding ``batches`` (fast-path host batches) to ``buckets`` costs: ``valid_tokens`` and
-    ``padded_tokens`` (sums), their ``ratio``, the same ``row_ratio`` for masked rows, and ``shapes``: how many
-    distinct fixed shapes (graphs to capture) the batches need."""
-    valid = padded = rows = padded_rows = 0
+    ``padded_tokens`` (sums over every packed layout: ITM's first stage included), their ``ratio``, the same
+    ``row_ratio`` for masked rows, ``shapes``: how many distinct fixed shapes (graphs to capture) the batches need,
+    and ``batches``: how many there were."""
+    valid = padded = rows = padded_rows = count = 0
     keys = set()
     for batch in batches:
+        count += 1
         fixed = pad_batch(batch, buckets)
         packed, out = batch["packed"], fixed["packed"]
-        valid += packed["txt_ids"].numel() + packed["img_feat"].size(0)
-        padded += out["txt_ids"].numel() + out["img_feat"].size(0)
+        valid += sum(p["txt_ids"].numel() + p["img_feat"].size(0) for p in _layouts(batch))
+        padded += sum(p["txt_ids"].numel() + p["img_feat"].size(0) for p in _layouts(fixed))
         for index in ("mlm_index", "mrm_index"):
             if index in packed:
                 rows, padded_rows = rows + packed[index].numel(), padded_rows + out[index].numel()
@@ -334,4 +360,5 @@ def padding_cost(batches: list[dict[str, Any]], buckets: Buckets) -> dict[str, f
         "ratio": padded / valid,
         "row_ratio": padded_rows / rows if rows else float("nan"),
         "shapes": float(len(keys)),
+        "batches": float(count),
     }

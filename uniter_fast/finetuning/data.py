@@ -5,9 +5,12 @@ checked against each stream's longest example before training."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
+
+import numpy as np
 
 from uniter_fast.data import MetaLoader, TaskLoader
+from uniter_fast.data.buckets import mean_example_tokens
 from uniter_fast.data.sampler import check_token_budget
 from uniter_fast.finetuning.config import FinetuneConfig
 from uniter_fast.tasks.data import DbCache
@@ -28,6 +31,17 @@ def train_stream(task: Task, cfg: FinetuneConfig, dbs: DbCache, options: dict[st
         )
         ratios[name] = ratio
     return MetaLoader(loaders, ratios, run.grad_accum_steps, seed=cfg.seed)
+
+
+def capture_tokens(task: Task, datasets: list[Any], batch_size: int, seed: int) -> Optional[int]:
+    """The packed tokens (text tokens + regions) a training micro-batch of ``task`` holds, which size the captured
+    step's buckets (``Trainer``'s ``capture_tokens``): None for a task whose ``batch_size`` is a token budget
+    already; for one whose ``batch_size`` counts examples (``Task.by_examples``: RE, ITM), ``batch_size`` x the mean
+    packed tokens of an example of its training ``datasets`` (``mean_example_tokens``: a sample drawn with ``seed``)."""
+    if not task.by_examples:
+        return None
+    mean = float(np.mean([mean_example_tokens(dataset, batch_size, seed) for dataset in datasets]))
+    return round(batch_size * mean)
 
 
 def eval_datasets(task: Task, cfg: FinetuneConfig, dbs: DbCache, options: dict[str, Any]) -> dict[str, Any]:

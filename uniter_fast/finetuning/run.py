@@ -21,7 +21,7 @@ from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError
 from uniter_fast.files import atomic_directory
 from uniter_fast.finetuning.config import RESULTS_SUBDIR, FinetuneConfig
-from uniter_fast.finetuning.data import eval_datasets, train_stream
+from uniter_fast.finetuning.data import capture_tokens, eval_datasets, train_stream
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model, save_task_model, task_model_config
 from uniter_fast.tasks.data import DbCache
@@ -128,6 +128,8 @@ def finetune(
 
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
     micro_step = None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model.config.hidden_size)
+    datasets = [loader.dataset for loader in stream.loaders.values()]
+    tokens = capture_tokens(task, datasets, cfg.train_batch_size, cfg.seed) if cfg.capture else None
     trainer, results = fit(
         run,
         model,
@@ -141,6 +143,7 @@ def finetune(
         lr_mul=lr_mul,
         head_names=heads,
         micro_step=micro_step,
+        capture_tokens=tokens,
     )
     lines = ["", summary_heading(f"{task.name} metrics", trainer, run), summary_table(task, trainer, results)]
     if trainer.step == cfg.num_train_steps:

@@ -71,7 +71,10 @@ class Trainer:
     """Runs ``engine`` on ``stream`` for ``cfg.num_train_steps`` optimizer steps, validating every
     ``cfg.valid_steps`` (and at step 0 with ``validate_at_start``) and checkpointing every ``cfg.save_steps``.
     ``micro_step(engine, batch, task)`` runs the forward(s) and backward(s) of one micro-batch (default
-    :func:`~uniter_fast.training.adversarial.plain_step`; VILLA's adversarial step for an ``adversarial`` block)."""
+    :func:`~uniter_fast.training.adversarial.plain_step`; VILLA's adversarial step for an ``adversarial`` block).
+    ``capture_tokens``: the packed tokens a micro-batch holds, which size the captured step's buckets
+    (``Buckets.for_run``; default ``cfg.train_batch_size``, the token budget; the fine-tuning recipe gives it for a
+    task whose ``train_batch_size`` counts examples)."""
 
     def __init__(
         self,
@@ -84,6 +87,7 @@ class Trainer:
         progress_name: str = "train",
         validate_at_start: bool = False,
         micro_step: Optional[MicroStep] = None,
+        capture_tokens: Optional[int] = None,
     ) -> None:
         self.engine, self.cfg, self.stream, self.writer = engine, cfg, stream, writer
         self.micro_step = micro_step or plain_step
@@ -102,7 +106,8 @@ class Trainer:
                 "with its own micro-batch step (an adversarial block)"
             )
         if cfg.capture:
-            buckets = Buckets.for_run(cfg.max_txt_len, cfg.max_bb, cfg.num_bb, cfg.train_batch_size)
+            tokens = cfg.train_batch_size if capture_tokens is None else capture_tokens
+            buckets = Buckets.for_run(cfg.max_txt_len, cfg.max_bb, cfg.num_bb, tokens)
             self.captured = CapturedStep(engine.module, engine.device, buckets, engine)
 
     def run_micro_batch(self, batch: dict, task: str) -> dict[str, torch.Tensor]:

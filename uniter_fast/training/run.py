@@ -127,9 +127,11 @@ def fit(
     lr_mul: float = 1.0,
     head_names: tuple[str, ...] = (),
     micro_step: Optional[MicroStep] = None,
+    capture_tokens: Optional[int] = None,
 ) -> tuple[Trainer, Results]:
     """Train ``model`` on ``stream`` as ``cfg`` says (the engine with the original's optimizer groups; ``lr_mul`` for
-    the parameters under ``head_names``; ``micro_step``: the micro-batch step, default forward + backward), resuming
+    the parameters under ``head_names``; ``micro_step``: the micro-batch step, default forward + backward;
+    ``capture_tokens``: the tokens a micro-batch holds, for the captured step's buckets, see ``Trainer``), resuming
     from ``output_dir`` with ``resume``; returns the trainer (its
     ``step``, ``recent`` losses, ``engine``) and the final validation results. ``model.config`` is written beside
     the checkpoints (``ckpt/config.json``), so a DeepSpeed checkpoint loads with its model's sizes."""
@@ -138,7 +140,9 @@ def fit(
         os.makedirs(os.path.join(cfg.output_dir, CKPT_SUBDIR), exist_ok=True)
         model.config.to_json_file(os.path.join(cfg.output_dir, CKPT_SUBDIR, CONFIG_NAME))
     engine = build_engine(model, cfg, run.ds_config, lr_mul=lr_mul, head_names=head_names)
-    trainer = Trainer(engine, cfg, stream, validate, export, writer, progress_name, validate_at_start, micro_step)
+    trainer = Trainer(
+        engine, cfg, stream, validate, export, writer, progress_name, validate_at_start, micro_step, capture_tokens
+    )
     if resume:
         trainer.resume()
     try:
