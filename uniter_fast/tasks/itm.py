@@ -16,7 +16,10 @@ L2-normalised; trained alongside the triplet loss, weighted by ``first_stage_wei
 "contrastive" (in-batch contrastive loss, both directions, temperature ``temperature``, other captions of the same
 image masked out), "distill" (``distill_loss``: KL from the cross-encoder's scores of every in-batch text x image,
 scored without gradient in eval mode, to the first stage's similarities, both directions) or their sum
-"contrastive+distill". Evaluation
+"contrastive+distill". With ``first_stage_tower`` the two passes run on ``first_stage_uniter``, an encoder of the
+first stage's own (a copy of the checkpoint's at the start), so the first-stage loss no longer reaches the
+cross-encoder; ``train_first_stage_only`` then freezes the cross-encoder and trains the tower alone (distilled from
+the frozen cross-encoder's scores). Evaluation
 (``uniter_fast.tasks.itm_eval``): ``exact`` scores every text x image pair with the cross-encoder; ``fast`` takes
 the first stage's ``top_k`` images per text and ``top_k`` texts per image and re-ranks only those pairs.
 """
