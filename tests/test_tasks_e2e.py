@@ -206,3 +206,34 @@ def test_two_ranks_evaluate_every_example_once(tmp_path) -> None:
     assert "final vqa metrics after 4 steps (2 rank(s), ZeRO-2)" in proc.stdout
     answers = json.load(open(tmp_path / "out" / "results" / "val_results_4.json"))
     assert len(answers) == 300 and len({a["question_id"] for a in answers}) == 300
+
+
+def test_a_tower_distilled_alone_keeps_its_cross_encoder(tmp_path) -> None:
+    """``finetune.py`` (ZeRO-2, the frozen cross-encoder beside the trained tower) from an itm export without a tower:
+    the export's cross-encoder and heads are the checkpoint's bit for bit, its tower moved away from the copy of the
+    encoder it started as, and the validation reads the tower's first stage."""
+    from tests.tasks_helpers import export_task_model
+    from uniter_fast.config import UniterConfig
+    from uniter_fast.data import TxtTokLmdb
+    from uniter_fast.tasks.bundled import resolve_bundled
+
+    words = max(TxtTokLmdb(resolve_bundled(f"bundled:itm/txt_{s}"), -1).v_range[1] for s in ("train", "val", "test"))
+    teacher = export_task_model("itm", {}, UniterConfig.tiny(vocab_size=words), str(tmp_path / "teacher"), noise=0.05)
+
+    def edit(cfg: dict) -> None:
+        cfg.update(checkpoint=teacher, first_stage_tower=True, train_first_stage_only=True, first_stage_loss="distill")
+        cfg.pop("test_txt_db")
+        cfg.pop("test_img_db")
+
+    proc = finetune(write_config(str(tmp_path), "itm", steps=4, edit=edit))
+    assert "first_stage_uniter of UniterForImageTextRetrieval from a copy of the checkpoint's encoder" in proc.stderr
+    assert "first_stage_img_r16" in proc.stdout
+    before = load_file(os.path.join(teacher, "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "finetuned" / "model.safetensors"))
+    assert {k for k in after if not k.startswith("first_stage_uniter.")} == set(before)
+    for key, value in before.items():
+        if key.startswith(("uniter.", "itm_output.", "rank_output.")):
+            assert torch.equal(after[key], value), key
+    assert not torch.equal(after["txt_proj.weight"], before["txt_proj.weight"])
+    tower = "first_stage_uniter.encoder.layer.0.output.dense.weight"
+    assert not torch.equal(after[tower], before["uniter.encoder.layer.0.output.dense.weight"])
