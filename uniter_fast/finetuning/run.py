@@ -43,15 +43,12 @@ def dropout_overrides(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def check_finetuning(cfg: FinetuneConfig, checkpoint: Optional[Checkpoint]) -> None:
     """The checks of a fine-tuning run before start-up: the model config resolves, and the initial checkpoint's
-    weights have its sizes (the config given, else the one saved with the checkpoint); a run that trains ITM's
-    first stage alone has a checkpoint (its teacher)."""
+    weights have its sizes (the config given, else the one saved with the checkpoint); a run whose task needs a
+    checkpoint (``Task.checkpoint_required``) has one."""
     if checkpoint is None:
-        if cfg.options.get("train_first_stage_only"):
-            raise ConfigError(
-                "checkpoint: train_first_stage_only distils a trained cross-encoder into the first stage's tower, "
-                "so it needs a checkpoint (an itm export; 'auto' with checkpoint_from 'itm': "
-                "output/finetune-itm-tiny/finetuned, the default itm run's), got none"
-            )
+        reason = get_task(cfg.task).checkpoint_required(cfg.options)
+        if reason is not None:
+            raise ConfigError(f"checkpoint: {reason}, got none")
         resolve_config(cfg.model_config or "tiny")
         return
     if cfg.model_config is None and checkpoint.config is None:

@@ -55,6 +55,11 @@ TOWER_PREFIX = "first_stage_uniter."
 """State-dict prefix of the first stage's own encoder (``first_stage_tower``)."""
 
 
+def has_tower(state: dict[str, torch.Tensor]) -> bool:
+    """Whether a checkpoint's ``state`` holds a first-stage tower (keys under :data:`TOWER_PREFIX`)."""
+    return any(k.startswith(TOWER_PREFIX) for k in state)
+
+
 def first_stage_terms(first_stage_loss: str) -> frozenset[str]:
     """The loss terms a ``first_stage_loss`` name combines: ``"contrastive+distill"`` -> {"contrastive", "distill"}."""
     return frozenset(first_stage_loss.split("+"))
@@ -616,9 +621,19 @@ class ItmTask(Task):
         without one does not fix it: a tower asked for is copied from its encoder, :meth:`complete_state`)."""
         proj = state.get("txt_proj.weight")
         out: dict[str, Any] = {"first_stage_dim": int(proj.shape[0]) if proj is not None else 0}
-        if any(k.startswith(TOWER_PREFIX) for k in state):
+        if has_tower(state):
             out["first_stage_tower"] = True
         return out
+
+    def checkpoint_required(self, options: dict[str, Any]) -> Optional[str]:
+        """A run that trains the first stage alone distils the checkpoint's cross-encoder: it needs one."""
+        if not options.get("train_first_stage_only"):
+            return None
+        return (
+            "train_first_stage_only distils a trained cross-encoder into the first stage's tower, so it needs a "
+            "checkpoint (an itm export; 'auto' with checkpoint_from 'itm': output/finetune-itm-tiny/finetuned, the "
+            "default itm run's)"
+        )
 
     def complete_state(
         self, state: dict[str, torch.Tensor], options: dict[str, Any]
@@ -626,7 +641,7 @@ class ItmTask(Task):
         """A fine-tuned checkpoint without a first-stage tower, loaded with ``first_stage_tower`` true: the tower's
         keys are a copy of its encoder's (``uniter.*`` -> ``first_stage_uniter.*``), e.g. to distil a tower from a
         trained cross-encoder (``train_first_stage_only``)."""
-        if not options["first_stage_tower"] or any(k.startswith(TOWER_PREFIX) for k in state):
+        if not options["first_stage_tower"] or has_tower(state):
             return state, {}
         tower = {TOWER_PREFIX + k[len(ENCODER_PREFIX) :]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
         return {**state, **tower}, {"first_stage_uniter": "a copy of the checkpoint's encoder"}

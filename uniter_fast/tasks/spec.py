@@ -166,6 +166,11 @@ class Task:
     def prepare_model(self, model: UniterPreTrainedModel, options: dict[str, Any]) -> None:
         """Grow the embedding tables the task needs (after a pretrained checkpoint is loaded); default nothing."""
 
+    def checkpoint_required(self, options: dict[str, Any]) -> Optional[str]:
+        """Why a run with ``options`` cannot start without a checkpoint, for the error line (ITM's
+        ``train_first_stage_only``: its teacher); None (the default) when it can start from a random init."""
+        return None
+
     def complete_state(
         self, state: dict[str, torch.Tensor], options: dict[str, Any]
     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
