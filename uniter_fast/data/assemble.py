@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
@@ -83,16 +83,17 @@ class Examples(NamedTuple):
     """One batch's examples as flat host arrays, examples in batch order (t_i text tokens, n_i >= 0 regions).
 
     txt_lens / num_bbs: int64 [B] (t_i with [CLS]/[SEP], n_i). input_ids: int [Σt] ([CLS] .. [SEP] of each text).
-    features: B arrays [n_i, D] (any float dtype; converted to ``feat_dtype`` in the one copy). boxes: float tensor
-    [Σn, 7]. Optional: txt_labels int [Σt] (MLM, -1 = not masked), regions bool [Σn] (masked regions, MRM),
-    soft_labels B arrays [n_i, K] (``label_targets`` of the masked regions), txt_type_ids int [Σt], img_type_ids int
-    [Σn].
+    features: B arrays [n_i, D] (any float dtype; converted to ``feat_dtype`` in the one copy), or, for the packed
+    layout alone, one tensor [Σn, D] in batch order on any device, taken as it is (features gathered from a
+    device-resident gallery, :mod:`uniter_fast.data.gallery`). boxes: float tensor [Σn, 7]. Optional: txt_labels
+    int [Σt] (MLM, -1 = not masked), regions bool [Σn] (masked regions, MRM), soft_labels B arrays [n_i, K]
+    (``label_targets`` of the masked regions), txt_type_ids int [Σt], img_type_ids int [Σn].
     """
 
     txt_lens: np.ndarray
     input_ids: np.ndarray
     num_bbs: np.ndarray
-    features: list[np.ndarray]
+    features: Union[list[np.ndarray], torch.Tensor]
     boxes: torch.Tensor
     txt_labels: Optional[np.ndarray] = None
     regions: Optional[np.ndarray] = None
@@ -125,6 +126,9 @@ def assemble(ex: Examples, layouts: tuple[str, ...], feat_dtype: torch.dtype = t
     """
     for layout in layouts:
         check_layout(layout, feat_dtype)
+    flat_features = isinstance(ex.features, torch.Tensor)
+    if flat_features and (tuple(layouts) != ("packed",) or ex.regions is not None or ex.features.dtype != feat_dtype):
+        raise ValueError("assemble: features as one tensor serve the packed layout alone, unmasked, in feat_dtype")
     txt_lens, num_bbs = torch.from_numpy(ex.txt_lens), torch.from_numpy(ex.num_bbs)
     batch: dict[str, Any] = {"txt_lens": txt_lens, "num_bbs": num_bbs}
     built: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}  # layout -> (features, boxes, their rows)
@@ -141,7 +145,7 @@ def assemble(ex: Examples, layouts: tuple[str, ...], feat_dtype: torch.dtype = t
             pad_rows = np.ones(rows, dtype=bool)
             pad_rows[region_rows] = False
             pad_rows = np.flatnonzero(pad_rows)
-        feat = fill_rows(ex.features, starts, rows, pad_rows, feat_dtype)
+        feat = ex.features if flat_features else fill_rows(ex.features, starts, rows, pad_rows, feat_dtype)
         built[layout] = (feat, _place(ex.boxes, rows, region_rows), region_rows)
     if ex.regions is not None:
         for n, (feat, _, region_rows) in enumerate(built.values()):

@@ -98,7 +98,8 @@ def embed_images(
 
 class GalleryPairs:
     """One text against gallery images, in the form ``itm_eval.score_pairs`` batches (``txt_lens`` [1],
-    ``num_bbs`` [I], ``pairs_batch``: joint rows through the task collate, as ``ItmEvalDataset``)."""
+    ``num_bbs`` [I], ``pairs_batch``: joint rows through the task collate; ``pair_text`` / ``gallery_images`` for
+    the packed path's device-resident gallery; as ``ItmEvalDataset``)."""
 
     def __init__(self, text_ids: torch.Tensor, images: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.text_ids, self.images = text_ids, list(images)
@@ -106,8 +107,16 @@ class GalleryPairs:
         self.num_bbs = np.array([f.size(0) for f, _ in self.images], dtype=np.int64)
 
     def pairs_batch(self, txt_index: np.ndarray, img_index: np.ndarray) -> dict[str, Any]:
-        """Joint batch of the text with the images ``img_index`` (``txt_index``: all 0)."""
+        """Joint batch of the text with the images ``img_index`` (``txt_index``: all 0), both layouts."""
         return collate_rows([row(self.text_ids, *self.images[i]) for i in img_index.tolist()], "itm")
+
+    def pair_text(self, txt_index: int) -> torch.Tensor:
+        """The text's ids int64 [t] (every pair's)."""
+        return self.text_ids
+
+    def gallery_images(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The images (img_feat [n, 2048], img_pos_feat [n, 7])."""
+        return self.images
 
 
 def cross_scores(

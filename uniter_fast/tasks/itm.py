@@ -541,9 +541,17 @@ class ItmEvalDataset(ItmPairsBase):
         raise TypeError("ItmEvalDataset is scored by uniter_fast.tasks.itm_eval, not batched by items")
 
     def pairs_batch(self, txt_index: np.ndarray, img_index: np.ndarray) -> dict[str, Any]:
-        """Joint batch of the pairs (texts[txt_index[p]], images[img_index[p]])."""
+        """Joint batch of the pairs (texts[txt_index[p]], images[img_index[p]]), both layouts (the task collate)."""
         rows = [self.pair(self.ids[t], self.all_img_ids[i]) for t, i in zip(txt_index.tolist(), img_index.tolist())]
         return collate_rows(rows, self.task)
+
+    def pair_text(self, txt_index: int) -> torch.Tensor:
+        """[CLS] caption [SEP] int64 [t] of text ``txt_index`` (a gallery pair's text, ``itm_eval.score_pairs``)."""
+        return self.text(self.ids[txt_index])
+
+    def gallery_images(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(img_feat [n, 2048], img_pos_feat [n, 7]) float32 of every image, in ``all_img_ids`` order."""
+        return [self.image(name) for name in self.all_img_ids]
 
     def texts_batch(self, txt_index: np.ndarray) -> dict[str, torch.Tensor]:
         """``input_ids`` int64 [B, Lt] (pad 0) and ``txt_lens`` [B] of the texts ``txt_index``."""

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from uniter_fast.data.gallery import ImageGallery
 from uniter_fast.errors import CheckpointError
 from uniter_fast.files import atomic_write, write_json_atomic
 from uniter_fast.model.base import eval_mode
@@ -149,12 +150,23 @@ def score_pairs(
     desc: str = "cross-encoder",
 ) -> torch.Tensor:
     """Cross-encoder scores float32 [P] (CPU) of this rank's pairs (``txt_index[p]``, ``img_index[p]``), in
-    batches of ``batch_size`` tokens (text + regions). Every rank runs the same number of forwards (lockstep)."""
+    batches of ``batch_size`` tokens (text + regions). Every rank runs the same number of forwards (lockstep).
+
+    On the packed path (``fast`` models) every image's regions go to the device once (``ImageGallery``: ``dataset``
+    gives ``gallery_images()`` and ``pair_text(t)``) and each batch gathers its rows there; the reference path
+    takes ``dataset.pairs_batch`` (the task collate, both layouts)."""
     module = getattr(model, "module", model)
     device = next(module.parameters()).device
     lengths = dataset.txt_lens[txt_index] + dataset.num_bbs[img_index]
     chunks = list(token_batches(lengths, batch_size))
-    batches = ((c, dataset.pairs_batch(txt_index[c], img_index[c])) for c in chunks)
+    gallery = ImageGallery(dataset.gallery_images(), device) if getattr(module, "fast", False) else None
+
+    def pairs_batch(texts: np.ndarray, images: np.ndarray) -> dict[str, Any]:
+        if gallery is None:
+            return dataset.pairs_batch(texts, images)
+        return gallery.pairs_batch([dataset.pair_text(t) for t in texts.tolist()], images)
+
+    batches = ((c, pairs_batch(txt_index[c], img_index[c])) for c in chunks)
     out = torch.empty(len(txt_index), dtype=torch.float32)
     quiet = rank_and_world()[0] != 0
     with tqdm(total=len(txt_index), desc=desc, disable=quiet, leave=False, unit="pair") as bar:

@@ -1,0 +1,54 @@
+"""Gallery images held once on a device, and the packed joint batches of (text, gallery image) pairs.
+
+Retrieval scores every text with many images (exact evaluation: every text x every image; re-ranking: a shortlist),
+so the same image's region features recur in thousands of pairs. The task collate copies each pair's features on the
+host into both layouts (about 140 KB per pair of 17 regions, twice, into fresh memory), which is what bounds exact
+evaluation, not the encoder. :class:`ImageGallery` copies every image's regions to the device once; a pair batch
+then carries only its texts and the layout's index arithmetic from the host, and gathers its region rows from the
+gallery on the device. The gathered tensors are the collate's (the same float32 values in the same order), so the
+packed encoder's scores are bit-identical to the collate's batch (``tests/test_data_gallery.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from uniter_fast.data.assemble import Examples, assemble, ranks
+
+
+class ImageGallery:
+    """The regions of ``images`` [(img_feat float32 [n_i, 2048], img_pos_feat float32 [n_i, 7])] in one tensor on
+    ``device``: ``img_feat`` [Σn, 2048], ``img_pos_feat`` [Σn, 7], image i at rows ``first_row[i]`` ..
+    ``first_row[i] + num_bbs[i] - 1``."""
+
+    def __init__(self, images: Sequence[tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> None:
+        if not images:
+            raise ValueError("ImageGallery needs at least one image")
+        self.num_bbs = np.array([feat.size(0) for feat, _ in images], dtype=np.int64)
+        self.first_row = np.cumsum(self.num_bbs) - self.num_bbs
+        self.img_feat = torch.cat([feat for feat, _ in images]).to(device)
+        self.img_pos_feat = torch.cat([pos for _, pos in images]).to(device)
+
+    def pairs_batch(self, texts: Sequence[torch.Tensor], img_index: np.ndarray, task: str = "itm") -> dict[str, Any]:
+        """The packed joint batch (contract 2 alone, ``batch["packed"]``, plus ``txt_lens`` / ``num_bbs`` [B] int64
+        and ``task``) of the pairs (``texts[p]`` int64 [t_p] ([CLS] .. [SEP]), image ``img_index[p]``): region
+        features and boxes gathered on the gallery's device, the rest built on the host."""
+        img_index = np.asarray(img_index, dtype=np.int64)
+        if len(texts) != img_index.size:
+            raise ValueError(f"pairs_batch: {len(texts)} texts for {img_index.size} images")
+        num_bbs = self.num_bbs[img_index]
+        rows = torch.from_numpy(np.repeat(self.first_row[img_index], num_bbs) + ranks(num_bbs))
+        rows = rows.to(self.img_feat.device)
+        examples = Examples(
+            txt_lens=np.array([text.numel() for text in texts], dtype=np.int64),
+            input_ids=torch.cat(list(texts)).numpy(),
+            num_bbs=num_bbs,
+            features=self.img_feat.index_select(0, rows),
+            boxes=self.img_pos_feat.index_select(0, rows),
+        )
+        batch = assemble(examples, ("packed",), self.img_feat.dtype)
+        batch["task"] = task
+        return batch
