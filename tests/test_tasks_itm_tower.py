@@ -15,6 +15,7 @@ from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.errors import ConfigError
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
+from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.itm import (
     TOWER_PREFIX,
     ItmEvalDataset,
@@ -137,6 +138,26 @@ def test_train_first_stage_only_distils_the_frozen_cross_encoder(train_db) -> No
     out["loss"].backward()
     with_grad = {n.split(".", 1)[0] for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == {"first_stage_uniter", "txt_proj", "img_proj"}
+
+
+def test_the_frozen_steps_loader_draws_no_negatives(tmp_path) -> None:
+    """With train_first_stage_only the task's training set is the positive pairs alone (groups of 1: the step reads
+    the positives and the cross pairs, never the negatives), and the step's loss equals, bit for bit, the loss on
+    the groups with negatives of the same texts."""
+    txt, img = small_itm_db(str(tmp_path / "txt"), 12, "train")
+    settings = type("S", (), dict(max_txt_len=60, conf_th=0.2, max_bb=100, min_bb=10, num_bb=36))()
+    itm = get_task("itm")
+    raw = {"first_stage_dim": 16, "first_stage_tower": True, "first_stage_loss": "distill", "negative_size": 3}
+    only = itm.check_options({**raw, "train_first_stage_only": True}, "test")
+    data = itm.train_dataset(DbCache(settings), txt, img, only, seed=5)
+    both = itm.train_dataset(DbCache(settings), txt, img, itm.check_options(raw, "test"), seed=5)
+    assert data.negative_size == 0 and both.negative_size == 3
+    items = list(range(0, 30, 5))
+    batch, grouped = data.collate([data[i] for i in items]), both.collate([both[i] for i in items])
+    assert batch["sample_size"] == 1 and batch["txt_lens"].numel() == len(items)
+    assert grouped["sample_size"] == 7 and grouped["txt_lens"].numel() == 7 * len(items)
+    model = _model(first_stage_tower=True, train_first_stage_only=True, first_stage_loss="distill").eval()
+    assert torch.equal(model(batch)["loss"], model(grouped)["loss"])
 
 
 def test_a_short_distillation_keeps_the_cross_encoder_and_teaches_the_tower(train_db) -> None:

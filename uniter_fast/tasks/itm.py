@@ -440,13 +440,14 @@ class ItmPairsBase(TaskDataset):
 
 
 class ItmNegativesBase(ItmPairsBase):
-    """Training groups around one text: ``negative_size`` other images and texts drawn per item."""
+    """Training groups around one text: ``negative_size`` other images and texts drawn per item (0: the positive
+    pair alone, for ``train_first_stage_only``, whose step reads no negatives)."""
 
     def __init__(
         self, txt_db: TxtTokLmdb, img_db: DetectFeatLmdb, negative_size: int, seed: int = 0, cross_pairs: bool = False
     ) -> None:
-        if negative_size < 1:
-            raise ValueError(f"negative_size must be >= 1, got {negative_size}")
+        if negative_size < 0:
+            raise ValueError(f"negative_size must be >= 0, got {negative_size}")
         super().__init__(txt_db, img_db, seed)
         self.negative_size, self.cross_pairs = negative_size, cross_pairs
 
@@ -690,7 +691,9 @@ class ItmTask(Task):
     def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
         txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
         distill = "distill" in first_stage_terms(options["first_stage_loss"])
-        return ItmRankDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)
+        # the frozen cross-encoder's step reads each group's positive pair and the cross pairs, never the negatives
+        negatives = 0 if options["train_first_stage_only"] else options["negative_size"]
+        return ItmRankDataset(txt_db, dbs.img(img_path), negatives, seed, distill)
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
