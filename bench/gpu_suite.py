@@ -20,6 +20,8 @@ rest still runs; a part that times out keeps what it finished):
                  and the captured losses and gradients against the eager step's on the same batches
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
     extract      the BUTD region-feature extractor: images/s against its floor, CPU vs device agreement
+    retrieval    exact retrieval scoring (UNITER-base, COCO-shaped pairs): the device-resident gallery vs the task
+                 collate vs the cross-encoder alone, pairs/s
 
 Each part writes <part>.json (rows, goals, environment) and <part>.png to DIR (default output/bench/gpu_suite_<device>
 for a real run, bench/results/gpu_suite_<device> with --refresh-results, which refreshes the committed figures; a
@@ -55,6 +57,7 @@ CAPS = {
     "losses": (90, 20),
     "deepspeed": (150, 75),
     "extract": (90, 45),
+    "retrieval": (60, 30),
 }
 PARTS = tuple(CAPS)
 
@@ -367,6 +370,14 @@ def part_extract(device: Any, quick: bool, out: str, save: Callable[..., None]) 
     save(rows=rows, goals=goals, meta=meta)
 
 
+def part_retrieval(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
+    """Exact retrieval scoring: gallery vs task collate vs the cross-encoder alone."""
+    from speed import retrieval_speed
+
+    rows, goals = retrieval_speed(device, quick, out)
+    save(rows=rows, goals=goals)
+
+
 PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "correctness": part_correctness,
     "syncs": part_syncs,
@@ -378,6 +389,7 @@ PART_FUNCTIONS: dict[str, Callable[..., None]] = {
     "capture": part_capture,
     "deepspeed": part_deepspeed,
     "extract": part_extract,
+    "retrieval": part_retrieval,
 }
 
 

@@ -53,7 +53,7 @@ from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import collate_rows, row
 from uniter_fast.tasks.itm import ItmEvalDataset, ItmRankDataset
-from uniter_fast.tasks.itm_eval import evaluate_retrieval, token_batches
+from uniter_fast.tasks.itm_eval import evaluate_retrieval, score_pairs, token_batches
 
 COCO_TEXTS, COCO_IMAGES, COCO_TXT_LEN, COCO_BOXES = 25_000, 5_000, 14, 36
 RECALLS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")
@@ -96,28 +96,100 @@ def quick_model(steps: int, device: torch.device, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-def pair_throughput(config: str, device: torch.device, pairs: int) -> float:
-    """Cross-encoder pairs / s of a random-weight ``config`` model on COCO-shaped pairs (bf16 autocast on GPU)."""
+class RandomPairs:
+    """``texts`` random captions x ``images`` random images of COCO's shape (14 tokens, 36 regions), in the form
+    ``itm_eval.score_pairs`` reads: ``txt_lens`` / ``num_bbs`` int64, ``pairs_batch`` (the task collate, both
+    layouts), ``pair_text`` and ``gallery_images`` (float32 features [36, 2048] and boxes [36, 7])."""
+
+    def __init__(self, texts: int, images: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.texts = [torch.randint(5, 1000, (COCO_TXT_LEN,), generator=gen) for _ in range(texts)]
+        self.images = [
+            (torch.rand(COCO_BOXES, IMG_DIM, generator=gen), torch.rand(COCO_BOXES, 7, generator=gen))
+            for _ in range(images)
+        ]
+        self.txt_lens = np.full(texts, COCO_TXT_LEN, dtype=np.int64)
+        self.num_bbs = np.full(images, COCO_BOXES, dtype=np.int64)
+
+    def pairs_batch(self, txt_index: np.ndarray, img_index: np.ndarray) -> dict[str, Any]:
+        """The task collate's batch (both layouts) of the pairs (text ``txt_index[p]``, image ``img_index[p]``)."""
+        pairs = zip(txt_index.tolist(), img_index.tolist())
+        return collate_rows([row(self.texts[t], *self.images[i]) for t, i in pairs], "itm")
+
+    def pair_text(self, txt_index: int) -> torch.Tensor:
+        """Text ``txt_index``'s ids int64 [14]."""
+        return self.texts[txt_index]
+
+    def gallery_images(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every image's (features, boxes)."""
+        return self.images
+
+    def every_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        """(text, image) indices int64 [texts x images] of every pair, row-major (as exact evaluation)."""
+        texts, images = self.txt_lens.size, self.num_bbs.size
+        return np.repeat(np.arange(texts), images), np.tile(np.arange(images), texts)
+
+
+def random_cross_encoder(config: str, device: torch.device) -> torch.nn.Module:
+    """A random-weight ``config`` ITM model (fast path, no first stage) on ``device``, in eval mode."""
     task = get_task("itm")
     model = task.build_model(UniterConfig.preset(config), task.check_options({"first_stage_dim": 0}, "bench"), True)
-    model.to(device).eval()
-    gen = torch.Generator().manual_seed(0)
-    rows = [
-        row(
-            torch.randint(5, 1000, (COCO_TXT_LEN,), generator=gen),
-            torch.rand(COCO_BOXES, IMG_DIM, generator=gen),
-            torch.rand(COCO_BOXES, 7, generator=gen),
-        )
-        for _ in range(pairs)
-    ]
-    batch = move_to_device(collate_rows(rows, "itm"), device)
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    return model.to(device).eval()
+
+
+def pair_throughput(config: str, device: torch.device, pairs: int) -> float:
+    """Cross-encoder pairs / s of a random-weight ``config`` model on COCO-shaped pairs (bf16 autocast on GPU)."""
+    model = random_cross_encoder(config, device)
+    batch = move_to_device(RandomPairs(1, pairs).pairs_batch(np.zeros(pairs, dtype=np.int64), np.arange(pairs)), device)
 
     def step() -> None:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(device):
             model(batch, compute_loss=False)
 
     return pairs / time_fn(step, device, warmup=1, repeats=3 if device.type == "cpu" else 10)
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (as evaluation runs there), none elsewhere."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def scoring_speed(
+    device: torch.device, config: str, texts: int, images: int, batch_tokens: int = 8192, repeats: int = 2
+) -> list[dict[str, Any]]:
+    """Exact scoring of ``texts`` x ``images`` COCO-shaped random pairs by a random-weight ``config`` cross-encoder,
+    three ways (median of ``repeats`` after a warm-up; on CUDA device time from the first kernel to the last, host
+    gaps included): ``model only``, the forwards of batches built and moved beforehand (the ceiling); ``task
+    collate``, each batch collated on the host (both layouts) and moved, as ``score_pairs`` built them before the
+    gallery; ``gallery``, ``itm_eval.score_pairs`` itself (the device-resident gallery, its copy to the device
+    included). Rows: ``way``, ``pairs``, ``seconds``, ``pairs_per_s``, ``vs_model_only``."""
+    model = random_cross_encoder(config, device)
+    pairs = RandomPairs(texts, images)
+    txt_index, img_index = pairs.every_pair()
+    chunks = list(token_batches(pairs.txt_lens[txt_index] + pairs.num_bbs[img_index], batch_tokens))
+    move = lambda b: move_to_device(b, device)  # noqa: E731
+    prebuilt = [move(pairs.pairs_batch(txt_index[c], img_index[c])) for c in chunks]
+
+    def forwards(batches: Any) -> None:
+        with torch.no_grad(), autocast(device):
+            for batch in batches:
+                model(batch, compute_loss=False)
+
+    ways = {
+        "model only": lambda: forwards(prebuilt),
+        "task collate": lambda: forwards(move(pairs.pairs_batch(txt_index[c], img_index[c])) for c in chunks),
+        "gallery": lambda: score_pairs(model, pairs, txt_index, img_index, batch_tokens, move, "gallery"),
+    }
+    rows = []
+    for way, run in ways.items():
+        seconds = time_fn(run, device, warmup=1, repeats=repeats)
+        rows.append({"way": way, "config": config, "pairs": len(txt_index), "seconds": seconds})
+        rows[-1]["pairs_per_s"] = len(txt_index) / seconds
+    for r in rows:
+        r["vs_model_only"] = r["pairs_per_s"] / rows[0]["pairs_per_s"]
+    return rows
 
 
 def batch_building(dataset: ItmEvalDataset, device: torch.device, batch_size: int, texts: int = 8) -> dict[str, float]:

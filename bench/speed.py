@@ -687,6 +687,33 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+# -------------------------------------------------------------------------------------------------------- retrieval
+def retrieval_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict]]:
+    """Exact retrieval scoring, UNITER-base (tiny when quick) on COCO-shaped random pairs: the cross-encoder on
+    batches built beforehand (the ceiling), on batches of the task collate (as before the device-resident gallery)
+    and through ``itm_eval.score_pairs`` (the gallery) (retrieval_bench.scoring_speed); goal: the gallery's
+    pairs/s within 20 % of the ceiling (scoring bound by the cross-encoder, not by the host)."""
+    from retrieval_bench import scoring_speed
+
+    config, texts, images, repeats = ("tiny", 2, 24, 1) if quick else ("base", 8, 256, 2)
+    rows = scoring_speed(device, config, texts, images, repeats=repeats)
+    ways = {r["way"]: r for r in rows}
+    gallery, collate = ways["gallery"], ways["task collate"]
+    figure = (
+        f"gallery {gallery['pairs_per_s']:.0f} pairs/s = {gallery['vs_model_only']:.2f} of the model-only "
+        f"{ways['model only']['pairs_per_s']:.0f}; task collate {collate['pairs_per_s']:.0f} pairs/s "
+        f"({gallery['pairs_per_s'] / collate['pairs_per_s']:.1f}x less than the gallery)"
+    )
+    goals = [
+        _goal(f"exact retrieval scoring, UNITER-{config}, {texts} x {images} pairs", ">= 0.8 of the ceiling", figure,
+              gallery["vs_model_only"] >= 0.8)
+    ]  # fmt: skip
+    series = {"pairs / s": [r["pairs_per_s"] for r in rows]}
+    title = f"UNITER-{config} exact scoring of {texts} x {images} COCO-shaped pairs"
+    plot_grouped_bars("retrieval", device, [r["way"] for r in rows], series, "pairs / s", title, False, out)
+    return rows, goals
+
+
 # ---------------------------------------------------------------------------------------------------------- extract
 def extract_speed(device: torch.device, quick: bool, out: str) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """The BUTD extractor (random ResNet-101 weights, Caffe settings; the TINY detector when quick): images/s at

@@ -167,16 +167,16 @@ def score_pairs(
         return gallery.pairs_batch([dataset.pair_text(t) for t in texts.tolist()], images)
 
     batches = ((c, pairs_batch(txt_index[c], img_index[c])) for c in chunks)
-    out = torch.empty(len(txt_index), dtype=torch.float32)
+    out = torch.empty(len(txt_index), dtype=torch.float32, device=device)  # read back once: no sync per batch
     quiet = rank_and_world()[0] != 0
     with tqdm(total=len(txt_index), desc=desc, disable=quiet, leave=False, unit="pair") as bar:
         for (chunk, batch), counts in lockstep(batches, device):
             with _autocast(device):
                 scores = model(to_device(batch), None, compute_loss=False)["scores"]
             if counts:
-                out[torch.from_numpy(chunk)] = scores.float().cpu()
+                out[torch.from_numpy(chunk).to(device)] = scores.float()
                 bar.update(len(chunk))
-    return out
+    return out.cpu()
 
 
 @torch.no_grad()

@@ -108,7 +108,12 @@ def barrier() -> None:
 
 def lockstep(loader: Iterable[dict], device: torch.device) -> Iterator[tuple[dict, bool]]:
     """(batch, counts) pairs until every rank is out of batches; a rank that ran out early repeats its last batch
-    with ``counts`` False, so that all ranks run the same number of forwards (ZeRO-3 gathers weights in each)."""
+    with ``counts`` False, so that all ranks run the same number of forwards (ZeRO-3 gathers weights in each). One
+    process alone yields its batches as they come (no per-batch flag through the device, which would wait for the
+    device's queue)."""
+    if not is_distributed():
+        yield from ((batch, True) for batch in loader)
+        return
     batches, last = iter(loader), None
     while True:
         batch = next(batches, None)
