@@ -53,7 +53,7 @@ from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.checkpoint import load_task_model
 from uniter_fast.tasks.data import collate_rows, row
 from uniter_fast.tasks.itm import ItmEvalDataset, ItmRankDataset
-from uniter_fast.tasks.itm_eval import evaluate_retrieval, score_pairs, token_batches
+from uniter_fast.tasks.itm_eval import evaluate_retrieval, score_pairs, scoring_autocast, token_batches
 
 COCO_TEXTS, COCO_IMAGES, COCO_TXT_LEN, COCO_BOXES = 25_000, 5_000, 14, 36
 RECALLS = ("img_r1", "img_r5", "img_r10", "txt_r1", "txt_r5", "txt_r10", "r_mean")
@@ -143,17 +143,10 @@ def pair_throughput(config: str, device: torch.device, pairs: int) -> float:
     batch = move_to_device(RandomPairs(1, pairs).pairs_batch(np.zeros(pairs, dtype=np.int64), np.arange(pairs)), device)
 
     def step() -> None:
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), scoring_autocast(device):
             model(batch, compute_loss=False)
 
     return pairs / time_fn(step, device, warmup=1, repeats=3 if device.type == "cpu" else 10)
-
-
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA (as evaluation runs there), none elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def scoring_speed(
@@ -173,7 +166,7 @@ def scoring_speed(
     prebuilt = [move(pairs.pairs_batch(txt_index[c], img_index[c])) for c in chunks]
 
     def forwards(batches: Any) -> None:
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), scoring_autocast(device):
             for batch in batches:
                 model(batch, compute_loss=False)
 

@@ -133,7 +133,8 @@ def token_batches(lengths: np.ndarray, budget: int) -> Iterator[np.ndarray]:
         yield np.arange(start, len(lengths))
 
 
-def _autocast(device: torch.device):
+def scoring_autocast(device: torch.device) -> Any:
+    """The autocast evaluation scores under: bf16 on CUDA, none elsewhere."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
@@ -171,7 +172,7 @@ def score_pairs(
     quiet = rank_and_world()[0] != 0
     with tqdm(total=len(txt_index), desc=desc, disable=quiet, leave=False, unit="pair") as bar:
         for (chunk, batch), counts in lockstep(batches, device):
-            with _autocast(device):
+            with scoring_autocast(device):
                 scores = model(to_device(batch), None, compute_loss=False)["scores"]
             if counts:
                 out[torch.from_numpy(chunk).to(device)] = scores.float()
@@ -201,7 +202,7 @@ def embed_batched(
         raise ValueError(f"side must be 'text' or 'image', got {side!r}")
     device = next(module.parameters()).device
     out = torch.empty(len(lengths), module.first_stage_dim, device=device)
-    with _autocast(device) if autocast else contextlib.nullcontext():
+    with scoring_autocast(device) if autocast else contextlib.nullcontext():
         for chunk in token_batches(lengths, batch_size):
             b = to_device(batch_of(chunk))
             if side == "text":
