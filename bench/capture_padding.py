@@ -25,18 +25,11 @@ import torch
 from harness import BENCH_DIR, add_output_arguments, output_dir, print_table, write_json
 
 from uniter_fast.data import (
-    DetectFeatLmdb,
-    ItmDataset,
-    MlmDataset,
-    MrcDataset,
-    MrfrDataset,
     TokenBucketSampler,
-    TxtTokLmdb,
-    batch_loader,
-    default_corpus,
 )
 from uniter_fast.data.buckets import Buckets, padding_cost
 from uniter_fast.finetuning.data import capture_tokens
+from uniter_fast.pretraining.data import bundled_batches
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.data import DbCache, TaskDataset
@@ -47,21 +40,11 @@ HEADS = {"re": ("finetune-re-tiny.json", 128), "itm": ("finetune-itm-tiny.json",
 (configs/finetune-refcoco-base.json, finetune-itm-flickr-base.json)."""
 
 
-def sampler_batches(kind: str, budget: int, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` training batches of epoch 0 of the bundled corpus's ``kind`` loader (fast collate)."""
-    paths = default_corpus()
-    txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
-    datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
-    dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
-    indices = TokenBucketSampler(dataset.lens, batch_size=budget, droplast=True).batches(0)[:count]
-    return list(batch_loader(dataset, indices, layout="packed", feat_dtype=torch.float16))
-
-
 def measure(budgets: list[int], multiples: list[int], count: int) -> list[dict[str, Any]]:
     """One row per (budget, task, token_multiple) and per (budget, token_multiple) over all tasks (``all``)."""
     rows = []
     for budget in budgets:
-        batches = {task: sampler_batches(task, budget, count) for task in TASKS}
+        batches = {task: bundled_batches(task, budget, count, droplast=True) for task in TASKS}
         for multiple in multiples:
             buckets = Buckets(token_multiple=multiple)
             per_task = {task: padding_cost(group, buckets) for task, group in batches.items()}

@@ -16,19 +16,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from batches import random_batch
 from harness import (
     add_output_arguments,
     device_name,
+    interleaved_times,
+    mib,
     output_dir,
     peak_memory,
     plot_grouped_bars,
     print_table,
     run_meta,
-    time_fn,
     write_json,
 )
 from tqdm import tqdm
@@ -119,7 +120,7 @@ def bench_config(
             if dropout == 0 or b not in NO_DROPOUT
         }
         steps = {path: step_fn(forward, mode == "train") for path, forward in {**paths, **by_backend}.items()}
-        times = interleaved_medians(steps, device, warmup, repeats)
+        times = {path: statistics.median(t) for path, t in interleaved_times(steps, device, warmup, repeats).items()}
         for path, seconds in times.items():
             flops = useful * (3.0 if mode == "train" else 1.0)
             rows.append(
@@ -135,7 +136,7 @@ def bench_config(
                     "tokens_per_s": valid_tokens / seconds,
                     "tflops": flops / seconds / 1e12,
                     "mfu": flops / seconds / peak if peak else None,
-                    "peak_mem_mb": _mb(peak_memory(steps[path], device)),
+                    "peak_mem_mb": mib(peak_memory(steps[path], device)),
                     "speedup": times["padded"] / seconds,
                     "max_speedup": padded_cost / useful,
                 }
@@ -162,24 +163,6 @@ def forced(model: Model, packed: dict[str, Any], component: str, backend: str) -
             setter(chosen)
 
     return forward
-
-
-def interleaved_medians(
-    steps: dict[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
-) -> dict[str, float]:
-    """Median seconds of each step, the steps run in turn (A B A B ...) so that load changes on a shared machine
-    hit every path alike; ``warmup`` rounds are discarded."""
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for round_ in range(warmup + repeats):
-        for name, step in steps.items():
-            seconds = time_fn(step, device, warmup=0, repeats=1)
-            if round_ >= warmup:
-                samples[name].append(seconds)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def _mb(value: Optional[int]) -> Optional[float]:
-    return None if value is None else value / 2**20
 
 
 def main() -> None:

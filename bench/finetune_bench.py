@@ -26,14 +26,15 @@ from harness import (
     TXT_RANGE,
     add_output_arguments,
     device_name,
+    interleaved_times,
     output_dir,
     plot_grouped_bars,
     print_table,
     run_meta,
-    time_fn,
     write_json,
 )
 from original_path import PATHS, make_optimizer, make_step
+from pretrain_bench import ratio_columns
 from tqdm import tqdm
 
 from uniter_fast.config import UniterConfig
@@ -90,11 +91,7 @@ def main() -> None:
             (task, p): make_step(model, optimizers[p], p, lambda m=model, b=batches[task]: m(b)["loss"], device)
             for p in PATHS
         }
-        for round_ in range(args.warmup + args.repeats):
-            for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit all alike
-                seconds = time_fn(step, device, warmup=0, repeats=1)
-                if round_ >= args.warmup:
-                    samples.setdefault(key, []).append(seconds)
+        samples.update(interleaved_times(steps, device, args.warmup, args.repeats))
         del model, optimizers, steps
         if gpu:
             torch.cuda.empty_cache()
@@ -113,8 +110,7 @@ def main() -> None:
                 "padded_tokens": batch["attn_masks"].numel(),
                 "ms": seconds * 1e3,
                 "tokens_per_s": tokens / seconds,
-                "vs_original": statistics.median(samples[(task, "original")]) / seconds,
-                "vs_reference": statistics.median(samples[(task, "reference")]) / seconds,
+                **ratio_columns(samples, task, path),
             }
         )
     precision = "original fp16 autocast + loss scaling, others bf16 autocast" if gpu else "fp32 (every path)"

@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 import torch
 
@@ -26,6 +26,7 @@ OUTPUT_DIR = os.path.join(os.path.dirname(BENCH_DIR), "output", "bench")  # the 
 # tokens incl. [CLS]/[SEP], 10-100 regions per image.
 TXT_RANGE = (10, 60)
 IMG_RANGE = (10, 100)
+K = TypeVar("K")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +106,30 @@ def time_fn(fn: Callable[[], Any], device: torch.device, warmup: int = 3, repeat
             fn()
             times.append(time.perf_counter() - begin)
     return statistics.median(times)
+
+
+def interleaved_times(
+    steps: dict[K, Callable[[], Any]],
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    rounds: Callable[[range], Iterable[int]] = iter,
+) -> dict[K, list[float]]:
+    """Seconds of each of ``steps`` in each of ``repeats`` rounds (a list of floats per key), the steps run in turn
+    (A B A B ...) so that load changes on a shared machine hit every path alike; ``warmup`` rounds first are
+    discarded. ``rounds`` wraps the range of rounds (a progress bar)."""
+    samples: dict[K, list[float]] = {key: [] for key in steps}
+    for round_ in rounds(range(warmup + repeats)):
+        for key, step in steps.items():
+            seconds = time_fn(step, device, warmup=0, repeats=1)
+            if round_ >= warmup:
+                samples[key].append(seconds)
+    return samples
+
+
+def mib(size: Optional[int]) -> Optional[float]:
+    """``size`` bytes in MiB (None stays None: a peak not measured)."""
+    return None if size is None else size / 2**20
 
 
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> Optional[int]:

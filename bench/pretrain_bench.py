@@ -42,6 +42,8 @@ from encoder_bench import encoder_flops
 from harness import (
     add_output_arguments,
     device_name,
+    interleaved_times,
+    mib,
     output_dir,
     peak_memory,
     plot_grouped_bars,
@@ -111,12 +113,8 @@ def measure_steps(
         for task in tasks
         for path in PATHS
     }
-    samples: dict[tuple[str, str], list[float]] = {key: [] for key in steps}
-    for round_ in tqdm(range(warmup + repeats), desc=f"{config_name} step rounds", leave=False):
-        for key, step in steps.items():  # paths in turn, so load changes on a shared machine hit all alike
-            seconds = time_fn(step, device, warmup=0, repeats=1)
-            if round_ >= warmup:
-                samples[key].append(seconds)
+    rounds = lambda r: tqdm(r, desc=f"{config_name} step rounds", leave=False)
+    samples = interleaved_times(steps, device, warmup, repeats, rounds)
 
     rows = []
     for (task, path), values in samples.items():
@@ -133,7 +131,7 @@ def measure_steps(
                 "bound": flops[task][0] / flops[task][1],
                 "ms": seconds * 1e3,
                 "tokens_per_s": tokens / seconds,
-                "peak_mem_mb": _mb(peak_memory(steps[(task, path)], device)),
+                "peak_mem_mb": mib(peak_memory(steps[(task, path)], device)),
                 **ratio_columns(samples, task, path),
             }
         )
@@ -190,7 +188,7 @@ def measure_auto(
                 "valid_tokens": valid,
                 "ms": seconds * 1e3,
                 "tokens_per_s": valid / seconds,
-                "peak_mem_mb": _mb(peak_memory(step, device)),
+                "peak_mem_mb": mib(peak_memory(step, device)),
                 "estimate_mb": (estimate.saved + estimate.transient) / 2**20,
             }
         )
@@ -290,10 +288,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     series = {p: [r["tokens_per_s"] for r in rows if r["path"] == p] for p in PATHS}
     title = f"UNITER-{args.config} pretraining step: original vs reference vs fast"
     print(plot_grouped_bars("pretrain_bench", device, groups, series, "valid tokens / s", title, False, out))
-
-
-def _mb(value: Optional[int]) -> Optional[float]:
-    return None if value is None else value / 2**20
 
 
 if __name__ == "__main__":

@@ -36,12 +36,13 @@ from harness import (
     TXT_RANGE,
     add_output_arguments,
     device_name,
+    interleaved_times,
+    mib,
     output_dir,
     peak_memory,
     plot_grouped_bars,
     print_table,
     run_meta,
-    time_fn,
     write_json,
 )
 from original_path import PATHS, autocast_for, make_optimizer, original_adversarial_step, use_path
@@ -125,11 +126,7 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
         batch = move_to_device(batch, device)
         sizes[name] = int((batch["txt_lens"] + batch["num_bbs"]).sum())
         steps = {(name, p, kind): fn for p in PATHS for kind, fn in make_steps(model, batch, name, p, device).items()}
-        for round_ in range(warmup + repeats):
-            for key, step in steps.items():
-                seconds = time_fn(step, device, warmup=0, repeats=1)
-                if round_ >= warmup:
-                    samples.setdefault(key, []).append(seconds)
+        samples.update(interleaved_times(steps, device, warmup, repeats))
         for (_, p, kind), step in steps.items():
             if kind != "plain":
                 memory[(name, p, kind)] = peak_memory(step, device)
@@ -144,8 +141,7 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
             row["aft_vs_plain"] = seconds / median[(name, path, "plain")]
             row["vs_original"] = median[(name, "original", "aft")] / seconds
             row["vs_reference"] = median[(name, "reference", kind)] / seconds
-            peak = memory[(name, path, kind)]
-            row["peak_mib"] = None if peak is None else peak / 2**20
+            row["peak_mib"] = mib(memory[(name, path, kind)])
         rows.append(row)
     return rows
 

@@ -22,13 +22,7 @@ from tasks_helpers import perturb, random_batch, random_row, tiny_config
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import (
     DetectFeatLmdb,
-    ItmDataset,
-    MlmDataset,
-    MrcDataset,
-    MrfrDataset,
-    TokenBucketSampler,
     TxtTokLmdb,
-    batch_loader,
     default_corpus,
 )
 from uniter_fast.data.buckets import (
@@ -45,6 +39,7 @@ from uniter_fast.data.loader import move_to_device
 from uniter_fast.errors import ConfigError
 from uniter_fast.finetuning.data import capture_tokens
 from uniter_fast.layout import pad_masks, padded_slots
+from uniter_fast.pretraining.data import bundled_batches
 from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.syncs import count_syncs
 from uniter_fast.tasks import get_task
@@ -73,12 +68,7 @@ GRAD_TOLERANCE = {"itm": 3e-6}
 
 def corpus_batches(kind: str, count: int = 2, budget: int = 512) -> list[dict[str, Any]]:
     """The first ``count`` token-bucket batches of the bundled corpus's ``kind`` loader, as training builds them."""
-    paths = default_corpus()
-    txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
-    datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
-    dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
-    indices = TokenBucketSampler(dataset.lens, batch_size=budget).batches(0)[:count]
-    return list(batch_loader(dataset, indices, layout="packed", feat_dtype=torch.float16))
+    return bundled_batches(kind, budget, count)
 
 
 def as_double(values: dict[str, Any]) -> dict[str, Any]:

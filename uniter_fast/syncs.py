@@ -160,32 +160,13 @@ def count_step_syncs(
     "Host syncs").
     """
     from uniter_fast.config import UniterConfig
-    from uniter_fast.data import (
-        DetectFeatLmdb,
-        ItmDataset,
-        MlmDataset,
-        MrcDataset,
-        MrfrDataset,
-        TokenBucketSampler,
-        TxtTokLmdb,
-        batch_loader,
-        default_corpus,
-        move_to_device,
-    )
+    from uniter_fast.data import default_corpus, move_to_device
+    from uniter_fast.pretraining.data import bundled_batches
     from uniter_fast.pretraining.model import UniterForPretraining, task_kind
 
     device = torch.device(device)
-    kind = task_kind(task)
-    paths = default_corpus()
-    txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
-    datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
-    dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
-    indices = TokenBucketSampler(dataset.lens, batch_size=batch_tokens).batches(0)[0]
-    feat_dtype = torch.float16 if fast else torch.float32  # as uniter_fast.pretraining.data builds them
-    cpu_batch = next(
-        iter(batch_loader(dataset, [indices], layout="packed" if fast else "padded", feat_dtype=feat_dtype))
-    )
-    config = UniterConfig.tiny(vocab_size=paths.vocab_size)
+    (cpu_batch,) = bundled_batches(task_kind(task), batch_tokens, 1, layout="packed" if fast else "padded")
+    config = UniterConfig.tiny(vocab_size=default_corpus().vocab_size)
     model = UniterForPretraining(config, fast=fast).to(device=device, dtype=dtype or torch.float32).train()
 
     batch = move_to_device(cpu_batch, device)  # the loader's copies, not counted

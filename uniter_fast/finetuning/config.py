@@ -23,7 +23,7 @@ from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.tasks.bundled import BUNDLED_PREFIX, resolve_bundled
 from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
 from uniter_fast.training.cli import REPO_ROOT
-from uniter_fast.training.config import RunConfig, field_names, parse_run_config, resolve_path
+from uniter_fast.training.config import RunConfig, field_names, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,5 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
 def load_finetune_config(path: str, checkpoint_given: bool = False) -> FinetuneConfig:
     """Read and validate a fine-tuning config JSON (relative paths are relative to the file's directory). With
     ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces it) the file's ``checkpoint`` is not read."""
-    raw = read_json(path, "fine-tuning config")
-    if checkpoint_given and isinstance(raw, dict):
-        raw.pop("checkpoint", None)
-    return parse_finetune_config(raw, os.path.dirname(os.path.abspath(path)), where=path)
+    raw, base_dir = read_run_config(path, "fine-tuning config", checkpoint_given)
+    return parse_finetune_config(raw, base_dir, where=path)

@@ -29,7 +29,7 @@ row, 0 for a padding row of a fixed-shape batch, ``uniter_fast.data.buckets``) m
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -47,21 +47,29 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backends.resolve("losses", backend, device)
 
 
-def _fused(
+def _loss(
     kind: str,
+    reference_loss: Callable[..., torch.Tensor],
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
     target: torch.Tensor,
-    path: str,
+    backend: str,
+    weights: Optional[torch.Tensor],
     transposed: bool = False,
-    weights: Optional[torch.Tensor] = None,
+    fused_target: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """Run the fused chunk loop with the row op ``kind`` ("ce", "kl", "mse") of ``path``; 0-dim float32.
+    """One loss of hidden [M, H] (0-dim float32) on the path ``backend`` selects: ``reference_loss(hidden, weight,
+    bias, target, weights)`` on the reference path or for zero rows, else the fused chunk loop with the row op
+    ``kind`` ("ce", "kl", "mse") on ``fused_target(target)`` (default ``target``); checks ``weights`` [M] first.
 
     The projection runs in hidden's dtype, or in the autocast dtype inside ``torch.autocast`` (as ``F.linear``
     would); the casts sit outside the autograd Function so gradients come back in each input's own dtype.
     """
+    check_weights(weights, hidden.shape[0], hidden.device)
+    path = resolve_backend(backend, hidden.device)
+    if path == "reference" or hidden.shape[0] == 0:
+        return reference_loss(hidden, weight, bias, target, weights)
     from uniter_fast.losses.fused_linear import fused_linear_loss
 
     if path == "triton":
@@ -71,6 +79,7 @@ def _fused(
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     hidden, weight, bias = (t.to(dtype) for t in (hidden, weight, bias))
+    target = target if fused_target is None else fused_target(target)
     return fused_linear_loss(hidden, weight, bias, target, ROW_OPS[kind], transposed, weights=weights)
 
 
@@ -91,11 +100,7 @@ def mlm_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
     check_labels(labels, hidden.shape[0], classes, hidden.device, check_values)
-    check_weights(weights, hidden.shape[0], hidden.device)
-    path = resolve_backend(backend, hidden.device)
-    if path == "reference" or hidden.shape[0] == 0:
-        return reference.mlm_loss(hidden, weight, bias, labels, weights)
-    return _fused("ce", hidden, weight, bias, labels, path, weights=weights)
+    return _loss("ce", reference.mlm_loss, hidden, weight, bias, labels, backend, weights)
 
 
 def mrfr_loss(
@@ -114,11 +119,7 @@ def mrfr_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=True)
     check_targets("targets", targets, hidden.shape[0], classes, hidden.device)
-    check_weights(weights, hidden.shape[0], hidden.device)
-    path = resolve_backend(backend, hidden.device)
-    if path == "reference" or hidden.shape[0] == 0:
-        return reference.mrfr_loss(hidden, weight, bias, targets, weights)
-    return _fused("mse", hidden, weight, bias, targets, path, transposed=True, weights=weights)
+    return _loss("mse", reference.mrfr_loss, hidden, weight, bias, targets, backend, weights, transposed=True)
 
 
 def mrc_loss(
@@ -136,11 +137,17 @@ def mrc_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
     check_targets("soft_labels", soft_labels, hidden.shape[0], classes, hidden.device)
-    check_weights(weights, hidden.shape[0], hidden.device)
-    path = resolve_backend(backend, hidden.device)
-    if path == "reference" or hidden.shape[0] == 0:
-        return reference.mrc_loss(hidden, weight, bias, soft_labels, weights)
-    return _fused("ce", hidden, weight, bias, reference.mrc_targets(soft_labels), path, weights=weights)
+    return _loss(
+        "ce",
+        reference.mrc_loss,
+        hidden,
+        weight,
+        bias,
+        soft_labels,
+        backend,
+        weights,
+        fused_target=reference.mrc_targets,
+    )
 
 
 def mrc_kl_loss(
@@ -158,8 +165,4 @@ def mrc_kl_loss(
     """
     classes = check_projection(hidden, weight, bias, transposed=False)
     check_targets("soft_labels", soft_labels, hidden.shape[0], classes, hidden.device)
-    check_weights(weights, hidden.shape[0], hidden.device)
-    path = resolve_backend(backend, hidden.device)
-    if path == "reference" or hidden.shape[0] == 0:
-        return reference.mrc_kl_loss(hidden, weight, bias, soft_labels, weights)
-    return _fused("kl", hidden, weight, bias, soft_labels, path, weights=weights)
+    return _loss("kl", reference.mrc_kl_loss, hidden, weight, bias, soft_labels, backend, weights)

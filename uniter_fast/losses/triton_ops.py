@@ -7,6 +7,8 @@ gradient). On CUDA tensors the kernels compile for the GPU; on CPU tensors they 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from uniter_fast.kernels import fused_linear_losses as k
@@ -19,36 +21,30 @@ def _launch_shape(logits: torch.Tensor) -> tuple[tuple[int], int, int]:
     return (logits.shape[0],), block, k.num_warps(block)
 
 
-def _ce_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy rows of logits [R,C] (stride-1 columns) vs labels [R] int64 via ``ce_rows_kernel``."""
+def _rows(kernel: Any, logits: torch.Tensor, *target: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the row ``kernel`` on logits [R, C] (stride-1 columns) and its ``target`` arguments: (per-row float32
+    loss [R], ``logits`` overwritten with the gradient)."""
     loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     grid, block, warps = _launch_shape(logits)
-    k.ce_rows_kernel[grid](
-        logits, logits.stride(0), labels.contiguous(), loss, logits.shape[1], BLOCK=block, num_warps=warps
-    )
+    kernel[grid](logits, logits.stride(0), *target, loss, logits.shape[1], BLOCK=block, num_warps=warps)
     return loss, logits
+
+
+def _ce_rows(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy rows of logits [R,C] (stride-1 columns) vs labels [R] int64 via ``ce_rows_kernel``."""
+    return _rows(k.ce_rows_kernel, logits, labels.contiguous())
 
 
 def _kl_rows(logits: torch.Tensor, soft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """KL(soft ‖ softmax(logits)) rows of logits [R,C] vs soft labels [R,C] via ``kl_rows_kernel``."""
     soft = soft.contiguous()
-    loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    grid, block, warps = _launch_shape(logits)
-    k.kl_rows_kernel[grid](
-        logits, logits.stride(0), soft, soft.stride(0), loss, logits.shape[1], BLOCK=block, num_warps=warps
-    )
-    return loss, logits
+    return _rows(k.kl_rows_kernel, logits, soft, soft.stride(0))
 
 
 def _mse_rows(pred: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared-error rows of pred [R,C] vs targets [R,C] via ``mse_rows_kernel``."""
     targets = targets.contiguous()
-    loss = torch.empty(pred.shape[0], dtype=torch.float32, device=pred.device)
-    grid, block, warps = _launch_shape(pred)
-    k.mse_rows_kernel[grid](
-        pred, pred.stride(0), targets, targets.stride(0), loss, pred.shape[1], BLOCK=block, num_warps=warps
-    )
-    return loss, pred
+    return _rows(k.mse_rows_kernel, pred, targets, targets.stride(0))
 
 
 ROW_OPS: dict[str, RowOp] = {

@@ -15,11 +15,10 @@ from typing import Any, ClassVar, Optional, Union
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError
-from uniter_fast.files import read_json
 from uniter_fast.pretraining.model import TASKS, pretraining_model_size, task_kind
 from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
 from uniter_fast.training.budget import BudgetModel
-from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, resolve_path
+from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 BUNDLED_PREFIX = "bundled:"
@@ -219,10 +218,8 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
 def load_training_config(path: str, checkpoint_given: bool = False) -> TrainingConfig:
     """Read and validate a training config JSON; relative paths in it are relative to the file's directory. With
     ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces it) the file's ``checkpoint`` is not read."""
-    raw = read_json(path, "training config")
-    if checkpoint_given and isinstance(raw, dict):
-        raw.pop("checkpoint", None)
-    return parse_training_config(raw, os.path.dirname(os.path.abspath(path)), path)
+    raw, base_dir = read_run_config(path, "training config", checkpoint_given)
+    return parse_training_config(raw, base_dir, path)
 
 
 def configured_model_config(cfg: TrainingConfig) -> UniterConfig:

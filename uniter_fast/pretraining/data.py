@@ -27,6 +27,7 @@ from uniter_fast.data import (
     TokenBucketSampler,
     TxtTokLmdb,
     batch_loader,
+    default_corpus,
 )
 from uniter_fast.data.datasets import TaskBatches
 from uniter_fast.data.sampler import check_token_budget
@@ -155,3 +156,19 @@ class DataBuilder:
             num_workers=self.num_workers,
             feat_dtype=self.feat_dtype,
         )
+
+
+def bundled_batches(
+    kind: str, budget: int, count: int, layout: str = "packed", droplast: bool = False
+) -> list[dict[str, Any]]:
+    """The first ``count`` batches of epoch 0 of the bundled corpus's (:func:`uniter_fast.data.default_corpus`)
+    ``kind`` loader ("mlm", "mrfr", "mrc", "mrckl" or "itm"; the task dataset with its default options) at ``budget``
+    tokens per batch, as training builds them: the token-bucket sampler (``droplast`` as given), CPU tensors in
+    ``layout`` ("packed": region features fp16, the fast path's; "padded": float32, the reference path's)."""
+    paths = default_corpus()
+    txt, img = TxtTokLmdb(paths.txt_db), DetectFeatLmdb(paths.img_db)
+    datasets = {"mlm": MlmDataset, "mrfr": MrfrDataset, "itm": ItmDataset}
+    dataset = datasets[kind](txt, img) if kind in datasets else MrcDataset(txt, img, task=kind)
+    indices = TokenBucketSampler(dataset.lens, batch_size=budget, droplast=droplast).batches(0)[:count]
+    feat_dtype = torch.float16 if layout == "packed" else torch.float32
+    return list(batch_loader(dataset, indices, layout=layout, feat_dtype=feat_dtype))

@@ -16,7 +16,6 @@ tgt_box}]} as ``inf_re.py`` (boxes [x, y, w, h] in pixels).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
@@ -43,7 +42,7 @@ from uniter_fast.layout import padded_index
 from uniter_fast.model.activations import Gelu
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
-from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of
+from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of, write_json_results
 from uniter_fast.tasks.synthetic.re import re_annotations
 from uniter_fast.tasks.synthetic.text import texts_of
 
@@ -267,12 +266,9 @@ class ReTask(Task):
     def write_predictions(
         self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
     ) -> list[str]:
-        path = os.path.join(directory, f"{stem}.json")
         acc = ratio(sum(p["correct"] for p in predictions), len(predictions))
         records = [{k: v for k, v in p.items() if k != "correct"} for p in predictions]
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"acc": acc, "predictions": records}, f)
-        return [path]
+        return [write_json_results(directory, stem, {"acc": acc, "predictions": records})]
 
     def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
         """The default options (cls loss, 1-layer head); the target a random region of each example."""

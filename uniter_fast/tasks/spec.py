@@ -12,6 +12,7 @@ config, and no code outside ``tasks/`` tests a task's name (``docs/adding-a-task
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Optional, Union
 
@@ -415,6 +416,15 @@ class Task:
 def scores_of(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     """The model's ``compute_loss=False`` scores, in fp32."""
     return model(batch, None, compute_loss=False)["scores"].float()
+
+
+def write_json_results(directory: str, stem: str, results: Any) -> str:
+    """Write ``results`` (a JSON value) as ``<directory>/<stem>.json``, a task's results file in the original's
+    format; returns its path."""
+    path = os.path.join(directory, f"{stem}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f)
+    return path
 
 
 def ratio(num: float, den: float) -> float:

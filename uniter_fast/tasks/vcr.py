@@ -18,7 +18,6 @@ scores}; with 20 scores also ``results.csv`` in the leaderboard layout of ``inf_
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -59,6 +58,7 @@ from uniter_fast.tasks.spec import (
     ratio,
     require,
     scores_of,
+    write_json_results,
 )
 from uniter_fast.tasks.synthetic.vcr import vcr_annotations
 
@@ -351,9 +351,7 @@ class VcrTask(Task):
     def write_predictions(
         self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
     ) -> list[str]:
-        path = os.path.join(directory, f"{stem}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({p["qid"]: p["scores"] for p in predictions}, f)
+        path = write_json_results(directory, stem, {p["qid"]: p["scores"] for p in predictions})
         if not predictions or len(predictions[0]["scores"]) != 20:
             return [path]
         csv_path = os.path.join(directory, f"{stem}.csv")

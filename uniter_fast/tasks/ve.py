@@ -8,8 +8,6 @@ plain two groups). Metric: accuracy (the VQA soft score of one-hot targets). Pre
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any, Optional
 
 import torch
@@ -19,7 +17,7 @@ from uniter_fast.data.task_records import VE_ENT2IDX, ve_record
 from uniter_fast.errors import DataError
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache
-from uniter_fast.tasks.spec import DATA_FACTS, Query
+from uniter_fast.tasks.spec import DATA_FACTS, Query, write_json_results
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, ve_annotations
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering, VqaTask
 
@@ -63,10 +61,7 @@ class VeTask(VqaTask):
     def write_predictions(
         self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
     ) -> list[str]:
-        path = os.path.join(directory, f"{stem}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({p["id"]: p["answer"] for p in predictions}, f)
-        return [path]
+        return [write_json_results(directory, stem, {p["id"]: p["answer"] for p in predictions})]
 
     example_answers = len(VE_ENT2IDX)
 

@@ -10,7 +10,6 @@ the score of the argmax answer, averaged (``compute_score_with_logits``). Predic
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, Optional
@@ -50,6 +49,7 @@ from uniter_fast.tasks.spec import (
     ratio,
     require,
     scores_of,
+    write_json_results,
 )
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, VQA_ANSWERS, vqa_annotations
 
@@ -300,10 +300,7 @@ class VqaTask(Task):
     def write_predictions(
         self, predictions: list[Any], directory: str, stem: str, meta: Optional[dict[str, Any]] = None
     ) -> list[str]:
-        path = os.path.join(directory, f"{stem}.json")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(predictions, f)
-        return [path]
+        return [write_json_results(directory, stem, predictions)]
 
     example_answers = 3129  # the original's VQA answer vocabulary
 

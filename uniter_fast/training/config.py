@@ -21,6 +21,7 @@ from typing import Any, Callable, ClassVar, Optional, TypeVar, Union
 from uniter_fast import hub
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError, closest
+from uniter_fast.files import read_json
 from uniter_fast.training.budget import AUTO, BudgetModel
 
 C = TypeVar("C", bound="RunConfig")
@@ -163,6 +164,16 @@ def check_model_overrides(overrides: Any) -> None:
     for key in overrides:
         if key not in fields:
             raise ConfigError(f"model_overrides: {key!r} is not a model config field{closest(key, fields)}")
+
+
+def read_run_config(path: str, what: str, checkpoint_given: bool) -> tuple[Any, str]:
+    """The JSON value of the run config file ``path`` (``what`` names it in errors) and the file's directory, which
+    relative paths in it are relative to. With ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces
+    it) the file's ``checkpoint`` is dropped unread."""
+    raw = read_json(path, what)
+    if checkpoint_given and isinstance(raw, dict):
+        raw.pop("checkpoint", None)
+    return raw, os.path.dirname(os.path.abspath(path))
 
 
 def parse_run_config(
