@@ -138,5 +138,7 @@ def test_benchmark_errors(folder: str, tmp_path: Any) -> None:
     assert status == 2 and "--benchmark" in err and "--task" in err and len(err.strip().splitlines()) == 1, err
     status, _, err = run_cli(evaluate, ["--benchmark", str(tmp_path)])
     assert status == 2 and "no benchmark of the paper's table" in err, err
+    status, _, err = run_cli(evaluate, ["--benchmark", str(tmp_path) + "/"])  # as the README writes it: benchmark/
+    assert status == 2 and f"{tmp_path}/nlvr2/checkpoint" in err and "//" not in err, err
     status, _, err = run_cli(evaluate, [])
     assert status == 2 and "--checkpoint" in err and "--benchmark" in err, err

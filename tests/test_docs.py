@@ -106,3 +106,21 @@ def test_no_tracked_file_cites_the_private_notes() -> None:
         for n, line in private_citations((ROOT / name).read_text(encoding="utf-8"), name)
     ]
     assert not found, "cite the repository's files or public sources instead:\n" + "\n".join(found)
+
+
+DEV_MACHINE_CD = re.compile(r"^\s*(?:\$\s*)?cd\s+/(?:work|root|home)/")  # a checkout path of one machine
+
+
+def test_no_doc_command_changes_into_a_machine_specific_checkout() -> None:
+    """Doc commands run from the repository root as a reader has it, so none starts with ``cd`` into one machine's
+    checkout (``docs/losses.md`` once began its test commands with ``cd /work/main``)."""
+    assert DEV_MACHINE_CD.match("cd /work/main && . .venv/bin/activate")
+    assert not DEV_MACHINE_CD.match(". .venv/bin/activate   # cd /work/main")
+    docs = ["README.md"] + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    found = [
+        f"{name}:{n}: {line.strip()}"
+        for name in docs
+        for n, line in enumerate((ROOT / name).read_text(encoding="utf-8").splitlines(), 1)
+        if DEV_MACHINE_CD.match(line)
+    ]
+    assert not found, "doc commands run from the repository root:\n" + "\n".join(found)

@@ -100,3 +100,29 @@ def test_alignment_png_names_words_and_region_classes(small, tmp_path) -> None:
         n_pairs=2,
     )
     assert os.path.getsize(path) > 10_000 and imread(path).shape[0] > 200
+
+
+def test_the_train_extra_installs_what_the_default_run_draws_with() -> None:
+    """The README's first command installs ``.[train]`` and runs the default pretraining, which draws its pictures
+    with matplotlib at the end: the extra must bring it (without it the run failed after its last step)."""
+    tomllib = pytest.importorskip("tomllib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert any(req.startswith("matplotlib") for req in extras["train"]), extras["train"]
+
+
+def test_a_finished_run_without_matplotlib_names_its_export_and_says_the_pictures_were_not_drawn(
+    tmp_path, monkeypatch
+) -> None:
+    import sys
+
+    from uniter_fast.pretraining.config import TrainingConfig
+    from uniter_fast.pretraining.run import finished_run_lines
+
+    monkeypatch.delitem(sys.modules, "uniter_fast.pretraining.plots", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # ``import matplotlib.figure`` fails, as uninstalled
+    lines = finished_run_lines(TrainingConfig(), UniterConfig.tiny(), str(tmp_path))
+    assert lines[0] == f"consolidated fp32 weights: {tmp_path / 'pretrained'}"
+    assert len(lines) == 2 and lines[1].startswith("pictures not drawn (curves.png, alignment.png)"), lines
+    assert "matplotlib" in lines[1] and "pip install matplotlib" in lines[1], lines

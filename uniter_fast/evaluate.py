@@ -173,9 +173,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         out = evaluate_splits(args, evaluation.task, evaluation.checkpoint, splits, out_dir, prefix)
         done[evaluation.name, evaluation.split] = out[evaluation.split]
     if not done:
+        nlvr2 = os.path.join(root, "nlvr2")  # root as given, e.g. "benchmark/": no doubled separator
         raise FileNotFoundError(
-            f"--benchmark {root!r}: no benchmark of the paper's table is there (e.g. {root}/nlvr2/checkpoint with "
-            f"{root}/nlvr2/dev/txt and img; see docs/datasets.md)"
+            f"--benchmark {root!r}: no benchmark of the paper's table is there (e.g. "
+            f"{os.path.join(nlvr2, 'checkpoint')} with {os.path.join(nlvr2, 'dev', 'txt')} and img; see "
+            "docs/datasets.md)"
         )
     if rank_and_world()[0] == 0:
         rows = []

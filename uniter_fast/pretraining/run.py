@@ -107,12 +107,22 @@ def pretrain(
     )
     lines = ["", summary_heading("metrics", trainer, run), summary_table(trainer, results)]
     if trainer.step == cfg.num_train_steps and run.rank == 0:
-        from uniter_fast.pretraining.plots import write_pictures
-
-        curves, alignment = write_pictures(cfg, model_config, cfg.output_dir)
-        lines += [
-            f"consolidated fp32 weights: {os.path.join(cfg.output_dir, PRETRAINED_SUBDIR)}",
-            f"training and validation curves: {curves}",
-            f"word-region alignment of validation pairs: {alignment}",
-        ]
+        lines += finished_run_lines(cfg, model_config, cfg.output_dir)
     return results, "\n".join(lines)
+
+
+def finished_run_lines(cfg: TrainingConfig, model_config: UniterConfig, output_dir: str) -> list[str]:
+    """The last lines of a finished run: its export and the pictures drawn from it. Without matplotlib (the
+    ``[train]`` extra has it) a line says the pictures were not drawn: the table and the export stand without them."""
+    lines = [f"consolidated fp32 weights: {os.path.join(output_dir, PRETRAINED_SUBDIR)}"]
+    try:
+        from uniter_fast.pretraining.plots import write_pictures
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("matplotlib"):
+            raise
+        return lines + [f"pictures not drawn (curves.png, alignment.png): {e}; pip install matplotlib to draw them"]
+    curves, alignment = write_pictures(cfg, model_config, output_dir)
+    return lines + [
+        f"training and validation curves: {curves}",
+        f"word-region alignment of validation pairs: {alignment}",
+    ]
