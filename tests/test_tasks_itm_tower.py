@@ -5,6 +5,8 @@ first stage learns to keep the cross-encoder's top ranks."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -211,6 +213,25 @@ def test_loads_start_the_tower_from_the_encoder(tmp_path) -> None:
         assert torch.equal(again.state_dict()[name], value), name
     plain_again, kept = load_task_model(itm, str(tmp_path / "plain"), {}, fast=True)
     assert not kept["first_stage_tower"] and not hasattr(plain_again, "first_stage_uniter")
+
+
+def test_a_default_the_checkpoint_overrides_is_logged_not_warned(tmp_path, caplog) -> None:
+    """Loading a tower export with the default options sets the tower at INFO (the defaults are no conflict); an
+    option the caller chose that the checkpoint overrides is a WARNING naming it."""
+    itm = get_task("itm")
+    options = itm.check_options({"first_stage_dim": 16, "first_stage_tower": True}, "test")
+    save_task_model(_model(seed=5, first_stage_tower=True), itm, options, str(tmp_path / "tower"))
+    with caplog.at_level(logging.INFO, logger="uniter_fast.tasks.checkpoint"):
+        _, loaded = load_task_model(itm, str(tmp_path / "tower"), itm.check_options({}, "test"), fast=True)
+    assert loaded["first_stage_tower"] and loaded["first_stage_dim"] == 16
+    logged = {(r.levelname, r.getMessage().split(": ", 1)[1]) for r in caplog.records if "options" in r.getMessage()}
+    want = "the checkpoint sets options {'first_stage_dim': (64, 16), 'first_stage_tower': (False, True)} (default, "
+    assert logged == {("INFO", want + "checkpoint)")}, logged
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="uniter_fast.tasks.checkpoint"):
+        load_task_model(itm, str(tmp_path / "tower"), itm.check_options({"first_stage_dim": 32}, "test"), fast=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "fixes options {'first_stage_dim': (32, 16)} (given, checkpoint)" in warned[0]
 
 
 def test_tower_options_are_checked() -> None:
