@@ -176,3 +176,22 @@ def test_word_table_grows_to_the_task_vocabulary(tmp_path) -> None:
     torch.testing.assert_close(grown[:128], words)
     fit_vocab(dbs, model)  # big enough: unchanged
     assert model.uniter.embeddings.word_embeddings.weight.shape[0] == 158
+
+
+def test_evaluation_needs_only_the_databases_it_reads(tmp_path) -> None:
+    """Evaluation reads a config's settings and its val / test databases, never its training ones: a machine with
+    the evaluation databases alone evaluates (``databases="eval"``; ``"none"``: settings only), training refuses."""
+    with open(os.path.join(REPO, "configs", "finetune-vqa-tiny.json"), encoding="utf-8") as f:
+        raw = with_tmp_paths(json.load(f), tmp_path)
+    for key in ("train_txt_db", "train_img_db", "train_txt_dbs", "train_img_dbs"):
+        raw.pop(key, None)
+    raw["train_txt_dbs"] = raw["train_img_dbs"] = [str(tmp_path / "missing_train")]
+    with pytest.raises(FileNotFoundError, match="train_txt_dbs: database directory .*missing_train"):
+        parse_finetune_config(raw)
+    assert parse_finetune_config(raw, databases="eval").eval_sets()["val"][0] == str(tmp_path / "db")
+    raw["val_txt_db"] = str(tmp_path / "missing_val")
+    with pytest.raises(FileNotFoundError, match="val_txt_db: database directory .*missing_val"):
+        parse_finetune_config(raw, databases="eval")
+    assert parse_finetune_config(raw, databases="none").val_txt_db == str(tmp_path / "missing_val")
+    with pytest.raises(ValueError, match="databases must be one of"):
+        parse_finetune_config(raw, databases="train")

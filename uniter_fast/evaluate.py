@@ -121,7 +121,8 @@ def evaluate_splits(
     from uniter_fast.training.distributed import init_launched_process_group
 
     task = get_task(task_name)
-    cfg = load_finetune_config(args.config or default_config(task.name), checkpoint_given=True)
+    # the config gives the settings (the splits come as arguments; their databases are checked as they open)
+    cfg = load_finetune_config(args.config or default_config(task.name), checkpoint_given=True, databases="none")
     dbs = DbCache(cfg)
     options = {**task.check_options(parse_key_values(args.option, "--option"), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
@@ -213,7 +214,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     else:
         from uniter_fast.finetuning.config import default_config, load_finetune_config
 
-        splits = load_finetune_config(args.config or default_config(task_name), checkpoint_given=True).eval_sets()
+        config = load_finetune_config(args.config or default_config(task_name), checkpoint_given=True, databases="eval")
+        splits = config.eval_sets()
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
     evaluated = evaluate_splits(args, task_name, args.checkpoint, splits, out_dir)
     results = {split: metrics for split, (metrics, _) in evaluated.items()}

@@ -127,8 +127,16 @@ def _exists(key: str, path: str) -> None:
             raise FileNotFoundError(f"{key}: database directory {part!r} does not exist")
 
 
-def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str = "finetune config") -> FinetuneConfig:
-    """Validate a config dict and resolve its paths (``bundled:`` or relative to ``base_dir``)."""
+DATABASES_CHECKED = {"all": ("train", "eval"), "eval": ("eval",), "none": ()}
+
+
+def parse_finetune_config(
+    raw: dict[str, Any], base_dir: str = ".", where: str = "finetune config", databases: str = "all"
+) -> FinetuneConfig:
+    """Validate a config dict and resolve its paths (``bundled:`` or relative to ``base_dir``). ``databases``: which
+    databases must exist, "all" (training), "eval" (the val / test ones: evaluation) or "none" (its settings only)."""
+    if databases not in DATABASES_CHECKED:
+        raise ValueError(f"databases must be one of {sorted(DATABASES_CHECKED)}, got {databases!r}")
     if not isinstance(raw, dict):
         raise TypeError(f"{where} must be a JSON object, got {type(raw).__name__}")
     raw = dict(raw)
@@ -169,10 +177,11 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     for key in ("val_txt_db", "val_img_db", "test_txt_db", "test_img_db"):
         if getattr(cfg, key):
             setattr(cfg, key, _resolve(getattr(cfg, key), base_dir))
-    for key in ("train_txt_dbs", "train_img_dbs"):
+    checked = DATABASES_CHECKED[databases]
+    for key in ("train_txt_dbs", "train_img_dbs") if "train" in checked else ():
         for path in getattr(cfg, key):
             _exists(key, path)
-    for key in ("val_txt_db", "val_img_db", "test_txt_db", "test_img_db"):
+    for key in ("val_txt_db", "val_img_db", "test_txt_db", "test_img_db") if "eval" in checked else ():
         if getattr(cfg, key):
             _exists(key, getattr(cfg, key))
     if not 0.0 <= cfg.dropout < 1.0:
@@ -182,8 +191,9 @@ def parse_finetune_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     return cfg
 
 
-def load_finetune_config(path: str, checkpoint_given: bool = False) -> FinetuneConfig:
+def load_finetune_config(path: str, checkpoint_given: bool = False, databases: str = "all") -> FinetuneConfig:
     """Read and validate a fine-tuning config JSON (relative paths are relative to the file's directory). With
-    ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces it) the file's ``checkpoint`` is not read."""
+    ``checkpoint_given`` (a ``--checkpoint`` on the command line replaces it) the file's ``checkpoint`` is not read;
+    ``databases``: which of its databases must exist (:func:`parse_finetune_config`)."""
     raw, base_dir = read_run_config(path, "fine-tuning config", checkpoint_given)
-    return parse_finetune_config(raw, base_dir, where=path)
+    return parse_finetune_config(raw, base_dir, where=path, databases=databases)
