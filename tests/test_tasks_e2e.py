@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from tests.kill_runs import choose, read_lines, run_script
 from tests.pretrain_runs import REPO, launcher
+from uniter_fast.tasks.bundled import task_sets_dir
 
 SCRIPT = os.path.join(REPO, "uniter_fast", "finetune.py")
 
@@ -77,7 +78,9 @@ def test_finetune_vqa_then_evaluate(tmp_path) -> None:
     assert sorted(os.listdir(out / "results")) == ["val_results_3.json", "val_results_6.json"]
     answers = json.load(open(out / "results" / "val_results_6.json"))
     assert len(answers) == 300 and set(answers[0]) == {"answer", "question_id"}
-    assert sorted(os.listdir(out / "finetuned")) == ["config.json", "model.safetensors", "model_step_6.pt", "task.json"]
+    exported = ["config.json", "model.safetensors", "model_step_6.pt", "task.json", "vocab.txt"]
+    assert sorted(os.listdir(out / "finetuned")) == exported  # trained on the bundled sets: their vocab comes along
+    assert filecmp.cmp(out / "finetuned" / "vocab.txt", os.path.join(task_sets_dir(), "vocab.txt"), shallow=False)
     assert os.listdir(out / "tb")
     command = [sys.executable, "-m", "uniter_fast.evaluate", "--checkpoint", str(out / "finetuned"), "--config", config]
     proc = run(command, str(tmp_path))

@@ -11,7 +11,7 @@ import numpy as np
 from uniter_fast.data import TxtTokLmdb, default_corpus
 from uniter_fast.data.corpus import DEFAULT_SEED
 from uniter_fast.data.world import World
-from uniter_fast.tasks.bundled import bundled_annotations, task_sets
+from uniter_fast.tasks.bundled import bundled_annotations, bundled_vocab, resolve_bundled, task_sets
 from uniter_fast.tasks.synthetic.pool import draw_scene, relation
 from uniter_fast.tasks.synthetic.re import expressions
 
@@ -92,3 +92,15 @@ def test_bundled_dbs_have_every_split() -> None:
         found = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(root, task, f"txt_{s}"))]
         assert len(found) == splits, task
         assert len(TxtTokLmdb(os.path.join(root, task, "txt_val"), -1).id2len) >= 290
+
+
+def test_bundled_vocab_is_named_only_for_databases_inside_the_bundled_sets(tmp_path) -> None:
+    """A fine-tuning export carries the bundled vocab when every training txt_db lies in the bundled sets."""
+    root = task_sets()
+    vocab = os.path.join(root, "vocab.txt")
+    assert bundled_vocab([resolve_bundled("bundled:vqa/txt_train"), resolve_bundled("bundled:ve/txt_train")]) == vocab
+    own = tmp_path / "txt_own"
+    own.mkdir()
+    assert bundled_vocab([resolve_bundled("bundled:vqa/txt_train"), str(own)]) is None
+    assert bundled_vocab([str(own)]) is None and bundled_vocab([]) is None
+    assert bundled_vocab([root + "_elsewhere/txt"]) is None  # a sibling folder with the same prefix is outside

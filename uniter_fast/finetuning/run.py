@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any, Optional
 
 import numpy as np
@@ -23,7 +24,8 @@ from uniter_fast.files import atomic_directory
 from uniter_fast.finetuning.config import RESULTS_SUBDIR, FinetuneConfig
 from uniter_fast.finetuning.data import capture_tokens, eval_datasets, train_stream
 from uniter_fast.tasks import get_task
-from uniter_fast.tasks.checkpoint import load_task_model, save_task_model, task_model_config
+from uniter_fast.tasks.bundled import bundled_vocab
+from uniter_fast.tasks.checkpoint import VOCAB_FILE, load_task_model, save_task_model, task_model_config
 from uniter_fast.tasks.data import DbCache
 from uniter_fast.tasks.spec import Task
 from uniter_fast.training.adversarial import AdversarialStep
@@ -116,12 +118,16 @@ def finetune(
                 task.write_predictions(predictions, directory, f"{split}_results_{step}", meta)
         return results
 
+    vocab = bundled_vocab(cfg.train_txt_dbs)
+
     def export(engine: Any, checkpoint_dir: str, tag: str) -> None:
         trained = consolidated_model(
             engine, checkpoint_dir, tag, lambda: task.build_model(model.config, options, model.fast)
         )
         with atomic_directory(os.path.join(cfg.output_dir, task.export_dir), replace=True) as directory:
             save_task_model(trained, task, options, directory, cfg.num_train_steps)
+            if vocab is not None:  # trained on the bundled sets: predict, search and the demo find its words here
+                shutil.copyfile(vocab, os.path.join(directory, VOCAB_FILE))
 
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
     micro_step = None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model.config.hidden_size)

@@ -23,13 +23,12 @@ from uniter_fast.extract.given_boxes import check_inside
 from uniter_fast.inference.inputs import image_key, make_queries, to_bgr
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks import answering_tasks, get_task
-from uniter_fast.tasks.checkpoint import TASK_FILE, head_keys, load_task_model
+from uniter_fast.tasks.checkpoint import TASK_FILE, VOCAB_FILE, head_keys, load_task_model
 from uniter_fast.tasks.spec import DATA_FACTS, DataFacts, Task, scores_of
 from uniter_fast.training.config import RunConfig
 
 BOX_SETTINGS = tuple(RunConfig.__dataclass_fields__[k].default for k in ("conf_th", "max_bb", "min_bb", "num_bb"))
 """(conf_th, max_bb, min_bb, num_bb): the img_db box settings of ``python -m uniter_fast.build`` and fine-tuning."""
-VOCAB_FILE = "vocab.txt"
 
 
 def checkpoint_vocab(checkpoint: str, vocab: Optional[str]) -> str:

@@ -15,7 +15,7 @@ exercises the real formats. Layout::
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -75,12 +75,25 @@ def build_task_sets(out_dir: str, base_vocab: str, seed: int = DEFAULT_SEED) -> 
     return out_dir
 
 
+def task_sets_dir(root: Optional[str] = None) -> str:
+    """Where the bundled task sets live (built or not) under the cache ``root``."""
+    return os.path.join(root or cache_dir(), f"{TASK_SETS_VERSION}-{CORPUS_VERSION}")
+
+
 def task_sets(root: Optional[str] = None) -> str:
     """The bundled task sets' directory, built on first use (safe under concurrent first calls: each builder writes
     a private temp dir and renames it into place)."""
     root = root or cache_dir()
-    final = os.path.join(root, f"{TASK_SETS_VERSION}-{CORPUS_VERSION}")
-    return build_directory_once(final, lambda out: build_task_sets(out, default_corpus(root).vocab))
+    return build_directory_once(task_sets_dir(root), lambda out: build_task_sets(out, default_corpus(root).vocab))
+
+
+def bundled_vocab(txt_paths: Sequence[str]) -> Optional[str]:
+    """The bundled sets' WordPiece ``vocab.txt`` when every txt_db of ``txt_paths`` (resolved paths) lies in them (a
+    model trained there reads its words), else None."""
+    root = os.path.realpath(task_sets_dir())
+    inside = [os.path.commonpath([root, os.path.realpath(path)]) == root for path in txt_paths]
+    vocab = os.path.join(root, "vocab.txt")
+    return vocab if inside and all(inside) and os.path.isfile(vocab) else None
 
 
 def resolve_bundled(path: str) -> str:

@@ -54,6 +54,8 @@ from uniter_fast.tasks.spec import DATA_FACTS, CheckpointView, Task
 logger = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
+VOCAB_FILE = "vocab.txt"
+"""The WordPiece vocab beside an export's weights (inference reads it when no vocab is given)."""
 
 
 def head_keys(task: Task, state: dict[str, torch.Tensor]) -> list[str]:
