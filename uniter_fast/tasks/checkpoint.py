@@ -132,13 +132,15 @@ def load_task_model(
         if task.checkpoint_options is not None:
             saved = {k: v for k, v in saved.items() if k in task.checkpoint_options}
         fixed = {**saved, **task.options_from_state(state)}
-        changed = {k: (options[k], v) for k, v in fixed.items() if k in options and options[k] != v}
         # a task default the checkpoint overrides is no conflict (the caller's options come with the defaults filled)
-        defaults = {k: pair for k, pair in changed.items() if k in task.options and pair[0] == task.options[k]}
+        defaults, conflicts = {}, {}
+        for key, value in fixed.items():
+            if key in options and options[key] != value:
+                is_default = key in task.options and options[key] == task.options[key]
+                (defaults if is_default else conflicts)[key] = (options[key], value)
         if defaults:
             logger.info("%s: the checkpoint sets options %s (default, checkpoint)", checkpoint, defaults)
-        if len(defaults) < len(changed):
-            conflicts = {k: pair for k, pair in changed.items() if k not in defaults}
+        if conflicts:
             logger.warning(
                 "%s: the checkpoint fixes options %s (given, checkpoint); using the checkpoint's", checkpoint, conflicts
             )
