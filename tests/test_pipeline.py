@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import numpy as np
@@ -323,7 +324,15 @@ def test_predict_cli(world, tmp_path) -> None:
     assert [r["image"] for r in printed] == world["photos"] and [r["text"] for r in printed] == QUESTIONS
     assert_same([{"answers": r["answers"]} for r in printed], expected)
     status, stdout, _ = run_cli(predict_main, [*common, "--image", world["photos"][0], "--text", QUESTIONS[0]])
-    assert status == 0 and json.loads(stdout)[0]["answers"] == printed[0]["answers"]
+    assert status == 0  # one question alone: the batch's answers (a batch of one rounds differently)
+    assert_same(json.loads(stdout)[0]["answers"], printed[0]["answers"])
+    (tmp_path / "photos").mkdir()  # a path relative to the questions file's folder, printed as the file gives it
+    shutil.copy(world["photos"][0], tmp_path / "photos" / "a.jpg")
+    (tmp_path / "relative.jsonl").write_text(json.dumps({"image": "photos/a.jpg", "text": QUESTIONS[0]}) + "\n")
+    status, stdout, _ = run_cli(predict_main, [*common, "--questions", str(tmp_path / "relative.jsonl")])
+    relative = json.loads(stdout)[0]
+    assert status == 0 and relative["image"] == "photos/a.jpg", relative["image"]
+    assert_same(relative["answers"], printed[0]["answers"])
     for argv, message in [
         (["--image", str(tmp_path / "missing.jpg"), "--text", "what ?"], "--image: expected an image file"),
         (["--text", "what ?"], "--image: expected at least one"),

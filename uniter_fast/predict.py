@@ -113,7 +113,8 @@ def check_image_boxes(boxes: list[list[float]], path: str, where: str) -> None:
 
 
 def read_questions(path: str) -> list[dict[str, Any]]:
-    """The queries of a questions file (see the module docstring), image paths made relative to its folder."""
+    """The queries of a questions file (see the module docstring): ``"image"`` as the file gives it (echoed in the
+    results), ``"image_path"`` the path(s) read, a relative one taken from the file's folder."""
     from uniter_fast.data.task_db import read_jsonl
 
     base = os.path.dirname(os.path.abspath(path))
@@ -135,7 +136,7 @@ def read_questions(path: str) -> list[dict[str, Any]]:
 
             raw["boxes"] = check_boxes(raw["boxes"], f"--questions {where}: boxes").tolist()
             check_image_boxes(raw["boxes"], resolved[0], f"--questions {where}: boxes")
-        queries.append({**raw, "image": resolved[0] if isinstance(image, str) else resolved})
+        queries.append({**raw, "image_path": resolved[0] if isinstance(image, str) else resolved})
     if not queries:
         raise DataError(f"--questions {path!r}: no question in the file")
     return queries
@@ -199,7 +200,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     rationales = [q.get("rationales") for q in queries] if any("rationales" in q for q in queries) else None
     boxes = [q.get("boxes") for q in queries] if any("boxes" in q for q in queries) else None
     results = pipe(
-        [q["image"] for q in queries],
+        [q.get("image_path", q["image"]) for q in queries],
         [q["text"] for q in queries],
         answers=answers,
         rationales=rationales,
