@@ -19,11 +19,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from uniter_fast.entry import CommandParser, parse_key_values, run_command
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS
+
+if TYPE_CHECKING:
+    from uniter_fast.finetuning.config import FinetuneConfig
 
 logger = logging.getLogger("uniter_fast.evaluate")
 
@@ -98,8 +101,17 @@ def _task_name(args: argparse.Namespace) -> str:
     raise ValueError(f"--task is needed: {args.checkpoint!r} has no task.json (an original checkpoint?)")
 
 
+def settings_config(args: argparse.Namespace, task_name: str, databases: str) -> FinetuneConfig:
+    """The fine-tuning config whose settings an evaluation takes: ``--config``, or ``task_name``'s default;
+    ``databases`` as ``load_finetune_config`` checks them ("eval": its evaluation sets; "none")."""
+    from uniter_fast.finetuning.config import default_config, load_finetune_config
+
+    return load_finetune_config(args.config or default_config(task_name), checkpoint_given=True, databases=databases)
+
+
 def evaluate_splits(
     args: argparse.Namespace,
+    cfg: FinetuneConfig,
     task_name: str,
     checkpoint: str,
     splits: dict[str, tuple[str, str]],
@@ -107,22 +119,19 @@ def evaluate_splits(
     stem_prefix: str = "",
 ) -> dict[str, tuple[dict[str, float], list[str]]]:
     """Evaluate ``checkpoint`` as ``task_name`` on ``splits`` ({split: (txt_db, img_db)}) with the settings of
-    ``args`` (``--config``, ``--option``, ``--model_config``, ``--batch_size``, ``--eval-mode``, ``--top-k``,
-    ``--reference``); rank 0 writes each split's predictions under ``out_dir`` as
+    ``cfg`` (``settings_config``) and ``args`` (``--option``, ``--model_config``, ``--batch_size``, ``--eval-mode``,
+    ``--top-k``, ``--reference``); rank 0 writes each split's predictions under ``out_dir`` as
     ``<stem_prefix><split>_results.*``. Returns {split: (metrics, files)}
     (files: rank 0's). Under ``torchrun`` the process group starts after every check of the input."""
     import torch
 
     from uniter_fast.data.loader import move_to_device
-    from uniter_fast.finetuning.config import default_config, load_finetune_config
     from uniter_fast.tasks import get_task
     from uniter_fast.tasks.checkpoint import load_task_model
     from uniter_fast.tasks.data import DbCache
     from uniter_fast.training.distributed import init_launched_process_group
 
     task = get_task(task_name)
-    # the config gives the settings (the splits come as arguments; their databases are checked as they open)
-    cfg = load_finetune_config(args.config or default_config(task.name), checkpoint_given=True, databases="none")
     dbs = DbCache(cfg)
     options = {**task.check_options(parse_key_values(args.option, "--option"), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
@@ -171,7 +180,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         logger.info("benchmark: %s (%s, %s)", evaluation.name, evaluation.task, evaluation.checkpoint)
         splits = {evaluation.split: (evaluation.txt_db, evaluation.img_db)}
         prefix = evaluation.name + "_"  # several rows share a split name: one file name per evaluation
-        out = evaluate_splits(args, evaluation.task, evaluation.checkpoint, splits, out_dir, prefix)
+        # the config gives the settings; the splits' databases are checked as they open
+        cfg = settings_config(args, evaluation.task, databases="none")
+        out = evaluate_splits(args, cfg, evaluation.task, evaluation.checkpoint, splits, out_dir, prefix)
         done[evaluation.name, evaluation.split] = out[evaluation.split]
     if not done:
         nlvr2 = os.path.join(root, "nlvr2")  # root as given, e.g. "benchmark/": no doubled separator
@@ -209,15 +220,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
     if args.txt_db and not args.img_db:
         raise ValueError("--txt_db needs --img_db")
     task_name = _task_name(args)
-    if args.txt_db:
+    if args.txt_db:  # the config gives the settings only: none of its databases is read
+        cfg = settings_config(args, task_name, databases="none")
         splits = {args.split: (resolve_bundled(args.txt_db), resolve_bundled(args.img_db))}
     else:
-        from uniter_fast.finetuning.config import default_config, load_finetune_config
-
-        config = load_finetune_config(args.config or default_config(task_name), checkpoint_given=True, databases="eval")
-        splits = config.eval_sets()
+        cfg = settings_config(args, task_name, databases="eval")
+        splits = cfg.eval_sets()
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
-    evaluated = evaluate_splits(args, task_name, args.checkpoint, splits, out_dir)
+    evaluated = evaluate_splits(args, cfg, task_name, args.checkpoint, splits, out_dir)
     results = {split: metrics for split, (metrics, _) in evaluated.items()}
     if rank_and_world()[0] == 0:
         headline = get_task(task_name).headline
