@@ -220,6 +220,61 @@ def batch_building(dataset: ItmEvalDataset, device: torch.device, batch_size: in
     return out
 
 
+def tensor_bytes(batch: Any) -> int:
+    """Bytes of every tensor of a (nested) batch: what it hands the device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(tensor_bytes(v) for v in batch.values())
+    return 0
+
+
+def distill_batches(device: torch.device, groups: tuple[int, ...] = (16, 32, 64)) -> list[dict[str, Any]]:
+    """Building one distillation batch of G bundled training groups (``train_first_stage_only``: each text with its
+    image; the teacher grid of every text x image, G² pairs), two ways, host time moved to ``device`` with the grid's
+    regions in place (median of 4 after a warm-up): ``task collate``, the batch and the grid's G² pairs collated on
+    the host (both layouts), as the loader built it before; ``index grid``, the loader's batch, whose grid is index
+    arithmetic, then ``teacher_batch`` gathering the regions on the device; ``index grid, host part``, the same on
+    the ``meta`` device (no data: the host's work alone, as on a GPU, where the gather runs on the device). Rows:
+    ``way``, ``groups``, ``ms``,
+    ``grid_mb`` (the grid's bytes handed to the device), ``vs_task_collate``."""
+    txt_db = TxtTokLmdb(resolve_bundled("bundled:itm/txt_train"), 60)
+    img_db = DetectFeatLmdb(resolve_bundled("bundled:pool/img_det"))
+    plain, crossed = (ItmRankDataset(txt_db, img_db, 0, 0, cross) for cross in (False, True))
+    model = random_cross_encoder("tiny", device)
+
+    def task_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        positives = [it["rows"][0] for it in items]
+        grid = [row(t["input_ids"], i["img_feat"], i["img_pos_feat"]) for t in positives for i in positives]
+        move_to_device(plain.collate(items), device)
+        return move_to_device(collate_rows(grid, "itm"), device)
+
+    def index_grid(items: list[dict[str, Any]], where: torch.device = device) -> dict[str, Any]:
+        return model.teacher_batch(move_to_device(crossed.collate(items), where))
+
+    ways = {
+        "task collate": task_collate,
+        "index grid": index_grid,
+        "index grid, host part": lambda items: index_grid(items, torch.device("meta")),
+    }
+    rows = []
+    for size in groups:
+        items = [crossed[i] for i in range(size)]
+        for way, build in ways.items():
+            times = []
+            for _ in range(5):
+                begin = time.perf_counter()
+                grid = build(items)
+                synchronize(device)
+                times.append(time.perf_counter() - begin)
+            moved = grid if way == "task collate" else crossed.collate(items)["cross_pairs"]
+            rows.append({"way": way, "groups": size, "ms": statistics.median(times[1:]) * 1e3})
+            rows[-1]["grid_mb"] = tensor_bytes(moved) / 2**20
+        for r in rows[-len(ways) :]:
+            r["vs_task_collate"] = rows[-len(ways)]["ms"] / r["ms"]
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -262,6 +317,7 @@ def main() -> None:
             fast["first_stage_txt_rk"] = fast.pop(f"first_stage_txt_r{k}")
             rows.append({"mode": "fast", "k": k, "seconds": time.perf_counter() - start, **fast})
         building = batch_building(dataset, device, args.batch_size)
+        distill = distill_batches(device)
         gallery = len(dataset.all_img_ids)
     for r in rows:
         r["speedup"] = rows[0]["seconds"] / r["seconds"]
@@ -288,6 +344,8 @@ def main() -> None:
         f"device-resident gallery {building['gallery']:.1f} us ({building['collate'] / building['gallery']:.1f}x), "
         f"its host part {building['gallery_host']:.1f} us (gallery on the meta device)"
     )
+    print("\ndistillation batches (one batch of G training groups and its G x G teacher grid, moved to the device):")
+    print_table(distill, ["way", "groups", "ms", "grid_mb", "vs_task_collate"])
     print(f"{args.cost_config} cross-encoder on {device_name(device)}: {per_pair:.1f} pairs/s (COCO-shaped pairs)")
     for mode, seconds in coco.items():
         print(f"  projected COCO 5k test ({mode}): {seconds / 3600:.2f} h (cross-encoder + batch building)")
@@ -301,6 +359,7 @@ def main() -> None:
         "cost_pairs_per_batch": cost_pairs,
         "cost_pairs_per_second": per_pair,
         "batch_building_us_per_pair": building,
+        "distill_batches": distill,
         "coco5k_projected_hours": {m: s / 3600 for m, s in coco.items()},
         "threads": torch.get_num_threads(),
         "load_average_1min_at_end": os.getloadavg()[0],

@@ -98,9 +98,11 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="2 texts for 3 images"):
         ImageGallery(images, torch.device("cpu")).pairs_batch(texts, np.array([0, 1, 2]))
     examples = Examples(
-        txt_lens=np.array([5]), input_ids=np.arange(5), num_bbs=np.array([2]), features=torch.rand(2, 2048),
-        boxes=torch.rand(2, 7),
+        txt_lens=np.array([5]), input_ids=np.arange(5), num_bbs=np.array([2]), features=None, boxes=None
     )  # fmt: skip
     with pytest.raises(ValueError, match="packed layout alone"):
         assemble(examples, ("packed", "padded"))
-    assert assemble(examples, ("packed",))["packed"]["img_feat"] is examples.features
+    with pytest.raises(ValueError, match="both given or both None"):
+        assemble(examples._replace(boxes=torch.rand(2, 7)), ("packed",))
+    packed = assemble(examples, ("packed",))["packed"]
+    assert "img_feat" not in packed and "img_pos_feat" not in packed and packed["img_index"].tolist() == [5, 6]

@@ -13,7 +13,7 @@ from tasks_helpers import compare_fast_reference, encoder_keys, original_checkpo
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
 from uniter_fast.tasks import get_task
 from uniter_fast.tasks.checkpoint import load_task_model
-from uniter_fast.tasks.data import collate_rows
+from uniter_fast.tasks.data import collate_rows, row
 from uniter_fast.tasks.itm import (
     ItmEvalDataset,
     ItmHardNegDataset,
@@ -127,12 +127,9 @@ def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train
     for key in plain_batch:
         if isinstance(plain_batch[key], torch.Tensor):
             assert torch.equal(plain_batch[key], batch[key]), key
-    cross = batch["cross_pairs"]
-    assert cross["input_ids"].size(0) == items * items
-    positives = [crossed[i]["rows"][0] for i in range(items)]
-    i, j = 3, 1  # row i * items + j: text of item i, image of item j
-    assert torch.equal(cross["input_ids"][i * items + j, : cross["txt_lens"][i * items + j]], positives[i]["input_ids"])
-    assert torch.equal(cross["img_feat"][i * items + j, : positives[j]["img_feat"].size(0)], positives[j]["img_feat"])
+    positives = [crossed[i]["rows"][0] for i in range(items)]  # the grid, row i * items + j: text i, image j
+    grid = [row(t["input_ids"], i["img_feat"], i["img_pos_feat"]) for t in positives for i in positives]
+    grid = collate_rows(grid, "itm")
 
     grads, outs = {}, {}
     for name in ("contrastive", "distill", "contrastive+distill"):
@@ -145,7 +142,7 @@ def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train
         if name != "contrastive":
             pairs = select_rows(batch, batch["pair_rows"])
             with torch.no_grad():
-                teacher = model.rank_scores(cross).view(items, items)
+                teacher = model.rank_scores(grid).view(items, items)
                 txt = model.text_embeddings(pairs["input_ids"], pairs["txt_lens"])
                 img = model.image_embeddings(pairs["img_feat"], pairs["img_pos_feat"], pairs["num_bbs"])
                 scores = model(batch, compute_loss=False)["scores"]
@@ -169,13 +166,46 @@ def test_distill_trains_the_first_stage_on_the_cross_encoders_batch_scores(train
     # itm-hn: the teacher pairs survive the hard-negative selection
     hard = ItmHardNegDataset(txt_db, img_db, negative_size=4, seed=3, cross_pairs=True)
     hard_batch = hard.collate([hard[i] for i in range(3)])
-    assert hard_batch["cross_pairs"]["input_ids"].size(0) == 9
+    assert hard_batch["cross_pairs"]["gather_index"].size(0) == 9
     torch.manual_seed(0)
     model = UniterForImageTextRetrieval(
         tiny_config(vocab_size=1100), hard_neg_size=2, first_stage_dim=16, first_stage_loss="distill"
     )
     out = perturb(model).train()(hard_batch)
     assert torch.isfinite(out["first_stage_loss"]) and out["first_stage_loss"] > 0 and model.training
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_the_teacher_grid_gathers_every_positive_text_with_every_positive_image(train_db, hard: bool) -> None:
+    """The loader's grid carries no region feature (index arithmetic only); the model's teacher batch gathers them
+    from the batch: on the packed path the collate's layout of the explicit (text i, image j) rows, tensor for
+    tensor, and the padded path's scores equal that layout's; itm-hn: the same after the hard-negative selection."""
+    txt_db, img_db = train_db
+    items = 4
+    data = (ItmHardNegDataset if hard else ItmRankDataset)(txt_db, img_db, negative_size=3, seed=7, cross_pairs=True)
+    batch = data.collate([data[i] for i in range(0, 3 * items, 3)])
+    assert not any(k in batch["cross_pairs"]["packed"] for k in ("img_feat", "img_pos_feat"))
+    positives = [data[i]["rows"][0] for i in range(0, 3 * items, 3)]
+    rows = [row(t["input_ids"], i["img_feat"], i["img_pos_feat"]) for t in positives for i in positives]
+    want = collate_rows(rows, data.task)
+    scores = {}
+    for fast in (True, False):
+        torch.manual_seed(0)
+        model = perturb(
+            UniterForImageTextRetrieval(tiny_config(vocab_size=1100), fast=fast, hard_neg_size=2 if hard else 0)
+        ).eval()
+        source = model.hard_batch(batch, 4) if hard else batch  # itm-hn: the teacher reads the kept rows
+        teacher = model.teacher_batch(source)
+        if fast:
+            assert set(teacher) == {"packed"} and set(teacher["packed"]) == set(want["packed"])
+            for key, value in want["packed"].items():
+                got = teacher["packed"][key]
+                assert torch.equal(got, value) if torch.is_tensor(value) else got == value, key
+        with torch.no_grad():
+            scores[fast] = model.rank_scores(teacher), model.rank_scores(want)
+    torch.testing.assert_close(scores[True][0], scores[True][1], rtol=0, atol=0)
+    torch.testing.assert_close(scores[False][0], scores[False][1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores[False][0], scores[True][0], rtol=1e-4, atol=1e-5)
 
 
 def test_first_stage_loss_options_are_checked() -> None:

@@ -133,7 +133,7 @@ def test_train_first_stage_only_distils_the_frozen_cross_encoder(train_db) -> No
     out = model(batch)
     assert set(out) == {"loss", "first_stage_loss"}
     with torch.no_grad():
-        teacher = model.rank_scores(batch["cross_pairs"]).view(items, items)
+        teacher = model.rank_scores(model.teacher_batch(batch)).view(items, items)
     txt, img = _embeddings(model, batch)
     want = distill_loss(txt, img, teacher, model.temperature, model.distill_temperature)
     torch.testing.assert_close(out["loss"], want, rtol=1e-5, atol=1e-7)

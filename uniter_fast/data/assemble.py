@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -84,8 +84,9 @@ class Examples(NamedTuple):
 
     txt_lens / num_bbs: int64 [B] (t_i with [CLS]/[SEP], n_i). input_ids: int [Σt] ([CLS] .. [SEP] of each text).
     features: B arrays [n_i, D] (any float dtype; converted to ``feat_dtype`` in the one copy), or, for the packed
-    layout alone, one tensor [Σn, D] in batch order on any device, taken as it is (features gathered from a
-    device-resident gallery, :mod:`uniter_fast.data.gallery`). boxes: float tensor [Σn, 7]. Optional: txt_labels
+    layout alone, None with boxes None: the layout without ``img_feat`` / ``img_pos_feat``, whose regions the
+    caller gathers on the device from regions it holds there (``uniter_fast.data.gallery.with_regions``).
+    boxes: float tensor [Σn, 7]. Optional: txt_labels
     int [Σt] (MLM, -1 = not masked), regions bool [Σn] (masked regions, MRM), soft_labels B arrays [n_i, K]
     (``label_targets`` of the masked regions), txt_type_ids int [Σt], img_type_ids int [Σn].
     """
@@ -93,8 +94,8 @@ class Examples(NamedTuple):
     txt_lens: np.ndarray
     input_ids: np.ndarray
     num_bbs: np.ndarray
-    features: Union[list[np.ndarray], torch.Tensor]
-    boxes: torch.Tensor
+    features: Optional[list[np.ndarray]]
+    boxes: Optional[torch.Tensor]
     txt_labels: Optional[np.ndarray] = None
     regions: Optional[np.ndarray] = None
     soft_labels: Optional[list[np.ndarray]] = None
@@ -126,12 +127,15 @@ def assemble(ex: Examples, layouts: tuple[str, ...], feat_dtype: torch.dtype = t
     """
     for layout in layouts:
         check_layout(layout, feat_dtype)
-    flat_features = isinstance(ex.features, torch.Tensor)
-    if flat_features and (tuple(layouts) != ("packed",) or ex.regions is not None or ex.features.dtype != feat_dtype):
-        raise ValueError("assemble: features as one tensor serve the packed layout alone, unmasked, in feat_dtype")
+    without_regions = ex.features is None or ex.boxes is None
+    if without_regions and (ex.features is not None or ex.boxes is not None):
+        raise ValueError("assemble: features and boxes are both given or both None")
+    if without_regions and (tuple(layouts) != ("packed",) or ex.regions is not None):
+        raise ValueError("assemble: a batch without region features is the packed layout alone, unmasked")
     txt_lens, num_bbs = torch.from_numpy(ex.txt_lens), torch.from_numpy(ex.num_bbs)
     batch: dict[str, Any] = {"txt_lens": txt_lens, "num_bbs": num_bbs}
-    built: dict[str, tuple[torch.Tensor, torch.Tensor, np.ndarray]] = {}  # layout -> (features, boxes, their rows)
+    # layout -> (features, boxes, their rows); None, None without region features
+    built: dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor], np.ndarray]] = {}
     for layout in layouts:  # packed: region i of the batch -> row i; padded: example b's regions -> rows b * Nb + j
         pad_rows = None
         if layout == "packed":
@@ -145,8 +149,11 @@ def assemble(ex: Examples, layouts: tuple[str, ...], feat_dtype: torch.dtype = t
             pad_rows = np.ones(rows, dtype=bool)
             pad_rows[region_rows] = False
             pad_rows = np.flatnonzero(pad_rows)
-        feat = ex.features if flat_features else fill_rows(ex.features, starts, rows, pad_rows, feat_dtype)
-        built[layout] = (feat, _place(ex.boxes, rows, region_rows), region_rows)
+        if without_regions:
+            built[layout] = (None, None, region_rows)
+        else:
+            feat = fill_rows(ex.features, starts, rows, pad_rows, feat_dtype)
+            built[layout] = (feat, _place(ex.boxes, rows, region_rows), region_rows)
     if ex.regions is not None:
         for n, (feat, _, region_rows) in enumerate(built.values()):
             masked = torch.from_numpy(region_rows[ex.regions])
@@ -164,14 +171,11 @@ def assemble(ex: Examples, layouts: tuple[str, ...], feat_dtype: torch.dtype = t
     return batch
 
 
-def _packed(ex: Examples, feat: torch.Tensor, boxes: torch.Tensor) -> dict[str, Any]:
-    packed = {
-        "txt_ids": torch.from_numpy(ex.input_ids),
-        "txt_position_ids": torch.from_numpy(ranks(ex.txt_lens)),
-        "img_feat": feat,
-        "img_pos_feat": boxes,
-        **packed_positions(ex.txt_lens, ex.num_bbs),
-    }
+def _packed(ex: Examples, feat: Optional[torch.Tensor], boxes: Optional[torch.Tensor]) -> dict[str, Any]:
+    packed = {"txt_ids": torch.from_numpy(ex.input_ids), "txt_position_ids": torch.from_numpy(ranks(ex.txt_lens))}
+    if feat is not None:
+        packed["img_feat"], packed["img_pos_feat"] = feat, boxes
+    packed.update(packed_positions(ex.txt_lens, ex.num_bbs))
     if ex.regions is not None:
         regions = torch.from_numpy(ex.regions)
         packed["img_masks"] = regions

@@ -37,11 +37,12 @@ from torch import nn
 from uniter_fast.checkpoint import ENCODER_PREFIX
 from uniter_fast.config import UniterConfig
 from uniter_fast.data import DetectFeatLmdb, TxtTokLmdb
+from uniter_fast.data.gallery import packed_pairs, region_rows, with_regions
 from uniter_fast.data.memory_db import memory_img_db, memory_txt_writer
 from uniter_fast.data.task_db import check_image
 from uniter_fast.data.task_records import caption_record
 from uniter_fast.errors import ConfigError, DataError
-from uniter_fast.layout import pack_batch, packed_positions, padded_slots, segment_arange
+from uniter_fast.layout import joint_layout, pack_batch, packed_positions, padded_slots, segment_arange
 from uniter_fast.losses import weighted_mean
 from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.model.uniter import Model
@@ -203,8 +204,8 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
     def captures(self) -> bool:  # type: ignore[override]
         """The ranking loss and the contrastive first stage read only packed layouts (``cls_index``; the collate's
         :func:`add_first_stage`), groups weighted by a fixed-shape batch's ``example_weights``. Hard negatives pick
-        and re-pack rows on the host (``select_rows``) and the distillation teacher scores a nested joint batch of
-        every text x image (``cross_pairs``): those models run uncaptured."""
+        and re-pack rows on the host (``select_rows``) and the distillation teacher scores a grid of every text x
+        image (``cross_pairs``, which ``pad_batch`` does not pad): those models run uncaptured."""
         distill = self.first_stage_dim and self.first_stage_weight > 0 and self.distills
         return not self.hard_neg_size and not distill
 
@@ -289,13 +290,35 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         return sum(parts[1:], parts[0])
 
     def teacher_scores(self, batch: dict[str, Any], groups: int) -> torch.Tensor:
-        """Cross-encoder scores float32 [G, G] of ``batch["cross_pairs"]`` (every text of the batch's ``groups``
-        positives with every positive image, row-major), without gradient in eval mode (no dropout), as
+        """Cross-encoder scores float32 [G, G] of the teacher grid (:meth:`teacher_batch`: every text of the batch's
+        ``groups`` positives with every positive image, row-major), without gradient in eval mode (no dropout), as
         ``hard_batch`` scores its candidates."""
-        require(batch, ("cross_pairs",), "itm", "first_stage_loss 'distill'")
         with torch.no_grad(), eval_mode(self):
-            scores = self.rank_scores(batch["cross_pairs"]).float()
+            scores = self.rank_scores(self.teacher_batch(batch)).float()
         return scores.view(groups, groups)
+
+    def teacher_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The teacher grid of ``batch["cross_pairs"]`` (:func:`add_cross_pairs`) in the layout this model reads,
+        its regions taken on the batch's device from the batch's own tensors: packed, the rows ``regions`` of the
+        positives' image-only layout (``first_stage["img"]``); padded, the rows of the groups' positives
+        (``pair_rows``: text of group i, image of group j at row i * G + j) with the grid's ``attn_masks`` /
+        ``gather_index``."""
+        require(batch, ("cross_pairs",), "itm", "first_stage_loss 'distill'")
+        cross = batch["cross_pairs"]
+        if self._uses_packed(batch):
+            img = batch["first_stage"]["img"]
+            return {"packed": with_regions(cross["packed"], cross["regions"], img["img_feat"], img["img_pos_feat"])}
+        rows = batch["pair_rows"]
+        grid = torch.arange(rows.numel() ** 2, device=rows.device)
+        txt_rows, img_rows = rows[grid // rows.numel()], rows[grid % rows.numel()]
+        return {
+            "input_ids": batch["input_ids"].index_select(0, txt_rows),
+            "position_ids": batch["position_ids"],
+            "img_feat": batch["img_feat"].index_select(0, img_rows),
+            "img_pos_feat": batch["img_pos_feat"].index_select(0, img_rows),
+            "attn_masks": cross["attn_masks"],
+            "gather_index": cross["gather_index"],
+        }
 
     def hard_batch(self, batch: dict[str, Any], sample_size: int) -> dict[str, Any]:
         """Score every pair without gradient in eval mode (as the original), keep each group's positive and its
@@ -379,6 +402,33 @@ def add_first_stage(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+def add_cross_pairs(batch: dict[str, Any]) -> dict[str, Any]:
+    """Add the distillation teacher's grid to a collated batch with ``first_stage`` (:func:`add_first_stage`): every
+    text of the G positives (``pair_rows``) with every positive image, row-major (pair i * G + j: text of group i,
+    image of group j), by index, so that no region feature is copied on the host: ``batch["cross_pairs"]`` =
+    {``packed``: the grid's packed layout without region features (``gallery.packed_pairs``), ``regions`` int64
+    [R]: the rows of ``first_stage["img"]``'s regions it reads, ``attn_masks`` / ``gather_index`` int64 [G², L]:
+    the padded layout's for the batch's text and region widths}; the model gathers the rest on the device
+    (``UniterForImageTextRetrieval.teacher_batch``). Returns ``batch``."""
+    rows = batch["pair_rows"]
+    groups = rows.numel()
+    txt_lens, num_bbs = batch["txt_lens"][rows].numpy(), batch["num_bbs"][rows].numpy()
+    texts = [batch["input_ids"][r, :t] for r, t in zip(rows.tolist(), txt_lens.tolist())]
+    txt_of, img_of = np.repeat(np.arange(groups), groups), np.tile(np.arange(groups), groups)
+    grid = packed_pairs([texts[i] for i in txt_of], num_bbs[img_of], batch["task"])
+    attn_masks, gather_index = joint_layout(
+        txt_lens[txt_of], num_bbs[img_of], batch["input_ids"].size(1), batch["img_feat"].size(1)
+    )
+    first_row = np.cumsum(num_bbs) - num_bbs  # the positives' regions in first_stage["img"], group by group
+    batch["cross_pairs"] = {
+        "packed": grid["packed"],
+        "regions": torch.from_numpy(region_rows(first_row, num_bbs, img_of)),
+        "attn_masks": attn_masks,
+        "gather_index": gather_index,
+    }
+    return batch
+
+
 def read_pairs(txt_db: TxtTokLmdb, img_db: DetectFeatLmdb) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(txt2img, img2txts) of ``txt_db``'s usable texts (after its max_txt_len filter); ``DataError`` naming a text
     whose image is missing from ``img_db`` or that names several images, ``ValueError`` for an empty split."""
@@ -451,14 +501,11 @@ class ItmNegativesBase(ItmPairsBase):
         super().__init__(txt_db, img_db, seed)
         self.negative_size, self.cross_pairs = negative_size, cross_pairs
 
-    def add_cross_pairs(self, batch: dict[str, Any], items: list[dict[str, Any]]) -> dict[str, Any]:
-        """With ``cross_pairs`` (``first_stage_loss`` "distill"), ``batch["cross_pairs"]``: the joint layout of every
-        item's text with every item's image (row-major, G x G rows; the items' first row is their positive pair)."""
-        if self.cross_pairs:
-            positives = [it["rows"][0] for it in items]
-            rows = [row(t["input_ids"], i["img_feat"], i["img_pos_feat"]) for t in positives for i in positives]
-            batch["cross_pairs"] = collate_rows(rows, self.task)
-        return batch
+    def with_first_stage(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` with the first stage's layouts (:func:`add_first_stage`) and, with ``cross_pairs``
+        (``first_stage_loss`` "distill"), the teacher grid (:func:`add_cross_pairs`)."""
+        batch = add_first_stage(batch)
+        return add_cross_pairs(batch) if self.cross_pairs else batch
 
     def negatives(self, index: int) -> tuple[str, str, list[str], list[str]]:
         """Text ``index``, its image, ``negative_size`` other images and as many texts of other images (seeded by
@@ -487,7 +534,7 @@ class ItmRankDataset(ItmNegativesBase):
         batch["sample_size"] = size
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
-        return self.add_cross_pairs(add_first_stage(batch), items)
+        return self.with_first_stage(batch)
 
 
 class ItmHardNegDataset(ItmNegativesBase):
@@ -512,7 +559,7 @@ class ItmHardNegDataset(ItmNegativesBase):
         batch["sample_size"], batch["sides"] = size, 2
         batch["pair_rows"] = torch.arange(len(items), dtype=torch.long) * 2 * size
         batch["pair_images"] = torch.tensor([it["positive_image"] for it in items], dtype=torch.long)
-        return self.add_cross_pairs(add_first_stage(batch), items)
+        return self.with_first_stage(batch)
 
 
 def images_batch(images: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
