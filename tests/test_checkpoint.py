@@ -5,6 +5,7 @@ error."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -317,3 +318,22 @@ def test_encoder_only_load_reports_skipped_and_fresh_keys(source) -> None:
         ValueError, match=r"src: shape mismatch .*uniter.pooler.dense.weight: model \(64, 64\), file \(3, 3\)"
     ):
         ckpt_module.load_state(net, wrong, "src", encoder_only=True)
+
+
+def test_frozen_parameters_are_exported_as_loaded_under_bf16(tmp_path) -> None:
+    """Under bf16 DeepSpeed casts the module to bf16 and keeps fp32 master weights only of what it trains, so a
+    frozen parameter (an ITM tower's frozen cross-encoder) comes out of its checkpoint bf16-rounded;
+    ``consolidated_model`` with ``frozen_parameters`` exports it as loaded, ZeRO-0 and ZeRO-2, the trained ones as
+    the checkpoint holds them (tests/zero_frozen_export.py, real engines in a subprocess)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": REPO}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    script = os.path.join(REPO, "tests", "zero_frozen_export.py")
+    done = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(tmp_path / "export.json", encoding="utf-8") as f:
+        report = json.load(f)
+    assert set(report) == {"0", "2"}
+    for stage, figures in report.items():
+        assert figures["frozen_tensors"] > 0 and figures["frozen_error_without"] > 1e-6, (stage, figures)
+        assert figures["frozen_error_with"] == 0.0 and figures["trained_error"] == 0.0, (stage, figures)

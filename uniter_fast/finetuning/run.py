@@ -32,7 +32,7 @@ from uniter_fast.training.adversarial import AdversarialStep
 from uniter_fast.training.logs import format_table
 from uniter_fast.training.loop import Results, Trainer
 from uniter_fast.training.run import Run, fit, summary_heading
-from uniter_fast.training.zero import consolidated_model
+from uniter_fast.training.zero import consolidated_model, frozen_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -119,10 +119,11 @@ def finetune(
         return results
 
     vocab = bundled_vocab(cfg.train_txt_dbs)
+    frozen = frozen_parameters(model)  # e.g. the cross-encoder of an ITM tower distilled alone: exported as loaded
 
     def export(engine: Any, checkpoint_dir: str, tag: str) -> None:
         trained = consolidated_model(
-            engine, checkpoint_dir, tag, lambda: task.build_model(model.config, options, model.fast)
+            engine, checkpoint_dir, tag, lambda: task.build_model(model.config, options, model.fast), frozen
         )
         with atomic_directory(os.path.join(cfg.output_dir, task.export_dir), replace=True) as directory:
             save_task_model(trained, task, options, directory, cfg.num_train_steps)

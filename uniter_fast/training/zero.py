@@ -4,7 +4,7 @@ whatever the ZeRO stage (the export of every recipe)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -55,11 +55,36 @@ def load_consolidated_zero(model: nn.Module, checkpoint_dir: str, tag: str) -> N
             param.copy_(state[name].to(param.dtype))
 
 
-def consolidated_model(engine: Any, checkpoint_dir: str, tag: str, build: Callable[[], nn.Module]) -> nn.Module:
+def frozen_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: a detached copy, as loaded} of ``model``'s parameters that do not train (``requires_grad`` off), for
+    :func:`consolidated_model`; call it before the engine is built (DeepSpeed then casts the module to bf16 / fp16
+    under mixed precision, and keeps fp32 master weights only of the parameters it trains)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def consolidated_model(
+    engine: Any,
+    checkpoint_dir: str,
+    tag: str,
+    build: Callable[[], nn.Module],
+    frozen: Optional[dict[str, torch.Tensor]] = None,
+) -> nn.Module:
     """The trained model of checkpoint ``tag``: ``engine.module`` itself without ZeRO; under ZeRO (whose module holds
-    only this rank's partition) a fresh ``build()`` filled with the consolidated fp32 master weights."""
+    only this rank's partition) a fresh ``build()`` filled with the consolidated fp32 master weights. ``frozen``
+    (:func:`frozen_parameters`) gives the parameters that did not train their values as loaded: a checkpoint holds
+    them only in the module's precision (bf16-rounded under bf16), so they are taken from there instead (without
+    ZeRO, in a fresh ``build()`` filled from the module)."""
     if engine.zero_optimization_stage() == 0:
-        return engine.module
-    model = build()
-    load_consolidated_zero(model, checkpoint_dir, tag)
+        if not frozen:
+            return engine.module
+        model = build()
+        model.load_state_dict(engine.module.state_dict())
+    else:
+        model = build()
+        load_consolidated_zero(model, checkpoint_dir, tag)
+    if frozen:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in frozen.items():
+                params[name].copy_(value)
     return model
