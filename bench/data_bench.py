@@ -50,6 +50,7 @@ import torch
 from batches import task_datasets
 from harness import (
     add_output_arguments,
+    batch_bytes,
     device_name,
     device_slug,
     output_dir,
@@ -168,15 +169,6 @@ def stored_bytes(dataset: Any) -> float:
     widths = {"features": 2048, "norm_bb": 6, "soft_labels": 1601}
     per_region = 2 * sum(widths[f] for f in dataset.fields)
     return float(np.mean(dataset.lens - dataset.txt_lens)) * per_region
-
-
-def batch_bytes(batch: Any) -> int:
-    """Bytes of every tensor in a (nested) batch."""
-    if isinstance(batch, torch.Tensor):
-        return batch.numel() * batch.element_size()
-    if isinstance(batch, dict):
-        return sum(batch_bytes(v) for v in batch.values())
-    return 0
 
 
 def workers_rate(dataset: Any, budget: int, workers: int, n_batches: int) -> float:

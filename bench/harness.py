@@ -127,6 +127,15 @@ def interleaved_times(
     return samples
 
 
+def batch_bytes(batch: Any) -> int:
+    """Bytes of every tensor in a (nested) batch: what it hands the device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.numel() * batch.element_size()
+    if isinstance(batch, dict):
+        return sum(batch_bytes(v) for v in batch.values())
+    return 0
+
+
 def mib(size: Optional[int]) -> Optional[float]:
     """``size`` bytes in MiB (None stays None: a peak not measured)."""
     return None if size is None else size / 2**20

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from harness import (
     add_output_arguments,
+    batch_bytes,
     device_name,
     output_dir,
     plot_grouped_bars,
@@ -220,15 +221,6 @@ def batch_building(dataset: ItmEvalDataset, device: torch.device, batch_size: in
     return out
 
 
-def tensor_bytes(batch: Any) -> int:
-    """Bytes of every tensor of a (nested) batch: what it hands the device."""
-    if isinstance(batch, torch.Tensor):
-        return batch.numel() * batch.element_size()
-    if isinstance(batch, dict):
-        return sum(tensor_bytes(v) for v in batch.values())
-    return 0
-
-
 def distill_batches(device: torch.device, groups: tuple[int, ...] = (16, 32, 64)) -> list[dict[str, Any]]:
     """Building one distillation batch of G bundled training groups (``train_first_stage_only``: each text with its
     image; the teacher grid of every text x image, G² pairs), two ways, host time moved to ``device`` with the grid's
@@ -269,7 +261,7 @@ def distill_batches(device: torch.device, groups: tuple[int, ...] = (16, 32, 64)
                 times.append(time.perf_counter() - begin)
             moved = grid if way == "task collate" else crossed.collate(items)["cross_pairs"]
             rows.append({"way": way, "groups": size, "ms": statistics.median(times[1:]) * 1e3})
-            rows[-1]["grid_mb"] = tensor_bytes(moved) / 2**20
+            rows[-1]["grid_mb"] = batch_bytes(moved) / 2**20
         for r in rows[-len(ways) :]:
             r["vs_task_collate"] = rows[-len(ways)]["ms"] / r["ms"]
     return rows
