@@ -223,13 +223,12 @@ def batch_building(dataset: ItmEvalDataset, device: torch.device, batch_size: in
 
 def distill_batches(device: torch.device, groups: tuple[int, ...] = (16, 32, 64)) -> list[dict[str, Any]]:
     """Building one distillation batch of G bundled training groups (``train_first_stage_only``: each text with its
-    image; the teacher grid of every text x image, G² pairs), two ways, host time moved to ``device`` with the grid's
+    image; the teacher grid of every text x image, G² pairs), host time moved to ``device`` with the grid's
     regions in place (median of 4 after a warm-up): ``task collate``, the batch and the grid's G² pairs collated on
     the host (both layouts), as the loader built it before; ``index grid``, the loader's batch, whose grid is index
     arithmetic, then ``teacher_batch`` gathering the regions on the device; ``index grid, host part``, the same on
     the ``meta`` device (no data: the host's work alone, as on a GPU, where the gather runs on the device). Rows:
-    ``way``, ``groups``, ``ms``,
-    ``grid_mb`` (the grid's bytes handed to the device), ``vs_task_collate``."""
+    ``way``, ``groups``, ``ms``, ``grid_mb`` (the grid's bytes handed to the device), ``vs_task_collate``."""
     txt_db = TxtTokLmdb(resolve_bundled("bundled:itm/txt_train"), 60)
     img_db = DetectFeatLmdb(resolve_bundled("bundled:pool/img_det"))
     plain, crossed = (ItmRankDataset(txt_db, img_db, 0, 0, cross) for cross in (False, True))
