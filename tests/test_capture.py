@@ -4,8 +4,10 @@
 The padded batch must leave every real row's arithmetic as it was: the encoder's real rows equal in float64, and the
 losses and gradients of every pretraining task (real sampler batches), of VQA and of every captured fine-tuning head
 (``HEADS``: random ragged batches of the task's example) equal the unpadded step's on the same batches to float32
-rounding (losses 1e-6 relative; gradients 1e-6 relative over all parameters, ITM + WRA 3e-6: its 50 IPOT
-iterations carry the rounding of the encoder's sums further). The capture itself needs CUDA: the last tests here
+rounding (losses 1e-5 relative, the fp32 standard; gradients 3e-6 relative over all parameters). How large that
+rounding is depends on the CPU's kernels: measured up to 1.2e-7 (losses) and 1.05e-6 (gradients, ITM + WRA, whose 50
+IPOT iterations carry the rounding of the encoder's sums further) on one CPU, 3.5e-6 (an ITM loss term) and 1.35e-6
+(an RE step's gradients) on one with AVX-512. The capture itself needs CUDA: the last tests here
 (skipped without a GPU) and the GPU suite's ``capture`` part.
 """
 
@@ -63,7 +65,7 @@ HEADS = {  # fine-tuning heads on the fast path: (task, options over the task's 
     "itm-tower-only": ("itm", {"first_stage_tower": True, "train_first_stage_only": True}),  # the tower alone
 }
 SMALL = Buckets(token_multiple=128, min_rows=16, min_examples=8)
-GRAD_TOLERANCE = {"itm": 3e-6}
+LOSS_TOLERANCE, GRAD_TOLERANCE = 1e-5, 3e-6
 
 
 def corpus_batches(kind: str, count: int = 2, budget: int = 512) -> list[dict[str, Any]]:
@@ -92,14 +94,16 @@ def step(model: torch.nn.Module, batch: dict[str, Any], task: str) -> tuple[dict
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def assert_same_step(model: torch.nn.Module, batch: dict[str, Any], task: str, grad_tol: float = 1e-6) -> None:
+def assert_same_step(
+    model: torch.nn.Module, batch: dict[str, Any], task: str, grad_tol: float = GRAD_TOLERANCE
+) -> None:
     """The padded batch's losses and gradients equal the unpadded batch's (float32 rounding, module doc)."""
     out, grads = step(model, batch, task)
     out_fixed, grads_fixed = step(model, pad_batch(batch, SMALL), task)
     assert sorted(out) == sorted(out_fixed)
     for key in out:
         assert torch.isfinite(out_fixed[key])
-        torch.testing.assert_close(out_fixed[key], out[key], rtol=1e-6, atol=0)
+        torch.testing.assert_close(out_fixed[key], out[key], rtol=LOSS_TOLERANCE, atol=0)
     assert sorted(grads) == sorted(grads_fixed)
     flat = torch.cat([g.flatten() for g in grads.values()])
     flat_fixed = torch.cat([grads_fixed[n].flatten() for n in grads])
@@ -400,7 +404,7 @@ def test_padding_changes_no_real_row_of_the_encoder() -> None:
 def test_padded_step_equals_the_unpadded_step(task: str) -> None:
     model = pretraining_model()
     for batch in corpus_batches(task):
-        assert_same_step(model, batch, task, GRAD_TOLERANCE.get(task, 1e-6))
+        assert_same_step(model, batch, task)
 
 
 def test_padded_rows_with_type_ids_and_mlm_labels_step_as_unpadded() -> None:
@@ -439,8 +443,8 @@ def test_padded_head_step_equals_the_unpadded_step(head: str) -> None:
     for seed, size in enumerate(sizes):
         batch = head_batch(head, size, seed)
         padded_examples += int((pad_batch(batch, SMALL)["example_weights"] == 0).sum())
-        # ITM's losses run in float32 (a float64 model's still differ by 5e-7): held to 3e-6 as everywhere
-        assert_same_step(model, batch, HEADS[head][0], GRAD_TOLERANCE.get(HEADS[head][0], 1e-6))
+        # ITM's losses run in float32 (a float64 model's still differ by 5e-7): held to the tolerances as everywhere
+        assert_same_step(model, batch, HEADS[head][0])
     assert padded_examples > 0
 
 
@@ -483,11 +487,11 @@ def bundled_head_batches(head: str, tmp_path: Any) -> tuple[list[dict[str, Any]]
 def test_padded_head_step_on_bundled_batches_equals_the_unpadded_step(head: str, tmp_path) -> None:
     """The datasets' own collates (every key a training batch carries) through pad_batch; in float64 the padded step
     equals the unpadded one to 1e-12, so what fp32 shows is rounding (ITM's ranking gradients, sums of cancelling
-    hinge terms, reach 1.5e-6 on these batches: held to 3e-6 as the pretraining ITM)."""
+    hinge terms, reach 1.5e-6 on these batches: held to GRAD_TOLERANCE)."""
     batches, options = bundled_head_batches(head, tmp_path)
     model, name = head_model(head, options), HEADS[head][0]
     for batch in batches:
-        assert_same_step(model, batch, name, GRAD_TOLERANCE.get(name, 1e-6))
+        assert_same_step(model, batch, name)
     model.double()
     for batch in batches:
         assert_same_step(model, {**batch, "packed": as_double(batch["packed"])}, name, 1e-12)
