@@ -23,7 +23,7 @@ from uniter_fast.errors import CheckpointError, ConfigError, DataError, RunFaile
 from uniter_fast.files import read_json
 from uniter_fast.training.config import RunConfig, check_run_fields
 from uniter_fast.training.ds_keys import check_with_deepspeed, model_keys
-from uniter_fast.training.engine import complete_ds_config, load_ds_config
+from uniter_fast.training.engine import check_mixed_precision_stage, complete_ds_config, load_ds_config
 from uniter_fast.training.loop import Trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -405,6 +405,17 @@ def test_deepspeed_reader_names_the_key(edit, match) -> None:
     edit(ds)
     with pytest.raises(ConfigError, match=match):
         check_with_deepspeed(ds, "ds.json")
+
+
+def test_mixed_precision_without_zero_is_refused() -> None:
+    """bf16 / fp16 at ZeRO stage 0 (given, or no zero_optimization at all): the export could not read the fp32
+    master weights; one line naming the file, the key and the value."""
+    for ds in ({"bf16": {"enabled": True}}, {"fp16": {"enabled": True}, "zero_optimization": {"stage": 0}}):
+        precision = next(iter(ds))
+        with pytest.raises(ConfigError, match=rf"^ds.json: {precision} needs zero_optimization.stage 1, 2 or 3, got 0"):
+            check_mixed_precision_stage(ds, "ds.json")
+    for ds in ({"bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}, {"bf16": {"enabled": False}}, {}):
+        check_mixed_precision_stage(ds, "ds.json")
 
 
 def test_nested_keys_come_from_deepspeeds_models() -> None:

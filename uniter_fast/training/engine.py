@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.training.config import RunConfig
@@ -38,7 +39,21 @@ def load_ds_config(path: str, cfg: RunConfig, allow_unknown_keys: bool = False) 
     process group exists."""
     ds = complete_ds_config(read_json(path, "DeepSpeed config"), cfg, source=path)
     check_with_deepspeed(ds, path, allow_unknown_keys)
+    check_mixed_precision_stage(ds, path)
     return ds
+
+
+def check_mixed_precision_stage(ds: dict[str, Any], source: str) -> None:
+    """bf16 / fp16 (still enabled after :func:`complete_ds_config`) need ZeRO stage 1-3: without ZeRO, DeepSpeed keeps
+    the fp32 master weights inside its bf16 / fp16 optimizer wrapper, where the export
+    (``uniter_fast.training.zero.consolidated_model``) cannot read them, so it would write the rounded module copy."""
+    precision = next((key for key in ("bf16", "fp16") if ds.get(key, {}).get("enabled")), None)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if precision is not None and stage == 0:
+        raise ConfigError(
+            f"{source}: {precision} needs zero_optimization.stage 1, 2 or 3, got 0: without ZeRO DeepSpeed keeps the "
+            f"fp32 master weights where the export cannot read them (it would write the {precision} copy)"
+        )
 
 
 def apply_run_optimizer_settings(ds: dict[str, Any], cfg: RunConfig) -> None:
