@@ -251,6 +251,7 @@ def distill_batches(device: torch.device, groups: tuple[int, ...] = (16, 32, 64)
     rows = []
     for size in groups:
         items = [crossed[i] for i in range(size)]
+        index_bytes = batch_bytes(crossed.collate(items)["cross_pairs"])  # what the index grid hands the device
         for way, build in ways.items():
             times = []
             for _ in range(5):
@@ -258,9 +259,8 @@ def distill_batches(device: torch.device, groups: tuple[int, ...] = (16, 32, 64)
                 grid = build(items)
                 synchronize(device)
                 times.append(time.perf_counter() - begin)
-            moved = grid if way == "task collate" else crossed.collate(items)["cross_pairs"]
             rows.append({"way": way, "groups": size, "ms": statistics.median(times[1:]) * 1e3})
-            rows[-1]["grid_mb"] = batch_bytes(moved) / 2**20
+            rows[-1]["grid_mb"] = (batch_bytes(grid) if way == "task collate" else index_bytes) / 2**20
         for r in rows[-len(ways) :]:
             r["vs_task_collate"] = rows[-len(ways)]["ms"] / r["ms"]
     return rows

@@ -285,14 +285,15 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             weights = batch.get("example_weights")
             parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature, weights))
         if self.distills:
-            teacher = self.teacher_scores(batch, len(batch["pair_rows"]))
+            teacher = self.teacher_scores(batch)
             parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
         return sum(parts[1:], parts[0])
 
-    def teacher_scores(self, batch: dict[str, Any], groups: int) -> torch.Tensor:
+    def teacher_scores(self, batch: dict[str, Any]) -> torch.Tensor:
         """Cross-encoder scores float32 [G, G] of the teacher grid (:meth:`teacher_batch`: every text of the batch's
-        ``groups`` positives with every positive image, row-major), without gradient in eval mode (no dropout), as
-        ``hard_batch`` scores its candidates."""
+        G positives, ``pair_rows``, with every positive image, row-major), without gradient in eval mode (no
+        dropout), as ``hard_batch`` scores its candidates."""
+        groups = batch["pair_rows"].numel()
         with torch.no_grad(), eval_mode(self):
             scores = self.rank_scores(self.teacher_batch(batch)).float()
         return scores.view(groups, groups)
