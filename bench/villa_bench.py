@@ -79,8 +79,8 @@ def make_steps(model: torch.nn.Module, batch: dict, task: str, path: str, device
     on CUDA, also for ``original`` here, since the released AFT code's fp16 loss scaling is not what is compared)."""
     optimizer = make_optimizer("reference" if path == "original" else path, param_groups(model, 0.01), device)
     engine = ModelEngine(model, autocast_for("reference", device))
-    aft = AdversarialStep(SETTINGS, model.config.hidden_size)
-    reuse = AdversarialStep(REUSE, model.config.hidden_size)
+    aft = AdversarialStep(SETTINGS, model)
+    reuse = AdversarialStep(REUSE, model)
 
     def plain() -> None:
         use_path(model, path)

@@ -22,6 +22,7 @@ from uniter_fast.errors import ConfigError
 from uniter_fast.finetuning.config import parse_finetune_config
 from uniter_fast.model.perturbation import with_deltas
 from uniter_fast.tasks import get_task
+from uniter_fast.tasks.spec import Task
 from uniter_fast.tasks.vqa import UniterForVisualQuestionAnswering
 from uniter_fast.training.adversarial import AdversarialConfig, AdversarialStep, parse_adversarial
 
@@ -59,7 +60,7 @@ def task_models(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Mod
 def run_step(model: torch.nn.Module, batch: dict, cfg: AdversarialConfig, name: str, seed: int = 1) -> tuple:
     """(step outputs, parameter gradients, the trace of losses and perturbations) of one AFT step."""
     model.zero_grad()
-    step = AdversarialStep(cfg, model.config.hidden_size)
+    step = AdversarialStep(cfg, model)
     step.trace = []
     torch.manual_seed(seed)
     out = step(ModuleEngine(model), batch, name)
@@ -235,7 +236,7 @@ def test_a_loss_scale_scales_the_parameter_gradients_only() -> None:
     cfg = AdversarialConfig(adv_modality="alter", norm_type="linf", adv_lr_txt=0.05, adv_lr_img=0.5)
     plain = run_step(fast, batch, cfg, "vqa")
     fast.zero_grad()
-    step = AdversarialStep(cfg, fast.config.hidden_size)
+    step = AdversarialStep(cfg, fast)
     step.trace = []
     torch.manual_seed(1)
     step(ScaledEngine(fast), batch, "vqa")
@@ -289,8 +290,16 @@ def test_config_block_is_optional_and_checked_per_task() -> None:
     assert parse_finetune_config(tiny_raw("vqa")).adversarial is None
     cfg = parse_finetune_config({**tiny_raw("vqa"), "adversarial": {"adv_modality": "alter"}})
     assert cfg.adversarial == AdversarialConfig(adv_modality="alter")
-    with pytest.raises(ConfigError, match="'adversarial' is not available for task 'vcr_pretrain'"):
-        parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {}})
+    vcr_pretrain = parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"adv_modality": "text+image"}})
+    assert vcr_pretrain.adversarial == AdversarialConfig(adv_modality="text+image")  # APT on the second stage
+    with pytest.raises(ConfigError, match="adversarial.reuse_clean_forward must be false in pretraining"):
+        parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"reuse_clean_forward": True}})
+
+    class NoLogits(Task):
+        name = "no_logits"
+
+    with pytest.raises(ConfigError, match="^cfg: 'adversarial' is not available for task 'no_logits'"):
+        NoLogits().check_adversarial({}, AdversarialConfig(), "cfg")
     with pytest.raises(ConfigError, match="'adversarial' needs hard_neg_size 0 .*got [1-9]"):
         parse_finetune_config({**tiny_raw("itm-hn"), "adversarial": {}})
 
@@ -305,7 +314,13 @@ def test_released_settings_configs_parse(name) -> None:
         raw = json.load(f)
     block = parse_adversarial(raw["adversarial"], name)
     assert block.adv_steps == 3 and block.norm_type == "l2" and block.adv_max_norm == 0 and block.adv_init_mag == 0
-    assert raw["grad_norm"] == 2.0
+    if raw["task"] == "vcr_pretrain":  # APT on VCR's second stage: its UNITER config (grad_norm -1) plus the block
+        with open(os.path.join("configs", name.replace("-villa", "")), encoding="utf-8") as f:
+            plain = json.load(f)
+        assert {**raw, "adversarial": None, "output_dir": None} == {**plain, "adversarial": None, "output_dir": None}
+        assert raw["output_dir"] != plain["output_dir"] and block.adv_modality == "text+image"
+    else:
+        assert raw["grad_norm"] == 2.0
 
 
 # ---------------------------------------------------------------------- through finetune.py: exact resume
@@ -333,9 +348,9 @@ def test_resume_with_the_block_is_exact(tmp_path, monkeypatch) -> None:
 # ---------------------------------------------------------------------- through DeepSpeed engines
 def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
     """ZeRO-0 and ZeRO-2, one or two micro-batches, VQA (also with ``reuse_clean_forward``) and pretraining's MRFR:
-    the gradients an engine holds before
-    its update are the bare model's summed gradients of the same steps (ZeRO-2 reduces at the boundary: only the last
-    backward may be one)."""
+    the gradients an engine holds before its update are the bare model's summed gradients of the same steps (ZeRO-2
+    reduces at the boundary: only the last backward may be one); on a ZeRO-2 fp16 engine, VQA's two steps give the
+    fp32 gradients times the loss scale and the fp32 perturbations."""
     run(
         [sys.executable, os.path.join(REPO, "tests", "adversarial_engine.py"), str(tmp_path)],
         str(tmp_path),
@@ -345,7 +360,13 @@ def test_deepspeed_engines_hold_the_summed_gradients(tmp_path) -> None:
         results = json.load(f)
     steps = (("vqa", False), ("vqa", True), ("mrfr", False))  # VQA with and without reuse_clean_forward
     cases = [(task, reuse, stage, accum) for task, reuse in steps for stage in (0, 2) for accum in (1, 2)]
-    assert [(r["task"], r["reuse"], r["stage"], r["accum"]) for r in results] == cases
-    for result in results:
+    fp32, fp16 = results[: len(cases)], results[len(cases) :]
+    assert [(r["task"], r["reuse"], r["stage"], r["accum"]) for r in fp32] == cases
+    for result in fp32:
         least = 1 if result["task"] == "vqa" else 1e-3  # MRFR's regression loss has smaller gradients
         assert result["max_grad"] > least and result["max_diff"] <= 1e-6 * result["max_grad"], result
+    # a real fp16 engine (ZeRO-2, loss scale 8, not 1): the gradients it holds are the fp32 step's times its loss
+    # scale, the perturbations the fp32 step's, to fp16's rounding
+    assert [(r["reuse"], r["loss_scale"], r["ascents"]) for r in fp16] == [(False, 8.0, 3), (True, 8.0, 3)]
+    for result in fp16:
+        assert result["max_diff"] <= 1e-2 * result["max_grad"] and result["delta_diff"] <= 1e-2, result

@@ -15,9 +15,13 @@ from tests.pretrain_batches import task_batch
 from tests.pretrain_runs import REPO, launcher, run, step_log, write_configs
 from tests.test_adversarial import ModuleEngine, assert_steps_agree, run_step
 from tests.test_pretrain_heads import tiny_model
+from tests.test_tasks_e2e import finetune, write_config
+from tests.test_tasks_e2e import step_log as finetune_steps
 from uniter_fast.errors import ConfigError
 from uniter_fast.pretraining.config import parse_training_config
-from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial
+from uniter_fast.pretraining.model import task_kind
+from uniter_fast.tasks.vcr_pretrain import prepare_vcr_pretraining
+from uniter_fast.training.adversarial import AdversarialConfig, AdversarialStep, parse_adversarial
 
 OBJECTIVES = ["mlm", "mrfr", "mrc", "mrckl", "itm"]
 SHAPES = ([6, 3, 9], [5, 8, 2])
@@ -132,6 +136,73 @@ def test_mrfr_step_is_the_sum_of_the_perturbed_task_losses() -> None:
     for name, param in fast.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+class CountingEngine(ModuleEngine):
+    """A ``ModuleEngine`` that counts forwards and backwards."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.forwards = self.backwards = 0
+
+    def __call__(self, batch: dict, task: str, **kwargs) -> dict:
+        self.forwards += 1
+        return super().__call__(batch, task, **kwargs)
+
+    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = False) -> None:
+        self.backwards += 1
+        super().backward(loss, scale_wrt_gas)
+
+
+@pytest.mark.parametrize("task", OBJECTIVES)
+def test_mrfr_skips_the_clean_forward(task) -> None:
+    """K + 1 forwards and K + 1 backwards (the last through the clean graph, for the KL) for the objectives with
+    logits; MRFR has no KL, so no clean forward: K forwards, K backwards."""
+    fast, _, batch = pretraining_models(task)
+    cfg = AdversarialConfig(adv_modality="text+image", adv_steps=3)
+    engine = CountingEngine(fast)
+    AdversarialStep(cfg, fast)(engine, batch, task)
+    extra = 0 if task == "mrfr" else 1
+    assert (engine.forwards, engine.backwards) == (cfg.adv_steps + extra, cfg.adv_steps + extra)
+
+
+VCR_BASE = 1000  # the tiny word table = the bundled VCR set's special_token_base
+
+
+@pytest.mark.parametrize("task", ["mlm_vcr", "mrfr_vcr", "mrckl_vcr"])
+def test_vcr_second_stage_fast_equals_reference(task) -> None:
+    """APT on VCR's second-stage pretraining: the pretraining model with VCR's grown tables (4 type rows, tag words)
+    and ``txt_type_ids`` in both layouts, its objectives named by stream (``mlm_vcr``, ...)."""
+    fast, ref, batch = pretraining_models(task_kind(task))
+    for model in (ref, fast):
+        prepare_vcr_pretraining(model, VCR_BASE)
+    fast.load_state_dict(ref.state_dict())
+    gen = torch.Generator().manual_seed(5)
+    batch["txt_type_ids"] = torch.randint(0, 4, batch["input_ids"].shape, generator=gen)
+    batch["packed"]["txt_type_ids"] = batch["txt_type_ids"][
+        torch.arange(batch["input_ids"].size(1)) < batch["txt_lens"][:, None]
+    ]
+    cfg = AdversarialConfig(adv_modality="text+image", adv_lr_txt=1e-2, adv_lr_img=0.1)
+    got, want = run_step(fast, batch, cfg, task), run_step(ref, batch, cfg, task)
+    assert_steps_agree(got, want, delta_atol=1e-4 if task == "mrckl_vcr" else 1e-5)
+    out, _, trace = got
+    assert (float(out["adv_kl"]) == 0.0) == (task == "mrfr_vcr")
+    assert all(deltas["txt"].any() and deltas["img"].any() for deltas in trace[-1]["deltas"])
+
+
+def test_vcr_second_stage_runs_with_the_block(tmp_path) -> None:
+    """``finetune.py`` on the bundled VCR second stage (``vcr_pretrain``) with the APT block: every step logs finite
+    adversarial losses; MRFR's KL is 0."""
+    config = write_config(
+        str(tmp_path), "vcr_pretrain", steps=4, edit=lambda c: c.update(adversarial=villa_block(), valid_steps=4)
+    )
+    proc = finetune(config)
+    records = finetune_steps(config)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for record in records:
+        assert all(math.isfinite(record[k]) for k in ("loss", "adv_task_loss", "adv_kl")), record
+        assert (record["adv_kl"] == 0.0) == (record["task"] == "mrfr_vcr"), record
+    assert "final vcr_pretrain metrics after 4 steps" in proc.stdout
 
 
 # ---------------------------------------------------------------------- the config block

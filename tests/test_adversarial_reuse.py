@@ -108,7 +108,7 @@ def test_the_input_only_backward_computes_no_parameter_gradient(modality) -> Non
         model.zero_grad(set_to_none=True)
         engine = CountingEngine(model)
         cfg = AdversarialConfig(adv_modality=modality, reuse_clean_forward=reuse)
-        AdversarialStep(cfg, model.config.hidden_size)(engine, batch, "vqa")
+        AdversarialStep(cfg, model)(engine, batch, "vqa")
         assert (engine.forwards, engine.backwards) == (forwards, backwards)
         assert engine.first_backward_saw == []
 
@@ -122,7 +122,7 @@ def test_a_loss_scale_scales_the_parameter_gradients_only() -> None:
     engine = ScaledEngine(model)
     engine.optimizer = type("Optimizer", (), {"loss_scale": 1024.0})()
     model.zero_grad()
-    step = AdversarialStep(cfg, model.config.hidden_size)
+    step = AdversarialStep(cfg, model)
     step.trace = []
     step(engine, batch, "vqa")
     for got, want in zip(step.trace, want_trace):

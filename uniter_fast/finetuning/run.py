@@ -131,7 +131,7 @@ def finetune(
                 shutil.copyfile(vocab, os.path.join(directory, VOCAB_FILE))
 
     lr_mul, heads = (cfg.lr_mul, task.heads) if task.head_lr_mul else (1.0, ())
-    micro_step = None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model.config.hidden_size)
+    micro_step = None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model)
     datasets = [loader.dataset for loader in stream.loaders.values()]
     tokens = capture_tokens(task, datasets, cfg.train_batch_size, cfg.seed) if cfg.capture else None
     trainer, results = fit(

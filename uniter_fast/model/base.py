@@ -74,6 +74,11 @@ class UniterPreTrainedModel(nn.Module):
         return self.uniter.external_parameters()
 
     # ------------------------------------------------------------------ encoder and readouts
+    def has_logits(self, task: str) -> bool:
+        """Whether ``forward(batch, task, with_logits=True)`` gives ``logits`` (a softmax's scores for the KL of
+        adversarial training) rather than None; every head but pretraining's MRFR regression has them."""
+        return True
+
     def _uses_packed(self, batch: dict) -> bool:
         return self.fast and "packed" in batch
 

@@ -14,9 +14,8 @@ import os
 from typing import Any, ClassVar, Optional, Union
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.errors import ConfigError
 from uniter_fast.pretraining.model import TASKS, pretraining_model_size, task_kind
-from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
+from uniter_fast.training.adversarial import AdversarialConfig, check_pretraining_block, parse_adversarial_block
 from uniter_fast.training.budget import BudgetModel
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -194,11 +193,7 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     check_keys("ot", raw.get("ot", {}), OtSettings)
     fields["ot"] = OtSettings(**raw.get("ot", {}))
     fields["adversarial"] = parse_adversarial_block(raw, where)
-    if fields["adversarial"] is not None and fields["adversarial"].reuse_clean_forward:
-        raise ConfigError(
-            f"{where}: adversarial.reuse_clean_forward must be false in pretraining (the fused MLM/MRM losses "
-            "back-propagate once per forward; the shared clean pass needs two), got true"
-        )
+    check_pretraining_block(fields["adversarial"], where)
     cfg = parse_run_config(TrainingConfig, fields, where, base_dir, lambda p: resolve_bundled_corpus(p, base_dir))
     if cfg.ot.beta <= 0 or cfg.ot.iteration < 1 or cfg.ot.k < 1:
         raise ValueError(f"ot: need beta > 0, iteration >= 1 and k >= 1, got {dataclasses.asdict(cfg.ot)}")

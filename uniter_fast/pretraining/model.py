@@ -151,6 +151,10 @@ class UniterForPretraining(UniterPreTrainedModel):
         """The masked rows' weights ``packed[key]`` of a fixed-shape batch (``uniter_fast.data.buckets``), else None."""
         return batch["packed"].get(key) if self._uses_packed(batch) else None
 
+    def has_logits(self, task: str) -> bool:
+        """False for MRFR (a regression: ``with_logits`` gives None), True for the other objectives."""
+        return task_kind(task) != "mrfr"
+
     # ------------------------------------------------------------------ forward
     def forward(
         self, batch: dict, task: str, compute_loss: bool = True, with_logits: bool = False

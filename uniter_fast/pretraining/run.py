@@ -103,7 +103,7 @@ def pretrain(
         stop_after=stop_after,
         progress_name="pretrain",
         validate_at_start=True,
-        micro_step=None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model_config.hidden_size),
+        micro_step=None if cfg.adversarial is None else AdversarialStep(cfg.adversarial, model),
     )
     lines = ["", summary_heading("metrics", trainer, run), summary_table(trainer, results)]
     if trainer.step == cfg.num_train_steps and run.rank == 0:

@@ -3,7 +3,8 @@
 
 Per micro-batch: a clean forward with gradient (its logits ``z``), then K = ``adv_steps`` perturbed forwards, each
 with loss ``(task_loss(adv) + adv_kl_weight * SKL(z, z_adv)) / K`` and a backward, the parameter gradients summing
-over the K steps (one optimizer step per batch). ``SKL`` is the symmetric KL of the softmax of the logits, summed
+over the K steps (one optimizer step per batch); a task without logits (pretraining's MRFR) has no KL and so no clean
+forward. ``SKL`` is the symmetric KL of the softmax of the logits, summed
 over the classes and averaged over the rows (VILLA's ``kl.sum(1).mean()``, equal to its VQA ``.mean() x #answers``).
 Between steps each perturbation ascends, ``delta += lr * g / ||g||`` (per row of the batch over all its positions,
 L2 or L-inf), ``g`` unscaled from the loss scale, then is projected to ``adv_max_norm`` (0: none). Perturbations:
@@ -111,6 +112,17 @@ def parse_adversarial_block(raw: dict[str, Any], where: str) -> Optional[Adversa
     return cfg
 
 
+def check_pretraining_block(cfg: Optional[AdversarialConfig], where: str) -> None:
+    """Adversarial pretraining (``pretrain.py``'s objectives and VCR's second stage) refuses ``reuse_clean_forward``
+    with one ``ConfigError`` line: the fused MLM / MRM losses back-propagate once per forward, the shared clean pass
+    needs two."""
+    if cfg is not None and cfg.reuse_clean_forward:
+        raise ConfigError(
+            f"{where}: adversarial.reuse_clean_forward must be false in pretraining (the fused MLM/MRM losses "
+            "back-propagate once per forward; the shared clean pass needs two), got true"
+        )
+
+
 def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
     """KL(p || q) + KL(q || p) of p = softmax(clean), q = softmax(adv) over the last dim, summed over it and averaged
     over the rows; [R, C] logits (any float dtype) -> fp32 0-dim. Entries of -1e4 (RE's non-regions) get p = q = 0."""
@@ -214,12 +226,14 @@ class AdversarialStep:
     forwards), detached 0-dim tensors. ``engine`` is a DeepSpeed engine or anything with its ``__call__(batch, task,
     with_logits=...)`` and ``backward(loss, scale_wrt_gas=False)``; the task model's forward must take
     ``with_logits`` and return ``logits`` (None where the task has no softmax to compare: its perturbed forwards then
-    take the task loss only). ``hidden_size``: the width H of the word embeddings. ``adv_steps`` 0 is the plain step.
-    With ``reuse_clean_forward`` the input-only backward is scaled by the engine's ``optimizer.loss_scale`` where it
-    has one (:func:`input_scale`)."""
+    take the task loss only). ``model``: the task model the engine runs; its ``config.hidden_size`` is the width H of
+    the word embeddings, and a task for which its ``has_logits(task)`` is False (pretraining's MRFR) has nothing for
+    the clean forward to give: that forward is skipped (K forwards and K backwards, the last one the accumulation
+    boundary). ``adv_steps`` 0 is the plain step. With ``reuse_clean_forward`` the input-only backward is scaled by
+    the engine's ``optimizer.loss_scale`` where it has one (:func:`input_scale`)."""
 
-    def __init__(self, cfg: AdversarialConfig, hidden_size: int) -> None:
-        self.cfg, self.hidden_size = cfg, hidden_size
+    def __init__(self, cfg: AdversarialConfig, model: Any) -> None:
+        self.cfg, self.hidden_size, self.has_logits = cfg, model.config.hidden_size, model.has_logits
         self.trace: Optional[list[dict[str, Any]]] = None  # set to [] to record the perturbations (tests)
 
     def __call__(self, engine: Any, batch: dict, task: str) -> dict:
@@ -229,12 +243,13 @@ class AdversarialStep:
         slots = delta_slots(batch) if "packed" in batch else None
         branches = [self._initial(batch, text, image) for text, image in cfg.branches]
         count = cfg.adv_steps * len(branches)
+        clean_out: Optional[dict] = None
         if cfg.reuse_clean_forward:  # the zero perturbations of step 1 ride on the clean forward, as leaves
             shared = {key: delta.requires_grad_() for deltas in branches for key, delta in deltas.items()}
             clean_out = engine(with_deltas(batch, shared.get("txt"), shared.get("img"), slots), task, with_logits=True)
-        else:
+        elif self.has_logits(task):
             clean_out = engine(batch, task, with_logits=True)
-        clean_logits = clean_out["logits"]  # None: no softmax to compare (MRFR)
+        clean_logits = None if clean_out is None else clean_out["logits"]  # None: no softmax to compare (MRFR)
         clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
         clean_grad = None if clean is None else torch.zeros_like(clean)
         total = torch.zeros((), device=batch["txt_lens"].device)
