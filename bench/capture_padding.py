@@ -35,9 +35,14 @@ from uniter_fast.tasks.bundled import resolve_bundled
 from uniter_fast.tasks.data import DbCache, TaskDataset
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
-HEADS = {"re": ("finetune-re-tiny.json", 128), "itm": ("finetune-itm-tiny.json", 40)}
+HEADS = {
+    "re": ("finetune-re-tiny.json", 128),
+    "itm": ("finetune-itm-tiny.json", 40),
+    "itm-tower-distill": ("finetune-itm-tower-tiny.json", 40),
+}
 """The by-examples heads: their tiny config (bundled sets) and the ``train_batch_size`` of their base configs
-(configs/finetune-refcoco-base.json, finetune-itm-flickr-base.json)."""
+(configs/finetune-refcoco-base.json, finetune-itm-flickr-base.json); ``itm-tower-distill`` is the distilled tower,
+whose batches carry the teacher's grid."""
 
 
 def measure(budgets: list[int], multiples: list[int], count: int) -> list[dict[str, Any]]:
@@ -89,7 +94,8 @@ def head_batches(dataset: TaskDataset, batch_size: int, seed: int, epochs: int) 
 
 def measure_heads(epochs: int) -> list[dict[str, Any]]:
     """One row per (head, ``train_batch_size``, buckets before / after): the tokens the buckets are sized from, the
-    ``token_multiple``, batches, padded / valid tokens (ITM's first-stage layouts included) and shapes (graphs)."""
+    ``token_multiple``, batches, padded / valid tokens (ITM's first-stage layouts and distillation grid included)
+    and shapes (graphs)."""
     rows = []
     for name, (file, base_size) in HEADS.items():
         with open(os.path.join(BENCH_DIR, os.pardir, "configs", file), encoding="utf-8") as f:
@@ -97,7 +103,7 @@ def measure_heads(epochs: int) -> list[dict[str, Any]]:
         dataset, seed = head_dataset(config), config["seed"]
         for size in (config["train_batch_size"], base_size):
             dataset.set_epoch(0)  # as the recipe measures it, before training
-            tokens = {"before": size, "after": capture_tokens(get_task(name), [dataset], size, seed)}
+            tokens = {"before": size, "after": capture_tokens(get_task(config["task"]), [dataset], size, seed)}
             for when, budget in tokens.items():
                 buckets = Buckets.for_run(config["max_txt_len"], config["max_bb"], config["num_bb"], budget)
                 cost = padding_cost(head_batches(dataset, size, seed, epochs), buckets)

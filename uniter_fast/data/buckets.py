@@ -25,6 +25,11 @@ up (:class:`Buckets`) and places the padding where it cannot change a real row:
   ``uniter_fast.tasks.itm.add_first_stage``): each padded as a packed batch (token multiples, dummy sequences) with
   one sequence per padded group; padding regions go to a spare row of the per-group region mean, padded groups
   count 1 region (a zero mean, finite) and weigh 0 in the contrastive loss.
+- **ITM's distillation grid** (``cross_pairs``: every text x image of the G positives, G² pairs row-major, regions
+  gathered on the device from the first stage's image layout): its packed layout padded as a batch of G'² sequences
+  (G' the padded groups; a token multiple G' / ``sample_size`` times the batch's, as the grid holds about that many
+  times its tokens; padding regions read row 0), and ``grid_index`` [G'²] placing the real pairs' scores in a G' x G'
+  grid (padded cells read pair 0); the distillation loss masks the padded groups as the contrastive one does.
 - **OT (ITM + WRA)**: the text and image grids are [B', max_txt_len] and [B', max_bb]; padded examples have one
   text token and one region (zero embeddings, finite distances, weight 0); the padding tokens' rows go to one spare
   grid row that the model drops.
@@ -204,7 +209,7 @@ def _padded_cu_seqlens(cu_seqlens: torch.Tensor, total: int, sequences: int, bou
 def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> dict[str, Any]:
     """The packed dict padded to ``sizes`` (module doc); ITM's ``txt_slot`` / ``img_slot`` are rebuilt by
     :func:`_ot`."""
-    num_txt, num_img = packed["txt_ids"].numel(), packed["img_feat"].size(0)
+    num_txt, num_img = packed["txt_ids"].numel(), packed["img_index"].numel()
     total = num_txt + num_img
     pad_txt, pad_img = sizes["txt"] - num_txt, sizes["img"] - num_img
     num_examples = packed["cls_index"].numel()
@@ -217,13 +222,14 @@ def _packed(packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> 
         "txt_ids": _cat(packed["txt_ids"], pad_txt),
         "txt_position_ids": _cat(packed["txt_position_ids"], pad_txt),
         "txt_index": torch.cat([packed["txt_index"], total + torch.arange(pad_txt)]),
-        "img_feat": _cat(packed["img_feat"], pad_img),
-        "img_pos_feat": _cat(packed["img_pos_feat"], pad_img),
         "img_index": torch.cat([packed["img_index"], total + pad_txt + torch.arange(pad_img)]),
         "cu_seqlens": _padded_cu_seqlens(packed["cu_seqlens"], sizes["tokens"], sizes["sequences"], buckets.max_seqlen),
         "max_seqlen": buckets.max_seqlen,
         "cls_index": _cat(packed["cls_index"], sizes["examples"] - num_examples),
     }
+    for key in ("img_feat", "img_pos_feat"):  # absent from a layout whose regions are gathered on the device
+        if key in packed:
+            out[key] = _cat(packed[key], pad_img)
     if "img_masks" in packed:
         out["img_masks"] = _cat(packed["img_masks"], pad_img, False)
     for key in SEQUENCE_GRIDS.keys() & packed.keys():
@@ -259,6 +265,26 @@ def _first_stage(stage: dict[str, Any], groups: int, buckets: Buckets) -> dict[s
     out["img_rows"] = _cat(stage["img_rows"], pad_img, groups)
     out["img_counts"] = _cat(stage["img_counts"], groups - real, 1)
     return out
+
+
+def _cross_pairs(
+    cross: dict[str, Any], groups: int, padded_groups: int, sample_size: int, buckets: Buckets
+) -> dict[str, Any]:
+    """ITM's distillation teacher grid (``cross_pairs`` of ``groups`` G groups: G² pairs row-major,
+    ``uniter_fast.tasks.itm.add_cross_pairs``) for ``padded_groups`` G' groups (module doc)."""
+    packed = cross["packed"]
+    # the grid holds about G / sample_size times the batch's tokens: a multiple as many times larger keeps its
+    # padding share, and its number of shapes, the batch's
+    grid = dataclasses.replace(buckets, token_multiple=buckets.token_multiple * max(1, padded_groups // sample_size))
+    num_txt, num_img = packed["txt_ids"].numel(), packed["img_index"].numel()
+    sizes = padded_sizes(num_txt, num_img, groups * groups, grid, examples=padded_groups * padded_groups)
+    index = torch.zeros(padded_groups, padded_groups, dtype=torch.int64)
+    index[:groups, :groups] = torch.arange(groups * groups).view(groups, groups)
+    return {
+        "packed": _packed(packed, sizes, grid),
+        "regions": _cat(cross["regions"], sizes["img"] - num_img),
+        "grid_index": index.flatten(),
+    }
 
 
 def _ot(batch: dict[str, Any], packed: dict[str, Any], sizes: dict[str, int], buckets: Buckets) -> dict[str, Any]:
@@ -310,6 +336,8 @@ def pad_batch(batch: dict[str, Any], buckets: Buckets) -> dict[str, Any]:
             out[key] = _cat(value, rows - value.size(0))
         elif key == "first_stage":
             out[key] = _first_stage(value, examples, buckets)
+        elif key == "cross_pairs":
+            out[key] = _cross_pairs(value, num_sequences // group, examples, group, buckets)
         elif key == "ot_inputs":
             out[key] = _ot(batch, out["packed"], sizes, buckets)
         else:
@@ -332,24 +360,28 @@ def shape_key(batch: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def _layouts(batch: dict[str, Any]) -> list[dict[str, Any]]:
-    """The packed layouts of a batch: its ``packed`` and ITM's first-stage ``txt`` / ``img`` layouts."""
+    """The packed layouts of a batch: its ``packed``, ITM's first-stage ``txt`` / ``img`` layouts and its
+    distillation grid."""
     stage = batch.get("first_stage", {})
-    return [batch["packed"]] + [stage[key] for key in ("txt", "img") if key in stage]
+    layouts = [batch["packed"]] + [stage[key] for key in ("txt", "img") if key in stage]
+    if "cross_pairs" in batch:
+        layouts.append(batch["cross_pairs"]["packed"])
+    return layouts
 
 
 def padding_cost(batches: Iterable[dict[str, Any]], buckets: Buckets) -> dict[str, float]:
     """What padding ``batches`` (fast-path host batches) to ``buckets`` costs: ``valid_tokens`` and
-    ``padded_tokens`` (sums over every packed layout: ITM's first stage included), their ``ratio``, the same
-    ``row_ratio`` for masked rows, ``shapes``: how many distinct fixed shapes (graphs to capture) the batches need,
-    and ``batches``: how many there were."""
+    ``padded_tokens`` (sums over every packed layout: ITM's first stage and distillation grid included), their
+    ``ratio``, the same ``row_ratio`` for masked rows, ``shapes``: how many distinct fixed shapes (graphs to capture)
+    the batches need, and ``batches``: how many there were."""
     valid = padded = rows = padded_rows = count = 0
     keys = set()
     for batch in batches:
         count += 1
         fixed = pad_batch(batch, buckets)
         packed, out = batch["packed"], fixed["packed"]
-        valid += sum(p["txt_ids"].numel() + p["img_feat"].size(0) for p in _layouts(batch))
-        padded += sum(p["txt_ids"].numel() + p["img_feat"].size(0) for p in _layouts(fixed))
+        valid += sum(p["txt_ids"].numel() + p["img_index"].numel() for p in _layouts(batch))
+        padded += sum(p["txt_ids"].numel() + p["img_index"].numel() for p in _layouts(fixed))
         for index in ("mlm_index", "mrm_index"):
             if index in packed:
                 rows, padded_rows = rows + packed[index].numel(), padded_rows + out[index].numel()

@@ -26,6 +26,7 @@ the first stage's ``top_k`` images per text and ``top_k`` texts per image and re
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Optional
 
@@ -112,19 +113,40 @@ def contrastive_loss(
     return (per_dir[0] + per_dir[1]) / 2
 
 
+MASKED_LOGIT = -1e9
+"""A padded candidate's logit in the distillation's softmaxes: probability exactly 0, and finite, so that teacher and
+student both holding it give a KL term of 0 (with -inf: 0 x (-inf - -inf) = NaN)."""
+
+
 def distill_loss(
-    txt: torch.Tensor, img: torch.Tensor, teacher: torch.Tensor, temperature: float, teacher_temperature: float
+    txt: torch.Tensor,
+    img: torch.Tensor,
+    teacher: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+    weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Distillation of the cross-encoder into the first stage: mean over both directions (each text over the batch's
     images, each image over its texts) of KL(softmax(``teacher`` / ``teacher_temperature``) || softmax(``txt`` @
     ``img``.T / ``temperature``)), per query, averaged over queries. ``txt`` / ``img`` [G, D] (L2-normalised),
-    ``teacher`` [G, G] cross-encoder scores of (text i, image j), no gradient taken through it; fp32 0-dim."""
+    ``teacher`` [G, G] cross-encoder scores of (text i, image j), no gradient taken through it; fp32 0-dim.
+    ``weights`` [G] (a fixed-shape batch's ``example_weights``): the groups of weight 0 are padding, neither a
+    candidate of a real query (:data:`MASKED_LOGIT` on both sides) nor counted in the means."""
     student = txt.float() @ img.float().t() / temperature
     target = teacher.detach().float() / teacher_temperature
-    per_dir = [
-        F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
-        for s, t in ((student, target), (student.t(), target.t()))
-    ]
+    if weights is None:
+        per_dir = [
+            F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
+            for s, t in ((student, target), (student.t(), target.t()))
+        ]
+        return (per_dir[0] + per_dir[1]) / 2
+    pad = weights == 0
+    padded_candidate = ~pad[:, None] & pad[None, :]
+    per_dir = []
+    for s, t in ((student, target), (student.t(), target.t())):
+        s, t = s.masked_fill(padded_candidate, MASKED_LOGIT), t.masked_fill(padded_candidate, MASKED_LOGIT)
+        terms = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="none", log_target=True)
+        per_dir.append(weighted_mean(terms.sum(1), weights))
     return (per_dir[0] + per_dir[1]) / 2
 
 
@@ -203,12 +225,11 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
 
     @property
     def captures(self) -> bool:  # type: ignore[override]
-        """The ranking loss and the contrastive first stage read only packed layouts (``cls_index``; the collate's
-        :func:`add_first_stage`), groups weighted by a fixed-shape batch's ``example_weights``. Hard negatives pick
-        and re-pack rows on the host (``select_rows``) and the distillation teacher scores a grid of every text x
-        image (``cross_pairs``, which ``pad_batch`` does not pad): those models run uncaptured."""
-        distill = self.first_stage_dim and self.first_stage_weight > 0 and self.distills
-        return not self.hard_neg_size and not distill
+        """The ranking loss and the first stage read only packed layouts (``cls_index``; the collate's
+        :func:`add_first_stage` and, for distillation, the teacher grid of :func:`add_cross_pairs`, whose regions
+        are gathered on the device), groups weighted by a fixed-shape batch's ``example_weights``. Hard negatives
+        pick and re-pack rows on the host (``select_rows``): such a model runs uncaptured."""
+        return not self.hard_neg_size
 
     @property
     def distills(self) -> bool:
@@ -286,17 +307,21 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
             weights = batch.get("example_weights")
             parts.append(contrastive_loss(txt, img, batch["pair_images"], self.temperature, weights))
         if self.distills:
-            teacher = self.teacher_scores(batch)
-            parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature))
+            teacher, weights = self.teacher_scores(batch), batch.get("example_weights")
+            parts.append(distill_loss(txt, img, teacher, self.temperature, self.distill_temperature, weights))
         return sum(parts[1:], parts[0])
 
     def teacher_scores(self, batch: dict[str, Any]) -> torch.Tensor:
         """Cross-encoder scores float32 [G, G] of the teacher grid (:meth:`teacher_batch`: every text of the batch's
-        G positives, ``pair_rows``, with every positive image, row-major), without gradient in eval mode (no
-        dropout), as ``hard_batch`` scores its candidates."""
-        groups = batch["pair_rows"].numel()
+        G positives with every positive image, row-major), without gradient in eval mode (no dropout), as
+        ``hard_batch`` scores its candidates. A fixed-shape batch (``uniter_fast.data.buckets``) places its scores
+        in the padded G' x G' grid by ``grid_index`` (padded groups' cells: pair 0's score)."""
         with torch.no_grad(), eval_mode(self):
             scores = self.rank_scores(self.teacher_batch(batch)).float()
+        grid_index = batch["cross_pairs"].get("grid_index")
+        if grid_index is not None:
+            scores = scores.index_select(0, grid_index)
+        groups = math.isqrt(scores.numel())
         return scores.view(groups, groups)
 
     def teacher_batch(self, batch: dict[str, Any]) -> dict[str, Any]:

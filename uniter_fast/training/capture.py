@@ -16,12 +16,10 @@ and the parameters the task does not reach keep ``None``, as in the eager step).
 Where capture is impossible the step runs eagerly on the unpadded batch (exactly the run without capture) and one
 log line says why: a device other than CUDA, the reference path (``fast: false``), a model whose loss reads the
 padded layout or host values (``UniterPreTrainedModel.captures``: RE's rank loss, which draws a negative per row from
-the host-checked ``num_bbs``; ITM with hard negatives, which picks and re-packs rows on the host, or with the
-distillation first-stage loss, whose teacher scores a grid of every text x image), DeepSpeed ZeRO-3
+the host-checked ``num_bbs``; ITM with hard negatives, which picks and re-packs rows on the host), DeepSpeed ZeRO-3
 (it gathers and frees parameters in module hooks inside forward and backward, host logic a graph would not repeat)
 or DeepSpeed's ``torch_autocast`` (the engine wraps its own forward in autocast), a batch that cannot be padded
-(ITM's ``itm-hn`` batches, whose ``sides`` has no padding, and ``cross_pairs`` batches among them), or a capture
-that fails (a host sync in the step).
+(ITM's ``itm-hn`` batches, whose ``sides`` has no padding), or a capture that fails (a host sync in the step).
 """
 
 from __future__ import annotations
