@@ -15,7 +15,8 @@ rest still runs; a part that times out keeps what it finished):
     losses       fused losses vs reference: time and peak memory
     encoder      padded vs packed encoder, base and large: valid tokens/s and MFU
     pretrain     one optimizer step per task, original vs reference vs fast path: tokens/s, padding bound
-    villa        VILLA's adversarial fine-tuning step (K = 3) vs a plain step, original vs reference vs fast, VQA
+    villa        VILLA's adversarial fine-tuning step (K = 3) vs a plain step, original vs reference vs fast, VQA;
+                 the adversarial pretraining step of every objective (fast path, with and without the shared pass)
     capture      the captured step (CUDA graphs on fixed-shape batches) vs the eager fast step: tokens/s, memory,
                  and the captured losses and gradients against the eager step's on the same batches
     deepspeed    a short DeepSpeed ZeRO-2 bf16 run of the bundled default (uniter_fast/pretrain.py)
@@ -337,7 +338,7 @@ def part_pretrain(device: Any, quick: bool, out: str, save: Callable[..., None])
 
 
 def part_villa(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
-    """VILLA's adversarial fine-tuning step against a plain step, three paths."""
+    """VILLA's adversarial fine-tuning step against a plain step, three paths; the APT step per objective."""
     from speed import villa_aft_speed
 
     rows, goals = villa_aft_speed(device, quick, out)

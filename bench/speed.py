@@ -394,7 +394,26 @@ def villa_aft_speed(device: torch.device, quick: bool, out: str) -> tuple[list[d
     series["fast (shared clean pass)"] = [reuse["ms"]]
     title = f"UNITER-{config} AFT step (K=3): original vs reference vs fast"
     plot_grouped_bars("villa", device, ["vqa"], series, "ms per AFT step", title, log_scale=False, directory=out)
-    return rows, goals
+    apt_rows, apt_goals = villa_apt_speed(device, quick)
+    return rows + apt_rows, goals + apt_goals
+
+
+def villa_apt_speed(device: torch.device, quick: bool) -> tuple[list[dict], list[dict]]:
+    """VILLA's adversarial pretraining (APT) step of each pretraining objective on the fast path, default and with
+    the shared clean pass, against a plain step (villa_bench.apt_speed; reported, no goal of its own)."""
+    from villa_bench import apt_speed
+
+    config, tokens, warmup, repeats = ("tiny", 640, 1, 1) if quick else ("base", 10240, 2, 5)
+    rows = [{**r, "part": "apt"} for r in apt_speed(device, config, tokens, warmup, repeats, 0)]
+    fast = {(r["task"], r["step"]): r for r in rows if r["path"] == "fast" and r["step"] != "plain"}
+    figure = "; ".join(
+        f"{task} {fast[(task, 'aft')]['aft_vs_plain']:.2f}x / {fast[(task, 'aft_reuse')]['aft_vs_plain']:.2f}x"
+        for task in dict.fromkeys(task for task, _ in fast)
+    )
+    goal = _goal(
+        f"APT step / plain step, UNITER-{config}, fast path: default / shared clean pass", "report", figure, True
+    )
+    return rows, [goal]
 
 
 # ---------------------------------------------------------------------------------------------------------- capture

@@ -19,6 +19,13 @@ measured in the same rounds, against the original's AFT and the reference path's
     python bench/villa_bench.py --config base          # CPU: UNITER-base, 2 examples, 3 rounds (about 4 min)
     python bench/villa_bench.py --tasks vqa nlvr2 vcr  # more heads
     python bench/villa_bench.py --device cuda          # GPU: UNITER-base, bf16 autocast, 32 examples
+    python bench/villa_bench.py --pretraining          # APT: each pretraining objective, fast and reference
+
+``--pretraining``: VILLA's adversarial pretraining (APT) step, the same three kinds of step (``plain``, ``aft``,
+``aft_reuse``) on ``UniterForPretraining`` for MLM, MRFR, MRC, MRC-kl and ITM + WRA, on the ``reference`` and
+``fast`` paths (APT's code was never released: there is no ``original``), one token-bucket batch per objective
+(bench/batches.py ``sampled_batches``: CPU 640 tokens and a multiple of 4 examples, GPU 10240 and 8, as
+bench/pretrain_bench.py samples).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from batches import PRETRAIN_TASKS, sampled_batches
 from harness import (
     IMG_RANGE,
     TXT_RANGE,
@@ -49,6 +57,7 @@ from original_path import PATHS, autocast_for, make_optimizer, original_adversar
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.data.loader import move_to_device
+from uniter_fast.pretraining.model import UniterForPretraining
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.training.adversarial import AdversarialConfig, AdversarialStep
 from uniter_fast.training.budget import saved_tensor_bytes
@@ -146,6 +155,37 @@ def villa_speed(device: torch.device, tasks: list[str], config: str, size: int, 
     return rows
 
 
+def apt_speed(device: torch.device, config: str, batch_tokens: int, warmup: int, repeats: int, seed: int):
+    """Rows {task, path, step, ms, ...} of the plain and APT steps of every pretraining objective on the reference and
+    fast paths, timed in turns (module doc, ``--pretraining``)."""
+    torch.manual_seed(seed)
+    model_config = UniterConfig.preset(config)
+    model = UniterForPretraining(model_config).to(device).train()
+    model.uniter.check_values = False
+    paths = [p for p in PATHS if p != "original"]
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    graphs: dict[tuple[str, str, str], int] = {}
+    sizes = {}
+    for i, name in enumerate(PRETRAIN_TASKS):
+        multiple = 8 if device.type == "cuda" else 4  # as bench/pretrain_bench.py samples
+        batch = sampled_batches(name, 1, batch_tokens, multiple, model_config.vocab_size, seed + i, device)[0]
+        sizes[name] = int((batch["txt_lens"] + batch["num_bbs"]).sum())
+        steps = {(name, p, kind): fn for p in paths for kind, fn in make_steps(model, batch, name, p, device).items()}
+        samples.update(interleaved_times(steps, device, warmup, repeats))
+        for key, step in steps.items():
+            graphs[key] = saved_tensor_bytes(step, model)
+    median = {key: statistics.median(values) for key, values in samples.items()}
+    rows = []
+    for (name, path, kind), seconds in median.items():
+        row = {"task": name, "path": path, "step": kind, "valid_tokens": sizes[name], "ms": seconds * 1e3}
+        row["graph_peak_mib"] = graphs[(name, path, kind)] / 2**20
+        if kind in AFT_KINDS:
+            row["aft_vs_plain"] = seconds / median[(name, path, "plain")]
+            row["vs_reference"] = median[(name, "reference", kind)] / seconds
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -156,6 +196,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's default)")
+    parser.add_argument("--pretraining", action="store_true", help="APT: the pretraining objectives (module doc)")
     add_output_arguments(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -166,6 +207,9 @@ def main() -> None:
     args.repeats = args.repeats or (10 if gpu or args.config == "tiny" else 3)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.pretraining:
+        apt_main(args, device)
+        return
     rows = villa_speed(device, args.tasks, args.config, args.batch_size, args.warmup, args.repeats, args.seed)
     precision = "bf16 autocast (every path)" if gpu else "fp32 (every path)"
     print(f"\nAFT vs plain step, {args.config}, on {device_name(device)}, {precision}, load {os.getloadavg()[0]}")
@@ -192,6 +236,41 @@ def main() -> None:
     }
     title = f"UNITER-{args.config} AFT step (K=3): original vs reference vs fast, with and without the shared pass"
     print(plot_grouped_bars("villa_bench", device, list(args.tasks), series, "ms per AFT step", title, False, out))
+
+
+def apt_main(args: argparse.Namespace, device: torch.device) -> None:
+    """``--pretraining``: measure, print, write JSON and a PNG (module doc)."""
+    gpu = device.type == "cuda"
+    batch_tokens = 10240 if gpu else 640
+    rows = apt_speed(device, args.config, batch_tokens, args.warmup, args.repeats, args.seed)
+    precision = "bf16 autocast" if gpu else "fp32"
+    print(
+        f"\nAPT vs plain pretraining step, {args.config}, {batch_tokens}-token batches, on {device_name(device)}, ",
+        end="",
+    )
+    print(f"{precision}, load {os.getloadavg()[0]}")
+    columns = ["task", "path", "step", "valid_tokens", "ms", "aft_vs_plain", "vs_reference", "graph_peak_mib"]
+    print_table(rows, columns)
+    meta = run_meta(
+        args,
+        torch.bfloat16 if gpu else torch.float32,
+        config=args.config,
+        precision=precision,
+        batch_tokens=batch_tokens,
+        adversarial=vars(SETTINGS),
+        adversarial_reuse=vars(REUSE),
+    )
+    out = output_dir(args)
+    print(write_json("villa_bench_apt", device, rows, meta, out))
+    series = {
+        p + (" (shared clean pass)" if kind == "aft_reuse" else ""): [
+            r["aft_vs_plain"] for r in rows if r["path"] == p and r["step"] == kind
+        ]
+        for p in ("reference", "fast")
+        for kind in AFT_KINDS
+    }
+    title = f"UNITER-{args.config} APT step (K=3) over a plain pretraining step, with and without the shared pass"
+    print(plot_grouped_bars("villa_bench_apt", device, list(PRETRAIN_TASKS), series, "APT / plain", title, False, out))
 
 
 if __name__ == "__main__":

@@ -292,8 +292,8 @@ def test_config_block_is_optional_and_checked_per_task() -> None:
     assert cfg.adversarial == AdversarialConfig(adv_modality="alter")
     vcr_pretrain = parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"adv_modality": "text+image"}})
     assert vcr_pretrain.adversarial == AdversarialConfig(adv_modality="text+image")  # APT on the second stage
-    with pytest.raises(ConfigError, match="adversarial.reuse_clean_forward must be false in pretraining"):
-        parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"reuse_clean_forward": True}})
+    reused = parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"reuse_clean_forward": True}})
+    assert reused.adversarial.reuse_clean_forward  # the shared clean pass, through the fused pretraining losses
 
     class NoLogits(Task):
         name = "no_logits"

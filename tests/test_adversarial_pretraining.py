@@ -4,6 +4,7 @@ pretraining objective, on the packed (fast) and padded (reference) encoders; K =
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -157,13 +158,29 @@ class CountingEngine(ModuleEngine):
 @pytest.mark.parametrize("task", OBJECTIVES)
 def test_mrfr_skips_the_clean_forward(task) -> None:
     """K + 1 forwards and K + 1 backwards (the last through the clean graph, for the KL) for the objectives with
-    logits; MRFR has no KL, so no clean forward: K forwards, K backwards."""
+    logits, K forwards and K engine backwards with the shared clean pass (plus its input-only backward); MRFR has no
+    KL, so no clean forward: K forwards, K backwards either way."""
     fast, _, batch = pretraining_models(task)
-    cfg = AdversarialConfig(adv_modality="text+image", adv_steps=3)
-    engine = CountingEngine(fast)
-    AdversarialStep(cfg, fast)(engine, batch, task)
-    extra = 0 if task == "mrfr" else 1
-    assert (engine.forwards, engine.backwards) == (cfg.adv_steps + extra, cfg.adv_steps + extra)
+    for reuse in (False, True):
+        cfg = AdversarialConfig(adv_modality="text+image", adv_steps=3, reuse_clean_forward=reuse)
+        engine = CountingEngine(fast)
+        AdversarialStep(cfg, fast)(engine, batch, task)
+        extra = 0 if task == "mrfr" or reuse else 1
+        assert (engine.forwards, engine.backwards) == (cfg.adv_steps + extra, cfg.adv_steps + extra)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "reference"])
+@pytest.mark.parametrize("task", OBJECTIVES)
+def test_the_shared_clean_pass_equals_the_default_step(task, fast) -> None:
+    """``reuse_clean_forward`` in pretraining: through the fused MLM / MRM losses (fast path: their input-only
+    backward keeps the stored gradients, ``kept_gradients``) and the reference losses, the step equals the default
+    step (losses, perturbations after each ascent, accumulated gradients)."""
+    models = pretraining_models(task)
+    model, batch = models[0 if fast else 1], models[2]
+    cfg = AdversarialConfig(adv_modality="alter", adv_lr_txt=1e-2, adv_lr_img=0.1)
+    want = run_step(model, batch, cfg, task)
+    got = run_step(model, batch, dataclasses.replace(cfg, reuse_clean_forward=True), task)
+    assert_steps_agree(got, want, delta_atol=1e-4 if task == "mrckl" else 1e-5)
 
 
 VCR_BASE = 1000  # the tiny word table = the bundled VCR set's special_token_base

@@ -146,14 +146,13 @@ def test_config_checks() -> None:
     assert parse_adversarial({"adv_init_mag": 0.01}, "cfg.json").adv_init_mag == 0.01  # without the option: fine
 
 
-def test_pretraining_refuses_the_option(tmp_path) -> None:
+def test_pretraining_takes_the_option(tmp_path) -> None:
     for name in ("txt", "img"):
         (tmp_path / name).mkdir()
     data = [{"name": "d", "db": ["txt"], "img": ["img"], "tasks": ["mlm"], "mix_ratio": [1]}]
     raw = {"output_dir": str(tmp_path / "out"), "model": "tiny", "train_datasets": data, "val_datasets": data}
-    assert parse_training_config({**raw, "adversarial": {}}, str(tmp_path)).adversarial is not None
-    with pytest.raises(ConfigError, match="adversarial.reuse_clean_forward must be false in pretraining"):
-        parse_training_config({**raw, "adversarial": {"reuse_clean_forward": True}}, str(tmp_path))
+    cfg = parse_training_config({**raw, "adversarial": {"reuse_clean_forward": True}}, str(tmp_path))
+    assert cfg.adversarial == AdversarialConfig(reuse_clean_forward=True)
 
 
 def test_reuse_through_the_fused_encoder_layer() -> None:

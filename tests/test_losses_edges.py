@@ -81,6 +81,28 @@ def test_backward_twice_is_refused() -> None:
         loss.backward()
 
 
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("task", TASKS)
+def test_kept_gradients_allow_a_second_backward(backend, task) -> None:
+    """Inside ``kept_gradients`` a backward (here: to the hidden rows only, as the shared clean pass of adversarial
+    training runs it) leaves the stored gradients intact: a second, full backward then gives exactly the gradients of
+    a single backward; after it they are released."""
+    from uniter_fast.losses.fused_linear import kept_gradients
+
+    case = make_case(task, [7, 4, 6], 6, 24, 97, torch.float32)
+    want = loss_and_grads(run_loss(task, case, backend), case.leaves())
+    hidden = case.leaves()[0]
+    loss = run_loss(task, case, backend)
+    with kept_gradients():
+        (first,) = torch.autograd.grad(loss * 3.0, [hidden], retain_graph=True)
+    torch.testing.assert_close(first, 3.0 * want[1], rtol=1e-6, atol=0)
+    got = torch.autograd.grad(loss, case.leaves(), retain_graph=True)
+    for g, w in zip(got, want[1:]):
+        assert torch.equal(g.float(), w)
+    with pytest.raises(RuntimeError, match="backward runs once"):
+        loss.backward()
+
+
 def test_auto_and_fast_pick_chunked_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert losses.resolve_backend("auto", cpu) == "chunked"

@@ -11,10 +11,11 @@ chunk of logits plus the gradient buffers, never the full [M, C] logits (Liger-K
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
@@ -55,8 +56,25 @@ def chunk_rows(rows: int, classes: int, device: torch.device) -> int:
     return max(1, math.ceil(rows / CHUNKS), least // classes)
 
 
+_KEEP_GRADIENTS = [0]  # > 0 inside kept_gradients(); a global, as CUDA runs backward on the autograd engine's thread
+
+
+@contextlib.contextmanager
+def kept_gradients() -> Iterator[None]:
+    """A backward inside this scope leaves each fused loss's stored gradients as they are (it scales copies), so that
+    a second backward through the same graph can follow: the input-only backward of adversarial training's shared
+    clean pass (``uniter_fast.training.adversarial``), before the step's full backward. Outside, a backward scales
+    them in place and releases them: one backward per forward, no copy."""
+    _KEEP_GRADIENTS[0] += 1
+    try:
+        yield
+    finally:
+        _KEEP_GRADIENTS[0] -= 1
+
+
 class _FusedLinearLoss(torch.autograd.Function):
-    """Autograd wrapper; gradients are computed in forward and scaled in backward (one backward per forward)."""
+    """Autograd wrapper; gradients are computed in forward and scaled in backward (one backward per forward, or
+    more inside :func:`kept_gradients`)."""
 
     @staticmethod
     def forward(
@@ -82,10 +100,15 @@ class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         if ctx.grads is None:
-            raise RuntimeError("the fused loss's gradients were already used: backward runs once per forward")
-        grads, ctx.grads = ctx.grads, None
+            raise RuntimeError(
+                "the fused loss's gradients were already used: backward runs once per forward (outside kept_gradients)"
+            )
+        grads, keep = ctx.grads, _KEEP_GRADIENTS[0] > 0
+        if not keep:
+            ctx.grads = None
         factor = grad_out * ctx.scale
-        out = tuple(None if g is None else g.mul_(factor).to(d) for g, d in zip(grads, ctx.dtypes))
+        scaled = [None if g is None else g * factor if keep else g.mul_(factor) for g in grads]
+        out = tuple(None if g is None else g.to(d) for g, d in zip(scaled, ctx.dtypes))
         return (*out, None, None, None, None, None)
 
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional, Union
 
 from uniter_fast.config import UniterConfig
 from uniter_fast.pretraining.model import TASKS, pretraining_model_size, task_kind
-from uniter_fast.training.adversarial import AdversarialConfig, check_pretraining_block, parse_adversarial_block
+from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
 from uniter_fast.training.budget import BudgetModel
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -193,7 +193,6 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     check_keys("ot", raw.get("ot", {}), OtSettings)
     fields["ot"] = OtSettings(**raw.get("ot", {}))
     fields["adversarial"] = parse_adversarial_block(raw, where)
-    check_pretraining_block(fields["adversarial"], where)
     cfg = parse_run_config(TrainingConfig, fields, where, base_dir, lambda p: resolve_bundled_corpus(p, base_dir))
     if cfg.ot.beta <= 0 or cfg.ot.iteration < 1 or cfg.ot.k < 1:
         raise ValueError(f"ot: need beta > 0, iteration >= 1 and k >= 1, got {dataclasses.asdict(cfg.ot)}")

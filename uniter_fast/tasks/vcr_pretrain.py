@@ -37,7 +37,6 @@ from uniter_fast.tasks.vcr import (
     prepare_vcr_tables,
     with_special_tokens,
 )
-from uniter_fast.training.adversarial import AdversarialConfig, check_pretraining_block
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
 
 PRETRAIN_TASKS = ("mlm", "mrfr", "mrc", "mrckl")
@@ -140,10 +139,6 @@ class VcrPretrainTask(Task):
         if not 0 < out["mrm_prob"] < 1:
             raise ValueError(f"{where}: 'mrm_prob' must be in (0, 1), got {out['mrm_prob']!r}")
         return out
-
-    def check_adversarial(self, options: dict[str, Any], adversarial: AdversarialConfig, where: str) -> None:
-        """Adversarial pretraining's refusal of ``reuse_clean_forward``, as in ``pretrain.py``."""
-        check_pretraining_block(adversarial, where)
 
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
         return with_special_tokens(super().data_options(dbs, txt_paths, options), dbs, txt_paths)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from uniter_fast.errors import ConfigError
+from uniter_fast.losses.fused_linear import kept_gradients
 from uniter_fast.model.perturbation import delta_grid, delta_slots, with_deltas
 
 MODALITIES = ("text", "image", "text+image", "alter")
@@ -110,17 +111,6 @@ def parse_adversarial_block(raw: dict[str, Any], where: str) -> Optional[Adversa
             "set capture false"
         )
     return cfg
-
-
-def check_pretraining_block(cfg: Optional[AdversarialConfig], where: str) -> None:
-    """Adversarial pretraining (``pretrain.py``'s objectives and VCR's second stage) refuses ``reuse_clean_forward``
-    with one ``ConfigError`` line: the fused MLM / MRM losses back-propagate once per forward, the shared clean pass
-    needs two."""
-    if cfg is not None and cfg.reuse_clean_forward:
-        raise ConfigError(
-            f"{where}: adversarial.reuse_clean_forward must be false in pretraining (the fused MLM/MRM losses "
-            "back-propagate once per forward; the shared clean pass needs two), got true"
-        )
 
 
 def symmetric_kl(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -243,8 +233,10 @@ class AdversarialStep:
         slots = delta_slots(batch) if "packed" in batch else None
         branches = [self._initial(batch, text, image) for text, image in cfg.branches]
         count = cfg.adv_steps * len(branches)
+        # without logits there is no clean forward to share: step 1 is a perturbed forward at the zero perturbation
+        reuse = cfg.reuse_clean_forward and self.has_logits(task)
         clean_out: Optional[dict] = None
-        if cfg.reuse_clean_forward:  # the zero perturbations of step 1 ride on the clean forward, as leaves
+        if reuse:  # the zero perturbations of step 1 ride on the clean forward, as leaves
             shared = {key: delta.requires_grad_() for deltas in branches for key, delta in deltas.items()}
             clean_out = engine(with_deltas(batch, shared.get("txt"), shared.get("img"), slots), task, with_logits=True)
         elif self.has_logits(task):
@@ -255,7 +247,7 @@ class AdversarialStep:
         total = torch.zeros((), device=batch["txt_lens"].device)
         task_sum, kl_sum = torch.zeros_like(total), torch.zeros_like(total)
         first = 0
-        if cfg.reuse_clean_forward:  # step 1 is the clean forward: L_1 = task(z) / K, its KL 0
+        if reuse:  # step 1 is the clean forward: L_1 = task(z) / K, its KL 0
             clean_task = clean_out["loss"].detach().float()
             loss = clean_task * len(branches) / count
             total, task_sum = total + loss, task_sum + clean_task * len(branches)
@@ -274,7 +266,7 @@ class AdversarialStep:
                 task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
             loss = loss / count
             scale = LossScale(loss)
-            last = clean is None and not cfg.reuse_clean_forward and astep + 1 == cfg.adv_steps
+            last = clean is None and not reuse and astep + 1 == cfg.adv_steps
             backward(engine, loss, last=last)
             total = total + loss.detach()
             if clean is not None:
@@ -286,7 +278,7 @@ class AdversarialStep:
         # through the clean graph once: the KL's gradient at the clean logits summed over the K steps, and with
         # reuse_clean_forward step 1's task loss (its parameter gradients)
         final = None if clean is None else (clean_logits.float() * clean_grad).sum()
-        if cfg.reuse_clean_forward:
+        if reuse:
             step_1 = clean_out["loss"].float() * (len(branches) / count)
             final = step_1 if final is None else final + step_1
         if final is not None:
@@ -301,7 +293,7 @@ class AdversarialStep:
         graph (no parameter gradient; the graph is kept for the final backward); the ascended perturbations."""
         scale = input_scale(engine)
         leaves = [delta for deltas in branches for delta in deltas.values()]
-        with engine_hooks_suspended(clean_out):
+        with engine_hooks_suspended(clean_out), kept_gradients():  # the fused losses' gradients serve the final pass
             torch.autograd.backward(clean_out["loss"].float() * (scale / count), inputs=leaves, retain_graph=True)
         return [self._ascended(deltas, scale) for deltas in branches]
 
