@@ -299,7 +299,7 @@ def test_config_block_is_optional_and_checked_per_task() -> None:
         name = "no_logits"
 
     with pytest.raises(ConfigError, match="^cfg: 'adversarial' is not available for task 'no_logits'"):
-        NoLogits().check_adversarial({}, AdversarialConfig(), "cfg")
+        NoLogits().check_adversarial({}, "cfg")
     with pytest.raises(ConfigError, match="'adversarial' needs hard_neg_size 0 .*got [1-9]"):
         parse_finetune_config({**tiny_raw("itm-hn"), "adversarial": {}})
 

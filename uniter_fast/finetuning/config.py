@@ -159,7 +159,7 @@ def parse_finetune_config(
     raw["options"] = task.check_options(options, where)
     raw["adversarial"] = parse_adversarial_block(raw, where)
     if raw["adversarial"] is not None:
-        task.check_adversarial(raw["options"], raw["adversarial"], where)
+        task.check_adversarial(raw["options"], where)
     auto = os.path.abspath(auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where))  # the working directory's
     if raw.get("checkpoint") == "auto":
         raw["checkpoint"] = auto if os.path.isdir(auto) else None

@@ -49,7 +49,6 @@ from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.model.uniter import Model
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
 from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
-from uniter_fast.training.adversarial import AdversarialConfig
 
 PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
 EVAL_MODES = ("exact", "fast")
@@ -823,7 +822,7 @@ class ItmTask(Task):
         """The match score of each (caption, image) pair: the cross-encoder's logit and its sigmoid."""
         return [{"score": float(torch.sigmoid(s)), "logit": float(s)} for s in scores]
 
-    def check_adversarial(self, options: dict[str, Any], adversarial: AdversarialConfig, where: str) -> None:
+    def check_adversarial(self, options: dict[str, Any], where: str) -> None:
         """Adversarial fine-tuning perturbs the rows of the batch it is given; hard negatives are chosen inside the
         forward from those rows (by perturbed scores), so clean and perturbed scores would compare different
         candidates: refused with ``hard_neg_size`` > 0."""

@@ -30,7 +30,6 @@ from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, eval_batches
 from uniter_fast.tasks.evaluation import evaluate
 from uniter_fast.tasks.synthetic.text import texts_of
-from uniter_fast.training.adversarial import AdversarialConfig
 
 DATA_FACTS = "data_facts"
 """The key under which :meth:`Task.data_options` returns the :class:`DataFacts` of the databases; ``load_task_model``
@@ -152,9 +151,8 @@ class Task:
             )
         return {**self.options, **options}
 
-    def check_adversarial(self, options: dict[str, Any], adversarial: AdversarialConfig, where: str) -> None:
-        """``ConfigError`` naming ``where`` unless adversarial fine-tuning with the block ``adversarial`` applies to
-        this task with ``options``."""
+    def check_adversarial(self, options: dict[str, Any], where: str) -> None:
+        """``ConfigError`` naming ``where`` unless adversarial fine-tuning applies to this task with ``options``."""
         if not self.adversarial:
             raise ConfigError(f"{where}: 'adversarial' is not available for task {self.name!r} (it has no task logits)")
 
