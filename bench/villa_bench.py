@@ -34,7 +34,7 @@ import argparse
 import dataclasses
 import os
 import statistics
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -216,26 +216,8 @@ def main() -> None:
     columns = ["task", "path", "step", "valid_tokens", "ms", "aft_vs_plain", "vs_original", "vs_reference"]
     columns.append("graph_peak_mib")
     print_table(rows, columns + (["peak_mib"] if gpu else []))
-    meta = run_meta(
-        args,
-        torch.bfloat16 if gpu else torch.float32,
-        config=args.config,
-        precision=precision,
-        adversarial=vars(SETTINGS),
-        adversarial_reuse=vars(REUSE),
-    )
-    out = output_dir(args)
-    print(write_json("villa_bench", device, rows, meta, out))
-    series = {
-        p + (" (shared clean pass)" if kind == "aft_reuse" else ""): [
-            r["ms"] for r in rows if r["path"] == p and r["step"] == kind
-        ]
-        for p in PATHS
-        for kind in AFT_KINDS
-        if p != "original" or kind == "aft"
-    }
     title = f"UNITER-{args.config} AFT step (K=3): original vs reference vs fast, with and without the shared pass"
-    print(plot_grouped_bars("villa_bench", device, list(args.tasks), series, "ms per AFT step", title, False, out))
+    write_report(args, device, "villa_bench", rows, list(args.tasks), PATHS, "ms", title, precision=precision)
 
 
 def apt_main(args: argparse.Namespace, device: torch.device) -> None:
@@ -251,26 +233,50 @@ def apt_main(args: argparse.Namespace, device: torch.device) -> None:
     print(f"{precision}, load {os.getloadavg()[0]}")
     columns = ["task", "path", "step", "valid_tokens", "ms", "aft_vs_plain", "vs_reference", "graph_peak_mib"]
     print_table(rows, columns)
-    meta = run_meta(
+    title = f"UNITER-{args.config} APT step (K=3) over a plain pretraining step, with and without the shared pass"
+    groups, paths = list(PRETRAIN_TASKS), ("reference", "fast")
+    write_report(
         args,
-        torch.bfloat16 if gpu else torch.float32,
-        config=args.config,
+        device,
+        "villa_bench_apt",
+        rows,
+        groups,
+        paths,
+        "aft_vs_plain",
+        title,
         precision=precision,
         batch_tokens=batch_tokens,
-        adversarial=vars(SETTINGS),
-        adversarial_reuse=vars(REUSE),
     )
+
+
+def write_report(
+    args: argparse.Namespace,
+    device: torch.device,
+    name: str,
+    rows: list[dict],
+    groups: list[str],
+    paths: Sequence[str],
+    value: str,
+    title: str,
+    **meta: Any,
+) -> None:
+    """Write ``rows`` as ``name``'s JSON (the run's metadata, the AFT settings and ``meta``) and a PNG of ``value``
+    (``ms``: ms per AFT step; ``aft_vs_plain``: AFT / plain) per group, path and AFT kind."""
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    info = run_meta(args, dtype, config=args.config, adversarial=vars(SETTINGS), adversarial_reuse=vars(REUSE), **meta)
     out = output_dir(args)
-    print(write_json("villa_bench_apt", device, rows, meta, out))
+    print(write_json(name, device, rows, info, out))
     series = {
         p + (" (shared clean pass)" if kind == "aft_reuse" else ""): [
-            r["aft_vs_plain"] for r in rows if r["path"] == p and r["step"] == kind
+            r[value] for r in rows if r["path"] == p and r["step"] == kind
         ]
-        for p in ("reference", "fast")
+        for p in paths
         for kind in AFT_KINDS
+        if p != "original" or kind == "aft"
     }
-    title = f"UNITER-{args.config} APT step (K=3) over a plain pretraining step, with and without the shared pass"
-    print(plot_grouped_bars("villa_bench_apt", device, list(PRETRAIN_TASKS), series, "APT / plain", title, False, out))
+    ylabel = "ms per AFT step" if value == "ms" else "APT / plain"
+    print(plot_grouped_bars(name, device, groups, series, ylabel, title, False, out))
 
 
 if __name__ == "__main__":
