@@ -344,11 +344,6 @@ def test_training_clis_check_everything_before_start_up(no_start, capsys, tmp_pa
             ["--config", finetune_config(tmp_path, adversarial={"reuse_clean_forward": True, "adv_init_mag": 0.01})],
             "adversarial.adv_init_mag must be 0 with reuse_clean_forward true",
         ),
-        (
-            pretrain,
-            ["--config", pretrain_config(tmp_path, adversarial={"reuse_clean_forward": True})],
-            "adversarial.reuse_clean_forward must be false in pretraining",
-        ),
         (pretrain, ["--config", pt, "--ds_config", misspelt], "(closest: 'train_micro_batch_size_per_gpu')"),
         (pretrain, ["--config", pt, "--checkpoint", small], "its weights do not fit the model config 'tiny'"),
     ]
