@@ -401,6 +401,7 @@ def villa_aft_speed(device: torch.device, quick: bool, out: str) -> tuple[list[d
 def villa_apt_speed(device: torch.device, quick: bool) -> tuple[list[dict], list[dict]]:
     """VILLA's adversarial pretraining (APT) step of each pretraining objective on the fast path, default and with
     the shared clean pass, against a plain step (villa_bench.apt_speed; reported, no goal of its own)."""
+    from batches import PRETRAIN_TASKS
     from villa_bench import apt_speed
 
     config, tokens, warmup, repeats = ("tiny", 640, 1, 1) if quick else ("base", 10240, 2, 5)
@@ -408,7 +409,7 @@ def villa_apt_speed(device: torch.device, quick: bool) -> tuple[list[dict], list
     fast = {(r["task"], r["step"]): r for r in rows if r["path"] == "fast" and r["step"] != "plain"}
     figure = "; ".join(
         f"{task} {fast[(task, 'aft')]['aft_vs_plain']:.2f}x / {fast[(task, 'aft_reuse')]['aft_vs_plain']:.2f}x"
-        for task in dict.fromkeys(task for task, _ in fast)
+        for task in PRETRAIN_TASKS
     )
     goal = _goal(
         f"APT step / plain step, UNITER-{config}, fast path: default / shared clean pass", "report", figure, True

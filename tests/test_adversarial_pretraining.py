@@ -15,6 +15,7 @@ import torch
 from tests.pretrain_batches import task_batch
 from tests.pretrain_runs import REPO, exported_weights, launcher, run, step_log, write_configs
 from tests.test_adversarial import ModuleEngine, assert_steps_agree, run_step
+from tests.test_adversarial_reuse import CountingEngine
 from tests.test_pretrain_heads import tiny_model
 from tests.test_tasks_e2e import finetune, write_config
 from tests.test_tasks_e2e import step_log as finetune_steps
@@ -137,22 +138,6 @@ def test_mrfr_step_is_the_sum_of_the_perturbed_task_losses() -> None:
     for name, param in fast.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(grads[name], param.grad, rtol=1e-5, atol=1e-7, msg=name)
-
-
-class CountingEngine(ModuleEngine):
-    """A ``ModuleEngine`` that counts forwards and backwards."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__(model)
-        self.forwards = self.backwards = 0
-
-    def __call__(self, batch: dict, task: str, **kwargs) -> dict:
-        self.forwards += 1
-        return super().__call__(batch, task, **kwargs)
-
-    def backward(self, loss: torch.Tensor, scale_wrt_gas: bool = False) -> None:
-        self.backwards += 1
-        super().backward(loss, scale_wrt_gas)
 
 
 @pytest.mark.parametrize("task", OBJECTIVES)

@@ -143,7 +143,8 @@ def read_questions(path: str) -> list[dict[str, Any]]:
 
 
 def command_queries(args: argparse.Namespace, per_text: int) -> list[dict[str, Any]]:
-    """The queries of the command line: the questions file, or every --text about the --image list (each image in
+    """The queries of the command line (``image`` as given, ``image_path`` the path(s) read): the questions file, or
+    every --text about the --image list (each image in
     turn; ``per_text`` > 1: the images together, NLVR2's left and right)."""
     if args.questions:
         if args.image or args.text or args.boxes is not None:
@@ -168,7 +169,7 @@ def command_queries(args: argparse.Namespace, per_text: int) -> list[dict[str, A
             raise ConfigError(f"--boxes: given boxes are for one-image tasks; --task {args.task} takes {per_text}")
         for image in images:
             check_image_boxes(extra["boxes"], image, f"--boxes ({image})")
-    return [{"image": image, "text": text, **extra} for text in args.text for image in groups]
+    return [{"image": image, "image_path": image, "text": text, **extra} for text in args.text for image in groups]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
@@ -200,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     rationales = [q.get("rationales") for q in queries] if any("rationales" in q for q in queries) else None
     boxes = [q.get("boxes") for q in queries] if any("boxes" in q for q in queries) else None
     results = pipe(
-        [q.get("image_path", q["image"]) for q in queries],
+        [q["image_path"] for q in queries],
         [q["text"] for q in queries],
         answers=answers,
         rationales=rationales,
