@@ -272,6 +272,8 @@ BAD_BLOCKS = [
     ({"adv_lr_txt": -1e-3}, "adversarial.adv_lr_txt must be a finite number >= 0, got -0.001"),
     ({"adv_kl_weight": "1.5"}, "adversarial.adv_kl_weight must be a finite number >= 0, got '1.5'"),
     ({"adv_max_norm": float("nan")}, "adversarial.adv_max_norm must be a finite number >= 0, got nan"),
+    ({"adv_kl_weights": 0.5}, "adversarial.adv_kl_weights must be a JSON object of objective: finite number >= 0, "),
+    ({"adv_kl_weights": {"mlm": -1}}, r"adversarial.adv_kl_weights must be .*, got \{'mlm': -1\}"),
 ]
 
 
@@ -302,6 +304,19 @@ def test_config_block_is_optional_and_checked_per_task() -> None:
         NoLogits().check_adversarial({}, "cfg")
     with pytest.raises(ConfigError, match="'adversarial' needs hard_neg_size 0 .*got [1-9]"):
         parse_finetune_config({**tiny_raw("itm-hn"), "adversarial": {}})
+
+
+def test_kl_weights_name_the_run_objectives() -> None:
+    """``adv_kl_weights`` names objectives the run trains with a KL: the task itself (one objective), VCR's second
+    stage's configured objectives but MRFR (a regression); anything else is refused in one line."""
+    block = {"adv_kl_weight": 1.5, "adv_kl_weights": {"vqa": 0.5}}
+    assert parse_finetune_config({**tiny_raw("vqa"), "adversarial": block}).adversarial.kl_weight("vqa") == 0.5
+    with pytest.raises(ConfigError, match=r"^cfg: adversarial.adv_kl_weights names \['mlm'\], .*are \['vqa'\]$"):
+        parse_finetune_config({**tiny_raw("vqa"), "adversarial": {"adv_kl_weights": {"mlm": 0}}}, where="cfg")
+    vcr = parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"adv_kl_weights": {"mrckl": 0}}})
+    assert (vcr.adversarial.kl_weight("mrckl"), vcr.adversarial.kl_weight("mlm")) == (0, 1.5)
+    with pytest.raises(ConfigError, match=r"names \['mrfr'\], .*are \['mlm', 'mrckl'\]$"):
+        parse_finetune_config({**tiny_raw("vcr-pretrain"), "adversarial": {"adv_kl_weights": {"mrfr": 0}}}, where="cfg")
 
 
 @pytest.mark.parametrize(

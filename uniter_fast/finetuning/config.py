@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Optional
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS, get_task
 from uniter_fast.tasks.bundled import BUNDLED_PREFIX, resolve_bundled
-from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
+from uniter_fast.training.adversarial import AdversarialConfig, check_kl_weights, parse_adversarial_block
 from uniter_fast.training.cli import REPO_ROOT
 from uniter_fast.training.config import RunConfig, field_names, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -160,6 +160,7 @@ def parse_finetune_config(
     raw["adversarial"] = parse_adversarial_block(raw, where)
     if raw["adversarial"] is not None:
         task.check_adversarial(raw["options"], where)
+        check_kl_weights(raw["adversarial"], task.kl_objectives(raw["options"]), where)
     auto = os.path.abspath(auto_checkpoint(raw.get("checkpoint_from", PRETRAIN), where))  # the working directory's
     if raw.get("checkpoint") == "auto":
         raw["checkpoint"] = auto if os.path.isdir(auto) else None

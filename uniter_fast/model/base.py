@@ -79,6 +79,11 @@ class UniterPreTrainedModel(nn.Module):
         adversarial training) rather than None; every head but pretraining's MRFR regression has them."""
         return True
 
+    def objective(self, task: str) -> str:
+        """The objective that a step of ``task`` (a training stream's name) trains, as an adversarial block's
+        ``adv_kl_weights`` names it: the task's name (pretraining: its objective, ``"mlm_coco"`` -> ``"mlm"``)."""
+        return task
+
     def _uses_packed(self, batch: dict) -> bool:
         return self.fast and "packed" in batch
 

@@ -14,8 +14,8 @@ import os
 from typing import Any, ClassVar, Optional, Union
 
 from uniter_fast.config import UniterConfig
-from uniter_fast.pretraining.model import TASKS, pretraining_model_size, task_kind
-from uniter_fast.training.adversarial import AdversarialConfig, parse_adversarial_block
+from uniter_fast.pretraining.model import TASKS, WITHOUT_LOGITS, pretraining_model_size, task_kind
+from uniter_fast.training.adversarial import AdversarialConfig, check_kl_weights, parse_adversarial_block
 from uniter_fast.training.budget import BudgetModel
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
@@ -206,6 +206,9 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
         raise ValueError(f"train_datasets: task names must be unique across datasets, got {names}")
     if cfg.phases is not None:
         _check_phases(cfg.phases, names)
+    if cfg.adversarial is not None:
+        objectives = {task_kind(name) for name in names} - set(WITHOUT_LOGITS)
+        check_kl_weights(cfg.adversarial, sorted(objectives), where)
     return cfg
 
 

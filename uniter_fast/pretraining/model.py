@@ -24,6 +24,8 @@ from uniter_fast.pretraining.heads import BertOnlyMLMHead, RegionClassification,
 from uniter_fast.training.budget import ModelSize, model_size
 
 TASKS = ("mlm", "mrfr", "mrc", "mrckl", "itm")
+WITHOUT_LOGITS = ("mrfr",)
+"""The objectives whose head is a regression: no softmax, so no KL in adversarial training (``has_logits``)."""
 
 
 def task_kind(task: str) -> str:
@@ -153,7 +155,11 @@ class UniterForPretraining(UniterPreTrainedModel):
 
     def has_logits(self, task: str) -> bool:
         """False for MRFR (a regression: ``with_logits`` gives None), True for the other objectives."""
-        return task_kind(task) != "mrfr"
+        return task_kind(task) not in WITHOUT_LOGITS
+
+    def objective(self, task: str) -> str:
+        """The objective of ``task`` (:func:`task_kind`): ``"mlm_coco"`` -> ``"mlm"``."""
+        return task_kind(task)
 
     # ------------------------------------------------------------------ forward
     def forward(

@@ -156,6 +156,11 @@ class Task:
         if not self.adversarial:
             raise ConfigError(f"{where}: 'adversarial' is not available for task {self.name!r} (it has no task logits)")
 
+    def kl_objectives(self, options: dict[str, Any]) -> list[str]:
+        """The objectives a run with ``options`` trains with a KL in adversarial training, as the model's
+        ``objective`` names them (what an adversarial block's ``adv_kl_weights`` may name); default the task."""
+        return [self.name]
+
     def options_from_state(self, state: dict[str, torch.Tensor]) -> dict[str, Any]:
         """Options that a checkpoint's head keys and shapes fix (e.g. the NLVR2 variant); default none."""
         return {}

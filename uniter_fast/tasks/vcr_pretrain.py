@@ -24,7 +24,7 @@ from uniter_fast.config import UniterConfig
 from uniter_fast.data.masking import MASK_PROB, mask_regions, mask_words
 from uniter_fast.data.vcr_db import VcrTxtTokLmdb, split_vcr_img_dirs
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.pretraining.model import UniterForPretraining, task_kind
+from uniter_fast.pretraining.model import WITHOUT_LOGITS, UniterForPretraining, task_kind
 from uniter_fast.pretraining.validate import validate
 from uniter_fast.tasks.data import ConcatTaskDatasets, DbCache, TaskDataset, box_inputs, collate_rows, eval_batches
 from uniter_fast.tasks.spec import CheckpointView, DataFacts, Task
@@ -139,6 +139,10 @@ class VcrPretrainTask(Task):
         if not 0 < out["mrm_prob"] < 1:
             raise ValueError(f"{where}: 'mrm_prob' must be in (0, 1), got {out['mrm_prob']!r}")
         return out
+
+    def kl_objectives(self, options: dict[str, Any]) -> list[str]:
+        """The configured ``tasks`` with task logits (MRFR has none)."""
+        return [kind for kind in options["tasks"] if kind not in WITHOUT_LOGITS]
 
     def data_options(self, dbs: DbCache, txt_paths: list[str], options: dict[str, Any]) -> dict[str, Any]:
         return with_special_tokens(super().data_options(dbs, txt_paths, options), dbs, txt_paths)

@@ -4,8 +4,10 @@
 Per micro-batch: a clean forward with gradient (its logits ``z``), then K = ``adv_steps`` perturbed forwards, each
 with loss ``(task_loss(adv) + adv_kl_weight * SKL(z, z_adv)) / K`` and a backward, the parameter gradients summing
 over the K steps (one optimizer step per batch); a task without logits (pretraining's MRFR) has no KL and so no clean
-forward. ``SKL`` is the symmetric KL of the softmax of the logits, summed
-over the classes and averaged over the rows (VILLA's ``kl.sum(1).mean()``, equal to its VQA ``.mean() x #answers``).
+forward, nor has one whose KL weight is 0. A run of several objectives (pretraining, VCR's second stage) may weigh the
+KL per objective (``adv_kl_weights``, overriding ``adv_kl_weight`` for the objectives it names). ``SKL`` is the
+symmetric KL of the softmax of the logits, summed over the classes and averaged over the rows (VILLA's
+``kl.sum(1).mean()``, equal to its VQA ``.mean() x #answers``).
 Between steps each perturbation ascends, ``delta += lr * g / ||g||`` (per row of the batch over all its positions,
 L2 or L-inf), ``g`` unscaled from the loss scale, then is projected to ``adv_max_norm`` (0: none). Perturbations:
 ``uniter_fast.model.perturbation`` (word embeddings after the lookup; raw region features before ``img_linear``).
@@ -57,6 +59,12 @@ class AdversarialConfig:
     norm_type: str = "l2"
     adv_modality: str = "text"
     reuse_clean_forward: bool = False
+    adv_kl_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def kl_weight(self, objective: str) -> float:
+        """The KL weight of ``objective`` (``UniterPreTrainedModel.objective``): its ``adv_kl_weights`` entry, else
+        ``adv_kl_weight``."""
+        return self.adv_kl_weights.get(objective, self.adv_kl_weight)
 
     @property
     def branches(self) -> list[tuple[bool, bool]]:
@@ -89,7 +97,10 @@ def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
         elif name == "reuse_clean_forward":
             if not isinstance(value, bool):
                 raise ConfigError(f"{key} must be true or false, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        elif name == "adv_kl_weights":
+            if not isinstance(value, dict) or not all(_weight(w) for w in value.values()):
+                raise ConfigError(f"{key} must be a JSON object of objective: finite number >= 0, got {value!r}")
+        elif not _weight(value):
             raise ConfigError(f"{key} must be a finite number >= 0, got {value!r}")
     if cfg.reuse_clean_forward and cfg.adv_init_mag != 0:
         raise ConfigError(
@@ -97,6 +108,22 @@ def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
             f"forward at a zero perturbation), got {cfg.adv_init_mag!r}"
         )
     return cfg
+
+
+def _weight(value: Any) -> bool:
+    """Whether ``value`` is a finite number >= 0 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def check_kl_weights(cfg: AdversarialConfig, objectives: list[str], where: str) -> None:
+    """``ConfigError`` naming ``where`` unless every objective that ``cfg.adv_kl_weights`` names is one of the run's
+    ``objectives`` with a KL (its task logits; pretraining's MRFR has none)."""
+    unknown = sorted(set(cfg.adv_kl_weights) - set(objectives))
+    if unknown:
+        raise ConfigError(
+            f"{where}: adversarial.adv_kl_weights names {unknown}, which this run does not train with a KL; "
+            f"its objectives with one are {sorted(objectives)}"
+        )
 
 
 def parse_adversarial_block(raw: dict[str, Any], where: str) -> Optional[AdversarialConfig]:
@@ -217,13 +244,16 @@ class AdversarialStep:
     with_logits=...)`` and ``backward(loss, scale_wrt_gas=False)``; the task model's forward must take
     ``with_logits`` and return ``logits`` (None where the task has no softmax to compare: its perturbed forwards then
     take the task loss only). ``model``: the task model the engine runs; its ``config.hidden_size`` is the width H of
-    the word embeddings, and a task for which its ``has_logits(task)`` is False (pretraining's MRFR) has nothing for
-    the clean forward to give: that forward is skipped (K forwards and K backwards, the last one the accumulation
-    boundary). ``adv_steps`` 0 is the plain step. With ``reuse_clean_forward`` the input-only backward is scaled by
-    the engine's ``optimizer.loss_scale`` where it has one (:func:`input_scale`)."""
+    the word embeddings; its ``objective(task)`` names the KL weight of the task's steps
+    (:meth:`AdversarialConfig.kl_weight`). A task for which its ``has_logits(task)`` is False (pretraining's MRFR), or
+    whose KL weight is 0, has nothing for the clean forward to give: that forward is skipped (K forwards and K
+    backwards, the last one the accumulation boundary; ``adv_kl`` 0).
+    ``adv_steps`` 0 is the plain step. With ``reuse_clean_forward`` the input-only backward is scaled by the engine's
+    ``optimizer.loss_scale`` where it has one (:func:`input_scale`)."""
 
     def __init__(self, cfg: AdversarialConfig, model: Any) -> None:
         self.cfg, self.hidden_size, self.has_logits = cfg, model.config.hidden_size, model.has_logits
+        self.objective = model.objective
         self.trace: Optional[list[dict[str, Any]]] = None  # set to [] to record the perturbations (tests)
 
     def __call__(self, engine: Any, batch: dict, task: str) -> dict:
@@ -233,15 +263,18 @@ class AdversarialStep:
         slots = delta_slots(batch) if "packed" in batch else None
         branches = [self._initial(batch, text, image) for text, image in cfg.branches]
         count = cfg.adv_steps * len(branches)
-        # without logits there is no clean forward to share: step 1 is a perturbed forward at the zero perturbation
-        reuse = cfg.reuse_clean_forward and self.has_logits(task)
+        kl_weight = cfg.kl_weight(self.objective(task))
+        # no KL (no logits: MRFR; or a weight of 0): no clean forward, and none to share; step 1 is a perturbed
+        # forward at the zero perturbation
+        with_kl = self.has_logits(task) and kl_weight > 0
+        reuse = cfg.reuse_clean_forward and with_kl
         clean_out: Optional[dict] = None
         if reuse:  # the zero perturbations of step 1 ride on the clean forward, as leaves
             shared = {key: delta.requires_grad_() for deltas in branches for key, delta in deltas.items()}
             clean_out = engine(with_deltas(batch, shared.get("txt"), shared.get("img"), slots), task, with_logits=True)
-        elif self.has_logits(task):
+        elif with_kl:
             clean_out = engine(batch, task, with_logits=True)
-        clean_logits = None if clean_out is None else clean_out["logits"]  # None: no softmax to compare (MRFR)
+        clean_logits = None if clean_out is None else clean_out["logits"]
         clean = None if clean_logits is None else clean_logits.detach().float().requires_grad_()
         clean_grad = None if clean is None else torch.zeros_like(clean)
         total = torch.zeros((), device=batch["txt_lens"].device)
@@ -260,9 +293,10 @@ class AdversarialStep:
             for deltas in branches:
                 for delta in deltas.values():
                     delta.requires_grad_()
-                out = engine(with_deltas(batch, deltas.get("txt"), deltas.get("img"), slots), task, with_logits=True)
+                perturbed = with_deltas(batch, deltas.get("txt"), deltas.get("img"), slots)
+                out = engine(perturbed, task, with_logits=clean is not None)
                 kl = torch.zeros_like(total) if clean is None else symmetric_kl(clean, out["logits"])
-                loss = loss + out["loss"].float() + cfg.adv_kl_weight * kl
+                loss = loss + out["loss"].float() + kl_weight * kl
                 task_sum, kl_sum = task_sum + out["loss"].detach().float(), kl_sum + kl.detach()
             loss = loss / count
             scale = LossScale(loss)
