@@ -278,14 +278,15 @@ def part_correctness(device: Any, quick: bool, out: str, save: Callable[..., Non
 
 def part_syncs(device: Any, quick: bool, out: str, save: Callable[..., None]) -> None:
     """Host syncs of one fast-path training micro-step (forward + backward) per task, counted by
-    ``uniter_fast.syncs.count_step_syncs`` (CUDA: set_sync_debug_mode; CPU: its emulation, an upper bound)."""
+    ``uniter_fast.pretraining.syncs.count_step_syncs`` (CUDA: set_sync_debug_mode; CPU: its emulation, an upper
+    bound)."""
     import collections
     import os
 
     import torch
     from harness import plot_grouped_bars
 
-    from uniter_fast.syncs import count_step_syncs
+    from uniter_fast.pretraining.syncs import count_step_syncs
 
     rows = []
     for task in ("mlm", "mrfr", "mrc", "mrckl", "itm"):

@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 from uniter_fast.kernels.aot import AotSpec
 
-MAX_BLOCK = 128
+from uniter_fast.backends import TRITON_OT_MAX_BLOCK as MAX_BLOCK
+
 MIN_BLOCK = 32
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -104,6 +104,47 @@ def floor_imports(graph: nx.DiGraph, source: str, target: str) -> list[tuple[str
     return [(a, b) for a, b in graph.edges if under(a, source) and under(b, target)]
 
 
+FLOORS = {
+    0: ("config", "files", "layout", "backends", "syncs", "errors", "entry"),
+    1: ("kernels", "_C", "losses", "ot", "checkpoint", "checkpoint_layouts", "hub"),
+    2: ("model", "extract"),
+    3: ("data", "importers"),
+    4: ("training",),
+    5: ("pretraining", "tasks"),
+    6: ("pretraining.run", "finetuning", "inference"),
+    7: ("pretrain", "finetune", "evaluate", "benchmark", "build", "info", "predict", "search", "convert", "demo"),
+}
+"""docs/architecture.md's floors: module prefixes under ``uniter_fast`` (the longest prefix decides: the commands
+``extract.cli`` / ``extract.__main__`` sit on floor 7 above the detector's library)."""
+FLOORS[7] += ("extract.cli", "extract.__main__")
+PROBES = {("uniter_fast.backends", "uniter_fast._C")}
+"""Imports that only probe whether something loads (the compiled extension, as ``backends`` probes Triton)."""
+
+
+def floor_of(module: str) -> int:
+    """The floor of a package module (its longest prefix in :data:`FLOORS`); KeyError for one that has none. The
+    package itself is on the top floor: its public names (``Model``, ``Pipeline``) come from the floors below."""
+    if module == "uniter_fast":
+        return max(FLOORS)
+    matches = [
+        (len(prefix), floor)
+        for floor, prefixes in FLOORS.items()
+        for prefix in prefixes
+        if module == f"uniter_fast.{prefix}" or module.startswith(f"uniter_fast.{prefix}.")
+    ]
+    if not matches:
+        raise KeyError(f"{module} is on no floor of docs/architecture.md")
+    return max(matches)[1]
+
+
+def test_every_module_is_on_a_floor_and_imports_no_floor_above() -> None:
+    graph = import_graph()
+    floors = {m: floor_of(m) for m in graph.nodes}
+    upwards = [(a, b) for a, b in graph.edges if floors[b] > floors[a] and (a, b) not in PROBES]
+    assert upwards == []
+    assert floor_of("uniter_fast.extract.cli") == 7 and floor_of("uniter_fast.extract.extractor") == 2
+
+
 def test_floors_import_only_downwards() -> None:
     """The floors of docs/architecture.md: fine-tuning uses nothing of pretraining, the training floor nothing of
     the recipes or tasks, data (importers included) nothing of tasks, the model nothing above it."""

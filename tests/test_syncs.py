@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from uniter_fast.syncs import SyncCounter, count_step_syncs, count_syncs
+from uniter_fast.pretraining.syncs import count_step_syncs
+from uniter_fast.syncs import SyncCounter, count_syncs
 
 # Host syncs allowed in one fast-path micro-step (forward + backward), as documented in docs/pretraining.md.
 # ITM: the checks of the collate's txt_lens / img_lens against the pads in uniter_fast.ot.optimal_transport_dist

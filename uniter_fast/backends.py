@@ -30,6 +30,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+TRITON_OT_MAX_BLOCK = 128
+"""The most rows per side of one pair that the Triton IPOT / WRA kernels hold (``kernels/ipot.py`` tiles it): larger
+pairs fall back to the reference (:func:`resolve`)."""
 DeviceLike = Union[torch.device, str]
 
 
@@ -317,7 +320,7 @@ def _ot_situation(
     name: str, requested: str, backend: str, suffix_padded: bool, pair_size: Optional[tuple[int, int]]
 ) -> str:
     """The OT fallbacks: the fast kernels read the valid block of each pair (pads must be a suffix), and the Triton
-    kernels hold at most MAX_BLOCK x MAX_BLOCK per pair. Warnings point at the caller of ``ipot`` /
+    kernels hold at most TRITON_OT_MAX_BLOCK x TRITON_OT_MAX_BLOCK per pair. Warnings point at the caller of ``ipot`` /
     ``optimal_transport_dist``."""
     if backend != "reference" and not suffix_padded:
         if requested != "auto":
@@ -325,11 +328,9 @@ def _ot_situation(
         warnings.warn(f"{name}: pads are not a suffix of each row; using the reference backend", stacklevel=4)
         return "reference"
     if backend == "triton" and pair_size is not None:
-        from uniter_fast.kernels.ipot import MAX_BLOCK
-
-        if max(pair_size) > MAX_BLOCK:
+        if max(pair_size) > TRITON_OT_MAX_BLOCK:
             warnings.warn(
-                f"{name}: the Triton kernel holds at most {MAX_BLOCK}x{MAX_BLOCK} per pair, got "
+                f"{name}: the Triton kernel holds at most {TRITON_OT_MAX_BLOCK}x{TRITON_OT_MAX_BLOCK} per pair, got "
                 f"{pair_size[0]}x{pair_size[1]}; using the reference backend",
                 stacklevel=4,
             )
