@@ -13,6 +13,7 @@ import io
 import json
 import os
 import warnings
+from types import TracebackType
 from typing import Any, Optional
 
 import msgpack
@@ -381,5 +382,10 @@ class ImgDbWriter:
     def __enter__(self) -> ImgDbWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
         self.close(exc)

@@ -7,6 +7,7 @@ An LMDB directory whose values are lz4-frame-compressed msgpack dicts (``input_i
 from __future__ import annotations
 
 import os
+from types import TracebackType
 from typing import Any, NamedTuple, Optional, Union
 
 import lz4.frame
@@ -198,5 +199,10 @@ class TxtDbWriter:
     def __enter__(self) -> TxtDbWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
         self.close(exc)

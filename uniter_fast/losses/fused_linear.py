@@ -15,7 +15,7 @@ import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
@@ -78,7 +78,7 @@ class _FusedLinearLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx,
+        ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor,
@@ -98,7 +98,7 @@ class _FusedLinearLoss(torch.autograd.Function):
         return total * ctx.scale
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         if ctx.grads is None:
             raise RuntimeError(
                 "the fused loss's gradients were already used: backward runs once per forward (outside kept_gradients)"

@@ -34,6 +34,7 @@ class Gelu(nn.Module):
         return F.gelu(x) if self.variant == "fused" else original_gelu(x)
 
     def extra_repr(self) -> str:
+        """The variant, shown in the module's repr."""
         return f"variant={self.variant!r}"
 
 

@@ -94,7 +94,7 @@ class _BiasGelu(torch.autograd.Function):
     """gelu(x + bias): saves x and bias, recomputes x + bias in the backward kernel."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         x = x.contiguous()
         y = torch.empty_like(x)
         numel, grid = x.numel(), (_cdiv(x.numel(), kernels.ELEMENT_BLOCK),)
@@ -103,7 +103,7 @@ class _BiasGelu(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         need_x, need_bias = grads_needed(ctx)
         x, bias = ctx.saved_tensors
         dy = dy.contiguous()
@@ -124,7 +124,17 @@ class _BiasDropoutAddLayerNorm(torch.autograd.Function):
     """LayerNorm(dropout(x + bias) + residual): saves z (float32), the row statistics and the seed (not the mask)."""
 
     @staticmethod
-    def forward(ctx, x, bias, residual, weight, beta, eps: float, p: float, seed: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        bias: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        beta: torch.Tensor,
+        eps: float,
+        p: float,
+        seed: torch.Tensor,
+    ) -> torch.Tensor:
         width = x.shape[-1]
         x2, res2 = x.reshape(-1, width).contiguous(), residual.reshape(-1, width).contiguous()
         rows = x2.shape[0]
@@ -143,7 +153,7 @@ class _BiasDropoutAddLayerNorm(torch.autograd.Function):
         return y.view(*x.shape[:-1], width)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor):
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         need_x, need_bias, need_res, need_weight, need_beta = grads_needed(ctx)[:5]
         z, mean, rstd, weight, seed = ctx.saved_tensors
         x_dtype, bias_dtype, res_dtype, beta_dtype = ctx.dtypes

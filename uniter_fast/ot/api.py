@@ -49,14 +49,22 @@ class _IpotDistance(torch.autograd.Function):
     """distance_b = Σ_ij C_bij T_bij with the reference IPOT plan T computed from C.detach(); ∂distance/∂C = T."""
 
     @staticmethod
-    def forward(ctx: Any, cost: torch.Tensor, txt_pad, img_pad, beta, iteration, k):
+    def forward(
+        ctx: Any,
+        cost: torch.Tensor,
+        txt_pad: torch.Tensor,
+        img_pad: torch.Tensor,
+        beta: float,
+        iteration: int,
+        k: int,
+    ) -> torch.Tensor:
         plan, dist = run_reference(cost, txt_pad, img_pad, None, None, beta, iteration, k)
         ctx.save_for_backward(plan)
         ctx.cost_dtype = cost.dtype
         return dist
 
     @staticmethod
-    def backward(ctx: Any, grad_dist: torch.Tensor):
+    def backward(ctx: Any, grad_dist: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         (plan,) = ctx.saved_tensors
         grad_cost = (grad_dist.to(plan.dtype)[:, None, None] * plan).to(ctx.cost_dtype)
         return (grad_cost,) + (None,) * 5

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -48,7 +48,10 @@ from uniter_fast.losses import weighted_mean
 from uniter_fast.model.base import UniterPreTrainedModel, eval_mode
 from uniter_fast.model.uniter import Model
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, row
-from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, require
+from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Query, Task, require
+
+if TYPE_CHECKING:
+    from uniter_fast.data.tokenizer import WordPiece
 
 PADDED_ROW_KEYS = ("input_ids", "img_feat", "img_pos_feat", "attn_masks", "gather_index", "txt_lens", "num_bbs")
 EVAL_MODES = ("exact", "fast")
@@ -391,7 +394,9 @@ class UniterForImageTextRetrieval(UniterPreTrainedModel):
         hidden = self.first_stage_encoder(input_ids, None, None, None, mask.long(), output_all_encoded_layers=False)
         return F.normalize(self.txt_proj(hidden[:, 0]).float(), dim=-1)
 
-    def image_embeddings(self, img_feat: torch.Tensor, img_pos_feat: torch.Tensor, num_bbs: torch.Tensor):
+    def image_embeddings(
+        self, img_feat: torch.Tensor, img_pos_feat: torch.Tensor, num_bbs: torch.Tensor
+    ) -> torch.Tensor:
         """L2-normalised first-stage image embeddings [B, D] of img_feat [B, Nb, 2048] / img_pos_feat [B, Nb, 7]:
         ``img_proj`` of the mean region output of an image-only pass."""
         mask = torch.arange(img_feat.size(1), device=img_feat.device)[None, :] < num_bbs[:, None]
@@ -612,6 +617,7 @@ class ItmEvalDataset(ItmPairsBase):
         return {"id": self.ids[index]}
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Not available: the split is scored by ``uniter_fast.tasks.itm_eval`` (``TypeError``)."""
         raise TypeError("ItmEvalDataset is scored by uniter_fast.tasks.itm_eval, not batched by items")
 
     def pairs_batch(self, txt_index: np.ndarray, img_index: np.ndarray) -> dict[str, Any]:
@@ -761,7 +767,10 @@ class ItmTask(Task):
         model.mark_first_stage_fresh()
         return derived
 
-    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
+        """Random negatives; none when ``train_first_stage_only`` (its teacher never reads them)."""
         txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
         distill = "distill" in first_stage_terms(options["first_stage_loss"])
         # the frozen cross-encoder's step reads each group's positive pair and the cross pairs, never the negatives
@@ -770,7 +779,7 @@ class ItmTask(Task):
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
-    ):
+    ) -> Any:
         return ItmEvalDataset(dbs.txt(TxtTokLmdb, txt_path, False), dbs.img(img_path))
 
     def evaluate_split(
@@ -799,7 +808,14 @@ class ItmTask(Task):
         return predictions[0].save(os.path.join(directory, stem), meta)
 
     # ------------------------------------------------------------------ new images
-    def query_dataset(self, queries, toker, features, box_settings, options):
+    def query_dataset(
+        self,
+        queries: list[Query],
+        toker: WordPiece,
+        features: dict[str, dict[str, np.ndarray]],
+        box_settings: tuple[float, int, int, int],
+        options: dict[str, Any],
+    ) -> TaskDataset:
         """Each caption with its image as a caption record (``caption_record``, as ``python -m uniter_fast.build``
         writes captions), read by ``ItmEvalDataset``."""
         img_db = memory_img_db(features, box_settings)
@@ -818,7 +834,9 @@ class ItmTask(Task):
         images = [dataset.all_img_ids.index(dataset.txt2img[i]) for i in dataset.ids]
         return dataset.pairs_batch(np.arange(len(dataset.ids)), np.array(images, dtype=np.int64))
 
-    def query_results(self, scores, batch, options, top_k):
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
         """The match score of each (caption, image) pair: the cross-encoder's logit and its sigmoid."""
         return [{"score": float(torch.sigmoid(s)), "logit": float(s)} for s in scores]
 
@@ -849,7 +867,10 @@ class ItmHardNegTask(ItmTask):
             raise ValueError(f"{where}: itm-hn needs hard_neg_size >= 1, got {out['hard_neg_size']!r}")
         return out
 
-    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
+        """``negative_size`` candidates per example, of which the model picks ``hard_neg_size`` hard ones."""
         txt_db = dbs.txt(TxtTokLmdb, txt_path, True)
         distill = "distill" in first_stage_terms(options["first_stage_loss"])
         return ItmHardNegDataset(txt_db, dbs.img(img_path), options["negative_size"], seed, distill)

@@ -18,7 +18,7 @@ as the official script). Predictions: ``results.csv`` lines ``identifier,True|Fa
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -43,8 +43,11 @@ from uniter_fast.tasks.data import (
     random_rows,
     row,
 )
-from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of
+from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Query, Task, ratio, require, scores_of
 from uniter_fast.tasks.synthetic.nlvr2 import BUNDLED_SENTENCES, nlvr2_annotations
+
+if TYPE_CHECKING:
+    from uniter_fast.data.tokenizer import WordPiece
 
 VARIANTS = ("paired", "triplet", "paired-attn")
 TYPE_ROWS = (0, 1, 1)  # init_type_embedding: the second image's type starts as a copy of the image type
@@ -93,6 +96,7 @@ class UniterForNlvr2Paired(_Nlvr2Model):
         self.init_head_weights(self.nlvr2_output)
 
     def scores(self, batch: dict[str, Any], sequence_output: torch.Tensor) -> torch.Tensor:
+        """[pairs, 2] from the two pooled outputs of each pair, side by side."""
         pooled = self._pooled(batch, sequence_output)
         return self.nlvr2_output(pooled.reshape(pooled.size(0) // 2, -1))
 
@@ -106,6 +110,7 @@ class UniterForNlvr2Triplet(_Nlvr2Model):
         self.init_head_weights(self.nlvr2_output)
 
     def scores(self, batch: dict[str, Any], sequence_output: torch.Tensor) -> torch.Tensor:
+        """[B, 2] from the pooled output of each (text, left, right) sequence."""
         return self.nlvr2_output(self._pooled(batch, sequence_output))
 
 
@@ -270,17 +275,21 @@ class Nlvr2Task(Task):
         elif rows != len(TYPE_ROWS):
             raise ValueError(f"an NLVR2 model has 2 (pretrained) or 3 type rows, this one has {rows}")
 
-    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
         txt = dbs.txt(TxtTokLmdb, txt_path, True)
         return Nlvr2Dataset(txt, dbs.img(img_path), options["model"] != "triplet", options["use_img_type"], seed)
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
-    ):
+    ) -> Any:
         txt = dbs.txt(TxtTokLmdb, txt_path, False)
         return Nlvr2Dataset(txt, dbs.img(img_path), options["model"] != "triplet", options["use_img_type"])
 
-    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+    def eval_batch(
+        self, model: Any, batch: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, float], list[Any]]:
         scores = scores_of(model, batch)
         predicted = scores.argmax(dim=1)
         targets = batch["targets"]
@@ -311,7 +320,14 @@ class Nlvr2Task(Task):
             f.writelines(f"{p['identifier']},{p['prediction']}\n" for p in predictions)
         return [path]
 
-    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+    def example(
+        self,
+        config: UniterConfig,
+        size: int,
+        rng: np.random.Generator,
+        txt_range: tuple[int, int] = (10, 60),
+        img_range: tuple[int, int] = (10, 100),
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The paired-attn variant: two rows per example (image types 1 and 2), a true/false target each."""
         rows = random_rows(size, 2, config.vocab_size, rng, txt_range, img_range, img_types=True)
         batch = add_pair_layout(collate_rows(rows, self.name))
@@ -321,12 +337,21 @@ class Nlvr2Task(Task):
     # ------------------------------------------------------------------ databases
     bundled_stream = 2
 
-    def annotation_images(self, annotations):
+    def annotation_images(self, annotations: Any) -> tuple[dict[str, str], dict[str, str]]:
         """The two images of every record."""
         keys = {image_key(str(x)) for where, raw in annotations for x in field(raw, "images", list, where)}
         return {k: k for k in keys}, {}
 
-    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+    def write_txt_db(
+        self,
+        annotations: Any,
+        toker: WordPiece,
+        out: str,
+        images: set[str],
+        gt_rows: dict[str, int],
+        meta_name: str,
+        options: dict[str, Any],
+    ) -> int:
         """Records of :meth:`txt_records`."""
         records = self.txt_records(annotations, toker, images)
         return write_records(out, toker.meta(meta_name), records, desc=f"{self.name} texts")
@@ -345,7 +370,14 @@ class Nlvr2Task(Task):
     # ------------------------------------------------------------------ new images
     query_images = 2
 
-    def query_dataset(self, queries, toker, features, box_settings, options):
+    def query_dataset(
+        self,
+        queries: list[Query],
+        toker: WordPiece,
+        features: dict[str, dict[str, np.ndarray]],
+        box_settings: tuple[float, int, int, int],
+        options: dict[str, Any],
+    ) -> TaskDataset:
         """Statements about (left, right) as annotations (the converter needs a label, which the scores never
         read: false stands for "unknown"), through :meth:`txt_records`, read by ``Nlvr2Dataset``."""
         annotations = [
@@ -357,12 +389,14 @@ class Nlvr2Task(Task):
         txt_db = TxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records))
         return Nlvr2Dataset(txt_db, img_db, options["model"] != "triplet", options["use_img_type"])
 
-    def query_results(self, scores, batch, options, top_k):
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
         """P(the statement is true) (softmax over the head's two logits, false and true) and the verdict."""
         true = torch.softmax(scores, dim=1)[:, 1].tolist()
         return [{"label": p > 0.5, "prob_true": p} for p in true]
 
-    def bundled_split(self, scenes, rng, split):
+    def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:
         """``nlvr2_annotations``: sentences about image pairs of the split."""
         records = nlvr2_annotations(scenes, rng, BUNDLED_SENTENCES[split], split)
         return [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)], {}

@@ -17,7 +17,7 @@ tgt_box}]} as ``inf_re.py`` (boxes [x, y, w, h] in pixels).
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -42,9 +42,20 @@ from uniter_fast.layout import padded_index
 from uniter_fast.model.activations import Gelu
 from uniter_fast.model.base import UniterPreTrainedModel
 from uniter_fast.tasks.data import DbCache, TaskDataset, collate_rows, image_inputs, random_rows, row
-from uniter_fast.tasks.spec import QUERY_VOCAB_NAME, Task, ratio, require, scores_of, write_json_results
+from uniter_fast.tasks.spec import (
+    QUERY_VOCAB_NAME,
+    Query,
+    Task,
+    ratio,
+    require,
+    scores_of,
+    write_json_results,
+)
 from uniter_fast.tasks.synthetic.re import re_annotations
 from uniter_fast.tasks.synthetic.text import texts_of
+
+if TYPE_CHECKING:
+    from uniter_fast.data.tokenizer import WordPiece
 
 NOT_A_REGION = -1e4
 QUERY_ANN_STRIDE = 1000  # ann id of box k of query image i: i * QUERY_ANN_STRIDE + k (more than any box count)
@@ -234,18 +245,24 @@ class ReTask(Task):
             config, options["train_loss"], options["margin"], options["hard_ratio"], options["mlp"], fast
         )
 
-    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
+        """GT-box features only (an img_db named like ``*gt*``; ``ValueError`` otherwise)."""
         if not is_gt_db(img_path):
             raise ValueError(f"RE trains on GT-box features (an img_db named like '*gt*'), got {img_path!r}")
         return ReDataset(dbs.txt(ReTxtTokLmdb, txt_path, True), dbs.img(img_path, gt=True), gt=True, seed=seed)
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
-    ):
+    ) -> Any:
+        """GT- or detected-box features, as the img_db's name says (``*gt*``: GT boxes)."""
         gt = is_gt_db(img_path)
         return ReDataset(dbs.txt(ReTxtTokLmdb, txt_path, False), dbs.img(img_path, gt=gt), gt=gt, eval=True)
 
-    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+    def eval_batch(
+        self, model: Any, batch: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, float], list[Any]]:
         best = scores_of(model, batch).argmax(dim=1).tolist()
         preds = []
         for ix, boxes, target, sent_id in zip(best, batch["obj_boxes"], batch["tgt_box"], batch["sent_ids"]):
@@ -270,7 +287,14 @@ class ReTask(Task):
         records = [{k: v for k, v in p.items() if k != "correct"} for p in predictions]
         return [write_json_results(directory, stem, {"acc": acc, "predictions": records})]
 
-    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+    def example(
+        self,
+        config: UniterConfig,
+        size: int,
+        rng: np.random.Generator,
+        txt_range: tuple[int, int] = (10, 60),
+        img_range: tuple[int, int] = (10, 100),
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """The default options (cls loss, 1-layer head); the target a random region of each example."""
         batch = add_regions(collate_rows(random_rows(size, 1, config.vocab_size, rng, txt_range, img_range), self.name))
         batch["targets"] = (torch.from_numpy(rng.random(batch["input_ids"].size(0))) * batch["num_bbs"]).long()
@@ -280,20 +304,36 @@ class ReTask(Task):
     gt_features = True
     bundled_stream = 3
 
-    def read_annotations(self, path: str):
+    def read_annotations(self, path: str) -> Any:
         """The directory of the four COCO-refer side files (``uniter_fast.data.re_db.read_re_annotations``)."""
         return read_re_annotations(path)
 
-    def annotation_images(self, annotations):
+    def annotation_images(self, annotations: Any) -> tuple[dict[str, str], dict[str, str]]:
         return re_image_files(annotations)
 
-    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+    def write_txt_db(
+        self,
+        annotations: Any,
+        toker: WordPiece,
+        out: str,
+        images: set[str],
+        gt_rows: dict[str, int],
+        meta_name: str,
+        options: dict[str, Any],
+    ) -> int:
         """One record per sentence, plus the side files (``uniter_fast.data.re_db.write_re_txt_db``)."""
         where = annotations.get("where", "annotations")
         return write_re_txt_db(annotations, toker, out, images, set(gt_rows), gt_rows, meta_name, where)
 
     # ------------------------------------------------------------------ new images
-    def query_dataset(self, queries, toker, features, box_settings, options):
+    def query_dataset(
+        self,
+        queries: list[Query],
+        toker: WordPiece,
+        features: dict[str, dict[str, np.ndarray]],
+        box_settings: tuple[float, int, int, int],
+        options: dict[str, Any],
+    ) -> TaskDataset:
         """Expressions over each image's detected boxes: the image as an RE annotation whose objects are its
         detected boxes (``ann_ids`` in their row order, ``bbox`` in pixels; stored as a GT-box img_db keeps them),
         the referent unknown (the converter needs one: object 0 stands for it, the scores never read it), through
@@ -323,7 +363,9 @@ class ReTask(Task):
         txt_db = ReTxtTokLmdb.from_writer(*memory_txt_writer(toker.meta(QUERY_VOCAB_NAME), records), side)
         return ReDataset(txt_db, img_db, gt=False, eval=True)
 
-    def query_results(self, scores, batch, options, top_k):
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
         """The referred box [x, y, w, h] (pixels) with its index and probability (softmax over the image's
         regions; the head is trained with cross-entropy over them) and every region's probability, in box order."""
         results = []
@@ -335,9 +377,9 @@ class ReTask(Task):
             )
         return results
 
-    def bundled_split(self, scenes, rng, split):
+    def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:
         """``re_annotations``: expressions for objects of the split's scenes, in the side files' layout."""
         return {**re_annotations(scenes, rng, split), "where": f"bundled {self.name} {split}"}, {}
 
-    def annotation_texts(self, annotations) -> list[str]:
+    def annotation_texts(self, annotations: Any) -> list[str]:
         return texts_of(annotations["refs"])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ from uniter_fast.tasks.spec import (
     WORD_TABLE,
     CheckpointView,
     DataFacts,
+    Query,
     Task,
     data_file,
     ratio,
@@ -61,6 +62,9 @@ from uniter_fast.tasks.spec import (
     write_json_results,
 )
 from uniter_fast.tasks.synthetic.vcr import vcr_annotations
+
+if TYPE_CHECKING:
+    from uniter_fast.data.tokenizer import WordPiece
 
 BERT_BASE_CASED_VOCAB = 28996  # the default special_token_base: bert-base-cased's word table, as the original's
 TYPE_ROWS = (0, 1, 0, 0)  # init_type_embedding: answer and rationale types start as the text type
@@ -308,18 +312,23 @@ class VcrTask(Task):
         gt, det = split_vcr_img_dirs(img_path)
         return dbs.img(gt, gt=True), dbs.img(det)
 
-    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
         gt, det = self._dbs(dbs, img_path)
         return [VcrDataset(dbs.txt(VcrTxtTokLmdb, txt_path, True, task=t), gt, det, seed=seed) for t in ("qa", "qar")]
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
-    ):
+    ) -> Any:
         gt, det = self._dbs(dbs, img_path)
         mode = "test" if split == "test" else "val"
         return VcrDataset(dbs.txt(VcrTxtTokLmdb, txt_path, False, task="qa,qar"), gt, det, eval_mode=mode)
 
-    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+    def eval_batch(
+        self, model: Any, batch: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, float], list[Any]]:
+        """A batch with unlabelled (test) questions adds zero sums: scores only, as ``inf_vcr.py``."""
         scores = scores_of(model, batch).reshape(len(batch["qids"]), -1)
         preds = [{"qid": q, "scores": s} for q, s in zip(batch["qids"], scores.tolist())]
         qa_targets, qar_targets = batch["qa_targets"], batch["qar_targets"]
@@ -363,7 +372,14 @@ class VcrTask(Task):
             writer.writerows([p["qid"], *p["scores"]] for p in ordered)
         return [path, csv_path]
 
-    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+    def example(
+        self,
+        config: UniterConfig,
+        size: int,
+        rng: np.random.Generator,
+        txt_range: tuple[int, int] = (10, 60),
+        img_range: tuple[int, int] = (10, 100),
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Four rows per example (random type ids 0-3), the first the right one; tags after ``config``'s words."""
         rows = random_rows(size, 4, config.vocab_size, rng, txt_range, img_range, txt_types=True)
         batch = collate_rows(rows, self.name)
@@ -381,7 +397,7 @@ class VcrTask(Task):
     gt_features = True
     bundled_stream = 4
 
-    def annotation_images(self, annotations):
+    def annotation_images(self, annotations: Any) -> tuple[dict[str, str], dict[str, str]]:
         """Detected boxes of ``image``; GT boxes of ``gt_image`` (default: ``image``)."""
         det, gt = set(), set()
         for where, raw in annotations:
@@ -390,7 +406,16 @@ class VcrTask(Task):
             gt.add(image_key(str(raw.get("gt_image", image))))
         return {k: k for k in det}, {k: k for k in gt}
 
-    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+    def write_txt_db(
+        self,
+        annotations: Any,
+        toker: WordPiece,
+        out: str,
+        images: set[str],
+        gt_rows: dict[str, int],
+        meta_name: str,
+        options: dict[str, Any],
+    ) -> int:
         """Records of :meth:`txt_records`, the tag range in ``meta.json`` and the ``id2len_qa.json`` /
         ``id2len_qar.json`` length tables."""
         base = int(options.get("special_token_base", BERT_BASE_CASED_VOCAB))
@@ -416,7 +441,14 @@ class VcrTask(Task):
         return meta, records, lengths
 
     # ------------------------------------------------------------------ new images
-    def query_dataset(self, queries, toker, features, box_settings, options):
+    def query_dataset(
+        self,
+        queries: list[Query],
+        toker: WordPiece,
+        features: dict[str, dict[str, np.ndarray]],
+        box_settings: tuple[float, int, int, int],
+        options: dict[str, Any],
+    ) -> TaskDataset:
         """A question with four answers and four rationales as a test-split annotation (labels -1), through
         :meth:`txt_records` with the checkpoint's ``special_token_base``, read by ``VcrDataset`` ("test": every
         answer, then every rationale after each answer). The image's detected boxes stand in for VCR's GT boxes
@@ -451,7 +483,9 @@ class VcrTask(Task):
         txt_db = VcrTxtTokLmdb.from_writer(*memory_txt_writer(meta, records), lengths["qar"])
         return VcrDataset(txt_db, gt_db, img_db, eval_mode="test")
 
-    def query_results(self, scores, batch, options, top_k):
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
         """The probability of each answer (softmax over the four Q->A scores), the chosen answer, and the
         probability of each rationale given that answer (softmax over its four QA->R scores)."""
         per_question = scores.reshape(len(batch["qids"]), -1)
@@ -464,7 +498,7 @@ class VcrTask(Task):
             for a, p, r in zip(chosen.tolist(), answer_probs, rationale_probs)
         ]
 
-    def bundled_split(self, scenes, rng, split):
+    def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:
         """``vcr_annotations`` of the split (none for test, as VCR's test labels are hidden); tags after the tiny
         model's word table."""
         if split == "test":

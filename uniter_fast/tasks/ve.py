@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from uniter_fast.config import UniterConfig
@@ -54,7 +55,10 @@ class VeTask(VqaTask):
             raise ValueError(f"a VE model has 3 answers, the checkpoint has {options['num_answers']}")
         return UniterForVisualEntailment(config, fast)
 
-    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+    def eval_batch(
+        self, model: Any, batch: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, float], list[Any]]:
+        """VQA's sums, with prediction records {id, answer} (``train_ve.py``'s output)."""
         sums, preds = super().eval_batch(model, batch, options)
         return sums, [{"id": q, "answer": p["answer"]} for q, p in zip(batch["qids"], preds)]
 
@@ -82,7 +86,9 @@ class VeTask(VqaTask):
         stands for "unknown")."""
         return {"id": query.id, "image": query.images[0], "hypothesis": query.text, "label": next(iter(VE_ENT2IDX))}
 
-    def query_results(self, scores, batch, options, top_k):
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
         """The probability of each class (softmax over the three logits), in the classes' order (contradiction,
         entailment, neutral), and the most likely one."""
         label2ans = {v: k for k, v in self.answer_map(options).items()}
@@ -95,7 +101,7 @@ class VeTask(VqaTask):
             for p in probs
         ]
 
-    def bundled_split(self, scenes, rng, split):
+    def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:
         """``ve_annotations`` of the split's scenes (2-3 hypotheses an image)."""
         records = ve_annotations(scenes, rng, BUNDLED_PER_IMAGE[split])
         return [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)], {}

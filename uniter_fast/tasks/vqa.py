@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -52,6 +52,9 @@ from uniter_fast.tasks.spec import (
     write_json_results,
 )
 from uniter_fast.tasks.synthetic.vqa_ve import BUNDLED_PER_IMAGE, VQA_ANSWERS, vqa_annotations
+
+if TYPE_CHECKING:
+    from uniter_fast.data.tokenizer import WordPiece
 
 ANS2LABEL = "ans2label.json"
 HEAD_OUTPUT = "vqa_output.3.weight"  # [num_answers, 2H]: the head's answer count
@@ -273,16 +276,21 @@ class VqaTask(Task):
     def build_model(self, config: UniterConfig, options: dict[str, Any], fast: bool) -> UniterPreTrainedModel:
         return UniterForVisualQuestionAnswering(config, options["num_answers"], fast)
 
-    def train_dataset(self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int):
+    def train_dataset(
+        self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], seed: int
+    ) -> TaskDataset | list[TaskDataset]:
         return VqaDataset(dbs.txt(TxtTokLmdb, txt_path, True), dbs.img(img_path), options["num_answers"], seed)
 
     def eval_dataset(
         self, dbs: DbCache, txt_path: str, img_path: str, options: dict[str, Any], split: str, seed: int = 0
-    ):
+    ) -> Any:
         txt = dbs.txt(TxtTokLmdb, txt_path, False)
         return VqaDataset(txt, dbs.img(img_path), options["num_answers"], eval=True)
 
-    def eval_batch(self, model: Any, batch: dict[str, Any], options: dict[str, Any]):
+    def eval_batch(
+        self, model: Any, batch: dict[str, Any], options: dict[str, Any]
+    ) -> tuple[dict[str, float], list[Any]]:
+        """A batch without ``targets`` (test questions) adds zero sums: predictions only."""
         scores = scores_of(model, batch)
         label2ans = {v: k for k, v in options["ans2label_table"].items()}
         answers = [label2ans[int(i)] for i in scores.argmax(dim=1).tolist()]
@@ -304,7 +312,14 @@ class VqaTask(Task):
 
     example_answers = 3129  # the original's VQA answer vocabulary
 
-    def example(self, config, size, rng, txt_range=(10, 60), img_range=(10, 100)):
+    def example(
+        self,
+        config: UniterConfig,
+        size: int,
+        rng: np.random.Generator,
+        txt_range: tuple[int, int] = (10, 60),
+        img_range: tuple[int, int] = (10, 100),
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Soft targets over :attr:`example_answers` answers, about 0.3 % of them scored."""
         batch = collate_rows(random_rows(size, 1, config.vocab_size, rng, txt_range, img_range), self.name)
         rows, answers = batch["input_ids"].size(0), self.example_answers
@@ -333,7 +348,16 @@ class VqaTask(Task):
         """One annotation -> (id, input_ids, image key, fields) (``uniter_fast.data.task_records.vqa_record``)."""
         return vqa_record(raw, toker, ans2label, where)
 
-    def write_txt_db(self, annotations, toker, out, images, gt_rows, meta_name, options) -> int:
+    def write_txt_db(
+        self,
+        annotations: Any,
+        toker: WordPiece,
+        out: str,
+        images: set[str],
+        gt_rows: dict[str, int],
+        meta_name: str,
+        options: dict[str, Any],
+    ) -> int:
         """Records of :meth:`txt_records` (``target`` over :meth:`answer_table`), and the table as
         ``ans2label.json`` beside them."""
         ans2label = self.answer_table(annotations, options)
@@ -356,7 +380,14 @@ class VqaTask(Task):
         """A query as a VQA annotation (no answers: an empty target)."""
         return {"question_id": query.id, "image": query.images[0], "question": query.text, "answers": {}}
 
-    def query_dataset(self, queries, toker, features, box_settings, options):
+    def query_dataset(
+        self,
+        queries: list[Query],
+        toker: WordPiece,
+        features: dict[str, dict[str, np.ndarray]],
+        box_settings: tuple[float, int, int, int],
+        options: dict[str, Any],
+    ) -> TaskDataset:
         """Records of :meth:`txt_records` over the checkpoint's answer map, read by ``VqaDataset`` (evaluation)."""
         annotations = [(f"query {q.id!r}", self.query_annotation(q)) for q in queries]
         img_db = memory_img_db(features, box_settings)
@@ -378,7 +409,9 @@ class VqaTask(Task):
             )
         return table
 
-    def query_results(self, scores, batch, options, top_k):
+    def query_results(
+        self, scores: torch.Tensor, batch: dict[str, Any], options: dict[str, Any], top_k: int
+    ) -> list[dict[str, Any]]:
         """The ``top_k`` answers of each question with their probabilities (sigmoid of the logits: the head is
         trained with binary cross-entropy against soft scores), best first."""
         label2ans = {v: k for k, v in self.answer_map(options).items()}
@@ -389,7 +422,7 @@ class VqaTask(Task):
             for values, indices in zip(best.values.tolist(), best.indices.tolist())
         ]
 
-    def bundled_split(self, scenes, rng, split):
+    def bundled_split(self, scenes: list[Any], rng: np.random.Generator, split: str) -> Optional[tuple[Any, dict]]:
         """``vqa_annotations`` of the split's scenes (2-3 questions an image), over the bundled answer list."""
         records = vqa_annotations(scenes, rng, BUNDLED_PER_IMAGE[split])
         pairs = [(f"bundled {self.name} {split} record {i}", r) for i, r in enumerate(records)]
