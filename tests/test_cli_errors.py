@@ -516,3 +516,75 @@ def test_entry_points_exit_2_with_one_line(tmp_path) -> None:
         lines = error_lines(stderr)
         assert process.returncode == 2 and len(lines) == 1 and expected in lines[0], (args, stderr[-3000:])
         assert "Traceback" not in stderr and STARTED not in stderr and stderr.rstrip().splitlines()[-1] == lines[0]
+
+
+def test_inference_clis_name_the_mistake_before_any_work(capsys, tmp_path) -> None:
+    """predict, extract and demo: a bad device, an --out that exists or has no folder, empty texts, options of
+    another task, a questions file with an unknown key, an image where a folder is expected, detector counts below
+    1, a file that is not weights (no --out folder left) and a bad port: one line each, exit 2."""
+    from uniter_fast.demo.cli import main as demo
+    from uniter_fast.extract.cli import main as extract
+    from uniter_fast.predict import main as predict
+
+    photo = tmp_path / "photo.jpg"
+    photo.write_text("not decoded before the checks")
+    (tmp_path / "taken.json").write_text("{}")
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"image": "photo.jpg", "text": "what?", "box": [[0, 0, 5, 5]]}) + "\n")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_text("x")
+    weights = tmp_path / "weights.pth"
+    weights.write_text("these are not weights")
+    ask = ["--task", "vqa", "--checkpoint", str(tmp_path), "--detector", str(weights), "--image", str(photo)]
+    extract_args = ["--images", str(tmp_path / "imgs"), "--weights", str(weights)]
+    cases = [
+        (predict, [*ask, "--text", "what?", "--device", "gpu"], "argument --device: expected a device such as cpu"),
+        (predict, [*ask, "--text", "what?", "--out", str(tmp_path / "taken.json")], "already exists; give a new"),
+        (predict, [*ask, "--text", "what?", "--out", str(tmp_path / "no" / "a.json")], "does not exist"),
+        (predict, [*ask, "--text", " "], "--text: expected a non-empty text, got ' '"),
+        (predict, [*ask, "--text", "what?", "--answer", "A"], "--answer/--rationale: only --task vcr takes them"),
+        (
+            predict,
+            [*ask[:6], "--questions", str(questions)],
+            "line 1: unknown key 'box' (closest: 'boxes')",
+        ),
+        (predict, [*ask[:6], "--questions", str(tmp_path / "none.jsonl")], "--questions: "),
+        (extract, ["--images", str(photo), "--weights", "w", "--out", "o"], "expected a folder or a list file"),
+        (extract, [*extract_args, "--out", str(tmp_path / "o1"), "--test-scale", "0"], "--test-scale: expected an"),
+        (extract, [*extract_args, "--out", str(tmp_path / "o2"), "--batch-size", "0"], "--batch-size"),
+        (extract, [*extract_args, "--out", str(tmp_path / "o3")], "is not a torch (.pth/.pt/.bin) or safetensors"),
+        (
+            demo,
+            ["--checkpoint", f"vqa={tmp_path}", "--detector", str(weights), "--port", "99999"],
+            "--port: expected a port in 1..65535, got 99999",
+        ),
+    ]
+    for main, argv, expected in cases:
+        line = run_failing(capsys, main, argv)
+        assert expected in line, (argv, line)
+    assert not any((tmp_path / name).exists() for name in ("o1", "o2", "o3", "no"))
+    assert (tmp_path / "taken.json").read_text() == "{}"
+
+
+def test_unreadable_images_vocabs_and_box_settings_are_data_errors(tmp_path) -> None:
+    from uniter_fast.data.img_db import ImgDbWriter
+    from uniter_fast.data.tokenizer import WordPiece
+    from uniter_fast.extract.images import load_bgr
+
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("hello")
+    with pytest.raises(DataError, match=rf"^image {str(fake)!r} is not a readable image \(UnidentifiedImageError"):
+        load_bgr(str(fake))
+    for content in (b"", b"\xff\xfe\x00binary"):
+        vocab = tmp_path / "vocab.txt"
+        vocab.write_bytes(content)
+        with pytest.raises(DataError, match=rf"^vocab {str(vocab)!r} is not a WordPiece vocab.txt"):
+            WordPiece(str(vocab))
+    for settings, match in (
+        (dict(max_bb=0), r"min_bb, max_bb: need 1 <= min_bb <= max_bb, got min_bb=10, max_bb=0"),
+        (dict(conf_th=5.0), r"conf_th: expected a confidence in \[0, 1\] or -1"),
+        (dict(conf_th=-1, num_bb=0), "num_bb: expected an integer >= 1 with conf_th -1, got 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            ImgDbWriter(str(tmp_path / "img"), **settings)
+    assert not (tmp_path / "img").exists()

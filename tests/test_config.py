@@ -58,5 +58,5 @@ def test_bad_fields_raise(fields, match) -> None:
 
 
 def test_unknown_preset_raises() -> None:
-    with pytest.raises(ValueError, match="unknown config preset 'huge'"):
+    with pytest.raises(ValueError, match=r"model config 'huge': expected a preset \['base', 'large', 'tiny'\] or a"):
         UniterConfig.preset("huge")

@@ -208,3 +208,29 @@ def test_another_checkpoint_or_detector_than_the_index_is_refused(world, tmp_pat
     ]:  # fmt: skip
         status, out, err = run_cli(main, argv)
         assert status == 2 and out == "" and err.count("\n") == 1 and message in err, err
+
+
+def test_another_vocab_an_empty_gallery_and_a_damaged_shard_are_refused(world, tmp_path) -> None:
+    """The index records its vocab's digest: a query tokenising with another vocab is refused, as another checkpoint
+    is; a folder without images makes no index; a missing or truncated shard is named, not a traceback."""
+    other = tmp_path / "other-vocab.txt"
+    other.write_text(open(world["vocab"], encoding="utf-8").read() + "extra\n", encoding="utf-8")
+    status, out, err = run_cli(main, ["query", "--index", world["index"], "--text", "a cat", "--vocab", str(other)])
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--vocab: the index {world['index']!r} was made with vocab {os.path.abspath(world['vocab'])!r}" in err
+    (tmp_path / "empty").mkdir()
+    argv = ["index", "--images", str(tmp_path / "empty"), "--checkpoint", world["export"], "--detector",
+            world["weights"], "--out", str(tmp_path / "e.index")]  # fmt: skip
+    status, _, err = run_cli(main, argv)
+    assert status == 2 and "--images: expected a folder of images, found none" in err
+    assert not (tmp_path / "e.index").exists()
+    copy = tmp_path / "copy.index"
+    shutil.copytree(world["index"], copy)
+    shard = copy / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:20])
+    status, out, err = run_cli(main, ["query", "--index", str(copy), "--text", "a cat", "--exact"])
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--index: the shard {str(shard)!r} is damaged" in err
+    shard.unlink()
+    status, _, err = run_cli(main, ["query", "--index", str(copy), "--text", "a cat", "--exact"])
+    assert status == 2 and "lists the shard 'shard-00000.safetensors', which is missing" in err

@@ -117,7 +117,9 @@ class UniterConfig:
         """The preset called ``name`` (``"base"``, ``"large"`` or ``"tiny"``), with field overrides."""
         presets = {"base": cls.base, "large": cls.large, "tiny": cls.tiny}
         if name not in presets:
-            raise ValueError(f"unknown config preset {name!r}; expected one of {sorted(presets)}")
+            raise ValueError(
+                f"model config {name!r}: expected a preset {sorted(presets)} or a config JSON file (not found)"
+            )
         return presets[name](**overrides)
 
     # ------------------------------------------------------------------ JSON

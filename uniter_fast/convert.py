@@ -40,7 +40,7 @@ from uniter_fast.checkpoint import (
 from uniter_fast.config import UniterConfig
 from uniter_fast.entry import CommandParser, run_command
 from uniter_fast.errors import CheckpointError, ConfigError
-from uniter_fast.files import atomic_directory, atomic_write
+from uniter_fast.files import atomic_directory, atomic_write, check_new_output
 from uniter_fast.model.uniter import UniterModel
 from uniter_fast.tasks import TASKS
 from uniter_fast.tasks.checkpoint import TASK_FILE, checkpoint_task, load_task_model
@@ -71,8 +71,7 @@ def convert(
     config (a preset, a JSON path; default the one saved with ``src``, else read off the weights)."""
     if source is not None and source not in SOURCES:
         raise ConfigError(f"--from: expected one of {sorted(SOURCES)}, got {source!r}")
-    if os.path.lexists(out):
-        raise FileExistsError(f"--out: {out!r} already exists; give a new folder (an existing one is never replaced)")
+    check_new_output(out, "--out", "folder")
     ckpt = read_checkpoint(src, tower=tower, keep_heads=not encoder_only)
     if source is not None and ckpt.layout not in SOURCES[source]:
         raise CheckpointError(
@@ -139,8 +138,7 @@ def export(src: str, out: str, layout: str) -> dict[str, Any]:
     stored (fp16 stays fp16), with what ``src``'s ``conversion.json`` recorded of that layout; returns a report."""
     if layout not in EXPORT_LAYOUTS:
         raise ConfigError(f"--to: expected one of {list(EXPORT_LAYOUTS)}, got {layout!r}")
-    if os.path.lexists(out):
-        raise FileExistsError(f"--out: {out!r} already exists; give a new file (an existing one is never replaced)")
+    check_new_output(out, "--out")
     ckpt = read_checkpoint(src)
     saved = ckpt.side_file(CONVERSION_NAME) or {}
     if saved.get("layout") == layout:

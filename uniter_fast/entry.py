@@ -99,6 +99,22 @@ def run_command(main: Callable[[list[str]], Any], argv: Optional[Sequence[str]] 
         raise SystemExit(status) from None
 
 
+def device_argument(value: str) -> str:
+    """An argparse ``type`` for ``--device``: ``value`` unchanged when torch can place tensors there (``cpu``,
+    ``cuda``, ``cuda:1`` on a machine with that GPU, ...), else a one-line usage error saying why."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected a device such as cpu, cuda or cuda:1, got {value!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            raise argparse.ArgumentTypeError(f"{value!r} is not available here ({count} CUDA devices); use cpu")
+    return value
+
+
 def parse_key_values(values: Sequence[str], flag: str) -> dict[str, Any]:
     """Repeated ``FLAG KEY=JSON`` values as a dict (a value that is not JSON stays a string); a value without ``=``
     is a ConfigError naming ``flag``."""

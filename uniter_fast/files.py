@@ -43,6 +43,17 @@ def _new_directory(path: str) -> None:
     os.mkdir(path, 0o777)
 
 
+def check_new_output(path: str, flag: str, kind: str = "file") -> None:
+    """Before any work: ``path`` (a command's ``flag``, e.g. ``--out``) must be new (``FileExistsError``: an existing
+    file or folder is never replaced) in an existing folder (``FileNotFoundError``); ``kind`` ("file", "folder")
+    names what the command writes there."""
+    if os.path.lexists(path):
+        raise FileExistsError(f"{flag}: {path!r} already exists; give a new {kind} (an existing one is never replaced)")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"{flag}: the folder {parent!r} of {path!r} does not exist")
+
+
 def atomic_write(path: str, write: Callable[[str], None], tmp_suffix: str = "") -> None:
     """Call ``write(tmp)`` to fill a temporary file beside ``path``, then rename it to ``path`` (the temporary file
     is removed when ``write`` raises). The temporary name is ``.tmp-<random>-<name of path><tmp_suffix>``: it ends

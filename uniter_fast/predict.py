@@ -23,10 +23,10 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-from uniter_fast.entry import CommandParser, parse_key_values, run_command
-from uniter_fast.errors import ConfigError, DataError
+from uniter_fast.entry import CommandParser, device_argument, parse_key_values, run_command
+from uniter_fast.errors import ConfigError, DataError, closest
 from uniter_fast.extract.config import add_detector_arguments, detector_config
-from uniter_fast.files import write_text_atomic
+from uniter_fast.files import check_new_output, write_text_atomic
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--questions", default=None, help='a JSON-lines file of {"image", "text"} objects (a batch)')
     ap.add_argument("--out", default=None, help="also write the JSON results to this file")
     ap.add_argument("--top-k", type=int, default=5, help="vqa: answers per question")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--batch-size", type=int, default=16, help="images per detector call and queries per forward")
     ap.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="a task option (repeatable)")
     add_detector_arguments(ap)
@@ -112,21 +112,38 @@ def check_image_boxes(boxes: list[list[float]], path: str, where: str) -> None:
     check_inside(np.asarray(boxes, dtype=np.float64), height, width, where)
 
 
-def read_questions(path: str) -> list[dict[str, Any]]:
+QUESTION_KEYS = ("image", "text", "boxes", "answers", "rationales")
+"""The keys of a questions-file line (the module docstring)."""
+
+
+def read_questions(path: str, per_text: int = 1) -> list[dict[str, Any]]:
     """The queries of a questions file (see the module docstring): ``"image"`` as the file gives it (echoed in the
-    results), ``"image_path"`` the path(s) read, a relative one taken from the file's folder."""
+    results), ``"image_path"`` the path(s) read, a relative one taken from the file's folder; ``per_text`` images a
+    line (NLVR2: 2, a [left, right] list). A ``DataError`` names the line of a malformed one."""
     from uniter_fast.data.task_db import read_jsonl
 
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--questions: {path!r} is not a file")
     base = os.path.dirname(os.path.abspath(path))
     resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
     queries = []
     for where, raw in read_jsonl(path):
         if not isinstance(raw, dict) or not isinstance(raw.get("text"), str) or "image" not in raw:
             raise DataError(f"--questions {where}: expected an object with 'image' and 'text' (a string), got {raw!r}")
+        for key in raw:
+            if key not in QUESTION_KEYS:
+                raise DataError(
+                    f"--questions {where}: unknown key {key!r}{closest(key, QUESTION_KEYS)}; the keys are "
+                    f"{list(QUESTION_KEYS)}"
+                )
+        if not raw["text"].strip():
+            raise DataError(f"--questions {where}: 'text' is empty")
         image = raw["image"]
         images = [image] if isinstance(image, str) else image
         if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
             raise DataError(f"--questions {where}: 'image' must be a path or a list of paths, got {image!r}")
+        if len(images) != per_text:
+            raise DataError(f"--questions {where}: 'image' must name {per_text} image(s) for this task, got {image!r}")
         for p in images:
             if not os.path.isfile(resolve(p)):
                 raise DataError(f"--questions {where}: image {p!r} is not a file (looked for {resolve(p)!r})")
@@ -149,10 +166,13 @@ def command_queries(args: argparse.Namespace, per_text: int) -> list[dict[str, A
     if args.questions:
         if args.image or args.text or args.boxes is not None:
             raise ConfigError("--questions: expected either a questions file or --image/--text/--boxes, got both")
-        return read_questions(args.questions)
+        return read_questions(args.questions, per_text)
     if not args.image or not args.text:
         missing = "--image" if not args.image else "--text"
         raise ConfigError(f"{missing}: expected at least one (or a --questions file), got none")
+    for text in args.text:
+        if not text.strip():
+            raise ConfigError(f"--text: expected a non-empty text, got {text!r}")
     images = expand_images(args.image)
     if per_text > 1:
         if len(images) != per_text:
@@ -181,7 +201,11 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     from uniter_fast.inference import Pipeline
     from uniter_fast.tasks import get_task
 
+    if (args.answer or args.rationale) and args.task != "vcr":
+        raise ConfigError(f"--answer/--rationale: only --task vcr takes them, got --task {args.task}")
     queries = command_queries(args, get_task(args.task).query_images)
+    if args.out:
+        check_new_output(args.out, "--out")
     for flag, path in (("--checkpoint", args.checkpoint), ("--detector", args.detector)):
         if not os.path.exists(path):
             raise ConfigError(f"{flag}: expected an existing path, got {path!r}")

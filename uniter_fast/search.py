@@ -19,10 +19,10 @@ import json
 import os
 from typing import Any, Optional, Sequence
 
-from uniter_fast.entry import CommandParser, run_command
+from uniter_fast.entry import CommandParser, device_argument, run_command
 from uniter_fast.errors import ConfigError
 from uniter_fast.extract.config import add_detector_arguments, detector_config
-from uniter_fast.files import write_text_atomic
+from uniter_fast.files import check_new_output, write_text_atomic
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,7 +37,7 @@ def parser() -> argparse.ArgumentParser:
     index.add_argument("--detector", required=True, help="BUTD Faster R-CNN weights (docs/extract.md lists them)")
     index.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: the checkpoint folder's)")
     index.add_argument("--out", required=True, help="the index folder (a new one, or one to continue)")
-    index.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    index.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda, cuda:1 ...")
     index.add_argument("--batch-size", type=int, default=8, help="images per detector call")
     index.add_argument("--shard-size", type=int, default=64, help="images per shard (the unit of resuming)")
     add_detector_arguments(index)
@@ -51,7 +51,7 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("--checkpoint", default=None, help="default: the index's; another is an error")
     query.add_argument("--detector", default=None, help="optional: checked against the index's detector")
     query.add_argument("--vocab", default=None, help="default: the index's, else the checkpoint folder's")
-    query.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    query.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda, cuda:1 ...")
     query.add_argument("--batch-size", type=int, default=8192, help="tokens (text + regions) per forward")
     query.add_argument("--out", default=None, help="also write the JSON results to this file")
     return ap
@@ -73,13 +73,16 @@ def run_index(args: argparse.Namespace) -> dict[str, Any]:
     if not os.path.isfile(args.detector):
         raise ConfigError(f"--detector: expected a BUTD weights file, got {args.detector!r} (not a file)")
     from uniter_fast.extract.extractor import Extractor
+    from uniter_fast.extract.images import list_images
     from uniter_fast.inference.gallery import GalleryIndex
     from uniter_fast.inference.gallery_search import index_gallery, load_retrieval_model, made_with
 
-    model, _ = load_retrieval_model(args.checkpoint, args.vocab, args.device)
+    if not list_images(args.images):
+        raise ConfigError(f"--images: expected a folder of images, found none in {args.images!r}")
+    model, toker = load_retrieval_model(args.checkpoint, args.vocab, args.device)
     config = detector_config(args)
     extractor = Extractor(args.detector, device=args.device, config=config)
-    identity = made_with(args.checkpoint, args.detector, extractor, model.first_stage_dim, args.vocab)
+    identity = made_with(args.checkpoint, args.detector, extractor, model.first_stage_dim, toker.vocab_path)
     index = GalleryIndex.create_or_resume(args.out, args.images, identity)
     added = index_gallery(index, model, extractor, args.shard_size, args.batch_size, not args.no_progress)
     summary = {"index": args.out, "images": len(index.images), "added": added}
@@ -93,6 +96,8 @@ def run_query(args: argparse.Namespace) -> list[dict[str, Any]]:
     from uniter_fast.inference.gallery import GalleryIndex, check_made_with, file_digest
     from uniter_fast.inference.gallery_search import load_retrieval_model, search
 
+    if args.out:
+        check_new_output(args.out, "--out")
     index = GalleryIndex.open(args.index)
     saved = index.manifest["made_with"]
     given = dict(saved)
@@ -102,8 +107,12 @@ def run_query(args: argparse.Namespace) -> list[dict[str, Any]]:
             if not os.path.exists(path):
                 raise ConfigError(f"--{key}: expected an existing path, got {path!r}")
             given.update({key: os.path.abspath(path), key + "_sha256": file_digest(path)})
-    check_made_with(args.index, saved, given, ("checkpoint", "detector"))
     vocab = args.vocab or saved.get("vocab")
+    if vocab is not None:
+        if not os.path.isfile(vocab):
+            raise ConfigError(f"--vocab: expected a vocab file, got {vocab!r} (not a file)")
+        given.update(vocab=os.path.abspath(vocab), vocab_sha256=file_digest(vocab))
+    check_made_with(args.index, saved, given, ("checkpoint", "detector", "vocab"))
     model, toker = load_retrieval_model(checkpoint, vocab, args.device)
     result = search(model, toker, index, args.text, args.top_k, args.shortlist, args.exact, args.batch_size)
     text = json.dumps(result.hits, indent=2)

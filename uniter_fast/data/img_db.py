@@ -26,7 +26,7 @@ from uniter_fast.config import GIVEN_BOXES_FIELD, IMG_DIM, IMG_LABEL_DIM
 from uniter_fast.data.lmdb_env import LazyReader, Writer
 from uniter_fast.data.record_views import array_views
 from uniter_fast.data.side_files import count_table
-from uniter_fast.errors import DataError
+from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.files import write_json_atomic
 
 FIELDS = {"features": IMG_DIM, "norm_bb": 6, "soft_labels": IMG_LABEL_DIM}
@@ -62,6 +62,17 @@ def compute_num_bb(conf: np.ndarray, conf_th: float, min_bb: int, max_bb: int, n
     if conf_th == -1:
         return num_bb
     return int(min(max_bb, max(min_bb, int((np.asarray(conf) > conf_th).sum()))))
+
+
+def check_box_settings(conf_th: float, max_bb: int, min_bb: int, num_bb: int) -> None:
+    """A ``ConfigError`` unless the box settings can select boxes: ``conf_th`` in [0, 1] or -1 (a fixed ``num_bb``
+    >= 1 per image), 1 <= ``min_bb`` <= ``max_bb`` (the names of ``build``'s options and of the run configs)."""
+    if not (0 <= conf_th <= 1 or conf_th == -1):
+        raise ConfigError(f"conf_th: expected a confidence in [0, 1] or -1 (num_bb boxes per image), got {conf_th}")
+    if min_bb < 1 or max_bb < min_bb:
+        raise ConfigError(f"min_bb, max_bb: need 1 <= min_bb <= max_bb, got min_bb={min_bb}, max_bb={max_bb}")
+    if conf_th == -1 and num_bb < 1:
+        raise ConfigError(f"num_bb: expected an integer >= 1 with conf_th -1, got {num_bb}")
 
 
 def db_name(conf_th: float, max_bb: int, min_bb: int, num_bb: int, compress: bool) -> str:
@@ -187,8 +198,7 @@ class DetectFeatLmdb:
         num_bb: int = 36,
         compress: bool = False,
     ) -> None:
-        if min_bb < 1 or max_bb < min_bb:
-            raise ValueError(f"need 1 <= min_bb <= max_bb, got min_bb={min_bb}, max_bb={max_bb}")
+        check_box_settings(conf_th, max_bb, min_bb, num_bb)
         self.path = path
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
         self.compress = compress
@@ -322,6 +332,7 @@ class ImgDbWriter:
         compress: bool = False,
         store: Any = None,
     ) -> None:
+        check_box_settings(conf_th, max_bb, min_bb, num_bb)
         self.path = path
         self.conf_th, self.max_bb, self.min_bb, self.num_bb = conf_th, max_bb, min_bb, num_bb
         self.compress = compress

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 from tokenizers import BertWordPieceTokenizer
 from tokenizers.pre_tokenizers import BertPreTokenizer
 
+from uniter_fast.errors import DataError
 from uniter_fast.files import write_text_atomic
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -25,7 +26,13 @@ class WordPiece:
         if not os.path.exists(vocab_path):
             raise FileNotFoundError(f"vocab file {vocab_path!r} does not exist")
         self.vocab_path = vocab_path
-        self._tok = BertWordPieceTokenizer(vocab_path, lowercase=False, strip_accents=False, clean_text=True)
+        try:
+            self._tok = BertWordPieceTokenizer(vocab_path, lowercase=False, strip_accents=False, clean_text=True)
+        except Exception as exc:  # tokenizers raises a bare Exception for a binary or empty file
+            raise DataError(
+                f"vocab {vocab_path!r} is not a WordPiece vocab.txt (UTF-8, one token a line, with {SPECIAL_TOKENS}): "
+                f"{exc}"
+            ) from None
         self.vocab = self._tok.get_vocab()
         missing = [t for t in SPECIAL_TOKENS if t not in self.vocab]
         if missing:

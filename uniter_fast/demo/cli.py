@@ -15,7 +15,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from uniter_fast.entry import CommandParser
+from uniter_fast.entry import CommandParser, device_argument
 from uniter_fast.errors import ConfigError, closest
 from uniter_fast.extract.config import add_detector_arguments, detector_config
 
@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab", default=None, help="WordPiece vocab.txt (default: each checkpoint folder's vocab.txt)")
     ap.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=int, default=7860, help="port to serve on")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--device", type=device_argument, default="cpu", help="cpu, cuda, cuda:1 ...")
     ap.add_argument("--top-k", type=int, default=5, help="vqa: answers shown")
     add_detector_arguments(ap)
     return ap
@@ -92,6 +92,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     checkpoints = checkpoint_tasks(args.checkpoint)
     if args.top_k < 1:
         raise ConfigError(f"--top-k: expected an integer >= 1, got {args.top_k}")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"--port: expected a port in 1..65535, got {args.port}")
     if not os.path.isfile(args.detector):
         raise ConfigError(f"--detector: expected a weights file, got {args.detector!r} (not found)")
     from uniter_fast.extract.extractor import Extractor

@@ -16,7 +16,7 @@ import json
 import logging
 from typing import Optional, Sequence
 
-from uniter_fast.entry import CommandParser
+from uniter_fast.entry import CommandParser, device_argument
 from uniter_fast.extract.config import BOX_SELECTIONS, add_detector_arguments, detector_config
 from uniter_fast.extract.extractor import DTYPES, OPS
 from uniter_fast.extract.run import default_device, extract_folder
@@ -30,7 +30,12 @@ def parser() -> argparse.ArgumentParser:
         "--weights", required=True, help="checkpoint: MILVLG .pth, airsplay/HF .pkl/.bin, violetteshev .pth"
     )
     ap.add_argument("--out", required=True, help="output folder for the npz files (created; finished files skipped)")
-    ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)")
+    ap.add_argument(
+        "--device",
+        type=device_argument,
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: cuda:LOCAL_RANK if available)",
+    )
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="network precision (bf16: CUDA)")
     ap.add_argument(
         "--batch-size", type=int, default=None, help="images per detector call (default 1 on CPU, 4 on GPU)"

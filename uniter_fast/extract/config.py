@@ -12,6 +12,8 @@ import argparse
 import dataclasses
 from typing import Any, Tuple
 
+from uniter_fast.errors import ConfigError
+
 # float32 BGR means subtracted from the 0-255 pixels (cfg.PIXEL_MEANS); no std scaling.
 PIXEL_MEANS_BGR = (102.9801, 115.9465, 122.7717)
 IMG_FEAT_DIM = 2048
@@ -88,7 +90,15 @@ def add_detector_arguments(parser: Any, help_prefix: str = "detector: ") -> None
 
 def detector_config(args: argparse.Namespace, **selection: Any) -> DetectorConfig:
     """The :class:`DetectorConfig` of the options :func:`add_detector_arguments` added, with ``selection`` (the box
-    selection fields) set as given."""
+    selection fields) set as given; a ``ConfigError`` naming the option for a count below 1."""
+    for flag, value in (
+        ("--test-scale", args.test_scale),
+        ("--max-size", args.max_size),
+        ("--pre-nms", args.pre_nms),
+        ("--proposals", args.proposals),
+    ):
+        if value < 1:
+            raise ConfigError(f"{flag}: expected an integer >= 1, got {value}")
     return DetectorConfig(
         test_scale=args.test_scale,
         max_size=args.max_size,

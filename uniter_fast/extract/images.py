@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from uniter_fast.errors import ConfigError, DataError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 
@@ -24,11 +26,17 @@ def _pil():
 
 
 def load_bgr(path: str) -> np.ndarray:
-    """The image at ``path`` as [H, W, 3] uint8 BGR after EXIF rotation; raises OSError/ValueError if unreadable."""
+    """The image at ``path`` as [H, W, 3] uint8 BGR after EXIF rotation; ``FileNotFoundError`` for a missing file, a
+    ``DataError`` naming it for one that does not decode (not an image, truncated, empty)."""
     image_mod, _ = _pil()
-    with image_mod.open(path) as im:
-        im.load()
-        return pil_to_bgr(im, repr(path))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path!r} is not a file")
+    try:
+        with image_mod.open(path) as im:
+            im.load()
+            return pil_to_bgr(im, repr(path))
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's decoders raise these (UnidentifiedImageError: OSError)
+        raise DataError(f"image {path!r} is not a readable image ({type(exc).__name__}: {exc})") from exc
 
 
 def pil_to_bgr(im: Any, name: str = "image") -> np.ndarray:
@@ -59,9 +67,14 @@ def list_images(source: str) -> list[str]:
             found += [os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTENSIONS)]
         return found
     if os.path.isfile(source):
+        if source.lower().endswith(IMAGE_EXTENSIONS):
+            raise ConfigError(f"images: expected a folder or a list file of image paths, got the image {source!r}")
         base = os.path.dirname(os.path.abspath(source))
-        with open(source, encoding="utf-8") as f:
-            lines = [line.strip() for line in f]
+        try:
+            with open(source, encoding="utf-8") as f:
+                lines = [line.strip() for line in f]
+        except UnicodeDecodeError:
+            raise DataError(f"images: {source!r} is not a text list of image paths (not UTF-8)") from None
         return [line if os.path.isabs(line) else os.path.join(base, line) for line in lines if line and line[0] != "#"]
     raise FileNotFoundError(f"images: {source!r} is neither a folder nor a list file")
 

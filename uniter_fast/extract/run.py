@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from uniter_fast.errors import DataError
+from uniter_fast.errors import ConfigError, DataError
 from uniter_fast.extract.config import DetectorConfig
 from uniter_fast.extract.extractor import Extractor
 from uniter_fast.extract.given_boxes import boxes_for_images
@@ -98,7 +98,11 @@ def extract_folder(
     device = torch.device(device or default_device())
     batch_size = batch_size if batch_size is not None else (1 if device.type == "cpu" else 4)
     if batch_size < 1 or num_workers < 0:
-        raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
+        raise ConfigError(
+            f"batch size (--batch-size) must be >= 1 and workers (--workers) >= 0, got {batch_size} and {num_workers}"
+        )
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"out: {out!r} is a file; give a folder for the npz files (--out)")
     rank, world, _ = rank_and_world()
     paths = list_images(images)
     if not paths:
@@ -110,13 +114,14 @@ def extract_folder(
         given = dict(zip(*boxes_for_images(boxes, paths, images)))
     shard = sorted(given) if boxes is not None else range(len(paths))
     mine = list(shard[rank::world])
+    todo = [i for i in mine if overwrite or not os.path.exists(npz_path(out, names[i]))]
+    # the detector first: bad weights leave no --out folder behind
+    extractor = Extractor(weights, device, dtype, config, fast, ops, chunk, allow_pickle) if todo else None
     os.makedirs(out, exist_ok=True)
     remove_stale_temps(out, rank)
-    todo = [i for i in mine if overwrite or not os.path.exists(npz_path(out, names[i]))]
     failed: list = []
     written = 0
-    if todo:
-        extractor = Extractor(weights, device, dtype, config, fast, ops, chunk, allow_pickle)
+    if extractor is not None:
         written = _run(
             extractor,
             [paths[i] for i in todo],

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from uniter_fast.config import PathLike
+from uniter_fast.errors import DataError
 from uniter_fast.extract.boxes import caffe_anchors
 from uniter_fast.extract.config import IMG_FEAT_DIM, NUM_CLASSES, PIXEL_MEANS_BGR, DetectorConfig
 from uniter_fast.extract.detector import Detector
@@ -44,7 +45,10 @@ def read_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, tor
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as exc:  # safetensors' SafetensorError: a damaged or foreign file
+            raise DataError(f"weights {path!r} is not a readable safetensors file ({exc})") from exc
     if path.endswith(".pkl"):
         if not allow_pickle:
             raise ValueError(
@@ -63,6 +67,11 @@ def read_state_dict(path: PathLike, allow_pickle: bool = False) -> dict[str, tor
                     "(--allow-pickle) if you trust the file"
                 ) from exc
             obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # not a torch file at all (text, truncated, another format)
+            raise DataError(
+                f"weights {path!r} is not a torch (.pth/.pt/.bin) or safetensors weights file "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
     return unwrap_state_dict(obj, path)
 
 

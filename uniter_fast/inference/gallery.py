@@ -36,9 +36,12 @@ IDENTITY = {
     "detector": "--detector",
     "detector_config": "the detector settings (--test-scale, --max-size, --pre-nms, --proposals)",
     "box_settings": "the img_db box settings",
+    "vocab": "--vocab",
 }
 """The ``made_with`` entries an index and its use must agree on (paths are compared by their digests), and what
 names them in a message."""
+DIGESTED = ("checkpoint", "detector", "vocab")
+"""The ``made_with`` paths compared by their files' sha256 (``<key>_sha256``)."""
 
 
 def file_digest(path: str) -> str:
@@ -58,17 +61,21 @@ def file_digest(path: str) -> str:
 
 def describe(made_with: dict[str, Any], key: str) -> str:
     """``key`` of ``made_with`` for a message: a path with the start of its digest, or the value."""
-    if key in ("checkpoint", "detector"):
+    if key in DIGESTED:
         return f"{made_with[key]!r} (sha256 {made_with[key + '_sha256'][:12]})"
     return repr(made_with[key])
 
 
 def check_made_with(index_path: str, saved: dict[str, Any], given: dict[str, Any], keys: Sequence[str]) -> None:
     """A ConfigError naming the first of ``keys`` on which the index's ``saved`` ``made_with`` and the ``given``
-    one differ (checkpoint and detector by digest), with both values."""
+    one differ (the :data:`DIGESTED` paths by digest), with both values. The vocab of an index made before its
+    digest was recorded is not checked."""
     for key in keys:
-        same = saved[key + "_sha256"] == given[key + "_sha256"] if key in ("checkpoint", "detector") else None
-        if same is None:
+        if key in DIGESTED:
+            if saved.get(key + "_sha256") is None or given.get(key + "_sha256") is None:
+                continue
+            same = saved[key + "_sha256"] == given[key + "_sha256"]
+        else:
             same = saved[key] == given[key]
         if not same:
             raise ConfigError(
@@ -152,7 +159,15 @@ class GalleryIndex:
         self._embeddings = None
 
     def _shard(self, name: str) -> Any:
-        return safe_open(os.path.join(self.path, name), framework="np")
+        """The shard file ``name`` opened for reading; a ``DataError`` naming the index when it is missing or
+        damaged."""
+        path = os.path.join(self.path, name)
+        if not os.path.isfile(path):
+            raise DataError(f"--index: {self.path!r} lists the shard {name!r}, which is missing; index again (--out)")
+        try:
+            return safe_open(path, framework="np")
+        except Exception as exc:  # safetensors' SafetensorError: a truncated or overwritten shard
+            raise DataError(f"--index: the shard {path!r} is damaged ({exc}); index the folder again (--out)") from exc
 
     def embeddings(self) -> torch.Tensor:
         """float32 [N, D]: every indexed image's first-stage embedding, in index order (read once)."""

@@ -202,7 +202,8 @@ def search(
 def made_with(
     checkpoint: str, detector: str, extractor: Extractor, first_stage_dim: int, vocab: Optional[str]
 ) -> dict[str, Any]:
-    """What an index records it was made with (``GalleryIndex`` manifest ``made_with``)."""
+    """What an index records it was made with (``GalleryIndex`` manifest ``made_with``); ``vocab``: the vocab file
+    the texts are tokenised with (its digest recorded), None when unknown."""
     return {
         "checkpoint": os.path.abspath(checkpoint),
         "checkpoint_sha256": file_digest(checkpoint),
@@ -212,6 +213,7 @@ def made_with(
         "box_settings": list(BOX_SETTINGS),
         "first_stage_dim": first_stage_dim,
         "vocab": os.path.abspath(vocab) if vocab else None,
+        "vocab_sha256": file_digest(vocab) if vocab else None,
     }
 
 
