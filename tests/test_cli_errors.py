@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from typing import Any, Callable
@@ -588,3 +589,68 @@ def test_unreadable_images_vocabs_and_box_settings_are_data_errors(tmp_path) -> 
         with pytest.raises(ConfigError, match=match):
             ImgDbWriter(str(tmp_path / "img"), **settings)
     assert not (tmp_path / "img").exists()
+
+
+def test_config_values_of_the_wrong_json_type_name_the_key(tmp_path) -> None:
+    """Whole numbers, booleans, strings and lists as the config classes declare them: ``"num_train_steps": 2.5``
+    used to run 3 steps and export nothing, ``"fast": "false"`` the fast path, ``"tasks": "itm"`` the tasks 'i',
+    't', 'm'; phases that leave no room for the last; ds.json sections of the wrong type (they were tracebacks)."""
+    from uniter_fast.finetuning.config import parse_finetune_config
+    from uniter_fast.pretraining.config import parse_training_config
+
+    with open(os.path.join(REPO, "configs", "pretrain-tiny.json"), encoding="utf-8") as f:
+        tiny = json.load(f)
+    dataset = tiny["train_datasets"][0]
+    cases = [
+        ({"num_train_steps": 2.5}, "cfg.json: num_train_steps must be an integer, got 2.5"),
+        ({"fast": "false"}, "cfg.json: fast must be true or false, got 'false'"),
+        ({"mrm_prob": "0.15"}, "cfg.json: mrm_prob must be a number, got '0.15'"),
+        ({"output_dir": None}, "cfg.json: output_dir must be a string, got None"),
+        ({"output_dir": ""}, "output_dir must be a folder path"),
+        ({"ot": {"beta": "x"}}, "cfg.json: ot: beta must be a number, got 'x'"),
+        ({"train_datasets": [{**dataset, "tasks": "itm"}]}, "train_datasets[0]: tasks must be a list of strings"),
+        ({"model_overrides": {"hidden_size": "128"}}, "model_overrides: hidden_size must be an integer, got '128'"),
+        ({"phases": [{"steps": 99999, "mix": {"itm_synth": 1}}, {"mix": {"mlm_synth": 1}}]}, "would never run"),
+    ]
+    for edit, message in cases:
+        with pytest.raises((ConfigError, ValueError), match=re.escape(message)):
+            parse_training_config({**tiny, **edit}, REPO, "cfg.json")
+    with open(os.path.join(REPO, "configs", "finetune-vqa-tiny.json"), encoding="utf-8") as f:
+        vqa = {**json.load(f), "checkpoint": None}
+    with pytest.raises(ConfigError, match=re.escape("ft.json: dropout must be a number, got '0.1'")):
+        parse_finetune_config({**vqa, "dropout": "0.1"}, where="ft.json", databases="none")
+    run = parse_finetune_config(vqa, databases="none")
+    with open(os.path.join(REPO, "ds.json"), encoding="utf-8") as f:
+        ds = json.load(f)
+    for edit, message in (
+        ({"bf16": True}, "ds.json: bf16 must be a JSON object"),
+        ({"optimizer": {"type": 5}}, "ds.json: optimizer.type must be a string ('AdamW'), got 5"),
+        ({"optimizer": {**ds["optimizer"], "params": {"betas": "x"}}}, "optimizer.params.betas must be two numbers"),
+        ({"gradient_clipping": "x"}, "ds.json: gradient_clipping must be a number, got 'x'"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            complete_ds_config({**ds, **edit}, run, "ds.json")
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(IsADirectoryError, match="training config .*adir' is a folder; give the JSON file"):
+        read_json(str(tmp_path / "adir"), "training config")
+
+
+def test_evaluate_refuses_another_task_than_the_export_and_a_file_as_output_dir(capsys, tmp_path) -> None:
+    """``--task nlvr2`` on a VQA export used to score a randomly initialised NLVR2 head (exit 0); a pretraining
+    export has no head to evaluate; ``--output_dir`` a file used to fail after the evaluation."""
+    from uniter_fast.evaluate import main as evaluate
+    from uniter_fast.tasks import get_task
+    from uniter_fast.tasks.checkpoint import load_task_model, save_task_model
+
+    task = get_task("vqa")
+    model, options = load_task_model(task, None, {"num_answers": 3}, UniterConfig.tiny())
+    save_task_model(model, task, options, str(tmp_path / "vqa"))
+    line = run_failing(capsys, evaluate, ["--checkpoint", str(tmp_path / "vqa"), "--task", "nlvr2"])
+    assert "--task nlvr2: " in line and "says the checkpoint is a 'vqa' model; drop --task" in line
+    (tmp_path / "afile").write_text("")
+    argv = ["--checkpoint", str(tmp_path / "vqa"), "--output_dir", str(tmp_path / "afile")]
+    line = run_failing(capsys, evaluate, argv)
+    assert "--output_dir: " in line and "is a file; give a folder for the predictions" in line
+    Model(UniterConfig.tiny()).save_pretrained(str(tmp_path / "pretrained"))
+    line = run_failing(capsys, evaluate, ["--checkpoint", str(tmp_path / "pretrained"), "--task", "vqa"])
+    assert "--task vqa: " in line and "holds no fine-tuned vqa head (a pretrained encoder?)" in line

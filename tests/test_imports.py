@@ -105,7 +105,7 @@ def floor_imports(graph: nx.DiGraph, source: str, target: str) -> list[tuple[str
 
 
 FLOORS = {
-    0: ("config", "files", "layout", "backends", "syncs", "errors", "entry"),
+    0: ("config", "files", "layout", "backends", "syncs", "errors", "entry", "json_types"),
     1: ("kernels", "_C", "losses", "ot", "checkpoint", "checkpoint_layouts", "hub"),
     2: ("model", "extract"),
     3: ("data", "importers"),

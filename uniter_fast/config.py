@@ -9,6 +9,7 @@ from typing import Any, Union
 
 from uniter_fast.backends import check_name
 from uniter_fast.files import write_text_atomic
+from uniter_fast.json_types import check_types
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -62,6 +63,11 @@ class UniterConfig:
     encoder_layer_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        check_types(UniterConfig, values, "model config")
+        for name, value in values.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                raise ValueError(f"model config: {name} must be an integer >= 1, got {value}")
         if self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "

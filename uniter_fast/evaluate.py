@@ -22,6 +22,7 @@ import os
 from typing import TYPE_CHECKING, Optional
 
 from uniter_fast.entry import CommandParser, parse_key_values, run_command
+from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
 from uniter_fast.tasks import TASKS
 
@@ -90,14 +91,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def _task_name(args: argparse.Namespace) -> str:
-    if args.task:
-        return args.task
+    """The task to evaluate: ``--task``, else the export's task.json; a ``ConfigError`` when both are given and
+    differ (the other task's head would be initialised at random and its scores meaningless)."""
     meta = os.path.join(args.checkpoint, "task.json")
+    saved = None
     if os.path.isfile(meta):
-        task = read_json(meta, "task file").get("task")
-        if task not in TASKS:
-            raise ValueError(f"{meta}: 'task' must be one of {sorted(TASKS)}, got {task!r}")
-        return task
+        saved = read_json(meta, "task file").get("task")
+        if saved not in TASKS:
+            raise ValueError(f"{meta}: 'task' must be one of {sorted(TASKS)}, got {saved!r}")
+    if args.task and saved and args.task != saved:
+        raise ConfigError(f"--task {args.task}: {meta} says the checkpoint is a {saved!r} model; drop --task")
+    if args.task or saved:
+        return args.task or saved
     raise ValueError(f"--task is needed: {args.checkpoint!r} has no task.json (an original checkpoint?)")
 
 
@@ -125,9 +130,10 @@ def evaluate_splits(
     (files: rank 0's). Under ``torchrun`` the process group starts after every check of the input."""
     import torch
 
+    from uniter_fast.checkpoint import read_checkpoint
     from uniter_fast.data.loader import move_to_device
     from uniter_fast.tasks import get_task
-    from uniter_fast.tasks.checkpoint import load_task_model
+    from uniter_fast.tasks.checkpoint import check_evaluable, load_task_model
     from uniter_fast.tasks.data import DbCache
     from uniter_fast.training.distributed import init_launched_process_group
 
@@ -135,7 +141,9 @@ def evaluate_splits(
     dbs = DbCache(cfg)
     options = {**task.check_options(parse_key_values(args.option, "--option"), "--option")}
     options.update(task.data_options(dbs, [txt for txt, _ in splits.values()], options))
-    model, options = load_task_model(task, checkpoint, options, args.model_config, fast=not args.reference)
+    ckpt = read_checkpoint(checkpoint)
+    check_evaluable(task, ckpt)
+    model, options = load_task_model(task, ckpt, options, args.model_config, fast=not args.reference)
     if args.eval_mode is not None or args.top_k is not None:  # evaluation settings, not fixed by the checkpoint
         options = task.check_options(
             {**options, **{k: v for k, v in (("eval_mode", args.eval_mode), ("top_k", args.top_k)) if v is not None}},
@@ -227,6 +235,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, dict[str, float]]:
         cfg = settings_config(args, task_name, databases="eval")
         splits = cfg.eval_sets()
     out_dir = args.output_dir or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "results_eval")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"--output_dir: {out_dir!r} is a file; give a folder for the predictions")
     evaluated = evaluate_splits(args, cfg, task_name, args.checkpoint, splits, out_dir)
     results = {split: metrics for split, (metrics, _) in evaluated.items()}
     if rank_and_world()[0] == 0:

@@ -90,6 +90,8 @@ def write_json_atomic(path: str, obj: Any, **dump_kwargs: Any) -> None:
 def read_json(path: str, what: str = "file") -> Any:
     """The JSON content of ``path``; a missing file is a ``FileNotFoundError`` and invalid JSON (or text that is not
     UTF-8) a ``ValueError``, both naming ``what`` and the path (a JSON error with its line and column)."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{what} {path!r} is a folder; give the JSON file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path!r} does not exist")
     with open(path, encoding="utf-8") as f:

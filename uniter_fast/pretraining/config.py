@@ -14,6 +14,7 @@ import os
 from typing import Any, ClassVar, Optional, Union
 
 from uniter_fast.config import UniterConfig
+from uniter_fast.json_types import check_types
 from uniter_fast.pretraining.model import TASKS, WITHOUT_LOGITS, pretraining_model_size, task_kind
 from uniter_fast.training.adversarial import AdversarialConfig, check_kl_weights, parse_adversarial_block
 from uniter_fast.training.budget import BudgetModel
@@ -124,6 +125,7 @@ def _dataset(where: str, raw: dict, training: bool, base_dir: str) -> DatasetSpe
     missing = sorted({"name", "db", "img", "tasks"} - set(raw))
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
+    check_types(DatasetSpec, raw, where)
     spec = DatasetSpec(**raw)
     if not spec.db or len(spec.db) != len(spec.img):
         raise ValueError(
@@ -190,7 +192,8 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
         if not isinstance(raw[key], list) or not raw[key]:
             raise ValueError(f"{key} must be a non-empty list of datasets, got {raw[key]!r}")
         fields[key] = [_dataset(f"{key}[{i}]", d, training, base_dir) for i, d in enumerate(raw[key])]
-    check_keys("ot", raw.get("ot", {}), OtSettings)
+    check_keys(f"{where}: ot", raw.get("ot", {}), OtSettings)
+    check_types(OtSettings, raw.get("ot", {}), f"{where}: ot")
     fields["ot"] = OtSettings(**raw.get("ot", {}))
     fields["adversarial"] = parse_adversarial_block(raw, where)
     cfg = parse_run_config(TrainingConfig, fields, where, base_dir, lambda p: resolve_bundled_corpus(p, base_dir))
@@ -206,6 +209,13 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
         raise ValueError(f"train_datasets: task names must be unique across datasets, got {names}")
     if cfg.phases is not None:
         _check_phases(cfg.phases, names)
+        before_last = sum(phase["steps"] for phase in cfg.phases[:-1])
+        if before_last >= cfg.num_train_steps:
+            raise ValueError(
+                f"{where}: phases: the phases before the last take {before_last} steps, not fewer than "
+                f"num_train_steps {cfg.num_train_steps}, so the last phase ({sorted(cfg.phases[-1]['mix'])}) would "
+                "never run"
+            )
     if cfg.adversarial is not None:
         objectives = {task_kind(name) for name in names} - set(WITHOUT_LOGITS)
         check_kl_weights(cfg.adversarial, sorted(objectives), where)

@@ -64,6 +64,26 @@ def head_keys(task: Task, state: dict[str, torch.Tensor]) -> list[str]:
     return sorted(k for k in state if k.split(".", 1)[0] in heads)
 
 
+def check_evaluable(task: Task, ckpt: Checkpoint) -> None:
+    """A ``CheckpointError`` unless ``ckpt`` can be evaluated as ``task``: it holds the task's fine-tuned head, or no
+    other task's head and the task's head comes from the pretraining heads (:attr:`Task.evaluates_pretrained`);
+    otherwise the task's head would be a random init and its scores meaningless."""
+    if head_keys(task, ckpt.state):
+        return
+    heads = {k.split(".", 1)[0] for k in ckpt.state if not k.startswith((ENCODER_PREFIX, *PRETRAINING_HEAD_PREFIXES))}
+    other = sorted(n for n, t in TASKS.items() if heads & set(t.finetuned_heads or t.heads))
+    if other:
+        raise CheckpointError(
+            f"--task {task.name}: {ckpt.path} holds the head of {other} ({sorted(heads)}), not of {task.name}"
+        )
+    if not task.evaluates_pretrained:
+        raise CheckpointError(
+            f"--task {task.name}: {ckpt.path} holds no fine-tuned {task.name} head (a pretrained encoder?), so its "
+            f"scores would come from a random head; fine-tune it first (finetune.py --task {task.name} --checkpoint "
+            "...)"
+        )
+
+
 def checkpoint_task(state: dict[str, torch.Tensor], name: Optional[str] = None) -> Optional[Task]:
     """The task whose fine-tuned head ``state`` holds (pretraining heads do not count), None when it holds none;
     ``name`` picks among the tasks sharing the head's names (VQA / VE, ITM / ITM-hn) and must be one of them. A
@@ -71,6 +91,11 @@ def checkpoint_task(state: dict[str, torch.Tensor], name: Optional[str] = None) 
     heads = {k.split(".", 1)[0] for k in state if not k.startswith((ENCODER_PREFIX, *PRETRAINING_HEAD_PREFIXES))}
     fits = sorted(n for n, task in TASKS.items() if heads & set(task.finetuned_heads or task.heads))
     if name is not None:
+        if not fits:
+            raise CheckpointError(
+                f"--task {name}: the checkpoint holds no fine-tuned head (a pretrained encoder?); fine-tune it first "
+                f"(finetune.py --task {name} --checkpoint ...)"
+            )
         if name not in fits:
             raise CheckpointError(f"--task: the checkpoint's heads {sorted(heads)} fit {fits}, not {name!r}")
         return TASKS[name]

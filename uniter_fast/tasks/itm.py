@@ -652,6 +652,7 @@ class ItmTask(Task):
     name = "itm"
     heads = ("itm_output", "rank_output", "txt_proj", "img_proj", "first_stage_uniter")
     finetuned_heads = ("rank_output",)  # a pretrained checkpoint has itm_output too
+    evaluates_pretrained = True  # zero-shot: rank_output from the pretrained itm_output
     checkpoint_options = ("first_stage_dim",)  # negatives, margin and evaluation settings stay the caller's
     options = {
         "margin": 0.2,

@@ -136,6 +136,9 @@ class Task:
     bundled_stream: Optional[int] = None
     """The seed stream of the task's bundled synthetic set (``uniter_fast.tasks.bundled``); None: no bundled set
     built with the others."""
+    evaluates_pretrained = False
+    """True when a pretrained checkpoint (no head of this task) can be evaluated as this task: its head comes from the
+    pretraining heads (ITM's zero-shot scorer, VCR's second stage), not from a random init."""
     adversarial = False
     """True when the task model's forward takes ``with_logits`` (the logits of its loss, for the KL term of VILLA's
     adversarial fine-tuning, ``uniter_fast.training.adversarial``)."""

@@ -128,6 +128,7 @@ class VcrPretrainTask(Task):
     headline = "mlm_acc"
     export_dir = PRETRAINED_SUBDIR  # beside a pretraining run's export, which it is
     adversarial = True  # APT on the second stage: pretraining's with_logits (MRFR: none)
+    evaluates_pretrained = True  # its heads are the pretraining heads
 
     def check_options(self, options: dict[str, Any], where: str) -> dict[str, Any]:
         out = super().check_options(options, where)

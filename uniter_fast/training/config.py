@@ -22,6 +22,7 @@ from uniter_fast import hub
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError, closest
 from uniter_fast.files import read_json
+from uniter_fast.json_types import check_types
 from uniter_fast.training.budget import AUTO, BudgetModel
 
 C = TypeVar("C", bound="RunConfig")
@@ -114,6 +115,8 @@ def _is_number(value: Any) -> bool:
 def check_run_fields(cfg: RunConfig) -> None:
     """Check the shared fields' values (``save_steps`` defaults to ``valid_steps``); ``ValueError`` naming the field,
     what it must be and the value given."""
+    if not cfg.output_dir:
+        raise ValueError("output_dir must be a folder path, got ''")
     if cfg.save_steps is None:
         cfg.save_steps = cfg.valid_steps
     for name in POSITIVE_FIELDS:
@@ -164,6 +167,7 @@ def check_model_overrides(overrides: Any) -> None:
     for key in overrides:
         if key not in fields:
             raise ConfigError(f"model_overrides: {key!r} is not a model config field{closest(key, fields)}")
+    check_types(UniterConfig, overrides, "model_overrides")
 
 
 def read_run_config(path: str, what: str, checkpoint_given: bool) -> tuple[Any, str]:
@@ -191,6 +195,7 @@ def parse_run_config(
     missing = sorted(set(cls.required) - set(raw))
     if missing:
         raise ValueError(f"{where}: missing keys {missing}")
+    check_types(cls, raw, where)
     cfg = cls(**raw)
     try:
         check_run_fields(cfg)

@@ -73,6 +73,41 @@ def apply_run_optimizer_settings(ds: dict[str, Any], cfg: RunConfig) -> None:
             params["betas"] = list(cfg.betas)
 
 
+DS_SECTIONS = ("optimizer", "bf16", "fp16", "zero_optimization")
+"""The ``ds.json`` sections that are JSON objects (``{"enabled": true}``, not ``true``)."""
+DS_NUMBERS = ("gradient_clipping", "optimizer.params.weight_decay", "optimizer.params.eps")
+
+
+def check_ds_types(ds: dict[str, Any], source: str) -> None:
+    """A ``ConfigError`` naming ``source`` and the key where ``ds`` has a value of the wrong JSON type for what this
+    project reads of it (sections, the optimizer's type, numbers, ``betas``); DeepSpeed's own reader checks the rest
+    (:mod:`uniter_fast.training.ds_keys`)."""
+    for key in DS_SECTIONS:
+        if key in ds and not isinstance(ds[key], dict):
+            raise ConfigError(f'{source}: {key} must be a JSON object (e.g. {{"enabled": true}}), got {ds[key]!r}')
+    optimizer = ds.get("optimizer", {})
+    if "type" in optimizer and not isinstance(optimizer["type"], str):
+        raise ConfigError(f"{source}: optimizer.type must be a string ('AdamW'), got {optimizer['type']!r}")
+    params = optimizer.get("params", {})
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: optimizer.params must be a JSON object, got {params!r}")
+    for path in DS_NUMBERS:
+        node: Any = ds
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None and (isinstance(node, bool) or not isinstance(node, (int, float))):
+            raise ConfigError(f"{source}: {path} must be a number, got {node!r}")
+    betas = params.get("betas")
+    if betas is not None and (
+        not isinstance(betas, list) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        raise ConfigError(f"{source}: optimizer.params.betas must be two numbers in [0, 1), got {betas!r}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def complete_ds_config(ds: dict[str, Any], cfg: RunConfig, source: str = "ds config") -> dict[str, Any]:
     """``ds`` checked and completed for the run ``cfg`` (``ds`` itself is not modified): the run config's optimizer
     settings applied (:func:`apply_run_optimizer_settings`), the optimizer lr set from ``learning_rate``,
@@ -80,6 +115,7 @@ def complete_ds_config(ds: dict[str, Any], cfg: RunConfig, source: str = "ds con
     warning) where the accelerator does not support them. Keys that belong to the run config are errors."""
     if not isinstance(ds, dict):
         raise TypeError(f"{source} must be a JSON object, got {type(ds).__name__}")
+    check_ds_types(ds, source)
     ds = copy.deepcopy(ds)
     apply_run_optimizer_settings(ds, cfg)
     for key, why in FORBIDDEN_DS_KEYS.items():
@@ -93,8 +129,10 @@ def complete_ds_config(ds: dict[str, Any], cfg: RunConfig, source: str = "ds con
         raise ValueError(f"{source}: remove optimizer.params.lr; learning_rate is set in the training config")
     params["lr"] = cfg.learning_rate
     micro = ds.setdefault("train_micro_batch_size_per_gpu", 1)
-    if micro != 1:
-        raise ValueError(f"{source}: train_micro_batch_size_per_gpu must be 1 (batches are token budgets), got {micro}")
+    if micro != 1 or isinstance(micro, bool):
+        raise ValueError(
+            f"{source}: train_micro_batch_size_per_gpu must be 1 (batches are token budgets), got {micro!r}"
+        )
     gas = ds.setdefault("gradient_accumulation_steps", 1)
     if not isinstance(gas, int) or gas < 1:
         raise ValueError(f"{source}: gradient_accumulation_steps must be an integer >= 1, got {gas!r}")
