@@ -10,6 +10,7 @@ database fails with a message naming the field before any model is built. Paths 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from typing import Any, ClassVar, Optional, Union
 
@@ -20,6 +21,8 @@ from uniter_fast.training.adversarial import AdversarialConfig, check_kl_weights
 from uniter_fast.training.budget import BudgetModel
 from uniter_fast.training.config import RunConfig, check_keys, parse_run_config, read_run_config, resolve_path
 from uniter_fast.training.logs import PRETRAINED_SUBDIR
+
+logger = logging.getLogger(__name__)
 
 BUNDLED_PREFIX = "bundled:"
 BUNDLED_NAMES = ("txt_train", "txt_val", "img")
@@ -210,11 +213,14 @@ def parse_training_config(raw: dict[str, Any], base_dir: str = ".", where: str =
     if cfg.phases is not None:
         _check_phases(cfg.phases, names)
         before_last = sum(phase["steps"] for phase in cfg.phases[:-1])
-        if before_last >= cfg.num_train_steps:
-            raise ValueError(
-                f"{where}: phases: the phases before the last take {before_last} steps, not fewer than "
-                f"num_train_steps {cfg.num_train_steps}, so the last phase ({sorted(cfg.phases[-1]['mix'])}) would "
-                "never run"
+        if before_last >= cfg.num_train_steps:  # a shortened run (a smoke test) stops inside the curriculum
+            logger.warning(
+                "%s: phases: the phases before the last take %d steps, not fewer than num_train_steps %d, so the last "
+                "phase (%s) does not run",
+                where,
+                before_last,
+                cfg.num_train_steps,
+                sorted(cfg.phases[-1]["mix"]),
             )
     if cfg.adversarial is not None:
         objectives = {task_kind(name) for name in names} - set(WITHOUT_LOGITS)
