@@ -15,7 +15,8 @@ from uniter_fast.errors import ConfigError
 NoneType = type(None)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """Whether the JSON ``value`` is a number (an int or a float; ``true`` / ``false`` are not)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -33,7 +34,7 @@ def matches(value: Any, hint: Any) -> Optional[bool]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return _is_number(value)
+        return is_number(value)
     if hint is str:
         return isinstance(value, str)
     if origin is Union:

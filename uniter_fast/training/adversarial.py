@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from uniter_fast.errors import ConfigError
+from uniter_fast.json_types import is_number
 from uniter_fast.losses.fused_linear import kept_gradients
 from uniter_fast.model.perturbation import delta_grid, delta_slots, with_deltas
 
@@ -112,7 +113,7 @@ def parse_adversarial(raw: Any, where: str) -> AdversarialConfig:
 
 def _weight(value: Any) -> bool:
     """Whether ``value`` is a finite number >= 0 (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+    return is_number(value) and math.isfinite(value) and value >= 0
 
 
 def check_kl_weights(cfg: AdversarialConfig, objectives: list[str], where: str) -> None:

@@ -22,7 +22,7 @@ from uniter_fast import hub
 from uniter_fast.config import UniterConfig
 from uniter_fast.errors import ConfigError, closest
 from uniter_fast.files import read_json
-from uniter_fast.json_types import check_types
+from uniter_fast.json_types import check_types, is_number
 from uniter_fast.training.budget import AUTO, BudgetModel
 
 C = TypeVar("C", bound="RunConfig")
@@ -108,8 +108,9 @@ def resolve_path(path: str, base_dir: str) -> str:
     return path if os.path.isabs(path) else os.path.normpath(os.path.join(base_dir, path))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def valid_betas(betas: Any) -> bool:
+    """Whether ``betas`` (AdamW's, from a run config or ds.json) is two numbers in [0, 1)."""
+    return isinstance(betas, list) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)
 
 
 def check_run_fields(cfg: RunConfig) -> None:
@@ -121,32 +122,30 @@ def check_run_fields(cfg: RunConfig) -> None:
         cfg.save_steps = cfg.valid_steps
     for name in POSITIVE_FIELDS:
         value = getattr(cfg, name)
-        if not _is_number(value) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise ValueError(f"{name} must be a number > 0, got {value!r}")
     budget = cfg.train_batch_size
     if budget == AUTO and not cfg.auto_budget:
         raise ValueError(
             f'train_batch_size "{AUTO}" sizes pretraining\'s micro-batches only; give a number, got "{AUTO}"'
         )
-    if budget != AUTO and (not _is_number(budget) or budget <= 0):
+    if budget != AUTO and (not is_number(budget) or budget <= 0):
         auto = f' (or "{AUTO}": sized from the GPU\'s memory)' if cfg.auto_budget else ""
         raise ValueError(f"train_batch_size must be a number > 0, got {budget!r}{auto}")
     tokens = cfg.tokens_per_update
     if tokens is not None and (not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1):
         raise ValueError(f"tokens_per_update must be an integer >= 1 (tokens of one optimizer update), got {tokens!r}")
-    if not _is_number(cfg.warmup_steps) or cfg.warmup_steps < 0:
+    if not is_number(cfg.warmup_steps) or cfg.warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
     accum = cfg.gradient_accumulation_steps
     if accum is not None and (not isinstance(accum, int) or isinstance(accum, bool) or accum < 1):
         raise ValueError(f"gradient_accumulation_steps must be an integer >= 1, got {accum!r}")
-    if cfg.grad_norm is not None and (not _is_number(cfg.grad_norm) or (cfg.grad_norm <= 0 and cfg.grad_norm != -1)):
+    if cfg.grad_norm is not None and (not is_number(cfg.grad_norm) or (cfg.grad_norm <= 0 and cfg.grad_norm != -1)):
         raise ValueError(f"grad_norm must be a number > 0, or -1 for no clipping, got {cfg.grad_norm!r}")
-    if cfg.weight_decay is not None and (not _is_number(cfg.weight_decay) or cfg.weight_decay < 0):
+    if cfg.weight_decay is not None and (not is_number(cfg.weight_decay) or cfg.weight_decay < 0):
         raise ValueError(f"weight_decay must be a number >= 0, got {cfg.weight_decay!r}")
     betas = cfg.betas
-    if betas is not None and (
-        not isinstance(betas, list) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas)
-    ):
+    if betas is not None and not valid_betas(betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
     if not isinstance(cfg.capture, bool):
         raise ValueError(f"capture must be true or false, got {cfg.capture!r}")

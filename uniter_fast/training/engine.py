@@ -17,8 +17,9 @@ import torch
 
 from uniter_fast.errors import ConfigError
 from uniter_fast.files import read_json
+from uniter_fast.json_types import is_number
 from uniter_fast.model.base import UniterPreTrainedModel
-from uniter_fast.training.config import RunConfig
+from uniter_fast.training.config import RunConfig, valid_betas
 from uniter_fast.training.distributed import release_shm_workspace
 from uniter_fast.training.ds_keys import check_with_deepspeed
 from uniter_fast.training.optim import build_scheduler, param_groups
@@ -95,17 +96,11 @@ def check_ds_types(ds: dict[str, Any], source: str) -> None:
         node: Any = ds
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        if node is not None and (isinstance(node, bool) or not isinstance(node, (int, float))):
+        if node is not None and not is_number(node):
             raise ConfigError(f"{source}: {path} must be a number, got {node!r}")
     betas = params.get("betas")
-    if betas is not None and (
-        not isinstance(betas, list) or len(betas) != 2 or not all(_number(b) and 0 <= b < 1 for b in betas)
-    ):
+    if betas is not None and not valid_betas(betas):
         raise ConfigError(f"{source}: optimizer.params.betas must be two numbers in [0, 1), got {betas!r}")
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def complete_ds_config(ds: dict[str, Any], cfg: RunConfig, source: str = "ds config") -> dict[str, Any]:
